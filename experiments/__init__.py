@@ -1,0 +1,1 @@
+"""Experiment grids as TOML files, installed as `moba_jax.experiments` (package data)."""

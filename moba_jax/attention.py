@@ -1,0 +1,182 @@
+"""The one attention dispatcher: full or MoBA, implementation chosen by a config string.
+
+  attention(q, k, v, kind="full" | "moba", implementation="auto" | ..., segment_ids=..., ...)
+
+Implementations live in one registry. "auto" picks by platform: on GPU the Pallas GPU kernel for
+MoBA and cuDNN flash attention for full; on TPU the Pallas TPU kernel for MoBA; elsewhere XLA.
+Kernels are imported lazily, so importing the library never needs jax-triton or a GPU.
+All arguments are validated from static shapes before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moba_jax import moba as _moba
+
+KINDS = ("full", "moba")
+
+# name -> "module:function" (lazy) or a callable. Every MoBA implementation takes
+# (q, k, v, segment_ids, *, block_size, topk, softmax_scale, interpret).
+_MOBA_IMPLS: dict[str, str | Callable] = {
+    "reference": "moba_jax.moba:moba_reference",
+    "xla": "moba_jax.moba:moba_xla",
+    "pallas_gpu": "moba_jax.kernels.moba_gpu:moba_attention_gpu",
+    "pallas_tpu": "moba_jax.kernels.moba_tpu:moba_attention_tpu",
+}
+# Every full implementation takes (q, k, v, segment_ids, *, softmax_scale).
+_FULL_IMPLS: dict[str, str | Callable] = {
+    "reference": "moba_jax.moba:full_reference",
+    "xla": "moba_jax.attention:_full_dot_product_xla",
+    "cudnn": "moba_jax.attention:_full_dot_product_cudnn",
+}
+_AUTO = {
+    ("moba", "gpu"): ("pallas_gpu", "xla"),
+    ("moba", "tpu"): ("pallas_tpu", "xla"),
+    ("full", "gpu"): ("cudnn", "xla"),
+}
+
+
+def implementations(kind: str) -> tuple[str, ...]:
+  """Valid implementation names for `kind`, "auto" included."""
+  _check_kind(kind)
+  return ("auto",) + tuple(_registry(kind))
+
+
+def register(kind: str, name: str, fn: str | Callable) -> None:
+  """Adds an implementation (a callable or a lazy "module:function" string)."""
+  _registry(_check_kind(kind))[name] = fn
+
+
+def _check_kind(kind):
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r} is not valid; expected one of {KINDS}")
+  return kind
+
+
+def _registry(kind):
+  return _MOBA_IMPLS if kind == "moba" else _FULL_IMPLS
+
+
+def _load(entry):
+  if callable(entry):
+    return entry
+  module, fn = entry.split(":")
+  return getattr(importlib.import_module(module), fn)
+
+
+def _importable(kind, name):
+  try:
+    _load(_registry(kind)[name])
+    return True
+  except ImportError:
+    return False
+
+
+def resolve(kind: str, implementation: str = "auto", platform: str | None = None) -> str:
+  """The implementation name that `implementation` stands for on `platform`."""
+  valid = implementations(kind)
+  if implementation not in valid:
+    raise ValueError(f"implementation={implementation!r} is not valid for kind={kind!r}; "
+                     f"expected one of {valid}")
+  if implementation != "auto":
+    return implementation
+  platform = platform or jax.default_backend()
+  for name in _AUTO.get((kind, platform), ("xla",)):
+    if _importable(kind, name):
+      return name
+  return "xla"
+
+
+def validate(q, k, v, segment_ids=None, *, kind="moba", block_size=None, topk=None,
+             softmax_scale=None) -> None:
+  """Raises ValueError naming the bad argument and the accepted range."""
+  _check_kind(kind)
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError("q, k, v must be [batch, seq, heads, head_dim]; got ndim "
+                     f"q={q.ndim}, k={k.ndim}, v={v.ndim}")
+  batch, seq, heads, dim = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k.shape={k.shape} must equal v.shape={v.shape}")
+  if k.shape[0] != batch or k.shape[1] != seq:
+    raise ValueError(f"k batch/seq {k.shape[:2]} must equal q's {(batch, seq)} "
+                     "(self-attention: one sequence of keys per sequence of queries)")
+  if k.shape[3] != dim:
+    raise ValueError(f"head_dim mismatch: q has {dim}, k/v have {k.shape[3]}; they must be equal")
+  kv_heads = k.shape[2]
+  if kv_heads < 1 or heads % kv_heads:
+    raise ValueError(f"heads={heads} must be divisible by kv_heads={kv_heads} (GQA groups); "
+                     f"valid kv_heads are the divisors of {heads}")
+  if segment_ids is not None:
+    if tuple(segment_ids.shape) != (batch, seq):
+      raise ValueError(f"segment_ids.shape={tuple(segment_ids.shape)} must be (batch, seq) = "
+                       f"{(batch, seq)}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"segment_ids.dtype={segment_ids.dtype} must be an integer type")
+  if softmax_scale is not None and not softmax_scale > 0:
+    raise ValueError(f"softmax_scale={softmax_scale} must be > 0 (or None for head_dim**-0.5)")
+  if kind == "moba":
+    if not isinstance(block_size, int) or block_size <= 0:
+      raise ValueError(f"block_size={block_size!r} must be an integer >= 1")
+    if not isinstance(topk, int) or topk <= 0:
+      raise ValueError(f"topk={topk!r} must be an integer >= 1 (it counts the current block)")
+
+
+def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
+              block_size=None, topk=None, softmax_scale=None, interpret=False):
+  """Causal self-attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] ints.
+
+  kind="moba" needs block_size and topk; kind="full" ignores them. Returns [B, T, H, D].
+  """
+  validate(q, k, v, segment_ids, kind=kind, block_size=block_size, topk=topk,
+           softmax_scale=softmax_scale)
+  name = resolve(kind, implementation)
+  fn = _load(_registry(kind)[name])
+  if segment_ids is None and (kind == "moba" or name == "reference"):
+    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+  if kind == "full":
+    return fn(q, k, v, segment_ids, softmax_scale=softmax_scale)
+  kwargs = dict(block_size=block_size, topk=topk, softmax_scale=softmax_scale)
+  if name.startswith("pallas"):
+    kwargs["interpret"] = interpret
+  return fn(q, k, v, segment_ids, **kwargs)
+
+
+def moba_attention(q, k, v, *, block_size, topk, segment_ids=None, softmax_scale=None,
+                   implementation="auto", interpret=False):
+  """Causal MoBA attention (DESIGN.md section 2). See `attention`."""
+  return attention(q, k, v, kind="moba", implementation=implementation,
+                   segment_ids=segment_ids, block_size=block_size, topk=topk,
+                   softmax_scale=softmax_scale, interpret=interpret)
+
+
+def full_attention(q, k, v, *, segment_ids=None, softmax_scale=None, implementation="auto"):
+  """Causal full attention with the same segment_ids semantics as MoBA. See `attention`."""
+  return attention(q, k, v, kind="full", implementation=implementation,
+                   segment_ids=segment_ids, softmax_scale=softmax_scale)
+
+
+def _doc_mask(segment_ids):
+  """[B, 1, T, T] bool: same document (maximal run of equal ids); causality added by the op."""
+  doc_start = _moba.doc_layout(segment_ids, 1).doc_start
+  return (doc_start[:, :, None] == doc_start[:, None, :])[:, None]
+
+
+def _full_dot_product(q, k, v, segment_ids, *, softmax_scale, implementation):
+  mask = None if segment_ids is None else _doc_mask(segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=softmax_scale,
+                                      implementation=implementation)
+
+
+def _full_dot_product_xla(q, k, v, segment_ids, *, softmax_scale):
+  return _full_dot_product(q, k, v, segment_ids, softmax_scale=softmax_scale,
+                           implementation="xla")
+
+
+def _full_dot_product_cudnn(q, k, v, segment_ids, *, softmax_scale):
+  return _full_dot_product(q, k, v, segment_ids, softmax_scale=softmax_scale,
+                           implementation="cudnn")

@@ -1,0 +1,38 @@
+"""`moba-jax` entry point. Each subcommand lives in its own module as `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("moba_jax.train", "train one run from a TOML config and key=value overrides"),
+    "grid": ("moba_jax.grid", "run the layer-wise hybrid experiment grid"),
+    "report": ("moba_jax.report", "rebuild the grid's table and chart from its run directories"),
+    "inspect": ("moba_jax.inspect", "list a checkpoint directory's steps, config and arrays"),
+    "bench": ("moba_jax.bench", "time MoBA implementations against full attention"),
+}
+
+
+def usage() -> str:
+  lines = ["usage: moba-jax {" + ",".join(SUBCOMMANDS) + "} [args ...]", ""]
+  lines += [f"  {name:8s} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help"):
+    print(usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in SUBCOMMANDS:
+    print(f"moba-jax: unknown subcommand {name!r}; expected one of {list(SUBCOMMANDS)}",
+          file=sys.stderr)
+    return 2
+  module = importlib.import_module(SUBCOMMANDS[name][0])
+  return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,216 @@
+"""MoBA semantics: document/block layout, gating, and the reference and XLA implementations.
+
+Shapes follow one naming scheme throughout:
+  B batch, T sequence (queries and keys), H query heads, K kv heads, G = H // K heads per group,
+  D head_dim, N doc-local block slots (= ceil(T / block_size)), S selected blocks (= min(topk, N)),
+  L block length (= block_size), C query chunk.
+
+Semantics (DESIGN.md section 2): blocks restart at every document start (a document is a maximal run
+of equal segment ids); the gate key of a block is the mean of the keys it really has; scores are
+float32 dot products of each query head with its group's gate keys; the query's own block is always
+chosen and is causally masked; future blocks are never chosen; the other topk - 1 choices are the
+highest-scoring past blocks of the same document, ties going to the lower block index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Layout(NamedTuple):
+  """Per-token document and block bookkeeping, all [B, T] int32."""
+
+  doc_start: jax.Array  # first position of the token's document
+  doc_end: jax.Array  # one past the last position of the token's document
+  block_index: jax.Array  # doc-local index of the token's block
+  block_start: jax.Array  # absolute position where the token's block starts
+  block_end: jax.Array  # one past the absolute position where the token's block ends
+
+
+def doc_layout(segment_ids: jax.Array, block_size: int) -> Layout:
+  """Documents are maximal runs of equal segment ids; blocks restart at each document start."""
+  batch, seq = segment_ids.shape
+  t = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  starts_doc = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  ends_doc = jnp.concatenate([starts_doc[:, 1:], jnp.ones((batch, 1), bool)], axis=1)
+  doc_start = jax.lax.cummax(jnp.where(starts_doc, t, 0), axis=1)
+  doc_end = jax.lax.cummin(jnp.where(ends_doc, t + 1, seq), axis=1, reverse=True)
+  block_index = (t - doc_start) // block_size
+  block_start = doc_start + block_index * block_size
+  block_end = jnp.minimum(block_start + block_size, doc_end)
+  return Layout(doc_start, doc_end, block_index, block_start, block_end)
+
+
+def block_key_means(k: jax.Array, layout: Layout) -> jax.Array:
+  """Gate keys, float32, stored at each block's start position: [B, T, K, D].
+
+  Entry p holds the mean of the keys of the block that starts at p (over the tokens the block
+  really has); entries at positions that start no block are zero and never read.
+  """
+  seq = k.shape[1]
+
+  def per_row(k_row, block_start_row):  # [T, K, D], [T]
+    sums = jax.ops.segment_sum(k_row.astype(jnp.float32), block_start_row, num_segments=seq)
+    counts = jax.ops.segment_sum(jnp.ones((seq,), jnp.float32), block_start_row, num_segments=seq)
+    return sums / jnp.maximum(counts, 1.0)[:, None, None]
+
+  return jax.vmap(per_row)(k, layout.block_start)
+
+
+def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: int, topk: int):
+  """Top-k block choice of every (query, head), without gradient.
+
+  Args:
+    q: [B, C, H, D] a chunk of queries (C may be all of T).
+    kbar: [B, T, K, D] gate keys from `block_key_means` (whole sequence).
+    layout: the chunk's Layout entries, each [B, C].
+  Returns:
+    starts [B, C, H, S] int32 absolute start positions of the chosen blocks (the current block
+    first), and valid [B, C, H, S] bool (False where fewer than S blocks exist).
+  """
+  batch, chunk, heads, dim = q.shape
+  seq, kv_heads = kbar.shape[1], kbar.shape[2]
+  n_slots = math.ceil(seq / block_size)
+  n_sel = min(topk, n_slots)
+  j = jnp.arange(n_slots, dtype=jnp.int32)
+  slot_start = layout.doc_start[..., None] + j * block_size  # [B, C, N]
+  slot_kbar = jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
+  # slot_kbar: [B, C, N, K, D]
+  q_f32 = jax.lax.stop_gradient(q).astype(jnp.float32)
+  q_grouped = q_f32.reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
+  scores = jnp.einsum("bckgd,bcnkd->bckgn", q_grouped, jax.lax.stop_gradient(slot_kbar))
+  scores = scores.reshape(batch, chunk, heads, n_slots)  # [B, C, H, N]
+  current = layout.block_index[..., None, None]  # [B, C, 1, 1]
+  scores = jnp.where(j < current, scores, -jnp.inf)
+  scores = jnp.where(j == current, jnp.inf, scores)
+  top_scores, top_slots = jax.lax.top_k(scores, n_sel)  # ties: lower index first
+  valid = top_scores > -jnp.inf
+  starts = layout.doc_start[..., None, None] + top_slots.astype(jnp.int32) * block_size
+  return starts, valid
+
+
+def _check_scale(softmax_scale, head_dim):
+  return head_dim ** -0.5 if softmax_scale is None else softmax_scale
+
+
+def _same_doc_causal(layout: Layout) -> jax.Array:
+  """[B, T(query), T(key)] bool: key in the query's document and not after it."""
+  seq = layout.doc_start.shape[1]
+  t = jnp.arange(seq)
+  same_doc = layout.doc_start[:, :, None] == layout.doc_start[:, None, :]
+  return same_doc & (t[None, :, None] >= t[None, None, :])
+
+
+def _dense_attention(q, k, v, mask, softmax_scale):
+  """Softmax attention in float32 under a [B, H, T, T] boolean mask; output in q's dtype."""
+  batch, seq, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  q32 = q.astype(jnp.float32).reshape(batch, seq, kv_heads, groups, dim)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q32, k.astype(jnp.float32)) * softmax_scale
+  logits = logits.reshape(batch, heads, seq, seq)  # [B, H, T, S]
+  logits = jnp.where(mask, logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1).reshape(batch, kv_heads, groups, seq, seq)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+  return out.reshape(batch, seq, heads, dim).astype(q.dtype)
+
+
+def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None):
+  """The oracle: dense [B, H, T, T] mask built from the block choice, float32 softmax."""
+  layout = doc_layout(segment_ids, block_size)
+  kbar = block_key_means(k, layout)
+  starts, valid = select_blocks(q, kbar, layout, block_size=block_size, topk=topk)
+  # chosen[b, h, t, s]: key s's block start is one of query t's valid chosen starts.
+  key_start = layout.block_start[:, None, None, :, None]  # [B, 1, 1, S, 1]
+  chosen_starts = jnp.transpose(jnp.where(valid, starts, -1), (0, 2, 1, 3))[:, :, :, None, :]
+  chosen = jnp.any(key_start == chosen_starts, axis=-1)  # [B, H, T, S]
+  mask = chosen & _same_doc_causal(layout)[:, None]
+  return _dense_attention(q, k, v, mask, _check_scale(softmax_scale, q.shape[-1]))
+
+
+def full_reference(q, k, v, segment_ids, *, softmax_scale=None):
+  """Causal full attention within documents, dense float32."""
+  layout = doc_layout(segment_ids, 1)
+  mask = _same_doc_causal(layout)[:, None]
+  return _dense_attention(q, k, v, mask, _check_scale(softmax_scale, q.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA path: per query chunk, gather the chosen blocks' keys and values; nothing is [T, T].
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
+
+
+def xla_chunk_size(batch, seq, heads, dim, n_sel, block_size, budget_bytes):
+  """Queries per chunk so that one chunk's gathered keys (float32) fit the budget."""
+  per_query = batch * heads * n_sel * block_size * dim * 4
+  chunk = max(1, budget_bytes // per_query)
+  chunk = 1 << (chunk.bit_length() - 1)  # a power of two
+  return int(min(chunk, 1 << max(seq - 1, 0).bit_length()))
+
+
+def _chunk_attention(q_c, t_c, layout_c, k, v, kbar, block_end_at, *, block_size, topk, scale):
+  """MoBA for one chunk of queries. q_c [B, C, H, D]; t_c [C]; layout_c entries [B, C]."""
+  batch, chunk, heads, dim = q_c.shape
+  seq, kv_heads = k.shape[1], k.shape[2]
+  starts, valid = select_blocks(q_c, kbar, layout_c, block_size=block_size, topk=topk)
+  # Key positions of each chosen block: [B, C, H, S, L].
+  offsets = jnp.arange(block_size, dtype=jnp.int32)
+  pos = starts[..., None] + offsets
+  ends = jax.vmap(lambda be, s: be[jnp.clip(s, 0, seq - 1)])(block_end_at, starts)
+  keep = valid[..., None] & (pos < ends[..., None]) & (pos <= t_c[None, :, None, None, None])
+  pos = jnp.clip(pos, 0, seq - 1)
+  kv_head = jnp.arange(heads) // (heads // kv_heads)  # [H]
+
+  def gather(x):  # x [B, T, K, D] -> [B, C, H, S, L, D]
+    return jax.vmap(lambda xr, pr: xr[pr, kv_head[None, :, None, None]])(x, pos)
+
+  k_sel, v_sel = gather(k), gather(v)
+  logits = jnp.einsum("bchd,bchsld->bchsl", q_c, k_sel,
+                      preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(keep, logits, -jnp.inf).reshape(batch, chunk, heads, -1)
+  probs = jax.nn.softmax(logits, axis=-1).reshape(keep.shape)
+  out = jnp.einsum("bchsl,bchsld->bchd", probs, v_sel.astype(jnp.float32))
+  return out.astype(q_c.dtype)
+
+
+def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
+             chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES):
+  """Block-gathered MoBA: memory O(T * topk * block_size) per chunk, rematerialized backward."""
+  batch, seq, heads, dim = q.shape
+  scale = _check_scale(softmax_scale, dim)
+  layout = doc_layout(segment_ids, block_size)
+  kbar = block_key_means(k, layout)
+  n_sel = min(topk, math.ceil(seq / block_size))
+  chunk = xla_chunk_size(batch, seq, heads, dim, n_sel, block_size, chunk_budget_bytes)
+  n_chunks = math.ceil(seq / chunk)
+  pad = n_chunks * chunk - seq
+
+  def pad_t(x):  # pad the T axis (axis 1, or 0 for 1-D) by repeating the last query
+    axis = 0 if x.ndim == 1 else 1
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, mode="edge")
+
+  def to_chunks(x):  # [B, T', ...] -> [n, B, C, ...]
+    x = x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  q_chunks = to_chunks(pad_t(q))
+  layout_chunks = Layout(*(to_chunks(pad_t(a)) for a in layout))
+  t_chunks = pad_t(jnp.arange(seq, dtype=jnp.int32)).reshape(n_chunks, chunk)
+
+  @jax.checkpoint
+  def body(q_c, t_c, layout_c, k, v):
+    return _chunk_attention(q_c, t_c, layout_c, k, v, kbar, layout.block_end,
+                            block_size=block_size, topk=topk, scale=scale)
+
+  out = jax.lax.map(lambda xs: body(*xs, k, v), (q_chunks, t_chunks, layout_chunks))
+  out = jnp.moveaxis(out, 0, 1).reshape(batch, n_chunks * chunk, heads, dim)
+  return out[:, :seq]
