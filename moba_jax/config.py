@@ -87,3 +87,13 @@ def layer_kinds(n_layers: int, hybrid_full_layers: HybridFull) -> tuple[str, ...
     raise ValueError(f"moba.hybrid_full_layers={hybrid_full_layers!r} must be in "
                      f"[0, n_layers={n_layers}] or 'all'")
   return ("moba",) * (n_layers - n_full) + ("full",) * n_full
+
+
+@dataclasses.dataclass(frozen=True)
+class GridConfig:
+  """The layer-wise hybrid grid (owned by moba_jax/grid.py; fields may grow)."""
+
+  out_dir: str = "runs/grid"
+  seeds: tuple[int, ...] = (0, 1, 2)
+  # hybrid_full_layers of each SFT variant: 0 = all MoBA, "all" = all full attention.
+  variants: tuple[HybridFull, ...] = (0, 1, 3, 5, 10, "all")
