@@ -65,7 +65,7 @@ class MobaConfig:
   interpret: bool = False  # run Pallas kernels in interpret mode (CPU testing)
 
   def __post_init__(self):
-    from moba_jax import attention  # late: attention imports nothing from here
+    from moba_jax.attention import implementations  # late import: no cycle at module load
 
     if not isinstance(self.block_size, int) or self.block_size < 1:
       raise ValueError(f"moba.block_size={self.block_size!r} must be an integer >= 1")
@@ -75,7 +75,7 @@ class MobaConfig:
     if not (hfl == "all" or (isinstance(hfl, int) and not isinstance(hfl, bool) and hfl >= 0)):
       raise ValueError(f"moba.hybrid_full_layers={hfl!r} must be an integer >= 0 or 'all'")
     for key, kind in (("implementation", "moba"), ("full_implementation", "full")):
-      valid = attention.implementations(kind)
+      valid = implementations(kind)
       if getattr(self, key) not in valid:
         raise ValueError(f"moba.{key}={getattr(self, key)!r} must be one of {valid}")
 
