@@ -1,0 +1,269 @@
+"""Loss-versus-layers results of a grid: table (CSV, Markdown, JSON) and chart (PNG).
+
+Everything is rebuilt from the run directories under OUT_DIR, so `moba-jax report OUT_DIR` gives the
+same files as the end of `moba-jax grid`. Layout written by moba_jax.grid:
+
+  OUT_DIR/experiment.json            resolved grid config (labels of the chart)
+  OUT_DIR/pretrain/                  stage-1 run dir
+  OUT_DIR/sft/<variant>/seed<S>/     stage-2 run dirs; each has grid_run.json (+ summary.json)
+
+Aggregation over seeds: mean of the runs whose status is "done" with finite losses; spread is the
+sample standard deviation (ddof=1; 0 for one seed) drawn as +-1 std error bars, and min/max are in the
+CSV/JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULT_FILES = ("results.csv", "results.md", "results.json", "loss_vs_layers.png")
+RUN_FILE = "grid_run.json"  # per-run record written by the grid (variant, seed, status, error)
+EXPERIMENT_FILE = "experiment.json"
+COLUMNS = ("variant", "hybrid_full_layers", "sft_loss", "sft_loss_std", "sft_loss_min",
+           "sft_loss_max", "trailing_loss", "trailing_loss_std", "trailing_loss_min",
+           "trailing_loss_max", "n_seeds", "n_runs", "tokens_per_s", "wall_s", "status")
+
+
+def variant_label(hfl: int | str) -> str:
+  """0 -> "moba", "all" -> "full", n -> "hybrid-n"."""
+  if hfl == "all":
+    return "full"
+  return "moba" if int(hfl) == 0 else f"hybrid-{int(hfl)}"
+
+
+def variant_key(hfl: int | str) -> float:
+  """Sort order of the table: MoBA, hybrids by number of full layers, Full."""
+  return math.inf if hfl == "all" else float(hfl)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+  """Write to a temporary file beside `path`, then os.replace: readers never see a partial file."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _finite(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_run(run_dir: Path) -> dict:
+  """One run: its grid record merged with its summary.json; status "done" needs finite losses."""
+  rec = dict(read_json(run_dir / RUN_FILE) or {})
+  summary = read_json(run_dir / "summary.json") or {}
+  rec.setdefault("run_dir", str(run_dir))
+  for key in ("eval_loss", "trailing_loss", "tokens_per_s", "wall_s", "step", "final_train_loss"):
+    if key in summary:
+      rec[key] = summary[key]
+  if rec.get("status") != "failed" and summary.get("status"):
+    rec["status"] = summary["status"]
+  if rec.get("status") == "done" and not _finite(rec.get("eval_loss")):
+    rec["status"] = "failed"
+    rec.setdefault("error", f"non-finite eval_loss {rec.get('eval_loss')!r}")
+  rec.setdefault("status", "missing")
+  return rec
+
+
+def collect_runs(out_dir: str | os.PathLike) -> tuple[dict | None, list[dict]]:
+  """(pretrain run or None, SFT runs) found under out_dir."""
+  out = Path(out_dir)
+  pre = load_run(out / "pretrain") if (out / "pretrain").is_dir() else None
+  runs = []
+  for rec_path in sorted(out.glob(f"sft/*/*/{RUN_FILE}")):
+    rec = load_run(rec_path.parent)
+    if "hybrid_full_layers" in rec:
+      runs.append(rec)
+  return pre, runs
+
+
+def _stats(values: list[float]) -> dict:
+  if not values:
+    return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+  mean = sum(values) / len(values)
+  var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+  return {"mean": mean, "std": math.sqrt(var), "min": min(values), "max": max(values)}
+
+
+def _row_status(group: list[dict]) -> str:
+  done = sum(r["status"] == "done" for r in group)
+  if done == len(group):
+    return "done"
+  notes = [f"seed {r.get('seed')}: {r['status']}" + (f" ({r['error']})" if r.get("error") else "")
+           for r in group if r["status"] != "done"]
+  return f"{done}/{len(group)} done; " + "; ".join(notes)
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+  """One row per variant, ordered MoBA, 1, 3, 5, 10, ..., Full."""
+  groups: dict[Any, list[dict]] = {}
+  for r in runs:
+    groups.setdefault(r["hybrid_full_layers"], []).append(r)
+  rows = []
+  for hfl in sorted(groups, key=variant_key):
+    group = sorted(groups[hfl], key=lambda r: r.get("seed", 0))
+    ok = [r for r in group if r["status"] == "done"]
+    row = {"variant": variant_label(hfl), "hybrid_full_layers": hfl}
+    for name, key in (("sft_loss", "eval_loss"), ("trailing_loss", "trailing_loss")):
+      st = _stats([float(r[key]) for r in ok if _finite(r.get(key))])
+      row.update({name: st["mean"], f"{name}_std": st["std"], f"{name}_min": st["min"],
+                  f"{name}_max": st["max"]})
+    row["n_seeds"], row["n_runs"] = len(ok), len(group)
+    row["tokens_per_s"] = _stats([float(r["tokens_per_s"]) for r in ok
+                                  if _finite(r.get("tokens_per_s"))])["mean"]
+    row["wall_s"] = sum(float(r["wall_s"]) for r in group if _finite(r.get("wall_s")))
+    row["seeds"] = [r.get("seed") for r in ok]
+    row["status"] = _row_status(group)
+    rows.append(row)
+  return rows
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+  if isinstance(x, float):
+    return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+  return str(x)
+
+
+def format_markdown(rows: list[dict]) -> str:
+  """Markdown table: losses as mean ± std over seeds."""
+  head = ("| variant | full layers | SFT loss | trailing loss | seeds | tokens/s | wall s | status |\n"
+          "|---|---|---|---|---|---|---|---|\n")
+  lines = []
+  for r in rows:
+    sft = f"{_fmt(r['sft_loss'])} ± {_fmt(r['sft_loss_std'])}"
+    trail = f"{_fmt(r['trailing_loss'])} ± {_fmt(r['trailing_loss_std'])}"
+    status = str(r["status"]).replace("|", "/").replace("\n", " ")
+    lines.append(f"| {r['variant']} | {r['hybrid_full_layers']} | {sft} | {trail} | "
+                 f"{r['n_seeds']}/{r['n_runs']} | {_fmt(r['tokens_per_s'], 0)} | "
+                 f"{_fmt(r['wall_s'], 1)} | {status} |")
+  return head + "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[dict]) -> str:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({k: _fmt(r[k], 6) if isinstance(r[k], float) else r[k] for k in COLUMNS})
+  return buf.getvalue()
+
+
+def _json_safe(x: Any) -> Any:
+  if isinstance(x, float) and not math.isfinite(x):
+    return None  # strict JSON has no NaN
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  return x
+
+
+def _trailing_label(exp: dict) -> str:
+  seq, last = exp.get("seq_len"), exp.get("trailing_tokens")
+  if seq and last:
+    return f"LM trailing loss (seqlen={seq}, last {last})"
+  return "LM trailing loss"
+
+
+def plot(rows: list[dict], path: str | os.PathLike, experiment: dict | None = None) -> None:
+  """Two panels like the paper's Figure 5b/5c: SFT loss and trailing loss vs hybrid full layers."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  exp = experiment or {}
+  hybrids = [r for r in rows if r["variant"].startswith("hybrid-")]
+  base = {r["variant"]: r for r in rows if r["variant"] in ("full", "moba")}
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+  panels = (("sft_loss", "SFT LM loss", "(b)"), ("trailing_loss", _trailing_label(exp), "(c)"))
+  for ax, (key, ylabel, tag) in zip(axes, panels):
+    handles = _panel(ax, key, hybrids, base)
+    ax.set_xlabel("Number of Hybrid Full Layers")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{tag} {ylabel}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(handles=handles, fontsize=8)
+  seeds = max((r["n_seeds"] for r in rows), default=0)
+  fig.suptitle(f"{exp.get('name', 'layer-wise hybrid')}: mean over up to {seeds} seeds, "
+               "bars and bands ±1 std", fontsize=10)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
+  plt.close(fig)
+  atomic_write(path, buf.getvalue())
+
+
+def _panel(ax, key: str, hybrids: list[dict], base: dict) -> list:
+  handles = []
+  xs = list(range(len(hybrids)))
+  labels = [f"{r['hybrid_full_layers']} layer" + ("s" if r["hybrid_full_layers"] != 1 else "")
+            for r in hybrids]
+  ys = [r[key] for r in hybrids]
+  errs = [0.0 if math.isnan(r[f"{key}_std"]) else r[f"{key}_std"] for r in hybrids]
+  if hybrids:
+    handles.append(ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4, color="tab:blue",
+                               label="Layer-wise Hybrid"))
+  ax.set_xticks(xs, labels)
+  ax.set_xlim(-0.5, max(len(hybrids) - 0.5, 0.5))
+  for name, label, color, style in (("full", "Full Attention", "tab:orange", "--"),
+                                    ("moba", "MoBA", "tab:green", "-.")):
+    r = base.get(name)
+    if r is None or math.isnan(r[key]):
+      continue
+    handles.append(ax.axhline(r[key], color=color, linestyle=style, label=label))
+    std = r[f"{key}_std"]
+    if std and not math.isnan(std):
+      ax.axhspan(r[key] - std, r[key] + std, color=color, alpha=0.12, linewidth=0)
+  return handles
+
+
+def write_results(out_dir: str | os.PathLike, *, chart: bool = True) -> list[dict]:
+  """Rebuild results.{csv,md,json} (and the chart) from the run directories; returns the rows."""
+  out = Path(out_dir)
+  experiment = read_json(out / EXPERIMENT_FILE) or {}
+  pre, runs = collect_runs(out)
+  rows = aggregate(runs)
+  atomic_write(out / "results.csv", format_csv(rows))
+  atomic_write(out / "results.md", format_markdown(rows))
+  doc = {"experiment": experiment, "aggregation": "mean and sample std (ddof=1) over seeds",
+         "pretrain": pre, "rows": rows, "runs": runs}
+  atomic_write(out / "results.json", json.dumps(_json_safe(doc), indent=2) + "\n")
+  if chart:
+    plot(rows, out / "loss_vs_layers.png", experiment)
+  return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="moba-jax report", description=__doc__.splitlines()[0])
+  parser.add_argument("out_dir", help="the grid's out_dir (holds pretrain/ and sft/)")
+  parser.add_argument("--no-chart", action="store_true", help="skip loss_vs_layers.png")
+  args = parser.parse_args(argv)
+  if not Path(args.out_dir, "sft").is_dir():
+    print(f"moba-jax report: {args.out_dir!r} holds no sft/ run directories "
+          "(expected the out_dir of `moba-jax grid`)", file=sys.stderr)
+    return 2
+  rows = write_results(args.out_dir, chart=not args.no_chart)
+  print(format_markdown(rows), end="")
+  print(f"wrote {', '.join(RESULT_FILES[:3 if args.no_chart else 4])} in {args.out_dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

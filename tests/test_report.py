@@ -1,0 +1,94 @@
+"""`moba-jax report`: table and chart rebuilt from synthetic run directories."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from moba_jax import report
+
+# (hybrid_full_layers, seed) -> (sft loss, trailing loss); one failed run, one missing summary.
+LOSSES = {
+    (0, 0): (2.0, 2.5), (0, 1): (2.2, 2.7),
+    (1, 0): (1.9, 2.4), (1, 1): (1.7, 2.2),
+    (3, 0): (1.5, 2.0), (3, 1): None,
+    (10, 0): (1.3, 1.8), (10, 1): (1.3, 1.8),
+    ("all", 0): (1.2, 1.6), ("all", 1): (1.0, 1.4),
+}
+
+
+def make_run(out, hfl, seed, losses, status="done"):
+  run_dir = out / "sft" / report.variant_label(hfl) / f"seed{seed}"
+  run_dir.mkdir(parents=True)
+  rec = {"stage": "sft", "variant": report.variant_label(hfl), "hybrid_full_layers": hfl,
+         "seed": seed, "status": status}
+  if losses is None:
+    rec.update(status="failed", error="RuntimeError: boom")
+  else:
+    summary = {"status": status, "step": 10, "eval_loss": losses[0], "trailing_loss": losses[1],
+               "tokens_per_s": 1000.0 + seed, "wall_s": 2.0, "final_train_loss": losses[0]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+  (run_dir / report.RUN_FILE).write_text(json.dumps(rec))
+  return run_dir
+
+
+@pytest.fixture
+def grid_dir(tmp_path):
+  for (hfl, seed), losses in LOSSES.items():
+    make_run(tmp_path, hfl, seed, losses)
+  (tmp_path / report.EXPERIMENT_FILE).write_text(
+      json.dumps({"name": "synthetic", "seq_len": 512, "trailing_tokens": 64}))
+  return tmp_path
+
+
+def test_rows_ordered_with_mean_and_spread(grid_dir):
+  rows = report.write_results(grid_dir)
+  assert [r["variant"] for r in rows] == ["moba", "hybrid-1", "hybrid-3", "hybrid-10", "full"]
+  moba = rows[0]
+  assert moba["sft_loss"] == pytest.approx(2.1)
+  assert moba["sft_loss_std"] == pytest.approx(math.sqrt(0.02))  # sample std of 2.0, 2.2
+  assert (moba["sft_loss_min"], moba["sft_loss_max"]) == (2.0, 2.2)
+  assert moba["trailing_loss"] == pytest.approx(2.6)
+  assert moba["n_seeds"] == 2 and moba["status"] == "done"
+  assert rows[3]["sft_loss_std"] == 0.0
+
+
+def test_failed_seed_recorded_and_excluded(grid_dir):
+  rows = {r["variant"]: r for r in report.write_results(grid_dir)}
+  h3 = rows["hybrid-3"]
+  assert h3["n_seeds"] == 1 and h3["n_runs"] == 2
+  assert h3["sft_loss"] == pytest.approx(1.5) and h3["sft_loss_std"] == 0.0
+  assert "1/2 done" in h3["status"] and "boom" in h3["status"]
+
+
+def test_result_files_written(grid_dir):
+  report.write_results(grid_dir)
+  for name in report.RESULT_FILES:
+    assert (grid_dir / name).stat().st_size > 0
+  assert (grid_dir / "loss_vs_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with open(grid_dir / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [r["variant"] for r in table][0] == "moba" and len(table) == 5
+  assert set(report.COLUMNS) <= set(table[0])
+  doc = json.loads((grid_dir / "results.json").read_text())
+  assert len(doc["rows"]) == 5 and len(doc["runs"]) == len(LOSSES)
+  md = (grid_dir / "results.md").read_text()
+  assert md.count("\n") == 2 + 5 and "hybrid-10" in md
+  assert not list(grid_dir.glob(".*.tmp*"))  # atomic writes leave no temporaries
+
+
+def test_nonfinite_loss_counts_as_failed(tmp_path):
+  make_run(tmp_path, 1, 0, (float("nan"), 1.0))
+  make_run(tmp_path, 1, 1, (1.5, 1.0))
+  (row,) = report.write_results(tmp_path, chart=False)
+  assert row["n_seeds"] == 1 and row["sft_loss"] == pytest.approx(1.5)
+  doc = json.loads((tmp_path / "results.json").read_text())  # strict JSON: NaN becomes null
+  assert doc["runs"][0]["eval_loss"] is None
+
+
+def test_cli(grid_dir, capsys):
+  assert report.main([str(grid_dir)]) == 0
+  out = capsys.readouterr().out
+  assert "| variant |" in out and "hybrid-3" in out
+  assert report.main([str(grid_dir / "nowhere")]) == 2
