@@ -1,0 +1,77 @@
+"""`moba-jax inspect`: steps, arrays and totals from Orbax metadata, text and --json agree."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from moba_jax import inspect as insp
+
+SHAPES = {"params.embed": ((16, 8), np.float32), "params.layers.0.wq": ((8, 2, 4), np.float32),
+          "params.norm": ((8,), ml_dtypes.bfloat16), "opt_state.mu": ((16, 8), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def orbax_dir(tmp_path_factory):
+  """A checkpoint dir saved by an Orbax CheckpointManager (Composite: a pytree and a JSON item)."""
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  root = tmp_path_factory.mktemp("orbax")
+  state = {"params": {"embed": jnp.ones((16, 8)), "layers": [{"wq": jnp.ones((8, 2, 4))}],
+                      "norm": jnp.ones((8,), jnp.bfloat16)},
+           "opt_state": {"mu": jnp.zeros((16, 8))}}
+  with ocp.CheckpointManager(root / "checkpoints") as mgr:
+    for step in (2, 4):
+      mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave({"step": step})))
+    mgr.wait_until_finished()
+  (root / "checkpoints" / "6.orbax-checkpoint-tmp-1234").mkdir()  # an interrupted save
+  (root / "checkpoints" / "5").mkdir()  # a step dir without metadata
+  (root / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 4, "loss": 2.0}\n')
+  (root / "config.json").write_text(json.dumps({"model": {"n_layers": 1}}))
+  return root
+
+
+def test_steps_flag_incomplete(orbax_dir):
+  info = insp.inspect_checkpoints(orbax_dir)
+  by_step = {s["step"]: s for s in info["steps"]}
+  assert [s["step"] for s in info["steps"]] == [2, 4, 5, 6]
+  assert by_step[2]["complete"] and by_step[4]["complete"]
+  assert not by_step[5]["complete"] and not by_step[6]["complete"]
+  assert info["step"] == 4  # latest complete
+
+
+def test_arrays_and_totals(orbax_dir):
+  info = insp.inspect_checkpoints(orbax_dir / "checkpoints", step=2)
+  arrays = {a["path"]: a for a in info["arrays"]}
+  assert set(arrays) == {f"state.{p}" for p in SHAPES}
+  for path, (shape, dtype) in SHAPES.items():
+    assert tuple(arrays[f"state.{path}"]["shape"]) == shape
+    assert arrays[f"state.{path}"]["dtype"] == np.dtype(dtype).name
+  n_params = 16 * 8 + 8 * 2 * 4 + 8
+  assert info["param_count"] == n_params
+  assert info["param_bytes"] == 4 * (16 * 8 + 8 * 2 * 4) + 2 * 8
+  assert info["total_size"] == n_params + 16 * 8
+  assert info["json_items"]["meta"] == {"step": 2}
+  assert info["run"]["metrics"]["records"] == 2 and info["run"]["config"]["model"]
+
+
+def test_json_matches_text(orbax_dir, capsys):
+  assert insp.main([str(orbax_dir), "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert insp.main([str(orbax_dir)]) == 0
+  text = capsys.readouterr().out
+  assert f"step {info['step']}:" in text
+  for a in info["arrays"]:
+    line = next(l for l in text.splitlines() if l.strip().startswith(a["path"] + " "))
+    assert str(tuple(a["shape"])) in line and a["dtype"] in line and line.endswith(str(a["size"]))
+  assert f"parameters: {info['param_count']}, bytes: {info['param_bytes']}" in text
+  assert "INCOMPLETE" in text
+
+
+def test_bad_step_and_dir(orbax_dir, capsys):
+  assert insp.main([str(orbax_dir), "--step", "5"]) == 2
+  assert "available: [2, 4]" in capsys.readouterr().err
+  assert insp.main([str(orbax_dir / "nope")]) == 2
