@@ -1,15 +1,49 @@
 """Typed, frozen configuration dataclasses (the project's one config system).
 
 Sections are frozen dataclasses; each validates itself in __post_init__ and raises ValueError naming
-the key and the accepted range. TOML loading and dotted key=value overrides build on these.
+the key and the accepted range. A whole config is built from a dict (TOML file) plus dotted
+`key=value` overrides, validated once:
+
+  cfg = load_config("exp.toml", ["train.steps=100", "moba.hybrid_full_layers=all"])
+
+Unknown keys raise ValueError naming them and suggesting the nearest valid key. Override values are
+parsed as TOML literals (`3`, `1e-3`, `true`, `[1, 2]`, `"x"`), falling back to plain strings (`all`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+import difflib
+import json
+import os
+import tempfile
+import tomllib
+import types
+import typing
+from typing import Any, Literal, Sequence, Union
 
 HybridFull = Union[int, Literal["all"]]
+
+
+def _int(section: str, key: str, value, lo: int | None = None, hi: int | None = None):
+  ok = isinstance(value, int) and not isinstance(value, bool)
+  ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+  if not ok:
+    rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+    raise ValueError(f"{section}.{key}={value!r} must be an integer {rng}")
+
+
+def _num(section: str, key: str, value, lo: float, hi: float | None = None, lo_open=False):
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+  if not ok:
+    rng = (f"> {lo}" if lo_open else f">= {lo}") + (f" and <= {hi}" if hi is not None else "")
+    raise ValueError(f"{section}.{key}={value!r} must be a number {rng}")
+
+
+def _choice(section: str, key: str, value, choices):
+  if value not in choices:
+    raise ValueError(f"{section}.{key}={value!r} must be one of {tuple(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,20 +67,14 @@ class ModelConfig:
   def __post_init__(self):
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                 "mlp_dim"):
-      value = getattr(self, key)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.{key}={value!r} must be an integer >= 1")
+      _int("model", key, getattr(self, key), 1)
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} must be divisible by "
                        f"model.n_kv_heads={self.n_kv_heads}")
     for key in ("dtype", "param_dtype"):
-      if getattr(self, key) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.{key}={getattr(self, key)!r} must be one of "
-                         "'float32', 'bfloat16', 'float16'")
-    if not self.rope_theta > 0:
-      raise ValueError(f"model.rope_theta={self.rope_theta} must be > 0")
-    if not self.norm_eps > 0:
-      raise ValueError(f"model.norm_eps={self.norm_eps} must be > 0")
+      _choice("model", key, getattr(self, key), ("float32", "bfloat16", "float16"))
+    _num("model", "rope_theta", self.rope_theta, 0, lo_open=True)
+    _num("model", "norm_eps", self.norm_eps, 0, lo_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +93,17 @@ class MobaConfig:
   interpret: bool = False  # run Pallas kernels in interpret mode (CPU testing)
 
   def __post_init__(self):
-    from moba_jax.attention import implementations  # late import: no cycle at module load
+    import importlib  # late: attention imports nothing from here
 
-    if not isinstance(self.block_size, int) or self.block_size < 1:
-      raise ValueError(f"moba.block_size={self.block_size!r} must be an integer >= 1")
-    if not isinstance(self.topk, int) or self.topk < 1:
-      raise ValueError(f"moba.topk={self.topk!r} must be an integer >= 1")
+    attention = importlib.import_module("moba_jax.attention")
+
+    _int("moba", "block_size", self.block_size, 1)
+    _int("moba", "topk", self.topk, 1)
     hfl = self.hybrid_full_layers
     if not (hfl == "all" or (isinstance(hfl, int) and not isinstance(hfl, bool) and hfl >= 0)):
       raise ValueError(f"moba.hybrid_full_layers={hfl!r} must be an integer >= 0 or 'all'")
     for key, kind in (("implementation", "moba"), ("full_implementation", "full")):
-      valid = implementations(kind)
-      if getattr(self, key) not in valid:
-        raise ValueError(f"moba.{key}={getattr(self, key)!r} must be one of {valid}")
+      _choice("moba", key, getattr(self, key), attention.implementations(kind))
 
 
 def layer_kinds(n_layers: int, hybrid_full_layers: HybridFull) -> tuple[str, ...]:
@@ -97,3 +123,424 @@ class GridConfig:
   seeds: tuple[int, ...] = (0, 1, 2)
   # hybrid_full_layers of each SFT variant: 0 = all MoBA, "all" = all full attention.
   variants: tuple[HybridFull, ...] = (0, 1, 3, 5, 10, "all")
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation. The LR schedule spans `schedule_steps` (0 = `steps`): warmup, then decay to
+  lr * min_lr_ratio. `stop_after` ends this invocation early (with a checkpoint) without changing
+  the schedule, so a run can be split: stop_after=6 then rerun to reproduce 12 straight steps."""
+
+  steps: int = 300
+  batch_size: int = 8
+  seq_len: int = 256
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  schedule: str = "cosine"
+  schedule_steps: int = 0
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0  # global-norm clip; 0 = off
+  seed: int = 0
+  init_from: str = ""  # checkpoint dir or run dir: initialise params (only) from its latest step
+  max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
+  stop_after: int = 0  # 0 = run to `steps`
+  profile_steps: int = 0  # trace this many steps with jax.profiler (0 = off)
+  profile_start: int = 3  # first traced step (after compilation)
+  peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device kind
+
+  def __post_init__(self):
+    for key, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("warmup_steps", 0),
+                    ("schedule_steps", 0), ("seed", 0), ("max_nonfinite_steps", 1),
+                    ("stop_after", 0), ("profile_steps", 0), ("profile_start", 1)):
+      _int("train", key, getattr(self, key), lo)
+    _num("train", "lr", self.lr, 0, lo_open=True)
+    _choice("train", "schedule", self.schedule, SCHEDULES)
+    _num("train", "min_lr_ratio", self.min_lr_ratio, 0, 1)
+    _num("train", "weight_decay", self.weight_decay, 0)
+    _num("train", "b1", self.b1, 0, 1)
+    _num("train", "b2", self.b2, 0, 1)
+    _num("train", "grad_clip", self.grad_clip, 0)
+    _num("train", "peak_tflops", self.peak_tflops, 0)
+    if self.warmup_steps > self.total_schedule_steps:
+      raise ValueError(f"train.warmup_steps={self.warmup_steps} must be <= the schedule length "
+                       f"{self.total_schedule_steps} (train.schedule_steps or train.steps)")
+
+  @property
+  def total_schedule_steps(self) -> int:
+    return self.schedule_steps or self.steps
+
+
+TASKS = ("lm", "kv_retrieval", "passkey", "jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training data (see moba_jax/data.py and docs/training.md).
+
+  task: "lm" (synthetic Markov+copy text, loss on all tokens), "kv_retrieval" and "passkey"
+  (synthetic long-context SFT: loss on answer tokens), "jsonl" (`path`: {"text"} lines for LM,
+  {"prompt", "response"} lines for SFT; byte-level tokens, model.vocab_size >= 259).
+  loss_on: "auto" (answers for SFT tasks, all tokens for LM), "answer" or "all".
+  Difficulty knobs: kv_pairs (0 = fill the prompt), key_len, value_len, num_queries,
+  filler (fraction of the kv prompt that is distractor noise), passkey_len.
+  """
+
+  task: str = "kv_retrieval"
+  path: str = ""
+  loss_on: str = "auto"
+  pack: bool = True  # pack variable-length examples; False = one full-length example per row
+  min_len_frac: float = 0.25  # packed examples have lengths uniform in [frac*seq_len, seq_len]
+  seed: int = 1234
+  kv_pairs: int = 0
+  key_len: int = 2
+  value_len: int = 2
+  num_queries: int = 4
+  filler: float = 0.0
+  passkey_len: int = 5
+  prefetch: int = 2  # batches prepared ahead by a background thread (0 = none)
+
+  def __post_init__(self):
+    _choice("data", "task", self.task, TASKS)
+    _choice("data", "loss_on", self.loss_on, ("auto", "answer", "all"))
+    _num("data", "min_len_frac", self.min_len_frac, 0, 1, lo_open=True)
+    for key, lo in (("seed", 0), ("kv_pairs", 0), ("key_len", 1), ("value_len", 1),
+                    ("num_queries", 1), ("passkey_len", 1), ("prefetch", 0)):
+      _int("data", key, getattr(self, key), lo)
+    _num("data", "filler", self.filler, 0, 0.95)
+    if self.task == "jsonl" and not self.path:
+      raise ValueError("data.path='' must name a JSONL file when data.task='jsonl'")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Held-out evaluation at the end of a run (and every `every` steps; 0 = only at the end).
+  Eval rows are full-length, unpacked examples from a seed disjoint from training's."""
+
+  batches: int = 4
+  trailing_tokens: int = 64  # trailing loss: the last this-many positions of each row
+  position_buckets: int = 8  # position-wise loss in this many equal buckets
+  every: int = 0
+
+  def __post_init__(self):
+    for key, lo in (("batches", 0), ("trailing_tokens", 1), ("position_buckets", 1),
+                    ("every", 0)):
+      _int("eval", key, getattr(self, key), lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 100  # save every this many steps (and always at the end); 0 = only at the end
+  keep: int = 3  # keep the last this-many checkpoints
+  async_save: bool = True
+
+  def __post_init__(self):
+    _int("checkpoint", "every", self.every, 0)
+    _int("checkpoint", "keep", self.keep, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every: int = 10  # metrics.jsonl row (and progress-bar refresh) every this many steps
+  tensorboard: bool = False  # TensorBoard event files under <run_dir>/tb (if a writer is installed)
+  progress: bool = True
+
+  def __post_init__(self):
+    _int("log", "every", self.every, 1)
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisRules:
+  """Logical axis -> mesh axes. Params use vocab/embed/mlp/heads/kv_heads/head_dim/norm/layers,
+  activations batch/length/embed/heads/kv_heads/head_dim/mlp/vocab. A mesh axis already used by an
+  earlier dimension of the same array is skipped, and so is one that does not divide the dimension."""
+
+  batch: tuple[str, ...] = ("data", "fsdp")
+  length: tuple[str, ...] = ()
+  embed: tuple[str, ...] = ("fsdp",)
+  mlp: tuple[str, ...] = ("tensor",)
+  heads: tuple[str, ...] = ("tensor",)
+  kv_heads: tuple[str, ...] = ("tensor",)
+  head_dim: tuple[str, ...] = ()
+  vocab: tuple[str, ...] = ("tensor",)
+  norm: tuple[str, ...] = ()
+  layers: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      for axis in getattr(self, f.name):
+        _choice("mesh.rules", f.name, axis, MESH_AXES)
+
+  def as_tuples(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh (data, fsdp, tensor); -1 on one axis = all remaining devices."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: AxisRules = dataclasses.field(default_factory=AxisRules)
+
+  def __post_init__(self):
+    for key in MESH_AXES:
+      value = getattr(self, key)
+      if not (isinstance(value, int) and not isinstance(value, bool)
+              and (value >= 1 or value == -1)):
+        raise ValueError(f"mesh.{key}={value!r} must be an integer >= 1 or -1 (all remaining)")
+    if sum(getattr(self, k) == -1 for k in MESH_AXES) > 1:
+      raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, got "
+                       f"{[getattr(self, k) for k in MESH_AXES]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The whole run. Sections: model, moba, train, data, eval, checkpoint, log, mesh, grid."""
+
+  run_dir: str = "runs/default"
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  moba: MobaConfig = dataclasses.field(default_factory=MobaConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  log: LogConfig = dataclasses.field(default_factory=LogConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  grid: GridConfig = dataclasses.field(default_factory=GridConfig)
+
+  def __post_init__(self):
+    if not isinstance(self.run_dir, str) or not self.run_dir:
+      raise ValueError(f"run_dir={self.run_dir!r} must be a non-empty path")
+    layer_kinds(self.model.n_layers, self.moba.hybrid_full_layers)  # range check
+    if self.eval.trailing_tokens > self.train.seq_len:
+      raise ValueError(f"eval.trailing_tokens={self.eval.trailing_tokens} must be <= "
+                       f"train.seq_len={self.train.seq_len}")
+    shards = self.mesh.data * self.mesh.fsdp
+    if shards > 0 and self.train.batch_size % shards:
+      raise ValueError(f"train.batch_size={self.train.batch_size} must be divisible by "
+                       f"mesh.data * mesh.fsdp = {shards}")
+    import importlib  # late: data imports this module
+
+    importlib.import_module("moba_jax.data").check_config(self)
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _hints(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls, globalns=globals())
+
+
+def _describe(tp) -> str:
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin is tuple:
+    return f"a list of {_describe(args[0])}"
+  if origin in (Union, types.UnionType):
+    return " or ".join(_describe(a) for a in args)
+  if origin is Literal:
+    return " or ".join(repr(a) for a in args)
+  return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+      tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp, value, key: str):
+  """Converts a TOML/JSON value to the field type `tp`; raises ValueError naming `key`."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  bad = ValueError(f"{key}={value!r} must be {_describe(tp)}")
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ValueError(f"{key}={value!r} is a section: set its keys ({key}.KEY=...)")
+    return _build(tp, value, key + ".")
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise bad
+    return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+  if origin in (Union, types.UnionType):
+    for arg in args:
+      try:
+        return _coerce(arg, value, key)
+      except ValueError:
+        pass
+    raise bad
+  if origin is Literal:
+    if value in args:
+      return value
+    raise bad
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise bad
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise bad
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    raise bad
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise bad
+  return value
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+  keys = []
+  for name, tp in _hints(cls).items():
+    keys.append(prefix + name)
+    if dataclasses.is_dataclass(tp):
+      keys += _all_keys(tp, prefix + name + ".")
+  return keys
+
+
+def _unknown(key: str, valid: Sequence[str]) -> ValueError:
+  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+  if not close:  # try the last component against the leaf names
+    leaf = key.rsplit(".", 1)[-1]
+    close = [k for k in valid if k.rsplit(".", 1)[-1] in
+             difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1)]
+  hint = f"; did you mean {close[0]!r}?" if close else ""
+  return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls, d: dict, prefix: str = ""):
+  hints = _hints(cls)
+  kwargs = {}
+  for name, value in d.items():
+    if name not in hints:
+      raise _unknown(prefix + name, _all_keys(Config))
+    kwargs[name] = _coerce(hints[name], value, prefix + name)
+  return cls(**kwargs)
+
+
+def config_from_dict(d: dict) -> Config:
+  """Builds (and validates) a Config from a nested dict; missing keys take their defaults."""
+  return _build(Config, d)
+
+
+def config_to_dict(cfg) -> dict:
+  """Nested dict of plain values (tuples become lists): TOML/JSON-serialisable."""
+  def plain(v):
+    if dataclasses.is_dataclass(v):
+      return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (tuple, list)):
+      return [plain(x) for x in v]
+    return v
+  return plain(cfg)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+  """"a.b=1e-3" -> ("a.b", 0.001); the value is a TOML literal, else the raw string."""
+  key, sep, raw = item.partition("=")
+  key = key.strip()
+  if not sep or not key:
+    raise ValueError(f"override {item!r} must look like section.key=value")
+  raw = raw.strip()
+  try:
+    value = tomllib.loads(f"v = {raw}")["v"]
+  except tomllib.TOMLDecodeError:
+    value = raw
+  return key, value
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+  valid = _all_keys(Config)
+  if key not in valid:
+    raise _unknown(key, valid)
+  parts = key.split(".")
+  for part in parts[:-1]:
+    d = d.setdefault(part, {})
+    if not isinstance(d, dict):
+      raise ValueError(f"override {key!r}: {part!r} is not a section")
+  d[parts[-1]] = value
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+  """Returns cfg with dotted `key=value` overrides applied (validated once, at the end)."""
+  d = config_to_dict(cfg)
+  for item in overrides:
+    _set_dotted(d, *parse_override(item))
+  return config_from_dict(d)
+
+
+def _check_keys(d: dict, prefix: str = "") -> None:
+  valid = _all_keys(Config)
+  for k, v in d.items():
+    if prefix + k not in valid:
+      raise _unknown(prefix + k, valid)
+    if isinstance(v, dict):
+      _check_keys(v, prefix + k + ".")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Reads a TOML (or JSON) file (None = defaults), applies overrides, validates once."""
+  d: dict = {}
+  if path:
+    with open(path, "rb") as f:
+      d = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
+  _check_keys(d)
+  for item in overrides:
+    _set_dotted(d, *parse_override(item))
+  return config_from_dict(d)
+
+
+# ----------------------------------------------------------------------------- TOML writer
+
+
+def _toml_value(v) -> str:
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, (int, float)):
+    return repr(v) if v == v and abs(v) != float("inf") else str(v).replace("inf", "inf")
+  if isinstance(v, str):
+    return json.dumps(v)
+  if isinstance(v, (list, tuple)):
+    return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+  raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(d: dict, prefix: str = "") -> str:
+  """TOML text of a nested dict (scalars first, then one [table] per sub-dict)."""
+  lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+  out = "\n".join(lines) + ("\n" if lines else "")
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out += f"\n[{prefix}{k}]\n" + to_toml(v, f"{prefix}{k}.")
+  return out
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes text to path via a temporary file and os.replace (never a half-written file)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def save_config(cfg: Config, path: str) -> None:
+  """Writes cfg as TOML (or JSON if path ends in .json), atomically."""
+  d = config_to_dict(cfg)
+  text = json.dumps(d, indent=2) + "\n" if str(path).endswith(".json") else to_toml(d)
+  atomic_write(path, text)

@@ -1,0 +1,283 @@
+"""Grain data pipelines: synthetic long-context SFT tasks, a synthetic LM stream, JSONL files.
+
+Every row is a dict of [T] arrays (T = train.seq_len):
+  inputs, targets (next tokens), mask (float32 loss weight of each target: answer tokens 1, prompt 0),
+  segment_ids (1, 2, ... per packed example; padding gets its own id), positions (restart per example).
+
+Rows are a pure function of (data.seed, split, row index), so any row can be produced in any order
+(Grain MapDataset random access), the pipeline is deterministic, and the iterator state is a single
+index that Orbax checkpoints through Grain's handler. Process p of P reads, for global batch b, the rows
+b * B + p * B/P ... (b * B + (p + 1) * B/P - 1): the global batch is the same for any process count.
+
+Tasks (docs/training.md has examples):
+  kv_retrieval  BOS (KEY k.. VAL v.. | filler)* then num_queries x (QUERY k.. ANS v..) EOS; loss on the
+                answer values. Keys are distinct; a value is only in its pair, far back in the prompt,
+                so answering needs attention to one specific distant block.
+  passkey       BOS haystack NEEDLE d.. haystack QUERY ANS d.. EOS, loss on the digits d.
+  lm            Markov-chain text with long-range copied spans (induction), loss on every token.
+  jsonl         {"text"} (LM) or {"prompt", "response"} (SFT) lines, byte-level tokens (id = byte + 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import grain
+import numpy as np
+
+PAD, BOS, EOS, KEY, VAL, QUERY, ANS, NEEDLE = range(8)
+DIGITS = 8  # 10 digit tokens 8..17 for passkeys
+CONTENT = 18  # first ordinary token; keys, values and text use [CONTENT, vocab_size)
+BYTE_OFFSET = 3  # jsonl: token = byte + 3 (PAD, BOS, EOS first)
+MIN_VOCAB = {"lm": CONTENT + 8, "kv_retrieval": CONTENT + 8, "passkey": CONTENT + 8,
+             "jsonl": 256 + BYTE_OFFSET}
+FIELDS = ("inputs", "targets", "mask", "segment_ids", "positions")
+_SPLITS = {"train": 0, "eval": 1}
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def min_example_len(dcfg) -> int:
+  """Smallest piece length (tokens - 1) an example of this task can have."""
+  if dcfg.task == "kv_retrieval":
+    pair = 2 + dcfg.key_len + dcfg.value_len
+    return 2 * dcfg.num_queries * pair + 1
+  if dcfg.task == "passkey":
+    return 2 * dcfg.passkey_len + 4
+  return 1
+
+
+def check_config(cfg) -> None:
+  """Cross-checks data settings against the model and sequence length (called by Config)."""
+  d, seq, vocab = cfg.data, cfg.train.seq_len, cfg.model.vocab_size
+  if vocab < MIN_VOCAB[d.task]:
+    raise ValueError(f"model.vocab_size={vocab} must be >= {MIN_VOCAB[d.task]} for "
+                     f"data.task={d.task!r}")
+  need = min_example_len(d)
+  if seq < need:
+    raise ValueError(f"train.seq_len={seq} must be >= {need} for data.task={d.task!r} with "
+                     f"these key_len/value_len/num_queries/passkey_len")
+  if d.task == "kv_retrieval" and d.kv_pairs:
+    pair = 2 + d.key_len + d.value_len
+    need = (d.kv_pairs + d.num_queries) * pair + 1
+    if d.kv_pairs < d.num_queries or (not d.pack and seq < need):
+      raise ValueError(f"data.kv_pairs={d.kv_pairs} must be >= data.num_queries="
+                       f"{d.num_queries} and fit train.seq_len={seq} (needs {need})")
+
+
+class MarkovText:
+  """A fixed random 'language': each token has 4 likely successors; spans are copied from far back."""
+
+  def __init__(self, seed: int, vocab: int, branching: int = 4):
+    rng = np.random.default_rng([seed, 99])
+    n = vocab - CONTENT
+    self.succ = rng.integers(0, n, size=(n, branching)) + CONTENT
+    self.probs = rng.dirichlet(np.ones(branching) * 0.5, size=n)
+    self.cum = np.cumsum(self.probs, axis=1)
+
+  def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    out = np.empty(n, np.int32)
+    u = rng.random(n)
+    t = 0
+    while t < n:
+      if t >= 64 and rng.random() < 0.3:  # copy an earlier span (long-range dependency)
+        span = min(int(rng.integers(8, 33)), n - t)
+        start = int(rng.integers(0, t - span + 1)) if t - span > 0 else 0
+        out[t:t + span] = out[start:start + span]
+        t += span
+        continue
+      run = min(int(rng.integers(16, 65)), n - t)
+      tok = int(rng.integers(CONTENT, CONTENT + len(self.succ))) if t == 0 else int(out[t - 1])
+      for i in range(t, t + run):
+        row = tok - CONTENT
+        tok = int(self.succ[row, min(np.searchsorted(self.cum[row], u[i]), 3)])
+        out[i] = tok
+      t += run
+    return out
+
+
+def lm_example(rng, n, dcfg, text: MarkovText):
+  tokens = np.concatenate([[BOS], text.sample(rng, n)]).astype(np.int32)
+  return tokens, np.ones(n + 1, np.float32)
+
+
+def _distinct_keys(rng, count, key_len, vocab):
+  n_content = vocab - CONTENT
+  codes = rng.choice(n_content ** key_len, size=count, replace=False) if \
+      n_content ** key_len < 2 ** 62 else rng.integers(0, 2 ** 62, size=count)
+  digits = [(codes // n_content ** j) % n_content for j in range(key_len)]
+  return np.stack(digits, axis=1).astype(np.int32) + CONTENT  # [count, key_len]
+
+
+def kv_example(rng, n, dcfg, text: MarkovText):
+  """n + 1 tokens: BOS, pairs with filler between them, then queries and answers, EOS."""
+  kl, vl, nq = dcfg.key_len, dcfg.value_len, dcfg.num_queries
+  vocab = len(text.succ) + CONTENT
+  pair = 2 + kl + vl
+  room = n + 1 - 2 - nq * pair  # tokens for pairs and filler
+  fit = room // pair
+  n_pairs = min(dcfg.kv_pairs, fit) if dcfg.kv_pairs else max(nq, int(room * (1 - dcfg.filler))
+                                                               // pair)
+  n_pairs = max(min(n_pairs, fit), nq)
+  keys = _distinct_keys(rng, n_pairs, kl, vocab)
+  values = rng.integers(CONTENT, vocab, size=(n_pairs, vl)).astype(np.int32)
+  records = [np.concatenate([[KEY], keys[i], [VAL], values[i]]) for i in range(n_pairs)]
+  filler = text.sample(rng, room - n_pairs * pair)
+  cuts = np.sort(rng.integers(0, len(filler) + 1, size=n_pairs))
+  prompt = [[BOS]]
+  prev = 0
+  for cut, rec in zip(cuts, records):
+    prompt += [filler[prev:cut], rec]
+    prev = cut
+  prompt.append(filler[prev:])
+  asked = rng.choice(n_pairs, size=nq, replace=False)
+  qa = [np.concatenate([[QUERY], keys[i], [ANS], values[i]]) for i in asked]
+  tokens = np.concatenate(prompt + qa + [[EOS]]).astype(np.int32)
+  mask = np.zeros(n + 1, np.float32)
+  ends = len(tokens) - 1 - np.arange(nq)[::-1] * pair  # one past each answer
+  for e in ends:
+    mask[e - vl:e] = 1.0
+  return tokens, mask
+
+
+def passkey_example(rng, n, dcfg, text: MarkovText):
+  """n + 1 tokens: BOS, haystack with NEEDLE d.. at a random depth, QUERY ANS d.. EOS."""
+  pl = dcfg.passkey_len
+  key = rng.integers(DIGITS, DIGITS + 10, size=pl).astype(np.int32)
+  hay = text.sample(rng, n + 1 - 2 - (1 + pl) - (2 + pl))
+  depth = int(rng.integers(0, len(hay) + 1))
+  tokens = np.concatenate([[BOS], hay[:depth], [NEEDLE], key, hay[depth:], [QUERY, ANS], key,
+                           [EOS]]).astype(np.int32)
+  mask = np.zeros(n + 1, np.float32)
+  mask[-1 - pl:-1] = 1.0
+  return tokens, mask
+
+
+_GENERATORS = {"lm": lm_example, "kv_retrieval": kv_example, "passkey": passkey_example}
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def _encode(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + BYTE_OFFSET
+
+
+def load_jsonl(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(tokens, mask) per line: {"text"} -> all tokens; {"prompt", "response"} -> response + EOS."""
+  examples = []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      if "text" in obj:
+        tokens = np.concatenate([[BOS], _encode(obj["text"]), [EOS]])
+        mask = np.ones(len(tokens), np.float32)
+      elif "prompt" in obj and "response" in obj:
+        prompt, resp = _encode(obj["prompt"]), _encode(obj["response"])
+        tokens = np.concatenate([[BOS], prompt, resp, [EOS]])
+        mask = np.concatenate([np.zeros(1 + len(prompt)), np.ones(len(resp) + 1)])
+      else:
+        raise ValueError(f"{path}:{lineno}: a line needs 'text' or 'prompt' and 'response', "
+                         f"got keys {sorted(obj)}")
+      examples.append((tokens.astype(np.int32), mask.astype(np.float32)))
+  if not examples:
+    raise ValueError(f"data.path={path!r} has no examples")
+  return examples
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+class RowSource:
+  """Random-access rows (a Grain data source): row r of `split` is a pure function of (seed, r)."""
+
+  def __init__(self, cfg, split: str = "train"):
+    self.d, self.seq, self.split = cfg.data, cfg.train.seq_len, split
+    self.text = MarkovText(self.d.seed, cfg.model.vocab_size)
+    self.lines = None
+    if self.d.task == "jsonl":
+      lines = load_jsonl(self.d.path)
+      n_eval = max(1, len(lines) // 10) if len(lines) > 1 else 0
+      self.lines = (lines[:len(lines) - n_eval] if split == "train" else lines[-n_eval:]) \
+          if n_eval else lines
+    packed = self.d.pack and split == "train"
+    self.min_len = min(self.seq, max(min_example_len(self.d),
+                                     math.ceil(self.d.min_len_frac * self.seq))) if packed \
+        else self.seq
+
+  def __len__(self) -> int:
+    return 2 ** 40
+
+  def __getitem__(self, r: int) -> dict:
+    rng = np.random.default_rng([self.d.seed, _SPLITS[self.split], int(r)])
+    return self.pack(rng)
+
+  def example(self, rng, n: int):
+    if self.lines is not None:
+      tokens, mask = self.lines[int(rng.integers(len(self.lines)))]
+      if len(tokens) > n + 1:  # SFT keeps the end (the answer), LM the start
+        sft = mask[0] == 0
+        tokens, mask = (tokens[-n - 1:], mask[-n - 1:]) if sft else (tokens[:n + 1], mask[:n + 1])
+      return tokens, mask
+    return _GENERATORS[self.d.task](rng, n, self.d, self.text)
+
+  def pack(self, rng) -> dict:
+    seq, min_len = self.seq, self.min_len
+    row = {k: np.zeros(seq, np.float32 if k == "mask" else np.int32) for k in FIELDS}
+    used, seg = 0, 0
+    while seq - used >= min_len:
+      n = min(int(rng.integers(min_len, seq + 1)), seq - used)
+      if seq - used - n < min_len:
+        n = seq - used  # the last example absorbs the tail
+      tokens, mask = self.example(rng, n)
+      m = len(tokens) - 1
+      seg += 1
+      sl = slice(used, used + m)
+      row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
+      loss_on = "answer" if self.d.loss_on == "auto" else self.d.loss_on
+      row["mask"][sl] = 1.0 if loss_on == "all" else mask[1:]
+      row["segment_ids"][sl], row["positions"][sl] = seg, np.arange(m)
+      used += m
+    if used < seq:  # padding: its own segment, no loss
+      row["segment_ids"][used:] = seg + 1
+      row["positions"][used:] = np.arange(seq - used)
+    return row
+
+
+def _stack(rows):
+  return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+
+
+def _local_rows(batch_size: int, process_index: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f"train.batch_size={batch_size} must be divisible by the process count "
+                     f"{process_count}")
+  return batch_size // process_count
+
+
+def train_dataset(cfg, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's share of each global training batch, as a checkpointable Grain IterDataset."""
+  gb = cfg.train.batch_size
+  lb = _local_rows(gb, process_index, process_count)
+  source = RowSource(cfg, "train")
+
+  def row(i):
+    return source[(i // lb) * gb + process_index * lb + i % lb]
+
+  ds = grain.MapDataset.range(0, len(source)).map(row).batch(lb, batch_fn=_stack)
+  prefetch = cfg.data.prefetch
+  options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+  return ds.to_iter_dataset(options)
+
+
+def eval_batches(cfg, process_index: int = 0, process_count: int = 1) -> list[dict]:
+  """eval.batches held-out batches (this process's rows): full-length unpacked examples."""
+  gb = cfg.train.batch_size
+  lb = _local_rows(gb, process_index, process_count)
+  source = RowSource(cfg, "eval")
+  return [_stack([source[b * gb + process_index * lb + j] for j in range(lb)])
+          for b in range(cfg.eval.batches)]
