@@ -117,12 +117,43 @@ def layer_kinds(n_layers: int, hybrid_full_layers: HybridFull) -> tuple[str, ...
 
 @dataclasses.dataclass(frozen=True)
 class GridConfig:
-  """The layer-wise hybrid grid (owned by moba_jax/grid.py; fields may grow)."""
+  """The layer-wise hybrid grid (moba_jax/grid.py; docs/grid.md). Stage 1 pretrains once (the config
+  + `pretrain` overrides, hybrid_full_layers = `pretrain_attention`); stage 2 fine-tunes each
+  (variant, seed) from it (the config + `sft` overrides, hybrid_full_layers = variant)."""
 
   out_dir: str = "runs/grid"
   seeds: tuple[int, ...] = (0, 1, 2)
   # hybrid_full_layers of each SFT variant: 0 = all MoBA, "all" = all full attention.
   variants: tuple[HybridFull, ...] = (0, 1, 3, 5, 10, "all")
+  pretrain_attention: HybridFull = 0  # hybrid_full_layers of stage 1 (0 = MoBA, "all" = full)
+  pretrain: tuple[str, ...] = ()  # "key=value" overrides of stage 1 (e.g. "data.task=lm")
+  sft: tuple[str, ...] = ()  # "key=value" overrides of every stage-2 run
+  init_from: str = ""  # an existing pretrained run/checkpoint dir: skip stage 1
+  stage: str = "all"  # "all", "pretrain" (stage 1 only) or "sft" (stage 2 only)
+  only: Union[tuple[HybridFull, ...], HybridFull] = ()  # run only these variants; () = all
+  only_seeds: Union[tuple[int, ...], int] = ()  # run only these seeds; () = all
+  name: str = ""  # chart title (default: the experiment file's name)
+
+  def __post_init__(self):
+    for key in ("only", "only_seeds"):  # a scalar (grid.only=3) means one value
+      if not isinstance(getattr(self, key), tuple):
+        object.__setattr__(self, key, (getattr(self, key),))
+    for key, values in (("seeds", self.seeds), ("variants", self.variants)):
+      if not values or len(set(values)) != len(values):
+        raise ValueError(f"grid.{key}={list(values)!r} must be a non-empty list without repeats")
+    for s in self.seeds:
+      _int("grid", "seeds[]", s, 0)
+    for v in (*self.variants, self.pretrain_attention):
+      if not (v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
+        raise ValueError(f"grid variant {v!r} must be an integer >= 0 or 'all'")
+    _choice("grid", "stage", self.stage, ("all", "pretrain", "sft"))
+    for key, chosen, allowed in (("only", self.only, self.variants),
+                                 ("only_seeds", self.only_seeds, self.seeds)):
+      for v in chosen:
+        _choice("grid", key, v, allowed)
+    for item in (*self.pretrain, *self.sft):
+      if "=" not in item:
+        raise ValueError(f"grid.pretrain/grid.sft item {item!r} must look like section.key=value")
 
 
 SCHEDULES = ("cosine", "linear", "constant")
