@@ -135,6 +135,8 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
   validate(q, k, v, segment_ids, kind=kind, block_size=block_size, topk=topk,
            softmax_scale=softmax_scale)
   name = resolve(kind, implementation)
+  if implementation == "auto" and name == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    name = "xla"  # cuDNN flash attention takes half precision only
   fn = _load(_registry(kind)[name])
   if segment_ids is None and (kind == "moba" or name == "reference"):
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)

@@ -1,0 +1,163 @@
+"""Behavioural tests of MoBA, run on every implementation (reference, xla, and the Pallas kernels in
+interpret mode where they are importable). Oracles: the official golden cases, an independent NumPy
+MoBA (tests/moba_oracle.py), causal full attention, and properties of the algorithm."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moba_jax import full_attention, moba_attention
+from moba_jax import moba as moba_lib
+from tests.moba_oracle import golden_cases, load_golden, moba_numpy
+
+IMPLS = ["reference", "xla"]
+for _name, _module in (("pallas_gpu", "moba_jax.kernels.moba_gpu"),
+                       ("pallas_tpu", "moba_jax.kernels.moba_tpu")):
+  try:
+    if importlib.util.find_spec(_module) is not None:
+      IMPLS.append(_name)
+  except ImportError:
+    pass
+
+
+def run(impl, q, k, v, segment_ids=None, **kw):
+  return moba_attention(q, k, v, segment_ids=segment_ids, implementation=impl,
+                        interpret=impl.startswith("pallas"), **kw)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def random_qkv(seed, batch, seq, heads, kv_heads, dim, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(kq, (batch, seq, heads, dim), dtype)
+  k = jax.random.normal(kk, (batch, seq, kv_heads, dim), dtype)
+  v = jax.random.normal(kv, (batch, seq, kv_heads, dim), dtype)
+  return q, k, v
+
+
+def packed_segments(batch, lengths):
+  seg = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
+  return jnp.asarray(np.broadcast_to(seg, (batch, len(seg))))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", golden_cases())
+def test_golden_outputs_and_gradients(impl, case):
+  g = load_golden(case)
+  q, k, v = (jnp.asarray(g[n]) for n in "qkv")
+  seg = jnp.asarray(g["segment_ids"])
+  fn = lambda q, k, v: run(impl, q, k, v, seg, block_size=g["block_size"], topk=g["topk"])
+  out, vjp = jax.vjp(fn, q, k, v)
+  dq, dk, dv = vjp(jnp.asarray(g["cotangent"]))
+  for name, got in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+    assert rel_err(got, g[name]) < 1e-4, (case, impl, name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_random_gqa_packed_matches_numpy_oracle_and_reference_grads(impl):
+  lengths = (70, 33, 1, 90)  # ragged tails, a one-token document
+  q, k, v = random_qkv(1, 2, sum(lengths), 4, 2, 16)
+  seg = packed_segments(2, lengths)
+  kw = dict(block_size=16, topk=3)
+  out = run(impl, q, k, v, seg, **kw)
+  expected = moba_numpy(q, k, v, seg, 16, 3)
+  assert rel_err(out, expected) < 1e-5
+  ct = jax.random.normal(jax.random.key(9), q.shape)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
+  grads = jax.grad(loss(lambda q, k, v: run(impl, q, k, v, seg, **kw)), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(lambda q, k, v: run("reference", q, k, v, seg, **kw)),
+                 argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, ref):
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_scale_and_topk_larger_than_blocks(impl):
+  q, k, v = random_qkv(2, 1, 50, 2, 1, 8)
+  out = run(impl, q, k, v, block_size=16, topk=9, softmax_scale=0.3)
+  assert rel_err(out, moba_numpy(q, k, v, np.zeros((1, 50)), 16, 9, scale=0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_go_to_the_lower_block_index(impl):
+  # Blocks 0 and 1 have identical keys (equal gate scores) but different values; a query in
+  # block 2 with topk=2 must choose block 0.
+  q, k, v = random_qkv(3, 1, 24, 1, 1, 8)
+  k = k.at[:, 8:16].set(k[:, 0:8])
+  out = run(impl, q, k, v, block_size=8, topk=2)
+  expected = moba_numpy(q, k, v, np.zeros((1, 24)), 8, 2)
+  assert rel_err(out, expected) < 1e-5
+  only_block1 = moba_numpy(q, k.at[:, 0:8].add(-100.0), v, np.zeros((1, 24)), 8, 2)
+  assert rel_err(out[:, 16:], only_block1[:, 16:]) > 1e-2  # the choice is visible
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_within_official_bounds_of_float32_reference(impl):
+  lengths = (300, 212)
+  q, k, v = random_qkv(4, 1, sum(lengths), 4, 2, 64, jnp.bfloat16)
+  seg = packed_segments(1, lengths)
+  out = run(impl, q, k, v, seg, block_size=64, topk=3)
+  assert out.dtype == jnp.bfloat16
+  ref = moba_attention(*(x.astype(jnp.float32) for x in (q, k, v)), segment_ids=seg,
+                       block_size=64, topk=3, implementation="reference")
+  err = np.abs(np.asarray(out, np.float32) - np.asarray(ref))
+  assert err.max() < 4e-2 and err.mean() < 4e-4, (err.max(), err.mean())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_equals_full_attention_when_at_most_topk_blocks(impl):
+  lengths = (64, 40, 24)  # each document has <= 4 blocks of 16
+  q, k, v = random_qkv(5, 2, sum(lengths), 4, 4, 16)
+  seg = packed_segments(2, lengths)
+  out = run(impl, q, k, v, seg, block_size=16, topk=4)
+  full = full_attention(q, k, v, segment_ids=seg, implementation="reference")
+  assert rel_err(out, full) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_leakage_from_future_tokens_or_other_documents(impl):
+  lengths = (50, 60, 30)
+  q, k, v = random_qkv(6, 1, sum(lengths), 2, 1, 16)
+  seg = packed_segments(1, lengths)
+  kw = dict(block_size=8, topk=2)
+  base = run(impl, q, k, v, seg, **kw)
+  t0 = 77  # inside document 1, mid-block
+  noise = random_qkv(7, 1, sum(lengths), 2, 1, 16)
+  after = lambda x, n: x.at[:, t0:].set(n[:, t0:] * 10)
+  future = run(impl, after(q, noise[0]), after(k, noise[1]), after(v, noise[2]), seg, **kw)
+  np.testing.assert_array_equal(np.asarray(base[:, :t0]), np.asarray(future[:, :t0]))
+  doc1 = lambda x, n: x.at[:, 50:110].set(n[:, 50:110] * 10)
+  other = run(impl, doc1(q, noise[0]), doc1(k, noise[1]), doc1(v, noise[2]), seg, **kw)
+  keep = np.r_[0:50, 110:140]
+  np.testing.assert_array_equal(np.asarray(base[:, keep]), np.asarray(other[:, keep]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unselected_blocks_get_zero_key_gradient(impl):
+  q, k, v = random_qkv(8, 1, 96, 2, 1, 16)
+  t = 95  # the last query: block 5 of 6, chooses itself and 1 past block per head
+  grad_k = jax.grad(lambda k: jnp.sum(run(impl, q, k, v, block_size=16, topk=2)[:, t]))(k)
+  layout = moba_lib.doc_layout(jnp.zeros((1, 96), jnp.int32), 16)
+  kbar = moba_lib.block_key_means(k, layout)
+  starts, valid = moba_lib.select_blocks(q[:, t:t + 1], kbar, jax.tree.map(
+      lambda a: a[:, t:t + 1], layout), block_size=16, topk=2)
+  chosen = set(np.asarray(starts)[valid].tolist())
+  per_block = np.abs(np.asarray(grad_k)).reshape(6, 16, -1).sum(axis=(1, 2))
+  for block in range(6):
+    assert (per_block[block] > 0) == (block * 16 in chosen), (block, chosen, per_block)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_full_attention_implementations_agree(impl):
+  lengths = (40, 25)
+  q, k, v = random_qkv(10, 2, sum(lengths), 4, 2, 16)
+  seg = packed_segments(2, lengths)
+  out = full_attention(q, k, v, segment_ids=seg, implementation=impl)
+  expected = moba_numpy(q, k, v, seg, block_size=1000, topk=1)  # one block per doc = full
+  assert rel_err(out, expected) < 1e-5

@@ -1,0 +1,116 @@
+"""The decoder: one parameter tree for every attention setting, hybrid layer placement, oracles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moba_jax.config import MobaConfig, ModelConfig, layer_kinds
+from moba_jax.model import Decoder, rope, set_attention
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
+                  mlp_dim=64)
+LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm"}
+
+
+def tokens(seed=0, batch=2, seq=48):
+  return jax.random.randint(jax.random.key(seed), (batch, seq), 0, CFG.vocab_size)
+
+
+def params_of(model):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_layer_kinds_put_full_attention_last():
+  assert layer_kinds(12, 0) == ("moba",) * 12
+  assert layer_kinds(12, 3) == ("moba",) * 9 + ("full",) * 3
+  assert layer_kinds(12, "all") == ("full",) * 12
+  assert layer_kinds(12, 12) == ("full",) * 12
+  with pytest.raises(ValueError, match="hybrid_full_layers=13 must be in"):
+    layer_kinds(12, 13)
+  with pytest.raises(ValueError, match="hybrid_full_layers=-1"):
+    MobaConfig(hybrid_full_layers=-1)
+
+
+def test_one_parameter_tree_runs_under_every_setting():
+  model = Decoder(CFG, MobaConfig(block_size=8, topk=2), rngs=nnx.Rngs(0))
+  before = params_of(model)
+  x = tokens()
+  outs = {}
+  for hfl in (0, 1, 3, "all"):
+    set_attention(model, MobaConfig(block_size=8, topk=2, hybrid_full_layers=hfl))
+    assert model.layer_kinds == layer_kinds(4, hfl)
+    outs[hfl] = np.asarray(model(x))
+    assert np.isfinite(outs[hfl]).all()
+    jax.tree.map(np.testing.assert_array_equal, before, params_of(model))
+  fresh = Decoder(CFG, MobaConfig(block_size=8, topk=2, hybrid_full_layers=3), rngs=nnx.Rngs(0))
+  jax.tree.map(np.testing.assert_array_equal, before, params_of(fresh))
+  np.testing.assert_allclose(np.asarray(fresh(x)), outs[3], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(outs[0], outs["all"], atol=1e-3)  # MoBA really drops context here
+
+
+def plain_full_attention_forward(p, cfg, tok):
+  """An independent causal transformer forward over the same parameters (the oracle)."""
+  def norm(x, scale):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
+
+  pos = jnp.arange(tok.shape[1])[None]
+  x = p["embed"][tok]
+  for layer in p["layers"].values():
+    a = layer["attn"]
+    h = norm(x, layer["attn_norm"]["scale"])
+    q = rope(jnp.einsum("bte,ehd->bthd", h, a["wq"]), pos, cfg.rope_theta)
+    k = rope(jnp.einsum("bte,ehd->bthd", h, a["wk"]), pos, cfg.rope_theta)
+    v = jnp.einsum("bte,ehd->bthd", h, a["wv"])
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    x = x + jnp.einsum("bthd,hde->bte", o, a["wo"])
+    m = layer["mlp"]
+    h = norm(x, layer["mlp_norm"]["scale"])
+    x = x + (jax.nn.silu(h @ m["w_gate"]) * (h @ m["w_up"])) @ m["w_down"]
+  return norm(x, p["final_norm"]["scale"]) @ p["head"]
+
+
+def test_all_full_equals_a_plain_full_attention_model():
+  model = Decoder(CFG, MobaConfig(block_size=8, topk=2, hybrid_full_layers="all"),
+                  rngs=nnx.Rngs(1))
+  x = tokens(1)
+  expected = plain_full_attention_forward(
+      jax.tree.map(jnp.asarray, params_of(model)), CFG, x)
+  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
+def test_all_moba_equals_full_when_sequence_fits_in_topk_blocks():
+  model = Decoder(CFG, MobaConfig(block_size=16, topk=3), rngs=nnx.Rngs(2))
+  x = tokens(2, seq=48)
+  moba_out = model(x)
+  set_attention(model, MobaConfig(block_size=16, topk=3, hybrid_full_layers="all"))
+  np.testing.assert_allclose(np.asarray(moba_out), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_document_is_independent_and_positions_restart():
+  model = Decoder(CFG, MobaConfig(block_size=8, topk=2, hybrid_full_layers=1), rngs=nnx.Rngs(3))
+  doc_a, doc_b = tokens(4, 1, 30), tokens(5, 1, 26)
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)
+  seg = jnp.concatenate([jnp.zeros((1, 30), jnp.int32), jnp.ones((1, 26), jnp.int32)], axis=1)
+  out = model(packed, segment_ids=seg)
+  np.testing.assert_allclose(np.asarray(out[:, 30:]), np.asarray(model(doc_b)), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(out[:, :30]), np.asarray(model(doc_a)), atol=2e-5)
+
+
+def test_every_parameter_has_logical_axis_names():
+  model = Decoder(CFG, MobaConfig(), rngs=nnx.Rngs(0))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param),
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert len(params) == 3 + 9 * CFG.n_layers  # embed, final norm, head; 9 per layer
+  for var in params:
+    names = var.get_metadata()["out_sharding"]
+    assert len(names) == var[...].ndim and set(names) <= LOGICAL_AXES, names
+
+
+def test_bfloat16_compute_with_float32_params():
+  cfg = ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
+  model = Decoder(cfg, MobaConfig(block_size=8, topk=2, hybrid_full_layers=2), rngs=nnx.Rngs(0))
+  out = model(tokens())
+  assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
