@@ -1,0 +1,227 @@
+"""Key-block-major routing for the Pallas MoBA kernels (shared by the GPU and TPU kernels).
+
+Every (query, head) gets S = min(topk, ceil(T / block_size)) *partial rows*: one for its current
+block (the *dense* section, rows in (t, g) order, attended block-diagonal-causally) and one per
+chosen past block (the *sparse* section, rows sorted by key block and padded per block to a
+multiple of the row tile, as in megablox). Each row tile reads one contiguous key range; partial
+outputs are merged afterwards by log-sum-exp. All metadata is linear in T.
+
+Names: BK = batch * kv_heads, TG = T * G (query rows of one kv head), R rows in all,
+Mq row tile, NT = R // Mq tiles, S slots per query (slot 0 = current block).
+Row metadata: rq (query row in [0, TG) or -1 for padding), [lo, hi) the key range the row may see.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moba_jax import moba as _moba
+
+ROUTING_BYTES = 64 << 20  # budget for one chunk of gate scores [B, C, H, N] float32
+
+
+class Dims(NamedTuple):
+  """Static sizes of the routing layout."""
+
+  seq: int
+  groups: int
+  n_sel: int  # S
+  block_size: int
+  block_q: int  # Mq
+  dense_rows: int  # DR = roundup(TG, Mq)
+  sparse_rows: int  # PR
+  max_groups: int  # full blocks that can be chosen as past blocks (T // block_size)
+
+  @property
+  def rows(self):
+    return self.dense_rows + self.sparse_rows
+
+  @property
+  def tiles(self):
+    return self.rows // self.block_q
+
+
+class Routing(NamedTuple):
+  rq: jax.Array  # [BK, R] int32
+  lo: jax.Array  # [BK, R] int32
+  hi: jax.Array  # [BK, R] int32
+  tile_ks: jax.Array  # [BK, NT] int32 first key of the tile's range
+  tile_ke: jax.Array  # [BK, NT] int32 one past its last key
+  pos: jax.Array  # [BK, TG, S] int32 partial rows of each query row (-1: none)
+  group_p: jax.Array  # [BK, Gm] int32 key block start of each non-empty sparse group (T: none)
+  group_r0: jax.Array  # [BK, Gm] int32 its first row
+  group_r1: jax.Array  # [BK, Gm] int32 one past its last (padded) row
+  tile_group: jax.Array  # [BK, NT] int32 group rank of a sparse tile (Gm: none / dense tile)
+  block_end: jax.Array  # [BK, T] int32 one past the end of each key's block
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def make_dims(seq, groups, block_size, topk, block_q) -> Dims:
+  n_sel = min(topk, math.ceil(seq / block_size))
+  dense = _round_up(seq * groups, block_q)
+  max_groups = seq // block_size if n_sel > 1 else 0
+  pairs = seq * groups * (n_sel - 1)
+  sparse = _round_up(pairs, block_q) + max_groups * block_q if n_sel > 1 else 0
+  return Dims(seq, groups, n_sel, block_size, block_q, dense, sparse, max_groups)
+
+
+def select_chunked(q, k, layout, *, block_size, topk):
+  """`moba.select_blocks` over query chunks, so scores stay O(chunk * T / block_size)."""
+  batch, seq, heads, _ = q.shape
+  kbar = _moba.block_key_means(k, layout)  # [B, T, K, D] float32
+  n_slots = math.ceil(seq / block_size)
+  chunk = max(1, ROUTING_BYTES // (4 * batch * heads * n_slots * (1 + q.shape[-1] // 8)))
+  chunk = min(seq, 1 << (chunk.bit_length() - 1))
+  if chunk >= seq:
+    return _moba.select_blocks(q, kbar, layout, block_size=block_size, topk=topk)
+  n = math.ceil(seq / chunk)
+  pad = n * chunk - seq
+
+  def split(x):  # [B, T, ...] -> [n, B, C, ...]
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, widths, mode="edge")
+    return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+
+  def body(xs):
+    q_c, lay_c = xs
+    return _moba.select_blocks(q_c, kbar, _moba.Layout(*lay_c), block_size=block_size, topk=topk)
+
+  starts, valid = jax.lax.map(body, (split(q), tuple(split(a) for a in layout)))
+  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, n * chunk, *x.shape[3:])[:, :seq]
+  return merge(starts), merge(valid)
+
+
+def _sparse_section(starts, valid, dims: Dims):
+  """Sparse rows of one kv head. starts/valid [T, G, S-1]."""
+  seq, g, mq, blk = dims.seq, dims.groups, dims.block_q, dims.block_size
+  n_pairs = seq * g * (dims.n_sel - 1)
+  qrow = jnp.broadcast_to(jnp.arange(seq * g, dtype=jnp.int32).reshape(seq, g, 1), starts.shape)
+  key = jnp.where(valid, starts, seq).reshape(n_pairs)
+  order = jnp.argsort(key, stable=True)
+  skey, sq = key[order], qrow.reshape(n_pairs)[order]
+  counts = jax.ops.segment_sum(jnp.ones_like(key), key, num_segments=seq + 1)[:seq]
+  pcounts = _round_up(counts, mq)
+  ustart = jnp.cumsum(counts) - counts
+  pstart = jnp.cumsum(pcounts) - pcounts
+  kc = jnp.minimum(skey, seq - 1)
+  ok = skey < seq
+  dest = jnp.where(ok, pstart[kc] + jnp.arange(n_pairs, dtype=jnp.int32) - ustart[kc],
+                   dims.sparse_rows)
+  put = lambda fill, x: jnp.full((dims.sparse_rows,), fill, jnp.int32).at[dest].set(x, mode="drop")
+  rq, lo, hi = put(-1, sq), put(0, skey), put(0, skey + blk)
+  n_tiles = dims.sparse_rows // mq
+  tput = lambda fill, x: jnp.full((n_tiles,), fill, jnp.int32).at[dest // mq].set(x, mode="drop")
+  tile_ks, tile_ke = tput(0, skey), tput(0, skey + blk)
+  pos = jnp.zeros((n_pairs,), jnp.int32).at[order].set(
+      jnp.where(ok, dest + dims.dense_rows, -1)).reshape(seq * g, dims.n_sel - 1)
+  nonempty = counts > 0
+  (group_p,) = jnp.nonzero(nonempty, size=dims.max_groups, fill_value=seq)
+  gpc = jnp.minimum(group_p, seq - 1)
+  has = group_p < seq
+  group_r0 = jnp.where(has, pstart[gpc] + dims.dense_rows, 0)
+  group_r1 = jnp.where(has, group_r0 + pcounts[gpc], 0)
+  rank = jnp.cumsum(nonempty) - 1
+  tile_group = tput(dims.max_groups, rank[kc])
+  return rq, lo, hi, tile_ks, tile_ke, pos, group_p.astype(jnp.int32), group_r0, group_r1, tile_group
+
+
+def _dense_section(block_start, dims: Dims):
+  """Dense (current block) rows of one kv head: rows t * G + g; block_start [T]."""
+  seq, g, mq = dims.seq, dims.groups, dims.block_q
+  r = jnp.arange(dims.dense_rows, dtype=jnp.int32)
+  ok = r < seq * g
+  t = jnp.minimum(r // g, seq - 1)
+  rq = jnp.where(ok, r, -1)
+  lo = jnp.where(ok, block_start[t], 0)
+  hi = jnp.where(ok, t + 1, 0)
+  first = jnp.arange(0, dims.dense_rows, mq, dtype=jnp.int32)
+  last = jnp.minimum(first + mq, seq * g) - 1
+  tile_ks = block_start[first // g]
+  tile_ke = last // g + 1
+  return rq, lo, hi, tile_ks, tile_ke
+
+
+def _route_one(starts, valid, block_start, block_end, dims: Dims):
+  """Routing of one (batch, kv head). starts/valid [T, G, S]; block_start/end [T]."""
+  d_rq, d_lo, d_hi, d_ks, d_ke = _dense_section(block_start, dims)
+  dense_pos = jnp.arange(dims.seq * dims.groups, dtype=jnp.int32)[:, None]
+  n_dense_tiles = dims.dense_rows // dims.block_q
+  if dims.n_sel == 1:
+    gm = jnp.zeros((0,), jnp.int32)
+    return Routing(d_rq, d_lo, d_hi, d_ks, d_ke, dense_pos, gm, gm, gm,
+                   jnp.zeros((n_dense_tiles,), jnp.int32), block_end)
+  s = _sparse_section(starts[:, :, 1:], valid[:, :, 1:], dims)
+  cat = jnp.concatenate
+  tile_group = cat([jnp.full((n_dense_tiles,), dims.max_groups, jnp.int32), s[9]])
+  return Routing(cat([d_rq, s[0]]), cat([d_lo, s[1]]), cat([d_hi, s[2]]), cat([d_ks, s[3]]),
+                 cat([d_ke, s[4]]), cat([dense_pos, s[5]], axis=1), s[6], s[7], s[8],
+                 tile_group, block_end)
+
+
+def route(q, k, segment_ids, *, block_size, topk, block_q) -> tuple[Routing, Dims]:
+  """Block choice (bit-identical to the oracle's) and the key-block-major row layout."""
+  batch, seq, heads, _ = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  dims = make_dims(seq, groups, block_size, topk, block_q)
+  layout = _moba.doc_layout(segment_ids, block_size)
+  starts, valid = select_chunked(q, k, layout, block_size=block_size, topk=topk)  # [B, T, H, S]
+
+  def per_bk(x):  # [B, T, H, S] -> [B * K, T, G, S]
+    x = x.reshape(batch, seq, kv_heads, groups, dims.n_sel)
+    return jnp.moveaxis(x, 2, 1).reshape(batch * kv_heads, seq, groups, dims.n_sel)
+
+  rep = lambda x: jnp.repeat(x, kv_heads, axis=0)  # [B, T] -> [B * K, T]
+  fn = lambda s, v, bs, be: _route_one(s, v, bs, be, dims)
+  routing = jax.vmap(fn)(per_bk(starts), per_bk(valid), rep(layout.block_start),
+                         rep(layout.block_end))
+  return jax.tree.map(jax.lax.stop_gradient, routing), dims
+
+
+def heads_major(x, kv_heads):
+  """[B, T, H, D] -> [B * K, T * G, D] (query rows of each kv head in (t, g) order)."""
+  batch, seq, heads, dim = x.shape
+  x = x.reshape(batch, seq, kv_heads, heads // kv_heads, dim)
+  return jnp.moveaxis(x, 2, 1).reshape(batch * kv_heads, seq * (heads // kv_heads), dim)
+
+
+def heads_minor(x, batch, seq):
+  """Inverse of `heads_major`: [B * K, T * G, D] -> [B, T, H, D]."""
+  bk, tg, dim = x.shape
+  kv_heads, groups = bk // batch, tg // seq
+  x = jnp.moveaxis(x.reshape(batch, kv_heads, seq, groups, dim), 1, 2)
+  return x.reshape(batch, seq, kv_heads * groups, dim)
+
+
+def merge_rows(o_rows, lse_rows, pos):
+  """Log-sum-exp merge of partial rows. o_rows [BK, R, D], lse_rows [BK, R], pos [BK, TG, S].
+
+  Returns o [BK, TG, D] float32 and lse [BK, TG] float32.
+  """
+  ok = pos >= 0
+  pc = jnp.maximum(pos, 0)
+  lse_sel = jnp.where(ok, jnp.take_along_axis(lse_rows[:, :, None], pc.reshape(pc.shape[0], -1, 1),
+                                              axis=1).reshape(pos.shape), -jnp.inf)
+  lse = jax.nn.logsumexp(lse_sel, axis=-1)  # [BK, TG]
+  w = jnp.where(ok, jnp.exp(lse_sel - lse[..., None]), 0.0)  # [BK, TG, S]
+  o = jnp.zeros(o_rows.shape[:1] + pos.shape[1:2] + o_rows.shape[2:], jnp.float32)
+  for s in range(pos.shape[-1]):
+    rows = jnp.take_along_axis(o_rows, pc[:, :, s, None], axis=1)  # [BK, TG, D]
+    o = o + w[:, :, s, None] * rows.astype(jnp.float32)
+  return o, lse
+
+
+def gather_rows_sum(x_rows, pos):
+  """Sum of each query's partial rows: x_rows [BK, R, D], pos [BK, TG, S] -> [BK, TG, D] f32."""
+  out = 0.0
+  for s in range(pos.shape[-1]):
+    rows = jnp.take_along_axis(x_rows, jnp.maximum(pos[:, :, s, None], 0), axis=1)
+    out = out + jnp.where(pos[:, :, s, None] >= 0, rows.astype(jnp.float32), 0.0)
+  return out

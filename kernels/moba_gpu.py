@@ -1,0 +1,275 @@
+"""MoBA attention for GPUs: Pallas (Triton lowering), key-block-major, forward and backward.
+
+Design (DESIGN.md section 5; docs/kernel_notes.md): routing (`_routing.route`) gives every
+(query, head) one partial row per chosen block: its current block (dense section, block-diagonal
+causal) and each chosen past block (sparse section, rows sorted by key block, padded per block to
+the row tile). One kernel program takes one row tile, gathers its query rows, and streams the one
+key range they share, so the work stays dense however queries choose. Partial outputs are merged
+by log-sum-exp. Backward: dQ per partial row (same tiling, summed afterwards, no atomics);
+dK/dV per key tile of a block, looping over the rows routed to it (ragged, dynamic trip count),
+then scattered onto key positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from moba_jax.kernels import _routing as rt
+
+NEG = -1e30
+_PREC = jax.lax.Precision.HIGHEST  # IEEE float32 dots for float32 inputs; bf16 stays bf16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (powers of two). block_q is the row tile of the routing layout (fwd and dQ)."""
+
+  block_q: int = 64
+  block_k: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  @classmethod
+  def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
+    if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2:
+      return cls(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=64, num_warps=8,
+                 num_stages=2)
+    return cls()
+
+
+def _dot(a, b, trans_b=False):  # [M, K] x [K, N] (or [N, K] when trans_b) -> [M, N] float32
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, precision=_PREC, preferred_element_type=jnp.float32)
+
+
+def _cdiv(a, b):
+  return jax.lax.div(a + b - 1, b)
+
+
+def _iota(n):
+  return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _row_mask(kpos, lo, hi):  # [Mq, Bk] bool: key kpos visible to each row
+  return (kpos[None, :] >= lo[:, None]) & (kpos[None, :] < hi[:, None])
+
+
+def _fwd_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                bq, bk, scale):
+  i, b = pl.program_id(0), pl.program_id(1)
+  ks, ke = ks_ref[b, i], ke_ref[b, i]
+  rows = pl.ds(i * bq, bq)
+  lo, hi = lo_ref[b, rows], hi_ref[b, rows]
+  q = q_ref[b, jnp.maximum(rq_ref[b, rows], 0), :]  # [Mq, D] gathered rows
+
+  def body(c, carry):
+    m, l, acc = carry
+    start = ks + c * bk
+    k, v = k_ref[b, pl.ds(start, bk), :], v_ref[b, pl.ds(start, bk), :]  # [Bk, D]
+    mask = _row_mask(start + _iota(bk), lo, hi)
+    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, NEG)  # [Mq, Bk]
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)  # [Mq, D]
+    return m_new, l * alpha + p.sum(axis=1), acc
+
+  init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
+          jnp.zeros((bq, q.shape[-1]), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, _cdiv(ke - ks, bk), body, init)
+  ok = l > 0
+  o_ref[...] = (acc / jnp.where(ok, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
+
+
+def _dq_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               dl_ref, dq_ref, *, bq, bk, scale):
+  i, b = pl.program_id(0), pl.program_id(1)
+  ks, ke = ks_ref[b, i], ke_ref[b, i]
+  rows = pl.ds(i * bq, bq)
+  lo, hi = lo_ref[b, rows], hi_ref[b, rows]
+  rq = jnp.maximum(rq_ref[b, rows], 0)
+  q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
+  lse, delta = lse_ref[b, rq], dl_ref[b, rq]  # [Mq]
+
+  def body(c, dq):
+    start = ks + c * bk
+    k, v = k_ref[b, pl.ds(start, bk), :], v_ref[b, pl.ds(start, bk), :]
+    mask = _row_mask(start + _iota(bk), lo, hi)
+    s = _dot(q, k, trans_b=True) * scale  # [Mq, Bk]
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)  # [Mq, D]
+
+  dq = jax.lax.fori_loop(0, _cdiv(ke - ks, bk), body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq * scale
+
+
+def _dkdv_kernel(iks_ref, ir0_ref, ir1_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref,
+                 lse_ref, dl_ref, dk_ref, dv_ref, *, bq, bk, scale):
+  j, b = pl.program_id(0), pl.program_id(1)
+  ks, r0, r1 = iks_ref[b, j], ir0_ref[b, j], ir1_ref[b, j]
+  k, v = k_ref[b, pl.ds(ks, bk), :], v_ref[b, pl.ds(ks, bk), :]  # [Bk, D]
+  kpos = ks + _iota(bk)
+
+  def body(c, carry):
+    dk, dv = carry
+    first = r0 + c * bq
+    rows = pl.ds(first, bq)
+    live = (first + _iota(bq)) < r1
+    lo, hi = lo_ref[b, rows], jnp.where(live, hi_ref[b, rows], 0)
+    rq = jnp.maximum(rq_ref[b, rows], 0)
+    q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
+    lse, delta = lse_ref[b, rq], dl_ref[b, rq]
+    mask = _row_mask(kpos, lo, hi).T  # [Bk, Mq]
+    st = _dot(k, q, trans_b=True) * scale  # [Bk, Mq]
+    pt = jnp.where(mask, jnp.exp(st - lse[None, :]), 0.0)
+    dv = dv + _dot(pt.astype(do.dtype), do)  # [Bk, D]
+    dst = pt * (_dot(v, do, trans_b=True) - delta[None, :])
+    return dk + _dot(dst.astype(q.dtype), q), dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, _cdiv(r1 - r0, bq), body, (zeros, zeros))
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
+
+
+def _whole(x):
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret):
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=sizes.num_warps,
+                                                     num_stages=sizes.num_stages)
+  return pl.pallas_call(kernel, grid=grid, in_specs=[_whole(a) for a in args],
+                        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+                        **kwargs)(*args)
+
+
+def _row_specs(bq, dim):
+  return [pl.BlockSpec((pl.squeezed, bq, dim), lambda i, b: (b, i, 0)),
+          pl.BlockSpec((pl.squeezed, bq), lambda i, b: (b, i))]
+
+
+def _prep(q, k, v, sizes):
+  """Row layouts padded for the kernels: q [BK, TG, Dp], k/v [BK, T + pad, Dp]."""
+  kv_heads, dim = k.shape[2], q.shape[-1]
+  dp = max(16, pl.next_power_of_2(dim))
+  pad_k = max(sizes.block_k, sizes.block_k_dkv)
+  padd = lambda x, t=0: jnp.pad(x, ((0, 0), (0, t), (0, dp - dim)))
+  return (padd(rt.heads_major(q, kv_heads)), padd(rt.heads_major(k, kv_heads), pad_k),
+          padd(rt.heads_major(v, kv_heads), pad_k))
+
+
+def _pad_rows(r: rt.Routing, extra):
+  pad = lambda x, f: jnp.pad(x, ((0, 0), (0, extra)), constant_values=f)
+  return pad(r.rq, -1), pad(r.lo, 0), pad(r.hi, 0)
+
+
+def _forward(q, k, v, routing, dims, sizes, scale, interpret):
+  batch, seq = q.shape[:2]
+  qr, kr, vr = _prep(q, k, v, sizes)
+  bk_, dp = qr.shape[0], qr.shape[-1]
+  bq = sizes.block_q
+  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr)
+  kernel = functools.partial(_fwd_kernel, bq=bq, bk=sizes.block_k, scale=scale)
+  out_shape = [jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
+               jax.ShapeDtypeStruct((bk_, dims.rows), jnp.float32)]
+  o_rows, lse_rows = _call(kernel, (dims.tiles, bk_), args, out_shape, _row_specs(bq, dp),
+                           sizes, interpret)
+  o, lse = rt.merge_rows(o_rows, lse_rows, routing.pos)  # [BK, TG, Dp], [BK, TG]
+  o = o.astype(q.dtype)
+  return rt.heads_minor(o[..., :q.shape[-1]], batch, seq), (o, lse)
+
+
+def _dkdv_items(routing, dims, sizes, seq):
+  """dK/dV work items: (first key, first row, end row) per key tile, dense ones then sparse."""
+  bkd, g = sizes.block_k_dkv, dims.groups
+  first = jnp.arange(0, seq, bkd, dtype=jnp.int32)
+  last = jnp.minimum(first + bkd, seq) - 1
+  d_ks = jnp.broadcast_to(first, routing.rq.shape[:1] + first.shape)
+  d_r0 = d_ks * g
+  d_r1 = routing.block_end[:, last] * g
+  if dims.max_groups == 0:
+    return d_ks, d_r0, d_r1
+  n_c = -(-dims.block_size // bkd)
+  c = jnp.arange(n_c, dtype=jnp.int32) * bkd
+  has = (routing.group_p < seq)[:, :, None]
+  s_ks = jnp.where(has, routing.group_p[:, :, None] + c, 0)  # [BK, Gm, n_c]
+  s_r0 = jnp.where(has, routing.group_r0[:, :, None], 0) + 0 * c
+  s_r1 = jnp.where(has, routing.group_r1[:, :, None], 0) + 0 * c
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  cat = lambda a, b_: jnp.concatenate([a, flat(b_)], axis=1)
+  return cat(d_ks, s_ks), cat(d_r0, s_r0), cat(d_r1, s_r1)
+
+
+def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
+  batch, seq, _, dim = q.shape
+  qr, kr, vr = _prep(q, k, v, sizes)
+  bk_, dp = qr.shape[0], qr.shape[-1]
+  dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
+  delta = jnp.sum(o.astype(jnp.float32) * dor.astype(jnp.float32), axis=-1)  # [BK, TG]
+  bq = sizes.block_q
+  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr, dor,
+          lse, delta)
+  kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale)
+  dq_rows = _call(kernel, (dims.tiles, bk_), args,
+                  jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
+                  _row_specs(bq, dp)[0], sizes, interpret)
+  dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
+
+  bkd = sizes.block_k_dkv
+  iks, ir0, ir1 = _dkdv_items(routing, dims, sizes, seq)
+  rq, lo, hi = _pad_rows(routing, sizes.block_q_dkv)
+  args = (iks, ir0, ir1, rq, lo, hi, qr, kr, vr, dor, lse, delta)
+  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale)
+  n_items = iks.shape[1]
+  shape = jax.ShapeDtypeStruct((bk_, n_items * bkd, dp), jnp.float32)
+  spec = pl.BlockSpec((pl.squeezed, bkd, dp), lambda j, b: (b, j, 0))
+  dk_items, dv_items = _call(kernel, (n_items, bk_), args, [shape, shape], [spec, spec], sizes,
+                             interpret)
+  keypos = (iks[:, :, None] + jnp.arange(bkd, dtype=jnp.int32)).reshape(bk_, -1)
+  scatter = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
+  back = lambda x, like: rt.heads_minor(x[..., :dim], batch, seq).astype(like.dtype)
+  return (back(dq, q), back(scatter(dk_items, keypos), k), back(scatter(dv_items, keypos), v))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _moba(q, k, v, routing, dims, sizes, scale, interpret):
+  return _forward(q, k, v, routing, dims, sizes, scale, interpret)[0]
+
+
+def _moba_fwd(q, k, v, routing, dims, sizes, scale, interpret):
+  out, (o, lse) = _forward(q, k, v, routing, dims, sizes, scale, interpret)
+  return out, (q, k, v, routing, o, lse)
+
+
+def _moba_bwd(dims, sizes, scale, interpret, res, do):
+  q, k, v, routing, o, lse = res
+  dq, dk, dv = _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret)
+  zero = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), routing)
+  return dq, dk, dv, zero
+
+
+_moba.defvjp(_moba_fwd, _moba_bwd)
+
+
+def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
+                       interpret=False, block_sizes: BlockSizes | None = None):
+  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
+  sizes = block_sizes or BlockSizes.get_default(q.shape[-1], q.dtype)
+  scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+  routing, dims = rt.route(q, k, segment_ids.astype(jnp.int32), block_size=block_size,
+                           topk=topk, block_q=sizes.block_q)
+  return _moba(q, k, v, routing, dims, sizes, scale, interpret)
