@@ -1,0 +1,14 @@
+"""The XLA path's compiled temporary memory grows about linearly with seq; the reference's
+quadratically (DESIGN.md: no [seq, seq] tensor in the XLA path)."""
+
+from moba_jax.memory import temp_bytes
+
+
+def test_xla_temp_memory_is_linear_and_reference_quadratic_in_seq():
+  kw = dict(heads=2, kv_heads=2, head_dim=64, block_size=128, topk=3)
+  for backward in (False, True):
+    xla = [temp_bytes("xla", s, backward=backward, **kw) for s in (2048, 8192)]
+    ref = [temp_bytes("reference", s, backward=backward, **kw) for s in (2048, 8192)]
+    assert xla[1] / xla[0] < 6, xla  # 4x the tokens: ~4x the memory
+    assert ref[1] / ref[0] > 12, ref  # ~16x
+    assert xla[1] < ref[1] / 4
