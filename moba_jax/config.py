@@ -162,7 +162,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Optimisation. The LR schedule spans `schedule_steps` (0 = `steps`): warmup, then decay to
-  lr * min_lr_ratio. `stop_after` ends this invocation early (with a checkpoint) without changing
+  lr * min_lr_ratio (warmup is capped at the schedule length). `stop_after` ends this invocation early (with a checkpoint) without changing
   the schedule, so a run can be split: stop_after=6 then rerun to reproduce 12 straight steps."""
 
   steps: int = 300
@@ -198,9 +198,6 @@ class TrainConfig:
     _num("train", "b2", self.b2, 0, 1)
     _num("train", "grad_clip", self.grad_clip, 0)
     _num("train", "peak_tflops", self.peak_tflops, 0)
-    if self.warmup_steps > self.total_schedule_steps:
-      raise ValueError(f"train.warmup_steps={self.warmup_steps} must be <= the schedule length "
-                       f"{self.total_schedule_steps} (train.schedule_steps or train.steps)")
 
   @property
   def total_schedule_steps(self) -> int:

@@ -1,12 +1,25 @@
-"""Logical axis names, their default rules onto the (data, fsdp, tensor) mesh, and activation hints.
+"""Mesh, logical axis names and their rules onto the (data, fsdp, tensor) mesh, sharding helpers.
 
-Model code names logical axes only; rules map them to mesh axes (MaxText style).
+Model code names logical axes only (MaxText style); rules map them to mesh axes:
+  params:      vocab, embed, mlp, heads, kv_heads, head_dim, norm, layers
+  activations: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab
+One rule table serves both. When a logical axis maps to a mesh axis that an earlier dimension of the
+same array already uses (activation "embed" -> fsdp after "batch" -> (data, fsdp)), or to mesh axes
+whose size does not divide the dimension, that mesh axis is dropped (the dimension is replicated on
+it) instead of failing. `activate(mesh, rules)` sets both `jax.set_mesh` and the Flax rule context.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from typing import Sequence
+
 import jax
+import numpy as np
+from flax import nnx
 from flax.core import spmd
+from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -25,11 +38,102 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with a -1 entry resolved; raises naming the keys if it does not fit."""
+  sizes = [getattr(mesh_cfg, a) for a in MESH_AXES]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n_devices % fixed:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed}) must "
+                       f"divide the device count {n_devices}")
+    sizes[sizes.index(-1)] = n_devices // fixed
+  if math.prod(sizes) != n_devices:
+    raise ValueError(f"mesh.data * mesh.fsdp * mesh.tensor = {math.prod(sizes)} "
+                     f"({dict(zip(MESH_AXES, sizes))}) must equal the device count {n_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh with explicit Auto axis types over all (or the given) devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def rules_from_config(mesh_cfg) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  return mesh_cfg.rules.as_tuples()
+
+
+def _as_tuple(target) -> tuple[str, ...]:
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_spec(logical_axes, rules=None, shape=None, mesh=None) -> PartitionSpec:
+  """PartitionSpec for logical axis names under `rules`, skipping reused or non-dividing axes."""
+  table = {name: _as_tuple(target) for name, target in (rules or LOGICAL_AXIS_RULES)}
+  sizes = dict(mesh.shape) if mesh is not None else {}
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(logical_axes):
+    axes = [a for a in table.get(name, ()) if a not in used] if name else []
+    if shape is not None and sizes:
+      while axes and shape[dim] % math.prod(sizes.get(a, 1) for a in axes):
+        axes.pop()
+    axes = [a for a in axes if sizes.get(a, 1) > 1] if sizes else axes
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return PartitionSpec(*spec)
+
+
 def shard(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   """Hints the sharding of an activation by logical axis names; a no-op without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
   rules = spmd.get_logical_axis_rules() or LOGICAL_AXIS_RULES
-  spec = jax.sharding.PartitionSpec(*spmd.from_sharding_rules(logical_axes, rules))
+  spec = logical_to_spec(logical_axes, rules, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh, rules=None):
+  """Sets the mesh (jax.set_mesh) and the logical axis rules for tracing model code."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules or LOGICAL_AXIS_RULES):
+    yield
+
+
+def _variable_spec(v, mesh, rules) -> NamedSharding:
+  names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
+  shape = getattr(v, "shape", ())
+  if not names or len(names) != len(shape):
+    return NamedSharding(mesh, PartitionSpec())
+  return NamedSharding(mesh, logical_to_spec(names, rules, shape, mesh))
+
+
+def state_shardings(state, mesh, rules=None):
+  """NamedSharding per leaf of an nnx.State (same structure), from its logical axis metadata."""
+  def f(v):
+    if isinstance(v, nnx.Variable):
+      return v.replace(_variable_spec(v, mesh, rules))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh, rules=None) -> NamedSharding:
+  """Sharding of [B, T] batch arrays: batch over the rule's mesh axes, length per its rule."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
+  """Assembles each process's rows into global jax.Arrays laid out by `sharding`."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, (global_rows,) + x.shape[1:])
+  return {k: put(v) for k, v in local.items()}

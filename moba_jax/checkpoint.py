@@ -1,0 +1,135 @@
+"""Orbax checkpoint helpers: one CheckpointManager per run under `<run_dir>/checkpoints`.
+
+Each step directory holds four items (ocp.args.Composite):
+  params     StandardSave of the model parameters (a pure dict, arrays sharded as in training)
+  opt_state  StandardSave of the nnx.Optimizer state (pure dict)
+  data       Grain's iterator state (one JSON file per process), via grain.checkpoint
+  meta       JSON: step, counters, the resolved config
+Restoring takes the newest step that restores cleanly: a corrupt or partial newer step is reported
+with a warning and skipped, never silently. Parameters restore into any attention setting (MoBA adds
+no parameters), so an SFT stage may change moba.hybrid_full_layers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "opt_state", "data", "meta")
+_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+class CheckpointWarning(UserWarning):
+  pass
+
+
+def _warn(msg: str) -> None:
+  warnings.warn(msg, CheckpointWarning, stacklevel=3)
+  if jax.process_index() == 0:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def checkpoint_dir(path: str) -> str:
+  """The checkpoints dir of a run dir (or `path` itself if it already is one)."""
+  path = os.path.abspath(path)
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def _data_handler():
+  import grain
+
+  return grain.checkpoint.CheckpointHandler()
+
+
+def manager(directory: str, keep: int = 3, async_save: bool = True,
+            with_data: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager over `directory` (created unless read_only)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+      read_only=read_only)
+  handlers = {"params": ocp.StandardCheckpointHandler(),
+              "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  if with_data:
+    handlers["data"] = _data_handler()
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params: dict, opt_state: dict, data_iter,
+         meta: dict, force: bool = False) -> bool:
+  """Saves all items of `step` (asynchronously if the manager is async)."""
+  import grain
+
+  args = ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta))
+  return mngr.save(step, args=args, force=force)
+
+
+def _warn_partial(directory: str, latest: int | None) -> None:
+  if not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    m = _TMP.match(name)
+    if m and (latest is None or int(m.group(1)) > latest):
+      _warn(f"checkpoint {os.path.join(directory, name)} is partial (an interrupted save); "
+            f"ignoring it and using step {latest}")
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
+                   data_iter) -> tuple[int, dict, dict, dict] | None:
+  """(step, params, opt_state, meta) from the newest step that restores; None if there is none.
+  Restores the data iterator in place."""
+  import grain
+
+  steps = sorted(mngr.all_steps(), reverse=True)
+  _warn_partial(str(mngr.directory), steps[0] if steps else None)
+  for i, step in enumerate(steps):
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params),
+          opt_state=ocp.args.StandardRestore(abstract_opt),
+          data=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+      nxt = steps[i + 1] if i + 1 < len(steps) else None
+      _warn(f"checkpoint step {step} in {mngr.directory} could not be restored "
+            f"({type(e).__name__}: {str(e)[:300]}); falling back to "
+            f"{'step ' + str(nxt) if nxt is not None else 'a fresh start'}")
+      continue
+    return step, out["params"], out["opt_state"], out["meta"]
+  return None
+
+
+def restore_params(path: str, abstract_params) -> tuple[int, dict]:
+  """(step, params) of the newest restorable step under a run dir or checkpoints dir (params only:
+  used by train.init_from). Raises FileNotFoundError if there is no checkpoint."""
+  directory = checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"train.init_from={path!r}: no such directory")
+  mngr = manager(directory, with_data=False, read_only=True, async_save=False)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  _warn_partial(directory, steps[0] if steps else None)
+  for step in steps:
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params)))
+      mngr.close()
+      return step, out["params"]
+    except Exception as e:  # noqa: BLE001
+      _warn(f"train.init_from: step {step} in {directory} could not be restored "
+            f"({type(e).__name__}: {str(e)[:300]}); trying an older step")
+  mngr.close()
+  raise FileNotFoundError(f"train.init_from={path!r}: no restorable checkpoint in {directory}")
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays: restore targets."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)

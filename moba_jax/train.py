@@ -1,0 +1,367 @@
+"""`moba-jax train [CONFIG.toml] [key=value ...]`: one training run, resumable and preemption-safe.
+
+  run(cfg) -> summary dict    (the grid calls this)
+
+Writes under cfg.run_dir: config.toml (resolved config), metrics.jsonl, checkpoints/ (Orbax),
+summary.json (atomically, at the end). Running again with the same run_dir resumes from the newest
+restorable checkpoint; with no checkpoint and train.init_from set, parameters start from that run.
+SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exits 0 with a message.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from moba_jax import checkpoint as ckpt
+from moba_jax import data as data_lib
+from moba_jax import metrics as metrics_lib
+from moba_jax import sharding as shd
+from moba_jax import train_step as ts
+from moba_jax.config import Config, atomic_write, config_to_dict, load_config, save_config
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many non-finite steps in a row."""
+
+
+class Preemption:
+  """Turns SIGTERM/SIGINT into a flag checked between steps (agreed across processes)."""
+
+  def __init__(self):
+    self.signal: str | None = None
+    self._old = {}
+
+  def __enter__(self):
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self) -> bool:
+    flag = self.signal is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
+
+
+def _log0(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _setup(cfg: Config):
+  mesh = shd.make_mesh(cfg.mesh)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if cfg.train.batch_size % shards:
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                     f"mesh data * fsdp = {shards} (mesh {dict(mesh.shape)})")
+  return mesh, shd.rules_from_config(cfg.mesh)
+
+
+def _restore(cfg: Config, state: ts.TrainState, mngr, data_iter) -> tuple[int, dict]:
+  """Restores the newest checkpoint into state/data_iter; else init_from params. -> (step, meta)."""
+  abs_p = ckpt.abstract_like(state.params.to_pure_dict())
+  abs_o = ckpt.abstract_like(state.opt_state.to_pure_dict())
+  found = ckpt.restore_latest(mngr, abs_p, abs_o, data_iter)
+  if found is not None:
+    step, params, opt_state, meta = found
+    state.params.replace_by_pure_dict(params)
+    state.opt_state.replace_by_pure_dict(opt_state)
+    _log0(f"resumed from {mngr.directory}/{step}")
+    return step, meta
+  if cfg.train.init_from:
+    step, params = ckpt.restore_params(cfg.train.init_from, abs_p)
+    state.params.replace_by_pure_dict(params)
+    _log0(f"initialised params from {cfg.train.init_from} (step {step})")
+  return 0, {}
+
+
+def _save(mngr, step, state, data_iter, meta, force=False):
+  ckpt.save(mngr, step, state.params.to_pure_dict(), state.opt_state.to_pure_dict(), data_iter,
+            meta, force=force)
+
+
+def evaluate(cfg: Config, state: ts.TrainState, eval_fn) -> dict:
+  """Held-out loss metrics (metrics.EvalAccumulator) over eval.batches batches."""
+  acc = metrics_lib.EvalAccumulator(cfg.train.seq_len, cfg.eval.trailing_tokens,
+                                    cfg.eval.position_buckets)
+  bsh = shd.batch_sharding(state.mesh, state.rules)
+  for local in data_lib.eval_batches(cfg, jax.process_index(), jax.process_count()):
+    out = eval_fn(state.params, shd.global_batch(local, bsh, cfg.train.batch_size))
+    acc.add(*(np.asarray(x.addressable_data(0)) for x in out))
+  return acc.result()
+
+
+class _Window:
+  """Accumulates per-step numbers between two metrics rows."""
+
+  def __init__(self):
+    self.losses, self.times, self.tokens = [], [], 0
+
+  def add(self, loss, dt, tokens):
+    self.losses.append(loss)
+    self.times.append(dt)
+    self.tokens += tokens
+
+  def row(self, cfg, step, flops_tok, peak, n_dev) -> dict:
+    finite = [x for x in self.losses if np.isfinite(x)]
+    times = self.times[1:] if len(self.times) > 1 else self.times  # skip a compile step
+    step_time = float(np.median(times))
+    tps = cfg.train.batch_size * cfg.train.seq_len / step_time
+    mfu = flops_tok * tps / (peak * n_dev) if peak else None
+    return {"step": step, "loss": float(np.mean(finite)) if finite else float("nan"),
+            "lr": float(ts.lr_schedule(cfg.train)(step - 1)), "step_time_s": step_time,
+            "tokens_per_s": tps, "mfu": mfu, "answer_tokens": self.tokens}
+
+
+class _Loop:
+  """The training loop's mutable state (counters, handles)."""
+
+  def __init__(self, cfg: Config, state, mngr, data_iter, start: int, meta: dict):
+    self.cfg, self.state, self.mngr, self.it = cfg, state, mngr, data_iter
+    self.step, self.start = start, start
+    self.nonfinite_total = int(meta.get("nonfinite_total", 0))
+    self.consecutive = 0
+    self.last_loss = float("nan")
+    self.last_row: dict = {}
+    self.train_fn = ts.make_train_step(state)
+    self.eval_fn = ts.make_eval_step(state)
+    self.bsh = shd.batch_sharding(state.mesh, state.rules)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    self.n_params = n_params
+    self.flops_tok = ts.flops_per_token(cfg, n_params)
+    self.peak = ts.peak_flops_per_device(cfg)
+
+  def meta(self) -> dict:
+    c = self.cfg
+    return {"step": self.step, "nonfinite_total": self.nonfinite_total,
+            "train_seed": c.train.seed, "data_seed": c.data.seed,
+            "config": config_to_dict(c)}
+
+  def one_step(self) -> tuple[float, float, int]:
+    batch = shd.global_batch(next(self.it), self.bsh, self.cfg.train.batch_size)
+    t0 = time.perf_counter()
+    s = self.state
+    s.params, s.opt_state, m = self.train_fn(s.params, s.opt_state, batch)
+    m = jax.device_get(m)
+    dt = time.perf_counter() - t0
+    self.step += 1
+    loss, finite = float(m["loss"]), bool(m["finite"])
+    if finite:
+      self.consecutive = 0
+      self.last_loss = loss
+    else:
+      self._nonfinite(loss, float(m["grad_norm"]))
+    return loss, dt, int(m["tokens"])
+
+  def _nonfinite(self, loss: float, grad_norm: float) -> None:
+    self.nonfinite_total += 1
+    self.consecutive += 1
+    limit = self.cfg.train.max_nonfinite_steps
+    _log0(f"step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; params and "
+          f"optimizer state left unchanged ({self.consecutive} in a row, "
+          f"train.max_nonfinite_steps={limit})")
+    if self.consecutive >= limit:
+      raise NonFiniteError(
+          f"{self.consecutive} non-finite steps in a row (steps "
+          f"{self.step - self.consecutive + 1}..{self.step}, last loss={loss}, "
+          f"grad_norm={grad_norm}) reached train.max_nonfinite_steps={limit}: aborting. "
+          f"Lower train.lr, raise train.warmup_steps or check the data; the last checkpoint "
+          f"in {self.mngr.directory} is intact.")
+
+
+def _profiler(cfg: Config, step: int, tracing: bool) -> bool:
+  tc = cfg.train
+  if not tc.profile_steps:
+    return False
+  if step == tc.profile_start and not tracing:
+    jax.profiler.start_trace(os.path.join(cfg.run_dir, "profile"))
+    return True
+  if tracing and step >= tc.profile_start + tc.profile_steps:
+    jax.effects_barrier()
+    jax.profiler.stop_trace()
+    _log0(f"profile of steps {tc.profile_start}..{step - 1} in {cfg.run_dir}/profile")
+    return False
+  return tracing
+
+
+def _progress(cfg, loop, end, progress):
+  from tqdm import tqdm
+
+  disable = not (progress and cfg.log.progress and jax.process_index() == 0)
+  return tqdm(total=end, initial=loop.step, desc="train", unit="step", disable=disable,
+              dynamic_ncols=True, file=sys.stderr)
+
+
+def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool) -> str | None:
+  """Runs steps until `end` or a signal; returns the signal name if preempted."""
+  window, tracing = _Window(), False
+  n_dev = jax.device_count()
+  bar = _progress(cfg, loop, end, progress)
+  with Preemption() as pre, bar:
+    while loop.step < end:
+      tracing = _profiler(cfg, loop.step + 1, tracing)
+      loss, dt, tokens = loop.one_step()
+      window.add(loss, dt, tokens)
+      bar.update(1)
+      s = loop.step
+      if s % cfg.log.every == 0 or s == end:
+        row = window.row(cfg, s, loop.flops_tok, loop.peak, n_dev)
+        row["nonfinite_steps"] = loop.nonfinite_total
+        if cfg.eval.every and s % cfg.eval.every == 0:
+          row.update(_eval_row(evaluate(cfg, loop.state, loop.eval_fn)))
+        log.write(row)
+        loop.last_row = row
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        window = _Window()
+      if cfg.checkpoint.every and s % cfg.checkpoint.every == 0 and s < end:
+        _save(loop.mngr, s, loop.state, loop.it, loop.meta())
+      if pre.should_stop():
+        if tracing:
+          _profiler(cfg, 10 ** 12, tracing)
+        return pre.signal or "signal"
+    if tracing:
+      _profiler(cfg, 10 ** 12, tracing)
+  return None
+
+
+def _eval_row(result: dict) -> dict:
+  return {k: v for k, v in result.items() if k != "position_loss"}
+
+
+def _write_json(path: str, obj: dict) -> None:
+  if jax.process_index() == 0:
+    atomic_write(path, metrics_lib.dumps(obj) + "\n")
+
+
+def _summary(cfg, loop: _Loop, status: str, wall: float, extra: dict) -> dict:
+  rows = loop.last_row
+  summary = {"status": status, "step": loop.step, "final_train_loss": rows.get("loss"),
+             "tokens_per_s": rows.get("tokens_per_s"), "step_time_s": rows.get("step_time_s"),
+             "mfu": rows.get("mfu"), "wall_s": wall, "nonfinite_steps": loop.nonfinite_total,
+             "params": loop.n_params, "hybrid_full_layers": cfg.moba.hybrid_full_layers,
+             "task": cfg.data.task, "run_dir": os.path.abspath(cfg.run_dir)}
+  summary.update(extra)
+  return summary
+
+
+def run(cfg: Config, *, progress: bool = True) -> dict:
+  """Trains (resuming if possible), evaluates, writes <run_dir>/summary.json; returns the summary.
+
+  Summary keys: status ("done" | "preempted" | "stopped"), step, final_train_loss (mean loss of the
+  last metrics window), eval_loss (masked: answer tokens for SFT, all tokens for LM), eval_lm_loss
+  (all tokens), trailing_loss / trailing_lm_loss (the same over the last eval.trailing_tokens
+  positions), position_loss (buckets), tokens_per_s, step_time_s, mfu, wall_s, nonfinite_steps.
+  """
+  t0 = time.time()
+  os.makedirs(cfg.run_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    save_config(cfg, os.path.join(cfg.run_dir, "config.toml"))
+  mesh, rules = _setup(cfg)
+  state = ts.init_state(cfg, mesh, rules)
+  data_iter = iter(data_lib.train_dataset(cfg, jax.process_index(), jax.process_count()))
+  mngr = ckpt.manager(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep,
+                      cfg.checkpoint.async_save)
+  try:
+    start, meta = _restore(cfg, state, mngr, data_iter)
+    loop = _Loop(cfg, state, mngr, data_iter, start, meta)
+    end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+    log = metrics_lib.MetricsLog(cfg.run_dir, start, cfg.log.tensorboard,
+                                 enabled=jax.process_index() == 0)
+    try:
+      stopped = _train(cfg, loop, end, log, progress) if start < end else None
+    finally:
+      log.close()
+    if loop.step > start or not mngr.all_steps():
+      _save(mngr, loop.step, state, data_iter, loop.meta(), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return _finish(cfg, loop, stopped, end, t0)
+
+
+def _finish(cfg: Config, loop: _Loop, stopped: str | None, end: int, t0: float) -> dict:
+  if stopped:
+    _log0(f"received {stopped}: finished step {loop.step}, saved a checkpoint in "
+          f"{cfg.run_dir}/checkpoints; run the same command again to continue")
+    summary = _summary(cfg, loop, "preempted", time.time() - t0, {})
+    _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+    return summary
+  result = evaluate(cfg, loop.state, loop.eval_fn) if cfg.eval.batches else {}
+  status = "done" if loop.step >= cfg.train.steps else "stopped"
+  summary = _summary(cfg, loop, status, time.time() - t0, result)
+  _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+  return summary
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() for multi-process runs (before any device is touched).
+
+  Explicit: MOBA_JAX_COORDINATOR=host:port, MOBA_JAX_NUM_PROCESSES, MOBA_JAX_PROCESS_ID.
+  Auto-detected (SLURM, Cloud TPU pods, Open MPI): MOBA_JAX_DISTRIBUTED=1, or SLURM_NTASKS > 1.
+  """
+  env = os.environ
+  cpu = env.get("JAX_PLATFORMS", "").startswith("cpu")
+  if env.get("MOBA_JAX_COORDINATOR"):
+    if cpu:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(env["MOBA_JAX_COORDINATOR"], int(env["MOBA_JAX_NUM_PROCESSES"]),
+                               int(env["MOBA_JAX_PROCESS_ID"]))
+  elif env.get("MOBA_JAX_DISTRIBUTED") == "1" or int(env.get("SLURM_NTASKS", "1")) > 1:
+    if cpu:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize()
+
+
+USAGE = """usage: moba-jax train [CONFIG.toml] [key=value ...]
+
+Trains one run (defaults: a small model on the synthetic kv_retrieval task, about a minute on CPU).
+Examples:
+  moba-jax train run_dir=runs/a train.steps=12 log.every=1
+  moba-jax train exp.toml train.lr=1e-3 moba.hybrid_full_layers=all mesh.fsdp=4
+Rerunning with the same run_dir resumes. Keys: see docs/training.md (an unknown key names the
+nearest valid one)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(a in ("-h", "--help") for a in argv):
+    print(USAGE)
+    return 0
+  path = argv[0] if argv and "=" not in argv[0] else None
+  overrides = argv[1:] if path else argv
+  try:
+    cfg = load_config(path, overrides)
+  except (ValueError, OSError) as e:
+    print(f"moba-jax train: {e}", file=sys.stderr)
+    return 2
+  maybe_initialize_distributed()
+  try:
+    summary = run(cfg)
+  except NonFiniteError as e:
+    print(f"moba-jax train: {e}", file=sys.stderr)
+    return 1
+  except ValueError as e:
+    print(f"moba-jax train: {e}", file=sys.stderr)
+    return 2
+  keys = ("status", "step", "final_train_loss", "eval_loss", "trailing_loss", "tokens_per_s")
+  print(" ".join(f"{k}={summary.get(k)}" for k in keys if k in summary))
+  return 0

@@ -1,0 +1,184 @@
+"""Train state, optimizer, loss and the jit'ed train / eval steps (sharded, donated).
+
+The state crossing the jit boundary is two pure dicts of arrays, `params` and `opt_state`, laid out by
+shardings derived from each parameter's logical axis names (moba_jax.sharding). Inside the step they
+are merged back into the Decoder and its nnx.Optimizer. A step whose loss or gradient norm is not
+finite returns the incoming params and optimizer state unchanged (and says so in its metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moba_jax import sharding as shd
+from moba_jax.config import Config
+from moba_jax.model import Decoder, set_attention
+
+
+def lr_schedule(tc) -> optax.Schedule:
+  """Warmup from 0 to lr over warmup_steps, then cosine/linear/constant to lr * min_lr_ratio."""
+  total, peak = tc.total_schedule_steps, tc.lr
+  warm = min(tc.warmup_steps, total)
+  end = peak * tc.min_lr_ratio
+  decay = max(total - warm, 1)
+  if tc.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay, alpha=tc.min_lr_ratio)
+  elif tc.schedule == "linear":
+    after = optax.linear_schedule(peak, end, decay)
+  else:
+    after = optax.constant_schedule(peak)
+  if warm == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def make_tx(tc) -> optax.GradientTransformation:
+  """AdamW (decay on matrices only) after global-norm clipping."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                      mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip else adamw
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Host-side handles: static graph definitions and the sharded state (nnx.State trees)."""
+
+  model_def: Any
+  opt_def: Any
+  params: nnx.State
+  opt_state: nnx.State
+  param_shardings: nnx.State
+  opt_shardings: nnx.State
+  mesh: jax.sharding.Mesh
+  rules: tuple
+
+
+def _build(cfg: Config, seed: int):
+  model = Decoder(cfg.model, cfg.moba, rngs=nnx.Rngs(seed))
+  return model, nnx.Optimizer(model, make_tx(cfg.train), wrt=nnx.Param)
+
+
+def init_state(cfg: Config, mesh, rules) -> TrainState:
+  """Initialises params and optimizer state directly into their shardings (one jit)."""
+  seed = cfg.train.seed
+  with nnx.use_eager_sharding(False):
+    abs_model, abs_opt = nnx.eval_shape(lambda: _build(cfg, seed))
+  model_def, abs_params = nnx.split(abs_model, nnx.Param)
+  opt_def, abs_opt_state = nnx.split(abs_opt)
+  p_sh = shd.state_shardings(abs_params, mesh, rules)
+  o_sh = shd.state_shardings(abs_opt_state, mesh, rules)
+
+  @functools.partial(jax.jit, out_shardings=(p_sh, o_sh))
+  def init():
+    with nnx.use_eager_sharding(False):
+      model, opt = _build(cfg, seed)
+    return nnx.state(model, nnx.Param), nnx.state(opt)
+
+  params, opt_state = init()
+  return TrainState(model_def, opt_def, params, opt_state, p_sh, o_sh, mesh, rules)
+
+
+def with_attention(state: TrainState, moba_cfg) -> TrainState:
+  """The same state with every layer's attention set per moba_cfg (parameters untouched)."""
+  model = nnx.merge(state.model_def, state.params)
+  set_attention(model, moba_cfg)
+  model_def, _ = nnx.split(model, nnx.Param)
+  return dataclasses.replace(state, model_def=model_def)
+
+
+def masked_nll(logits, targets, mask):
+  """Per-token negative log-likelihood [B, T] (float32) and the mask as float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
+  return nll, mask.astype(jnp.float32)
+
+
+def _forward(model, batch):
+  logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+  return masked_nll(logits, batch["targets"], batch["mask"])
+
+
+def loss_fn(model, batch):
+  nll, w = _forward(model, batch)
+  tokens = jnp.sum(w)
+  return jnp.sum(nll * w) / jnp.maximum(tokens, 1.0), tokens
+
+
+def _train_step(model_def, opt_def, params, opt_state, batch):
+  model = nnx.merge(model_def, params)
+  opt = nnx.merge(opt_def, opt_state)
+  (loss, tokens), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  opt.update(model, grads)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_params = keep(nnx.state(model, nnx.Param), params)
+  new_opt = keep(nnx.state(opt), opt_state)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+             "finite": finite.astype(jnp.int32)}
+  return new_params, new_opt, metrics
+
+
+def make_train_step(state: TrainState):
+  """jit(step)(params, opt_state, batch) -> (params, opt_state, metrics); params/opt donated."""
+  rep = shd.replicated(state.mesh)
+  batch_sh = shd.batch_sharding(state.mesh, state.rules)
+  fn = functools.partial(_train_step, state.model_def, state.opt_def)
+  jitted = jax.jit(fn, in_shardings=(state.param_shardings, state.opt_shardings, batch_sh),
+                   out_shardings=(state.param_shardings, state.opt_shardings, rep),
+                   donate_argnums=(0, 1))
+
+  def step(params, opt_state, batch):
+    with shd.activate(state.mesh, state.rules):
+      return jitted(params, opt_state, batch)
+  return step
+
+
+def _eval_step(model_def, params, batch):
+  model = nnx.merge(model_def, params)
+  nll, w = _forward(model, batch)
+  real = (batch["segment_ids"] == batch["segment_ids"][:, :1]).astype(jnp.float32)
+  return nll, w, real  # eval rows are one example each: `real` excludes padding
+
+
+def make_eval_step(state: TrainState):
+  """jit(eval)(params, batch) -> per-token nll, loss mask, real-token mask ([B, T], replicated)."""
+  rep = shd.replicated(state.mesh)
+  batch_sh = shd.batch_sharding(state.mesh, state.rules)
+  jitted = jax.jit(functools.partial(_eval_step, state.model_def),
+                   in_shardings=(state.param_shardings, batch_sh), out_shardings=(rep, rep, rep))
+
+  def step(params, batch):
+    with shd.activate(state.mesh, state.rules):
+      return jitted(params, batch)
+  return step
+
+
+def flops_per_token(cfg: Config, n_params: int) -> float:
+  """Training FLOPs per token: 6 * params + causal attention (3 * 2 * 2 * L * T/2 * H * D)."""
+  m, t = cfg.model, cfg.train.seq_len
+  attn = 6 * m.n_layers * t * m.n_heads * m.head_dim  # fwd+bwd, causal half of 12 L T H D
+  return 6.0 * n_params + attn
+
+
+_PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "tpu v4": 275.0,
+                "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0}
+
+
+def peak_flops_per_device(cfg: Config) -> float | None:
+  """Peak dense bf16 FLOP/s of one device (train.peak_tflops, else by device kind; None on CPU)."""
+  if cfg.train.peak_tflops:
+    return cfg.train.peak_tflops * 1e12
+  kind = jax.devices()[0].device_kind.lower()
+  for name, tflops in _PEAK_TFLOPS.items():
+    if name in kind:
+      return tflops * 1e12
+  return None
