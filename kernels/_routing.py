@@ -72,30 +72,83 @@ def make_dims(seq, groups, block_size, topk, block_q) -> Dims:
   return Dims(seq, groups, n_sel, block_size, block_q, dense, sparse, max_groups)
 
 
+def _select_shared(q, kbar, layout, *, block_size, topk):
+  """`moba.select_blocks` for a chunk whose queries all share one document start (per batch row).
+
+  The gate keys are then the same for every query of the chunk, so the scores are one matmul
+  [C * G, D] x [D, N] per kv head instead of a gather of [C, N, K, D]; the arithmetic of each
+  score (a float32 dot over D) and the masking and top-k are the oracle's.
+  """
+  batch, chunk, heads, dim = q.shape
+  seq, kv_heads = kbar.shape[1], kbar.shape[2]
+  n_slots = math.ceil(seq / block_size)
+  n_sel = min(topk, n_slots)
+  j = jnp.arange(n_slots, dtype=jnp.int32)
+  slot_start = layout.doc_start[:, :1] + j * block_size  # [B, N]
+  slot_kbar = jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
+  q_grouped = q.astype(jnp.float32).reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
+  scores = jnp.einsum("bckgd,bnkd->bckgn", q_grouped, slot_kbar)  # [B, C, K, G, N]
+  scores = scores.reshape(batch, chunk, heads, n_slots)
+  current = layout.block_index[..., None, None]  # [B, C, 1, 1]
+  scores = jnp.where(j < current, scores, -jnp.inf)
+  scores = jnp.where(j == current, jnp.inf, scores)
+  top_scores, top_slots = jax.lax.top_k(scores, n_sel)
+  starts = layout.doc_start[..., None, None] + top_slots.astype(jnp.int32) * block_size
+  return starts, top_scores > -jnp.inf
+
+
+def _split(x, n, chunk):  # [B, T, ...] -> [n, B, C, ...] (padding by repeating the last entry)
+  batch, seq = x.shape[:2]
+  widths = [(0, 0), (0, n * chunk - seq)] + [(0, 0)] * (x.ndim - 2)
+  x = jnp.pad(x, widths, mode="edge")
+  return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _merge(x, seq):  # [n, B, C, ...] -> [B, T, ...]
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :seq]
+
+
+def _pow2_chunk(budget, per_query, seq):
+  chunk = max(1, budget // per_query)
+  return min(1 << max(seq - 1, 0).bit_length(), 1 << (chunk.bit_length() - 1))
+
+
+def _select_mixed(q_c, kbar, lay, *, block_size, topk):
+  """A chunk spanning documents: the oracle's gather path, over sub-chunks within budget."""
+  batch, chunk, heads, dim = q_c.shape
+  n_slots = math.ceil(kbar.shape[1] / block_size)
+  sub = _pow2_chunk(ROUTING_BYTES, 4 * batch * n_slots * (kbar.shape[2] * dim + heads), chunk)
+  if sub >= chunk:
+    return _moba.select_blocks(q_c, kbar, lay, block_size=block_size, topk=topk)
+  n = -(-chunk // sub)
+  body = lambda xs: _moba.select_blocks(xs[0], kbar, _moba.Layout(*xs[1]),
+                                        block_size=block_size, topk=topk)
+  out = jax.lax.map(body, (_split(q_c, n, sub), tuple(_split(a, n, sub) for a in lay)))
+  return tuple(_merge(x, chunk) for x in out)
+
+
 def select_chunked(q, k, layout, *, block_size, topk):
-  """`moba.select_blocks` over query chunks, so scores stay O(chunk * T / block_size)."""
+  """The oracle's block choice over query chunks: memory O(chunk * T / block_size), not T^2.
+
+  Chunks inside one document (the common case) take `_select_shared`; chunks that span
+  documents take the oracle's own `select_blocks`.
+  """
   batch, seq, heads, _ = q.shape
   kbar = _moba.block_key_means(k, layout)  # [B, T, K, D] float32
   n_slots = math.ceil(seq / block_size)
-  chunk = max(1, ROUTING_BYTES // (4 * batch * heads * n_slots * (1 + q.shape[-1] // 8)))
-  chunk = min(seq, 1 << (chunk.bit_length() - 1))
-  if chunk >= seq:
-    return _moba.select_blocks(q, kbar, layout, block_size=block_size, topk=topk)
-  n = math.ceil(seq / chunk)
-  pad = n * chunk - seq
-
-  def split(x):  # [B, T, ...] -> [n, B, C, ...]
-    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, widths, mode="edge")
-    return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+  chunk = _pow2_chunk(ROUTING_BYTES, 4 * batch * heads * n_slots, seq)
+  n = -(-seq // chunk)
+  kw = dict(block_size=block_size, topk=topk)
 
   def body(xs):
-    q_c, lay_c = xs
-    return _moba.select_blocks(q_c, kbar, _moba.Layout(*lay_c), block_size=block_size, topk=topk)
+    q_c, lay = xs[0], _moba.Layout(*xs[1])
+    shared = jnp.all(lay.doc_start == lay.doc_start[:, :1])
+    return jax.lax.cond(shared, lambda: _select_shared(q_c, kbar, lay, **kw),
+                        lambda: _select_mixed(q_c, kbar, lay, **kw))
 
-  starts, valid = jax.lax.map(body, (split(q), tuple(split(a) for a in layout)))
-  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, n * chunk, *x.shape[3:])[:, :seq]
-  return merge(starts), merge(valid)
+  out = jax.lax.map(body, (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in layout)))
+  return tuple(_merge(x, seq) for x in out)
 
 
 def _sparse_section(starts, valid, dims: Dims):

@@ -129,7 +129,7 @@ def _dkdv_kernel(iks_ref, ir0_ref, ir1_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref
     rq = jnp.maximum(rq_ref[b, rows], 0)
     q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
     lse, delta = lse_ref[b, rq], dl_ref[b, rq]
-    mask = _row_mask(kpos, lo, hi).T  # [Bk, Mq]
+    mask = (kpos[:, None] >= lo[None, :]) & (kpos[:, None] < hi[None, :])  # [Bk, Mq]
     st = _dot(k, q, trans_b=True) * scale  # [Bk, Mq]
     pt = jnp.where(mask, jnp.exp(st - lse[None, :]), 0.0)
     dv = dv + _dot(pt.astype(do.dtype), do)  # [Bk, D]

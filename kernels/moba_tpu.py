@@ -1,0 +1,344 @@
+"""MoBA attention for TPUs: Pallas Mosaic TPU, key-block-major, forward and backward, no atomics.
+
+Same routing as the GPU kernel (`_routing.route`): partial rows, one per (query, head, chosen
+block), in a dense section (current blocks) and a sparse section (rows sorted by key block and
+padded per block to the row tile, like megablox groups). TPU specifics (docs/tpu_roofline.md):
+  * rows are gathered by XLA into tile order ([BK, R, Dp]); a kernel never gathers;
+  * per-tile key ranges are scalar-prefetched (PrefetchScalarGridSpec) and drive the k/v
+    BlockSpec index maps with element offsets (blocks restart at document starts, so key ranges
+    are not tile-aligned); chunks past a tile's range repeat the last block index (no new DMA)
+    and are skipped with pl.when;
+  * tiles are (8, 128)-aligned: row tile 128, key tile 128, head_dim padded to 128 lanes;
+  * no atomics: dQ is written per partial row and summed by XLA; dK/dV of the current blocks is
+    a banded pass per key tile; dK/dV of past blocks accumulates in the resident output block
+    over consecutive row tiles of one group (the row-tile axis is "arbitrary").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from moba_jax.kernels import _routing as rt
+
+NEG = -1e30
+_PREC = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes; block_k_dkv * groups must be a multiple of block_q (dense dK/dV row tiles)."""
+
+  block_q: int = 128
+  block_k: int = 128
+  block_k_dkv: int = 128
+
+  @classmethod
+  def get_default(cls) -> "BlockSizes":
+    return cls()
+
+
+def _dot(a, b, trans_b=False):
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, precision=_PREC, preferred_element_type=jnp.float32)
+
+
+def _n_chunks(ks, ke, bk):
+  return jnp.maximum((ke - ks + bk - 1) // bk, 0)
+
+
+def _kv_spec(bk, dp, nt):
+  """k/v block at the tile's key range, element-offset along T; clamped past the range."""
+  def index(b, i, c, ks_ref, ke_ref, *_):
+    t = b * nt + i
+    ks, ke = ks_ref[t], ke_ref[t]
+    c = jnp.minimum(c, jnp.maximum(_n_chunks(ks, ke, bk) - 1, 0))
+    return b, ks + c * bk, 0
+  return pl.BlockSpec((pl.squeezed, pl.Element(bk), dp), index)
+
+
+def _row_spec(bq, width, tile_offset=0):
+  return pl.BlockSpec((pl.squeezed, bq, width), lambda b, i, c, *_: (b, i + tile_offset, 0))
+
+
+def _softmax_step(s, mask, m_sc, l_sc, acc_sc, v):
+  s = jnp.where(mask, s, NEG)
+  m = m_sc[...]
+  m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))  # [Mq, 1]
+  p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+  alpha = jnp.exp(m - m_new)
+  l_sc[...] = l_sc[...] * alpha + p.sum(axis=1, keepdims=True)
+  acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v)
+  m_sc[...] = m_new
+
+
+def _fwd_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, m_sc, l_sc,
+                acc_sc, *, bk, nt, scale):
+  b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ks, ke = ks_ref[b * nt + i], ke_ref[b * nt + i]
+
+  @pl.when(c == 0)
+  def _():
+    m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  start = ks + c * bk
+
+  @pl.when(start < ke)
+  def _():
+    kpos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    mask = (kpos >= lo_ref[...]) & (kpos < hi_ref[...])  # [Mq, Bk]
+    s = _dot(q_ref[...], k_ref[...], trans_b=True) * scale
+    _softmax_step(s, mask, m_sc, l_sc, acc_sc, v_ref[...])
+
+  @pl.when(c == pl.num_programs(2) - 1)
+  def _():
+    l = l_sc[...]
+    ok = l > 0
+    o_ref[...] = (acc_sc[...] / jnp.where(ok, l, 1.0)).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(ok, m_sc[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
+
+
+def _dq_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref,
+               dq_ref, acc_sc, *, bk, nt, scale):
+  b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ks, ke = ks_ref[b * nt + i], ke_ref[b * nt + i]
+
+  @pl.when(c == 0)
+  def _():
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  start = ks + c * bk
+
+  @pl.when(start < ke)
+  def _():
+    kpos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    mask = (kpos >= lo_ref[...]) & (kpos < hi_ref[...])
+    k, v = k_ref[...], v_ref[...]
+    s = _dot(q_ref[...], k, trans_b=True) * scale  # [Mq, Bk]
+    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
+    ds = p * (_dot(do_ref[...], v, trans_b=True) - dl_ref[...])
+    acc_sc[...] += _dot(ds.astype(k.dtype), k)
+
+  @pl.when(c == pl.num_programs(2) - 1)
+  def _():
+    dq_ref[...] = acc_sc[...] * scale
+
+
+def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale):
+  """One (key tile, row tile) step; lo/hi/lse/delta are [Mq, 1] columns."""
+  mask = (kpos >= lo) & (kpos < hi)  # [Mq, Bk]
+  s = _dot(q, k, trans_b=True) * scale  # [Mq, Bk]
+  p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+  dv += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())), precision=_PREC,
+                            preferred_element_type=jnp.float32)  # [Bk, D]
+  ds = p * (_dot(do, v, trans_b=True) - delta)
+  dk += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), precision=_PREC,
+                            preferred_element_type=jnp.float32) * scale
+  return dk, dv
+
+
+def _dkdv_dense_kernel(rt0_ref, nrt_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
+                       hi_ref, dk_ref, dv_ref, *, bk, nkt, scale):
+  b, c, m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+  @pl.when(m == 0)
+  def _():
+    dk_ref[...] = jnp.zeros(dk_ref.shape, jnp.float32)
+    dv_ref[...] = jnp.zeros(dv_ref.shape, jnp.float32)
+
+  @pl.when(m < nrt_ref[b * nkt + c])
+  def _():
+    kpos = c * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    dk, dv = _dkdv_step(kpos, k_ref[...], v_ref[...], q_ref[...], do_ref[...], lse_ref[...],
+                        dl_ref[...], lo_ref[...], hi_ref[...], dk_ref[...], dv_ref[...], scale)
+    dk_ref[...], dv_ref[...] = dk, dv
+
+
+def _dkdv_sparse_kernel(ks_ref, grp_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
+                        hi_ref, dk_ref, dv_ref, *, bk, nt, dt, scale):
+  b, c, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  t = b * nt + dt + i
+  first = (i == 0) | (grp_ref[jnp.maximum(t - 1, 0)] != grp_ref[t])
+
+  @pl.when(first)  # a new group: its output block is fresh
+  def _():
+    dk_ref[...] = jnp.zeros(dk_ref.shape, jnp.float32)
+    dv_ref[...] = jnp.zeros(dv_ref.shape, jnp.float32)
+
+  kpos = ks_ref[t] + c * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  dk, dv = _dkdv_step(kpos, k_ref[...], v_ref[...], q_ref[...], do_ref[...], lse_ref[...],
+                      dl_ref[...], lo_ref[...], hi_ref[...], dk_ref[...], dv_ref[...], scale)
+  dk_ref[...], dv_ref[...] = dk, dv
+
+
+def _call(kernel, grid, n_prefetch, in_specs, out_specs, out_shape, scratch, interpret,
+          semantics):
+  spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=n_prefetch, grid=grid,
+                                      in_specs=in_specs, out_specs=out_specs,
+                                      scratch_shapes=scratch)
+  if interpret:
+    interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
+  return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, interpret=interpret,
+                        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+
+
+def _prep(q, k, v, sizes):
+  """Row layouts: q [BK, TG, Dp], k/v [BK, T + pad, Dp]; Dp a multiple of 128 lanes."""
+  kv_heads, dim = k.shape[2], q.shape[-1]
+  dp = rt._round_up(dim, 128)
+  pad_k = max(sizes.block_k, sizes.block_k_dkv)
+  padd = lambda x, t=0: jnp.pad(x, ((0, 0), (0, t), (0, dp - dim)))
+  return (padd(rt.heads_major(q, kv_heads)), padd(rt.heads_major(k, kv_heads), pad_k),
+          padd(rt.heads_major(v, kv_heads), pad_k))
+
+
+def _rows(x, routing):
+  """Gathers per-query data into routed row order: [BK, TG, W] -> [BK, R, W]."""
+  return jnp.take_along_axis(x, jnp.maximum(routing.rq, 0)[..., None], axis=1)
+
+
+def _forward(q, k, v, routing, dims, sizes, scale, interpret):
+  batch, seq = q.shape[:2]
+  qr, kr, vr = _prep(q, k, v, sizes)
+  bk_, dp = qr.shape[0], qr.shape[-1]
+  bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
+  nc = -(-(dims.block_size + bq) // bk)
+  kernel = functools.partial(_fwd_kernel, bk=bk, nt=nt, scale=scale)
+  f32 = jnp.float32
+  call = _call(kernel, (bk_, nt, nc), 2,
+               [_row_spec(bq, dp), _kv_spec(bk, dp, nt), _kv_spec(bk, dp, nt), _row_spec(bq, 1),
+                _row_spec(bq, 1)],
+               [_row_spec(bq, dp), _row_spec(bq, 1)],
+               [jax.ShapeDtypeStruct((bk_, dims.rows, dp), f32),
+                jax.ShapeDtypeStruct((bk_, dims.rows, 1), f32)],
+               [pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, dp), f32)],
+               interpret, ("parallel", "parallel", "arbitrary"))
+  o_rows, lse_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1),
+                          _rows(qr, routing), kr, vr, routing.lo[..., None],
+                          routing.hi[..., None])
+  o, lse = rt.merge_rows(o_rows, lse_rows[..., 0], routing.pos)
+  o = o.astype(q.dtype)
+  return rt.heads_minor(o[..., :q.shape[-1]], batch, seq), (o, lse)
+
+
+def _dkdv_dense(args, routing, dims, sizes, scale, interpret, seq):
+  """dK/dV of the current blocks: key tile c sees the row tiles of queries [c * Bk, block end)."""
+  bq, bkd, g = sizes.block_q, sizes.block_k_dkv, dims.groups
+  kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi = args
+  bk_, dp = kr.shape[0], kr.shape[-1]
+  nkt = -(-seq // bkd)
+  first = jnp.arange(nkt, dtype=jnp.int32) * bkd
+  rt0 = jnp.broadcast_to(first * g // bq, (bk_, nkt))
+  r1 = routing.block_end[:, jnp.minimum(first + bkd, seq) - 1] * g
+  nrt = -(-r1 // bq) - rt0
+  nrd = -(-(dims.block_size + bkd) * g // bq) + 1
+
+  def row_index(b, c, m, rt0_ref, nrt_ref):
+    t = b * nkt + c
+    return b, rt0_ref[t] + jnp.minimum(m, jnp.maximum(nrt_ref[t] - 1, 0)), 0
+
+  row = lambda w: pl.BlockSpec((pl.squeezed, bq, w), row_index)
+  key = pl.BlockSpec((pl.squeezed, bkd, dp), lambda b, c, m, *_: (b, c, 0))
+  kernel = functools.partial(_dkdv_dense_kernel, bk=bkd, nkt=nkt, scale=scale)
+  shape = jax.ShapeDtypeStruct((bk_, nkt * bkd, dp), jnp.float32)
+  call = _call(kernel, (bk_, nkt, nrd), 2,
+               [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [key, key],
+               [shape, shape], [], interpret, ("parallel", "parallel", "arbitrary"))
+  dk, dv = call(rt0.reshape(-1), nrt.reshape(-1), *args)
+  return dk, dv, jnp.broadcast_to(jnp.arange(nkt * bkd, dtype=jnp.int32), (bk_, nkt * bkd))
+
+
+def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
+  """dK/dV of chosen past blocks: consecutive row tiles of one group share an output block."""
+  bq, bkd, nt = sizes.block_q, sizes.block_k_dkv, dims.tiles
+  kr = args[0]
+  bk_, dp = kr.shape[0], kr.shape[-1]
+  dt, nts = dims.dense_rows // bq, dims.sparse_rows // bq
+  nck = -(-dims.block_size // bkd)
+  key = pl.BlockSpec((pl.squeezed, pl.Element(bkd), dp),
+                     lambda b, c, i, ks_ref, grp_ref: (b, ks_ref[b * nt + dt + i] + c * bkd, 0))
+  row = lambda w: pl.BlockSpec((pl.squeezed, bq, w), lambda b, c, i, *_: (b, dt + i, 0))
+  out = pl.BlockSpec((pl.squeezed, bkd, dp),
+                     lambda b, c, i, ks_ref, grp_ref: (b, grp_ref[b * nt + dt + i] * nck + c, 0))
+  kernel = functools.partial(_dkdv_sparse_kernel, bk=bkd, nt=nt, dt=dt, scale=scale)
+  n_out = (dims.max_groups + 1) * nck * bkd
+  shape = jax.ShapeDtypeStruct((bk_, n_out, dp), jnp.float32)
+  call = _call(kernel, (bk_, nck, nts), 2,
+               [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [out, out],
+               [shape, shape], [], interpret, ("parallel", "arbitrary", "arbitrary"))
+  dk, dv = call(routing.tile_ks.reshape(-1), routing.tile_group.reshape(-1), *args)
+  gp = jnp.concatenate([routing.group_p, jnp.full((bk_, 1), dims.seq, jnp.int32)], axis=1)
+  offs = (jnp.arange(nck, dtype=jnp.int32)[:, None] * bkd + jnp.arange(bkd, dtype=jnp.int32))
+  return dk, dv, (gp[:, :, None, None] + offs).reshape(bk_, n_out)
+
+
+def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
+  batch, seq, _, dim = q.shape
+  qr, kr, vr = _prep(q, k, v, sizes)
+  bk_, dp = qr.shape[0], qr.shape[-1]
+  bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
+  assert (sizes.block_k_dkv * dims.groups) % bq == 0, "block_k_dkv * groups % block_q != 0"
+  dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
+  delta = jnp.sum(o.astype(jnp.float32) * dor.astype(jnp.float32), axis=-1)  # [BK, TG]
+  q_rows, do_rows = _rows(qr, routing), _rows(dor, routing)
+  lse_rows, dl_rows = _rows(lse[..., None], routing), _rows(delta[..., None], routing)
+  lo, hi = routing.lo[..., None], routing.hi[..., None]
+  nc = -(-(dims.block_size + bq) // bk)
+  kernel = functools.partial(_dq_kernel, bk=bk, nt=nt, scale=scale)
+  kv = _kv_spec(bk, dp, nt)
+  call = _call(kernel, (bk_, nt, nc), 2,
+               [_row_spec(bq, dp), kv, kv, _row_spec(bq, dp)] + [_row_spec(bq, 1)] * 4,
+               _row_spec(bq, dp), jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
+               [pltpu.VMEM((bq, dp), jnp.float32)], interpret,
+               ("parallel", "parallel", "arbitrary"))
+  dq_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1), q_rows, kr, vr,
+                 do_rows, lse_rows, dl_rows, lo, hi)
+  dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
+
+  args = (kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi)
+  parts = [_dkdv_dense(args, routing, dims, sizes, scale, interpret, seq)]
+  if dims.max_groups:
+    parts.append(_dkdv_sparse(args, routing, dims, sizes, scale, interpret))
+  scatter = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
+  dk = sum(scatter(p[0], p[2]) for p in parts)
+  dv = sum(scatter(p[1], p[2]) for p in parts)
+  back = lambda x, like: rt.heads_minor(x[..., :dim], batch, seq).astype(like.dtype)
+  return back(dq, q), back(dk, k), back(dv, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _moba(q, k, v, routing, dims, sizes, scale, interpret):
+  return _forward(q, k, v, routing, dims, sizes, scale, interpret)[0]
+
+
+def _moba_fwd(q, k, v, routing, dims, sizes, scale, interpret):
+  out, (o, lse) = _forward(q, k, v, routing, dims, sizes, scale, interpret)
+  return out, (q, k, v, routing, o, lse)
+
+
+def _moba_bwd(dims, sizes, scale, interpret, res, do):
+  q, k, v, routing, o, lse = res
+  dq, dk, dv = _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret)
+  zero = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), routing)
+  return dq, dk, dv, zero
+
+
+_moba.defvjp(_moba_fwd, _moba_bwd)
+
+
+def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
+                       interpret=False, block_sizes: BlockSizes | None = None):
+  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
+  sizes = block_sizes or BlockSizes.get_default()
+  scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+  routing, dims = rt.route(q, k, segment_ids.astype(jnp.int32), block_size=block_size,
+                           topk=topk, block_q=sizes.block_q)
+  return _moba(q, k, v, routing, dims, sizes, scale, interpret)

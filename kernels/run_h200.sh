@@ -1,0 +1,17 @@
+#!/bin/bash
+# One H200 session step: correctness check + benchmarks, logs under $OUT (see docs/benchmarks.md).
+# usage: bash kernels/run_h200.sh PHASE [TILES...]
+set -o pipefail
+phase=${1:-1}; shift
+bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
+log=$OUT/log.txt
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee -a $log
+python3 -c "import jax, jax_triton; print(jax.__version__, jax.devices())" 2>&1 | tee -a $log
+if [ "$phase" = 1 ]; then
+  STEP_S=100 bench --check --json $OUT/check.json 2>&1 | tee -a $log
+  bench --seqs 8192,32768 --configs 512:3 --impls pallas_gpu,cudnn,xla --json $OUT/b1.json 2>&1 | tee -a $log
+  STEP_S=120 bench --seqs 131072 --impls pallas_gpu,cudnn --repeats 5 --json $OUT/b128.json 2>&1 | tee -a $log
+fi
+for s in "$@"; do
+  STEP_S=60 bench --seqs 32768 --configs 512:3 --impls pallas_gpu --gpu-block-sizes $s --repeats 10 2>&1 | tee -a $OUT/tune.txt
+done

@@ -1,0 +1,222 @@
+"""`moba-jax bench`: time MoBA implementations against full attention (DESIGN.md section 5).
+
+Prints, per (seq, block, topk, implementation): fwd and fwd+bwd median ms, effective TFLOP/s
+(4 x attended (query, key) pairs x head_dim x heads / time; x3.5 for fwd+bwd) and the compiled
+peak device memory of the fwd+bwd step (arguments + outputs + temporaries, from XLA's memory
+analysis). Inputs are fresh random normals (two sets, alternated), never zeros; warm-up first;
+each timing is the median of `--repeats` calls, each closed by block_until_ready.
+
+  moba-jax bench                                # the default table (H200 sizes)
+  moba-jax bench --seqs 256 --heads 2 --dim 16 --configs 64:2 --impls xla --repeats 3
+  moba-jax bench --check                        # pallas_gpu vs the reference on this device
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moba_jax import attention as attn
+from moba_jax import moba as moba_lib
+
+DEFAULT_CASES = [(8192, 512, 3), (32768, 512, 3), (131072, 512, 3), (131072, 2048, 3),
+                 (131072, 4096, 12)]
+TARGETS_MS = {(8192, 512, 3): 2.0, (32768, 512, 3): 5.3, (131072, 512, 3): 25.0}
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="moba-jax bench", description=__doc__.split("\n\n")[0])
+  p.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default: all)")
+  p.add_argument("--configs", default=None,
+                 help="comma-separated block:topk (default: 512:3, and 2048:3, 4096:12 at 128K)")
+  p.add_argument("--impls", default="pallas_gpu,xla,cudnn",
+                 help="MoBA implementations and/or 'cudnn'/'full_xla' for full attention")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+  p.add_argument("--dim", type=int, default=128)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--json", default=None, help="write the rows to this JSON file")
+  p.add_argument("--no-bwd", action="store_true", help="time the forward only")
+  p.add_argument("--gpu-block-sizes", default=None,
+                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages")
+  p.add_argument("--check", action="store_true",
+                 help="compare pallas_gpu with the reference on this device, then exit")
+  return p.parse_args(argv)
+
+
+def cases(args):
+  seqs = None if args.seqs is None else [int(s) for s in args.seqs.split(",")]
+  if args.configs is None:
+    chosen = [c for c in DEFAULT_CASES if seqs is None or c[0] in seqs]
+    return chosen or [(s, 512, 3) for s in seqs]
+  configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+  return [(s, b, k) for s in (seqs or sorted({c[0] for c in DEFAULT_CASES})) for b, k in configs]
+
+
+def attended_pairs(seq, block, topk, moba):
+  """Attended (query, key) pairs of one head, one sequence (causal, no packing)."""
+  t = np.arange(seq, dtype=np.int64)
+  if not moba:
+    return int((t + 1).sum())
+  return int((np.minimum(t // block, topk - 1) * block + t % block + 1).sum())
+
+
+def make_fn(impl, block, topk, bwd, gpu_sizes=None):
+  if impl == "pallas_gpu" and gpu_sizes:
+    from moba_jax.kernels import moba_gpu
+    sizes = moba_gpu.BlockSizes(*(int(x) for x in gpu_sizes.split(",")))
+    fwd = lambda q, k, v: moba_gpu.moba_attention_gpu(
+        q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=block, topk=topk,
+        block_sizes=sizes)
+  elif impl in ("cudnn", "full_xla"):
+    name = "xla" if impl == "full_xla" else impl
+    fwd = lambda q, k, v: attn.full_attention(q, k, v, implementation=name)
+  else:
+    fwd = lambda q, k, v: attn.moba_attention(q, k, v, block_size=block, topk=topk,
+                                              implementation=impl)
+  if not bwd:
+    return jax.jit(fwd)
+
+  def step(q, k, v, cot):
+    out, vjp = jax.vjp(fwd, q, k, v)
+    return vjp(cot)
+
+  return jax.jit(step)
+
+
+def inputs(seed, args, seq, dtype):
+  kv_heads = args.kv_heads or args.heads
+  ks = jax.random.split(jax.random.key(seed), 4)
+  shape_q = (args.batch, seq, args.heads, args.dim)
+  shape_k = (args.batch, seq, kv_heads, args.dim)
+  return (jax.random.normal(ks[0], shape_q, dtype), jax.random.normal(ks[1], shape_k, dtype),
+          jax.random.normal(ks[2], shape_k, dtype), jax.random.normal(ks[3], shape_q, dtype))
+
+
+def peak_bytes(fn, arg_sets):
+  try:
+    m = fn.lower(*arg_sets).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+
+
+def time_ms(fn, arg_sets, warmup, repeats):
+  for i in range(warmup):
+    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+  times = []
+  for i in range(repeats):
+    a = arg_sets[i % len(arg_sets)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*a))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def bench_one(args, impl, seq, block, topk):
+  dtype = jnp.dtype(args.dtype)
+  sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
+  moba = impl not in ("cudnn", "full_xla")
+  flops = 4 * attended_pairs(seq, block, topk, moba) * args.dim * args.heads * args.batch
+  row = dict(impl=impl, sizes=args.gpu_block_sizes if impl == "pallas_gpu" else None, seq=seq, block=block if moba else None, topk=topk if moba else None,
+             heads=args.heads, dim=args.dim, dtype=args.dtype)
+  fwd = make_fn(impl, block, topk, bwd=False, gpu_sizes=args.gpu_block_sizes)
+  row["fwd_ms"] = time_ms(fwd, [s[:3] for s in sets], args.warmup, args.repeats)
+  row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+  if not args.no_bwd:
+    step = make_fn(impl, block, topk, bwd=True, gpu_sizes=args.gpu_block_sizes)
+    row["fwdbwd_ms"] = time_ms(step, sets, args.warmup, args.repeats)
+    row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+    row["peak_gib"] = (lambda b: None if b is None else b / 2**30)(peak_bytes(step, sets[0]))
+  row["target_fwdbwd_ms"] = TARGETS_MS.get((seq, block, topk)) if impl == "pallas_gpu" else None
+  return row
+
+
+def fmt(x, spec):
+  return "-".rjust(int(spec.split(".")[0].rstrip("dfs") or 1)) if x is None else format(x, spec)
+
+
+def print_table(rows):
+  head = (f"{'impl':11s} {'seq':>7s} {'blk':>5s} {'topk':>4s} {'fwd ms':>9s} {'TF/s':>6s} "
+          f"{'f+b ms':>9s} {'TF/s':>6s} {'peak GiB':>8s} {'target':>6s}")
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    if "error" in r:
+      print(f"{r['impl']:11s} {r['seq']:7d} {fmt(r['block'], '5d')} {fmt(r['topk'], '4d')} "
+            f"error: {r['error'][:60]}")
+      continue
+    print(f"{r['impl']:11s} {r['seq']:7d} {fmt(r['block'], '5d')} {fmt(r['topk'], '4d')} "
+          f"{r['fwd_ms']:9.3f} {r['fwd_tflops']:6.1f} {fmt(r.get('fwdbwd_ms'), '9.3f')} "
+          f"{fmt(r.get('fwdbwd_tflops'), '6.1f')} {fmt(r.get('peak_gib'), '8.2f')} "
+          f"{fmt(r['target_fwdbwd_ms'], '6.1f')}")
+  sys.stdout.flush()
+
+
+def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128):
+  """pallas_gpu (compiled, not interpreted) vs the float32 reference: fwd and grads."""
+  lengths = [seq // 2 + 100, seq // 4 - 37, seq - (seq // 2 + 100) - (seq // 4 - 37)]
+  seg = jnp.asarray(np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)]))[None]
+  results = []
+  for dtype, block, topk in ((jnp.float32, 128, 3), (jnp.bfloat16, 256, 3), (jnp.float32, 64, 8)):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (1, seq, heads, dim), dtype)
+    k = jax.random.normal(ks[1], (1, seq, kv_heads, dim), dtype)
+    v = jax.random.normal(ks[2], (1, seq, kv_heads, dim), dtype)
+    cot = jax.random.normal(ks[3], q.shape, dtype)
+    up = lambda x: x.astype(jnp.float32)
+    ref = lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, block_size=block, topk=topk)
+    got = lambda q, k, v: attn.moba_attention(q, k, v, segment_ids=seg, block_size=block,
+                                              topk=topk, implementation="pallas_gpu")
+    want = _vjp(ref, up(q), up(k), up(v), up(cot))
+    have = jax.jit(lambda *a: _vjp(got, *a))(q, k, v, cot)
+    errs = {n: float(jnp.abs(up(a) - b).max() / jnp.abs(b).max())
+            for n, a, b in zip(("out", "dq", "dk", "dv"), have, want)}
+    results.append(dict(dtype=jnp.dtype(dtype).name, seq=seq, heads=heads, kv_heads=kv_heads,
+                        dim=dim, block=block, topk=topk, docs=lengths, rel_err=errs))
+    print(json.dumps(results[-1]))
+  return results
+
+
+def _vjp(fn, q, k, v, cot):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(cot))
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.check:
+    res = check()
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, "
+        f"heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}")
+  rows = []
+  for seq, block, topk in cases(args):
+    for impl in args.impls.split(","):
+      if impl in ("cudnn", "full_xla") and any(r["impl"] == impl and r["seq"] == seq
+                                               for r in rows):
+        continue  # full attention does not depend on block/topk
+      try:
+        rows.append(bench_one(args, impl, seq, block, topk))
+      except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported platform)
+        rows.append(dict(impl=impl, seq=seq, block=block, topk=topk, error=repr(e)))
+      print(json.dumps(rows[-1]), flush=True)
+  print_table(rows)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
