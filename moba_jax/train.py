@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from moba_jax import checkpoint as ckpt
 from moba_jax import data as data_lib
@@ -78,25 +79,25 @@ def _setup(cfg: Config):
 
 def _restore(cfg: Config, state: ts.TrainState, mngr, data_iter) -> tuple[int, dict]:
   """Restores the newest checkpoint into state/data_iter; else init_from params. -> (step, meta)."""
-  abs_p = ckpt.abstract_like(state.params.to_pure_dict())
-  abs_o = ckpt.abstract_like(state.opt_state.to_pure_dict())
+  abs_p = ckpt.abstract_like(nnx.to_pure_dict(state.params))
+  abs_o = ckpt.abstract_like(nnx.to_pure_dict(state.opt_state))
   found = ckpt.restore_latest(mngr, abs_p, abs_o, data_iter)
   if found is not None:
     step, params, opt_state, meta = found
-    state.params.replace_by_pure_dict(params)
-    state.opt_state.replace_by_pure_dict(opt_state)
+    nnx.replace_by_pure_dict(state.params, params)
+    nnx.replace_by_pure_dict(state.opt_state, opt_state)
     _log0(f"resumed from {mngr.directory}/{step}")
     return step, meta
   if cfg.train.init_from:
     step, params = ckpt.restore_params(cfg.train.init_from, abs_p)
-    state.params.replace_by_pure_dict(params)
+    nnx.replace_by_pure_dict(state.params, params)
     _log0(f"initialised params from {cfg.train.init_from} (step {step})")
   return 0, {}
 
 
 def _save(mngr, step, state, data_iter, meta, force=False):
-  ckpt.save(mngr, step, state.params.to_pure_dict(), state.opt_state.to_pure_dict(), data_iter,
-            meta, force=force)
+  ckpt.save(mngr, step, nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.opt_state),
+            data_iter, meta, force=force)
 
 
 def evaluate(cfg: Config, state: ts.TrainState, eval_fn) -> dict:

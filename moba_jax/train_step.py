@@ -112,16 +112,29 @@ def loss_fn(model, batch):
   return jnp.sum(nll * w) / jnp.maximum(tokens, 1.0), tokens
 
 
+def _tree_norm(tree):
+  norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+  return norm(tree) if norm else optax.global_norm(tree)
+
+
+def _keep_if(finite, new, old_leaves):
+  """new where finite, else the old leaves (same tree layout)."""
+  leaves, treedef = jax.tree.flatten(new)
+  kept = [jnp.where(finite, n, o) for n, o in zip(leaves, old_leaves)]
+  return jax.tree.unflatten(treedef, kept)
+
+
 def _train_step(model_def, opt_def, params, opt_state, batch):
+  # The update mutates the merged Variables in place: keep the incoming arrays aside first.
+  old_params, old_opt = jax.tree.leaves(params), jax.tree.leaves(opt_state)
   model = nnx.merge(model_def, params)
   opt = nnx.merge(opt_def, opt_state)
   (loss, tokens), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = _tree_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   opt.update(model, grads)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_params = keep(nnx.state(model, nnx.Param), params)
-  new_opt = keep(nnx.state(opt), opt_state)
+  new_params = _keep_if(finite, nnx.state(model, nnx.Param), old_params)
+  new_opt = _keep_if(finite, nnx.state(opt), old_opt)
   metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
              "finite": finite.astype(jnp.int32)}
   return new_params, new_opt, metrics

@@ -1,0 +1,70 @@
+"""Sharding: logical rules, mesh shapes, and 8 fake devices (2 x 2 x 2) equal to 1 device."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moba_jax import config as C
+from moba_jax import sharding as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.n_layers=2", "model.d_model=64", "model.mlp_dim=128", "model.n_heads=4",
+        "model.n_kv_heads=2", "model.head_dim=16", "train.steps=3", "train.batch_size=8",
+        "train.seq_len=128", "moba.block_size=32", "log.every=1", "eval.batches=0",
+        "data.prefetch=0", "checkpoint.async_save=false", "eval.trailing_tokens=32"]
+
+
+class FakeMesh:
+  shape = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_logical_to_spec_rules():
+  rules = C.MeshConfig().rules.as_tuples()
+  assert S.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
+  # activation embed after batch: fsdp is already used, so embed is replicated
+  assert S.logical_to_spec(("batch", "length", "embed"), rules) == P(("data", "fsdp"), None, None)
+  # a dimension the mesh axes do not divide stays replicated
+  assert S.logical_to_spec(("embed", "kv_heads", "head_dim"), rules, (64, 1, 16), FakeMesh()) == \
+      P("fsdp", None, None)
+  assert S.logical_to_spec((None, "vocab"), rules) == P(None, "tensor")
+
+
+def test_mesh_shape_checks():
+  assert S.mesh_shape(C.MeshConfig(), 8) == (8, 1, 1)
+  assert S.mesh_shape(C.MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match="must equal the device count 1"):
+    S.mesh_shape(C.MeshConfig(data=2, fsdp=2, tensor=2), 1)
+  mesh = S.make_mesh(C.MeshConfig())
+  assert mesh.axis_names == S.MESH_AXES and mesh.devices.size == jax.device_count()
+
+
+def test_shard_is_a_noop_without_mesh():
+  x = jax.numpy.ones((2, 3))
+  assert S.shard(x, ("batch", "embed")) is x
+
+
+@functools.cache
+def run_helper(devices, *overrides):
+  """Losses and summary of a tiny run on `devices` fake CPU devices (cached per session)."""
+  run_dir = tempfile.mkdtemp(prefix="moba_jax_test_")
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "train_helper.py"), str(devices),
+         f"run_dir={run_dir}", *TINY, *overrides]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eight_fake_devices_match_one():
+  one = run_helper(1)
+  eight = run_helper(8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  assert one["devices"] == 1 and eight["devices"] == 8
+  assert len(one["losses"]) == 3
+  for a, b in zip(one["losses"], eight["losses"]):
+    assert abs(a - b) <= 1e-3 * abs(a)

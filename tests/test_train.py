@@ -1,0 +1,161 @@
+"""Training loop: bit-exact resume, SIGTERM, non-finite steps, corrupt checkpoints, attention switch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moba_jax import checkpoint as ckpt
+from moba_jax import config as C
+from moba_jax import sharding as S
+from moba_jax import train
+from moba_jax import train_step as ts
+from tests.test_sharding import ROOT
+
+TINY = ["model.n_layers=2", "model.d_model=32", "model.mlp_dim=64", "model.n_heads=2",
+        "model.n_kv_heads=1", "model.head_dim=16", "train.batch_size=4", "train.seq_len=64",
+        "moba.block_size=16", "log.every=1", "eval.batches=1", "eval.trailing_tokens=16",
+        "data.prefetch=0", "train.warmup_steps=2", "data.num_queries=2", "log.progress=false"]
+
+
+def tiny(run_dir, *overrides):
+  return C.load_config(None, [f"run_dir={run_dir}", *TINY, *overrides])
+
+
+def losses(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_resume_reproduces_straight_run_bit_for_bit(tmp_path):
+  a, b = tmp_path / "straight", tmp_path / "split"
+  summary = train.run(tiny(a, "train.steps=12", "train.profile_steps=1",
+                           "train.profile_start=3", "log.tensorboard=true"), progress=False)
+  first = train.run(tiny(b, "train.steps=12", "train.stop_after=6"), progress=False)
+  assert first["status"] == "stopped" and first["step"] == 6
+  assert sorted(losses(b)) == list(range(1, 7))
+  train.run(tiny(b, "train.steps=12"), progress=False)
+  straight, split = losses(a), losses(b)
+  assert sorted(split) == list(range(1, 13))
+  assert [straight[s] for s in range(1, 13)] == [split[s] for s in range(1, 13)]  # exact
+  for key in ("status", "step", "final_train_loss", "eval_loss", "trailing_loss", "tokens_per_s",
+              "wall_s", "position_loss"):
+    assert key in summary
+  assert summary["status"] == "done" and summary["step"] == 12
+  assert np.isfinite(summary["eval_loss"]) and np.isfinite(summary["trailing_loss"])
+  assert json.loads((a / "summary.json").read_text())["step"] == 12
+  assert C.load_config(str(a / "config.toml")).train.steps == 12
+  assert any((a / "profile").rglob("*.xplane.pb"))
+  assert sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
+
+
+def test_sigterm_saves_and_exits_then_resumes(tmp_path):
+  run_dir = tmp_path / "run"
+  args = [sys.executable, "-m", "moba_jax.cli", "train", f"run_dir={run_dir}", *TINY,
+          "train.steps=500", "checkpoint.every=0", "eval.batches=0"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = run_dir / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "received SIGTERM" in err and "run the same command again" in err
+  step = json.loads((run_dir / "summary.json").read_text())["step"]
+  assert 2 <= step < 500 and (run_dir / "checkpoints" / str(step)).is_dir()
+  assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
+  again = subprocess.run(args + [f"train.stop_after={step + 2}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=180)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from {run_dir / 'checkpoints'}/{step}" in again.stderr
+  assert sorted(losses(run_dir)) == list(range(1, step + 3))
+
+
+def poison(monkeypatch):
+  clean = ts.loss_fn
+
+  def nan_loss(model, batch):
+    loss, tokens = clean(model, batch)
+    return loss * jnp.nan, tokens
+  monkeypatch.setattr(ts, "loss_fn", nan_loss)
+
+
+def test_nonfinite_step_leaves_state_unchanged(tmp_path, monkeypatch):
+  cfg = tiny(tmp_path)
+  mesh = S.make_mesh(cfg.mesh)
+  state = ts.init_state(cfg, mesh, S.rules_from_config(cfg.mesh))
+  before = jax.tree.map(np.asarray, (nnx.to_pure_dict(state.params),
+                                     nnx.to_pure_dict(state.opt_state)))
+  poison(monkeypatch)
+  step = ts.make_train_step(state)
+  from moba_jax import data
+  batch = S.global_batch(next(iter(data.train_dataset(cfg))), S.batch_sharding(mesh), 4)
+  params, opt_state, m = step(state.params, state.opt_state, batch)
+  assert int(m["finite"]) == 0 and not np.isfinite(float(m["loss"]))
+  after = jax.tree.map(np.asarray, (nnx.to_pure_dict(params), nnx.to_pure_dict(opt_state)))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_consecutive_nonfinite_steps_abort(tmp_path, monkeypatch, capfd):
+  poison(monkeypatch)
+  with pytest.raises(train.NonFiniteError, match="3 non-finite steps in a row"):
+    train.run(tiny(tmp_path, "train.steps=10", "train.max_nonfinite_steps=3"), progress=False)
+  assert "left unchanged" in capfd.readouterr().err
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+  run_dir = tmp_path / "run"
+  train.run(tiny(run_dir, "train.steps=6", "train.stop_after=4", "checkpoint.every=2",
+                 "eval.batches=0"), progress=False)
+  ckdir = run_dir / "checkpoints"
+  for f in (ckdir / "4" / "params").rglob("*"):
+    if f.is_file() and "METADATA" not in f.name:
+      f.write_bytes(b"garbage")
+  (ckdir / "9.orbax-checkpoint-tmp-123").mkdir()  # an interrupted save
+  with pytest.warns(ckpt.CheckpointWarning) as record:
+    summary = train.run(tiny(run_dir, "train.steps=6", "checkpoint.every=2", "eval.batches=0"),
+                        progress=False)
+  messages = " ".join(str(w.message) for w in record)
+  assert "step 4" in messages and "falling back to step 2" in messages
+  assert "partial" in messages
+  assert summary["step"] == 6 and sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
+  src = tmp_path / "moba"
+  train.run(tiny(src, "train.steps=4", "train.stop_after=2", "moba.hybrid_full_layers=0",
+                 "eval.batches=0"), progress=False)
+  # resume the same run with every layer on full attention
+  summary = train.run(tiny(src, "train.steps=4", "moba.hybrid_full_layers=all",
+                           "eval.batches=0"), progress=False)
+  assert summary["step"] == 4 and summary["hybrid_full_layers"] == "all"
+  # init_from: params (only) into a hybrid model
+  cfg = tiny(tmp_path / "sft", "moba.hybrid_full_layers=1", "train.steps=1",
+             f"train.init_from={src}", "eval.batches=0")
+  state = ts.init_state(cfg, S.make_mesh(cfg.mesh), S.rules_from_config(cfg.mesh))
+  abstract = ckpt.abstract_like(nnx.to_pure_dict(state.params))
+  step, params = ckpt.restore_params(str(src), abstract)
+  assert step == 4
+  out = train.run(cfg, progress=False)
+  assert out["step"] == 1 and "initialised params from" in capfd.readouterr().err
+  assert not np.allclose(np.asarray(params["embed"]),
+                         np.asarray(nnx.to_pure_dict(state.params)["embed"]))
+
+
+def test_lr_schedule_warmup_cosine():
+  tc = C.TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+  sched = ts.lr_schedule(tc)
+  assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
+  assert abs(float(sched(100)) - 0.1) < 1e-6 and float(sched(50)) < float(sched(20))
