@@ -87,14 +87,37 @@ def _select_shared(q, kbar, layout, *, block_size, topk):
   slot_start = layout.doc_start[:, :1] + j * block_size  # [B, N]
   slot_kbar = jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
   q_grouped = q.astype(jnp.float32).reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("bckgd,bnkd->bckgn", q_grouped, slot_kbar)  # [B, C, K, G, N]
+  scores = jnp.einsum("bckgd,bnkd->bckgn", q_grouped, slot_kbar,
+                      precision=jax.lax.Precision.HIGHEST)  # [B, C, K, G, N]
   scores = scores.reshape(batch, chunk, heads, n_slots)
   current = layout.block_index[..., None, None]  # [B, C, 1, 1]
   scores = jnp.where(j < current, scores, -jnp.inf)
   scores = jnp.where(j == current, jnp.inf, scores)
-  top_scores, top_slots = jax.lax.top_k(scores, n_sel)
+  top_scores, top_slots = _top_k(scores, n_sel)
   starts = layout.doc_start[..., None, None] + top_slots.astype(jnp.int32) * block_size
   return starts, top_scores > -jnp.inf
+
+
+def _top_k(scores, k):
+  """`lax.top_k` over the last axis by k argmax passes (ties: lower index first, as top_k).
+
+  For the small k of MoBA this is k reads of the scores instead of a sort.
+  """
+  if k > 16:
+    return jax.lax.top_k(scores, k)
+  idx = jax.lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
+  taken = jnp.zeros(scores.shape, bool)
+  values, slots = [], []
+  for _ in range(k):
+    masked = jnp.where(taken, -jnp.inf, scores)
+    best = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    value = jnp.take_along_axis(masked, best[..., None], axis=-1)[..., 0]
+    free = jnp.argmax(~taken, axis=-1).astype(jnp.int32)  # only -inf left: lowest free index
+    best = jnp.where(value == -jnp.inf, free, best)
+    values.append(value)
+    slots.append(best)
+    taken = taken | (idx == best[..., None])
+  return jnp.stack(values, -1), jnp.stack(slots, -1)
 
 
 def _split(x, n, chunk):  # [B, T, ...] -> [n, B, C, ...] (padding by repeating the last entry)
@@ -147,7 +170,8 @@ def select_chunked(q, k, layout, *, block_size, topk):
     return jax.lax.cond(shared, lambda: _select_shared(q_c, kbar, lay, **kw),
                         lambda: _select_mixed(q_c, kbar, lay, **kw))
 
-  out = jax.lax.map(body, (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in layout)))
+  with jax.default_matmul_precision("highest"):  # float32 scores (no TF32) on every backend
+    out = jax.lax.map(body, (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in layout)))
   return tuple(_merge(x, seq) for x in out)
 
 

@@ -49,6 +49,8 @@ def parse_args(argv):
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
   p.add_argument("--gpu-block-sizes", default=None,
                  help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages")
+  p.add_argument("--breakdown", action="store_true",
+                 help="pallas_gpu only: time routing, forward and backward separately")
   p.add_argument("--check", action="store_true",
                  help="compare pallas_gpu with the reference on this device, then exit")
   return p.parse_args(argv)
@@ -179,7 +181,8 @@ def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128):
     ref = lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, block_size=block, topk=topk)
     got = lambda q, k, v: attn.moba_attention(q, k, v, segment_ids=seg, block_size=block,
                                               topk=topk, implementation="pallas_gpu")
-    want = _vjp(ref, up(q), up(k), up(v), up(cot))
+    with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
+      want = _vjp(ref, up(q), up(k), up(v), up(cot))
     have = jax.jit(lambda *a: _vjp(got, *a))(q, k, v, cot)
     errs = {n: float(jnp.abs(up(a) - b).max() / jnp.abs(b).max())
             for n, a, b in zip(("out", "dq", "dk", "dv"), have, want)}
@@ -187,6 +190,32 @@ def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128):
                         dim=dim, block=block, topk=topk, docs=lengths, rel_err=errs))
     print(json.dumps(results[-1]))
   return results
+
+
+def breakdown(args, seq, block, topk):
+  """pallas_gpu stages timed apart: routing, forward with routing given, backward."""
+  from moba_jax.kernels import _routing as rt
+  from moba_jax.kernels import moba_gpu as mg
+  dtype = jnp.dtype(args.dtype)
+  sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
+  seg = jnp.zeros((args.batch, seq), jnp.int32)
+  sizes = (mg.BlockSizes(*(int(x) for x in args.gpu_block_sizes.split(",")))
+           if args.gpu_block_sizes else mg.BlockSizes.get_default(args.dim, dtype))
+  scale = args.dim ** -0.5
+  route = jax.jit(lambda q, k: rt.route(q, k, seg, block_size=block, topk=topk,
+                                        block_q=sizes.block_q)[0])
+  dims = rt.make_dims(seq, args.heads // (args.kv_heads or args.heads), block, topk, sizes.block_q)
+  routed = [(*s, route(s[0], s[1])) for s in sets]
+  fwd = jax.jit(lambda q, k, v, cot, r: mg._forward(q, k, v, r, dims, sizes, scale, False))
+  res = [(q, k, v, cot, r, *fwd(q, k, v, cot, r)[1]) for q, k, v, cot, r in routed]
+  bwd = jax.jit(lambda q, k, v, cot, r, o, lse: mg._backward(q, k, v, r, o, lse, cot, dims,
+                                                              sizes, scale, False))
+  row = dict(impl="pallas_gpu/breakdown", seq=seq, block=block, topk=topk, sizes=str(sizes),
+             route_ms=time_ms(route, [s[:2] for s in sets], args.warmup, args.repeats),
+             fwd_no_route_ms=time_ms(fwd, routed, args.warmup, args.repeats),
+             bwd_ms=time_ms(bwd, res, args.warmup, args.repeats))
+  print(json.dumps(row), flush=True)
+  return row
 
 
 def _vjp(fn, q, k, v, cot):
@@ -205,6 +234,12 @@ def main(argv=None) -> int:
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, "
         f"heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}")
   rows = []
+  if args.breakdown:
+    rows = [breakdown(args, *c) for c in cases(args)]
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
   for seq, block, topk in cases(args):
     for impl in args.impls.split(","):
       if impl in ("cudnn", "full_xla") and any(r["impl"] == impl and r["seq"] == seq

@@ -151,3 +151,25 @@ def test_no_leakage_and_unselected_keys_get_zero_gradient(impl):
     for b0 in range(0, 96, block):
       grad = np.abs(np.asarray(dk[0, b0:b0 + block, h])).max()
       assert (grad > 0) == (b0 in chosen and b0 <= 50), (h, b0, grad)
+
+
+def test_chunked_routing_is_the_oracles_choice(monkeypatch):
+  from moba_jax.kernels import _routing as rt
+  monkeypatch.setattr(rt, "ROUTING_BYTES", 1 << 13)  # many chunks: shared and mixed paths
+  q, k, _ = random_qkv(6, 2, 300, 4, 2, 16)
+  seg = packed_segments(2, [150, 17, 133])
+  for block, topk in ((16, 3), (32, 16), (8, 20)):
+    layout = moba_lib.doc_layout(seg, block)
+    want = moba_lib.select_blocks(q, moba_lib.block_key_means(k, layout), layout,
+                                  block_size=block, topk=topk)
+    got = rt.select_chunked(q, k, layout, block_size=block, topk=topk)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+def test_bench_prints_a_table_on_cpu(capsys):
+  from moba_jax import bench
+  assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
+                     "--impls", "xla,full_xla", "--repeats", "2", "--warmup", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "f+b ms" in out and "full_xla" in out
