@@ -133,6 +133,7 @@ class GridConfig:
   only: Union[tuple[HybridFull, ...], HybridFull] = ()  # run only these variants; () = all
   only_seeds: Union[tuple[int, ...], int] = ()  # run only these seeds; () = all
   name: str = ""  # chart title (default: the experiment file's name)
+  jax_cache: bool = True  # persistent compilation cache in <out_dir>/jax_cache (seeds reuse it)
 
   def __post_init__(self):
     for key in ("only", "only_seeds"):  # a scalar (grid.only=3) means one value
@@ -165,11 +166,11 @@ class TrainConfig:
   lr * min_lr_ratio (warmup is capped at the schedule length). `stop_after` ends this invocation early (with a checkpoint) without changing
   the schedule, so a run can be split: stop_after=6 then rerun to reproduce 12 straight steps."""
 
-  steps: int = 300
+  steps: int = 60  # the no-file default: a small CPU run of about a minute
   batch_size: int = 8
   seq_len: int = 256
   lr: float = 3e-3
-  warmup_steps: int = 20
+  warmup_steps: int = 6
   schedule: str = "cosine"
   schedule_steps: int = 0
   min_lr_ratio: float = 0.1
@@ -250,7 +251,7 @@ class EvalConfig:
   """Held-out evaluation at the end of a run (and every `every` steps; 0 = only at the end).
   Eval rows are full-length, unpacked examples from a seed disjoint from training's."""
 
-  batches: int = 4
+  batches: int = 2
   trailing_tokens: int = 64  # trailing loss: the last this-many positions of each row
   position_buckets: int = 8  # position-wise loss in this many equal buckets
   every: int = 0
@@ -263,7 +264,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every: int = 100  # save every this many steps (and always at the end); 0 = only at the end
+  every: int = 20  # save every this many steps (and always at the end); 0 = only at the end
   keep: int = 3  # keep the last this-many checkpoints
   async_save: bool = True
 
@@ -274,7 +275,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-  every: int = 10  # metrics.jsonl row (and progress-bar refresh) every this many steps
+  every: int = 5  # metrics.jsonl row (and progress-bar refresh) every this many steps
   tensorboard: bool = False  # TensorBoard event files under <run_dir>/tb (if a writer is installed)
   progress: bool = True
 
