@@ -13,14 +13,12 @@ parsed as TOML literals (`3`, `1e-3`, `true`, `[1, 2]`, `"x"`), falling back to 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import os
-import tempfile
 import tomllib
-import types
-import typing
-from typing import Any, Literal, Sequence, Union
+from typing import Literal, Sequence, Union
+
+from moba_jax import config_io
+from moba_jax.config_io import atomic_write, parse_override, to_toml  # noqa: F401 (re-exported)
 
 HybridFull = Union[int, Literal["all"]]
 
@@ -167,7 +165,7 @@ class TrainConfig:
   the schedule, so a run can be split: stop_after=6 then rerun to reproduce 12 straight steps."""
 
   steps: int = 60  # the no-file default: a small CPU run of about a minute
-  batch_size: int = 8
+  batch_size: int = 4
   seq_len: int = 256
   lr: float = 3e-3
   warmup_steps: int = 6
@@ -363,155 +361,25 @@ class Config:
     importlib.import_module("moba_jax.data").check_config(self)
 
 
-# ----------------------------------------------------------------------------- dict <-> dataclass
-
-
-def _hints(cls) -> dict[str, Any]:
-  return typing.get_type_hints(cls, globalns=globals())
-
-
-def _describe(tp) -> str:
-  origin, args = typing.get_origin(tp), typing.get_args(tp)
-  if origin is tuple:
-    return f"a list of {_describe(args[0])}"
-  if origin in (Union, types.UnionType):
-    return " or ".join(_describe(a) for a in args)
-  if origin is Literal:
-    return " or ".join(repr(a) for a in args)
-  return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-      tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(tp, value, key: str):
-  """Converts a TOML/JSON value to the field type `tp`; raises ValueError naming `key`."""
-  origin, args = typing.get_origin(tp), typing.get_args(tp)
-  bad = ValueError(f"{key}={value!r} must be {_describe(tp)}")
-  if dataclasses.is_dataclass(tp):
-    if isinstance(value, tp):
-      return value
-    if not isinstance(value, dict):
-      raise ValueError(f"{key}={value!r} is a section: set its keys ({key}.KEY=...)")
-    return _build(tp, value, key + ".")
-  if origin is tuple:
-    if not isinstance(value, (list, tuple)):
-      raise bad
-    return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-  if origin in (Union, types.UnionType):
-    for arg in args:
-      try:
-        return _coerce(arg, value, key)
-      except ValueError:
-        pass
-    raise bad
-  if origin is Literal:
-    if value in args:
-      return value
-    raise bad
-  if tp is bool:
-    if isinstance(value, bool):
-      return value
-    raise bad
-  if tp is int:
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
-    raise bad
-  if tp is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    raise bad
-  if tp is str:
-    if isinstance(value, str):
-      return value
-    raise bad
-  return value
-
-
-def _all_keys(cls, prefix: str = "") -> list[str]:
-  keys = []
-  for name, tp in _hints(cls).items():
-    keys.append(prefix + name)
-    if dataclasses.is_dataclass(tp):
-      keys += _all_keys(tp, prefix + name + ".")
-  return keys
-
-
-def _unknown(key: str, valid: Sequence[str]) -> ValueError:
-  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-  if not close:  # try the last component against the leaf names
-    leaf = key.rsplit(".", 1)[-1]
-    close = [k for k in valid if k.rsplit(".", 1)[-1] in
-             difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1)]
-  hint = f"; did you mean {close[0]!r}?" if close else ""
-  return ValueError(f"unknown config key {key!r}{hint}")
-
-
-def _build(cls, d: dict, prefix: str = ""):
-  hints = _hints(cls)
-  kwargs = {}
-  for name, value in d.items():
-    if name not in hints:
-      raise _unknown(prefix + name, _all_keys(Config))
-    kwargs[name] = _coerce(hints[name], value, prefix + name)
-  return cls(**kwargs)
+# ----------------------------------------------------------------------------- public API
 
 
 def config_from_dict(d: dict) -> Config:
   """Builds (and validates) a Config from a nested dict; missing keys take their defaults."""
-  return _build(Config, d)
+  return config_io.build(Config, d)
 
 
 def config_to_dict(cfg) -> dict:
   """Nested dict of plain values (tuples become lists): TOML/JSON-serialisable."""
-  def plain(v):
-    if dataclasses.is_dataclass(v):
-      return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, (tuple, list)):
-      return [plain(x) for x in v]
-    return v
-  return plain(cfg)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-  """"a.b=1e-3" -> ("a.b", 0.001); the value is a TOML literal, else the raw string."""
-  key, sep, raw = item.partition("=")
-  key = key.strip()
-  if not sep or not key:
-    raise ValueError(f"override {item!r} must look like section.key=value")
-  raw = raw.strip()
-  try:
-    value = tomllib.loads(f"v = {raw}")["v"]
-  except tomllib.TOMLDecodeError:
-    value = raw
-  return key, value
-
-
-def _set_dotted(d: dict, key: str, value) -> None:
-  valid = _all_keys(Config)
-  if key not in valid:
-    raise _unknown(key, valid)
-  parts = key.split(".")
-  for part in parts[:-1]:
-    d = d.setdefault(part, {})
-    if not isinstance(d, dict):
-      raise ValueError(f"override {key!r}: {part!r} is not a section")
-  d[parts[-1]] = value
+  return config_io.to_dict(cfg)
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
   """Returns cfg with dotted `key=value` overrides applied (validated once, at the end)."""
   d = config_to_dict(cfg)
   for item in overrides:
-    _set_dotted(d, *parse_override(item))
+    config_io.set_dotted(Config, d, *parse_override(item))
   return config_from_dict(d)
-
-
-def _check_keys(d: dict, prefix: str = "") -> None:
-  valid = _all_keys(Config)
-  for k, v in d.items():
-    if prefix + k not in valid:
-      raise _unknown(prefix + k, valid)
-    if isinstance(v, dict):
-      _check_keys(v, prefix + k + ".")
 
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -520,52 +388,10 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
   if path:
     with open(path, "rb") as f:
       d = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
-  _check_keys(d)
+  config_io.check_keys(Config, d)
   for item in overrides:
-    _set_dotted(d, *parse_override(item))
+    config_io.set_dotted(Config, d, *parse_override(item))
   return config_from_dict(d)
-
-
-# ----------------------------------------------------------------------------- TOML writer
-
-
-def _toml_value(v) -> str:
-  if isinstance(v, bool):
-    return "true" if v else "false"
-  if isinstance(v, (int, float)):
-    return repr(v) if v == v and abs(v) != float("inf") else str(v).replace("inf", "inf")
-  if isinstance(v, str):
-    return json.dumps(v)
-  if isinstance(v, (list, tuple)):
-    return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-  raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def to_toml(d: dict, prefix: str = "") -> str:
-  """TOML text of a nested dict (scalars first, then one [table] per sub-dict)."""
-  lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-  out = "\n".join(lines) + ("\n" if lines else "")
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out += f"\n[{prefix}{k}]\n" + to_toml(v, f"{prefix}{k}.")
-  return out
-
-
-def atomic_write(path: str, text: str) -> None:
-  """Writes text to path via a temporary file and os.replace (never a half-written file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def save_config(cfg: Config, path: str) -> None:

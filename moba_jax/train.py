@@ -253,8 +253,19 @@ def _write_json(path: str, obj: dict) -> None:
     atomic_write(path, metrics_lib.dumps(obj) + "\n")
 
 
+def _last_metrics_row(run_dir: str) -> dict:
+  import json
+
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = [ln for ln in f if ln.strip()]
+  return json.loads(lines[-1]) if lines else {}
+
+
 def _summary(cfg, loop: _Loop, status: str, wall: float, extra: dict) -> dict:
-  rows = loop.last_row
+  rows = loop.last_row or _last_metrics_row(cfg.run_dir)  # a rerun of a finished run
   summary = {"status": status, "step": loop.step, "final_train_loss": rows.get("loss"),
              "tokens_per_s": rows.get("tokens_per_s"), "step_time_s": rows.get("step_time_s"),
              "mfu": rows.get("mfu"), "wall_s": wall, "nonfinite_steps": loop.nonfinite_total,
