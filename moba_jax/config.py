@@ -7,7 +7,7 @@ the key and the accepted range. A whole config is built from a dict (TOML file) 
   cfg = load_config("exp.toml", ["train.steps=100", "moba.hybrid_full_layers=all"])
 
 Unknown keys raise ValueError naming them and suggesting the nearest valid key. Override values are
-parsed as TOML literals (`3`, `1e-3`, `true`, `[1, 2]`, `"x"`), falling back to plain strings (`all`).
+parsed as TOML literals (`3`, `1e-3`, `true`, `[1, 2]`, `"x"`), else taken as strings (`all`).
 """
 
 from __future__ import annotations
@@ -160,9 +160,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation. The LR schedule spans `schedule_steps` (0 = `steps`): warmup, then decay to
-  lr * min_lr_ratio (warmup is capped at the schedule length). `stop_after` ends this invocation early (with a checkpoint) without changing
-  the schedule, so a run can be split: stop_after=6 then rerun to reproduce 12 straight steps."""
+  """Optimisation. The LR schedule spans `schedule_steps` (0 = `steps`): warmup (capped at the
+  schedule length), then decay to lr * min_lr_ratio. `stop_after` ends this invocation early (with a
+  checkpoint) without changing the schedule: stop_after=6, then a rerun, reproduces 12 straight
+  steps."""
 
   steps: int = 60  # the no-file default: a small CPU run of about a minute
   batch_size: int = 4
@@ -288,7 +289,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 class AxisRules:
   """Logical axis -> mesh axes. Params use vocab/embed/mlp/heads/kv_heads/head_dim/norm/layers,
   activations batch/length/embed/heads/kv_heads/head_dim/mlp/vocab. A mesh axis already used by an
-  earlier dimension of the same array is skipped, and so is one that does not divide the dimension."""
+  earlier dimension of the same array is skipped, and so is one that does not divide the
+  dimension."""
 
   batch: tuple[str, ...] = ("data", "fsdp")
   length: tuple[str, ...] = ()

@@ -1,0 +1,305 @@
+"""`moba-jax grid [EXPERIMENT.toml] [key=value ...]`: the layer-wise hybrid experiment grid.
+
+The paper's recipe (Figure 5b/5c), as two stages over one experiment config (docs/grid.md):
+  stage 1  one shared pretraining run: the config + `grid.pretrain` overrides, with
+           moba.hybrid_full_layers = grid.pretrain_attention (default 0 = MoBA) -> OUT/pretrain
+  stage 2  one SFT run per (variant, seed): the config + `grid.sft` overrides, with
+           moba.hybrid_full_layers = variant, the seed, and train.init_from = OUT/pretrain
+           -> OUT/sft/<variant>/seed<S>
+then results.{csv,md,json} and loss_vs_layers.png (moba_jax.report).
+
+Resumable and idempotent: a run whose summary.json says done (at the configured steps) is skipped, an
+unfinished one resumes from its checkpoints, a failing one is recorded (status "failed" and its error)
+and the others go on. `grid.only` / `--variant` and `grid.only_seeds` / `--seed` select part of the
+grid (cluster job arrays); `grid.stage=pretrain|sft` runs one stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.resources
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Iterator
+
+from moba_jax import report
+from moba_jax.config import Config, apply_overrides, config_to_dict, layer_kinds, load_config
+
+DEFAULT_EXPERIMENT = "layerwise_hybrid_cpu.toml"
+ALIASES = ("out_dir", "seeds", "variants", "only", "only_seeds", "stage", "init_from")
+EXIT_FAILED, EXIT_STOPPED = 1, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One training run of the grid."""
+
+  stage: str  # "pretrain" | "sft"
+  cfg: Config
+  variant: int | str | None = None  # hybrid_full_layers of an SFT run
+  seed: int | None = None
+
+  @property
+  def name(self) -> str:
+    if self.stage == "pretrain":
+      return f"pretrain (hybrid_full_layers={self.cfg.moba.hybrid_full_layers})"
+    return f"sft {report.variant_label(self.variant)} seed {self.seed}"
+
+  @property
+  def run_dir(self) -> Path:
+    return Path(self.cfg.run_dir)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@contextlib.contextmanager
+def experiment_file(name: str | None) -> Iterator[str]:
+  """A path for EXPERIMENT: an existing file, or a name in the packaged moba_jax.experiments."""
+  if name and Path(name).is_file():
+    yield name
+    return
+  name = name or DEFAULT_EXPERIMENT
+  name = name if name.endswith(".toml") else name + ".toml"
+  res = importlib.resources.files("moba_jax.experiments") / name
+  if not res.is_file():
+    known = sorted(p.name for p in importlib.resources.files("moba_jax.experiments").iterdir()
+                   if p.name.endswith(".toml"))
+    raise FileNotFoundError(f"experiment {name!r} is neither a file nor one of {known}")
+  with importlib.resources.as_file(res) as path:
+    yield str(path)
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+  """Friendly grid keys: `out_dir=D` means `grid.out_dir=D` (likewise the other ALIASES)."""
+  out = []
+  for item in overrides:
+    key = item.partition("=")[0].strip()
+    out.append(f"grid.{item.strip()}" if key in ALIASES else item)
+  return out
+
+
+def load_experiment(name: str | None, overrides: list[str]) -> tuple[Config, str]:
+  with experiment_file(name) as path:
+    cfg = load_config(path, normalize_overrides(overrides))
+    source = name or f"moba_jax.experiments/{DEFAULT_EXPERIMENT}"
+  check_variants(cfg)
+  return cfg, source
+
+
+def check_variants(cfg: Config) -> None:
+  """Every variant must fit the model depth: errors name the value and the accepted range."""
+  g = cfg.grid
+  for v in (*g.variants, g.pretrain_attention):
+    try:
+      layer_kinds(cfg.model.n_layers, v)
+    except ValueError:
+      raise ValueError(f"grid variant hybrid_full_layers={v!r} must be in "
+                       f"[0, model.n_layers={cfg.model.n_layers}] or 'all'") from None
+
+
+def seed_settings(cfg: Config, seed: int) -> dict:
+  """What one seed changes in an SFT run: the train seed and the training row order."""
+  return {"train": {"seed": seed}, "data": {"seed": cfg.data.seed + seed}}
+
+
+def _with(cfg: Config, run_dir: Path, hfl, changes: dict, init_from: str) -> Config:
+  train = dataclasses.replace(cfg.train, init_from=init_from, **changes.get("train", {}))
+  data = dataclasses.replace(cfg.data, **changes.get("data", {}))
+  moba = dataclasses.replace(cfg.moba, hybrid_full_layers=hfl)
+  return dataclasses.replace(cfg, run_dir=str(run_dir), train=train, data=data, moba=moba)
+
+
+def plan(cfg: Config) -> tuple[RunSpec | None, list[RunSpec]]:
+  """(stage-1 run or None when grid.init_from is given, stage-2 runs) of the full grid."""
+  g, out = cfg.grid, Path(cfg.grid.out_dir)
+  pre = None
+  init_from = g.init_from
+  if not init_from:
+    pre_cfg = _with(apply_overrides(cfg, g.pretrain), out / "pretrain", g.pretrain_attention,
+                    {}, cfg.train.init_from)
+    pre = RunSpec("pretrain", pre_cfg)
+    init_from = str(out / "pretrain")
+  sft_base = apply_overrides(cfg, g.sft)
+  runs = []
+  for v in g.variants:
+    for s in g.seeds:
+      run_dir = out / "sft" / report.variant_label(v) / f"seed{s}"
+      runs.append(RunSpec("sft", _with(sft_base, run_dir, v, seed_settings(sft_base, s),
+                                       init_from), v, s))
+  return pre, runs
+
+
+def select(cfg: Config, pre: RunSpec | None, runs: list[RunSpec]) -> list[RunSpec]:
+  """The runs this invocation executes (grid.stage, grid.only, grid.only_seeds)."""
+  g = cfg.grid
+  todo = [pre] if pre is not None and g.stage in ("all", "pretrain") else []
+  if g.stage in ("all", "sft"):
+    todo += [r for r in runs if (not g.only or r.variant in g.only)
+             and (not g.only_seeds or r.seed in g.only_seeds)]
+  return todo
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def enable_jax_cache(cfg: Config) -> None:
+  """Persistent compilation cache under out_dir (unless JAX_COMPILATION_CACHE_DIR is set): the
+  seeds of a variant compile the same programs, so only the first seed pays for compilation."""
+  import os
+
+  import jax
+
+  if not cfg.grid.jax_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  jax.config.update("jax_compilation_cache_dir", str(Path(cfg.grid.out_dir, "jax_cache").resolve()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _is_main_process() -> bool:
+  import jax
+
+  return jax.process_index() == 0
+
+
+def _train_run(cfg: Config, progress: bool) -> dict:
+  """The training entry point (a seam for tests)."""
+  from moba_jax import train
+
+  return train.run(cfg, progress=progress)
+
+
+def is_done(spec: RunSpec) -> bool:
+  """Finished at the configured number of steps (a longer config makes it resume)."""
+  summary = report.read_json(spec.run_dir / "summary.json") or {}
+  return summary.get("status") == "done" and summary.get("step", 0) >= spec.cfg.train.steps
+
+
+def _record(spec: RunSpec, **fields) -> dict:
+  rec = report.read_json(spec.run_dir / report.RUN_FILE) or {}
+  rec.update(stage=spec.stage, seed=spec.seed, run_dir=str(spec.run_dir))
+  if spec.stage == "sft":
+    rec.update(variant=report.variant_label(spec.variant), hybrid_full_layers=spec.variant)
+  rec.update(fields)
+  spec.run_dir.mkdir(parents=True, exist_ok=True)
+  if _is_main_process():
+    report.atomic_write(spec.run_dir / report.RUN_FILE, json.dumps(rec, indent=2) + "\n")
+  return rec
+
+
+def run_one(spec: RunSpec, progress: bool) -> dict:
+  """Trains one run unless it is done; never raises for a training error (records it)."""
+  if is_done(spec):
+    return _record(spec, status="done", error=None)
+  _record(spec, status="running", error=None, started=time.time())
+  try:
+    summary = _train_run(spec.cfg, progress)
+  except Exception as e:  # noqa: BLE001 - a failing run must not stop the grid
+    if _is_main_process():
+      (spec.run_dir / "error.log").write_text(traceback.format_exc())
+    msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return _record(spec, status="failed", error=msg, finished=time.time())
+  status = summary.get("status", "done")
+  return _record(spec, status=status, error=None, finished=time.time())
+
+
+def write_manifest(cfg: Config, source: str) -> None:
+  out = Path(cfg.grid.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if not _is_main_process():
+    return
+  manifest = {"name": cfg.grid.name or Path(source).stem, "experiment": source,
+              "n_layers": cfg.model.n_layers, "seq_len": cfg.train.seq_len,
+              "block_size": cfg.moba.block_size, "topk": cfg.moba.topk,
+              "trailing_tokens": cfg.eval.trailing_tokens, "config": config_to_dict(cfg)}
+  report.atomic_write(out / report.EXPERIMENT_FILE, json.dumps(manifest, indent=2) + "\n")
+
+
+def run_grid(cfg: Config, source: str = "", *, progress: bool = True) -> int:
+  """Runs the selected part of the grid, then writes the results; returns the exit code."""
+  pre, runs = plan(cfg)
+  todo = select(cfg, pre, runs)
+  write_manifest(cfg, source)
+  failed, stopped = 0, False
+  for i, spec in enumerate(todo, 1):
+    if spec.stage == "sft" and pre is not None and not is_done(pre):
+      _record(spec, status="skipped", error="pretraining is not done")
+      failed += 1
+      continue
+    print(f"[grid {i}/{len(todo)}] {spec.name} -> {spec.run_dir}", flush=True)
+    t0 = time.time()
+    rec = run_one(spec, progress)
+    print(f"[grid {i}/{len(todo)}] {spec.name}: {rec['status']}"
+          + (f" ({rec['error']})" if rec.get("error") else "")
+          + f" in {time.time() - t0:.1f}s", flush=True)
+    failed += rec["status"] == "failed"
+    if rec["status"] not in ("done", "failed"):  # preempted / stopped early: stop the grid
+      stopped = True
+      break
+  if not _is_main_process():
+    return EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
+  rows = report.write_results(cfg.grid.out_dir)
+  print(report.format_markdown(rows), end="")
+  print(f"results: {', '.join(str(Path(cfg.grid.out_dir, f)) for f in report.RESULT_FILES)}")
+  return EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="moba-jax grid", description=__doc__.splitlines()[0],
+                              epilog="Overrides: any config key (train.steps=100) and the grid "
+                              f"keys {', '.join(ALIASES)} without their grid. prefix.")
+  p.add_argument("args", nargs="*", help="[EXPERIMENT.toml or packaged name] [key=value ...]")
+  p.add_argument("--variant", action="append", default=[],
+                 help="run only this variant (0, 1, 3, ..., all); repeatable; = grid.only")
+  p.add_argument("--seed", action="append", type=int, default=[],
+                 help="run only this seed; repeatable; = grid.only_seeds")
+  p.add_argument("--stage", choices=("all", "pretrain", "sft"), help="= grid.stage")
+  p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+  p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+  return p
+
+
+def _flag_overrides(args) -> list[str]:
+  extra = []
+  if args.variant:
+    bad = [v for v in args.variant if v != "all" and not v.isdigit()]
+    if bad:
+      raise ValueError(f"--variant {bad[0]!r} must be an integer >= 0 or 'all'")
+    vals = [v if v == "all" else int(v) for v in args.variant]
+    extra.append(f"grid.only={json.dumps(vals)}")
+  if args.seed:
+    extra.append(f"grid.only_seeds={json.dumps(args.seed)}")
+  if args.stage:
+    extra.append(f"grid.stage={args.stage}")
+  return extra
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  pos = list(args.args)
+  name = pos.pop(0) if pos and "=" not in pos[0] else None
+  try:
+    cfg, source = load_experiment(name, pos + _flag_overrides(args))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"moba-jax grid: {e}", file=sys.stderr)
+    return 2
+  if args.dry_run:
+    pre, runs = plan(cfg)
+    for i, spec in enumerate(select(cfg, pre, runs), 1):
+      print(f"{i:3d}. {spec.name}: {spec.run_dir}" + ("  [done]" if is_done(spec) else ""))
+    return 0
+  from moba_jax import train
+
+  train.maybe_initialize_distributed()  # multi-host pods / SLURM: before any device is touched
+  enable_jax_cache(cfg)
+  return run_grid(cfg, source, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,186 @@
+"""`moba-jax grid`: plan and selection, a tiny end-to-end grid, failures, idempotent reruns."""
+
+import json
+import math
+
+import pytest
+
+from moba_jax import grid, report
+from moba_jax.config import load_config
+
+TINY = """
+run_dir = "unused"
+[model]
+vocab_size = 32
+d_model = 16
+n_layers = 2
+n_heads = 2
+n_kv_heads = 1
+head_dim = 8
+mlp_dim = 32
+[moba]
+block_size = 16
+topk = 2
+[train]
+steps = 2
+batch_size = 2
+seq_len = 64
+warmup_steps = 1
+[data]
+task = "kv_retrieval"
+key_len = 1
+value_len = 1
+num_queries = 1
+prefetch = 0
+[eval]
+batches = 1
+trailing_tokens = 16
+[checkpoint]
+every = 0
+[log]
+every = 1
+[mesh]
+data = 1
+[grid]
+seeds = [0, 1]
+variants = [0, "all"]
+pretrain = ["data.task=lm", "train.steps=3"]
+jax_cache = false
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_toml(tmp_path_factory):
+  path = tmp_path_factory.mktemp("exp") / "tiny.toml"
+  path.write_text(TINY)
+  return str(path)
+
+
+# ----------------------------------------------------------------------------- plan (no training)
+
+
+def test_packaged_experiments_load_and_fit_their_models():
+  for name in ("layerwise_hybrid_cpu", "layerwise_hybrid_h200", "layerwise_hybrid_paper"):
+    cfg, _ = grid.load_experiment(name, ["out_dir=/tmp/x"])
+    assert cfg.grid.out_dir == "/tmp/x"
+    assert list(cfg.grid.variants) == [0, 1, 3, 5, 10, "all"]
+    assert cfg.model.n_layers > 10  # hybrid 10 differs from all-full
+    pre, runs = grid.plan(cfg)
+    assert pre.cfg.moba.hybrid_full_layers == 0 and len(runs) == 6 * len(cfg.grid.seeds)
+    assert cfg.train.seq_len > cfg.moba.block_size * cfg.moba.topk  # MoBA drops context
+
+
+def test_plan_stages_and_seeds(tiny_toml):
+  cfg, _ = grid.load_experiment(tiny_toml, ["out_dir=/o", "grid.sft=['train.lr=1e-4']"])
+  pre, runs = grid.plan(cfg)
+  assert pre.run_dir.as_posix() == "/o/pretrain"
+  assert pre.cfg.data.task == "lm" and pre.cfg.train.steps == 3
+  assert [(r.variant, r.seed) for r in runs] == [(0, 0), (0, 1), ("all", 0), ("all", 1)]
+  r = runs[3]
+  assert r.run_dir.as_posix() == "/o/sft/full/seed1"
+  assert r.cfg.moba.hybrid_full_layers == "all" and r.cfg.train.init_from == "/o/pretrain"
+  assert r.cfg.train.lr == 1e-4 and r.cfg.data.task == "kv_retrieval"
+  assert r.cfg.train.seed == 1 and runs[2].cfg.data.seed != r.cfg.data.seed
+
+
+def test_select_only_seed_stage_and_init_from(tiny_toml):
+  def names(*overrides):
+    cfg, _ = grid.load_experiment(tiny_toml, ["out_dir=/o", *overrides])
+    return [s.name.split(" (")[0] for s in grid.select(cfg, *grid.plan(cfg))]
+
+  assert names("grid.only=all", "grid.only_seeds=1") == ["pretrain", "sft full seed 1"]
+  assert names("grid.stage=pretrain") == ["pretrain"]
+  assert names("grid.stage=sft", "only=0") == ["sft moba seed 0", "sft moba seed 1"]
+  cfg, _ = grid.load_experiment(tiny_toml, ["out_dir=/o", "init_from=/ckpt"])
+  pre, runs = grid.plan(cfg)
+  assert pre is None and {r.cfg.train.init_from for r in runs} == {"/ckpt"}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("grid.variants=[0, 3]", "hybrid_full_layers=3 must be in [0, model.n_layers=2]"),
+    ("grid.only=1", "grid.only=1 must be one of (0, 'all')"),
+    ("grid.seeds=[0, 0]", "grid.seeds=[0, 0] must be a non-empty list"),
+    ("grid.stage=sometimes", "grid.stage='sometimes' must be one of"),
+])
+def test_bad_grid_values_named(tiny_toml, override, needle, capsys):
+  assert grid.main([tiny_toml, override, "--dry-run"]) == 2
+  assert needle in capsys.readouterr().err
+
+
+def test_cli_flags_and_dry_run(tiny_toml, tmp_path, capsys):
+  assert grid.main([tiny_toml, f"out_dir={tmp_path}", "--variant", "all", "--seed", "0",
+                    "--dry-run"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and "sft full seed 0" in lines[1]
+  assert grid.main([tiny_toml, "--variant", "three", "--dry-run"]) == 2
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def ran_grid(tiny_toml, tmp_path_factory):
+  """The tiny grid run once, with the (full, seed 1) run failing."""
+  out = tmp_path_factory.mktemp("grid")
+  real = grid._train_run
+
+  def flaky(cfg, progress):
+    if cfg.moba.hybrid_full_layers == "all" and cfg.train.seed == 1:
+      raise RuntimeError("boom: injected failure")
+    return real(cfg, progress)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(grid, "_train_run", flaky)
+    code = grid.main([tiny_toml, f"out_dir={out}", "--no-progress"])
+  return out, code
+
+
+def test_grid_writes_results_and_records_failure(ran_grid):
+  out, code = ran_grid
+  assert code == grid.EXIT_FAILED
+  for name in report.RESULT_FILES:
+    assert (out / name).is_file()
+  rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+  assert list(rows) == ["moba", "full"]
+  assert rows["moba"]["status"] == "done" and rows["moba"]["n_seeds"] == 2
+  assert math.isfinite(rows["moba"]["sft_loss"]) and math.isfinite(rows["moba"]["trailing_loss"])
+  assert rows["full"]["n_seeds"] == 1 and "boom" in rows["full"]["status"]
+  failed = out / "sft" / "full" / "seed1"
+  assert json.loads((failed / report.RUN_FILE).read_text())["status"] == "failed"
+  assert "RuntimeError" in (failed / "error.log").read_text()
+  sft_cfg = (out / "sft" / "moba" / "seed0" / "config.toml").read_text()
+  assert "init_from" in sft_cfg and str(out / "pretrain") in sft_cfg
+
+
+def test_rerun_retries_failed_and_skips_done(ran_grid, tiny_toml, capsys):
+  out, _ = ran_grid
+  calls = []
+  real = grid._train_run
+
+  def counting(cfg, progress):
+    calls.append(cfg.run_dir)
+    return real(cfg, progress)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(grid, "_train_run", counting)
+    assert grid.main([tiny_toml, f"out_dir={out}", "--no-progress"]) == 0
+    assert calls == [str(out / "sft" / "full" / "seed1")]
+    assert grid.main([tiny_toml, f"out_dir={out}", "--no-progress"]) == 0
+    assert len(calls) == 1  # everything done: nothing trains
+  table = capsys.readouterr().out
+  assert "| full | all |" in table and "2/2" in table
+  rows = json.loads((out / "results.json").read_text())["rows"]
+  assert all(r["status"] == "done" and r["n_seeds"] == 2 for r in rows)
+
+
+def test_report_rebuilds_same_rows(ran_grid, capsys):
+  out, _ = ran_grid
+  before = (out / "results.csv").read_text()
+  (out / "results.csv").unlink()
+  assert report.main([str(out)]) == 0
+  assert (out / "results.csv").read_text() == before
+
+
+def test_load_config_accepts_grid_section(tiny_toml):
+  cfg = load_config(tiny_toml, ["grid.only=[0]"])
+  assert cfg.grid.only == (0,) and cfg.grid.pretrain == ("data.task=lm", "train.steps=3")
