@@ -45,7 +45,14 @@ def _step_items(step_dir: Path) -> dict[str, str]:
         handlers[child.name] = "JsonCheckpointHandler"
       else:
         handlers[child.name] = "unknown"
-  return {k: (v.rsplit(".", 1)[-1] if isinstance(v, str) else str(v)) for k, v in handlers.items()}
+  names = sorted(handlers, key=lambda k: (k not in PARAM_ROOTS, k))  # params first
+  return {k: (handlers[k].rsplit(".", 1)[-1] if isinstance(handlers[k], str) else str(handlers[k]))
+          for k in names}
+
+
+def _natural(path: str) -> list:
+  """Sort key: layers.2 before layers.10."""
+  return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
 
 
 def _incomplete_reason(step_dir: Path) -> str | None:
@@ -105,8 +112,9 @@ def pytree_arrays(item_dir: Path, prefix: str) -> list[dict]:
   meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
   tree = getattr(meta, "tree", meta)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [_leaf_info(".".join([prefix, *(_key_str(k) for k in path)]), leaf)
-          for path, leaf in leaves]
+  arrays = [_leaf_info(".".join([prefix, *(_key_str(k) for k in path)]), leaf)
+            for path, leaf in leaves]
+  return sorted(arrays, key=lambda a: _natural(a["path"]))
 
 
 def _is_param(path: str) -> bool:
@@ -200,8 +208,15 @@ def format_text(info: dict) -> str:
                f"bytes: {info['total_bytes']} ({_human(info['total_bytes'])})")
   lines.append(f"parameters: {info['param_count']}, bytes: {info['param_bytes']} "
                f"({_human(info['param_bytes'])})")
+  for name in info["items"]:
+    part = [a for a in info["arrays"] if a["path"].split(".")[0] == name]
+    if part:
+      nbytes = sum(a["bytes"] for a in part)
+      lines.append(f"  {name}: {len(part)} arrays, {sum(a['size'] for a in part)} elements, "
+                   f"{nbytes} bytes ({_human(nbytes)})")
   for name, value in info["json_items"].items():
-    lines.append(f"item {name}: {json.dumps(value)[:400]}")
+    shown = {k: v for k, v in value.items() if k != "config"} if isinstance(value, dict) else value
+    lines.append(f"item {name}: {json.dumps(shown)[:400]}")
   lines += _format_run(info["run"])
   return "\n".join(lines)
 

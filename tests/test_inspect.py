@@ -75,3 +75,40 @@ def test_bad_step_and_dir(orbax_dir, capsys):
   assert insp.main([str(orbax_dir), "--step", "5"]) == 2
   assert "available: [2, 4]" in capsys.readouterr().err
   assert insp.main([str(orbax_dir / "nope")]) == 2
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A real (tiny) training run: checkpoints at steps 1 and 2 saved by moba_jax.train."""
+  from moba_jax import train
+  from moba_jax.config import load_config
+
+  run_dir = tmp_path_factory.mktemp("run")
+  cfg = load_config(None, [
+      f"run_dir={run_dir}", "model.vocab_size=32", "model.d_model=16", "model.n_layers=2",
+      "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=8", "model.mlp_dim=32",
+      "moba.block_size=16", "train.steps=2", "train.batch_size=2", "train.seq_len=64",
+      "train.warmup_steps=1", "data.key_len=1", "data.value_len=1", "data.num_queries=1",
+      "data.prefetch=0", "eval.batches=1", "eval.trailing_tokens=16", "checkpoint.every=1",
+      "checkpoint.async_save=false", "log.every=1", "mesh.data=1"])
+  summary = train.run(cfg, progress=False)
+  return run_dir, summary
+
+
+def test_real_checkpoint(trained_run, capsys):
+  run_dir, summary = trained_run
+  info = insp.inspect_checkpoints(run_dir / "checkpoints")
+  assert [s["step"] for s in info["steps"] if s["complete"]] == [1, 2] and info["step"] == 2
+  arrays = {a["path"]: a for a in info["arrays"]}
+  assert arrays["params.embed"]["shape"] == [32, 16]
+  assert arrays["params.layers.1.attn.wq"]["shape"] == [16, 2, 8]
+  assert info["param_count"] == summary["params"]
+  assert info["run"]["summary"]["step"] == 2 and "config_toml" in info["run"]
+  assert insp.main([str(run_dir), "--step", "1", "--json"]) == 0
+  as_json = json.loads(capsys.readouterr().out)
+  assert insp.main([str(run_dir), "--step", "1"]) == 0
+  text = capsys.readouterr().out
+  assert as_json["step"] == 1 and "step 1:" in text
+  for a in as_json["arrays"]:
+    assert any(l.split()[:1] == [a["path"]] and l.endswith(str(a["size"]))
+               for l in text.splitlines())
