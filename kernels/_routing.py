@@ -13,6 +13,7 @@ Row metadata: rq (query row in [0, TG) or -1 for padding), [lo, hi) the key rang
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -106,17 +107,20 @@ def _top_k(scores, k):
   if k > 16:
     return jax.lax.top_k(scores, k)
   idx = jax.lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
-  taken = jnp.zeros(scores.shape, bool)
   values, slots = [], []
-  for _ in range(k):
-    masked = jnp.where(taken, -jnp.inf, scores)
+  for i in range(k):
+    masked = scores
+    for prev in slots:
+      masked = jnp.where(idx == prev[..., None], -jnp.inf, masked)
     best = jnp.argmax(masked, axis=-1).astype(jnp.int32)
     value = jnp.take_along_axis(masked, best[..., None], axis=-1)[..., 0]
-    free = jnp.argmax(~taken, axis=-1).astype(jnp.int32)  # only -inf left: lowest free index
-    best = jnp.where(value == -jnp.inf, free, best)
+    if slots:  # only -inf left: top_k takes the lowest index not taken yet
+      free = jnp.zeros_like(best)
+      for _ in range(i):
+        free = free + functools.reduce(jnp.logical_or, [p == free for p in slots])
+      best = jnp.where(value == -jnp.inf, free, best)
     values.append(value)
     slots.append(best)
-    taken = taken | (idx == best[..., None])
   return jnp.stack(values, -1), jnp.stack(slots, -1)
 
 
