@@ -281,7 +281,7 @@ def _flag_overrides(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  args = _parser().parse_intermixed_args(argv)
   pos = list(args.args)
   name = pos.pop(0) if pos and "=" not in pos[0] else None
   try:

@@ -108,8 +108,8 @@ def test_bad_grid_values_named(tiny_toml, override, needle, capsys):
 
 
 def test_cli_flags_and_dry_run(tiny_toml, tmp_path, capsys):
-  assert grid.main([tiny_toml, f"out_dir={tmp_path}", "--variant", "all", "--seed", "0",
-                    "--dry-run"]) == 0
+  assert grid.main([tiny_toml, "--variant", "all", f"out_dir={tmp_path}", "--seed", "0",
+                    "--dry-run"]) == 0  # flags and key=value overrides intermixed
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 2 and "sft full seed 0" in lines[1]
   assert grid.main([tiny_toml, "--variant", "three", "--dry-run"]) == 2
