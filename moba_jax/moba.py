@@ -20,6 +20,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+# float32 inputs get true float32 products on every backend (GPUs default to TF32, which changes
+# which of two near-tied blocks is chosen); bfloat16 products are unaffected.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 class Layout(NamedTuple):
   """Per-token document and block bookkeeping, all [B, T] int32."""
@@ -83,7 +87,8 @@ def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: 
   # slot_kbar: [B, C, N, K, D]
   q_f32 = jax.lax.stop_gradient(q).astype(jnp.float32)
   q_grouped = q_f32.reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("bckgd,bcnkd->bckgn", q_grouped, jax.lax.stop_gradient(slot_kbar))
+  scores = jnp.einsum("bckgd,bcnkd->bckgn", q_grouped, jax.lax.stop_gradient(slot_kbar),
+                      precision=HIGHEST)
   scores = scores.reshape(batch, chunk, heads, n_slots)  # [B, C, H, N]
   current = layout.block_index[..., None, None]  # [B, C, 1, 1]
   scores = jnp.where(j < current, scores, -jnp.inf)
@@ -112,11 +117,12 @@ def _dense_attention(q, k, v, mask, softmax_scale):
   kv_heads = k.shape[2]
   groups = heads // kv_heads
   q32 = q.astype(jnp.float32).reshape(batch, seq, kv_heads, groups, dim)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q32, k.astype(jnp.float32)) * softmax_scale
+  logits = jnp.einsum("btkgd,bskd->bkgts", q32, k.astype(jnp.float32),
+                      precision=HIGHEST) * softmax_scale
   logits = logits.reshape(batch, heads, seq, seq)  # [B, H, T, S]
   logits = jnp.where(mask, logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1).reshape(batch, kv_heads, groups, seq, seq)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=HIGHEST)
   return out.reshape(batch, seq, heads, dim).astype(q.dtype)
 
 
@@ -172,11 +178,11 @@ def _chunk_attention(q_c, t_c, layout_c, k, v, kbar, block_end_at, *, block_size
     return jax.vmap(lambda xr, pr: xr[pr, kv_head[None, :, None, None]])(x, pos)
 
   k_sel, v_sel = gather(k), gather(v)
-  logits = jnp.einsum("bchd,bchsld->bchsl", q_c, k_sel,
+  logits = jnp.einsum("bchd,bchsld->bchsl", q_c, k_sel, precision=HIGHEST,
                       preferred_element_type=jnp.float32) * scale
   logits = jnp.where(keep, logits, -jnp.inf).reshape(batch, chunk, heads, -1)
   probs = jax.nn.softmax(logits, axis=-1).reshape(keep.shape)
-  out = jnp.einsum("bchsl,bchsld->bchd", probs, v_sel.astype(jnp.float32))
+  out = jnp.einsum("bchsl,bchsld->bchd", probs, v_sel.astype(jnp.float32), precision=HIGHEST)
   return out.astype(q_c.dtype)
 
 
