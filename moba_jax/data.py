@@ -1,7 +1,7 @@
 """Grain data pipelines: synthetic long-context SFT tasks, a synthetic LM stream, JSONL files.
 
 Every row is a dict of [T] arrays (T = train.seq_len):
-  inputs, targets (next tokens), mask (float32 loss weight of each target: answer tokens 1, prompt 0),
+  inputs, targets (next tokens), mask (float32 loss weight of each target: answer 1, prompt 0),
   segment_ids (1, 2, ... per packed example; padding gets its own id), positions (restart per example).
 
 Rows are a pure function of (data.seed, split, row index), so any row can be produced in any order
@@ -68,7 +68,7 @@ def check_config(cfg) -> None:
 
 
 class MarkovText:
-  """A fixed random 'language': each token has 4 likely successors; spans are copied from far back."""
+  """A fixed random 'language': 4 likely successors per token; spans copied from far back."""
 
   def __init__(self, seed: int, vocab: int, branching: int = 4):
     rng = np.random.default_rng([seed, 99])

@@ -1,6 +1,6 @@
 """Train state, optimizer, loss and the jit'ed train / eval steps (sharded, donated).
 
-The state crossing the jit boundary is two pure dicts of arrays, `params` and `opt_state`, laid out by
+The state crossing the jit boundary is two nnx.State trees, `params` and `opt_state`, laid out by
 shardings derived from each parameter's logical axis names (moba_jax.sharding). Inside the step they
 are merged back into the Decoder and its nnx.Optimizer. A step whose loss or gradient norm is not
 finite returns the incoming params and optimizer state unchanged (and says so in its metrics).

@@ -1,4 +1,5 @@
-"""Training loop: bit-exact resume, SIGTERM, non-finite steps, corrupt checkpoints, attention switch."""
+"""Training loop: bit-exact resume, SIGTERM, non-finite steps, corrupt checkpoints, attention
+switch."""
 
 import json
 import os
