@@ -334,6 +334,8 @@ def _moba_bwd(dims, sizes, scale, interpret, res, do):
 _moba.defvjp(_moba_fwd, _moba_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "interpret",
+                                             "block_sizes"))
 def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
                        interpret=False, block_sizes: BlockSizes | None = None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
