@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Any
 
 import jax
@@ -39,12 +40,29 @@ def lr_schedule(tc) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
 
 
+_TX_FIELDS = ("steps", "lr", "warmup_steps", "schedule", "schedule_steps", "min_lr_ratio",
+              "weight_decay", "b1", "b2", "grad_clip")
+
+
 def make_tx(tc) -> optax.GradientTransformation:
-  """AdamW (decay on matrices only) after global-norm clipping."""
+  """AdamW (decay on matrices only) after global-norm clipping. One object per distinct setting, so
+  runs that differ only in seed or data share optimizer graph definitions and compiled steps."""
+  return _make_tx(tuple(getattr(tc, f) for f in _TX_FIELDS))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_tx(key) -> optax.GradientTransformation:
+  tc = types.SimpleNamespace(**dict(zip(_TX_FIELDS, key)))
+  tc.total_schedule_steps = tc.schedule_steps or tc.steps
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
                       mask=decay_mask)
   return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip else adamw
+
+
+# Compiled functions are reused by later runs in the same process (a grid) with the same model
+# graph, optimizer setting, mesh and rules: the key determines every sharding.
+_JIT_CACHE: dict = {}
 
 
 @dataclasses.dataclass
@@ -61,28 +79,31 @@ class TrainState:
   rules: tuple
 
 
-def _build(cfg: Config, seed: int):
-  model = Decoder(cfg.model, cfg.moba, rngs=nnx.Rngs(seed))
+def _build(cfg: Config, key):
+  model = Decoder(cfg.model, cfg.moba, rngs=nnx.Rngs(key))
   return model, nnx.Optimizer(model, make_tx(cfg.train), wrt=nnx.Param)
 
 
 def init_state(cfg: Config, mesh, rules) -> TrainState:
-  """Initialises params and optimizer state directly into their shardings (one jit)."""
-  seed = cfg.train.seed
+  """Initialises params and optimizer state directly into their shardings (one jit, reused by
+  later runs of the same model, optimizer setting and mesh; the seed is an argument)."""
+  key = jax.random.key(cfg.train.seed)
   with nnx.use_eager_sharding(False):
-    abs_model, abs_opt = nnx.eval_shape(lambda: _build(cfg, seed))
+    abs_model, abs_opt = nnx.eval_shape(lambda: _build(cfg, key))
   model_def, abs_params = nnx.split(abs_model, nnx.Param)
   opt_def, abs_opt_state = nnx.split(abs_opt)
   p_sh = shd.state_shardings(abs_params, mesh, rules)
   o_sh = shd.state_shardings(abs_opt_state, mesh, rules)
 
-  @functools.partial(jax.jit, out_shardings=(p_sh, o_sh))
-  def init():
+  def init(key):
     with nnx.use_eager_sharding(False):
-      model, opt = _build(cfg, seed)
+      model, opt = _build(cfg, key)
     return nnx.state(model, nnx.Param), nnx.state(opt)
 
-  params, opt_state = init()
+  cache_key = ("init", model_def, opt_def, mesh, rules)
+  if cache_key not in _JIT_CACHE:
+    _JIT_CACHE[cache_key] = jax.jit(init, out_shardings=(p_sh, o_sh))
+  params, opt_state = _JIT_CACHE[cache_key](key)
   return TrainState(model_def, opt_def, params, opt_state, p_sh, o_sh, mesh, rules)
 
 
@@ -140,14 +161,22 @@ def _train_step(model_def, opt_def, params, opt_state, batch):
   return new_params, new_opt, metrics
 
 
+def _cached_jit(kind: str, state: TrainState, build):
+  key = (kind, state.model_def, state.opt_def if kind == "train" else None, state.mesh,
+         state.rules)
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = build()
+  return _JIT_CACHE[key]
+
+
 def make_train_step(state: TrainState):
   """jit(step)(params, opt_state, batch) -> (params, opt_state, metrics); params/opt donated."""
   rep = shd.replicated(state.mesh)
   batch_sh = shd.batch_sharding(state.mesh, state.rules)
   fn = functools.partial(_train_step, state.model_def, state.opt_def)
-  jitted = jax.jit(fn, in_shardings=(state.param_shardings, state.opt_shardings, batch_sh),
-                   out_shardings=(state.param_shardings, state.opt_shardings, rep),
-                   donate_argnums=(0, 1))
+  jitted = _cached_jit("train", state, lambda: jax.jit(
+      fn, in_shardings=(state.param_shardings, state.opt_shardings, batch_sh),
+      out_shardings=(state.param_shardings, state.opt_shardings, rep), donate_argnums=(0, 1)))
 
   def step(params, opt_state, batch):
     with shd.activate(state.mesh, state.rules):
@@ -166,8 +195,9 @@ def make_eval_step(state: TrainState):
   """jit(eval)(params, batch) -> per-token nll, loss mask, real-token mask ([B, T], replicated)."""
   rep = shd.replicated(state.mesh)
   batch_sh = shd.batch_sharding(state.mesh, state.rules)
-  jitted = jax.jit(functools.partial(_eval_step, state.model_def),
-                   in_shardings=(state.param_shardings, batch_sh), out_shardings=(rep, rep, rep))
+  jitted = _cached_jit("eval", state, lambda: jax.jit(
+      functools.partial(_eval_step, state.model_def),
+      in_shardings=(state.param_shardings, batch_sh), out_shardings=(rep, rep, rep)))
 
   def step(params, batch):
     with shd.activate(state.mesh, state.rules):

@@ -91,6 +91,7 @@ def poison(monkeypatch):
     loss, tokens = clean(model, batch)
     return loss * jnp.nan, tokens
   monkeypatch.setattr(ts, "loss_fn", nan_loss)
+  monkeypatch.setattr(ts, "_JIT_CACHE", {})  # compile afresh with the poisoned loss
 
 
 def test_nonfinite_step_leaves_state_unchanged(tmp_path, monkeypatch):
