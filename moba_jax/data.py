@@ -68,33 +68,37 @@ def check_config(cfg) -> None:
 
 
 class MarkovText:
-  """A fixed random 'language': 4 likely successors per token; spans copied from far back."""
+  """A fixed random 'language': 4 likely successors per token, generated as phrases from a bank of
+  Markov-chain runs (fixed by the data seed; vectorised), with spans copied from far back."""
 
-  def __init__(self, seed: int, vocab: int, branching: int = 4):
+  def __init__(self, seed: int, vocab: int, branching: int = 4, bank: int = 2048,
+               phrase: int = 64):
     rng = np.random.default_rng([seed, 99])
     n = vocab - CONTENT
-    self.succ = rng.integers(0, n, size=(n, branching)) + CONTENT
-    self.probs = rng.dirichlet(np.ones(branching) * 0.5, size=n)
-    self.cum = np.cumsum(self.probs, axis=1)
+    succ = rng.integers(0, n, size=(n, branching))
+    cum = np.cumsum(rng.dirichlet(np.ones(branching) * 0.5, size=n), axis=1)
+    tok = rng.integers(0, n, size=bank)
+    u = rng.random((phrase, bank))
+    runs = np.empty((bank, phrase), np.int32)
+    for t in range(phrase):  # all bank rows advance together
+      choice = np.minimum((u[t][:, None] > cum[tok]).sum(axis=1), branching - 1)
+      tok = succ[tok, choice]
+      runs[:, t] = tok
+    self.runs = runs + CONTENT
+    self.n_content = n
 
   def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
     out = np.empty(n, np.int32)
-    u = rng.random(n)
     t = 0
     while t < n:
       if t >= 64 and rng.random() < 0.3:  # copy an earlier span (long-range dependency)
         span = min(int(rng.integers(8, 33)), n - t)
-        start = int(rng.integers(0, t - span + 1)) if t - span > 0 else 0
+        start = int(rng.integers(0, t - span + 1))
         out[t:t + span] = out[start:start + span]
-        t += span
-        continue
-      run = min(int(rng.integers(16, 65)), n - t)
-      tok = int(rng.integers(CONTENT, CONTENT + len(self.succ))) if t == 0 else int(out[t - 1])
-      for i in range(t, t + run):
-        row = tok - CONTENT
-        tok = int(self.succ[row, min(np.searchsorted(self.cum[row], u[i]), 3)])
-        out[i] = tok
-      t += run
+      else:
+        span = min(int(rng.integers(16, self.runs.shape[1] + 1)), n - t)
+        out[t:t + span] = self.runs[int(rng.integers(len(self.runs))), :span]
+      t += span
     return out
 
 
@@ -114,7 +118,7 @@ def _distinct_keys(rng, count, key_len, vocab):
 def kv_example(rng, n, dcfg, text: MarkovText):
   """n + 1 tokens: BOS, pairs with filler between them, then queries and answers, EOS."""
   kl, vl, nq = dcfg.key_len, dcfg.value_len, dcfg.num_queries
-  vocab = len(text.succ) + CONTENT
+  vocab = text.n_content + CONTENT
   pair = 2 + kl + vl
   room = n + 1 - 2 - nq * pair  # tokens for pairs and filler
   fit = room // pair
