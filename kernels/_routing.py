@@ -306,3 +306,28 @@ def gather_rows_sum(x_rows, pos):
     rows = jnp.take_along_axis(x_rows, jnp.maximum(pos[:, :, s, None], 0), axis=1)
     out = out + jnp.where(pos[:, :, s, None] >= 0, rows.astype(jnp.float32), 0.0)
   return out
+
+
+PARTIAL_BYTES = 4 << 30  # largest float32 partial-row buffer ([BK, R, D]) one call may hold
+
+
+def kv_head_chunks(q_shape, kv_heads, block_size, topk) -> int:
+  """How many sequential kv-head chunks keep the [BK, R, D] float32 partial rows in budget."""
+  batch, seq, heads, dim = q_shape
+  n_sel = min(topk, math.ceil(seq / block_size))
+  total = 4 * batch * seq * heads * dim * n_sel
+  for n in range(1, kv_heads + 1):
+    if kv_heads % n == 0 and total // n <= PARTIAL_BYTES:
+      return n
+  return kv_heads
+
+
+def over_kv_head_chunks(core, q, k, v, n):
+  """core(q_c, k_c, v_c) on n chunks of kv heads (with their query-head groups), one after another
+  (lax.map), so temporaries exist for one chunk at a time. Routing is per head: unchanged."""
+  if n == 1:
+    return core(q, k, v)
+  batch, seq, heads, dim = q.shape
+  split = lambda x: jnp.moveaxis(x.reshape(batch, seq, n, x.shape[2] // n, dim), 2, 0)
+  out = jax.lax.map(lambda xs: core(*xs), (split(q), split(k), split(v)))  # [n, B, T, H/n, D]
+  return jnp.moveaxis(out, 0, 2).reshape(batch, seq, heads, dim)
