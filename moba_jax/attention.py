@@ -77,8 +77,20 @@ def _importable(kind, name):
     return False
 
 
-def resolve(kind: str, implementation: str = "auto", platform: str | None = None) -> str:
-  """The implementation name that `implementation` stands for on `platform`."""
+# "auto" MoBA off GPU/TPU: below this size of dense float32 logits ([B, H, T, T]) the dense-mask
+# path trains faster than the block-gathered one (whose backward is a scatter-add), measured on the
+# CPU: 0.46 vs 1.24 s/step at T=256 (docs/training.md).
+DENSE_AUTO_BYTES = 64 * 2**20
+
+
+def resolve(kind: str, implementation: str = "auto", platform: str | None = None, *,
+            dtype=None, dense_bytes: int | None = None) -> str:
+  """The implementation name that `implementation` stands for.
+
+  "auto" picks by platform (kernels where importable), then by problem: cuDNN only for half
+  precision `dtype`; for MoBA without a kernel, the dense `reference` when its logits take at most
+  DENSE_AUTO_BYTES (`dense_bytes`), else the block-gathered `xla`.
+  """
   valid = implementations(kind)
   if implementation not in valid:
     raise ValueError(f"implementation={implementation!r} is not valid for kind={kind!r}; "
@@ -86,10 +98,13 @@ def resolve(kind: str, implementation: str = "auto", platform: str | None = None
   if implementation != "auto":
     return implementation
   platform = platform or jax.default_backend()
-  for name in _AUTO.get((kind, platform), ("xla",)):
-    if _importable(kind, name):
-      return name
-  return "xla"
+  name = next((n for n in _AUTO.get((kind, platform), ()) if _importable(kind, n)), "xla")
+  if name == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    name = "xla"  # cuDNN flash attention takes half precision only
+  if kind == "moba" and name == "xla" and dense_bytes is not None and (
+      dense_bytes <= DENSE_AUTO_BYTES):
+    name = "reference"
+  return name
 
 
 def validate(q, k, v, segment_ids=None, *, kind="moba", block_size=None, topk=None,
@@ -134,9 +149,8 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
   """
   validate(q, k, v, segment_ids, kind=kind, block_size=block_size, topk=topk,
            softmax_scale=softmax_scale)
-  name = resolve(kind, implementation)
-  if implementation == "auto" and name == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-    name = "xla"  # cuDNN flash attention takes half precision only
+  batch, seq, heads, _ = q.shape
+  name = resolve(kind, implementation, dtype=q.dtype, dense_bytes=4 * batch * heads * seq * seq)
   fn = _load(_registry(kind)[name])
   if segment_ids is None and (kind == "moba" or name == "reference"):
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)

@@ -17,6 +17,11 @@ def shapes(batch=1, seq=32, heads=4, kv_heads=2, dim=8):
 def test_auto_resolves_by_platform():
   assert attn.resolve("moba", "auto", platform="cpu") == "xla"
   assert attn.resolve("full", "auto", platform="cpu") == "xla"
+  # Off GPU/TPU, short sequences take the dense path (faster there), long ones the linear one.
+  assert attn.resolve("moba", "auto", platform="cpu", dense_bytes=2**20) == "reference"
+  assert attn.resolve("moba", "auto", platform="cpu", dense_bytes=2**40) == "xla"
+  assert attn.resolve("full", "auto", platform="gpu", dtype=jnp.float32) == "xla"
+  assert attn.resolve("full", "auto", platform="gpu", dtype=jnp.bfloat16) == "cudnn"
   assert attn.resolve("moba", "reference") == "reference"
   assert "cudnn" in attn.implementations("full")
   assert {"reference", "xla", "pallas_gpu", "pallas_tpu"} <= set(attn.implementations("moba"))
@@ -58,8 +63,9 @@ def test_validation_happens_before_compilation():
     fn.trace(*shapes())
 
 
-def test_jit_and_auto_run_on_cpu():
+def test_xla_path_under_jit_matches_reference():
   q, k, v = (jax.random.normal(jax.random.key(i), s.shape) for i, s in enumerate(shapes()))
-  out = jax.jit(lambda q, k, v: moba_jax.moba_attention(q, k, v, block_size=8, topk=2))(q, k, v)
+  out = jax.jit(lambda q, k, v: moba_jax.moba_attention(q, k, v, block_size=8, topk=2,
+                                                        implementation="xla"))(q, k, v)
   ref = moba_jax.moba_attention(q, k, v, block_size=8, topk=2, implementation="reference")
   assert jnp.allclose(out, ref, atol=1e-5)

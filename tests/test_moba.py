@@ -60,15 +60,18 @@ def test_golden_outputs_and_gradients(impl, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_random_gqa_packed_matches_numpy_oracle_and_reference_grads(impl):
-  lengths = (70, 33, 1, 90)  # ragged tails, a one-token document
-  q, k, v = random_qkv(1, 2, sum(lengths), 4, 2, 16)
+@pytest.mark.parametrize("seed, lengths, heads, kv_heads, dim, block, topk", [
+    (1, (70, 33, 1, 90), 4, 2, 16, 16, 3),  # ragged tails, a one-token document
+    (2, (120,), 6, 2, 24, 16, 5),  # groups of 3 heads, head_dim 24, many blocks
+])
+def test_random_gqa_packed_matches_numpy_oracle_and_reference_grads(
+    impl, seed, lengths, heads, kv_heads, dim, block, topk):
+  q, k, v = random_qkv(seed, 2, sum(lengths), heads, kv_heads, dim)
   seg = packed_segments(2, lengths)
-  kw = dict(block_size=16, topk=3)
+  kw = dict(block_size=block, topk=topk)
   out = run(impl, q, k, v, seg, **kw)
-  expected = moba_numpy(q, k, v, seg, 16, 3)
-  assert rel_err(out, expected) < 1e-5
-  ct = jax.random.normal(jax.random.key(9), q.shape)
+  assert rel_err(out, moba_numpy(q, k, v, seg, block, topk)) < 1e-5
+  ct = jax.random.normal(jax.random.key(seed + 9), q.shape)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
   grads = jax.grad(loss(lambda q, k, v: run(impl, q, k, v, seg, **kw)), argnums=(0, 1, 2))(q, k, v)
   ref = jax.grad(loss(lambda q, k, v: run("reference", q, k, v, seg, **kw)),
