@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moba_jax import moba as _moba
 
@@ -331,3 +332,29 @@ def over_kv_head_chunks(core, q, k, v, n):
   split = lambda x: jnp.moveaxis(x.reshape(batch, seq, n, x.shape[2] // n, dim), 2, 0)
   out = jax.lax.map(lambda xs: core(*xs), (split(q), split(k), split(v)))  # [n, B, T, H/n, D]
   return jnp.moveaxis(out, 0, 2).reshape(batch, seq, heads, dim)
+
+
+def custom_vjp_attention(forward, backward):
+  """A kernel family's MoBA as one `jax.custom_vjp` function.
+
+  forward(q, k, v, routing, dims, sizes, scale, interpret) -> (out, (o, lse));
+  backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret) -> (dq, dk, dv).
+  The routing (integer metadata) gets no gradient.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+  def moba(q, k, v, routing, dims, sizes, scale, interpret):
+    return forward(q, k, v, routing, dims, sizes, scale, interpret)[0]
+
+  def moba_fwd(q, k, v, routing, dims, sizes, scale, interpret):
+    out, (o, lse) = forward(q, k, v, routing, dims, sizes, scale, interpret)
+    return out, (q, k, v, routing, o, lse)
+
+  def moba_bwd(dims, sizes, scale, interpret, res, do):
+    q, k, v, routing, o, lse = res
+    dq, dk, dv = backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret)
+    zero = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), routing)
+    return dq, dk, dv, zero
+
+  moba.defvjp(moba_fwd, moba_bwd)
+  return moba

@@ -21,7 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -314,24 +313,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   return back(dq, q), back(dk, k), back(dv, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _moba(q, k, v, routing, dims, sizes, scale, interpret):
-  return _forward(q, k, v, routing, dims, sizes, scale, interpret)[0]
-
-
-def _moba_fwd(q, k, v, routing, dims, sizes, scale, interpret):
-  out, (o, lse) = _forward(q, k, v, routing, dims, sizes, scale, interpret)
-  return out, (q, k, v, routing, o, lse)
-
-
-def _moba_bwd(dims, sizes, scale, interpret, res, do):
-  q, k, v, routing, o, lse = res
-  dq, dk, dv = _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret)
-  zero = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), routing)
-  return dq, dk, dv, zero
-
-
-_moba.defvjp(_moba_fwd, _moba_bwd)
+_moba = rt.custom_vjp_attention(_forward, _backward)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "interpret",
