@@ -358,3 +358,17 @@ def custom_vjp_attention(forward, backward):
 
   moba.defvjp(moba_fwd, moba_bwd)
   return moba
+
+
+def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, interpret, sizes):
+  """Routes and runs a kernel family's `custom_vjp_attention` function over kv-head chunks."""
+  scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+  segment_ids = segment_ids.astype(jnp.int32)
+
+  def core(q, k, v):
+    routing, dims = route(q, k, segment_ids, block_size=block_size, topk=topk,
+                          block_q=sizes.block_q)
+    return moba(q, k, v, routing, dims, sizes, scale, interpret)
+
+  n = kv_head_chunks(q.shape, k.shape[2], block_size, topk)
+  return over_kv_head_chunks(core, q, k, v, n)

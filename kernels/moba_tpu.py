@@ -322,13 +322,5 @@ def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=
                        interpret=False, block_sizes: BlockSizes | None = None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
   sizes = block_sizes or BlockSizes.get_default()
-  scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-  segment_ids = segment_ids.astype(jnp.int32)
-
-  def core(q, k, v):
-    routing, dims = rt.route(q, k, segment_ids, block_size=block_size, topk=topk,
-                             block_q=sizes.block_q)
-    return _moba(q, k, v, routing, dims, sizes, scale, interpret)
-
-  n = rt.kv_head_chunks(q.shape, k.shape[2], block_size, topk)
-  return rt.over_kv_head_chunks(core, q, k, v, n)
+  return rt.run_kernel(_moba, q, k, v, segment_ids, block_size=block_size, topk=topk,
+                       softmax_scale=softmax_scale, interpret=interpret, sizes=sizes)
