@@ -197,10 +197,17 @@ def load_jsonl(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 class RowSource:
-  """Random-access rows (a Grain data source): row r of `split` is a pure function of (seed, r)."""
+  """Random-access rows (a Grain data source): row r of `split` is a pure function of (seed, r).
+
+  Training rows also depend on train.seed (so seeds of one experiment see different training
+  rows); eval rows and the filler text depend on data.seed alone (every seed is scored on the same
+  held-out rows).
+  """
 
   def __init__(self, cfg, split: str = "train"):
     self.d, self.seq, self.split = cfg.data, cfg.train.seq_len, split
+    self.row_seed = ([self.d.seed, _SPLITS[split]]
+                     + ([cfg.train.seed] if split == "train" and cfg.train.seed else []))
     self.text = MarkovText(self.d.seed, cfg.model.vocab_size)
     self.lines = None
     if self.d.task == "jsonl":
@@ -217,7 +224,7 @@ class RowSource:
     return 2 ** 40
 
   def __getitem__(self, r: int) -> dict:
-    rng = np.random.default_rng([self.d.seed, _SPLITS[self.split], int(r)])
+    rng = np.random.default_rng([*self.row_seed, int(r)])
     return self.pack(rng)
 
   def example(self, rng, n: int):

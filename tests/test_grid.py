@@ -3,9 +3,10 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
-from moba_jax import grid, report
+from moba_jax import data, grid, report
 from moba_jax.config import load_config
 
 TINY = """
@@ -80,7 +81,11 @@ def test_plan_stages_and_seeds(tiny_toml):
   assert r.run_dir.as_posix() == "/o/sft/full/seed1"
   assert r.cfg.moba.hybrid_full_layers == "all" and r.cfg.train.init_from == "/o/pretrain"
   assert r.cfg.train.lr == 1e-4 and r.cfg.data.task == "kv_retrieval"
-  assert r.cfg.train.seed == 1 and runs[2].cfg.data.seed != r.cfg.data.seed
+  assert r.cfg.train.seed == 1 and runs[2].cfg.data.seed == r.cfg.data.seed
+  # Seeds see different training rows but are scored on the same held-out rows.
+  rows = lambda run, split: data.RowSource(run.cfg, split)[0]["inputs"]
+  assert not np.array_equal(rows(runs[2], "train"), rows(r, "train"))
+  np.testing.assert_array_equal(rows(runs[2], "eval"), rows(r, "eval"))
 
 
 def test_select_only_seed_stage_and_init_from(tiny_toml):
