@@ -99,7 +99,7 @@ def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: 
   return starts, valid
 
 
-def _check_scale(softmax_scale, head_dim):
+def _default_scale(softmax_scale, head_dim):
   return head_dim ** -0.5 if softmax_scale is None else softmax_scale
 
 
@@ -136,14 +136,14 @@ def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None
   chosen_starts = jnp.transpose(jnp.where(valid, starts, -1), (0, 2, 1, 3))[:, :, :, None, :]
   chosen = jnp.any(key_start == chosen_starts, axis=-1)  # [B, H, T, S]
   mask = chosen & _same_doc_causal(layout)[:, None]
-  return _dense_attention(q, k, v, mask, _check_scale(softmax_scale, q.shape[-1]))
+  return _dense_attention(q, k, v, mask, _default_scale(softmax_scale, q.shape[-1]))
 
 
 def full_reference(q, k, v, segment_ids, *, softmax_scale=None):
   """Causal full attention within documents, dense float32."""
   layout = doc_layout(segment_ids, 1)
   mask = _same_doc_causal(layout)[:, None]
-  return _dense_attention(q, k, v, mask, _check_scale(softmax_scale, q.shape[-1]))
+  return _dense_attention(q, k, v, mask, _default_scale(softmax_scale, q.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
              chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES):
   """Block-gathered MoBA: memory O(T * topk * block_size) per chunk, rematerialized backward."""
   batch, seq, heads, dim = q.shape
-  scale = _check_scale(softmax_scale, dim)
+  scale = _default_scale(softmax_scale, dim)
   layout = doc_layout(segment_ids, block_size)
   kbar = block_key_means(k, layout)
   n_sel = min(topk, math.ceil(seq / block_size))
