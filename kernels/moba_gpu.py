@@ -175,17 +175,21 @@ def _pad_rows(r: rt.Routing, extra):
   return pad(r.rq, -1), pad(r.lo, 0), pad(r.hi, 0)
 
 
-def _forward(q, k, v, routing, dims, sizes, scale, interpret):
-  batch, seq = q.shape[:2]
-  qr, kr, vr = _prep(q, k, v, sizes)
+def forward_rows(routing, dims, qr, kr, vr, sizes, scale, interpret):
+  """The forward kernel alone: partial rows o_rows [BK, R, Dp] and lse_rows [BK, R] (float32)."""
   bk_, dp = qr.shape[0], qr.shape[-1]
   bq = sizes.block_q
   args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr)
   kernel = functools.partial(_fwd_kernel, bq=bq, bk=sizes.block_k, scale=scale)
   out_shape = [jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
                jax.ShapeDtypeStruct((bk_, dims.rows), jnp.float32)]
-  o_rows, lse_rows = _call(kernel, (dims.tiles, bk_), args, out_shape, _row_specs(bq, dp),
-                           sizes, interpret)
+  return _call(kernel, (dims.tiles, bk_), args, out_shape, _row_specs(bq, dp), sizes, interpret)
+
+
+def _forward(q, k, v, routing, dims, sizes, scale, interpret):
+  batch, seq = q.shape[:2]
+  qr, kr, vr = _prep(q, k, v, sizes)
+  o_rows, lse_rows = forward_rows(routing, dims, qr, kr, vr, sizes, scale, interpret)
   o, lse = rt.merge_rows(o_rows, lse_rows, routing.pos)  # [BK, TG, Dp], [BK, TG]
   o = o.astype(q.dtype)
   return rt.heads_minor(o[..., :q.shape[-1]], batch, seq), (o, lse)

@@ -14,6 +14,7 @@ each timing is the median of `--repeats` calls, each closed by block_until_ready
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -216,8 +217,41 @@ def breakdown(args, seq, block, topk):
              route_ms=time_ms(route, [s[:2] for s in sets], args.warmup, args.repeats),
              fwd_no_route_ms=time_ms(fwd, routed, args.warmup, args.repeats),
              bwd_ms=time_ms(bwd, res, args.warmup, args.repeats))
+  row.update(triton_side_by_side(args, dims, sizes, scale, routed))
   print(json.dumps(row), flush=True)
   return row
+
+
+def triton_side_by_side(args, dims, sizes, scale, routed):
+  """The forward kernel alone, Pallas against the same program in Triton through jax-triton
+  (`kernels/moba_triton.py`), on the same routing: with Pallas' tiles, and autotuned."""
+  from moba_jax.kernels import moba_gpu as mg
+  from moba_jax.kernels import moba_triton as mt
+  if not mt.available():
+    return {"triton": "not run: needs jax-triton, Triton and a GPU"}
+  prep = jax.jit(lambda q, k, v: tuple(mg._prep(q, k, v, sizes)))
+  sets = []
+  for q, k, v, _, r in routed:
+    qr, kr, vr = prep(q, k, v)
+    sets.append((r, qr, mt.pad_kv(kr, dims.seq), mt.pad_kv(vr, dims.seq)))
+  pallas = jax.jit(lambda r, qr, kr, vr: mg.forward_rows(r, dims, qr, kr, vr, sizes, scale, False))
+  out = {"fwd_kernel_pallas_ms": time_ms(pallas, sets, args.warmup, args.repeats)}
+  o_p, l_p = pallas(*sets[0])
+  same = dict(BK=sizes.block_k, num_warps=sizes.num_warps, num_stages=sizes.num_stages)
+  for name, fixed in (("triton_same_tiles", same), ("triton_autotuned", {})):
+    try:
+      fn = jax.jit(functools.partial(
+          lambda r, qr, kr, vr, fixed: mt.forward_rows(r, dims, qr, kr, vr, scale, **fixed),
+          fixed=fixed))
+      out[f"fwd_kernel_{name}_ms"] = time_ms(fn, sets, args.warmup, args.repeats)
+      o_t, l_t = fn(*sets[0])
+      live = jnp.isfinite(l_p)
+      out[f"{name}_max_abs_diff"] = float(jnp.maximum(
+          jnp.abs(o_t - o_p).max(), jnp.where(live, jnp.abs(l_t - l_p), 0).max()))
+      out[f"{name}_same_empty_rows"] = bool(jnp.all(jnp.isfinite(l_t) == live))
+    except Exception as e:  # noqa: BLE001 - jax-triton/Triton version mismatches: report them
+      out[f"fwd_kernel_{name}_error"] = repr(e)[:400]
+  return out
 
 
 def _vjp(fn, q, k, v, cot):
