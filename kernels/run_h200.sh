@@ -2,7 +2,8 @@
 # One H200 session step: correctness check + benchmarks, logs under $OUT (see docs/benchmarks.md).
 # usage: bash kernels/run_h200.sh PHASE [TILES...]
 #   1: check + 8K/32K table (pallas_gpu, cudnn, xla) + 128K table, then a tile sweep at 32K
-#   3: check + breakdown + the full table (pallas_gpu default tiles, cudnn)
+#   3: check + breakdown (with the jax-triton forward side by side) + the full table (pallas_gpu
+#      default tiles, cudnn)
 #   2: check + breakdown + tile sweep at 32K, then the full table with the fastest tiles
 set -o pipefail
 phase=${1:-1}; shift
@@ -24,8 +25,8 @@ for s in "$@"; do
 done
 if [ "$phase" = 3 ]; then
   STEP_S=80 bench --check --json $OUT/check.json 2>&1 | tee -a $log
-  STEP_S=80 bench --breakdown --seqs 8192,32768,131072 --configs 512:3 --repeats 10 --json $OUT/breakdown.json 2>&1 | tee -a $log
-  STEP_S=200 bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 | tee -a $log
+  STEP_S=200 bench --breakdown --seqs 8192,32768,131072 --configs 512:3 --repeats 10 --json $OUT/breakdown.json 2>&1 | tee -a $log
+  STEP_S=250 bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 | tee -a $log
 fi
 if [ "$phase" = 2 ]; then
   best=$(grep '^{' $OUT/tune.txt | python3 -c "import sys,json; r=[json.loads(l) for l in sys.stdin]; r=[x for x in r if 'fwdbwd_ms' in x]; print(min(r,key=lambda x:x['fwdbwd_ms'])['sizes'])")
