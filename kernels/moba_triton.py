@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moba_jax.kernels import _routing as rt
 
@@ -121,7 +122,7 @@ def forward_rows(routing: rt.Routing, dims: rt.Dims, qr, kr, vr, scale: float,
                jax.ShapeDtypeStruct((n_bk, dims.rows), jnp.float32)]
   return jt.triton_call(
       routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr,
-      dims.tiles, dims.rows, q_len, kr.shape[1], float(scale),
+      dims.tiles, dims.rows, q_len, kr.shape[1], np.float32(scale),  # a float would be fp64
       kernel=kernel(autotune and not fixed), out_shape=out_shape, grid=(dims.tiles, n_bk),
       BQ=dims.block_q, D=dim, IEEE=qr.dtype == jnp.float32, **fixed)
 

@@ -250,7 +250,7 @@ def triton_side_by_side(args, dims, sizes, scale, routed):
           jnp.abs(o_t - o_p).max(), jnp.where(live, jnp.abs(l_t - l_p), 0).max()))
       out[f"{name}_same_empty_rows"] = bool(jnp.all(jnp.isfinite(l_t) == live))
     except Exception as e:  # noqa: BLE001 - jax-triton/Triton version mismatches: report them
-      out[f"fwd_kernel_{name}_error"] = repr(e)[:400]
+      out[f"fwd_kernel_{name}_error"] = repr(e)[-1500:]  # the cause is at the end
   return out
 
 
