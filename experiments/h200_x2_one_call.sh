@@ -5,7 +5,8 @@
 #   bash experiments/h200_x2_one_call.sh [key=value ...]     # extra overrides for every grid run
 #
 # Phases (each bounded by `timeout` so the call returns its files in time):
-#   1. stage 1 (shared pretraining) on GPU 0; meanwhile GPU 1 measures 1-GPU training tokens/s
+#   1. stage 1 (shared pretraining) on GPU 0; meanwhile GPU 1 measures 1-GPU training tokens/s,
+#      then (if BENCH=1) runs `moba-jax bench --breakdown` at 8K/32K (Pallas vs jax-triton forward)
 #   2. stage 2: GPU 0 runs variants 0,1,3 and GPU 1 runs 5,10,all (all seeds), in parallel
 #   3. the same training on both GPUs, data parallel (mesh.data=2), for tokens/s
 #   4. `moba-jax report`, then the small result files are copied to $OUT (no checkpoints)
@@ -16,7 +17,7 @@ EXP=${EXP:-experiments/layerwise_hybrid_h200.toml}
 G=${GRID_DIR:-/tmp/grid}
 RES=${OUT:-/tmp/out}
 L=/tmp/logs  # logs travel inside runs.tgz ($OUT brings back at most 8 files)
-T_PRE=${T_PRE:-130} T_SFT=${T_SFT:-230} T_TP=${T_TP:-45}
+T_PRE=${T_PRE:-140} T_SFT=${T_SFT:-330} T_TP=${T_TP:-100} BENCH=${BENCH:-0} T_BENCH=${T_BENCH:-110}
 mkdir -p "$RES" "$G" "$L"
 EXTRA=("$@")
 log() { echo "[$(date +%T)] $*" | tee -a "$RES/phases.log"; }
@@ -32,7 +33,15 @@ throughput() {  # $1 = run dir, $2 = mesh.data, $3 = global batch; rest = env pr
 }
 
 log "phase 1: pretrain on GPU 0, 1-GPU throughput on GPU 1"
-CUDA_VISIBLE_DEVICES=1 throughput /tmp/tp1 1 32 &
+(
+  CUDA_VISIBLE_DEVICES=1 throughput /tmp/tp1 1 32
+  echo "1-GPU throughput rc=$?" >> "$L/gpu1.log"
+  if [ "$BENCH" = 1 ]; then
+    CUDA_VISIBLE_DEVICES=1 timeout "$T_BENCH" moba-jax bench --breakdown --seqs 8192,32768 \
+      --configs 512:3 --repeats 10 --json "$RES/breakdown_triton.json" > "$L/bench.log" 2>&1
+    echo "bench rc=$?" >> "$L/gpu1.log"
+  fi
+) &
 tp1=$!
 CUDA_VISIBLE_DEVICES=0 timeout "$T_PRE" moba-jax grid "$EXP" out_dir="$G" --stage pretrain \
   --no-progress "${EXTRA[@]}" > "$L/pretrain.log" 2>&1
@@ -45,7 +54,7 @@ if [ $pre_rc -ne 0 ]; then
     --no-progress "${EXTRA[@]}" > "$L/pretrain_retry.log" 2>&1
   log "pretrain retry rc=$?"
 fi
-wait $tp1; log "1-GPU throughput rc=$?"
+wait $tp1; log "GPU 1 phase 1: $(cat $L/gpu1.log 2>/dev/null | tr '\n' ' ')"
 
 log "phase 2: SFT variants split over the two GPUs"
 CUDA_VISIBLE_DEVICES=0 timeout "$T_SFT" moba-jax grid "$EXP" out_dir="$G" --stage sft \
