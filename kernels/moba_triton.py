@@ -47,8 +47,9 @@ def available() -> bool:
 
 if triton is not None:
   @triton.jit
-  def _fwd(ks_ptr, ke_ptr, rq_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+  def _fwd(ks_ptr, ke_ptr, rq_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr,
            n_tiles, n_rows, q_len, k_len, scale,
+           o_ptr, lse_ptr,  # jax-triton passes the outputs after every input, scalars included
            BQ: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # offsets of large layouts pass 2**31

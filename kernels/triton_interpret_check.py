@@ -86,7 +86,7 @@ def main() -> int:
     ins = [_Array(x) for x in (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo,
                                routing.hi, qr, kr, vr)]
     mt.kernel(False)[(dims.tiles, qr.shape[0])](
-        *ins, o_t, l_t, dims.tiles, dims.rows, qr.shape[1], kr.shape[1], scale,
+        *ins, dims.tiles, dims.rows, qr.shape[1], kr.shape[1], scale, o_t, l_t,
         BQ=dims.block_q, D=qr.shape[-1], BK=tile, IEEE=True)
     do = float(np.abs(o_t.a - o_p).max())
     dl = float(np.abs(l_t.a[live] - l_p[live]).max())
