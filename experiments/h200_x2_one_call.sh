@@ -7,7 +7,7 @@
 # Phases (each bounded by `timeout` so the call returns its files in time):
 #   1. stage 1 (shared pretraining) on GPU 0; meanwhile GPU 1 measures 1-GPU training tokens/s,
 #      then (if BENCH=1) runs `moba-jax bench --breakdown` at 8K/32K (Pallas vs jax-triton forward)
-#   2. stage 2: GPU 0 runs variants 0,1,3 and GPU 1 runs 5,10,all (all seeds), in parallel
+#   2. stage 2: GPU 0 runs variants $V0 and GPU 1 runs $V1 (all seeds), in parallel
 #   3. the same training on both GPUs, data parallel (mesh.data=2), for tokens/s
 #   4. `moba-jax report`, then the small result files are copied to $OUT (no checkpoints)
 # If stage 1 fails with the default MoBA implementation ("auto" = pallas_gpu), everything is rerun
@@ -17,7 +17,10 @@ EXP=${EXP:-experiments/layerwise_hybrid_h200.toml}
 G=${GRID_DIR:-/tmp/grid}
 RES=${OUT:-/tmp/out}
 L=/tmp/logs  # logs travel inside runs.tgz ($OUT brings back at most 8 files)
-T_PRE=${T_PRE:-140} T_SFT=${T_SFT:-330} T_TP=${T_TP:-100} BENCH=${BENCH:-0} T_BENCH=${T_BENCH:-110}
+T_PRE=${T_PRE:-140} T_SFT=${T_SFT:-440} T_TP=${T_TP:-100} BENCH=${BENCH:-0} T_BENCH=${T_BENCH:-110}
+TP=${TP:-1}  # 0: skip the throughput runs (phase 1 on GPU 1 and phase 3)
+# Variants per GPU, balanced by measured step time (MoBA-heavy variants are slower).
+V0=${V0:-"0 3 10"} V1=${V1:-"1 5 all"}
 mkdir -p "$RES" "$G" "$L"
 EXTRA=("$@")
 log() { echo "[$(date +%T)] $*" | tee -a "$RES/phases.log"; }
@@ -34,8 +37,10 @@ throughput() {  # $1 = run dir, $2 = mesh.data, $3 = global batch; rest = env pr
 
 log "phase 1: pretrain on GPU 0, 1-GPU throughput on GPU 1"
 (
-  CUDA_VISIBLE_DEVICES=1 throughput /tmp/tp1 1 32
-  echo "1-GPU throughput rc=$?" >> "$L/gpu1.log"
+  if [ "$TP" = 1 ]; then
+    CUDA_VISIBLE_DEVICES=1 throughput /tmp/tp1 1 32
+    echo "1-GPU throughput rc=$?" >> "$L/gpu1.log"
+  fi
   if [ "$BENCH" = 1 ]; then
     CUDA_VISIBLE_DEVICES=1 timeout "$T_BENCH" moba-jax bench --breakdown --seqs 8192,32768 \
       --configs 512:3 --repeats 10 --json "$RES/breakdown_triton.json" > "$L/bench.log" 2>&1
@@ -57,17 +62,20 @@ fi
 wait $tp1; log "GPU 1 phase 1: $(cat $L/gpu1.log 2>/dev/null | tr '\n' ' ')"
 
 log "phase 2: SFT variants split over the two GPUs"
+vflags() { for v in $1; do printf -- '--variant %s ' "$v"; done; }
 CUDA_VISIBLE_DEVICES=0 timeout "$T_SFT" moba-jax grid "$EXP" out_dir="$G" --stage sft \
-  --variant 0 --variant 1 --variant 3 --no-progress "${EXTRA[@]}" > "$L/sft_gpu0.log" 2>&1 &
+  $(vflags "$V0") --no-progress "${EXTRA[@]}" > "$L/sft_gpu0.log" 2>&1 &
 a=$!
 CUDA_VISIBLE_DEVICES=1 timeout "$T_SFT" moba-jax grid "$EXP" out_dir="$G" --stage sft \
-  --variant 5 --variant 10 --variant all --no-progress "${EXTRA[@]}" > "$L/sft_gpu1.log" 2>&1 &
+  $(vflags "$V1") --no-progress "${EXTRA[@]}" > "$L/sft_gpu1.log" 2>&1 &
 b=$!
 wait $a; log "SFT GPU 0 rc=$?"
 wait $b; log "SFT GPU 1 rc=$?"
 
-log "phase 3: 2-GPU data-parallel throughput"
-throughput /tmp/tp2 2 32; log "2-GPU throughput rc=$?"
+if [ "$TP" = 1 ]; then
+  log "phase 3: 2-GPU data-parallel throughput"
+  throughput /tmp/tp2 2 32; log "2-GPU throughput rc=$?"
+fi
 
 log "phase 4: report"
 moba-jax report "$G" > "$L/report.log" 2>&1; log "report rc=$?"
