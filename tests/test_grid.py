@@ -69,6 +69,11 @@ def test_packaged_experiments_load_and_fit_their_models():
     pre, runs = grid.plan(cfg)
     assert pre.cfg.moba.hybrid_full_layers == 0 and len(runs) == 6 * len(cfg.grid.seeds)
     assert cfg.train.seq_len > cfg.moba.block_size * cfg.moba.topk  # MoBA drops context
+  pilot, _ = grid.load_experiment("passkey_pilot_cpu", [])
+  pre, runs = grid.plan(pilot)
+  assert pre.cfg.data.task == "lm" and pilot.data.task == "passkey"
+  assert [r.variant for r in runs] == [0, "all"]
+  assert pilot.train.seq_len > pilot.moba.block_size * pilot.moba.topk
 
 
 def test_plan_stages_and_seeds(tiny_toml):
