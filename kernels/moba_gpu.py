@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from moba_jax.kernels import _routing as rt
 
@@ -35,6 +36,10 @@ class BlockSizes:
   block_k_dkv: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  # Backward variant: False = a dQ kernel per partial row (deterministic); True = dQ accumulated
+  # with float32 atomic adds inside the dK/dV kernel (no dQ kernel, no second QK^T/dO V^T;
+  # summation order, hence the last bits of dQ, vary between runs). Not yet timed on a GPU.
+  fused_dq: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
@@ -112,7 +117,11 @@ def _dq_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_r
 
 
 def _dkdv_kernel(iks_ref, ir0_ref, ir1_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref,
-                 lse_ref, dl_ref, dk_ref, dv_ref, *, bq, bk, scale):
+                 lse_ref, dl_ref, *out_refs, bq, bk, scale, fused_dq):
+  if fused_dq:  # the zeroed dQ buffer comes in aliased to the last output
+    _, dk_ref, dv_ref, dq_ref = out_refs
+  else:
+    dk_ref, dv_ref = out_refs
   j, b = pl.program_id(0), pl.program_id(1)
   ks, r0, r1 = iks_ref[b, j], ir0_ref[b, j], ir1_ref[b, j]
   k, v = k_ref[b, pl.ds(ks, bk), :], v_ref[b, pl.ds(ks, bk), :]  # [Bk, D]
@@ -124,7 +133,8 @@ def _dkdv_kernel(iks_ref, ir0_ref, ir1_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref
     rows = pl.ds(first, bq)
     live = (first + _iota(bq)) < r1
     lo, hi = lo_ref[b, rows], jnp.where(live, hi_ref[b, rows], 0)
-    rq = jnp.maximum(rq_ref[b, rows], 0)
+    rq_raw = rq_ref[b, rows]
+    rq = jnp.maximum(rq_raw, 0)
     q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
     lse, delta = lse_ref[b, rq], dl_ref[b, rq]
     mask = (kpos[:, None] >= lo[None, :]) & (kpos[:, None] < hi[None, :])  # [Bk, Mq]
@@ -132,6 +142,11 @@ def _dkdv_kernel(iks_ref, ir0_ref, ir1_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref
     pt = jnp.where(mask, jnp.exp(st - lse[None, :]), 0.0)
     dv = dv + _dot(pt.astype(do.dtype), do)  # [Bk, D]
     dst = pt * (_dot(v, do, trans_b=True) - delta[None, :])
+    if fused_dq:  # dQ rows of this chunk += dS^T K; padding and dead rows go to the spare row TG
+      dump = dq_ref.shape[1] - 1
+      target = jnp.where(live & (rq_raw >= 0), rq_raw, dump)
+      dq_c = _dot(dst.T.astype(k.dtype), k) * scale  # [Mq, D]
+      plgpu.atomic_add(dq_ref, (b, target[:, None], _iota(k.shape[-1])[None, :]), dq_c)
     return dk + _dot(dst.astype(q.dtype), q), dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -144,15 +159,14 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret):
+def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret, aliases=None):
   kwargs = {}
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=sizes.num_warps,
                                                      num_stages=sizes.num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=[_whole(a) for a in args],
                         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-                        **kwargs)(*args)
+                        input_output_aliases=aliases or {}, **kwargs)(*args)
 
 
 def _row_specs(bq, dim):
@@ -223,24 +237,34 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
   delta = jnp.sum(o.astype(jnp.float32) * dor.astype(jnp.float32), axis=-1)  # [BK, TG]
   bq = sizes.block_q
-  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr, dor,
-          lse, delta)
-  kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale)
-  dq_rows = _call(kernel, (dims.tiles, bk_), args,
-                  jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
-                  _row_specs(bq, dp)[0], sizes, interpret)
-  dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
+  if not sizes.fused_dq:
+    args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr, dor,
+            lse, delta)
+    kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale)
+    dq_rows = _call(kernel, (dims.tiles, bk_), args,
+                    jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
+                    _row_specs(bq, dp)[0], sizes, interpret)
+    dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
 
   bkd = sizes.block_k_dkv
   iks, ir0, ir1 = _dkdv_items(routing, dims, sizes, seq)
   rq, lo, hi = _pad_rows(routing, sizes.block_q_dkv)
   args = (iks, ir0, ir1, rq, lo, hi, qr, kr, vr, dor, lse, delta)
-  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale)
+  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale,
+                             fused_dq=sizes.fused_dq)
   n_items = iks.shape[1]
   shape = jax.ShapeDtypeStruct((bk_, n_items * bkd, dp), jnp.float32)
   spec = pl.BlockSpec((pl.squeezed, bkd, dp), lambda j, b: (b, j, 0))
-  dk_items, dv_items = _call(kernel, (n_items, bk_), args, [shape, shape], [spec, spec], sizes,
-                             interpret)
+  if sizes.fused_dq:  # one spare row (index TG) takes padding and dead rows' zero updates
+    dq0 = jnp.zeros((bk_, qr.shape[1] + 1, dp), jnp.float32)
+    dk_items, dv_items, dq = _call(
+        kernel, (n_items, bk_), args + (dq0,),
+        [shape, shape, jax.ShapeDtypeStruct(dq0.shape, jnp.float32)], [spec, spec, _whole(dq0)],
+        sizes, interpret, aliases={len(args): 2})
+    dq = dq[:, :-1]
+  else:
+    dk_items, dv_items = _call(kernel, (n_items, bk_), args, [shape, shape], [spec, spec], sizes,
+                               interpret)
   back = lambda x, like: rt.heads_minor(x[..., :dim], batch, seq).astype(like.dtype)
   dk, dv = _place(dk_items, iks, seq, bkd), _place(dv_items, iks, seq, bkd)
   return back(dq, q), back(dk, k), back(dv, v)

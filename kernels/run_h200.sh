@@ -5,6 +5,7 @@
 #   3: check + breakdown (with the jax-triton forward side by side) + the full table (pallas_gpu
 #      default tiles, cudnn)
 #   2: check + breakdown + tile sweep at 32K, then the full table with the fastest tiles
+#   4: the fused-dQ backward (BlockSizes.fused_dq) against the default at 8K / 32K / 128K, b512 k3
 set -o pipefail
 phase=${1:-1}; shift
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
@@ -32,4 +33,10 @@ if [ "$phase" = 2 ]; then
   best=$(grep '^{' $OUT/tune.txt | python3 -c "import sys,json; r=[json.loads(l) for l in sys.stdin]; r=[x for x in r if 'fwdbwd_ms' in x]; print(min(r,key=lambda x:x['fwdbwd_ms'])['sizes'])")
   echo "best tiles: $best" | tee -a $log
   STEP_S=200 bench --impls pallas_gpu,cudnn --gpu-block-sizes $best --repeats 10 --json $OUT/table.json 2>&1 | tee -a $log
+fi
+if [ "$phase" = 4 ]; then
+  STEP_S=80 bench --check --gpu-block-sizes 64,64,64,64,4,3,1 --json $OUT/check_fused.json 2>&1 | tee -a $log
+  for t in 64,64,64,64,4,3 64,64,64,64,4,3,1 64,64,64,128,4,3,1; do
+    STEP_S=150 bench --impls pallas_gpu --seqs 8192,32768,131072 --configs 512:3 --gpu-block-sizes $t --repeats 10 2>&1 | tee -a $OUT/fused.txt
+  done
 fi

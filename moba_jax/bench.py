@@ -49,7 +49,8 @@ def parse_args(argv):
   p.add_argument("--json", default=None, help="write the rows to this JSON file")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
   p.add_argument("--gpu-block-sizes", default=None,
-                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages")
+                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages"
+                      "[,fused_dq (1: dQ by atomic adds in the dK/dV kernel)]")
   p.add_argument("--breakdown", action="store_true",
                  help="pallas_gpu only: time routing, forward and backward separately")
   p.add_argument("--check", action="store_true",
@@ -167,8 +168,9 @@ def print_table(rows):
   sys.stdout.flush()
 
 
-def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128):
-  """pallas_gpu (compiled, not interpreted) vs the float32 reference: fwd and grads."""
+def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128, gpu_sizes=None):
+  """pallas_gpu (compiled, not interpreted) vs the float32 reference: fwd and grads (with the
+  tiles of `gpu_sizes` when given, else the defaults)."""
   lengths = [seq // 2 + 100, seq // 4 - 37, seq - (seq // 2 + 100) - (seq // 4 - 37)]
   seg = jnp.asarray(np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)]))[None]
   results = []
@@ -180,15 +182,22 @@ def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128):
     cot = jax.random.normal(ks[3], q.shape, dtype)
     up = lambda x: x.astype(jnp.float32)
     ref = lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, block_size=block, topk=topk)
-    got = lambda q, k, v: attn.moba_attention(q, k, v, segment_ids=seg, block_size=block,
-                                              topk=topk, implementation="pallas_gpu")
+    if gpu_sizes:
+      from moba_jax.kernels import moba_gpu
+      sizes = moba_gpu.BlockSizes(*(int(x) for x in gpu_sizes.split(",")))
+      got = lambda q, k, v: moba_gpu.moba_attention_gpu(q, k, v, seg, block_size=block,
+                                                        topk=topk, block_sizes=sizes)
+    else:
+      got = lambda q, k, v: attn.moba_attention(q, k, v, segment_ids=seg, block_size=block,
+                                                topk=topk, implementation="pallas_gpu")
     with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
       want = _vjp(ref, up(q), up(k), up(v), up(cot))
     have = jax.jit(lambda *a: _vjp(got, *a))(q, k, v, cot)
     errs = {n: float(jnp.abs(up(a) - b).max() / jnp.abs(b).max())
             for n, a, b in zip(("out", "dq", "dk", "dv"), have, want)}
     results.append(dict(dtype=jnp.dtype(dtype).name, seq=seq, heads=heads, kv_heads=kv_heads,
-                        dim=dim, block=block, topk=topk, docs=lengths, rel_err=errs))
+                        dim=dim, block=block, topk=topk, docs=lengths, sizes=gpu_sizes,
+                        rel_err=errs))
     print(json.dumps(results[-1]))
   return results
 
@@ -262,7 +271,7 @@ def _vjp(fn, q, k, v, cot):
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.check:
-    res = check()
+    res = check(gpu_sizes=args.gpu_block_sizes)
     if args.json:
       with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
