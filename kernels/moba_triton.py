@@ -113,12 +113,11 @@ def forward_rows(routing: rt.Routing, dims: rt.Dims, qr, kr, vr, scale: float,
   returns o_rows [BK, R, Dp] float32 and lse_rows [BK, R] float32. `fixed` pins metaparameters
   (BK, num_warps, num_stages) instead of autotuning them.
   """
-  import jax_triton as jt
-
   n_bk, q_len, dim = qr.shape
   if kr.shape[1] < dims.seq + max(KEY_TILES):
     raise ValueError(f"k/v rows {kr.shape[1]} must be >= seq + {max(KEY_TILES)} "
                      f"= {dims.seq + max(KEY_TILES)} (pad them with pad_kv)")
+  import jax_triton as jt
   out_shape = [jax.ShapeDtypeStruct((n_bk, dims.rows, dim), jnp.float32),
                jax.ShapeDtypeStruct((n_bk, dims.rows), jnp.float32)]
   return jt.triton_call(

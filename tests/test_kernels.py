@@ -7,6 +7,7 @@ interpret mode through the implementation parametrization of tests/test_moba.py.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moba_jax import moba as moba_lib
 from moba_jax import moba_attention
@@ -107,3 +108,19 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu():
     step = lambda q, k, v: jax.vjp(attn, q, k, v)[1](q)
     text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (2 if fused else 3), fused
+
+
+def test_jax_triton_module_imports_and_checks_padding_without_a_gpu():
+  """kernels/moba_triton.py (the jax-triton side-by-side) must import where Triton is missing;
+  its k/v padding and the check that guards the kernel's unmasked key loads work anywhere."""
+  from moba_jax.kernels import _routing as rt
+  from moba_jax.kernels import moba_triton as mt
+  if jax.default_backend() != "gpu":
+    assert not mt.available()
+  dims = rt.make_dims(100, 2, 16, 3, 16)
+  k = jnp.ones((2, 100 + 16, 32))
+  padded = mt.pad_kv(k, 100)
+  assert padded.shape == (2, 100 + max(mt.KEY_TILES), 32)
+  assert float(padded[:, 116:].sum()) == 0.0
+  with pytest.raises(ValueError, match="pad them with pad_kv"):  # before jax-triton is needed
+    mt.forward_rows(None, dims, jnp.ones((2, 200, 32)), k, k, 0.1)
