@@ -7,7 +7,8 @@ the row tile). One kernel program takes one row tile, gathers its query rows, an
 key range they share, so the work stays dense however queries choose. Partial outputs are merged
 by log-sum-exp. Backward: dQ per partial row (same tiling, summed afterwards, no atomics);
 dK/dV per key tile of a block, looping over the rows routed to it (ragged, dynamic trip count),
-then scattered onto key positions.
+then scattered onto key positions. `BlockSizes(fused_dq=True)` instead adds each chunk's dQ into
+a float32 buffer with atomics inside the dK/dV kernel (no dQ kernel; not yet timed on a GPU).
 """
 
 from __future__ import annotations
