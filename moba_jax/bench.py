@@ -75,10 +75,17 @@ def attended_pairs(seq, block, topk, moba):
   return int((np.minimum(t // block, topk - 1) * block + t % block + 1).sum())
 
 
+def gpu_block_sizes(spec: str):
+  """--gpu-block-sizes "64,64,64,64,4,3[,1]" -> moba_gpu.BlockSizes (fields in order)."""
+  from moba_jax.kernels import moba_gpu
+  values = [int(x) for x in spec.split(",")]
+  return moba_gpu.BlockSizes(*values[:6], *(bool(x) for x in values[6:]))
+
+
 def make_fn(impl, block, topk, bwd, gpu_sizes=None):
   if impl == "pallas_gpu" and gpu_sizes:
     from moba_jax.kernels import moba_gpu
-    sizes = moba_gpu.BlockSizes(*(int(x) for x in gpu_sizes.split(",")))
+    sizes = gpu_block_sizes(gpu_sizes)
     fwd = lambda q, k, v: moba_gpu.moba_attention_gpu(
         q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=block, topk=topk,
         block_sizes=sizes)
@@ -184,7 +191,7 @@ def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128, gpu_sizes=None):
     ref = lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, block_size=block, topk=topk)
     if gpu_sizes:
       from moba_jax.kernels import moba_gpu
-      sizes = moba_gpu.BlockSizes(*(int(x) for x in gpu_sizes.split(",")))
+      sizes = gpu_block_sizes(gpu_sizes)
       got = lambda q, k, v: moba_gpu.moba_attention_gpu(q, k, v, seg, block_size=block,
                                                         topk=topk, block_sizes=sizes)
     else:
@@ -209,7 +216,7 @@ def breakdown(args, seq, block, topk):
   dtype = jnp.dtype(args.dtype)
   sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
   seg = jnp.zeros((args.batch, seq), jnp.int32)
-  sizes = (mg.BlockSizes(*(int(x) for x in args.gpu_block_sizes.split(",")))
+  sizes = (gpu_block_sizes(args.gpu_block_sizes)
            if args.gpu_block_sizes else mg.BlockSizes.get_default(args.dim, dtype))
   scale = args.dim ** -0.5
   route = jax.jit(lambda q, k: rt.route(q, k, seg, block_size=block, topk=topk,
