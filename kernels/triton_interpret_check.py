@@ -18,7 +18,6 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-import functools  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
