@@ -6,6 +6,7 @@
 #      default tiles, cudnn)
 #   2: check + breakdown + tile sweep at 32K, then the full table with the fastest tiles
 #   4: the fused-dQ backward (BlockSizes.fused_dq) against the default at 8K / 32K / 128K, b512 k3
+#   5: per-kernel profiles of the fwd+bwd step (kernels/profile_gpu.py), default tiles [and TILES]
 set -o pipefail
 phase=${1:-1}; shift
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
@@ -21,9 +22,11 @@ if [ "$phase" = 2 ]; then
   STEP_S=80 bench --check --json $OUT/check.json 2>&1 | tee -a $log
   STEP_S=100 bench --breakdown --seqs 8192,32768,131072 --configs 512:3 --gpu-block-sizes ${1:-64,64,64,64,4,2} --repeats 10 2>&1 | tee -a $log
 fi
-for s in "$@"; do
-  STEP_S=60 bench --seqs 32768 --configs 512:3 --impls pallas_gpu --gpu-block-sizes $s --repeats 10 2>&1 | tee -a $OUT/tune.txt
-done
+if [ "$phase" -le 2 ]; then
+  for s in "$@"; do
+    STEP_S=60 bench --seqs 32768 --configs 512:3 --impls pallas_gpu --gpu-block-sizes $s --repeats 10 2>&1 | tee -a $OUT/tune.txt
+  done
+fi
 if [ "$phase" = 3 ]; then
   STEP_S=80 bench --check --json $OUT/check.json 2>&1 | tee -a $log
   STEP_S=200 bench --breakdown --seqs 8192,32768,131072 --configs 512:3 --repeats 10 --json $OUT/breakdown.json 2>&1 | tee -a $log
@@ -39,4 +42,13 @@ if [ "$phase" = 4 ]; then
   for t in 64,64,64,64,4,3 64,64,64,64,4,3,1 64,64,64,128,4,3,1; do
     STEP_S=150 bench --impls pallas_gpu --seqs 8192,32768,131072 --configs 512:3 --gpu-block-sizes $t --repeats 10 2>&1 | tee -a $OUT/fused.txt
   done
+fi
+if [ "$phase" = 5 ]; then
+  for seq in 8192 32768 131072; do
+    for t in default "$@"; do
+      extra=""; [ "$t" != default ] && extra="--gpu-block-sizes $t"
+      timeout 120 python3 -m moba_jax.kernels.profile_gpu --seq $seq $extra --out $OUT/trace_${seq}_${t//,/_} 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
+    done
+  done
+  find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
 fi
