@@ -5,10 +5,11 @@ Design (DESIGN.md section 5; docs/kernel_notes.md): routing (`_routing.route`) g
 causal) and each chosen past block (sparse section, rows sorted by key block, padded per block to
 the row tile). One kernel program takes one row tile, gathers its query rows, and streams the one
 key range they share, so the work stays dense however queries choose. Partial outputs are merged
-by log-sum-exp. Backward: dQ per partial row (same tiling, summed afterwards, no atomics);
-dK/dV per key tile of a block, looping over the rows routed to it (ragged, dynamic trip count),
-then scattered onto key positions. `BlockSizes(fused_dq=True)` instead adds each chunk's dQ into
-a float32 buffer with atomics inside the dK/dV kernel (no dQ kernel; not yet timed on a GPU).
+by log-sum-exp. Key chunks that every row of a tile sees whole skip the mask. Backward: dQ per
+partial row (same tiling, summed afterwards, no atomics); dK/dV per key tile, looping over the
+rows that see it (its block's own rows up to the diagonal with the mask, then the rest and the
+rows of the past-block group it belongs to without), so dK/dV come out in key order. dQ by atomic
+adds inside the dK/dV kernel was measured 2.6-4.7x slower and removed (docs/kernel_notes.md).
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ class BlockSizes:
   block_k_dkv: int = 64
   num_warps: int = 4
   num_stages: int = 2
-  # Backward variant: False = a dQ kernel per partial row (deterministic); True = dQ accumulated
-  # with float32 atomic adds inside the dK/dV kernel (no dQ kernel, no second QK^T/dO V^T;
-  # summation order, hence the last bits of dQ, vary between runs). Not yet timed on a GPU.
-  fused_dq: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
@@ -66,29 +63,48 @@ def _row_mask(kpos, lo, hi):  # [Mq, Bk] bool: key kpos visible to each row
   return (kpos[None, :] >= lo[:, None]) & (kpos[None, :] < hi[:, None])
 
 
+def _unmasked_chunks(ks, lo, hi, live, bk, n_all):
+  """Leading key chunks of a row tile that every live row sees whole (no mask needed).
+
+  Rows of a sparse tile all see one whole block; rows of a dense tile see [block start, t], so
+  the chunks before the diagonal are whole too. Dead rows (padding) are not looked at: their
+  outputs are never read."""
+  lo_max = jnp.max(jnp.where(live, lo, 0))
+  hi_min = jnp.min(jnp.where(live, hi, jnp.int32(2 ** 30)))
+  n = jnp.where(lo_max <= ks, jax.lax.div(jnp.maximum(hi_min - ks, 0), bk), 0)
+  return jnp.minimum(n, n_all)
+
+
 def _fwd_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                 bq, bk, scale):
   i, b = pl.program_id(0), pl.program_id(1)
   ks, ke = ks_ref[b, i], ke_ref[b, i]
   rows = pl.ds(i * bq, bq)
-  lo, hi = lo_ref[b, rows], hi_ref[b, rows]
-  q = q_ref[b, jnp.maximum(rq_ref[b, rows], 0), :]  # [Mq, D] gathered rows
+  lo, hi, rq = lo_ref[b, rows], hi_ref[b, rows], rq_ref[b, rows]
+  q = q_ref[b, jnp.maximum(rq, 0), :]  # [Mq, D] gathered rows
 
-  def body(c, carry):
+  def body(c, carry, masked):
     m, l, acc = carry
     start = ks + c * bk
     k, v = k_ref[b, pl.ds(start, bk), :], v_ref[b, pl.ds(start, bk), :]  # [Bk, D]
-    mask = _row_mask(start + _iota(bk), lo, hi)
-    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, NEG)  # [Mq, Bk]
+    s = _dot(q, k, trans_b=True) * scale  # [Mq, Bk]
+    if masked:
+      mask = _row_mask(start + _iota(bk), lo, hi)
+      s = jnp.where(mask, s, NEG)
     m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    p = jnp.exp(s - m_new[:, None])
+    if masked:  # a row with nothing visible yet has m_new = NEG: exp(0) must not count
+      p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(m - m_new)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)  # [Mq, D]
     return m_new, l * alpha + p.sum(axis=1), acc
 
-  init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
-          jnp.zeros((bq, q.shape[-1]), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, _cdiv(ke - ks, bk), body, init)
+  n_all = _cdiv(ke - ks, bk)
+  n_free = _unmasked_chunks(ks, lo, hi, rq >= 0, bk, n_all)
+  carry = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
+           jnp.zeros((bq, q.shape[-1]), jnp.float32))
+  carry = jax.lax.fori_loop(0, n_free, functools.partial(body, masked=False), carry)
+  m, l, acc = jax.lax.fori_loop(n_free, n_all, functools.partial(body, masked=True), carry)
   ok = l > 0
   o_ref[...] = (acc / jnp.where(ok, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
@@ -99,59 +115,65 @@ def _dq_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_r
   i, b = pl.program_id(0), pl.program_id(1)
   ks, ke = ks_ref[b, i], ke_ref[b, i]
   rows = pl.ds(i * bq, bq)
-  lo, hi = lo_ref[b, rows], hi_ref[b, rows]
-  rq = jnp.maximum(rq_ref[b, rows], 0)
+  lo, hi, rq_raw = lo_ref[b, rows], hi_ref[b, rows], rq_ref[b, rows]
+  live = rq_raw >= 0
+  rq = jnp.maximum(rq_raw, 0)
   q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
-  lse, delta = lse_ref[b, rq], dl_ref[b, rq]  # [Mq]
+  lse = jnp.where(live, lse_ref[b, rq], jnp.inf)  # dead rows: p = 0
+  delta = dl_ref[b, rq]  # [Mq]
 
-  def body(c, dq):
+  def body(c, dq, masked):
     start = ks + c * bk
     k, v = k_ref[b, pl.ds(start, bk), :], v_ref[b, pl.ds(start, bk), :]
-    mask = _row_mask(start + _iota(bk), lo, hi)
-    s = _dot(q, k, trans_b=True) * scale  # [Mq, Bk]
-    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    p = jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None])  # [Mq, Bk]
+    if masked:
+      p = jnp.where(_row_mask(start + _iota(bk), lo, hi), p, 0.0)
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)  # [Mq, D]
 
-  dq = jax.lax.fori_loop(0, _cdiv(ke - ks, bk), body, jnp.zeros(q.shape, jnp.float32))
+  n_all = _cdiv(ke - ks, bk)
+  n_free = _unmasked_chunks(ks, lo, hi, live, bk, n_all)
+  dq = jnp.zeros(q.shape, jnp.float32)
+  dq = jax.lax.fori_loop(0, n_free, functools.partial(body, masked=False), dq)
+  dq = jax.lax.fori_loop(n_free, n_all, functools.partial(body, masked=True), dq)
   dq_ref[...] = dq * scale
 
 
-def _dkdv_kernel(iks_ref, ir0_ref, ir1_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref,
-                 lse_ref, dl_ref, *out_refs, bq, bk, scale, fused_dq):
-  if fused_dq:  # the zeroed dQ buffer comes in aliased to the last output
-    _, dk_ref, dv_ref, dq_ref = out_refs
-  else:
-    dk_ref, dv_ref = out_refs
+def _dkdv_kernel(iks_ref, ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref, rq_ref, lo_ref, hi_ref,
+                 q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *, bq, bk, scale):
+  """One key tile: rows [r0, r1) of which [r0, ru) may need the mask, then rows [g0, g1) (a
+  past-block group) that see the whole tile."""
   j, b = pl.program_id(0), pl.program_id(1)
-  ks, r0, r1 = iks_ref[b, j], ir0_ref[b, j], ir1_ref[b, j]
+  ks = iks_ref[b, j]
+  r0, ru, r1, g0, g1 = (r[b, j] for r in (ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref))
   k, v = k_ref[b, pl.ds(ks, bk), :], v_ref[b, pl.ds(ks, bk), :]  # [Bk, D]
   kpos = ks + _iota(bk)
 
-  def body(c, carry):
+  def chunk(first, end, carry, masked):
     dk, dv = carry
-    first = r0 + c * bq
     rows = pl.ds(first, bq)
-    live = (first + _iota(bq)) < r1
-    lo, hi = lo_ref[b, rows], jnp.where(live, hi_ref[b, rows], 0)
     rq_raw = rq_ref[b, rows]
     rq = jnp.maximum(rq_raw, 0)
+    live = ((first + _iota(bq)) < end) & (rq_raw >= 0)
     q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
-    lse, delta = lse_ref[b, rq], dl_ref[b, rq]
-    mask = (kpos[:, None] >= lo[None, :]) & (kpos[:, None] < hi[None, :])  # [Bk, Mq]
-    st = _dot(k, q, trans_b=True) * scale  # [Bk, Mq]
-    pt = jnp.where(mask, jnp.exp(st - lse[None, :]), 0.0)
+    lse = jnp.where(live, lse_ref[b, rq], jnp.inf)  # dead rows: p = 0
+    delta = dl_ref[b, rq]
+    pt = jnp.exp(_dot(k, q, trans_b=True) * scale - lse[None, :])  # [Bk, Mq]
+    if masked:
+      lo, hi = lo_ref[b, rows], hi_ref[b, rows]
+      pt = jnp.where((kpos[:, None] >= lo[None, :]) & (kpos[:, None] < hi[None, :]), pt, 0.0)
     dv = dv + _dot(pt.astype(do.dtype), do)  # [Bk, D]
     dst = pt * (_dot(v, do, trans_b=True) - delta[None, :])
-    if fused_dq:  # dQ rows of this chunk += dS^T K; padding and dead rows go to the spare row TG
-      dump = dq_ref.shape[1] - 1
-      target = jnp.where(live & (rq_raw >= 0), rq_raw, dump)
-      dq_c = _dot(dst.T.astype(k.dtype), k) * scale  # [Mq, D]
-      plgpu.atomic_add(dq_ref, (b, target[:, None], _iota(k.shape[-1])[None, :]), dq_c)
     return dk + _dot(dst.astype(q.dtype), q), dv
 
+  n_masked = _cdiv(ru - r0, bq)
+  rf = r0 + n_masked * bq  # first row of the unmasked part of [r0, r1)
+  n_dense = _cdiv(jnp.maximum(r1 - rf, 0), bq)
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, _cdiv(r1 - r0, bq), body, (zeros, zeros))
+  carry = jax.lax.fori_loop(0, n_masked, lambda c, x: chunk(r0 + c * bq, r1, x, True), (zeros, zeros))
+  carry = jax.lax.fori_loop(0, n_dense, lambda c, x: chunk(rf + c * bq, r1, x, False), carry)
+  dk, dv = jax.lax.fori_loop(0, _cdiv(g1 - g0, bq), lambda c, x: chunk(g0 + c * bq, g1, x, False),
+                             carry)
   dk_ref[...] = dk * scale
   dv_ref[...] = dv
 
@@ -160,14 +182,14 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret, aliases=None):
+def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret):
   kwargs = {}
   if not interpret:
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=sizes.num_warps,
                                                      num_stages=sizes.num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=[_whole(a) for a in args],
                         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-                        input_output_aliases=aliases or {}, **kwargs)(*args)
+                        **kwargs)(*args)
 
 
 def _row_specs(bq, dim):
@@ -211,24 +233,45 @@ def _forward(q, k, v, routing, dims, sizes, scale, interpret):
 
 
 def _dkdv_items(routing, dims, sizes, seq):
-  """dK/dV work items: (first key, first row, end row) per key tile, dense ones then sparse."""
-  bkd, g = sizes.block_k_dkv, dims.groups
+  """dK/dV work items, each (first key, r0, ru, r1, g0, g1) per program (see `_dkdv_kernel`).
+
+  Tile items: one per key tile c of [0, seq): its rows in the current block ([c*Bk*G, block
+  end*G), masked only up to the diagonal when the tile lies in one block) and, when the tile's
+  block is a past-block group aligned to the tile size, that group's rows: each key then has one
+  owner and dK/dV come out in key order. Group items: the key tiles of groups that are not
+  aligned (documents starting off the tile grid, or block_size % Bk != 0), all rows masked;
+  their outputs are added by scatter. Returns (tile items, group items or None, any group item).
+  """
+  bkd, g, blk = sizes.block_k_dkv, dims.groups, dims.block_size
   first = jnp.arange(0, seq, bkd, dtype=jnp.int32)
   last = jnp.minimum(first + bkd, seq) - 1
-  d_ks = jnp.broadcast_to(first, routing.rq.shape[:1] + first.shape)
-  d_r0 = d_ks * g
-  d_r1 = routing.block_end[:, last] * g
+  block_start = routing.lo[:, :seq * g:g]  # dense row t*G has lo = the block start of t
+  bs_first, bs_last = block_start[:, first], block_start[:, last]
+  clean = (bs_first == bs_last) & (first + bkd <= seq)
+  t_ks = jnp.broadcast_to(first, bs_first.shape)
+  t_r0 = t_ks * g
+  t_r1 = routing.block_end[:, last] * g
+  t_ru = jnp.where(clean, (first + bkd - 1) * g, t_r1)
+  zero = jnp.zeros_like(t_ks)
   if dims.max_groups == 0:
-    return d_ks, d_r0, d_r1
-  n_c = -(-dims.block_size // bkd)
+    return (t_ks, t_r0, t_ru, t_r1, zero, zero), None, False
+  gp = routing.group_p  # [BK, Gm] sorted block starts of the non-empty groups (seq: none)
+  aligned = (gp < seq) & (gp % bkd == 0) & (blk % bkd == 0)
+  idx = jnp.minimum(jax.vmap(jnp.searchsorted)(gp, bs_first), gp.shape[1] - 1)
+  take = lambda x: jnp.take_along_axis(x, idx, axis=1)
+  inline = clean & (take(gp) == bs_first) & take(aligned)
+  t_g0 = jnp.where(inline, take(routing.group_r0), 0)
+  t_g1 = jnp.where(inline, take(routing.group_r1), 0)
+  n_c = -(-blk // bkd)
   c = jnp.arange(n_c, dtype=jnp.int32) * bkd
-  has = (routing.group_p < seq)[:, :, None]
-  s_ks = jnp.where(has, routing.group_p[:, :, None] + c, 0)  # [BK, Gm, n_c]
-  s_r0 = jnp.where(has, routing.group_r0[:, :, None], 0) + 0 * c
-  s_r1 = jnp.where(has, routing.group_r1[:, :, None], 0) + 0 * c
-  flat = lambda x: x.reshape(x.shape[0], -1)
-  cat = lambda a, b_: jnp.concatenate([a, flat(b_)], axis=1)
-  return cat(d_ks, s_ks), cat(d_r0, s_r0), cat(d_r1, s_r1)
+  rest = ((gp < seq) & ~aligned)[:, :, None]  # [BK, Gm, 1]
+  flat = lambda x: jnp.broadcast_to(x, rest.shape[:2] + (n_c,)).reshape(rest.shape[0], -1)
+  s_ks = flat(jnp.where(rest, gp[:, :, None] + c, 0))
+  s_r0 = flat(jnp.where(rest, routing.group_r0[:, :, None], 0))
+  s_r1 = flat(jnp.where(rest, routing.group_r1[:, :, None], 0))
+  s_zero = jnp.zeros_like(s_ks)
+  return ((t_ks, t_r0, t_ru, t_r1, t_g0, t_g1), (s_ks, s_r0, s_r1, s_r1, s_zero, s_zero),
+          jnp.any(rest))
 
 
 def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
@@ -238,49 +281,37 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
   delta = jnp.sum(o.astype(jnp.float32) * dor.astype(jnp.float32), axis=-1)  # [BK, TG]
   bq = sizes.block_q
-  if not sizes.fused_dq:
-    args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr, dor,
-            lse, delta)
-    kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale)
-    dq_rows = _call(kernel, (dims.tiles, bk_), args,
-                    jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
-                    _row_specs(bq, dp)[0], sizes, interpret)
-    dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
+  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr, dor,
+          lse, delta)
+  kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale)
+  dq_rows = _call(kernel, (dims.tiles, bk_), args,
+                  jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
+                  _row_specs(bq, dp)[0], sizes, interpret)
+  dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
 
   bkd = sizes.block_k_dkv
-  iks, ir0, ir1 = _dkdv_items(routing, dims, sizes, seq)
-  rq, lo, hi = _pad_rows(routing, sizes.block_q_dkv)
-  args = (iks, ir0, ir1, rq, lo, hi, qr, kr, vr, dor, lse, delta)
-  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale,
-                             fused_dq=sizes.fused_dq)
-  n_items = iks.shape[1]
-  shape = jax.ShapeDtypeStruct((bk_, n_items * bkd, dp), jnp.float32)
+  tiles, groups, any_group = _dkdv_items(routing, dims, sizes, seq)
+  rows = _pad_rows(routing, sizes.block_q_dkv)
+  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale)
   spec = pl.BlockSpec((pl.squeezed, bkd, dp), lambda j, b: (b, j, 0))
-  if sizes.fused_dq:  # one spare row (index TG) takes padding and dead rows' zero updates
-    dq0 = jnp.zeros((bk_, qr.shape[1] + 1, dp), jnp.float32)
-    dk_items, dv_items, dq = _call(
-        kernel, (n_items, bk_), args + (dq0,),
-        [shape, shape, jax.ShapeDtypeStruct(dq0.shape, jnp.float32)], [spec, spec, _whole(dq0)],
-        sizes, interpret, aliases={len(args): 2})
-    dq = dq[:, :-1]
-  else:
-    dk_items, dv_items = _call(kernel, (n_items, bk_), args, [shape, shape], [spec, spec], sizes,
-                               interpret)
+
+  def dkdv(items):
+    shape = jax.ShapeDtypeStruct((bk_, items[0].shape[1] * bkd, dp), jnp.float32)
+    return _call(kernel, (items[0].shape[1], bk_), items + rows + (qr, kr, vr, dor, lse, delta),
+                 [shape, shape], [spec, spec], sizes, interpret)
+
+  dk, dv = (x[:, :seq] for x in dkdv(tiles))  # tile items are in key order
+  if groups is not None:  # unaligned groups: their own programs, added onto key positions
+    pos = (groups[0][:, :, None] + jnp.arange(bkd, dtype=jnp.int32)).reshape(bk_, -1)
+    add = jax.vmap(lambda o, x, p: o.at[p].add(x, mode="drop"))
+
+    def with_groups(dk, dv):
+      gk, gv = dkdv(groups)
+      return add(dk, gk, pos), add(dv, gv, pos)
+
+    dk, dv = jax.lax.cond(any_group, with_groups, lambda dk, dv: (dk, dv), dk, dv)
   back = lambda x, like: rt.heads_minor(x[..., :dim], batch, seq).astype(like.dtype)
-  dk, dv = _place(dk_items, iks, seq, bkd), _place(dv_items, iks, seq, bkd)
   return back(dq, q), back(dk, k), back(dv, v)
-
-
-def _place(items, iks, seq, bkd):
-  """Item outputs [BK, NI * Bk, Dp] onto key positions [BK, T, Dp]: the dense items are already
-  in key order (item c holds keys [c * Bk, (c + 1) * Bk)); the sparse ones are added by scatter."""
-  n_dense = -(-seq // bkd)
-  out = items[:, :seq]
-  if items.shape[1] == n_dense * bkd:
-    return out
-  pos = (iks[:, n_dense:, None] + jnp.arange(bkd, dtype=jnp.int32)).reshape(iks.shape[0], -1)
-  add = jax.vmap(lambda o, x, p: o.at[p].add(x, mode="drop"))
-  return add(out, items[:, n_dense * bkd:], pos)
 
 
 _moba = rt.custom_vjp_attention(_forward, _backward)

@@ -49,8 +49,7 @@ def parse_args(argv):
   p.add_argument("--json", default=None, help="write the rows to this JSON file")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
   p.add_argument("--gpu-block-sizes", default=None,
-                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages"
-                      "[,fused_dq (1: dQ by atomic adds in the dK/dV kernel)]")
+                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages")
   p.add_argument("--breakdown", action="store_true",
                  help="pallas_gpu only: time routing, forward and backward separately")
   p.add_argument("--check", action="store_true",
@@ -76,10 +75,9 @@ def attended_pairs(seq, block, topk, moba):
 
 
 def gpu_block_sizes(spec: str):
-  """--gpu-block-sizes "64,64,64,64,4,3[,1]" -> moba_gpu.BlockSizes (fields in order)."""
+  """--gpu-block-sizes "64,64,64,64,4,3" -> moba_gpu.BlockSizes (fields in order)."""
   from moba_jax.kernels import moba_gpu
-  values = [int(x) for x in spec.split(",")]
-  return moba_gpu.BlockSizes(*values[:6], *(bool(x) for x in values[6:]))
+  return moba_gpu.BlockSizes(*(int(x) for x in spec.split(",")))
 
 
 def make_fn(impl, block, topk, bwd, gpu_sizes=None):
