@@ -38,6 +38,7 @@ class BlockSizes:
   block_k_dkv: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  num_warps_dkv: int | None = None  # the dK/dV kernel's warps (None: num_warps)
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
@@ -182,10 +183,10 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret):
+def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret, warps=None):
   kwargs = {}
   if not interpret:
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=sizes.num_warps,
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=warps or sizes.num_warps,
                                                      num_stages=sizes.num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=[_whole(a) for a in args],
                         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
@@ -298,7 +299,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   def dkdv(items):
     shape = jax.ShapeDtypeStruct((bk_, items[0].shape[1] * bkd, dp), jnp.float32)
     return _call(kernel, (items[0].shape[1], bk_), items + rows + (qr, kr, vr, dor, lse, delta),
-                 [shape, shape], [spec, spec], sizes, interpret)
+                 [shape, shape], [spec, spec], sizes, interpret, warps=sizes.num_warps_dkv)
 
   dk, dv = (x[:, :seq] for x in dkdv(tiles))  # tile items are in key order
   if groups is not None:  # unaligned groups: their own programs, added onto key positions

@@ -5,7 +5,8 @@
 #   3: check + breakdown (with the jax-triton forward side by side) + the full table (pallas_gpu
 #      default tiles, cudnn)
 #   2: check + breakdown + tile sweep at 32K, then the full table with the fastest tiles
-#   4: the fused-dQ backward (BlockSizes.fused_dq) against the default at 8K / 32K / 128K, b512 k3
+#   4: (removed: the fused-dQ backward it timed is gone, see docs/kernel_notes.md)
+#   6: check, 8K/32K/128K b512 k3 table (default tiles), 32K tile sweep over TILES, 32K profile
 #   5: per-kernel profiles of the fwd+bwd step (kernels/profile_gpu.py), default tiles [and TILES]
 set -o pipefail
 phase=${1:-1}; shift
@@ -37,12 +38,6 @@ if [ "$phase" = 2 ]; then
   echo "best tiles: $best" | tee -a $log
   STEP_S=200 bench --impls pallas_gpu,cudnn --gpu-block-sizes $best --repeats 10 --json $OUT/table.json 2>&1 | tee -a $log
 fi
-if [ "$phase" = 4 ]; then
-  STEP_S=80 bench --check --gpu-block-sizes 64,64,64,64,4,3,1 --json $OUT/check_fused.json 2>&1 | tee -a $log
-  for t in 64,64,64,64,4,3 64,64,64,64,4,3,1 64,64,64,128,4,3,1; do
-    STEP_S=150 bench --impls pallas_gpu --seqs 8192,32768,131072 --configs 512:3 --gpu-block-sizes $t --repeats 10 2>&1 | tee -a $OUT/fused.txt
-  done
-fi
 if [ "$phase" = 5 ]; then
   for seq in 8192 32768 131072; do
     for t in default "$@"; do
@@ -50,5 +45,14 @@ if [ "$phase" = 5 ]; then
       timeout 120 python3 -m moba_jax.kernels.profile_gpu --seq $seq $extra --out $OUT/trace_${seq}_${t//,/_} 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
     done
   done
+  find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
+fi
+if [ "$phase" = 6 ]; then
+  STEP_S=150 bench --check --json $OUT/check.json 2>&1 | grep -v "^WARNING" | tee -a $log
+  STEP_S=150 bench --impls pallas_gpu --seqs 8192,32768,131072 --configs 512:3 --repeats 10 --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee -a $log
+  for t in "$@"; do
+    STEP_S=60 bench --impls pallas_gpu --seqs 32768 --configs 512:3 --gpu-block-sizes $t --repeats 10 2>&1 | grep '^{' | tee -a $OUT/tune.txt
+  done
+  timeout 120 python3 -m moba_jax.kernels.profile_gpu --seq 32768 --out $OUT/trace 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
 fi

@@ -49,7 +49,8 @@ def parse_args(argv):
   p.add_argument("--json", default=None, help="write the rows to this JSON file")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
   p.add_argument("--gpu-block-sizes", default=None,
-                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages")
+                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages"
+                      "[,dK/dV warps]")
   p.add_argument("--breakdown", action="store_true",
                  help="pallas_gpu only: time routing, forward and backward separately")
   p.add_argument("--check", action="store_true",
@@ -75,7 +76,7 @@ def attended_pairs(seq, block, topk, moba):
 
 
 def gpu_block_sizes(spec: str):
-  """--gpu-block-sizes "64,64,64,64,4,3" -> moba_gpu.BlockSizes (fields in order)."""
+  """--gpu-block-sizes "64,64,64,64,4,3[,4]" -> moba_gpu.BlockSizes (fields in order)."""
   from moba_jax.kernels import moba_gpu
   return moba_gpu.BlockSizes(*(int(x) for x in spec.split(",")))
 
