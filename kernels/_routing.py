@@ -74,30 +74,54 @@ def make_dims(seq, groups, block_size, topk, block_q) -> Dims:
   return Dims(seq, groups, n_sel, block_size, block_q, dense, sparse, max_groups)
 
 
-def _select_shared(q, kbar, layout, *, block_size, topk):
+def _gate_scores(q_grouped, slot_kbar):
+  """Float32 scores [B, C, K, G, N] of queries [B, C, K, G, D] against gate keys [B, N, K, D].
+
+  Half-precision queries are exact in bfloat16, so the float32 gate keys are split into three
+  bfloat16 pieces (hi + mid + lo = the float32 value) and each piece takes a matrix-unit
+  product with float32 accumulation: float32 scores up to summation order, at bfloat16 matmul
+  speed (a float32 HIGHEST product runs on the GPU's CUDA cores, 10x slower at 128K).
+  """
+  spec = "bckgd,bnkd->bckgn"
+  if q_grouped.dtype not in (jnp.bfloat16, jnp.float16):
+    return jnp.einsum(spec, q_grouped.astype(jnp.float32), slot_kbar,
+                      precision=jax.lax.Precision.HIGHEST)
+  qb = q_grouped.astype(jnp.bfloat16)
+  scores, rest = 0.0, slot_kbar
+  for _ in range(3):
+    piece = rest.astype(jnp.bfloat16)
+    rest = rest - piece.astype(jnp.float32)
+    scores = scores + jnp.einsum(spec, qb, piece, preferred_element_type=jnp.float32,
+                                 precision=jax.lax.Precision.DEFAULT)  # bf16 x bf16 is exact
+  return scores
+
+
+def _select_shared(q, slot_kbar, layout, *, block_size, topk):
   """`moba.select_blocks` for a chunk whose queries all share one document start (per batch row).
 
-  The gate keys are then the same for every query of the chunk, so the scores are one matmul
-  [C * G, D] x [D, N] per kv head instead of a gather of [C, N, K, D]; the arithmetic of each
-  score (a float32 dot over D) and the masking and top-k are the oracle's.
+  The gate keys are then the same for every query of the chunk: slot_kbar [B, N, K, D], the
+  means of blocks doc_start + j * block_size. The scores are one matmul [C * G, D] x [D, N] per
+  kv head instead of a gather of [C, N, K, D]; masking and top-k are the oracle's.
   """
   batch, chunk, heads, dim = q.shape
-  seq, kv_heads = kbar.shape[1], kbar.shape[2]
-  n_slots = math.ceil(seq / block_size)
+  n_slots, kv_heads = slot_kbar.shape[1], slot_kbar.shape[2]
   n_sel = min(topk, n_slots)
   j = jnp.arange(n_slots, dtype=jnp.int32)
-  slot_start = layout.doc_start[:, :1] + j * block_size  # [B, N]
-  slot_kbar = jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
-  q_grouped = q.astype(jnp.float32).reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("bckgd,bnkd->bckgn", q_grouped, slot_kbar,
-                      precision=jax.lax.Precision.HIGHEST)  # [B, C, K, G, N]
-  scores = scores.reshape(batch, chunk, heads, n_slots)
+  q_grouped = q.reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
+  scores = _gate_scores(q_grouped, slot_kbar).reshape(batch, chunk, heads, n_slots)
   current = layout.block_index[..., None, None]  # [B, C, 1, 1]
   scores = jnp.where(j < current, scores, -jnp.inf)
   scores = jnp.where(j == current, jnp.inf, scores)
   top_scores, top_slots = _top_k(scores, n_sel)
   starts = layout.doc_start[..., None, None] + top_slots.astype(jnp.int32) * block_size
   return starts, top_scores > -jnp.inf
+
+
+def _slot_kbar(kbar, layout, block_size):
+  """Gate keys of the chunk's (shared) document's block slots from per-position kbar."""
+  seq = kbar.shape[1]
+  slot_start = layout.doc_start[:, :1] + jnp.arange(math.ceil(seq / block_size)) * block_size
+  return jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
 
 
 def _top_k(scores, k):
@@ -159,24 +183,37 @@ def _select_mixed(q_c, kbar, lay, *, block_size, topk):
 def select_chunked(q, k, layout, *, block_size, topk):
   """The oracle's block choice over query chunks: memory O(chunk * T / block_size), not T^2.
 
-  Chunks inside one document (the common case) take `_select_shared`; chunks that span
-  documents take the oracle's own `select_blocks`.
+  Batches of single documents score every chunk against one set of gate keys
+  (`moba.slot_means`); otherwise chunks inside one document (the common case) take the shared
+  path with their document's gate keys and chunks that span documents the oracle's own
+  `select_blocks`.
   """
   batch, seq, heads, _ = q.shape
-  kbar = _moba.block_key_means(k, layout)  # [B, T, K, D] float32
   n_slots = math.ceil(seq / block_size)
   chunk = _pow2_chunk(ROUTING_BYTES, 4 * batch * heads * n_slots, seq)
   n = -(-seq // chunk)
   kw = dict(block_size=block_size, topk=topk)
+  chunks = (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in layout))
 
-  def body(xs):
-    q_c, lay = xs[0], _moba.Layout(*xs[1])
-    shared = jnp.all(lay.doc_start == lay.doc_start[:, :1])
-    return jax.lax.cond(shared, lambda: _select_shared(q_c, kbar, lay, **kw),
-                        lambda: _select_mixed(q_c, kbar, lay, **kw))
+  def one_doc():
+    slot_kbar = _moba.slot_means(k, block_size)
+    return jax.lax.map(lambda xs: _select_shared(xs[0], slot_kbar, _moba.Layout(*xs[1]), **kw),
+                       chunks)
+
+  def packed():
+    kbar = _moba.block_key_means(k, layout, block_size=block_size)  # [B, T, K, D] float32
+
+    def body(xs):
+      q_c, lay = xs[0], _moba.Layout(*xs[1])
+      shared = jnp.all(lay.doc_start == lay.doc_start[:, :1])
+      return jax.lax.cond(
+          shared, lambda: _select_shared(q_c, _slot_kbar(kbar, lay, block_size), lay, **kw),
+          lambda: _select_mixed(q_c, kbar, lay, **kw))
+
+    return jax.lax.map(body, chunks)
 
   with jax.default_matmul_precision("highest"):  # float32 scores (no TF32) on every backend
-    out = jax.lax.map(body, (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in layout)))
+    out = jax.lax.cond(_moba.one_document(layout), one_doc, packed)
   return tuple(_merge(x, seq) for x in out)
 
 

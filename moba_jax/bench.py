@@ -226,7 +226,8 @@ def breakdown(args, seq, block, topk):
   res = [(q, k, v, cot, r, *fwd(q, k, v, cot, r)[1]) for q, k, v, cot, r in routed]
   bwd = jax.jit(lambda q, k, v, cot, r, o, lse: mg._backward(q, k, v, r, o, lse, cot, dims,
                                                               sizes, scale, False))
-  kbar = jax.jit(lambda k: moba_lib.block_key_means(k, moba_lib.doc_layout(seg, block)))
+  kbar = jax.jit(lambda k: moba_lib.block_key_means(k, moba_lib.doc_layout(seg, block),
+                                                                block_size=block))
   row = dict(impl="pallas_gpu/breakdown", seq=seq, block=block, topk=topk, sizes=str(sizes),
              kbar_ms=time_ms(kbar, [s[1:2] for s in sets], args.warmup, args.repeats),
              route_ms=time_ms(route, [s[:2] for s in sets], args.warmup, args.repeats),

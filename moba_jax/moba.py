@@ -50,11 +50,29 @@ def doc_layout(segment_ids: jax.Array, block_size: int) -> Layout:
   return Layout(doc_start, doc_end, block_index, block_start, block_end)
 
 
-def block_key_means(k: jax.Array, layout: Layout) -> jax.Array:
+def slot_means(k: jax.Array, block_size: int) -> jax.Array:
+  """Gate keys of sequences that are one document each: the mean of block j's keys
+  [j * L, min((j + 1) * L, T)), float32 [B, N, K, D]. A reshape, no scatter."""
+  batch, seq, kv_heads, dim = k.shape
+  n_slots = math.ceil(seq / block_size)
+  k32 = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n_slots * block_size - seq), (0, 0), (0, 0)))
+  sums = k32.reshape(batch, n_slots, block_size, kv_heads, dim).sum(axis=2)
+  counts = jnp.minimum(seq - jnp.arange(n_slots) * block_size, block_size).astype(jnp.float32)
+  return sums / counts[:, None, None]
+
+
+def one_document(layout: Layout) -> jax.Array:
+  """Scalar bool: every sequence of the batch is a single document."""
+  return jnp.all(layout.doc_start == 0)
+
+
+def block_key_means(k: jax.Array, layout: Layout, *, block_size: int) -> jax.Array:
   """Gate keys, float32, stored at each block's start position: [B, T, K, D].
 
   Entry p holds the mean of the keys of the block that starts at p (over the tokens the block
-  really has); entries at positions that start no block are zero and never read.
+  really has); entries at positions that start no block are zero and never read. Batches of
+  single documents take `slot_means` (the same sums every path uses for them); packed ones a
+  segment sum over block starts.
   """
   seq = k.shape[1]
 
@@ -63,7 +81,11 @@ def block_key_means(k: jax.Array, layout: Layout) -> jax.Array:
     counts = jax.ops.segment_sum(jnp.ones((seq,), jnp.float32), block_start_row, num_segments=seq)
     return sums / jnp.maximum(counts, 1.0)[:, None, None]
 
-  return jax.vmap(per_row)(k, layout.block_start)
+  def aligned():
+    return jnp.zeros(k.shape, jnp.float32).at[:, ::block_size].set(slot_means(k, block_size))
+
+  return jax.lax.cond(one_document(layout), aligned,
+                      lambda: jax.vmap(per_row)(k, layout.block_start))
 
 
 def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: int, topk: int):
@@ -129,7 +151,7 @@ def _dense_attention(q, k, v, mask, softmax_scale):
 def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None):
   """The oracle: dense [B, H, T, T] mask built from the block choice, float32 softmax."""
   layout = doc_layout(segment_ids, block_size)
-  kbar = block_key_means(k, layout)
+  kbar = block_key_means(k, layout, block_size=block_size)
   starts, valid = select_blocks(q, kbar, layout, block_size=block_size, topk=topk)
   # chosen[b, h, t, s]: key s's block start is one of query t's valid chosen starts.
   key_start = layout.block_start[:, None, None, :, None]  # [B, 1, 1, S, 1]
@@ -192,7 +214,7 @@ def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
   batch, seq, heads, dim = q.shape
   scale = _default_scale(softmax_scale, dim)
   layout = doc_layout(segment_ids, block_size)
-  kbar = block_key_means(k, layout)
+  kbar = block_key_means(k, layout, block_size=block_size)
   n_sel = min(topk, math.ceil(seq / block_size))
   chunk = xla_chunk_size(batch, seq, heads, dim, n_sel, block_size, chunk_budget_bytes)
   n_chunks = math.ceil(seq / chunk)

@@ -45,14 +45,30 @@ def test_chunked_routing_is_the_oracles_choice(monkeypatch):
   from moba_jax.kernels import _routing as rt
   monkeypatch.setattr(rt, "ROUTING_BYTES", 1 << 13)  # many chunks: shared and mixed paths
   q, k, _ = random_qkv(6, 2, 300, 4, 2, 16)
-  seg = packed_segments(2, [150, 17, 133])
-  for block, topk in ((16, 3), (32, 16), (8, 20)):
-    layout = moba_lib.doc_layout(seg, block)
-    want = moba_lib.select_blocks(q, moba_lib.block_key_means(k, layout), layout,
-                                  block_size=block, topk=topk)
-    got = rt.select_chunked(q, k, layout, block_size=block, topk=topk)
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  for seg in (packed_segments(2, [150, 17, 133]), jnp.zeros((2, 300), jnp.int32)):
+    for block, topk in ((16, 3), (32, 16), (8, 20)):
+      _assert_same_choice(rt, q, k, seg, block, topk)
+
+
+def test_bf16_gate_scores_are_float32_scores():
+  """bf16 queries score against three bf16 pieces of the float32 gate keys: equal to the
+  float32 product up to summation order (relative 1e-6, where bf16 scores would be 1e-2 off)."""
+  from moba_jax.kernels import _routing as rt
+  q, k, _ = random_qkv(3, 1, 256, 4, 2, 64, jnp.bfloat16)
+  kbar = moba_lib.slot_means(k, 16)  # [1, 16, 2, 64]
+  qg = q.reshape(1, 256, 2, 2, 64)
+  got = rt._gate_scores(qg, kbar)
+  want = np.einsum("bckgd,bnkd->bckgn", np.asarray(qg, np.float64), np.asarray(kbar, np.float64))
+  assert np.max(np.abs(np.asarray(got) - want)) < 1e-6 * np.max(np.abs(want))
+
+
+def _assert_same_choice(rt, q, k, seg, block, topk):
+  layout = moba_lib.doc_layout(seg, block)
+  kbar = moba_lib.block_key_means(k, layout, block_size=block)
+  want = moba_lib.select_blocks(q, kbar, layout, block_size=block, topk=topk)
+  got = rt.select_chunked(q, k, layout, block_size=block, topk=topk)
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
 
 def test_bench_prints_a_table_on_cpu(capsys):

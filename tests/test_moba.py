@@ -147,7 +147,7 @@ def test_unselected_blocks_get_zero_key_gradient(impl):
   t = 95  # the last query: block 5 of 6, chooses itself and 1 past block per head
   grad_k = jax.grad(lambda k: jnp.sum(run(impl, q, k, v, block_size=16, topk=2)[:, t]))(k)
   layout = moba_lib.doc_layout(jnp.zeros((1, 96), jnp.int32), 16)
-  kbar = moba_lib.block_key_means(k, layout)
+  kbar = moba_lib.block_key_means(k, layout, block_size=16)
   starts, valid = moba_lib.select_blocks(q[:, t:t + 1], kbar, jax.tree.map(
       lambda a: a[:, t:t + 1], layout), block_size=16, topk=2)
   chosen = set(np.asarray(starts)[valid].tolist())
