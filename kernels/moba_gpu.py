@@ -64,6 +64,28 @@ def _row_mask(kpos, lo, hi):  # [Mq, Bk] bool: key kpos visible to each row
   return (kpos[None, :] >= lo[:, None]) & (kpos[None, :] < hi[:, None])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Where the kernels find rows in the caller's own layout (no transposes): q, do and the
+  per-query lse/delta as [B, T * H, ...] (query head h = kv head * G + g), k and v as
+  [B, T * K, D]; program b of the grid is (batch b // K, kv head b % K)."""
+
+  seq: int
+  kv_heads: int
+  groups: int
+
+  def split(self, b):
+    return b // self.kv_heads, b % self.kv_heads
+
+  def q_rows(self, rq, kvh):  # routing rows t * G + g of kv head kvh (-1: padding -> row 0)
+    rq = jnp.maximum(rq, 0)
+    t, g = rq // self.groups, rq % self.groups
+    return (t * self.kv_heads + kvh) * self.groups + g
+
+  def k_rows(self, kpos, kvh):  # keys past the end read the last key (they are masked)
+    return jnp.minimum(kpos, self.seq - 1) * self.kv_heads + kvh
+
+
 def _unmasked_chunks(ks, lo, hi, live, bk, n_all):
   """Leading key chunks of a row tile that every live row sees whole (no mask needed).
 
@@ -77,17 +99,19 @@ def _unmasked_chunks(ks, lo, hi, live, bk, n_all):
 
 
 def _fwd_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                bq, bk, scale):
+                bq, bk, scale, lay):
   i, b = pl.program_id(0), pl.program_id(1)
+  batch, kvh = lay.split(b)
   ks, ke = ks_ref[b, i], ke_ref[b, i]
   rows = pl.ds(i * bq, bq)
   lo, hi, rq = lo_ref[b, rows], hi_ref[b, rows], rq_ref[b, rows]
-  q = q_ref[b, jnp.maximum(rq, 0), :]  # [Mq, D] gathered rows
+  q = q_ref[batch, lay.q_rows(rq, kvh), :]  # [Mq, D] gathered rows
 
   def body(c, carry, masked):
     m, l, acc = carry
     start = ks + c * bk
-    k, v = k_ref[b, pl.ds(start, bk), :], v_ref[b, pl.ds(start, bk), :]  # [Bk, D]
+    kr = lay.k_rows(start + _iota(bk), kvh)
+    k, v = k_ref[batch, kr, :], v_ref[batch, kr, :]  # [Bk, D]
     s = _dot(q, k, trans_b=True) * scale  # [Mq, Bk]
     if masked:
       mask = _row_mask(start + _iota(bk), lo, hi)
@@ -112,20 +136,22 @@ def _fwd_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_r
 
 
 def _dq_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               dl_ref, dq_ref, *, bq, bk, scale):
+               dl_ref, dq_ref, *, bq, bk, scale, lay):
   i, b = pl.program_id(0), pl.program_id(1)
+  batch, kvh = lay.split(b)
   ks, ke = ks_ref[b, i], ke_ref[b, i]
   rows = pl.ds(i * bq, bq)
-  lo, hi, rq_raw = lo_ref[b, rows], hi_ref[b, rows], rq_ref[b, rows]
-  live = rq_raw >= 0
-  rq = jnp.maximum(rq_raw, 0)
-  q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
-  lse = jnp.where(live, lse_ref[b, rq], jnp.inf)  # dead rows: p = 0
-  delta = dl_ref[b, rq]  # [Mq]
+  lo, hi, rq = lo_ref[b, rows], hi_ref[b, rows], rq_ref[b, rows]
+  live = rq >= 0
+  qr = lay.q_rows(rq, kvh)
+  q, do = q_ref[batch, qr, :], do_ref[batch, qr, :]  # [Mq, D]
+  lse = jnp.where(live, lse_ref[batch, qr], jnp.inf)  # dead rows: p = 0
+  delta = dl_ref[batch, qr]  # [Mq]
 
   def body(c, dq, masked):
     start = ks + c * bk
-    k, v = k_ref[b, pl.ds(start, bk), :], v_ref[b, pl.ds(start, bk), :]
+    kr = lay.k_rows(start + _iota(bk), kvh)
+    k, v = k_ref[batch, kr, :], v_ref[batch, kr, :]
     p = jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None])  # [Mq, Bk]
     if masked:
       p = jnp.where(_row_mask(start + _iota(bk), lo, hi), p, 0.0)
@@ -141,24 +167,27 @@ def _dq_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_r
 
 
 def _dkdv_kernel(iks_ref, ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref, rq_ref, lo_ref, hi_ref,
-                 q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *, bq, bk, scale):
+                 q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *, bq, bk, scale,
+                 lay):
   """One key tile: rows [r0, r1) of which [r0, ru) may need the mask, then rows [g0, g1) (a
   past-block group) that see the whole tile."""
   j, b = pl.program_id(0), pl.program_id(1)
+  batch, kvh = lay.split(b)
   ks = iks_ref[b, j]
   r0, ru, r1, g0, g1 = (r[b, j] for r in (ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref))
-  k, v = k_ref[b, pl.ds(ks, bk), :], v_ref[b, pl.ds(ks, bk), :]  # [Bk, D]
   kpos = ks + _iota(bk)
+  kr = lay.k_rows(kpos, kvh)
+  k, v = k_ref[batch, kr, :], v_ref[batch, kr, :]  # [Bk, D]
 
   def chunk(first, end, carry, masked):
     dk, dv = carry
     rows = pl.ds(first, bq)
-    rq_raw = rq_ref[b, rows]
-    rq = jnp.maximum(rq_raw, 0)
-    live = ((first + _iota(bq)) < end) & (rq_raw >= 0)
-    q, do = q_ref[b, rq, :], do_ref[b, rq, :]  # [Mq, D]
-    lse = jnp.where(live, lse_ref[b, rq], jnp.inf)  # dead rows: p = 0
-    delta = dl_ref[b, rq]
+    rq = rq_ref[b, rows]
+    live = ((first + _iota(bq)) < end) & (rq >= 0)
+    qr = lay.q_rows(rq, kvh)
+    q, do = q_ref[batch, qr, :], do_ref[batch, qr, :]  # [Mq, D]
+    lse = jnp.where(live, lse_ref[batch, qr], jnp.inf)  # dead rows: p = 0
+    delta = dl_ref[batch, qr]
     pt = jnp.exp(_dot(k, q, trans_b=True) * scale - lse[None, :])  # [Bk, Mq]
     if masked:
       lo, hi = lo_ref[b, rows], hi_ref[b, rows]
@@ -175,8 +204,8 @@ def _dkdv_kernel(iks_ref, ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref, rq_ref, l
   carry = jax.lax.fori_loop(0, n_dense, lambda c, x: chunk(rf + c * bq, r1, x, False), carry)
   dk, dv = jax.lax.fori_loop(0, _cdiv(g1 - g0, bq), lambda c, x: chunk(g0 + c * bq, g1, x, False),
                              carry)
-  dk_ref[...] = dk * scale
-  dv_ref[...] = dv
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _whole(x):
@@ -198,14 +227,16 @@ def _row_specs(bq, dim):
           pl.BlockSpec((pl.squeezed, bq), lambda i, b: (b, i))]
 
 
-def _prep(q, k, v, sizes):
-  """Row layouts padded for the kernels: q [BK, TG, Dp], k/v [BK, T + pad, Dp]."""
-  kv_heads, dim = k.shape[2], q.shape[-1]
-  dp = max(16, pl.next_power_of_2(dim))
-  pad_k = max(sizes.block_k, sizes.block_k_dkv)
-  padd = lambda x, t=0: jnp.pad(x, ((0, 0), (0, t), (0, dp - dim)))
-  return (padd(rt.heads_major(q, kv_heads)), padd(rt.heads_major(k, kv_heads), pad_k),
-          padd(rt.heads_major(v, kv_heads), pad_k))
+def _flat(x, dp):
+  """[B, T, N, D] -> [B, T * N, Dp]: a reshape (head_dim padded only if not a power of two)."""
+  batch, seq, n, dim = x.shape
+  if dp != dim:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dp - dim)))
+  return x.reshape(batch, seq * n, dp)
+
+
+def _head_dim(dim):
+  return max(16, pl.next_power_of_2(dim))
 
 
 def _pad_rows(r: rt.Routing, extra):
@@ -213,24 +244,42 @@ def _pad_rows(r: rt.Routing, extra):
   return pad(r.rq, -1), pad(r.lo, 0), pad(r.hi, 0)
 
 
-def forward_rows(routing, dims, qr, kr, vr, sizes, scale, interpret):
-  """The forward kernel alone: partial rows o_rows [BK, R, Dp] and lse_rows [BK, R] (float32)."""
-  bk_, dp = qr.shape[0], qr.shape[-1]
-  bq = sizes.block_q
-  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr)
-  kernel = functools.partial(_fwd_kernel, bq=bq, bk=sizes.block_k, scale=scale)
+def forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret):
+  """The forward kernel alone: partial rows o_rows [BK, R, Dp] and lse_rows [BK, R] (float32).
+
+  qf [B, T * H, Dp], kf/vf [B, T * K, Dp] (`_flat`)."""
+  batch, dp = qf.shape[0], qf.shape[-1]
+  kv_heads = kf.shape[1] // dims.seq
+  bk_, bq = batch * kv_heads, sizes.block_q
+  lay = _Layout(dims.seq, kv_heads, dims.groups)
+  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf)
+  kernel = functools.partial(_fwd_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
   out_shape = [jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
                jax.ShapeDtypeStruct((bk_, dims.rows), jnp.float32)]
   return _call(kernel, (dims.tiles, bk_), args, out_shape, _row_specs(bq, dp), sizes, interpret)
 
 
+def _query_major(rows, pos, batch, dims):
+  """Partial rows [BK, R, ...] and pos [BK, TG, S] -> rows [B, K * R, ...] and the positions of
+  each query's partial rows in them, in the caller's order [B, T * H, S] (-1: none)."""
+  bk_, _, n_sel = pos.shape
+  kv_heads = bk_ // batch
+  p = pos.reshape(batch, kv_heads, dims.seq, dims.groups, n_sel)
+  p = jnp.where(p >= 0, p + (jnp.arange(kv_heads, dtype=jnp.int32) * dims.rows)[:, None, None, None], -1)
+  p = jnp.moveaxis(p, 1, 2).reshape(batch, -1, n_sel)
+  return rows.reshape(batch, kv_heads * dims.rows, *rows.shape[2:]), p
+
+
 def _forward(q, k, v, routing, dims, sizes, scale, interpret):
-  batch, seq = q.shape[:2]
-  qr, kr, vr = _prep(q, k, v, sizes)
-  o_rows, lse_rows = forward_rows(routing, dims, qr, kr, vr, sizes, scale, interpret)
-  o, lse = rt.merge_rows(o_rows, lse_rows, routing.pos)  # [BK, TG, Dp], [BK, TG]
+  batch, seq, heads, dim = q.shape
+  dp = _head_dim(dim)
+  o_rows, lse_rows = forward_rows(routing, dims, _flat(q, dp), _flat(k, dp), _flat(v, dp), sizes,
+                                  scale, interpret)
+  o_rows, pos = _query_major(o_rows, routing.pos, batch, dims)
+  lse_rows = lse_rows.reshape(batch, -1)
+  o, lse = rt.merge_rows(o_rows, lse_rows, pos)  # [B, T * H, Dp], [B, T * H]
   o = o.astype(q.dtype)
-  return rt.heads_minor(o[..., :q.shape[-1]], batch, seq), (o, lse)
+  return o.reshape(batch, seq, heads, dp)[..., :dim], (o, lse)
 
 
 def _dkdv_items(routing, dims, sizes, seq):
@@ -277,42 +326,55 @@ def _dkdv_items(routing, dims, sizes, seq):
 
 def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch, seq, _, dim = q.shape
-  qr, kr, vr = _prep(q, k, v, sizes)
-  bk_, dp = qr.shape[0], qr.shape[-1]
-  dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
-  delta = jnp.sum(o.astype(jnp.float32) * dor.astype(jnp.float32), axis=-1)  # [BK, TG]
+  kv_heads = k.shape[2]
+  dp = _head_dim(dim)
+  qf, kf, vf, dof = _flat(q, dp), _flat(k, dp), _flat(v, dp), _flat(do, dp)
+  delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
+  bk_, lay = batch * kv_heads, _Layout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
-  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qr, kr, vr, dor,
+  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
           lse, delta)
-  kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale)
+  kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
   dq_rows = _call(kernel, (dims.tiles, bk_), args,
                   jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
                   _row_specs(bq, dp)[0], sizes, interpret)
-  dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
+  dq = rt.gather_rows_sum(*_query_major(dq_rows, routing.pos, batch, dims))  # [B, T * H, Dp]
+  dq = dq.reshape(q.shape[:3] + (dp,))[..., :dim].astype(q.dtype)
 
   bkd = sizes.block_k_dkv
   tiles, groups, any_group = _dkdv_items(routing, dims, sizes, seq)
   rows = _pad_rows(routing, sizes.block_q_dkv)
-  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale)
-  spec = pl.BlockSpec((pl.squeezed, bkd, dp), lambda j, b: (b, j, 0))
+  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale, lay=lay)
 
-  def dkdv(items):
-    shape = jax.ShapeDtypeStruct((bk_, items[0].shape[1] * bkd, dp), jnp.float32)
-    return _call(kernel, (items[0].shape[1], bk_), items + rows + (qr, kr, vr, dor, lse, delta),
+  def dkdv(items, dtype, spec, length):
+    shape = jax.ShapeDtypeStruct((batch, length, kv_heads, dp), dtype)
+    return _call(kernel, (items[0].shape[1], bk_), items + rows + (qf, kf, vf, dof, lse, delta),
                  [shape, shape], [spec, spec], sizes, interpret, warps=sizes.num_warps_dkv)
 
-  dk, dv = (x[:, :seq] for x in dkdv(tiles))  # tile items are in key order
+  # item j of program row b writes keys [j * Bk, (j + 1) * Bk) of (batch, kv head) = split(b)
+  spec = pl.BlockSpec((pl.squeezed, bkd, pl.squeezed, dp),
+                      lambda j, b: (b // kv_heads, j, b % kv_heads, 0))
+  # tile items are in key order: their blocks land on [B, T, K, D] directly, in k's dtype
+  n_tiles = tiles[0].shape[1]
+  dk, dv = dkdv(tiles, k.dtype, spec, n_tiles * bkd)
+  if n_tiles * bkd != seq or dp != dim:
+    dk, dv = dk[:, :seq, :, :dim], dv[:, :seq, :, :dim]
   if groups is not None:  # unaligned groups: their own programs, added onto key positions
-    pos = (groups[0][:, :, None] + jnp.arange(bkd, dtype=jnp.int32)).reshape(bk_, -1)
-    add = jax.vmap(lambda o, x, p: o.at[p].add(x, mode="drop"))
+    n_items = groups[0].shape[1]
+    pos = (groups[0][:, :, None] + jnp.arange(bkd, dtype=jnp.int32)).reshape(batch, kv_heads, -1)
+
+    def add(x, items):  # x [B, T, K, D] += items [B, NI * Bk, K, Dp] at key positions pos
+      items = jnp.moveaxis(items[..., :dim], 2, 1)  # [B, K, NI * Bk, D]
+      bi = jnp.arange(batch)[:, None, None]
+      hi = jnp.arange(kv_heads)[None, :, None]
+      return x.astype(jnp.float32).at[bi, pos, hi].add(items, mode="drop").astype(x.dtype)
 
     def with_groups(dk, dv):
-      gk, gv = dkdv(groups)
-      return add(dk, gk, pos), add(dv, gv, pos)
+      gk, gv = dkdv(groups, jnp.float32, spec, n_items * bkd)
+      return add(dk, gk), add(dv, gv)
 
     dk, dv = jax.lax.cond(any_group, with_groups, lambda dk, dv: (dk, dv), dk, dv)
-  back = lambda x, like: rt.heads_minor(x[..., :dim], batch, seq).astype(like.dtype)
-  return back(dq, q), back(dk, k), back(dv, v)
+  return dq, dk, dv
 
 
 _moba = rt.custom_vjp_attention(_forward, _backward)

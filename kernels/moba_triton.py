@@ -127,6 +127,15 @@ def forward_rows(routing: rt.Routing, dims: rt.Dims, qr, kr, vr, scale: float,
       BQ=dims.block_q, D=dim, IEEE=qr.dtype == jnp.float32, **fixed)
 
 
+def prep(q, k, v):
+  """[B, T, H, D] / [B, T, K, D] -> this kernel's heads-major rows: qr [BK, TG, Dp], kr and vr
+  [BK, T + max(KEY_TILES), Dp] (the Pallas kernel reads the caller's layout instead)."""
+  kv_heads, dim = k.shape[2], q.shape[-1]
+  dp = max(16, 1 << (dim - 1).bit_length())
+  padd = lambda x: jnp.pad(rt.heads_major(x, kv_heads), ((0, 0), (0, 0), (0, dp - dim)))
+  return padd(q), pad_kv(padd(k), q.shape[1]), pad_kv(padd(v), q.shape[1])
+
+
 def pad_kv(x, seq):
   """[BK, T + p, Dp] -> [BK, T + max(KEY_TILES), Dp] (the Pallas layout pads by its own tile)."""
   extra = seq + max(KEY_TILES) - x.shape[1]

@@ -72,12 +72,12 @@ def main() -> int:
   seg = jnp.asarray(np.r_[np.zeros(170), np.ones(130)].astype(np.int32))[None]
   sizes = mg.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16)
   routing, dims = rt.route(q, k, seg, block_size=blk, topk=topk, block_q=sizes.block_q)
-  qr, kr, vr = mg._prep(q, k, v, sizes)
   scale = d ** -0.5
-  o_p, l_p = mg.forward_rows(routing, dims, qr, kr, vr, sizes, scale, True)
+  o_p, l_p = mg.forward_rows(routing, dims, *(mg._flat(x, d) for x in (q, k, v)), sizes, scale,
+                             True)
+  qr, kr, vr = mt.prep(q, k, v)
   o_p, l_p = np.asarray(o_p), np.asarray(l_p)
   live = np.isfinite(l_p)
-  kr, vr = mt.pad_kv(kr, t), mt.pad_kv(vr, t)
   worst = 0.0
   for tile in (16, 32):
     o_t = _Array(np.zeros(o_p.shape, np.float32))

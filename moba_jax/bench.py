@@ -245,14 +245,13 @@ def triton_side_by_side(args, dims, sizes, scale, routed):
   from moba_jax.kernels import moba_triton as mt
   if not mt.available():
     return {"triton": "not run: needs jax-triton, Triton and a GPU"}
-  prep = jax.jit(lambda q, k, v: tuple(mg._prep(q, k, v, sizes)))
-  sets = []
-  for q, k, v, _, r in routed:
-    qr, kr, vr = prep(q, k, v)
-    sets.append((r, qr, mt.pad_kv(kr, dims.seq), mt.pad_kv(vr, dims.seq)))
-  pallas = jax.jit(lambda r, qr, kr, vr: mg.forward_rows(r, dims, qr, kr, vr, sizes, scale, False))
-  out = {"fwd_kernel_pallas_ms": time_ms(pallas, sets, args.warmup, args.repeats)}
-  o_p, l_p = pallas(*sets[0])
+  dp = mg._head_dim(args.dim)
+  flat = jax.jit(lambda q, k, v: tuple(mg._flat(x, dp) for x in (q, k, v)))
+  pallas_sets = [(r, *flat(q, k, v)) for q, k, v, _, r in routed]
+  sets = [(r, *jax.jit(mt.prep)(q, k, v)) for q, k, v, _, r in routed]
+  pallas = jax.jit(lambda r, qf, kf, vf: mg.forward_rows(r, dims, qf, kf, vf, sizes, scale, False))
+  out = {"fwd_kernel_pallas_ms": time_ms(pallas, pallas_sets, args.warmup, args.repeats)}
+  o_p, l_p = pallas(*pallas_sets[0])
   same = dict(BK=sizes.block_k, num_warps=sizes.num_warps, num_stages=sizes.num_stages)
   for name, fixed in (("triton_same_tiles", same), ("triton_autotuned", {})):
     try:
