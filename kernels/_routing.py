@@ -24,6 +24,7 @@ import numpy as np
 from moba_jax import moba as _moba
 
 ROUTING_BYTES = 64 << 20  # budget for one chunk of gate scores [B, C, H, N] float32
+CAUSAL_GROUPS = 8  # query chunks of a single-document batch score in up to 8 triangular steps
 
 
 class Dims(NamedTuple):
@@ -195,10 +196,18 @@ def select_chunked(q, k, layout, *, block_size, topk):
   kw = dict(block_size=block_size, topk=topk)
   chunks = (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in layout))
 
-  def one_doc():
+  def one_doc():  # causal: chunks of early queries score only the slots they can reach
     slot_kbar = _moba.slot_means(k, block_size)
-    return jax.lax.map(lambda xs: _select_shared(xs[0], slot_kbar, _moba.Layout(*xs[1]), **kw),
-                       chunks)
+    n_sel = min(topk, n_slots)
+    bounds = sorted({round(i * n / min(n, CAUSAL_GROUPS)) for i in range(CAUSAL_GROUPS + 1)})
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):  # chunks [a, b) see slots < their last query's
+      slots = max(n_sel, min(n_slots, (min(b * chunk, seq) - 1) // block_size + 1))
+      part = jax.tree.map(lambda x, a=a, b=b: x[a:b], chunks)
+      kb = slot_kbar[:, :slots]
+      outs.append(jax.lax.map(
+          lambda xs, kb=kb: _select_shared(xs[0], kb, _moba.Layout(*xs[1]), **kw), part))
+    return tuple(jnp.concatenate(x, axis=0) for x in zip(*outs))
 
   def packed():
     kbar = _moba.block_key_means(k, layout, block_size=block_size)  # [B, T, K, D] float32

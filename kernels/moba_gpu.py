@@ -167,10 +167,14 @@ def _dq_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_r
 
 
 def _dkdv_kernel(iks_ref, ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref, rq_ref, lo_ref, hi_ref,
-                 q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *, bq, bk, scale,
-                 lay):
+                 q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, bq, bk, scale, lay, extra):
   """One key tile: rows [r0, r1) of which [r0, ru) may need the mask, then rows [g0, g1) (a
-  past-block group) that see the whole tile."""
+  past-block group) that see the whole tile. With `extra`, float32 dK/dV contributions computed
+  elsewhere ([B, T, K, Dp]) are added before the one rounding to the output dtype."""
+  if extra:
+    ek_ref, ev_ref, dk_ref, dv_ref = refs
+  else:
+    dk_ref, dv_ref = refs
   j, b = pl.program_id(0), pl.program_id(1)
   batch, kvh = lay.split(b)
   ks = iks_ref[b, j]
@@ -204,7 +208,11 @@ def _dkdv_kernel(iks_ref, ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref, rq_ref, l
   carry = jax.lax.fori_loop(0, n_dense, lambda c, x: chunk(rf + c * bq, r1, x, False), carry)
   dk, dv = jax.lax.fori_loop(0, _cdiv(g1 - g0, bq), lambda c, x: chunk(g0 + c * bq, g1, x, False),
                              carry)
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dk = dk * scale
+  if extra:
+    at = (batch, jnp.minimum(kpos, lay.seq - 1), kvh)
+    dk, dv = dk + ek_ref[at + (slice(None),)], dv + ev_ref[at + (slice(None),)]
+  dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -344,36 +352,36 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   bkd = sizes.block_k_dkv
   tiles, groups, any_group = _dkdv_items(routing, dims, sizes, seq)
   rows = _pad_rows(routing, sizes.block_q_dkv)
-  kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale, lay=lay)
-
-  def dkdv(items, dtype, spec, length):
-    shape = jax.ShapeDtypeStruct((batch, length, kv_heads, dp), dtype)
-    return _call(kernel, (items[0].shape[1], bk_), items + rows + (qf, kf, vf, dof, lse, delta),
-                 [shape, shape], [spec, spec], sizes, interpret, warps=sizes.num_warps_dkv)
-
   # item j of program row b writes keys [j * Bk, (j + 1) * Bk) of (batch, kv head) = split(b)
   spec = pl.BlockSpec((pl.squeezed, bkd, pl.squeezed, dp),
                       lambda j, b: (b // kv_heads, j, b % kv_heads, 0))
-  # tile items are in key order: their blocks land on [B, T, K, D] directly, in k's dtype
-  n_tiles = tiles[0].shape[1]
-  dk, dv = dkdv(tiles, k.dtype, spec, n_tiles * bkd)
-  if n_tiles * bkd != seq or dp != dim:
-    dk, dv = dk[:, :seq, :, :dim], dv[:, :seq, :, :dim]
-  if groups is not None:  # unaligned groups: their own programs, added onto key positions
-    n_items = groups[0].shape[1]
+
+  def dkdv(items, dtype, extra=()):
+    kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale, lay=lay,
+                               extra=bool(extra))
+    shape = jax.ShapeDtypeStruct((batch, items[0].shape[1] * bkd, kv_heads, dp), dtype)
+    return _call(kernel, (items[0].shape[1], bk_),
+                 items + rows + (qf, kf, vf, dof, lse, delta) + extra, [shape, shape],
+                 [spec, spec], sizes, interpret, warps=sizes.num_warps_dkv)
+
+  def tile_items(extra=()):  # in key order: blocks land on [B, T, K, D] directly, in k's dtype
+    dk, dv = dkdv(tiles, k.dtype, extra)
+    if tiles[0].shape[1] * bkd != seq or dp != dim:
+      dk, dv = dk[:, :seq, :, :dim], dv[:, :seq, :, :dim]
+    return dk, dv
+
+  if groups is None:
+    return dq, *tile_items()
+
+  def with_groups():  # unaligned groups: own programs, added onto key positions in float32
+    gk, gv = dkdv(groups, jnp.float32)  # [B, NI * Bk, K, Dp]
     pos = (groups[0][:, :, None] + jnp.arange(bkd, dtype=jnp.int32)).reshape(batch, kv_heads, -1)
+    bi, hi = jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, :, None]
+    zero = jnp.zeros((batch, seq, kv_heads, dp), jnp.float32)
+    add = lambda x: zero.at[bi, pos, hi].add(jnp.moveaxis(x, 2, 1), mode="drop")
+    return tile_items((add(gk), add(gv)))
 
-    def add(x, items):  # x [B, T, K, D] += items [B, NI * Bk, K, Dp] at key positions pos
-      items = jnp.moveaxis(items[..., :dim], 2, 1)  # [B, K, NI * Bk, D]
-      bi = jnp.arange(batch)[:, None, None]
-      hi = jnp.arange(kv_heads)[None, :, None]
-      return x.astype(jnp.float32).at[bi, pos, hi].add(items, mode="drop").astype(x.dtype)
-
-    def with_groups(dk, dv):
-      gk, gv = dkdv(groups, jnp.float32, spec, n_items * bkd)
-      return add(dk, gk), add(dv, gv)
-
-    dk, dv = jax.lax.cond(any_group, with_groups, lambda dk, dv: (dk, dv), dk, dv)
+  dk, dv = jax.lax.cond(any_group, with_groups, tile_items)
   return dq, dk, dv
 
 
