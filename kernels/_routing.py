@@ -111,9 +111,9 @@ def _select_shared(q, slot_kbar, layout, *, block_size, topk):
   q_grouped = q.reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
   scores = _gate_scores(q_grouped, slot_kbar).reshape(batch, chunk, heads, n_slots)
   current = layout.block_index[..., None, None]  # [B, C, 1, 1]
-  scores = jnp.where(j < current, scores, -jnp.inf)
-  scores = jnp.where(j == current, jnp.inf, scores)
-  top_scores, top_slots = _top_k(scores, n_sel)
+  scores = jnp.where(j < current, scores, -jnp.inf)  # the current block is chosen first (+inf)
+  first = jnp.broadcast_to(current[..., 0], scores.shape[:-1])
+  top_scores, top_slots = _top_k(scores, n_sel, first=first)
   starts = layout.doc_start[..., None, None] + top_slots.astype(jnp.int32) * block_size
   return starts, top_scores > -jnp.inf
 
@@ -125,16 +125,23 @@ def _slot_kbar(kbar, layout, block_size):
   return jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
 
 
-def _top_k(scores, k):
-  """`lax.top_k` over the last axis by k argmax passes (ties: lower index first, as top_k).
+def _top_k(scores, k, first=None):
+  """`lax.top_k` over the last axis by argmax passes (ties: lower index first, as top_k).
 
-  For the small k of MoBA this is k reads of the scores instead of a sort.
+  For the small k of MoBA this is k reads of the scores instead of a sort. `first` (indices,
+  scores.shape[:-1]) is an entry known to rank first with value +inf (the query's own block): it
+  costs no pass, and its own entry in `scores` is ignored.
   """
-  if k > 16:
-    return jax.lax.top_k(scores, k)
   idx = jax.lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
+  if k > 16:
+    if first is not None:
+      scores = jnp.where(idx == first[..., None], jnp.inf, scores)
+    return jax.lax.top_k(scores, k)
   values, slots = [], []
-  for i in range(k):
+  if first is not None:
+    values.append(jnp.full(first.shape, jnp.inf, scores.dtype))
+    slots.append(first.astype(jnp.int32))
+  for i in range(len(slots), k):
     masked = scores
     for prev in slots:
       masked = jnp.where(idx == prev[..., None], -jnp.inf, masked)

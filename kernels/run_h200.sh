@@ -6,7 +6,8 @@
 #      default tiles, cudnn)
 #   2: check + breakdown + tile sweep at 32K, then the full table with the fastest tiles
 #   4: (removed: the fused-dQ backward it timed is gone, see docs/kernel_notes.md)
-#   6: check, 8K/32K/128K b512 k3 table (default tiles), 32K tile sweep over TILES, 32K profile
+#   6: check, 8K/32K/128K b512 k3 table (default tiles), 32K tile sweep over TILES, profiles at
+#      PROFILE_SEQS (default 32768)
 #   5: per-kernel profiles of the fwd+bwd step (kernels/profile_gpu.py), default tiles [and TILES]
 set -o pipefail
 phase=${1:-1}; shift
@@ -53,6 +54,8 @@ if [ "$phase" = 6 ]; then
   for t in "$@"; do
     STEP_S=60 bench --impls pallas_gpu --seqs 32768 --configs 512:3 --gpu-block-sizes $t --repeats 10 2>&1 | grep '^{' | tee -a $OUT/tune.txt
   done
-  timeout 120 python3 -m moba_jax.kernels.profile_gpu --seq 32768 --out $OUT/trace 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
+  for seq in ${PROFILE_SEQS:-32768}; do
+    timeout 120 python3 -m moba_jax.kernels.profile_gpu --seq $seq --out $OUT/trace_$seq 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
+  done
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
 fi
