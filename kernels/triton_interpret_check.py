@@ -77,7 +77,9 @@ def main() -> int:
                              True)
   qr, kr, vr = mt.prep(q, k, v)
   o_p, l_p = np.asarray(o_p), np.asarray(l_p)
-  live = np.isfinite(l_p)
+  # rows routed to a query: the Pallas kernel skips the mask on whole chunks, so padding rows
+  # (never read) hold garbage there while the Triton kernel leaves them empty
+  live = (np.asarray(routing.rq) >= 0) & np.isfinite(l_p)
   worst = 0.0
   for tile in (16, 32):
     o_t = _Array(np.zeros(o_p.shape, np.float32))
@@ -87,11 +89,11 @@ def main() -> int:
     mt.kernel(False)[(dims.tiles, qr.shape[0])](
         *ins, dims.tiles, dims.rows, qr.shape[1], kr.shape[1], scale, o_t, l_t,
         BQ=dims.block_q, D=qr.shape[-1], BK=tile, IEEE=True)
-    do = float(np.abs(o_t.a - o_p).max())
+    do = float(np.abs(o_t.a - o_p)[live].max())
     dl = float(np.abs(l_t.a[live] - l_p[live]).max())
-    same = bool((np.isfinite(l_t.a) == live).all())
+    same = bool(np.isfinite(l_t.a)[live].all())
     print(f"key tile {tile}: max |o diff| {do:.2e}, max |lse diff| {dl:.2e}, "
-          f"same empty rows: {same}")
+          f"routed rows all non-empty: {same}")
     worst = max(worst, do, dl, 0.0 if same else np.inf)
   return 0 if worst <= 1e-5 else 1
 
