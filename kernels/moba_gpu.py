@@ -204,7 +204,8 @@ def _dkdv_kernel(iks_ref, ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref, rq_ref, l
   rf = r0 + n_masked * bq  # first row of the unmasked part of [r0, r1)
   n_dense = _cdiv(jnp.maximum(r1 - rf, 0), bq)
   zeros = jnp.zeros(k.shape, jnp.float32)
-  carry = jax.lax.fori_loop(0, n_masked, lambda c, x: chunk(r0 + c * bq, r1, x, True), (zeros, zeros))
+  carry = jax.lax.fori_loop(0, n_masked, lambda c, x: chunk(r0 + c * bq, r1, x, True),
+                            (zeros, zeros))
   carry = jax.lax.fori_loop(0, n_dense, lambda c, x: chunk(rf + c * bq, r1, x, False), carry)
   dk, dv = jax.lax.fori_loop(0, _cdiv(g1 - g0, bq), lambda c, x: chunk(g0 + c * bq, g1, x, False),
                              carry)
@@ -273,7 +274,8 @@ def _query_major(rows, pos, batch, dims):
   bk_, _, n_sel = pos.shape
   kv_heads = bk_ // batch
   p = pos.reshape(batch, kv_heads, dims.seq, dims.groups, n_sel)
-  p = jnp.where(p >= 0, p + (jnp.arange(kv_heads, dtype=jnp.int32) * dims.rows)[:, None, None, None], -1)
+  first_row = jnp.arange(kv_heads, dtype=jnp.int32) * dims.rows  # of each kv head's rows
+  p = jnp.where(p >= 0, p + first_row[:, None, None, None], -1)
   p = jnp.moveaxis(p, 1, 2).reshape(batch, -1, n_sel)
   return rows.reshape(batch, kv_heads * dims.rows, *rows.shape[2:]), p
 
