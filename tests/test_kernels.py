@@ -71,12 +71,37 @@ def _assert_same_choice(rt, q, k, seg, block, topk):
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
 
-def test_bench_prints_a_table_on_cpu(capsys):
+@pytest.mark.parametrize("pipeline", ["1", "3"])
+def test_bench_prints_a_table_on_cpu(capsys, pipeline):
   from moba_jax import bench
   assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
-                     "--impls", "xla,full_xla", "--repeats", "2", "--warmup", "1"]) == 0
+                     "--impls", "xla,full_xla", "--repeats", "2", "--warmup", "1",
+                     "--pipeline", pipeline]) == 0
   out = capsys.readouterr().out
   assert "f+b ms" in out and "full_xla" in out
+
+
+def test_profile_counts_device_stream_kernels_once(tmp_path):
+  """kernels/profile_gpu.py: kernels on the GPU's "Stream" lines, per step; the derived "XLA Ops"
+  line of the same device and the host's events are not counted."""
+  import gzip
+  import json
+  from moba_jax.kernels import profile_gpu
+  meta = lambda ph_name, pid, tid, name: dict(ph="M", name=ph_name, pid=pid, tid=tid,
+                                              args=dict(name=name))
+  x = lambda pid, tid, name, dur: dict(ph="X", pid=pid, tid=tid, name=name, dur=dur, ts=0)
+  events = [meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
+            meta("thread_name", 1, 7, "Stream #14(Compute)"), meta("thread_name", 1, 8, "XLA Ops"),
+            x(1, 7, "_fwd_kernel", 1500.0), x(1, 7, "_fwd_kernel", 1700.0),
+            x(1, 7, "loop_fusion", 100.0), x(1, 8, "_fwd_kernel", 1600.0),
+            x(2, 3, "PjitFunction", 9000.0)]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  times = profile_gpu.kernel_times(str(path), steps=2)
+  assert set(times) == {"_fwd_kernel", "loop_fusion"}
+  assert times["_fwd_kernel"][:2] == (1.6, 1.0)  # ms per step, launches per step
+  assert times["loop_fusion"][:2] == (0.05, 0.5)
 
 
 def test_kv_head_chunking_keeps_results(monkeypatch):
