@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moba_jax import attention as attn
+from moba_jax import flops
 from moba_jax import moba as moba_lib
 
 DEFAULT_CASES = [(8192, 512, 3), (32768, 512, 3), (131072, 512, 3), (131072, 2048, 3),
@@ -71,10 +72,7 @@ def cases(args):
 
 def attended_pairs(seq, block, topk, moba):
   """Attended (query, key) pairs of one head, one sequence (causal, no packing)."""
-  t = np.arange(seq, dtype=np.int64)
-  if not moba:
-    return int((t + 1).sum())
-  return int((np.minimum(t // block, topk - 1) * block + t % block + 1).sum())
+  return flops.attended_pairs([seq], "moba" if moba else "full", block, topk)
 
 
 def gpu_block_sizes(spec: str):

@@ -8,6 +8,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("moba_jax.train", "train one run from a TOML config and key=value overrides"),
     "grid": ("moba_jax.grid", "run the layer-wise hybrid experiment grid"),
+    "data": ("moba_jax.data_cli", "build a real-text corpus (Python source, JSONL) for training"),
     "report": ("moba_jax.report", "rebuild the grid's table and chart from its run directories"),
     "inspect": ("moba_jax.inspect", "list a checkpoint directory's steps, config and arrays"),
     "bench": ("moba_jax.bench", "time MoBA implementations against full attention"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from typing import Literal, Sequence, Union
 
@@ -132,6 +133,7 @@ class GridConfig:
   only_seeds: Union[tuple[int, ...], int] = ()  # run only these seeds; () = all
   name: str = ""  # chart title (default: the experiment file's name)
   jax_cache: bool = True  # persistent compilation cache in <out_dir>/jax_cache (seeds reuse it)
+  workers: int = 1  # runs at a time, as subprocesses spread over the GPUs (moba_jax/grid_pool.py)
 
   def __post_init__(self):
     for key in ("only", "only_seeds"):  # a scalar (grid.only=3) means one value
@@ -146,6 +148,7 @@ class GridConfig:
       if not (v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
         raise ValueError(f"grid variant {v!r} must be an integer >= 0 or 'all'")
     _choice("grid", "stage", self.stage, ("all", "pretrain", "sft"))
+    _int("grid", "workers", self.workers, 1)
     for key, chosen, allowed in (("only", self.only, self.variants),
                                  ("only_seeds", self.only_seeds, self.seeds)):
       for v in chosen:
@@ -204,23 +207,28 @@ class TrainConfig:
     return self.schedule_steps or self.steps
 
 
-TASKS = ("lm", "kv_retrieval", "passkey", "jsonl")
+TASKS = ("lm", "kv_retrieval", "passkey", "corpus")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Training data (see moba_jax/data.py and docs/training.md).
 
-  task: "lm" (synthetic Markov+copy text, loss on all tokens), "kv_retrieval" and "passkey"
-  (synthetic long-context SFT: loss on answer tokens), "jsonl" (`path`: {"text"} lines for LM,
-  {"prompt", "response"} lines for SFT; byte-level tokens, model.vocab_size >= 259).
-  loss_on: "auto" (answers for SFT tasks, all tokens for LM), "answer" or "all".
+  task: "corpus" (real text, byte-level tokens, model.vocab_size >= 259; `path` = a corpus
+  directory from `moba-jax data`, a JSONL file of {"text"} / {"prompt", "response"} lines, or ""
+  for the code corpus of this interpreter's standard library), "lm" (synthetic Markov+copy text,
+  loss on all tokens), "kv_retrieval" and "passkey" (synthetic long-context SFT: loss on answers).
+  response_tokens: corpus SFT windows, the last this-many targets of each row are the response
+  (the paper's "last 2K of 32K"); 0 = LM rows (loss on every token).
+  loss_on: "auto" (answers for SFT tasks, all tokens for LM), "answer" or "all"; it shapes the
+  training loss only (held-out scores always count the answers).
   Difficulty knobs: kv_pairs (0 = fill the prompt), key_len, value_len, num_queries,
   filler (fraction of the kv prompt that is distractor noise), passkey_len.
   """
 
   task: str = "kv_retrieval"
   path: str = ""
+  response_tokens: int = 0
   loss_on: str = "auto"
   pack: bool = True  # pack variable-length examples; False = one full-length example per row
   min_len_frac: float = 0.25  # packed examples have lengths uniform in [frac*seq_len, seq_len]
@@ -237,12 +245,11 @@ class DataConfig:
     _choice("data", "task", self.task, TASKS)
     _choice("data", "loss_on", self.loss_on, ("auto", "answer", "all"))
     _num("data", "min_len_frac", self.min_len_frac, 0, 1, lo_open=True)
-    for key, lo in (("seed", 0), ("kv_pairs", 0), ("key_len", 1), ("value_len", 1),
+    for key, lo in (("seed", 0), ("response_tokens", 0), ("kv_pairs", 0), ("key_len", 1),
+                    ("value_len", 1),
                     ("num_queries", 1), ("passkey_len", 1), ("prefetch", 0)):
       _int("data", key, getattr(self, key), lo)
     _num("data", "filler", self.filler, 0, 0.95)
-    if self.task == "jsonl" and not self.path:
-      raise ValueError("data.path='' must name a JSONL file when data.task='jsonl'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,12 +391,22 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
   return config_from_dict(d)
 
 
+# Input paths that a config file gives relative to itself (on the command line: to the cwd).
+FILE_RELATIVE = (("data", "path"), ("train", "init_from"), ("grid", "init_from"))
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-  """Reads a TOML (or JSON) file (None = defaults), applies overrides, validates once."""
+  """Reads a TOML (or JSON) file (None = defaults), applies overrides, validates once.
+  The input paths of FILE_RELATIVE written in the file are relative to the file's directory."""
   d: dict = {}
   if path:
     with open(path, "rb") as f:
       d = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
+    for section, key in FILE_RELATIVE:
+      value = d.get(section, {}).get(key) if isinstance(d.get(section), dict) else None
+      if isinstance(value, str) and value and not os.path.isabs(value):
+        d[section][key] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                        value))
   config_io.check_keys(Config, d)
   for item in overrides:
     config_io.set_dotted(Config, d, *parse_override(item))

@@ -1,4 +1,4 @@
-"""Grain data pipelines: synthetic long-context SFT tasks, a synthetic LM stream, JSONL files.
+"""Grain data pipelines: real-text corpora, synthetic long-context SFT tasks, a synthetic LM stream.
 
 Every row is a dict of [T] arrays (T = train.seq_len):
   inputs, targets (next tokens), mask (float32 loss weight of each target: answer 1, prompt 0),
@@ -15,12 +15,14 @@ Tasks (docs/training.md has examples):
                 so answering needs attention to one specific distant block.
   passkey       BOS haystack NEEDLE d.. haystack QUERY ANS d.. EOS, loss on the digits d.
   lm            Markov-chain text with long-range copied spans (induction), loss on every token.
-  jsonl         {"text"} (LM) or {"prompt", "response"} (SFT) lines, byte-level tokens (id = byte + 3).
+  corpus        real text (moba_jax/corpus.py: a built corpus directory, a JSONL file, or '' for the
+                code corpus of this interpreter's stdlib), byte-level tokens (id = byte + 3): LM
+                windows, SFT windows whose last data.response_tokens carry the loss, or packed
+                {"prompt", "response"} examples (CorpusRows).
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import grain
@@ -29,9 +31,9 @@ import numpy as np
 PAD, BOS, EOS, KEY, VAL, QUERY, ANS, NEEDLE = range(8)
 DIGITS = 8  # 10 digit tokens 8..17 for passkeys
 CONTENT = 18  # first ordinary token; keys, values and text use [CONTENT, vocab_size)
-BYTE_OFFSET = 3  # jsonl: token = byte + 3 (PAD, BOS, EOS first)
+BYTE_OFFSET = 3  # corpus: token = byte + 3 (PAD, BOS, EOS first)
 MIN_VOCAB = {"lm": CONTENT + 8, "kv_retrieval": CONTENT + 8, "passkey": CONTENT + 8,
-             "jsonl": 256 + BYTE_OFFSET}
+             "corpus": 256 + BYTE_OFFSET}
 FIELDS = ("inputs", "targets", "mask", "segment_ids", "positions")
 _SPLITS = {"train": 0, "eval": 1}
 
@@ -59,6 +61,9 @@ def check_config(cfg) -> None:
   if seq < need:
     raise ValueError(f"train.seq_len={seq} must be >= {need} for data.task={d.task!r} with "
                      f"these key_len/value_len/num_queries/passkey_len")
+  if d.response_tokens and (d.task != "corpus" or d.response_tokens >= seq):
+    raise ValueError(f"data.response_tokens={d.response_tokens} applies to data.task='corpus' "
+                     f"and must be < train.seq_len={seq}")
   if d.task == "kv_retrieval" and d.kv_pairs:
     pair = 2 + d.key_len + d.value_len
     need = (d.kv_pairs + d.num_queries) * pair + 1
@@ -162,35 +167,91 @@ def passkey_example(rng, n, dcfg, text: MarkovText):
 _GENERATORS = {"lm": lm_example, "kv_retrieval": kv_example, "passkey": passkey_example}
 
 
-# ----------------------------------------------------------------------------- JSONL
+# ----------------------------------------------------------------------------- real text
 
 
-def _encode(text: str) -> np.ndarray:
-  return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + BYTE_OFFSET
+def _tokens(data: bytes, start: int = 0, stop: int | None = None) -> np.ndarray:
+  """Tokens [start, stop) of BOS, bytes + BYTE_OFFSET, EOS (only that slice is converted)."""
+  n = len(data) + 2
+  stop = n if stop is None else min(stop, n)
+  body = np.frombuffer(data, np.uint8)[max(start - 1, 0):max(stop - 1, 0)]
+  head = [BOS] if start == 0 and stop > 0 else []
+  tail = [EOS] if stop == n and start < n else []
+  return np.concatenate([head, body.astype(np.int32) + BYTE_OFFSET, tail]).astype(np.int32)
 
 
-def load_jsonl(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(tokens, mask) per line: {"text"} -> all tokens; {"prompt", "response"} -> response + EOS."""
-  examples = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      obj = json.loads(line)
-      if "text" in obj:
-        tokens = np.concatenate([[BOS], _encode(obj["text"]), [EOS]])
-        mask = np.ones(len(tokens), np.float32)
-      elif "prompt" in obj and "response" in obj:
-        prompt, resp = _encode(obj["prompt"]), _encode(obj["response"])
-        tokens = np.concatenate([[BOS], prompt, resp, [EOS]])
-        mask = np.concatenate([np.zeros(1 + len(prompt)), np.ones(len(resp) + 1)])
-      else:
-        raise ValueError(f"{path}:{lineno}: a line needs 'text' or 'prompt' and 'response', "
-                         f"got keys {sorted(obj)}")
-      examples.append((tokens.astype(np.int32), mask.astype(np.float32)))
-  if not examples:
-    raise ValueError(f"data.path={path!r} has no examples")
-  return examples
+class CorpusRows:
+  """Rows of a real-text corpus (moba_jax/corpus.py), one of three kinds by its content:
+
+  windows   plain text, data.response_tokens R > 0: a row is seq + 1 consecutive tokens of one
+            document (a start uniform over all such windows, so long files weigh by length) whose
+            last R targets are the response: the paper's "last 2K of 32K" SFT, prompt masked.
+  stream    plain text, R = 0: the documents joined (BOS text EOS ...) and cut at a uniform random
+            start, each piece its own segment; loss on every token (LM pretraining).
+  examples  {"prompt", "response"} lines (and {"text"} lines among them): packed examples, loss on
+            the response and its EOS (all tokens of a text line).
+  """
+
+  def __init__(self, docs, seq: int, response_tokens: int):
+    self.docs, self.seq, self.r = docs, seq, response_tokens
+    n_tokens = docs.sizes + 2
+    if (docs.prompt_bytes >= 0).any():
+      self.kind = "examples"
+      self._check_examples()
+    elif response_tokens:
+      self.kind = "windows"
+      starts = np.maximum(n_tokens - seq, 0)  # windows of seq + 1 tokens per document
+      if not starts.any():
+        raise ValueError(f"{docs.where}: no document has the train.seq_len + 1 = {seq + 1} tokens "
+                         f"a window needs (longest: {int(n_tokens.max())}); lower "
+                         "train.seq_len or use longer documents")
+      self.cum = np.cumsum(starts)
+    else:
+      self.kind = "stream"
+      self.cum = np.cumsum(n_tokens)
+      if self.cum[-1] < seq + 1:
+        raise ValueError(f"{docs.where}: {int(self.cum[-1])} tokens in all, fewer than "
+                         f"train.seq_len + 1 = {seq + 1}")
+
+  def _check_examples(self):
+    d = self.docs
+    if self.r:
+      raise ValueError(f"data.response_tokens={self.r} applies to plain-text corpora; "
+                       f"{d.where} holds prompt/response examples (set it to 0)")
+    resp = np.where(d.prompt_bytes >= 0, d.sizes - d.prompt_bytes + 1, 0)  # response + EOS
+    bad = np.flatnonzero(resp > self.seq - 1)
+    if len(bad):
+      i = int(bad[0])
+      raise ValueError(f"{d.names[i]}: the response has {int(resp[i])} tokens with its EOS, more "
+                       f"than fit after BOS in train.seq_len={self.seq}")
+
+  def example(self, rng, n: int):
+    """A random packed example of at most n + 1 tokens: (tokens, mask)."""
+    i = int(rng.integers(len(self.docs)))
+    tokens = _tokens(self.docs[i])
+    p = int(self.docs.prompt_bytes[i])
+    mask = np.ones(len(tokens), np.float32)
+    if p >= 0:
+      mask[:1 + p] = 0.0  # BOS and the prompt
+      return tokens[-n - 1:], mask[-n - 1:]  # keep the response: drop the prompt's start
+    return tokens[:n + 1], mask[:n + 1]
+
+  def window(self, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [seq + 1], segment of each token) of a windows/stream row."""
+    u = int(rng.integers(self.cum[-1] - (self.seq if self.kind == "stream" else 0)))
+    i = int(np.searchsorted(self.cum, u, side="right"))
+    offset = u - (int(self.cum[i - 1]) if i else 0)
+    if self.kind == "windows":
+      tokens = _tokens(self.docs[i], offset, offset + self.seq + 1)
+      return tokens, np.ones(self.seq + 1, np.int32)
+    pieces, segs, need, seg = [], [], self.seq + 1, 1
+    while need:
+      piece = _tokens(self.docs[i], offset, offset + need)
+      pieces.append(piece)
+      segs.append(np.full(len(piece), seg, np.int32))
+      need -= len(piece)
+      i, offset, seg = i + 1, 0, seg + 1
+    return np.concatenate(pieces), np.concatenate(segs)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -208,33 +269,56 @@ class RowSource:
     self.d, self.seq, self.split = cfg.data, cfg.train.seq_len, split
     self.row_seed = ([self.d.seed, _SPLITS[split]]
                      + ([cfg.train.seed] if split == "train" and cfg.train.seed else []))
+    # loss_on shapes the training loss only: held-out scores always count the answers.
+    loss_on = "answer" if self.d.loss_on == "auto" or split != "train" else self.d.loss_on
+    self.loss_on_all = loss_on == "all"
     self.text = MarkovText(self.d.seed, cfg.model.vocab_size)
-    self.lines = None
-    if self.d.task == "jsonl":
-      lines = load_jsonl(self.d.path)
-      n_eval = max(1, len(lines) // 10) if len(lines) > 1 else 0
-      self.lines = (lines[:len(lines) - n_eval] if split == "train" else lines[-n_eval:]) \
-          if n_eval else lines
+    self.corpus = self.rows = None
+    if self.d.task == "corpus":
+      from moba_jax import corpus as corpus_lib
+
+      self.corpus = corpus_lib.load(self.d.path)
+      docs = self.corpus.splits["train" if split == "train" else "heldout"]
+      self.rows = CorpusRows(docs, self.seq, self.d.response_tokens)
     packed = self.d.pack and split == "train"
     self.min_len = min(self.seq, max(min_example_len(self.d),
                                      math.ceil(self.d.min_len_frac * self.seq))) if packed \
         else self.seq
+
+  @property
+  def fingerprint(self) -> str | None:
+    """sha256 of the corpus's content (None for synthetic tasks)."""
+    return self.corpus.fingerprint if self.corpus is not None else None
 
   def __len__(self) -> int:
     return 2 ** 40
 
   def __getitem__(self, r: int) -> dict:
     rng = np.random.default_rng([*self.row_seed, int(r)])
+    if self.rows is not None and self.rows.kind != "examples":
+      return self.window_row(rng)
     return self.pack(rng)
 
   def example(self, rng, n: int):
-    if self.lines is not None:
-      tokens, mask = self.lines[int(rng.integers(len(self.lines)))]
-      if len(tokens) > n + 1:  # SFT keeps the end (the answer), LM the start
-        sft = mask[0] == 0
-        tokens, mask = (tokens[-n - 1:], mask[-n - 1:]) if sft else (tokens[:n + 1], mask[:n + 1])
-      return tokens, mask
+    if self.rows is not None:
+      return self.rows.example(rng, n)
     return _GENERATORS[self.d.task](rng, n, self.d, self.text)
+
+  def window_row(self, rng) -> dict:
+    """A corpus window (CorpusRows): the last data.response_tokens targets carry the loss, or
+    every target inside a document for the LM stream."""
+    tokens, seg = self.rows.window(rng)
+    seq = self.seq
+    segment_ids = seg[:-1]
+    starts = np.flatnonzero(np.diff(segment_ids, prepend=0))
+    positions = np.arange(seq) - np.repeat(starts, np.diff(np.append(starts, seq)))
+    if self.rows.kind == "stream" or self.loss_on_all:
+      mask = (seg[:-1] == seg[1:]).astype(np.float32)  # no target across documents
+    else:
+      mask = np.zeros(seq, np.float32)
+      mask[seq - self.rows.r:] = 1.0
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask,
+            "segment_ids": segment_ids, "positions": positions.astype(np.int32)}
 
   def pack(self, rng) -> dict:
     seq, min_len = self.seq, self.min_len
@@ -249,8 +333,7 @@ class RowSource:
       seg += 1
       sl = slice(used, used + m)
       row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
-      loss_on = "answer" if self.d.loss_on == "auto" else self.d.loss_on
-      row["mask"][sl] = 1.0 if loss_on == "all" else mask[1:]
+      row["mask"][sl] = 1.0 if self.loss_on_all else mask[1:]
       row["segment_ids"][sl], row["positions"][sl] = seg, np.arange(m)
       used += m
     if used < seq:  # padding: its own segment, no loss
@@ -270,11 +353,13 @@ def _local_rows(batch_size: int, process_index: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def train_dataset(cfg, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """This process's share of each global training batch, as a checkpointable Grain IterDataset."""
+def train_dataset(cfg, process_index: int = 0, process_count: int = 1,
+                  source: RowSource | None = None) -> grain.IterDataset:
+  """This process's share of each global training batch, as a checkpointable Grain IterDataset
+  (over `source`, default RowSource(cfg, "train"))."""
   gb = cfg.train.batch_size
   lb = _local_rows(gb, process_index, process_count)
-  source = RowSource(cfg, "train")
+  source = source or RowSource(cfg, "train")
 
   def row(i):
     return source[(i // lb) * gb + process_index * lb + i % lb]

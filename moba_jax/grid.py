@@ -31,7 +31,7 @@ from moba_jax import report
 from moba_jax.config import Config, apply_overrides, config_to_dict, layer_kinds, load_config
 
 DEFAULT_EXPERIMENT = "layerwise_hybrid_cpu.toml"
-ALIASES = ("out_dir", "seeds", "variants", "only", "only_seeds", "stage", "init_from")
+ALIASES = ("out_dir", "seeds", "variants", "only", "only_seeds", "stage", "init_from", "workers")
 EXIT_FAILED, EXIT_STOPPED = 1, 3
 
 
@@ -89,7 +89,41 @@ def load_experiment(name: str | None, overrides: list[str]) -> tuple[Config, str
     cfg = load_config(path, normalize_overrides(overrides))
     source = name or f"moba_jax.experiments/{DEFAULT_EXPERIMENT}"
   check_variants(cfg)
-  return cfg, source
+  return resolve_corpus(cfg), source
+
+
+def _stage_configs(cfg: Config) -> list[Config]:
+  return [apply_overrides(cfg, cfg.grid.pretrain), apply_overrides(cfg, cfg.grid.sft)]
+
+
+def resolve_corpus(cfg: Config) -> Config:
+  """data.path = "" with data.task = "corpus" means the default code corpus: build it once (here,
+  not in every run) and name it, so each run's config.toml records the directory it read."""
+  if not any(c.data.task == "corpus" and not c.data.path for c in _stage_configs(cfg)):
+    return cfg
+  from moba_jax import corpus
+
+  path = str(corpus.default_code_corpus())
+  cfg = apply_overrides(cfg, [f"data.path={path}"] if not cfg.data.path else [])
+  g = cfg.grid
+  return dataclasses.replace(cfg, grid=dataclasses.replace(
+      g, pretrain=_empty_path(g.pretrain, path), sft=_empty_path(g.sft, path)))
+
+
+def _empty_path(items: tuple[str, ...], path: str) -> tuple[str, ...]:
+  """Stage overrides with `data.path=` (empty) replaced by the default corpus's path."""
+  return tuple(f"data.path={path}" if i.replace(" ", "") in ("data.path=", 'data.path=""')
+               else i for i in items)
+
+
+def corpus_fingerprints(cfg: Config) -> dict:
+  """{stage: the sha256 fingerprint of its corpus, or None for synthetic data}."""
+  from moba_jax import corpus
+
+  out = {}
+  for stage, c in zip(("pretrain", "sft"), _stage_configs(cfg)):
+    out[stage] = corpus.load(c.data.path).fingerprint if c.data.task == "corpus" else None
+  return out
 
 
 def check_variants(cfg: Config) -> None:
@@ -182,14 +216,15 @@ def is_done(spec: RunSpec) -> bool:
   return summary.get("status") == "done" and summary.get("step", 0) >= spec.cfg.train.steps
 
 
-def _record(spec: RunSpec, **fields) -> dict:
+def _record(spec: RunSpec, main: bool | None = None, **fields) -> dict:
+  """Updates the run's grid_run.json (on the main process; `main` given: no jax is touched)."""
   rec = report.read_json(spec.run_dir / report.RUN_FILE) or {}
   rec.update(stage=spec.stage, seed=spec.seed, run_dir=str(spec.run_dir))
   if spec.stage == "sft":
     rec.update(variant=report.variant_label(spec.variant), hybrid_full_layers=spec.variant)
   rec.update(fields)
   spec.run_dir.mkdir(parents=True, exist_ok=True)
-  if _is_main_process():
+  if _is_main_process() if main is None else main:
     report.atomic_write(spec.run_dir / report.RUN_FILE, json.dumps(rec, indent=2) + "\n")
   return rec
 
@@ -210,23 +245,32 @@ def run_one(spec: RunSpec, progress: bool) -> dict:
   return _record(spec, status=status, error=None, finished=time.time())
 
 
-def write_manifest(cfg: Config, source: str) -> None:
+def write_manifest(cfg: Config, source: str, main: bool | None = None) -> None:
   out = Path(cfg.grid.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  if not _is_main_process():
+  if not (_is_main_process() if main is None else main):
     return
   manifest = {"name": cfg.grid.name or Path(source).stem, "experiment": source,
+              "corpus_fingerprint": corpus_fingerprints(cfg),
               "n_layers": cfg.model.n_layers, "seq_len": cfg.train.seq_len,
               "block_size": cfg.moba.block_size, "topk": cfg.moba.topk,
               "trailing_tokens": cfg.eval.trailing_tokens, "config": config_to_dict(cfg)}
   report.atomic_write(out / report.EXPERIMENT_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
-def run_grid(cfg: Config, source: str = "", *, progress: bool = True) -> int:
-  """Runs the selected part of the grid, then writes the results; returns the exit code."""
+def run_grid(cfg: Config, source: str = "", *, progress: bool = True, worker: bool = False,
+             launch: tuple[str, list[str]] | None = None) -> int:
+  """Runs the selected part of the grid, then writes the results; returns the exit code.
+
+  worker: one run of a pool (no manifest, no results). launch: (experiment file, overrides) that
+  reproduce `cfg` in a subprocess; with grid.workers > 1 the runs go to a pool of them."""
   pre, runs = plan(cfg)
   todo = select(cfg, pre, runs)
-  write_manifest(cfg, source)
+  if not worker:
+    write_manifest(cfg, source, main=True if launch and cfg.grid.workers > 1 else None)
+  if launch and cfg.grid.workers > 1:
+    failed, stopped = _run_pool(cfg, pre, todo, launch)
+    return _results(cfg, failed, stopped, main=True)
   failed, stopped = 0, False
   for i, spec in enumerate(todo, 1):
     if spec.stage == "sft" and pre is not None and not is_done(pre):
@@ -243,12 +287,56 @@ def run_grid(cfg: Config, source: str = "", *, progress: bool = True) -> int:
     if rec["status"] not in ("done", "failed"):  # preempted / stopped early: stop the grid
       stopped = True
       break
-  if not _is_main_process():
+  if worker:
     return EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
+  return _results(cfg, failed, stopped)
+
+
+def _results(cfg: Config, failed: int, stopped: bool, main: bool | None = None) -> int:
+  code = EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
+  if not (_is_main_process() if main is None else main):
+    return code
   rows = report.write_results(cfg.grid.out_dir)
   print(report.format_markdown(rows), end="")
   print(f"results: {', '.join(str(Path(cfg.grid.out_dir, f)) for f in report.RESULT_FILES)}")
-  return EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
+  return code
+
+
+def _run_pool(cfg: Config, pre: RunSpec | None, todo: list[RunSpec],
+              launch: tuple[str, list[str]]) -> tuple[int, bool]:
+  """Stage 1 alone, then the SFT runs grid.workers at a time (moba_jax/grid_pool.py), seeds
+  outermost so that an interrupted grid has whole seeds. -> (failed runs, stopped)."""
+  from moba_jax import grid_pool
+
+  experiment, overrides = launch
+  failed = 0
+  stages = [[s for s in todo if s.stage == "pretrain"],
+            sorted((s for s in todo if s.stage == "sft"), key=lambda s: s.seed)]
+  for specs in stages:
+    if specs and specs[0].stage == "sft" and pre is not None and not is_done(pre):
+      for spec in specs:
+        _record(spec, main=True, status="skipped", error="pretraining is not done")
+      return failed + len(specs), False
+    specs = [s for s in specs if not is_done(s)]
+    jobs = [(s.name, grid_pool.worker_argv(experiment, overrides, s.stage, s.variant, s.seed),
+             s.run_dir) for s in specs]
+
+    def done(i, code, seconds, specs=specs):
+      nonlocal failed
+      spec = specs[i]
+      rec = report.load_run(spec.run_dir)
+      if code != 0 and rec.get("status") in ("running", "missing", "done"):
+        rec = _record(spec, main=True, status="failed", finished=time.time(),
+                      error=f"worker exited with code {code} (see {spec.run_dir}/worker.log)")
+      failed += rec["status"] == "failed"
+      print(f"[grid] {spec.name}: {rec['status']}"
+            + (f" ({rec['error']})" if rec.get("error") else "") + f" in {seconds:.1f}s",
+            flush=True)
+
+    stopped = grid_pool.run_pool(jobs, cfg.grid.workers, done)
+    if stopped:
+      return failed, True
+  return failed, False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -263,6 +351,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--stage", choices=("all", "pretrain", "sft"), help="= grid.stage")
   p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
   p.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one run of a pool
   return p
 
 
@@ -295,11 +384,21 @@ def main(argv: list[str] | None = None) -> int:
     for i, spec in enumerate(select(cfg, pre, runs), 1):
       print(f"{i:3d}. {spec.name}: {spec.run_dir}" + ("  [done]" if is_done(spec) else ""))
     return 0
+  progress = not args.no_progress
+  if cfg.grid.workers > 1 and not args.worker:  # a pool of subprocesses; this one runs nothing
+    launch = (experiment_path(name), pos + _flag_overrides(args))
+    return run_grid(cfg, source, progress=progress, launch=launch)
   from moba_jax import train
 
   train.maybe_initialize_distributed()  # multi-host pods / SLURM: before any device is touched
   enable_jax_cache(cfg)
-  return run_grid(cfg, source, progress=not args.no_progress)
+  return run_grid(cfg, source, progress=progress, worker=args.worker)
+
+
+def experiment_path(name: str | None) -> str:
+  """A path a subprocess can open for EXPERIMENT (packaged experiments are files on disk)."""
+  with experiment_file(name) as path:
+    return str(Path(path).resolve())
 
 
 if __name__ == "__main__":

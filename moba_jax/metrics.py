@@ -95,7 +95,7 @@ class EvalAccumulator:
     self.seq, self.trailing, self.buckets = seq_len, trailing, buckets
     self.sums = {k: 0.0 for k in ("masked", "masked_n", "all", "all_n", "trail", "trail_n",
                                   "trail_all", "trail_all_n")}
-    self.bucket_sum, self.bucket_n = np.zeros(buckets), np.zeros(buckets)
+    self.bucket = {k: (np.zeros(buckets), np.zeros(buckets)) for k in ("masked", "all")}
 
   def add(self, nll: np.ndarray, mask: np.ndarray, real: np.ndarray) -> None:
     """nll, mask [B, T]; real [B, T]: 1 where the target is a real (non-padding) token."""
@@ -108,8 +108,10 @@ class EvalAccumulator:
       s[key] += float(np.sum(nll * w))
       s[key + "_n"] += float(np.sum(w))
     bucket = np.minimum(np.arange(self.seq) * self.buckets // self.seq, self.buckets - 1)
-    np.add.at(self.bucket_sum, bucket, np.sum(nll * mask, axis=0))
-    np.add.at(self.bucket_n, bucket, np.sum(mask, axis=0))
+    for key, w in (("masked", mask), ("all", real)):
+      total, count = self.bucket[key]
+      np.add.at(total, bucket, np.sum(nll * w, axis=0))
+      np.add.at(count, bucket, np.sum(w, axis=0))
 
   def result(self) -> dict:
     s = self.sums
@@ -121,8 +123,9 @@ class EvalAccumulator:
         "trailing_loss": mean(s["trail"], s["trail_n"]),
         "trailing_lm_loss": mean(s["trail_all"], s["trail_all_n"]),
         "eval_tokens": int(s["masked_n"]),
-        "position_loss": [
-            {"start": bounds[i], "end": bounds[i + 1],
-             "loss": mean(self.bucket_sum[i], self.bucket_n[i]), "tokens": int(self.bucket_n[i])}
-            for i in range(self.buckets)],
+        # position-wise loss (the paper's Figure 5a): of the loss tokens, and of every real token
+        **{name: [{"start": bounds[i], "end": bounds[i + 1], "loss": mean(total[i], count[i]),
+                   "tokens": int(count[i])} for i in range(self.buckets)]
+           for name, (total, count) in (("position_loss", self.bucket["masked"]),
+                                        ("position_lm_loss", self.bucket["all"]))},
     }

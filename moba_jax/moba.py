@@ -148,8 +148,8 @@ def _dense_attention(q, k, v, mask, softmax_scale):
   return out.reshape(batch, seq, heads, dim).astype(q.dtype)
 
 
-def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None):
-  """The oracle: dense [B, H, T, T] mask built from the block choice, float32 softmax."""
+def moba_mask(q, k, segment_ids, *, block_size, topk) -> jax.Array:
+  """[B, H, T(query), T(key)] bool: the (query, key) pairs MoBA attends."""
   layout = doc_layout(segment_ids, block_size)
   kbar = block_key_means(k, layout, block_size=block_size)
   starts, valid = select_blocks(q, kbar, layout, block_size=block_size, topk=topk)
@@ -157,7 +157,12 @@ def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None
   key_start = layout.block_start[:, None, None, :, None]  # [B, 1, 1, S, 1]
   chosen_starts = jnp.transpose(jnp.where(valid, starts, -1), (0, 2, 1, 3))[:, :, :, None, :]
   chosen = jnp.any(key_start == chosen_starts, axis=-1)  # [B, H, T, S]
-  mask = chosen & _same_doc_causal(layout)[:, None]
+  return chosen & _same_doc_causal(layout)[:, None]
+
+
+def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None):
+  """The oracle: dense [B, H, T, T] mask built from the block choice, float32 softmax."""
+  mask = moba_mask(q, k, segment_ids, block_size=block_size, topk=topk)
   return _dense_attention(q, k, v, mask, _default_scale(softmax_scale, q.shape[-1]))
 
 

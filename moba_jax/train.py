@@ -22,6 +22,7 @@ from flax import nnx
 
 from moba_jax import checkpoint as ckpt
 from moba_jax import data as data_lib
+from moba_jax import flops as flops_lib
 from moba_jax import metrics as metrics_lib
 from moba_jax import sharding as shd
 from moba_jax import train_step as ts
@@ -115,19 +116,21 @@ class _Window:
   """Accumulates per-step numbers between two metrics rows."""
 
   def __init__(self):
-    self.losses, self.times, self.tokens = [], [], 0
+    self.losses, self.times, self.flops, self.tokens = [], [], [], 0
 
-  def add(self, loss, dt, tokens):
+  def add(self, loss, dt, tokens, step_flops):
     self.losses.append(loss)
     self.times.append(dt)
+    self.flops.append(step_flops)
     self.tokens += tokens
 
-  def row(self, cfg, step, flops_tok, peak, n_dev) -> dict:
+  def row(self, cfg, step, peak, n_dev) -> dict:
+    """n_dev: the devices of this process, whose rows `flops` counted (moba_jax/flops.py)."""
     finite = [x for x in self.losses if np.isfinite(x)]
     times = self.times[1:] if len(self.times) > 1 else self.times  # skip a compile step
     step_time = float(np.median(times))
     tps = cfg.train.batch_size * cfg.train.seq_len / step_time
-    mfu = flops_tok * tps / (peak * n_dev) if peak else None
+    mfu = float(np.mean(self.flops)) / step_time / (peak * n_dev) if peak else None
     return {"step": step, "loss": float(np.mean(finite)) if finite else float("nan"),
             "lr": float(ts.lr_schedule(cfg.train)(step - 1)), "step_time_s": step_time,
             "tokens_per_s": tps, "mfu": mfu, "answer_tokens": self.tokens}
@@ -148,7 +151,7 @@ class _Loop:
     self.bsh = shd.batch_sharding(state.mesh, state.rules)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     self.n_params = n_params
-    self.flops_tok = ts.flops_per_token(cfg, n_params)
+    self.matmul_params = flops_lib.matmul_params(cfg, n_params)
     self.peak = ts.peak_flops_per_device(cfg)
 
   def meta(self) -> dict:
@@ -157,8 +160,10 @@ class _Loop:
             "train_seed": c.train.seed, "data_seed": c.data.seed,
             "config": config_to_dict(c)}
 
-  def one_step(self) -> tuple[float, float, int]:
-    batch = shd.global_batch(next(self.it), self.bsh, self.cfg.train.batch_size)
+  def one_step(self) -> tuple[float, float, int, float]:
+    local = next(self.it)
+    step_flops = flops_lib.step_flops(self.cfg, self.matmul_params, local["segment_ids"])
+    batch = shd.global_batch(local, self.bsh, self.cfg.train.batch_size)
     t0 = time.perf_counter()
     s = self.state
     s.params, s.opt_state, m = self.train_fn(s.params, s.opt_state, batch)
@@ -171,7 +176,7 @@ class _Loop:
       self.last_loss = loss
     else:
       self._nonfinite(loss, float(m["grad_norm"]))
-    return loss, dt, int(m["tokens"])
+    return loss, dt, int(m["tokens"]), step_flops
 
   def _nonfinite(self, loss: float, grad_norm: float) -> None:
     self.nonfinite_total += 1
@@ -215,17 +220,16 @@ def _progress(cfg, loop, end, progress):
 def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool) -> str | None:
   """Runs steps until `end` or a signal; returns the signal name if preempted."""
   window, tracing = _Window(), False
-  n_dev = jax.device_count()
+  n_dev = jax.local_device_count()
   bar = _progress(cfg, loop, end, progress)
   with Preemption() as pre, bar:
     while loop.step < end:
       tracing = _profiler(cfg, loop.step + 1, tracing)
-      loss, dt, tokens = loop.one_step()
-      window.add(loss, dt, tokens)
+      window.add(*loop.one_step())
       bar.update(1)
       s = loop.step
       if s % cfg.log.every == 0 or s == end:
-        row = window.row(cfg, s, loop.flops_tok, loop.peak, n_dev)
+        row = window.row(cfg, s, loop.peak, n_dev)
         row["nonfinite_steps"] = loop.nonfinite_total
         if cfg.eval.every and s % cfg.eval.every == 0:
           row.update(_eval_row(evaluate(cfg, loop.state, loop.eval_fn)))
@@ -245,7 +249,7 @@ def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool) -> str | Non
 
 
 def _eval_row(result: dict) -> dict:
-  return {k: v for k, v in result.items() if k != "position_loss"}
+  return {k: v for k, v in result.items() if not k.startswith("position_")}
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -288,8 +292,9 @@ def run(cfg: Config, *, progress: bool = True) -> dict:
   if jax.process_index() == 0:
     save_config(cfg, os.path.join(cfg.run_dir, "config.toml"))
   mesh, rules = _setup(cfg)
+  source = data_lib.RowSource(cfg, "train")  # data errors surface before the model is built
   state = ts.init_state(cfg, mesh, rules)
-  data_iter = iter(data_lib.train_dataset(cfg, jax.process_index(), jax.process_count()))
+  data_iter = iter(data_lib.train_dataset(cfg, jax.process_index(), jax.process_count(), source))
   mngr = ckpt.manager(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep,
                       cfg.checkpoint.async_save)
   try:
@@ -307,19 +312,20 @@ def run(cfg: Config, *, progress: bool = True) -> dict:
     mngr.wait_until_finished()
   finally:
     mngr.close()
-  return _finish(cfg, loop, stopped, end, t0)
+  return _finish(cfg, loop, stopped, end, t0, {"corpus_fingerprint": source.fingerprint})
 
 
-def _finish(cfg: Config, loop: _Loop, stopped: str | None, end: int, t0: float) -> dict:
+def _finish(cfg: Config, loop: _Loop, stopped: str | None, end: int, t0: float,
+            extra: dict) -> dict:
   if stopped:
     _log0(f"received {stopped}: finished step {loop.step}, saved a checkpoint in "
           f"{cfg.run_dir}/checkpoints; run the same command again to continue")
-    summary = _summary(cfg, loop, "preempted", time.time() - t0, {})
+    summary = _summary(cfg, loop, "preempted", time.time() - t0, extra)
     _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
     return summary
   result = evaluate(cfg, loop.state, loop.eval_fn) if cfg.eval.batches else {}
   status = "done" if loop.step >= cfg.train.steps else "stopped"
-  summary = _summary(cfg, loop, status, time.time() - t0, result)
+  summary = _summary(cfg, loop, status, time.time() - t0, {**extra, **result})
   _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
   return summary
 

@@ -205,13 +205,6 @@ def make_eval_step(state: TrainState):
   return step
 
 
-def flops_per_token(cfg: Config, n_params: int) -> float:
-  """Training FLOPs per token: 6 * params + causal attention (3 * 2 * 2 * L * T/2 * H * D)."""
-  m, t = cfg.model, cfg.train.seq_len
-  attn = 6 * m.n_layers * t * m.n_heads * m.head_dim  # fwd+bwd, causal half of 12 L T H D
-  return 6.0 * n_params + attn
-
-
 _PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "tpu v4": 275.0,
                 "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0}
 
