@@ -19,7 +19,8 @@ import tomllib
 from typing import Literal, Sequence, Union
 
 from moba_jax import config_io
-from moba_jax.config_io import atomic_write, parse_override, to_toml  # noqa: F401 (re-exported)
+from moba_jax.config_io import parse_override, to_toml
+from moba_jax.rundir import atomic_write
 
 HybridFull = Union[int, Literal["all"]]
 

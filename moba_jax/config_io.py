@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
-import tempfile
 import tomllib
 import types
 import typing
@@ -185,18 +183,3 @@ def to_toml(d: dict, prefix: str = "") -> str:
   return out
 
 
-def atomic_write(path: str, text: str) -> None:
-  """Writes text to path via a temporary file and os.replace (never a half-written file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise

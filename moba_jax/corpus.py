@@ -99,7 +99,9 @@ def _utf8(raw: bytes, where: str) -> str:
 
 
 def jsonl_docs(path: str | os.PathLike) -> Iterator[Doc]:
-  """One document per non-blank line: {"text": str} or {"prompt": str, "response": str}."""
+  """One document per non-blank line: {"text": str} or {"prompt": str, "response": str}, named
+  FILENAME:LINE (without the directory, so that the split does not depend on where the file is);
+  errors name the whole path."""
   path = Path(path)
   if not path.is_file():
     raise CorpusError(f"{str(path)!r}: no such file" if not path.exists()
@@ -114,23 +116,23 @@ def jsonl_docs(path: str | os.PathLike) -> Iterator[Doc]:
         obj = json.loads(line)
       except ValueError as e:
         raise CorpusError(f"{where}: not valid JSON ({e})") from None
-      yield _line_doc(obj, where)
+      yield _line_doc(obj, where, f"{path.name}:{lineno}")
 
 
-def _line_doc(obj, where: str) -> Doc:
+def _line_doc(obj, where: str, name: str) -> Doc:
   if not isinstance(obj, dict):
     raise CorpusError(f"{where}: a line must be a JSON object, got {type(obj).__name__}")
   if "text" in obj:
     if not isinstance(obj["text"], str) or not obj["text"]:
       raise CorpusError(f"{where}: 'text' must be a non-empty string")
-    return Doc(where, obj["text"].encode())
+    return Doc(name, obj["text"].encode())
   if "prompt" in obj and "response" in obj:
     if not (isinstance(obj["prompt"], str) and isinstance(obj["response"], str)):
       raise CorpusError(f"{where}: 'prompt' and 'response' must be strings")
     if not obj["response"]:
       raise CorpusError(f"{where}: 'response' is empty (it carries the SFT loss)")
     prompt = obj["prompt"].encode()
-    return Doc(where, prompt + obj["response"].encode(), len(prompt))
+    return Doc(name, prompt + obj["response"].encode(), len(prompt))
   raise CorpusError(f"{where}: a line needs 'text' or 'prompt' and 'response', got keys "
                     f"{sorted(obj)}")
 
@@ -237,15 +239,21 @@ def build_jsonl(path, out, heldout_frac=0.05, force=False) -> dict:
 class Split:
   """One split: per-document sizes in memory, documents read on demand."""
 
-  def __init__(self, sizes, prompt_bytes, names, reader, where: str):
+  def __init__(self, sizes, prompt_bytes, names, reader, where: str, base: str | None = None):
     self.sizes = np.asarray(sizes, np.int64)
     self.prompt_bytes = np.asarray(prompt_bytes, np.int64)
     self.names = names
     self._reader = reader
-    self.where = where
+    self.where = where  # for messages: the corpus and split
+    self._base = base  # a JSONL file's directory: names are FILE:LINE beside it
 
   def __len__(self) -> int:
     return len(self.sizes)
+
+  def locate(self, i: int) -> str:
+    """Where document i comes from, for messages: PATH:LINE of a JSONL line, else its name."""
+    name = str(self.names[i])
+    return os.path.join(self._base, name) if self._base is not None else f"{self.where}: {name}"
 
   def __getitem__(self, i: int) -> bytes:
     return self._reader(int(i))
@@ -310,7 +318,8 @@ def open_jsonl(path: str | os.PathLike, heldout_frac: float = 0.05) -> Corpus:
     docs["heldout"] = docs["heldout"] or docs["train"]
     docs["train"] = docs["train"] or docs["heldout"]
   splits = {s: Split([len(d.data) for d in ds], [d.prompt_bytes for d in ds],
-                     [d.name for d in ds], lambda i, ds=ds: ds[i].data, f"{path} ({s})")
+                     [d.name for d in ds], lambda i, ds=ds: ds[i].data, f"{path} ({s})",
+                     base=os.path.dirname(str(path)))
             for s, ds in docs.items()}
   manifest = {"version": VERSION, "kind": "jsonl", "sources": [str(path)],
               "fingerprint": fingerprint.hexdigest(),

@@ -192,10 +192,12 @@ class CorpusRows:
             the response and its EOS (all tokens of a text line).
   """
 
-  def __init__(self, docs, seq: int, response_tokens: int):
+  def __init__(self, docs, seq: int, response_tokens: int, examples: bool):
+    """examples: the corpus holds prompt/response examples (in any split: the kind is the
+    corpus's, so that train and eval rows are of one kind)."""
     self.docs, self.seq, self.r = docs, seq, response_tokens
     n_tokens = docs.sizes + 2
-    if (docs.prompt_bytes >= 0).any():
+    if examples:
       self.kind = "examples"
       self._check_examples()
     elif response_tokens:
@@ -222,8 +224,8 @@ class CorpusRows:
     bad = np.flatnonzero(resp > self.seq - 1)
     if len(bad):
       i = int(bad[0])
-      raise ValueError(f"{d.names[i]}: the response has {int(resp[i])} tokens with its EOS, more "
-                       f"than fit after BOS in train.seq_len={self.seq}")
+      raise ValueError(f"{d.locate(i)}: the response has {int(resp[i])} tokens with its EOS, "
+                       f"more than fit after BOS in train.seq_len={self.seq}")
 
   def example(self, rng, n: int):
     """A random packed example of at most n + 1 tokens: (tokens, mask)."""
@@ -279,7 +281,8 @@ class RowSource:
 
       self.corpus = corpus_lib.load(self.d.path)
       docs = self.corpus.splits["train" if split == "train" else "heldout"]
-      self.rows = CorpusRows(docs, self.seq, self.d.response_tokens)
+      examples = any((s.prompt_bytes >= 0).any() for s in self.corpus.splits.values())
+      self.rows = CorpusRows(docs, self.seq, self.d.response_tokens, examples)
     packed = self.d.pack and split == "train"
     self.min_len = min(self.seq, max(min_example_len(self.d),
                                      math.ceil(self.d.min_len_frac * self.seq))) if packed \

@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Iterator
 
-from moba_jax import report
+from moba_jax import report, rundir
 from moba_jax.config import Config, apply_overrides, config_to_dict, layer_kinds, load_config
 
 DEFAULT_EXPERIMENT = "layerwise_hybrid_cpu.toml"
@@ -212,20 +212,20 @@ def _train_run(cfg: Config, progress: bool) -> dict:
 
 def is_done(spec: RunSpec) -> bool:
   """Finished at the configured number of steps (a longer config makes it resume)."""
-  summary = report.read_json(spec.run_dir / "summary.json") or {}
+  summary = rundir.read_json(spec.run_dir / rundir.SUMMARY) or {}
   return summary.get("status") == "done" and summary.get("step", 0) >= spec.cfg.train.steps
 
 
 def _record(spec: RunSpec, main: bool | None = None, **fields) -> dict:
   """Updates the run's grid_run.json (on the main process; `main` given: no jax is touched)."""
-  rec = report.read_json(spec.run_dir / report.RUN_FILE) or {}
+  rec = rundir.read_json(spec.run_dir / rundir.RUN_FILE) or {}
   rec.update(stage=spec.stage, seed=spec.seed, run_dir=str(spec.run_dir))
   if spec.stage == "sft":
     rec.update(variant=report.variant_label(spec.variant), hybrid_full_layers=spec.variant)
   rec.update(fields)
   spec.run_dir.mkdir(parents=True, exist_ok=True)
   if _is_main_process() if main is None else main:
-    report.atomic_write(spec.run_dir / report.RUN_FILE, json.dumps(rec, indent=2) + "\n")
+    rundir.atomic_write(spec.run_dir / rundir.RUN_FILE, json.dumps(rec, indent=2) + "\n")
   return rec
 
 
@@ -255,7 +255,7 @@ def write_manifest(cfg: Config, source: str, main: bool | None = None) -> None:
               "n_layers": cfg.model.n_layers, "seq_len": cfg.train.seq_len,
               "block_size": cfg.moba.block_size, "topk": cfg.moba.topk,
               "trailing_tokens": cfg.eval.trailing_tokens, "config": config_to_dict(cfg)}
-  report.atomic_write(out / report.EXPERIMENT_FILE, json.dumps(manifest, indent=2) + "\n")
+  rundir.atomic_write(out / rundir.EXPERIMENT, json.dumps(manifest, indent=2) + "\n")
 
 
 def run_grid(cfg: Config, source: str = "", *, progress: bool = True, worker: bool = False,

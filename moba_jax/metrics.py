@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from moba_jax.config import atomic_write
+from moba_jax.rundir import atomic_write
 
 
 def _clean(v):

@@ -24,12 +24,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moba_jax import report_charts as charts
+from moba_jax import rundir
+from moba_jax.rundir import atomic_write, read_json
+
 RESULT_FILES = ("results.csv", "results.md", "results.json", "loss_vs_layers.png")
-RUN_FILE = "grid_run.json"  # per-run record written by the grid (variant, seed, status, error)
-EXPERIMENT_FILE = "experiment.json"
+RUN_FILE = rundir.RUN_FILE
+EXPERIMENT_FILE = rundir.EXPERIMENT
 COLUMNS = ("variant", "hybrid_full_layers", "sft_loss", "sft_loss_std", "sft_loss_min",
            "sft_loss_max", "trailing_loss", "trailing_loss_std", "trailing_loss_min",
-           "trailing_loss_max", "n_seeds", "n_runs", "tokens_per_s", "wall_s", "status")
+           "trailing_loss_max", "n_seeds", "n_runs", "tokens_per_s", "wall_s", "status",
+           "corpus_fingerprint")
 
 
 def variant_label(hfl: int | str) -> str:
@@ -44,24 +49,6 @@ def variant_key(hfl: int | str) -> float:
   return math.inf if hfl == "all" else float(hfl)
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-  """Write to a temporary file beside `path`, then os.replace: readers never see a partial file."""
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    f.write(data.encode() if isinstance(data, str) else data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
-
-
 def _finite(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -71,7 +58,8 @@ def load_run(run_dir: Path) -> dict:
   rec = dict(read_json(run_dir / RUN_FILE) or {})
   summary = read_json(run_dir / "summary.json") or {}
   rec.setdefault("run_dir", str(run_dir))
-  for key in ("eval_loss", "trailing_loss", "tokens_per_s", "wall_s", "step", "final_train_loss"):
+  for key in ("eval_loss", "trailing_loss", "tokens_per_s", "wall_s", "step", "final_train_loss",
+              "corpus_fingerprint", "position_lm_loss", "mfu"):
     if key in summary:
       rec[key] = summary[key]
   if rec.get("status") != "failed" and summary.get("status"):
@@ -123,9 +111,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
     ok = [r for r in group if r["status"] == "done"]
     row = {"variant": variant_label(hfl), "hybrid_full_layers": hfl}
     for name, key in (("sft_loss", "eval_loss"), ("trailing_loss", "trailing_loss")):
-      st = _stats([float(r[key]) for r in ok if _finite(r.get(key))])
+      per_seed = {r.get("seed"): float(r[key]) for r in ok if _finite(r.get(key))}
+      st = _stats(list(per_seed.values()))
       row.update({name: st["mean"], f"{name}_std": st["std"], f"{name}_min": st["min"],
-                  f"{name}_max": st["max"]})
+                  f"{name}_max": st["max"], f"{name}_per_seed": per_seed})
     row["n_seeds"], row["n_runs"] = len(ok), len(group)
     row["tokens_per_s"] = _stats([float(r["tokens_per_s"]) for r in ok
                                   if _finite(r.get("tokens_per_s"))])["mean"]
@@ -140,6 +129,45 @@ def _fmt(x: Any, digits: int = 4) -> str:
   if isinstance(x, float):
     return "nan" if math.isnan(x) else f"{x:.{digits}f}"
   return str(x)
+
+
+def adjacent_gaps(rows: list[dict], key: str = "sft_loss") -> list[dict]:
+  """Each variant against the next one (MoBA, hybrid-1, ..., Full), and MoBA against Full.
+
+  gap = mean(a) - mean(b); spread = sqrt(std_a^2 + std_b^2), the std of the difference of one run
+  of each; `separated` when |gap| > 2 spread. paired: mean and std over the seeds both have of the
+  per-seed differences (the seeds of a grid share their training rows and held-out rows)."""
+  pairs = list(zip(rows, rows[1:]))
+  if len(rows) > 2 and rows[0]["variant"] == "moba" and rows[-1]["variant"] == "full":
+    pairs.append((rows[0], rows[-1]))
+  out = []
+  for a, b in pairs:
+    gap = a[key] - b[key]
+    spread = math.sqrt(a[f"{key}_std"] ** 2 + b[f"{key}_std"] ** 2)
+    sa, sb = a.get(f"{key}_per_seed", {}), b.get(f"{key}_per_seed", {})
+    paired = _stats([sa[s] - sb[s] for s in sa if s in sb])
+    out.append({"from": a["variant"], "to": b["variant"], "gap": gap, "spread": spread,
+                "separated": bool(abs(gap) > 2 * spread) if math.isfinite(gap) else False,
+                "paired_mean": paired["mean"], "paired_std": paired["std"],
+                "paired_n": len([s for s in sa if s in sb])})
+  return out
+
+
+def format_gaps(gaps: list[dict], what: str = "SFT loss") -> str:
+  head = (f"| {what}: from | to | gap | spread | gap / spread | > 2 spread | paired gap "
+          "(per seed) |\n|---|---|---|---|---|---|---|\n")
+  lines = []
+  for g in gaps:
+    ratio = g["gap"] / g["spread"] if g["spread"] else math.inf
+    lines.append(f"| {g['from']} | {g['to']} | {_fmt(g['gap'])} | {_fmt(g['spread'])} | "
+                 f"{ratio:.1f} | {'yes' if g['separated'] else 'no'} | "
+                 f"{_fmt(g['paired_mean'])} ± {_fmt(g['paired_std'])} (n={g['paired_n']}) |")
+  return head + "\n".join(lines) + "\n"
+
+
+def fingerprints(runs: list[dict]) -> list[str]:
+  """The distinct corpus fingerprints of the runs (empty for synthetic data)."""
+  return sorted({r["corpus_fingerprint"] for r in runs if r.get("corpus_fingerprint")})
 
 
 def format_markdown(rows: list[dict]) -> str:
@@ -183,7 +211,8 @@ def _trailing_label(exp: dict) -> str:
   return "LM trailing loss"
 
 
-def plot(rows: list[dict], path: str | os.PathLike, experiment: dict | None = None) -> None:
+def plot(rows: list[dict], path: str | os.PathLike, experiment: dict | None = None,
+         prints: list[str] = ()) -> None:
   """Two panels like the paper's Figure 5b/5c: SFT loss and trailing loss vs hybrid full layers."""
   import matplotlib
   matplotlib.use("Agg")
@@ -202,8 +231,9 @@ def plot(rows: list[dict], path: str | os.PathLike, experiment: dict | None = No
     ax.grid(True, alpha=0.3)
     ax.legend(handles=handles, fontsize=8)
   seeds = max((r["n_seeds"] for r in rows), default=0)
+  data = f"; corpus {prints[0][:12]}" if len(prints) == 1 else ""
   fig.suptitle(f"{exp.get('name', 'layer-wise hybrid')}: mean over up to {seeds} seeds, "
-               "bars and bands ±1 std", fontsize=10)
+               f"bars and bands ±1 std{data}", fontsize=10)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
@@ -234,34 +264,64 @@ def _panel(ax, key: str, hybrids: list[dict], base: dict) -> list:
   return handles
 
 
+def _markdown_doc(rows: list[dict], gaps: dict, prints: list[str]) -> str:
+  corpus = ("corpus fingerprint (sha256): " + ", ".join(f"`{p}`" for p in prints)
+            + (" **(runs differ in their data: not comparable)**" if len(prints) > 1 else "")
+            + "\n\n") if prints else ""
+  return (corpus + format_markdown(rows) + "\n" + format_gaps(gaps["sft_loss"]) + "\n"
+          + format_gaps(gaps["trailing_loss"], "trailing loss"))
+
+
 def write_results(out_dir: str | os.PathLike, *, chart: bool = True) -> list[dict]:
-  """Rebuild results.{csv,md,json} (and the chart) from the run directories; returns the rows."""
+  """Rebuild results.{csv,md,json} (and the charts) from the run directories; returns the rows."""
   out = Path(out_dir)
   experiment = read_json(out / EXPERIMENT_FILE) or {}
   pre, runs = collect_runs(out)
   rows = aggregate(runs)
+  prints = fingerprints(runs)
+  for r in rows:
+    r["corpus_fingerprint"] = ",".join(prints)
+  gaps = {k: adjacent_gaps(rows, k) for k in ("sft_loss", "trailing_loss")}
   atomic_write(out / "results.csv", format_csv(rows))
-  atomic_write(out / "results.md", format_markdown(rows))
+  atomic_write(out / "results.md", _markdown_doc(rows, gaps, prints))
   doc = {"experiment": experiment, "aggregation": "mean and sample std (ddof=1) over seeds",
-         "pretrain": pre, "rows": rows, "runs": runs}
+         "corpus_fingerprint": prints, "gaps": gaps, "pretrain": pre, "rows": rows,
+         "runs": runs}
   atomic_write(out / "results.json", json.dumps(_json_safe(doc), indent=2) + "\n")
   if chart:
-    plot(rows, out / "loss_vs_layers.png", experiment)
+    plot(rows, out / "loss_vs_layers.png", experiment, prints)
+    if any(r.get("position_lm_loss") for r in runs):
+      charts.plot_positions(runs, out / "position_loss.png", experiment)
   return rows
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="moba-jax report", description=__doc__.splitlines()[0])
   parser.add_argument("out_dir", help="the grid's out_dir (holds pretrain/ and sft/)")
-  parser.add_argument("--no-chart", action="store_true", help="skip loss_vs_layers.png")
+  parser.add_argument("--no-chart", action="store_true", help="skip the charts")
+  parser.add_argument("--compare", metavar="OTHER_OUT_DIR",
+                      help="a second grid (e.g. data.loss_on=all): writes compare.{md,json,png}")
+  parser.add_argument("--labels", default="masked,all",
+                      help="names of OUT_DIR and OTHER_OUT_DIR in the comparison")
   args = parser.parse_args(argv)
-  if not Path(args.out_dir, "sft").is_dir():
-    print(f"moba-jax report: {args.out_dir!r} holds no sft/ run directories "
-          "(expected the out_dir of `moba-jax grid`)", file=sys.stderr)
+  labels = tuple(args.labels.split(","))
+  for d in (args.out_dir, args.compare):
+    if d is not None and not Path(d, "sft").is_dir():
+      print(f"moba-jax report: {d!r} holds no sft/ run directories "
+            "(expected the out_dir of `moba-jax grid`)", file=sys.stderr)
+      return 2
+  if len(labels) != 2:
+    print(f"moba-jax report: --labels {args.labels!r} must be two names, e.g. masked,all",
+          file=sys.stderr)
     return 2
   rows = write_results(args.out_dir, chart=not args.no_chart)
-  print(format_markdown(rows), end="")
-  print(f"wrote {', '.join(RESULT_FILES[:3 if args.no_chart else 4])} in {args.out_dir}")
+  print(Path(args.out_dir, "results.md").read_text(), end="")
+  if args.compare:
+    other = write_results(args.compare, chart=not args.no_chart)
+    charts.write_compare(args.out_dir, rows, other, labels)
+    print("\n" + Path(args.out_dir, "compare.md").read_text(), end="")
+  print(f"wrote {', '.join(RESULT_FILES[:3 if args.no_chart else 4])} in {args.out_dir}"
+        + (" and compare.{md,json,png}" if args.compare else ""))
   return 0
 
 

@@ -26,7 +26,8 @@ from moba_jax import flops as flops_lib
 from moba_jax import metrics as metrics_lib
 from moba_jax import sharding as shd
 from moba_jax import train_step as ts
-from moba_jax.config import Config, atomic_write, config_to_dict, load_config, save_config
+from moba_jax.config import Config, config_to_dict, load_config, save_config
+from moba_jax.rundir import atomic_write
 
 
 class NonFiniteError(FloatingPointError):

@@ -64,8 +64,15 @@ def test_cross_section_checks():
     C.load_config(None, ["mesh.data=4", "train.batch_size=6"])
   with pytest.raises(ValueError, match="train.seq_len=16 must be >= "):
     C.load_config(None, ["train.seq_len=16", "eval.trailing_tokens=8"])
-  with pytest.raises(ValueError, match="model.vocab_size=256 must be >= 259"):
-    C.load_config(None, ["data.task=jsonl", "data.path=x.jsonl"])
+  with pytest.raises(ValueError, match="vocab_size=256 must be >= 259 for data.task='corpus'"):
+    C.load_config(None, ["data.task=corpus", "data.path=x.jsonl"])
+  assert C.load_config(None, ["data.task=corpus", "data.path=x.jsonl",
+                              "model.vocab_size=259"]).data.path == "x.jsonl"  # read when used
+  with pytest.raises(ValueError, match="data.response_tokens=256 applies to data.task='corpus' "
+                     "and must be < train.seq_len=256"):
+    C.load_config(None, ["data.task=corpus", "model.vocab_size=259", "data.response_tokens=256"])
+  with pytest.raises(ValueError, match="data.response_tokens=8 applies to data.task='corpus'"):
+    C.load_config(None, ["data.task=passkey", "data.response_tokens=8"])
 
 
 def test_cli_errors_before_compiling(capsys):

@@ -1,6 +1,7 @@
 """Data: deterministic synthetic tasks, packing, masks, process sharding, iterator state."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,19 +100,57 @@ def test_iterator_state_resumes_exactly():
   assert all(np.array_equal(expected[k], got[k]) for k in D.FIELDS)
 
 
-def test_jsonl_text_and_sft(tmp_path):
-  path = tmp_path / "d.jsonl"
+def segments(row):
+  """[(tokens, mask of their targets)] per segment: tokens = its inputs then its last target."""
+  seg = row["segment_ids"]
+  starts = np.flatnonzero(np.diff(seg, prepend=seg[0] - 1))
+  return [(np.append(row["inputs"][s:e], row["targets"][e - 1]), row["mask"][s:e])
+          for s, e in zip(starts, np.append(starts[1:], len(seg)))]
+
+
+def decode(tokens):
+  body = tokens[(tokens != D.BOS) & (tokens != D.EOS)]
+  return bytes((body - D.BYTE_OFFSET).astype(np.uint8)).decode()
+
+
+def test_jsonl_text_and_sft(tmp_path, monkeypatch):
+  """data.task=corpus over a .jsonl file: packed examples, loss on each response and its EOS (every
+  target of a text line); eval rows are one whole example each."""
+  monkeypatch.chdir(tmp_path)  # lines are named "d.jsonl:N" (none held out: eval uses them all)
+  path = "d.jsonl"
   lines = [{"prompt": f"question {i}? ", "response": f"answer {i}"} for i in range(5)]
   lines += [{"text": "plain text " * 3}]
-  path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-  cfg = C.load_config(None, ["data.task=jsonl", f"data.path={path}", "model.vocab_size=259",
+  with open(path, "w") as f:
+    f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+  cfg = C.load_config(None, ["data.task=corpus", f"data.path={path}", "model.vocab_size=259",
                              "train.seq_len=64", "eval.trailing_tokens=8"])
-  row = D.RowSource(cfg)[0]
-  check_row(row, 64)
-  sft = D.load_jsonl(str(path))[0]
-  text = bytes((sft[0][sft[1] == 1][:-1] - D.BYTE_OFFSET).astype(np.uint8)).decode()
-  assert text == "answer 0"
+  src = D.RowSource(cfg)
+  assert src.rows.kind == "examples"
+  kinds = {"sft": 0, "text": 0}
+  for split, r in [("train", r) for r in range(30)] + [("eval", r) for r in range(4)]:
+    row = (src if split == "train" else D.RowSource(cfg, "eval"))[r]
+    check_row(row, 64)
+    for tokens, mask in segments(row):
+      if np.all(tokens == D.PAD):
+        assert np.all(mask == 0)  # padding
+        continue
+      targets = tokens[1:]
+      if mask[0] == 0:  # SFT: the prompt is masked, the response and its EOS are the loss
+        answer = targets[mask == 1]
+        assert answer[-1] == D.EOS and tokens[-1] == D.EOS
+        i = int(decode(answer)[len("answer "):])
+        assert decode(answer) == f"answer {i}" and np.all(mask[:len(targets) - len(answer)] == 0)
+        assert (lines[i]["prompt"] + f"answer {i}").endswith(decode(tokens))
+        kinds["sft"] += 1
+      else:
+        assert np.all(mask == 1) and tokens[0] == D.BOS
+        assert ("plain text " * 3).startswith(decode(tokens))
+        kinds["text"] += 1
+      if split == "eval":  # unpacked: the whole example, BOS to EOS
+        assert tokens[0] == D.BOS and tokens[-1] == D.EOS
+  assert kinds["sft"] > 5 and kinds["text"] > 0
   bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"foo": 1}\n')
-  with pytest.raises(ValueError, match="needs 'text' or 'prompt' and 'response'"):
-    D.load_jsonl(str(bad))
+  bad.write_text('{"text": "ok"}\n{"foo": 1}\n')
+  with pytest.raises(ValueError, match=re.escape(f"{bad}:2: a line needs 'text' or 'prompt'")):
+    D.RowSource(C.load_config(None, ["data.task=corpus", f"data.path={bad}",
+                                     "model.vocab_size=259"]))

@@ -74,8 +74,58 @@ def test_result_files_written(grid_dir):
   doc = json.loads((grid_dir / "results.json").read_text())
   assert len(doc["rows"]) == 5 and len(doc["runs"]) == len(LOSSES)
   md = (grid_dir / "results.md").read_text()
-  assert md.count("\n") == 2 + 5 and "hybrid-10" in md
+  tables = md.strip().split("\n\n")  # the variants, then the adjacent gaps of both losses
+  assert len(tables) == 3 and tables[0].count("\n") == 1 + 5 and "hybrid-10" in tables[0]
+  assert tables[1].count("\n") == 1 + 5  # 4 adjacent gaps and MoBA -> Full
   assert not list(grid_dir.glob(".*.tmp*"))  # atomic writes leave no temporaries
+
+
+def test_adjacent_gaps_with_spread_and_paired_seeds(grid_dir):
+  rows = report.write_results(grid_dir, chart=False)
+  gaps = report.adjacent_gaps(rows)
+  assert [(g["from"], g["to"]) for g in gaps] == [
+      ("moba", "hybrid-1"), ("hybrid-1", "hybrid-3"), ("hybrid-3", "hybrid-10"),
+      ("hybrid-10", "full"), ("moba", "full")]
+  first = gaps[0]  # MoBA 2.0 / 2.2 against hybrid-1 1.9 / 1.7
+  assert first["gap"] == pytest.approx(0.3)
+  assert first["spread"] == pytest.approx(0.2)  # sqrt(0.02 + 0.02)
+  assert not first["separated"]  # 0.3 < 2 x 0.2
+  assert first["paired_mean"] == pytest.approx(0.3) and first["paired_n"] == 2
+  assert first["paired_std"] == pytest.approx(math.sqrt(0.08))  # differences 0.1 and 0.5
+  last = gaps[-1]  # MoBA 2.1 against Full 1.1, spread sqrt(0.02 + 0.02)
+  assert last["gap"] == pytest.approx(1.0) and last["separated"]
+  h3 = gaps[1]  # hybrid-3 has one finished seed: its std is 0, the paired gap has n = 1
+  assert h3["paired_n"] == 1
+
+
+def test_fingerprint_in_every_results_file(tmp_path):
+  for seed, fp in ((0, "a" * 64), (1, "a" * 64)):
+    run = make_run(tmp_path, 0, seed, (1.0 + seed, 1.0))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "corpus_fingerprint": fp}))
+  report.write_results(tmp_path, chart=False)
+  assert "a" * 64 in (tmp_path / "results.md").read_text()
+  assert "a" * 64 in (tmp_path / "results.csv").read_text()
+  assert json.loads((tmp_path / "results.json").read_text())["corpus_fingerprint"] == ["a" * 64]
+  run = make_run(tmp_path, "all", 0, (0.5, 0.5))
+  summary = json.loads((run / "summary.json").read_text())
+  (run / "summary.json").write_text(json.dumps({**summary, "corpus_fingerprint": "b" * 64}))
+  report.write_results(tmp_path, chart=False)
+  assert "not comparable" in (tmp_path / "results.md").read_text()
+
+
+def test_compare_two_grids(grid_dir, tmp_path):
+  other = tmp_path / "other"
+  for (hfl, seed), losses in LOSSES.items():
+    if losses is not None:
+      make_run(other, hfl, seed, (losses[0] - 0.1 * (hfl != "all"), losses[1]))
+  assert report.main([str(grid_dir), "--compare", str(other), "--labels", "masked,all"]) == 0
+  doc = json.loads((grid_dir / "compare.json").read_text())
+  gap = doc["gaps"]["sft_loss"]  # MoBA - Full: 1.0 masked, 0.9 in the other grid
+  assert gap["masked_gap"] == pytest.approx(1.0) and gap["all_gap"] == pytest.approx(0.9)
+  assert gap["difference"] == pytest.approx(0.1) and not gap["separated"]
+  assert (grid_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+  assert report.main([str(grid_dir), "--compare", str(other), "--labels", "one"]) == 2
 
 
 def test_nonfinite_loss_counts_as_failed(tmp_path):
