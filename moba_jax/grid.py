@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
   name = pos.pop(0) if pos and "=" not in pos[0] else None
   try:
     cfg, source = load_experiment(name, pos + _flag_overrides(args))
+    corpus_fingerprints(cfg)  # a bad data.path fails here, before any run starts
   except (ValueError, FileNotFoundError) as e:
     print(f"moba-jax grid: {e}", file=sys.stderr)
     return 2

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from moba_jax.signals import SignalFlag
+
 MEMORY_SHARE = 0.9  # of each GPU's memory, split between its workers
 
 
@@ -42,26 +44,6 @@ def worker_env(slot: int, workers: int, gpus: list[str]) -> dict:
   return env
 
 
-class _Signals:
-  """Records SIGTERM / SIGINT (forwarded to the workers by the pool)."""
-
-  def __init__(self):
-    self.received = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
-
-
 def run_pool(jobs: list[tuple[str, list[str], Path]], workers: int, on_done) -> str | None:
   """Runs jobs (name, argv, run_dir) `workers` at a time; on_done(index, returncode, seconds) after
   each. Returns the signal name if stopped by one (running workers are signalled and awaited)."""
@@ -69,7 +51,7 @@ def run_pool(jobs: list[tuple[str, list[str], Path]], workers: int, on_done) -> 
   queue = list(enumerate(jobs))
   running: dict[int, tuple[subprocess.Popen, int, float]] = {}  # slot -> (proc, job, start)
   signalled: set[int] = set()  # one signal per worker: a second could cut its final save
-  with _Signals() as sig:
+  with SignalFlag() as sig:
     while queue or running:
       while queue and len(running) < workers and not sig.received:
         slot = next(s for s in range(workers) if s not in running)

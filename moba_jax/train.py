@@ -11,7 +11,6 @@ SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exit
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from typing import Sequence
@@ -28,37 +27,23 @@ from moba_jax import sharding as shd
 from moba_jax import train_step as ts
 from moba_jax.config import Config, config_to_dict, load_config, save_config
 from moba_jax.rundir import atomic_write
+from moba_jax.signals import SignalFlag
 
 
 class NonFiniteError(FloatingPointError):
   """Too many non-finite steps in a row."""
 
 
-class Preemption:
-  """Turns SIGTERM/SIGINT into a flag checked between steps (agreed across processes)."""
+class Preemption(SignalFlag):
+  """SIGTERM/SIGINT as a flag checked between steps (agreed across processes)."""
 
-  def __init__(self):
-    self.signal: str | None = None
-    self._old = {}
-
-  def __enter__(self):
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
-
-  def should_stop(self) -> bool:
-    flag = self.signal is not None
+  def should_stop(self, sync: bool = True) -> bool:
+    """This process's flag; with several processes, agreed (all-gathered) on `sync` steps only,
+    so that every process stops after the same step."""
+    flag = self.received is not None
     if jax.process_count() > 1:
+      if not sync:
+        return False
       from jax.experimental import multihost_utils
 
       flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
@@ -161,35 +146,38 @@ class _Loop:
             "train_seed": c.train.seed, "data_seed": c.data.seed,
             "config": config_to_dict(c)}
 
-  def one_step(self) -> tuple[float, float, int, float]:
+  def dispatch(self) -> tuple[dict, float]:
+    """Starts the next step (asynchronously) -> (its metrics on the device, its FLOPs)."""
     local = next(self.it)
     step_flops = flops_lib.step_flops(self.cfg, self.matmul_params, local["segment_ids"])
     batch = shd.global_batch(local, self.bsh, self.cfg.train.batch_size)
-    t0 = time.perf_counter()
     s = self.state
     s.params, s.opt_state, m = self.train_fn(s.params, s.opt_state, batch)
-    m = jax.device_get(m)
-    dt = time.perf_counter() - t0
     self.step += 1
+    return m, step_flops
+
+  def finish(self, m: dict, step: int) -> tuple[float, int]:
+    """Reads step `step`'s metrics (waits for it) and books them -> (loss, tokens)."""
+    m = jax.device_get(m)
     loss, finite = float(m["loss"]), bool(m["finite"])
     if finite:
       self.consecutive = 0
       self.last_loss = loss
     else:
-      self._nonfinite(loss, float(m["grad_norm"]))
-    return loss, dt, int(m["tokens"]), step_flops
+      self._nonfinite(step, loss, float(m["grad_norm"]))
+    return loss, int(m["tokens"])
 
-  def _nonfinite(self, loss: float, grad_norm: float) -> None:
+  def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
     self.nonfinite_total += 1
     self.consecutive += 1
     limit = self.cfg.train.max_nonfinite_steps
-    _log0(f"step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}; params and "
+    _log0(f"step {step}: non-finite loss={loss} or grad_norm={grad_norm}; params and "
           f"optimizer state left unchanged ({self.consecutive} in a row, "
           f"train.max_nonfinite_steps={limit})")
     if self.consecutive >= limit:
       raise NonFiniteError(
           f"{self.consecutive} non-finite steps in a row (steps "
-          f"{self.step - self.consecutive + 1}..{self.step}, last loss={loss}, "
+          f"{step - self.consecutive + 1}..{step}, last loss={loss}, "
           f"grad_norm={grad_norm}) reached train.max_nonfinite_steps={limit}: aborting. "
           f"Lower train.lr, raise train.warmup_steps or check the data; the last checkpoint "
           f"in {self.mngr.directory} is intact.")
@@ -218,17 +206,44 @@ def _progress(cfg, loop, end, progress):
               dynamic_ncols=True, file=sys.stderr)
 
 
+def _boundary(cfg: Config, step: int, end: int) -> bool:
+  """Steps after which the loop waits for the device: metrics rows, evals, checkpoints, the end."""
+  return (step % cfg.log.every == 0 or step == end
+          or bool(cfg.eval.every and step % cfg.eval.every == 0)
+          or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
+
+
 def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool) -> str | None:
-  """Runs steps until `end` or a signal; returns the signal name if preempted."""
+  """Runs steps until `end` or a signal; returns the signal name if preempted.
+
+  Step n + 1 is dispatched before step n's metrics are read (as nanodo does), so the host never
+  waits for the device except at boundary steps (`_boundary`), where the state is complete:
+  metrics rows, evals and checkpoints see exactly the parameters of that step."""
   window, tracing = _Window(), False
   n_dev = jax.local_device_count()
   bar = _progress(cfg, loop, end, progress)
+  pending, t_last = None, time.perf_counter()
+
+  def finish(p):
+    nonlocal t_last
+    loss, tokens = loop.finish(p[0], p[2])
+    now = time.perf_counter()
+    window.add(loss, now - t_last, tokens, p[1])
+    t_last = now
+    bar.update(1)
+
   with Preemption() as pre, bar:
     while loop.step < end:
       tracing = _profiler(cfg, loop.step + 1, tracing)
-      window.add(*loop.one_step())
-      bar.update(1)
+      m, step_flops = loop.dispatch()
+      if pending is not None:
+        finish(pending)
+      pending = (m, step_flops, loop.step)
       s = loop.step
+      at_boundary = _boundary(cfg, s, end)
+      if at_boundary or pre.received:
+        finish(pending)
+        pending = None
       if s % cfg.log.every == 0 or s == end:
         row = window.row(cfg, s, loop.peak, n_dev)
         row["nonfinite_steps"] = loop.nonfinite_total
@@ -240,10 +255,11 @@ def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool) -> str | Non
         window = _Window()
       if cfg.checkpoint.every and s % cfg.checkpoint.every == 0 and s < end:
         _save(loop.mngr, s, loop.state, loop.it, loop.meta())
-      if pre.should_stop():
+      if pending is None and pre.should_stop(sync=at_boundary):
         if tracing:
           _profiler(cfg, 10 ** 12, tracing)
-        return pre.signal or "signal"
+        return pre.received or "signal"
+      t_last = time.perf_counter() if at_boundary else t_last
     if tracing:
       _profiler(cfg, 10 ** 12, tracing)
   return None
