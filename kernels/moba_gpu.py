@@ -1,6 +1,6 @@
 """MoBA attention for GPUs: Pallas (Triton lowering), key-block-major, forward and backward.
 
-Design (DESIGN.md section 5; docs/kernel_notes.md): routing (`_routing.route`) gives every
+Design (docs/kernel_notes.md): routing (`_routing.route`) gives every
 (query, head) one partial row per chosen block: its current block (dense section, block-diagonal
 causal) and each chosen past block (sparse section, rows sorted by key block, padded per block to
 the row tile). One kernel program takes one row tile, gathers its query rows, and streams the one

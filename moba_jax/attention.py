@@ -47,11 +47,6 @@ def implementations(kind: str) -> tuple[str, ...]:
   return ("auto",) + tuple(_registry(kind))
 
 
-def register(kind: str, name: str, fn: str | Callable) -> None:
-  """Adds an implementation (a callable or a lazy "module:function" string)."""
-  _registry(_check_kind(kind))[name] = fn
-
-
 def _check_kind(kind):
   if kind not in KINDS:
     raise ValueError(f"kind={kind!r} is not valid; expected one of {KINDS}")
@@ -164,7 +159,7 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
 
 def moba_attention(q, k, v, *, block_size, topk, segment_ids=None, softmax_scale=None,
                    implementation="auto", interpret=False):
-  """Causal MoBA attention (DESIGN.md section 2). See `attention`."""
+  """Causal MoBA attention (docs/semantics.md). See `attention`."""
   return attention(q, k, v, kind="moba", implementation=implementation,
                    segment_ids=segment_ids, block_size=block_size, topk=topk,
                    softmax_scale=softmax_scale, interpret=interpret)

@@ -1,4 +1,4 @@
-"""`moba-jax bench`: time MoBA implementations against full attention (DESIGN.md section 5).
+"""`moba-jax bench`: time MoBA implementations against full attention (docs/benchmarks.md).
 
 Prints, per (seq, block, topk, implementation): fwd and fwd+bwd median ms, effective TFLOP/s
 (4 x attended (query, key) pairs x head_dim x heads / time; x3.5 for fwd+bwd) and the compiled

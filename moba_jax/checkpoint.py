@@ -13,7 +13,6 @@ no parameters), so an SFT stage may change moba.hybrid_full_layers.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from typing import Any
@@ -21,8 +20,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from moba_jax import rundir
+
 ITEMS = ("params", "opt_state", "data", "meta")
-_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+_TMP = rundir.PARTIAL_STEP
 
 
 class CheckpointWarning(UserWarning):
@@ -38,7 +39,7 @@ def _warn(msg: str) -> None:
 def checkpoint_dir(path: str) -> str:
   """The checkpoints dir of a run dir (or `path` itself if it already is one)."""
   path = os.path.abspath(path)
-  sub = os.path.join(path, "checkpoints")
+  sub = os.path.join(path, rundir.CHECKPOINTS)
   return sub if os.path.isdir(sub) else path
 
 

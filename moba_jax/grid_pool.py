@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from moba_jax import rundir
 from moba_jax.signals import SignalFlag
 
 MEMORY_SHARE = 0.9  # of each GPU's memory, split between its workers
@@ -57,7 +58,7 @@ def run_pool(jobs: list[tuple[str, list[str], Path]], workers: int, on_done) -> 
         slot = next(s for s in range(workers) if s not in running)
         i, (name, argv, run_dir) = queue.pop(0)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "worker.log", "ab") as log:
+        with open(run_dir / rundir.WORKER_LOG, "ab") as log:
           proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                   env=worker_env(slot, workers, gpus))
         running[slot] = (proc, i, time.time())

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+from moba_jax import rundir
+
+TMP_STEP = rundir.PARTIAL_STEP
 STEP_METADATA = "_CHECKPOINT_METADATA"
 PARAM_ROOTS = ("params", "model")  # arrays under these names count as parameters
 
@@ -26,16 +27,16 @@ def resolve_dirs(path: str | Path) -> tuple[Path, Path | None]:
   p = Path(path).resolve()
   if not p.is_dir():
     raise FileNotFoundError(f"checkpoint dir {str(p)!r} does not exist")
-  if (p / "checkpoints").is_dir():
-    return p / "checkpoints", p
+  if (p / rundir.CHECKPOINTS).is_dir():
+    return p / rundir.CHECKPOINTS, p
   parent = p.parent
-  markers = ("config.toml", "config.json", "metrics.jsonl", "summary.json")
+  markers = (rundir.CONFIG, "config.json", rundir.METRICS, rundir.SUMMARY)
   return p, parent if any((parent / m).exists() for m in markers) else None
 
 
 def _step_items(step_dir: Path) -> dict[str, str]:
   """item name -> handler class name (from the step metadata, else guessed from files)."""
-  meta = _read_json(step_dir / STEP_METADATA) or {}
+  meta = rundir.read_json(step_dir / STEP_METADATA) or {}
   handlers = dict(meta.get("item_handlers") or {})
   for child in sorted(step_dir.iterdir()):
     if child.is_dir() and child.name not in handlers:
@@ -129,7 +130,7 @@ def step_contents(step_dir: Path) -> dict:
     if _is_pytree(handler):
       arrays += pytree_arrays(step_dir / name, name)
     elif "Json" in handler:
-      other[name] = _read_json(step_dir / name / "metadata")
+      other[name] = rundir.read_json(step_dir / name / "metadata")
     else:
       other[name] = sorted(p.name for p in (step_dir / name).glob("*"))
   params = [a for a in arrays if _is_param(a["path"])]
@@ -140,25 +141,18 @@ def step_contents(step_dir: Path) -> dict:
           "param_bytes": sum(a["bytes"] for a in params)}
 
 
-def _read_json(path: Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
-
-
 def run_info(run_dir: Path | None) -> dict:
   """The run's saved config, summary and metrics (count, first and last record)."""
   if run_dir is None:
     return {}
   info: dict[str, Any] = {"run_dir": str(run_dir)}
   if (run_dir / "config.json").exists():
-    info["config"] = _read_json(run_dir / "config.json")
-  elif (run_dir / "config.toml").exists():
-    info["config_toml"] = (run_dir / "config.toml").read_text()
-  if (run_dir / "summary.json").exists():
-    info["summary"] = _read_json(run_dir / "summary.json")
-  metrics = run_dir / "metrics.jsonl"
+    info["config"] = rundir.read_json(run_dir / "config.json")
+  elif (run_dir / rundir.CONFIG).exists():
+    info["config_toml"] = (run_dir / rundir.CONFIG).read_text()
+  if (run_dir / rundir.SUMMARY).exists():
+    info["summary"] = rundir.read_json(run_dir / rundir.SUMMARY)
+  metrics = run_dir / rundir.METRICS
   if metrics.exists():
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     info["metrics"] = {"records": len(records), "first": records[0] if records else None,

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from moba_jax import rundir
 from moba_jax.rundir import atomic_write
 
 
@@ -35,7 +36,7 @@ class MetricsLog:
 
   def __init__(self, run_dir: str, resume_step: int, tensorboard: bool, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.path = os.path.join(run_dir, rundir.METRICS)
     self.tb = None
     if not enabled:
       return

@@ -5,7 +5,7 @@ Shapes follow one naming scheme throughout:
   D head_dim, N doc-local block slots (= ceil(T / block_size)), S selected blocks (= min(topk, N)),
   L block length (= block_size), C query chunk.
 
-Semantics (DESIGN.md section 2): blocks restart at every document start (a document is a maximal run
+Semantics (docs/semantics.md): blocks restart at every document start (a document is a maximal run
 of equal segment ids); the gate key of a block is the mean of the keys it really has; scores are
 float32 dot products of each query head with its group's gate keys; the query's own block is always
 chosen and is causally masked; future blocks are never chosen; the other topk - 1 choices are the

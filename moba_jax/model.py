@@ -169,8 +169,3 @@ def set_attention(model: Decoder, moba: MobaConfig) -> Decoder:
     layer.attn.kind = kind
     layer.attn.moba = moba
   return model
-
-
-def count_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-

@@ -56,7 +56,7 @@ def _finite(x: Any) -> bool:
 def load_run(run_dir: Path) -> dict:
   """One run: its grid record merged with its summary.json; status "done" needs finite losses."""
   rec = dict(read_json(run_dir / RUN_FILE) or {})
-  summary = read_json(run_dir / "summary.json") or {}
+  summary = read_json(run_dir / rundir.SUMMARY) or {}
   rec.setdefault("run_dir", str(run_dir))
   for key in ("eval_loss", "trailing_loss", "tokens_per_s", "wall_s", "step", "final_train_loss",
               "corpus_fingerprint", "position_lm_loss", "mfu"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ CHECKPOINTS = "checkpoints"  # Orbax CheckpointManager directory
 RUN_FILE = "grid_run.json"  # per-run record of the grid (variant, seed, status, error)
 EXPERIMENT = "experiment.json"  # a grid's resolved config and chart labels
 WORKER_LOG = "worker.log"  # output of a grid worker process
+PARTIAL_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # an interrupted Orbax save in CHECKPOINTS
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -21,21 +21,10 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from moba_jax.config import MESH_AXES, AxisRules
 
-# logical axis -> mesh axis (or axes, or None = replicated)
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("layers", None),
-)
+# The mesh axes and the default rules are the config's (moba_jax.config: MESH_AXES, AxisRules).
+LOGICAL_AXIS_RULES = AxisRules().as_tuples()
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ from moba_jax import checkpoint as ckpt
 from moba_jax import data as data_lib
 from moba_jax import flops as flops_lib
 from moba_jax import metrics as metrics_lib
+from moba_jax import rundir
 from moba_jax import sharding as shd
 from moba_jax import train_step as ts
 from moba_jax.config import Config, config_to_dict, load_config, save_config
@@ -277,7 +278,7 @@ def _write_json(path: str, obj: dict) -> None:
 def _last_metrics_row(run_dir: str) -> dict:
   import json
 
-  path = os.path.join(run_dir, "metrics.jsonl")
+  path = os.path.join(run_dir, rundir.METRICS)
   if not os.path.exists(path):
     return {}
   with open(path) as f:
@@ -307,12 +308,12 @@ def run(cfg: Config, *, progress: bool = True) -> dict:
   t0 = time.time()
   os.makedirs(cfg.run_dir, exist_ok=True)
   if jax.process_index() == 0:
-    save_config(cfg, os.path.join(cfg.run_dir, "config.toml"))
+    save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
   mesh, rules = _setup(cfg)
   source = data_lib.RowSource(cfg, "train")  # data errors surface before the model is built
   state = ts.init_state(cfg, mesh, rules)
   data_iter = iter(data_lib.train_dataset(cfg, jax.process_index(), jax.process_count(), source))
-  mngr = ckpt.manager(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep,
+  mngr = ckpt.manager(os.path.join(cfg.run_dir, rundir.CHECKPOINTS), cfg.checkpoint.keep,
                       cfg.checkpoint.async_save)
   try:
     start, meta = _restore(cfg, state, mngr, data_iter)
@@ -338,12 +339,12 @@ def _finish(cfg: Config, loop: _Loop, stopped: str | None, end: int, t0: float,
     _log0(f"received {stopped}: finished step {loop.step}, saved a checkpoint in "
           f"{cfg.run_dir}/checkpoints; run the same command again to continue")
     summary = _summary(cfg, loop, "preempted", time.time() - t0, extra)
-    _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+    _write_json(os.path.join(cfg.run_dir, rundir.SUMMARY), summary)
     return summary
   result = evaluate(cfg, loop.state, loop.eval_fn) if cfg.eval.batches else {}
   status = "done" if loop.step >= cfg.train.steps else "stopped"
   summary = _summary(cfg, loop, status, time.time() - t0, {**extra, **result})
-  _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+  _write_json(os.path.join(cfg.run_dir, rundir.SUMMARY), summary)
   return summary
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from moba_jax import sharding as shd
 from moba_jax.config import Config
-from moba_jax.model import Decoder, set_attention
+from moba_jax.model import Decoder
 
 
 def lr_schedule(tc) -> optax.Schedule:
@@ -105,14 +105,6 @@ def init_state(cfg: Config, mesh, rules) -> TrainState:
     _JIT_CACHE[cache_key] = jax.jit(init, out_shardings=(p_sh, o_sh))
   params, opt_state = _JIT_CACHE[cache_key](key)
   return TrainState(model_def, opt_def, params, opt_state, p_sh, o_sh, mesh, rules)
-
-
-def with_attention(state: TrainState, moba_cfg) -> TrainState:
-  """The same state with every layer's attention set per moba_cfg (parameters untouched)."""
-  model = nnx.merge(state.model_def, state.params)
-  set_attention(model, moba_cfg)
-  model_def, _ = nnx.split(model, nnx.Param)
-  return dataclasses.replace(state, model_def=model_def)
 
 
 def masked_nll(logits, targets, mask):

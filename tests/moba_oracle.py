@@ -1,6 +1,6 @@
 """An independent, literal NumPy MoBA (loops over documents, heads and queries, float64).
 
-It follows DESIGN.md section 2 word for word and shares no code with moba_jax: block means over
+It follows docs/semantics.md word for word and shares no code with moba_jax: block means over
 the tokens a block really has, float gate scores, current block always chosen, top-(k-1) past blocks
 with ties to the lower index, causal softmax over the union of chosen blocks.
 """

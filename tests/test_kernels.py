@@ -82,11 +82,11 @@ def test_bench_prints_a_table_on_cpu(capsys, pipeline):
 
 
 def test_profile_counts_device_stream_kernels_once(tmp_path):
-  """kernels/profile_gpu.py: kernels on the GPU's "Stream" lines, per step; the derived "XLA Ops"
+  """tools/profile_gpu.py: kernels on the GPU's "Stream" lines, per step; the derived "XLA Ops"
   line of the same device and the host's events are not counted."""
   import gzip
   import json
-  from moba_jax.kernels import profile_gpu
+  from tools import profile_gpu
   meta = lambda ph_name, pid, tid, name: dict(ph="M", name=ph_name, pid=pid, tid=tid,
                                               args=dict(name=name))
   x = lambda pid, tid, name, dur: dict(ph="X", pid=pid, tid=tid, name=name, dur=dur, ts=0)

@@ -1,5 +1,5 @@
 """The XLA path's compiled temporary memory grows about linearly with seq; the reference's
-quadratically (DESIGN.md: no [seq, seq] tensor in the XLA path)."""
+quadratically (docs/xla_memory.md: no [seq, seq] tensor in the XLA path)."""
 
 from moba_jax.memory import temp_bytes
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One H200 session step: correctness check + benchmarks, logs under $OUT (see docs/benchmarks.md).
-# usage: bash kernels/run_h200.sh PHASE [TILES...]
+# usage: bash tools/run_h200.sh PHASE [TILES...]
 #   1: check + 8K/32K table (pallas_gpu, cudnn, xla) + 128K table, then a tile sweep at 32K
 #   3: check + breakdown (with the jax-triton forward side by side) + the full table (pallas_gpu
 #      default tiles, cudnn)
@@ -8,7 +8,7 @@
 #   4: (removed: the fused-dQ backward it timed is gone, see docs/kernel_notes.md)
 #   6: check, 8K/32K/128K b512 k3 table (default tiles), 32K tile sweep over TILES, profiles at
 #      PROFILE_SEQS (default 32768)
-#   5: per-kernel profiles of the fwd+bwd step (kernels/profile_gpu.py), default tiles [and TILES]
+#   5: per-kernel profiles of the fwd+bwd step (tools/profile_gpu.py), default tiles [and TILES]
 set -o pipefail
 phase=${1:-1}; shift
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
@@ -43,7 +43,7 @@ if [ "$phase" = 5 ]; then
   for seq in 8192 32768 131072; do
     for t in default "$@"; do
       extra=""; [ "$t" != default ] && extra="--gpu-block-sizes $t"
-      timeout 120 python3 -m moba_jax.kernels.profile_gpu --seq $seq $extra --out $OUT/trace_${seq}_${t//,/_} 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
+      timeout 120 python3 tools/profile_gpu.py --seq $seq $extra --out $OUT/trace_${seq}_${t//,/_} 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
     done
   done
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
@@ -55,7 +55,7 @@ if [ "$phase" = 6 ]; then
     STEP_S=60 bench --impls pallas_gpu --seqs 32768 --configs 512:3 --gpu-block-sizes $t --repeats 10 2>&1 | grep '^{' | tee -a $OUT/tune.txt
   done
   for seq in ${PROFILE_SEQS:-32768}; do
-    timeout 120 python3 -m moba_jax.kernels.profile_gpu --seq $seq --out $OUT/trace_$seq 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
+    timeout 120 python3 tools/profile_gpu.py --seq $seq --out $OUT/trace_$seq 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
   done
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
 fi

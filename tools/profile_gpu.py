@@ -1,6 +1,6 @@
 """Per-kernel time of one `pallas_gpu` fwd+bwd step on a GPU, from a JAX profiler trace.
 
-usage: python -m moba_jax.kernels.profile_gpu --seq 32768 [--block 512 --topk 3]
+usage: python tools/profile_gpu.py --seq 32768 [--block 512 --topk 3]
          [--gpu-block-sizes 64,64,64,64,4,3[,1]] [--out DIR]
 
 Runs the jitted step of `moba-jax bench` (batch 1, 16 heads, head_dim 128, bf16), traces a few

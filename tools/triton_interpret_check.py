@@ -4,7 +4,7 @@ Neither CI nor the default install has Triton, so this is a developer's script, 
 
   python -m venv /tmp/tenv && /tmp/tenv/bin/pip install triton numpy jax && \
     /tmp/tenv/bin/pip install --no-deps -e .
-  /tmp/tenv/bin/python kernels/triton_interpret_check.py
+  /tmp/tenv/bin/python tools/triton_interpret_check.py
 
 It routes a small GQA problem with two packed documents (ragged tails), runs the Pallas forward
 kernel in interpret mode, then runs the Triton kernel in Triton's own interpreter
