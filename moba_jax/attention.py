@@ -11,6 +11,8 @@ All arguments are validated from static shapes before anything is traced or comp
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from typing import Callable
 
 import jax
@@ -102,6 +104,35 @@ def resolve(kind: str, implementation: str = "auto", platform: str | None = None
   return name
 
 
+def _scalar(name: str, value, lo: int | None = None) -> int | float | None:
+  """A Python number from `value` (numpy and concrete jax scalars included). A traced value is
+  refused: the kernels take block_size, topk and softmax_scale as static arguments."""
+  if value is None or isinstance(value, bool):
+    return value
+  integer = isinstance(value, numbers.Integral) or (
+      hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer))
+  if not (integer or isinstance(value, numbers.Real) or hasattr(value, "dtype")):
+    return value  # not a number: the range checks name it
+  try:
+    return int(value) if integer else float(value)
+  except jax.errors.JAXTypeError:  # a tracer: its value is not known when the kernel is built
+    raise ValueError(f"{name} is a traced value; pass a Python number (it is a static argument "
+                     "of the attention kernels)") from None
+  except TypeError:  # e.g. an array of several values
+    return value
+
+
+def check_scalars(block_size=None, topk=None, softmax_scale=None):
+  """(block_size, topk, softmax_scale) as Python numbers, validated; errors name the value."""
+  block_size, topk = _scalar("block_size", block_size), _scalar("topk", topk)
+  softmax_scale = _scalar("softmax_scale", softmax_scale)
+  if softmax_scale is not None and not (isinstance(softmax_scale, (int, float))
+                                        and math.isfinite(softmax_scale) and softmax_scale > 0):
+    raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite number > 0 (or None for "
+                     "head_dim**-0.5)")
+  return block_size, topk, softmax_scale
+
+
 def validate(q, k, v, segment_ids=None, *, kind="moba", block_size=None, topk=None,
              softmax_scale=None) -> None:
   """Raises ValueError naming the bad argument and the accepted range."""
@@ -109,6 +140,13 @@ def validate(q, k, v, segment_ids=None, *, kind="moba", block_size=None, topk=No
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError("q, k, v must be [batch, seq, heads, head_dim]; got ndim "
                      f"q={q.ndim}, k={k.ndim}, v={v.ndim}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name}.dtype={x.dtype} must be a floating type (float32, bfloat16, "
+                       "float16)")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v dtypes must match: got q {q.dtype}, k {k.dtype}, v {v.dtype} "
+                     "(cast them to one dtype)")
   batch, seq, heads, dim = q.shape
   if k.shape != v.shape:
     raise ValueError(f"k.shape={k.shape} must equal v.shape={v.shape}")
@@ -127,8 +165,7 @@ def validate(q, k, v, segment_ids=None, *, kind="moba", block_size=None, topk=No
                        f"{(batch, seq)}")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise ValueError(f"segment_ids.dtype={segment_ids.dtype} must be an integer type")
-  if softmax_scale is not None and not softmax_scale > 0:
-    raise ValueError(f"softmax_scale={softmax_scale} must be > 0 (or None for head_dim**-0.5)")
+  check_scalars(softmax_scale=softmax_scale)
   if kind == "moba":
     if not isinstance(block_size, int) or block_size <= 0:
       raise ValueError(f"block_size={block_size!r} must be an integer >= 1")
@@ -142,9 +179,12 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
 
   kind="moba" needs block_size and topk; kind="full" ignores them. Returns [B, T, H, D].
   """
+  block_size, topk, softmax_scale = check_scalars(block_size, topk, softmax_scale)
   validate(q, k, v, segment_ids, kind=kind, block_size=block_size, topk=topk,
            softmax_scale=softmax_scale)
   batch, seq, heads, _ = q.shape
+  if batch == 0 or seq == 0:  # nothing to attend: an empty result of the right shape
+    return jnp.zeros(q.shape, q.dtype)
   name = resolve(kind, implementation, dtype=q.dtype, dense_bytes=4 * batch * heads * seq * seq)
   fn = _load(_registry(kind)[name])
   if segment_ids is None and (kind == "moba" or name == "reference"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -91,6 +92,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
 
   steps = sorted(mngr.all_steps(), reverse=True)
   _warn_partial(str(mngr.directory), steps[0] if steps else None)
+  unusable = []
   for i, step in enumerate(steps):
     try:
       out = mngr.restore(step, args=ocp.args.Composite(
@@ -102,9 +104,27 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
       _warn(f"checkpoint step {step} in {mngr.directory} could not be restored "
             f"({type(e).__name__}: {str(e)[:300]}); falling back to "
             f"{'step ' + str(nxt) if nxt is not None else 'a fresh start'}")
+      unusable.append(step)
       continue
+    _set_aside(mngr, unusable)
     return step, out["params"], out["opt_state"], out["meta"]
+  _set_aside(mngr, unusable)
   return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves unusable step dirs to <run dir>/checkpoints_unusable/ (nothing is deleted), so that the
+  run can save those steps again when it reaches them."""
+  if not steps or jax.process_index() != 0:
+    return
+  directory = str(mngr.directory)
+  aside = os.path.join(os.path.dirname(directory), "checkpoints_unusable")
+  os.makedirs(aside, exist_ok=True)
+  for step in steps:
+    dest = os.path.join(aside, f"{step}.{int(time.time())}")
+    os.replace(os.path.join(directory, str(step)), dest)
+    _warn(f"moved the unusable checkpoint step {step} to {dest}")
+  mngr.reload()
 
 
 def restore_params(path: str, abstract_params) -> tuple[int, dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from typing import Literal, Sequence, Union
@@ -34,11 +35,11 @@ def _int(section: str, key: str, value, lo: int | None = None, hi: int | None = 
 
 
 def _num(section: str, key: str, value, lo: float, hi: float | None = None, lo_open=False):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
   if not ok:
     rng = (f"> {lo}" if lo_open else f">= {lo}") + (f" and <= {hi}" if hi is not None else "")
-    raise ValueError(f"{section}.{key}={value!r} must be a number {rng}")
+    raise ValueError(f"{section}.{key}={value!r} must be a finite number {rng}")
 
 
 def _choice(section: str, key: str, value, choices):

@@ -63,6 +63,11 @@ class MetricsLog:
   def write(self, row: dict) -> None:
     if not self.enabled:
       return
+    if not os.path.exists(self.path):  # deleted under a running job: start it again, say so
+      print(f"WARNING: {self.path} disappeared; reopening it (rows before step {row.get('step')} "
+            "are gone)", file=sys.stderr, flush=True)
+      self.file.close()
+      self.file = open(self.path, "a")
     self.file.write(dumps(row) + "\n")
     self.file.flush()
     if self.tb is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 
 CONFIG = "config.toml"  # the resolved config of the run
@@ -24,11 +24,14 @@ PARTIAL_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # an interrupted Orb
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-  """Writes via a temporary file beside `path` and os.replace: readers never see a partial file."""
+  """Writes via a temporary file beside `path` and os.replace: readers never see a partial file.
+  The file is created as open() would create it (mode 0666 less the umask)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}-"
+                                f"{os.path.basename(path)}")
   try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, "wb") as f:
       f.write(data.encode() if isinstance(data, str) else data)
       f.flush()
@@ -46,3 +49,68 @@ def read_json(path: str | os.PathLike) -> dict | None:
     return json.loads(Path(path).read_text())
   except (OSError, ValueError):
     return None
+
+
+LOCK = ".lock"  # held (flock) by the process training in the run dir
+
+
+def clear(run_dir: str | os.PathLike) -> None:
+  """Deletes what a run wrote (checkpoints, metrics, summary, profiles, TensorBoard files) so that
+  the run dir starts over (`moba-jax train --fresh`); the lock and config stay."""
+  import shutil
+
+  for name in (CHECKPOINTS, "profile", "tb"):
+    shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+  for name in (METRICS, SUMMARY):
+    Path(run_dir, name).unlink(missing_ok=True)
+
+
+class RunDirBusy(RuntimeError):
+  """Another live process holds the run dir."""
+
+
+class Lock:
+  """An exclusive lock on a run dir (fcntl.flock on RUN/.lock, released when the process ends, even
+  by kill -9). The file names the holder (host, pid, start time) for the error a second process
+  gets. Finding a holder's note without its lock means that process died: taken over, with a
+  warning."""
+
+  def __init__(self, run_dir: str | os.PathLike):
+    self.path = Path(run_dir) / LOCK
+    self._f = None
+
+  def __enter__(self):
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise RunDirBusy(f"run_dir {str(self.path.parent)!r} is in use by {holder}; wait for it to "
+                       "finish, stop it, or use another run_dir") from None
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+      print(f"WARNING: taking over the lock of {self.path.parent} from {previous} (no longer "
+            "running)", file=sys.stderr, flush=True)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    self._f = f
+    return self
+
+  def __exit__(self, *exc):
+    if self._f is not None:
+      self._f.seek(0)
+      self._f.truncate()  # a clean exit leaves no note: the next holder has nothing to take over
+      self._f.close()
+      self._f = None

@@ -130,7 +130,8 @@ class _Loop:
     self.cfg, self.state, self.mngr, self.it = cfg, state, mngr, data_iter
     self.step, self.start = start, start
     self.nonfinite_total = int(meta.get("nonfinite_total", 0))
-    self.consecutive = 0
+    self.consecutive = int(meta.get("nonfinite_consecutive", 0))  # a rerun continues the count
+    self.last_finite_step = int(meta.get("last_finite_step", start))
     self.last_loss = float("nan")
     self.last_row: dict = {}
     self.train_fn = ts.make_train_step(state)
@@ -144,6 +145,7 @@ class _Loop:
   def meta(self) -> dict:
     c = self.cfg
     return {"step": self.step, "nonfinite_total": self.nonfinite_total,
+            "nonfinite_consecutive": self.consecutive, "last_finite_step": self.last_finite_step,
             "train_seed": c.train.seed, "data_seed": c.data.seed,
             "config": config_to_dict(c)}
 
@@ -164,6 +166,7 @@ class _Loop:
     if finite:
       self.consecutive = 0
       self.last_loss = loss
+      self.last_finite_step = step
     else:
       self._nonfinite(step, loss, float(m["grad_norm"]))
     return loss, int(m["tokens"])
@@ -179,9 +182,12 @@ class _Loop:
       raise NonFiniteError(
           f"{self.consecutive} non-finite steps in a row (steps "
           f"{step - self.consecutive + 1}..{step}, last loss={loss}, "
-          f"grad_norm={grad_norm}) reached train.max_nonfinite_steps={limit}: aborting. "
-          f"Lower train.lr, raise train.warmup_steps or check the data; the last checkpoint "
-          f"in {self.mngr.directory} is intact.")
+          f"grad_norm={grad_norm}) reached train.max_nonfinite_steps={limit}: aborting. The "
+          f"last step with a finite loss was {self.last_finite_step} (loss {self.last_loss}); "
+          f"the checkpoints in {self.mngr.directory} are kept as they are, the newest being "
+          f"step {max(self.mngr.all_steps(), default=None)}. Lower train.lr, raise "
+          "train.warmup_steps or check the data, then rerun (the count of non-finite steps in a "
+          "row goes on from the newest checkpoint), or start over with --fresh.")
 
 
 def _profiler(cfg: Config, step: int, tracing: bool) -> bool:
@@ -297,18 +303,57 @@ def _summary(cfg, loop: _Loop, status: str, wall: float, extra: dict) -> dict:
   return summary
 
 
-def run(cfg: Config, *, progress: bool = True) -> dict:
+# Model keys that fix the parameters' shapes and dtypes: a run dir holds checkpoints of one.
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
+              "tie_embeddings", "param_dtype")
+
+
+def check_resumable(cfg: Config) -> None:
+  """Raises ValueError naming the differing keys if cfg.run_dir holds checkpoints of another model
+  shape (restoring them would fail at every step and the run would silently start over)."""
+  path = os.path.join(cfg.run_dir, rundir.CONFIG)
+  ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
+  if not (os.path.isfile(path) and os.path.isdir(ckdir) and os.listdir(ckdir)):
+    return
+  import tomllib
+
+  try:
+    with open(path, "rb") as f:
+      saved = tomllib.load(f).get("model", {})
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} does not load ({e}); use another run_dir, or --fresh") from None
+  defaults = type(cfg.model)()
+  diff = [f"model.{k}: {saved.get(k, getattr(defaults, k))!r} there, {getattr(cfg.model, k)!r} now"
+          for k in SHAPE_KEYS if saved.get(k, getattr(defaults, k)) != getattr(cfg.model, k)]
+  if diff:
+    raise ValueError(f"run_dir={cfg.run_dir!r} holds checkpoints of another model shape "
+                     f"({'; '.join(diff)}); use a new run_dir, or pass --fresh to start this one "
+                     "over (its checkpoints and metrics are deleted)")
+
+
+def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   """Trains (resuming if possible), evaluates, writes <run_dir>/summary.json; returns the summary.
 
-  Summary keys: status ("done" | "preempted" | "stopped"), step, final_train_loss (mean loss of the
-  last metrics window), eval_loss (masked: answer tokens for SFT, all tokens for LM), eval_lm_loss
-  (all tokens), trailing_loss / trailing_lm_loss (the same over the last eval.trailing_tokens
-  positions), position_loss (buckets), tokens_per_s, step_time_s, mfu, wall_s, nonfinite_steps.
+  The run dir is locked for the whole run (rundir.Lock; process 0). fresh: delete the run dir's
+  checkpoints, metrics and summary first. Summary keys: status ("done" | "preempted" | "stopped"),
+  step, final_train_loss (mean loss of the last metrics window), eval_loss (masked: answer tokens
+  for SFT, all tokens for LM), eval_lm_loss (all tokens), trailing_loss / trailing_lm_loss (the same
+  over the last eval.trailing_tokens positions), position_loss (buckets), tokens_per_s,
+  step_time_s, mfu, wall_s, nonfinite_steps.
   """
-  t0 = time.time()
   os.makedirs(cfg.run_dir, exist_ok=True)
-  if jax.process_index() == 0:
+  if jax.process_index() != 0:
+    return _run(cfg, progress)
+  with rundir.Lock(cfg.run_dir):
+    if fresh:
+      rundir.clear(cfg.run_dir)
+    check_resumable(cfg)
     save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
+    return _run(cfg, progress)
+
+
+def _run(cfg: Config, progress: bool) -> dict:
+  t0 = time.time()
   mesh, rules = _setup(cfg)
   source = data_lib.RowSource(cfg, "train")  # data errors surface before the model is built
   state = ts.init_state(cfg, mesh, rules)
@@ -325,12 +370,18 @@ def run(cfg: Config, *, progress: bool = True) -> dict:
       stopped = _train(cfg, loop, end, log, progress) if start < end else None
     finally:
       log.close()
-    if loop.step > start or not mngr.all_steps():
-      _save(mngr, loop.step, state, data_iter, loop.meta(), force=True)
-    mngr.wait_until_finished()
-  finally:
+  except BaseException:
     mngr.close()
-  return _finish(cfg, loop, stopped, end, t0, {"corpus_fingerprint": source.fingerprint})
+    raise
+  with SignalFlag():  # signals now wait: the final save and the summary always complete
+    try:
+      mngr.wait_until_finished()
+      if loop.step not in mngr.all_steps():  # idempotent: a signal on a checkpoint step
+        _save(mngr, loop.step, state, data_iter, loop.meta(), force=True)
+      mngr.wait_until_finished()
+    finally:
+      mngr.close()
+    return _finish(cfg, loop, stopped, end, t0, {"corpus_fingerprint": source.fingerprint})
 
 
 def _finish(cfg: Config, loop: _Loop, stopped: str | None, end: int, t0: float,
@@ -373,8 +424,9 @@ Trains one run (defaults: a small model on the synthetic kv_retrieval task, abou
 Examples:
   moba-jax train run_dir=runs/a train.steps=12 log.every=1
   moba-jax train exp.toml train.lr=1e-3 moba.hybrid_full_layers=all mesh.fsdp=4
-Rerunning with the same run_dir resumes. Keys: see docs/training.md (an unknown key names the
-nearest valid one)."""
+Rerunning with the same run_dir resumes (a run dir holds one model shape: another is an error);
+--fresh deletes the run dir's checkpoints and metrics first. Keys: see docs/training.md (an unknown
+key names the nearest valid one)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if any(a in ("-h", "--help") for a in argv):
     print(USAGE)
     return 0
+  fresh = "--fresh" in argv
+  argv = [a for a in argv if a != "--fresh"]
   path = argv[0] if argv and "=" not in argv[0] else None
   overrides = argv[1:] if path else argv
   try:
@@ -391,11 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   maybe_initialize_distributed()
   try:
-    summary = run(cfg)
+    summary = run(cfg, fresh=fresh)
   except NonFiniteError as e:
     print(f"moba-jax train: {e}", file=sys.stderr)
     return 1
-  except ValueError as e:
+  except (ValueError, OSError, rundir.RunDirBusy) as e:
     print(f"moba-jax train: {e}", file=sys.stderr)
     return 2
   keys = ("status", "step", "final_train_loss", "eval_loss", "trailing_loss", "tokens_per_s")

@@ -69,3 +69,44 @@ def test_xla_path_under_jit_matches_reference():
                                                         implementation="xla"))(q, k, v)
   ref = moba_jax.moba_attention(q, k, v, block_size=8, topk=2, implementation="reference")
   assert jnp.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtypes, match", [
+    ((jnp.int32,) * 3, "q.dtype=int32 must be a floating type"),
+    ((jnp.bfloat16, jnp.float32, jnp.float32), "dtypes must match: got q bfloat16, k float32"),
+])
+@pytest.mark.parametrize("kind", ["moba", "full"])
+def test_dtypes_are_checked_for_both_kinds(dtypes, match, kind):
+  q, k, v = (jnp.ones(s.shape, d) for s, d in zip(shapes(), dtypes))
+  with pytest.raises(ValueError, match=match):
+    attn.attention(q, k, v, kind=kind, block_size=8, topk=2)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -0.5])
+def test_softmax_scale_must_be_finite_and_positive(scale):
+  q, k, v = (jnp.ones(s.shape, s.dtype) for s in shapes())
+  with pytest.raises(ValueError, match="must be a finite number > 0"):
+    moba_jax.moba_attention(q, k, v, block_size=8, topk=2, softmax_scale=scale)
+  with pytest.raises(ValueError, match="must be a finite number > 0"):
+    moba_jax.full_attention(q, k, v, softmax_scale=scale)
+
+
+def test_numpy_and_jax_scalars_are_accepted_and_a_traced_scale_is_named():
+  import numpy as np
+  q, k, v = (jax.random.normal(jax.random.key(i), s.shape) for i, s in enumerate(shapes()))
+  ref = moba_jax.moba_attention(q, k, v, block_size=8, topk=2, softmax_scale=0.5)
+  out = moba_jax.moba_attention(q, k, v, block_size=np.int64(8), topk=np.int32(2),
+                                softmax_scale=jnp.float32(0.5))
+  assert jnp.array_equal(out, ref)
+  fn = jax.jit(lambda s: moba_jax.moba_attention(q, k, v, block_size=8, topk=2, softmax_scale=s))
+  with pytest.raises(ValueError, match="softmax_scale is a traced value"):
+    fn(0.5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("batch, seq", [(0, 32), (1, 0)])
+def test_empty_batch_or_sequence_gives_an_empty_result(impl, batch, seq):
+  q, k, v = (jnp.ones(s.shape, s.dtype) for s in shapes(batch=batch, seq=seq))
+  out = moba_jax.moba_attention(q, k, v, block_size=8, topk=2, implementation=impl)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert moba_jax.full_attention(q, k, v).shape == q.shape

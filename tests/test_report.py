@@ -77,7 +77,7 @@ def test_result_files_written(grid_dir):
   tables = md.strip().split("\n\n")  # the variants, then the adjacent gaps of both losses
   assert len(tables) == 3 and tables[0].count("\n") == 1 + 5 and "hybrid-10" in tables[0]
   assert tables[1].count("\n") == 1 + 5  # 4 adjacent gaps and MoBA -> Full
-  assert not list(grid_dir.glob(".*.tmp*"))  # atomic writes leave no temporaries
+  assert not list(grid_dir.glob(".tmp-*"))  # atomic writes leave no temporaries
 
 
 def test_adjacent_gaps_with_spread_and_paired_seeds(grid_dir):

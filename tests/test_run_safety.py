@@ -1,0 +1,138 @@
+"""Runs that cannot be lost: model-shape changes, signals on checkpoint steps and during the final
+save, unusable final checkpoints, the run-dir lock, the non-finite guard across reruns, file modes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moba_jax import checkpoint as ckpt
+from moba_jax import metrics, rundir, train
+from tests.test_sharding import ROOT
+from tests.test_train import TINY, losses, poison, tiny
+
+
+def test_changed_model_shape_is_an_error_and_fresh_starts_over(tmp_path, capsys):
+  run_dir = tmp_path / "run"
+  base = [f"run_dir={run_dir}", *TINY, "train.steps=2", "eval.batches=0"]
+  assert train.main(base) == 0
+  config_before = (run_dir / "config.toml").read_text()
+  capsys.readouterr()
+  assert train.main(base + ["model.d_model=16"]) == 2
+  err = capsys.readouterr().err
+  assert "model.d_model: 32 there, 16 now" in err and "--fresh" in err
+  assert err.count("\n") == 1  # one line, no traceback
+  assert (run_dir / "config.toml").read_text() == config_before  # nothing overwritten
+  assert (run_dir / "checkpoints" / "2").is_dir() and sorted(losses(run_dir)) == [1, 2]
+  assert train.main(base + ["model.d_model=16", "train.steps=1", "--fresh"]) == 0
+  assert sorted(losses(run_dir)) == [1]
+  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def _start(run_dir, *extra):
+  args = [sys.executable, "-m", "moba_jax.cli", "train", f"run_dir={run_dir}", *TINY,
+          "train.steps=400", "eval.batches=0", *extra]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics_file, deadline = run_dir / "metrics.jsonl", time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.1)
+  return args, proc
+
+
+def test_signals_on_a_checkpoint_step_and_during_the_final_save(tmp_path):
+  """Every step saves (checkpoint.every=1), so the signal lands on a checkpoint step; a second
+  signal follows at once, while the final save runs. Nothing is lost and the rerun finishes."""
+  run_dir = tmp_path / "run"
+  args, proc = _start(run_dir, "checkpoint.every=1", "checkpoint.async_save=false")
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["status"] == "preempted"
+  step = summary["step"]
+  assert (run_dir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
+  again = subprocess.run(args[:-1] + ["eval.batches=0", f"train.steps={step + 2}",
+                                      "checkpoint.every=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+  assert sorted(losses(run_dir)) == list(range(1, step + 3))
+
+
+def test_unusable_final_checkpoint_is_set_aside_and_the_run_finishes(tmp_path):
+  run_dir = tmp_path / "run"
+  train.run(tiny(run_dir, "train.steps=3", "checkpoint.every=0", "eval.batches=0"), progress=False)
+  for f in (run_dir / "checkpoints" / "3" / "params").rglob("*"):
+    if f.is_file() and "METADATA" not in f.name:
+      f.write_bytes(b"garbage")
+  with pytest.warns(ckpt.CheckpointWarning, match="moved the unusable checkpoint step 3"):
+    summary = train.run(tiny(run_dir, "train.steps=3", "checkpoint.every=0", "eval.batches=0"),
+                        progress=False)
+  assert summary["status"] == "done" and summary["step"] == 3
+  assert (run_dir / "checkpoints" / "3").is_dir()  # saved again
+  (aside,) = (run_dir / "checkpoints_unusable").iterdir()  # the bad one kept, not deleted
+  assert aside.name.startswith("3.")
+
+
+def test_run_dir_lock(tmp_path, capsys):
+  run_dir = tmp_path / "run"
+  with rundir.Lock(run_dir):
+    assert train.main([f"run_dir={run_dir}", *TINY, "train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by pid {os.getpid()}" in err and err.count("\n") == 1
+  (run_dir / rundir.LOCK).write_text("pid 999999 on elsewhere since then\n")  # died, note left
+  with rundir.Lock(run_dir):
+    assert "taking over the lock" in capsys.readouterr().err
+  assert (run_dir / rundir.LOCK).read_text() == ""  # a clean exit leaves no note
+
+
+def test_nonfinite_count_survives_a_rerun(tmp_path, monkeypatch):
+  poison(monkeypatch)
+  cfg = tiny(tmp_path, "train.steps=10", "train.max_nonfinite_steps=3", "checkpoint.every=1",
+             "checkpoint.async_save=false")
+  with pytest.raises(train.NonFiniteError, match=r"steps 1\.\.3.*last step with a finite loss "
+                     r"was 0.*newest being step 2"):
+    train.run(cfg, progress=False)
+  # The rerun resumes at step 2 with two non-finite steps already counted: one more aborts.
+  with pytest.raises(train.NonFiniteError, match=r"3 non-finite steps in a row \(steps 1\.\.3"):
+    train.run(cfg, progress=False)
+
+
+def test_files_keep_the_umask(tmp_path):
+  old = os.umask(0o027)
+  try:
+    rundir.atomic_write(tmp_path / "f.json", "{}")
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o640
+  finally:
+    os.umask(old)
+  rundir.atomic_write(tmp_path / "g.json", "{}")
+  assert (tmp_path / "g.json").stat().st_mode & 0o777 == 0o666 & ~old
+  assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_metrics_file_reopened_when_deleted(tmp_path, capsys):
+  log = metrics.MetricsLog(str(tmp_path), 0, tensorboard=False)
+  log.write({"step": 1, "loss": 1.0})
+  os.unlink(tmp_path / "metrics.jsonl")
+  log.write({"step": 2, "loss": 0.5})
+  log.close()
+  assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] \
+      == [2]
+  assert "disappeared" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "train.grad_clip=inf",
+                                      "model.rope_theta=inf"])
+def test_nonfinite_config_values_are_rejected(override):
+  from moba_jax import config as C
+  with pytest.raises(ValueError, match="must be a finite number"):
+    C.load_config(None, [override])
