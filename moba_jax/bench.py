@@ -33,18 +33,49 @@ DEFAULT_CASES = [(8192, 512, 3), (32768, 512, 3), (131072, 512, 3), (131072, 204
 TARGETS_MS = {(8192, 512, 3): 2.0, (32768, 512, 3): 5.3, (131072, 512, 3): 25.0}
 
 
+def _int_list(text: str, sep: str = ",") -> list[int]:
+  try:
+    values = [int(x) for x in text.split(sep)]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} must be integers separated by {sep!r}") from None
+  if any(v < 1 for v in values):
+    raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+  return values
+
+
+def _seqs(text: str) -> str:
+  _int_list(text)
+  return text
+
+
+def _configs(text: str) -> str:
+  for c in text.split(","):
+    if len(_int_list(c, ":")) != 2:
+      raise argparse.ArgumentTypeError(f"{c!r} must look like BLOCK:TOPK, e.g. 512:3")
+  return text
+
+
+def _impls(text: str) -> str:
+  valid = set(attn.implementations("moba")) - {"auto"} | {"cudnn", "full_xla"}
+  bad = [x for x in text.split(",") if x not in valid]
+  if bad:
+    raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {sorted(valid)}")
+  return text
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="moba-jax bench", description=__doc__.split("\n\n")[0])
-  p.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default: all)")
-  p.add_argument("--configs", default=None,
+  p.add_argument("--seqs", default=None, type=_seqs,
+                 help="comma-separated sequence lengths (default: all)")
+  p.add_argument("--configs", default=None, type=_configs,
                  help="comma-separated block:topk (default: 512:3, and 2048:3, 4096:12 at 128K)")
-  p.add_argument("--impls", default="pallas_gpu,xla,cudnn",
+  p.add_argument("--impls", default="pallas_gpu,xla,cudnn", type=_impls,
                  help="MoBA implementations and/or 'cudnn'/'full_xla' for full attention")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
   p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--pipeline", type=int, default=1,

@@ -19,6 +19,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from moba_jax import rundir
@@ -63,11 +64,53 @@ def manager(directory: str, keep: int = 3, async_save: bool = True,
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
+@jax.jit
+def _bit_sums(leaves):
+  """Per array: (sum, index-weighted sum) of its bit patterns as uint32, wrapping: a flipped bit
+  anywhere changes the first; a moved value, the second."""
+  out = []
+  for x in leaves:
+    bits = x.reshape(-1)
+    if bits.dtype.itemsize == 4:
+      bits = jax.lax.bitcast_convert_type(bits, jnp.uint32)
+    elif bits.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(bits, jnp.uint16).astype(jnp.uint32)
+    else:
+      bits = bits.astype(jnp.uint32)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    out.append(jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                          jnp.sum(bits * weights, dtype=jnp.uint32)]))
+  return out
+
+
+def _path(path) -> str:
+  """"layers/0/attn/wq": the same whether a level is a list or a dict with string keys (as a
+  checkpoint restored without a target gives it)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def checksums(tree: dict) -> dict:
+  """{"path/to/array": [sum, weighted sum]} of a pure-dict tree of arrays (computed on device)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = jax.device_get(_bit_sums([jnp.asarray(x) for _, x in flat]))
+  return {_path(path): [int(a), int(b)] for (path, _), (a, b) in zip(flat, sums)}
+
+
+def mismatches(tree: dict, expected: dict | None) -> list[str]:
+  """Paths whose checksums differ from `expected` (None: nothing recorded, nothing checked)."""
+  if not expected:
+    return []
+  got = checksums(tree)
+  return [p for p in expected if got.get(p) != expected[p]]
+
+
 def save(mngr: ocp.CheckpointManager, step: int, params: dict, opt_state: dict, data_iter,
          meta: dict, force: bool = False) -> bool:
-  """Saves all items of `step` (asynchronously if the manager is async)."""
+  """Saves all items of `step` (asynchronously if the manager is async). meta gets the checksums
+  of every array (`checksums`), verified on restore."""
   import grain
 
+  meta = {**meta, "checksums": {"params": checksums(params), "opt_state": checksums(opt_state)}}
   args = ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
       data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta))
@@ -99,6 +142,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
           params=ocp.args.StandardRestore(abstract_params),
           opt_state=ocp.args.StandardRestore(abstract_opt),
           data=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
+      sums = out["meta"].get("checksums") or {}
+      bad = (mismatches(out["params"], sums.get("params"))
+             + mismatches(out["opt_state"], sums.get("opt_state")))
+      if bad:
+        raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])}): the "
+                         "files changed after they were saved")
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
       nxt = steps[i + 1] if i + 1 < len(steps) else None
       _warn(f"checkpoint step {step} in {mngr.directory} could not be restored "
@@ -139,7 +188,10 @@ def restore_params(path: str, abstract_params) -> tuple[int, dict]:
   for step in steps:
     try:
       out = mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params)))
+          params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+      bad = mismatches(out["params"], (out["meta"].get("checksums") or {}).get("params"))
+      if bad:
+        raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])})")
       mngr.close()
       return step, out["params"]
     except Exception as e:  # noqa: BLE001
@@ -154,3 +206,24 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def verify(directory: str, step: int) -> dict:
+  """Reads every array of `step` and compares it with the checksums saved with it (moba-jax
+  inspect --verify). -> {"ok", "checked" (arrays), "mismatched" (paths), "error"}."""
+  mngr = manager(checkpoint_dir(directory), with_data=False, read_only=True, async_save=False)
+  try:
+    items = [i for i in ("params", "opt_state") if os.path.isdir(os.path.join(
+        str(mngr.directory), str(step), i))]
+    out = mngr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(), **{i: ocp.args.StandardRestore() for i in items}))
+  except Exception as e:  # noqa: BLE001 - unreadable is a verdict, not a crash
+    return {"ok": False, "checked": 0, "mismatched": [], "error": f"{type(e).__name__}: {e}"[:300]}
+  finally:
+    mngr.close()
+  sums = out["meta"].get("checksums")
+  if not sums:
+    return {"ok": None, "checked": 0, "mismatched": [], "error": "no checksums were saved with it"}
+  bad = [f"{i}/{p}" for i in items for p in mismatches(out[i], sums.get(i))]
+  return {"ok": not bad, "checked": sum(len(sums.get(i, {})) for i in items), "mismatched": bad,
+          "error": None}

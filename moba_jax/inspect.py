@@ -185,6 +185,15 @@ def _human(n: int) -> str:
   return str(n)
 
 
+def _format_verify(v: dict) -> str:
+  if v["ok"]:
+    return f"verify: ok ({v['checked']} arrays match their checksums)"
+  if v["ok"] is None:
+    return f"verify: not checked ({v['error']})"
+  what = v["error"] or f"{len(v['mismatched'])} arrays differ: {', '.join(v['mismatched'][:5])}"
+  return f"verify: FAILED ({what})"
+
+
 def format_text(info: dict) -> str:
   lines = [f"checkpoint dir: {info['checkpoint_dir']}", "steps:"]
   for s in info["steps"]:
@@ -209,9 +218,12 @@ def format_text(info: dict) -> str:
       lines.append(f"  {name}: {len(part)} arrays, {sum(a['size'] for a in part)} elements, "
                    f"{nbytes} bytes ({_human(nbytes)})")
   for name, value in info["json_items"].items():
-    shown = {k: v for k, v in value.items() if k != "config"} if isinstance(value, dict) else value
+    shown = ({k: v for k, v in value.items() if k not in ("config", "checksums")}
+             if isinstance(value, dict) else value)
     lines.append(f"item {name}: {json.dumps(shown)[:400]}")
   lines += _format_run(info["run"])
+  if "verify" in info:
+    lines.append(_format_verify(info["verify"]))
   return "\n".join(lines)
 
 
@@ -236,14 +248,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("checkpoint_dir", help="a run dir or its checkpoints/ dir")
   parser.add_argument("--step", type=int, default=None, help="step to list (default: latest)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--verify", action="store_true",
+                      help="read the step's arrays and check them against their saved checksums")
   args = parser.parse_args(argv)
   try:
     info = inspect_checkpoints(args.checkpoint_dir, args.step)
   except (FileNotFoundError, ValueError) as e:
     print(f"moba-jax inspect: {e}", file=sys.stderr)
     return 2
+  if args.verify:
+    from moba_jax import checkpoint
+
+    info["verify"] = checkpoint.verify(info["checkpoint_dir"], info["step"])
   print(json.dumps(info, indent=2) if args.json else format_text(info))
-  return 0
+  return 1 if args.verify and info["verify"]["ok"] is False else 0
 
 
 if __name__ == "__main__":

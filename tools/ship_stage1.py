@@ -36,12 +36,14 @@ def main(argv):
   state = ts.init_state(cfg, mesh, shd.rules_from_config(cfg.mesh))
   abstract = ckpt.abstract_like(nnx.to_pure_dict(state.params))
   step, params = ckpt.restore_params(args.run_dir, abstract)
-  summary = json.load(open(os.path.join(args.run_dir, "summary.json")))
+  with open(os.path.join(args.run_dir, "summary.json")) as f:
+    summary = json.load(f)
   shutil.rmtree(args.dest, ignore_errors=True)
   os.makedirs(args.dest)
   mngr = ckpt.manager(os.path.join(args.dest, "checkpoints"), keep=1, async_save=False,
                       with_data=False)
-  meta = {"step": step, "source_run": os.path.abspath(args.run_dir), "command": args.command}
+  meta = {"step": step, "source_run": os.path.abspath(args.run_dir), "command": args.command,
+          "checksums": {"params": ckpt.checksums(params)}}
   mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                           meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
