@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 SUBCOMMANDS = {
@@ -31,8 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"moba-jax: unknown subcommand {name!r}; expected one of {list(SUBCOMMANDS)}",
           file=sys.stderr)
     return 2
+  # Until a command installs its own handling (training checkpoints and stops), SIGTERM and
+  # SIGINT end the process with a one-line message and the shell's exit codes, no traceback.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _stop)
   module = importlib.import_module(SUBCOMMANDS[name][0])
   return int(module.main(rest) or 0)
+
+
+def _stop(signum, frame):
+  code = 128 + int(signum)
+  print(f"moba-jax: stopped by {signal.Signals(signum).name} (exit {code})", file=sys.stderr,
+        flush=True)
+  raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -220,12 +220,15 @@ def _boundary(cfg: Config, step: int, end: int) -> bool:
           or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
 
 
-def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool) -> str | None:
+def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool,
+           pre: Preemption) -> str | None:
   """Runs steps until `end` or a signal; returns the signal name if preempted.
 
   Step n + 1 is dispatched before step n's metrics are read (as nanodo does), so the host never
   waits for the device except at boundary steps (`_boundary`), where the state is complete:
   metrics rows, evals and checkpoints see exactly the parameters of that step."""
+  if pre.should_stop():  # a signal during start-up (compilation, restore): stop before step 1
+    return pre.received or "signal"
   window, tracing = _Window(), False
   n_dev = jax.local_device_count()
   bar = _progress(cfg, loop, end, progress)
@@ -239,7 +242,7 @@ def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool) -> str | Non
     t_last = now
     bar.update(1)
 
-  with Preemption() as pre, bar:
+  with bar:
     while loop.step < end:
       tracing = _profiler(cfg, loop.step + 1, tracing)
       m, step_flops = loop.dispatch()
@@ -342,17 +345,18 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   step_time_s, mfu, wall_s, nonfinite_steps.
   """
   os.makedirs(cfg.run_dir, exist_ok=True)
-  if jax.process_index() != 0:
-    return _run(cfg, progress)
-  with rundir.Lock(cfg.run_dir):
-    if fresh:
-      rundir.clear(cfg.run_dir)
-    check_resumable(cfg)
-    save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
-    return _run(cfg, progress)
+  with Preemption() as pre:  # from here on SIGTERM / SIGINT stop the run cleanly
+    if jax.process_index() != 0:
+      return _run(cfg, progress, pre)
+    with rundir.Lock(cfg.run_dir):
+      if fresh:
+        rundir.clear(cfg.run_dir)
+      check_resumable(cfg)
+      save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
+      return _run(cfg, progress, pre)
 
 
-def _run(cfg: Config, progress: bool) -> dict:
+def _run(cfg: Config, progress: bool, pre: Preemption) -> dict:
   t0 = time.time()
   mesh, rules = _setup(cfg)
   source = data_lib.RowSource(cfg, "train")  # data errors surface before the model is built
@@ -367,7 +371,7 @@ def _run(cfg: Config, progress: bool) -> dict:
     log = metrics_lib.MetricsLog(cfg.run_dir, start, cfg.log.tensorboard,
                                  enabled=jax.process_index() == 0)
     try:
-      stopped = _train(cfg, loop, end, log, progress) if start < end else None
+      stopped = _train(cfg, loop, end, log, progress, pre) if start < end else None
     finally:
       log.close()
   except BaseException:

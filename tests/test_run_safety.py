@@ -179,3 +179,71 @@ def test_checksums_see_every_bit():
   assert ckpt.mismatches({**tree, "a": swapped}, base) == ["a"]
   as_dict = {"a": tree["a"], "b": {"0": tree["b"][0], "1": tree["b"][1]}}  # restored untargeted
   assert ckpt.mismatches(as_dict, base) == []
+
+
+def _final_params(run_dir):
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  mngr = ckpt.manager(str(run_dir / "checkpoints"), with_data=False, read_only=True,
+                      async_save=False)
+  step = max(mngr.all_steps())
+  params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  mngr.close()
+  return step, [np.asarray(x) for x in jax.tree.leaves(params["params"])]
+
+
+def test_killed_at_random_points_the_run_still_ends_bit_for_bit(tmp_path):
+  """kill -9, SIGTERM twice in a row, SIGINT, at seeded random times (start-up, steps, the saves
+  of every step, the final save and eval): rerunning the same command until it is done gives the
+  parameters of an uninterrupted run, bit for bit."""
+  import random
+  import numpy as np
+  args = lambda run_dir: [sys.executable, "-m", "moba_jax.cli", "train", f"run_dir={run_dir}",
+                          *TINY, "train.steps=30", "checkpoint.every=1", "eval.batches=1"]
+  straight = tmp_path / "straight"
+  subprocess.run(args(straight), cwd=ROOT, check=True, capture_output=True, timeout=300)
+  faulty, rng, kills, progress = tmp_path / "faulty", random.Random(0), [], []
+  for attempt in range(7):  # six interrupted attempts, then the same command left to finish
+    proc = subprocess.Popen(args(faulty), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    how = ("kill", "term-term", "int")[attempt % 3] if attempt < 6 else "none"
+    if how != "none" and attempt % 2:  # during start-up: import, compilation, restore
+      time.sleep(rng.uniform(0.5, 5.0))
+    elif how != "none":  # once it trains again: steps and the saves after each of them
+      rows = len(losses(faulty)) if (faulty / "metrics.jsonl").exists() else 0
+      deadline = time.time() + 120
+      while proc.poll() is None and time.time() < deadline and (
+          not (faulty / "metrics.jsonl").exists() or len(losses(faulty)) <= rows):
+        time.sleep(0.05)
+      time.sleep(rng.uniform(0.0, 1.5))
+    if how != "none" and proc.poll() is None:
+      if how == "kill":
+        proc.kill()
+      else:
+        proc.send_signal(signal.SIGTERM if how == "term-term" else signal.SIGINT)
+        time.sleep(0.05)
+        if how == "term-term" and proc.poll() is None:
+          proc.send_signal(signal.SIGTERM)
+      kills.append(how)
+    _, err = proc.communicate(timeout=300)
+    # Never a crash: done or preempted (0), killed by us, or stopped before training began
+    # (128 + the signal, one line); never a traceback.
+    assert proc.returncode in (0, -signal.SIGKILL, 130, 143), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    saved = [int(p.name) for p in (faulty / "checkpoints").glob("*") if p.name.isdigit()] \
+        if (faulty / "checkpoints").is_dir() else []
+    progress.append(max(saved, default=0))
+    summary = json.loads((faulty / "summary.json").read_text()) \
+        if (faulty / "summary.json").exists() else {}
+    if summary.get("status") == "done" and summary.get("step") == 30:
+      break
+  else:
+    raise AssertionError(f"not done after {attempt + 1} attempts ({kills})")
+  assert len(kills) >= 4  # the run really was interrupted, in several ways,
+  assert len(set(progress[:-1])) >= 3, progress  # and mid-training (checkpoints moved on between)
+  (s1, a), (s2, b) = _final_params(straight), _final_params(faulty)
+  assert s1 == s2 == 30
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert sorted(losses(faulty)) == list(range(1, 31))
+  assert [losses(faulty)[s] for s in range(1, 31)] == [losses(straight)[s] for s in range(1, 31)]
