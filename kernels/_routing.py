@@ -62,6 +62,20 @@ class Routing(NamedTuple):
   block_end: jax.Array  # [BK, T] int32 one past the end of each key's block
 
 
+class SparseSection(NamedTuple):
+  """The past-block rows of one (batch, kv head): fields as in Routing (without the batch axis)."""
+  rq: jax.Array
+  lo: jax.Array
+  hi: jax.Array
+  tile_ks: jax.Array
+  tile_ke: jax.Array
+  pos: jax.Array
+  group_p: jax.Array
+  group_r0: jax.Array
+  group_r1: jax.Array
+  tile_group: jax.Array
+
+
 def _round_up(x, m):
   return -(-x // m) * m
 
@@ -233,7 +247,7 @@ def select_chunked(q, k, layout, *, block_size, topk):
   return tuple(_merge(x, seq) for x in out)
 
 
-def _sparse_section(starts, valid, dims: Dims):
+def _sparse_section(starts, valid, dims: Dims) -> SparseSection:
   """Sparse rows of one kv head. starts/valid [T, G, S-1]."""
   seq, g, mq, blk = dims.seq, dims.groups, dims.block_q, dims.block_size
   n_pairs = seq * g * (dims.n_sel - 1)
@@ -264,7 +278,8 @@ def _sparse_section(starts, valid, dims: Dims):
   group_r1 = jnp.where(has, group_r0 + pcounts[gpc], 0)
   rank = jnp.cumsum(nonempty) - 1
   tile_group = tput(dims.max_groups, rank[kc])
-  return rq, lo, hi, tile_ks, tile_ke, pos, group_p.astype(jnp.int32), group_r0, group_r1, tile_group
+  return SparseSection(rq, lo, hi, tile_ks, tile_ke, pos, group_p.astype(jnp.int32), group_r0,
+                       group_r1, tile_group)
 
 
 def _dense_section(block_start, dims: Dims):
@@ -294,10 +309,10 @@ def _route_one(starts, valid, block_start, block_end, dims: Dims):
                    jnp.zeros((n_dense_tiles,), jnp.int32), block_end)
   s = _sparse_section(starts[:, :, 1:], valid[:, :, 1:], dims)
   cat = jnp.concatenate
-  tile_group = cat([jnp.full((n_dense_tiles,), dims.max_groups, jnp.int32), s[9]])
-  return Routing(cat([d_rq, s[0]]), cat([d_lo, s[1]]), cat([d_hi, s[2]]), cat([d_ks, s[3]]),
-                 cat([d_ke, s[4]]), cat([dense_pos, s[5]], axis=1), s[6], s[7], s[8],
-                 tile_group, block_end)
+  tile_group = cat([jnp.full((n_dense_tiles,), dims.max_groups, jnp.int32), s.tile_group])
+  return Routing(cat([d_rq, s.rq]), cat([d_lo, s.lo]), cat([d_hi, s.hi]),
+                 cat([d_ks, s.tile_ks]), cat([d_ke, s.tile_ke]), cat([dense_pos, s.pos], axis=1),
+                 s.group_p, s.group_r0, s.group_r1, tile_group, block_end)
 
 
 def route(q, k, segment_ids, *, block_size, topk, block_q) -> tuple[Routing, Dims]:

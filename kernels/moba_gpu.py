@@ -65,7 +65,7 @@ def _row_mask(kpos, lo, hi):  # [Mq, Bk] bool: key kpos visible to each row
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
+class _RowLayout:
   """Where the kernels find rows in the caller's own layout (no transposes): q, do and the
   per-query lse/delta as [B, T * H, ...] (query head h = kv head * G + g), k and v as
   [B, T * K, D]; program b of the grid is (batch b // K, kv head b % K)."""
@@ -228,7 +228,12 @@ def _call(kernel, grid, args, out_shape, out_specs, sizes, interpret, warps=None
                                                      num_stages=sizes.num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=[_whole(a) for a in args],
                         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-                        **kwargs)(*args)
+                        name=_kernel_name(kernel), **kwargs)(*args)
+
+
+def _kernel_name(kernel) -> str:
+  """"moba_gpu_fwd" for _fwd_kernel: what profiles and HLO dumps show."""
+  return "moba_gpu_" + kernel.func.__name__.strip("_").removesuffix("_kernel")
 
 
 def _row_specs(bq, dim):
@@ -259,20 +264,21 @@ def forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret):
   qf [B, T * H, Dp], kf/vf [B, T * K, Dp] (`_flat`)."""
   batch, dp = qf.shape[0], qf.shape[-1]
   kv_heads = kf.shape[1] // dims.seq
-  bk_, bq = batch * kv_heads, sizes.block_q
-  lay = _Layout(dims.seq, kv_heads, dims.groups)
+  batch_kv, bq = batch * kv_heads, sizes.block_q
+  lay = _RowLayout(dims.seq, kv_heads, dims.groups)
   args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf)
   kernel = functools.partial(_fwd_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
-  out_shape = [jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
-               jax.ShapeDtypeStruct((bk_, dims.rows), jnp.float32)]
-  return _call(kernel, (dims.tiles, bk_), args, out_shape, _row_specs(bq, dp), sizes, interpret)
+  out_shape = [jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
+               jax.ShapeDtypeStruct((batch_kv, dims.rows), jnp.float32)]
+  return _call(kernel, (dims.tiles, batch_kv), args, out_shape, _row_specs(bq, dp), sizes,
+               interpret)
 
 
 def _query_major(rows, pos, batch, dims):
   """Partial rows [BK, R, ...] and pos [BK, TG, S] -> rows [B, K * R, ...] and the positions of
   each query's partial rows in them, in the caller's order [B, T * H, S] (-1: none)."""
-  bk_, _, n_sel = pos.shape
-  kv_heads = bk_ // batch
+  batch_kv, _, n_sel = pos.shape
+  kv_heads = batch_kv // batch
   p = pos.reshape(batch, kv_heads, dims.seq, dims.groups, n_sel)
   first_row = jnp.arange(kv_heads, dtype=jnp.int32) * dims.rows  # of each kv head's rows
   p = jnp.where(p >= 0, p + first_row[:, None, None, None], -1)
@@ -340,13 +346,13 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   dp = _head_dim(dim)
   qf, kf, vf, dof = _flat(q, dp), _flat(k, dp), _flat(v, dp), _flat(do, dp)
   delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
-  bk_, lay = batch * kv_heads, _Layout(seq, kv_heads, dims.groups)
+  batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
   args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
           lse, delta)
   kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
-  dq_rows = _call(kernel, (dims.tiles, bk_), args,
-                  jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
+  dq_rows = _call(kernel, (dims.tiles, batch_kv), args,
+                  jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
                   _row_specs(bq, dp)[0], sizes, interpret)
   dq = rt.gather_rows_sum(*_query_major(dq_rows, routing.pos, batch, dims))  # [B, T * H, Dp]
   dq = dq.reshape(q.shape[:3] + (dp,))[..., :dim].astype(q.dtype)
@@ -362,7 +368,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
     kernel = functools.partial(_dkdv_kernel, bq=sizes.block_q_dkv, bk=bkd, scale=scale, lay=lay,
                                extra=bool(extra))
     shape = jax.ShapeDtypeStruct((batch, items[0].shape[1] * bkd, kv_heads, dp), dtype)
-    return _call(kernel, (items[0].shape[1], bk_),
+    return _call(kernel, (items[0].shape[1], batch_kv),
                  items + rows + (qf, kf, vf, dof, lse, delta) + extra, [shape, shape],
                  [spec, spec], sizes, interpret, warps=sizes.num_warps_dkv)
 
@@ -387,7 +393,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   return dq, dk, dv
 
 
-_moba = rt.custom_vjp_attention(_forward, _backward)
+_moba_vjp = rt.custom_vjp_attention(_forward, _backward)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "interpret",
@@ -396,5 +402,5 @@ def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=
                        interpret=False, block_sizes: BlockSizes | None = None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
   sizes = block_sizes or BlockSizes.get_default(q.shape[-1], q.dtype)
-  return rt.run_kernel(_moba, q, k, v, segment_ids, block_size=block_size, topk=topk,
+  return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
                        softmax_scale=softmax_scale, interpret=interpret, sizes=sizes)

@@ -186,7 +186,8 @@ def _call(kernel, grid, n_prefetch, in_specs, out_specs, out_shape, scratch, int
   if interpret:
     interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
   return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, interpret=interpret,
-                        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+                        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+                        name="moba_tpu_" + kernel.func.__name__.strip("_").removesuffix("_kernel"))
 
 
 def _prep(q, k, v, sizes):
@@ -207,17 +208,17 @@ def _rows(x, routing):
 def _forward(q, k, v, routing, dims, sizes, scale, interpret):
   batch, seq = q.shape[:2]
   qr, kr, vr = _prep(q, k, v, sizes)
-  bk_, dp = qr.shape[0], qr.shape[-1]
+  batch_kv, dp = qr.shape[0], qr.shape[-1]
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
   nc = -(-(dims.block_size + bq) // bk)
   kernel = functools.partial(_fwd_kernel, bk=bk, nt=nt, scale=scale)
   f32 = jnp.float32
-  call = _call(kernel, (bk_, nt, nc), 2,
+  call = _call(kernel, (batch_kv, nt, nc), 2,
                [_row_spec(bq, dp), _kv_spec(bk, dp, nt), _kv_spec(bk, dp, nt), _row_spec(bq, 1),
                 _row_spec(bq, 1)],
                [_row_spec(bq, dp), _row_spec(bq, 1)],
-               [jax.ShapeDtypeStruct((bk_, dims.rows, dp), f32),
-                jax.ShapeDtypeStruct((bk_, dims.rows, 1), f32)],
+               [jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), f32),
+                jax.ShapeDtypeStruct((batch_kv, dims.rows, 1), f32)],
                [pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, dp), f32)],
                interpret, ("parallel", "parallel", "arbitrary"))
   o_rows, lse_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1),
@@ -232,10 +233,10 @@ def _dkdv_dense(args, routing, dims, sizes, scale, interpret, seq):
   """dK/dV of the current blocks: key tile c sees the row tiles of queries [c * Bk, block end)."""
   bq, bkd, g = sizes.block_q, sizes.block_k_dkv, dims.groups
   kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi = args
-  bk_, dp = kr.shape[0], kr.shape[-1]
+  batch_kv, dp = kr.shape[0], kr.shape[-1]
   nkt = -(-seq // bkd)
   first = jnp.arange(nkt, dtype=jnp.int32) * bkd
-  rt0 = jnp.broadcast_to(first * g // bq, (bk_, nkt))
+  rt0 = jnp.broadcast_to(first * g // bq, (batch_kv, nkt))
   r1 = routing.block_end[:, jnp.minimum(first + bkd, seq) - 1] * g
   nrt = -(-r1 // bq) - rt0
   nrd = -(-(dims.block_size + bkd) * g // bq) + 1
@@ -247,19 +248,19 @@ def _dkdv_dense(args, routing, dims, sizes, scale, interpret, seq):
   row = lambda w: pl.BlockSpec((pl.squeezed, bq, w), row_index)
   key = pl.BlockSpec((pl.squeezed, bkd, dp), lambda b, c, m, *_: (b, c, 0))
   kernel = functools.partial(_dkdv_dense_kernel, bk=bkd, nkt=nkt, scale=scale)
-  shape = jax.ShapeDtypeStruct((bk_, nkt * bkd, dp), jnp.float32)
-  call = _call(kernel, (bk_, nkt, nrd), 2,
+  shape = jax.ShapeDtypeStruct((batch_kv, nkt * bkd, dp), jnp.float32)
+  call = _call(kernel, (batch_kv, nkt, nrd), 2,
                [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [key, key],
                [shape, shape], [], interpret, ("parallel", "parallel", "arbitrary"))
   dk, dv = call(rt0.reshape(-1), nrt.reshape(-1), *args)
-  return dk, dv, jnp.broadcast_to(jnp.arange(nkt * bkd, dtype=jnp.int32), (bk_, nkt * bkd))
+  return dk, dv, jnp.broadcast_to(jnp.arange(nkt * bkd, dtype=jnp.int32), (batch_kv, nkt * bkd))
 
 
 def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
   """dK/dV of chosen past blocks: consecutive row tiles of one group share an output block."""
   bq, bkd, nt = sizes.block_q, sizes.block_k_dkv, dims.tiles
   kr = args[0]
-  bk_, dp = kr.shape[0], kr.shape[-1]
+  batch_kv, dp = kr.shape[0], kr.shape[-1]
   dt, nts = dims.dense_rows // bq, dims.sparse_rows // bq
   nck = -(-dims.block_size // bkd)
   key = pl.BlockSpec((pl.squeezed, pl.Element(bkd), dp),
@@ -269,20 +270,20 @@ def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
                      lambda b, c, i, ks_ref, grp_ref: (b, grp_ref[b * nt + dt + i] * nck + c, 0))
   kernel = functools.partial(_dkdv_sparse_kernel, bk=bkd, nt=nt, dt=dt, scale=scale)
   n_out = (dims.max_groups + 1) * nck * bkd
-  shape = jax.ShapeDtypeStruct((bk_, n_out, dp), jnp.float32)
-  call = _call(kernel, (bk_, nck, nts), 2,
+  shape = jax.ShapeDtypeStruct((batch_kv, n_out, dp), jnp.float32)
+  call = _call(kernel, (batch_kv, nck, nts), 2,
                [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [out, out],
                [shape, shape], [], interpret, ("parallel", "arbitrary", "arbitrary"))
   dk, dv = call(routing.tile_ks.reshape(-1), routing.tile_group.reshape(-1), *args)
-  gp = jnp.concatenate([routing.group_p, jnp.full((bk_, 1), dims.seq, jnp.int32)], axis=1)
+  gp = jnp.concatenate([routing.group_p, jnp.full((batch_kv, 1), dims.seq, jnp.int32)], axis=1)
   offs = (jnp.arange(nck, dtype=jnp.int32)[:, None] * bkd + jnp.arange(bkd, dtype=jnp.int32))
-  return dk, dv, (gp[:, :, None, None] + offs).reshape(bk_, n_out)
+  return dk, dv, (gp[:, :, None, None] + offs).reshape(batch_kv, n_out)
 
 
 def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch, seq, _, dim = q.shape
   qr, kr, vr = _prep(q, k, v, sizes)
-  bk_, dp = qr.shape[0], qr.shape[-1]
+  batch_kv, dp = qr.shape[0], qr.shape[-1]
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
   assert (sizes.block_k_dkv * dims.groups) % bq == 0, "block_k_dkv * groups % block_q != 0"
   dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
@@ -293,9 +294,9 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   nc = -(-(dims.block_size + bq) // bk)
   kernel = functools.partial(_dq_kernel, bk=bk, nt=nt, scale=scale)
   kv = _kv_spec(bk, dp, nt)
-  call = _call(kernel, (bk_, nt, nc), 2,
+  call = _call(kernel, (batch_kv, nt, nc), 2,
                [_row_spec(bq, dp), kv, kv, _row_spec(bq, dp)] + [_row_spec(bq, 1)] * 4,
-               _row_spec(bq, dp), jax.ShapeDtypeStruct((bk_, dims.rows, dp), jnp.float32),
+               _row_spec(bq, dp), jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
                [pltpu.VMEM((bq, dp), jnp.float32)], interpret,
                ("parallel", "parallel", "arbitrary"))
   dq_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1), q_rows, kr, vr,
@@ -313,7 +314,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   return back(dq, q), back(dk, k), back(dv, v)
 
 
-_moba = rt.custom_vjp_attention(_forward, _backward)
+_moba_vjp = rt.custom_vjp_attention(_forward, _backward)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "interpret",
@@ -322,5 +323,5 @@ def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=
                        interpret=False, block_sizes: BlockSizes | None = None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
   sizes = block_sizes or BlockSizes.get_default()
-  return rt.run_kernel(_moba, q, k, v, segment_ids, block_size=block_size, topk=topk,
+  return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
                        softmax_scale=softmax_scale, interpret=interpret, sizes=sizes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import warnings
 from typing import Callable
 
 import jax
@@ -66,11 +67,21 @@ def _load(entry):
   return getattr(importlib.import_module(module), fn)
 
 
+_WARNED: set = set()
+
+
 def _importable(kind, name):
+  """Whether the implementation loads; a kernel that does not is said once (with the reason)."""
   try:
     _load(_registry(kind)[name])
     return True
-  except ImportError:
+  except ImportError as e:
+    if (kind, name) not in _WARNED:
+      _WARNED.add((kind, name))
+      warnings.warn(f"{kind} implementation {name!r} is not available ({e}); 'auto' falls back "
+                    "to the next one (on a GPU or TPU the XLA path is far slower: install the "
+                    "project's 'gpu' extra, or name an implementation)", RuntimeWarning,
+                    stacklevel=3)
     return False
 
 

@@ -356,9 +356,29 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
       return _run(cfg, progress, pre)
 
 
+def attention_plan(cfg: Config) -> str:
+  """Which implementation each layer resolves to on this platform, e.g.
+  "layers 0-6: moba -> pallas_gpu; layers 7-11: full -> cudnn"."""
+  from moba_jax import attention
+  from moba_jax.config import layer_kinds
+
+  m, kinds = cfg.model, layer_kinds(cfg.model.n_layers, cfg.moba.hybrid_full_layers)
+  dense = 4 * cfg.train.batch_size * m.n_heads * cfg.train.seq_len ** 2  # as attention() sizes it
+  impl = {"moba": cfg.moba.implementation, "full": cfg.moba.full_implementation}
+  names = [attention.resolve(k, impl[k], dtype=m.dtype, dense_bytes=dense) for k in kinds]
+  runs, start = [], 0
+  for i in range(1, len(kinds) + 1):
+    if i == len(kinds) or (kinds[i], names[i]) != (kinds[start], names[start]):
+      span = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
+      runs.append(f"{span}: {kinds[start]} -> {names[start]}")
+      start = i
+  return "; ".join(runs)
+
+
 def _run(cfg: Config, progress: bool, pre: Preemption) -> dict:
   t0 = time.time()
   mesh, rules = _setup(cfg)
+  _log0(f"attention: {attention_plan(cfg)}")
   source = data_lib.RowSource(cfg, "train")  # data errors surface before the model is built
   state = ts.init_state(cfg, mesh, rules)
   data_iter = iter(data_lib.train_dataset(cfg, jax.process_index(), jax.process_count(), source))

@@ -110,3 +110,24 @@ def test_empty_batch_or_sequence_gives_an_empty_result(impl, batch, seq):
   out = moba_jax.moba_attention(q, k, v, block_size=8, topk=2, implementation=impl)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert moba_jax.full_attention(q, k, v).shape == q.shape
+
+
+def test_a_kernel_that_does_not_import_is_said_once(monkeypatch):
+  monkeypatch.setitem(attn._MOBA_IMPLS, "pallas_gpu", "moba_jax.no_such_module:fn")
+  monkeypatch.setattr(attn, "_WARNED", set())
+  with pytest.warns(RuntimeWarning, match="'pallas_gpu' is not available.*falls back"):
+    assert attn.resolve("moba", "auto", platform="gpu") == "xla"
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a second resolve says nothing more
+    assert attn.resolve("moba", "auto", platform="gpu") == "xla"
+
+
+def test_the_attention_plan_names_each_layers_implementation():
+  from moba_jax import config as C
+  from moba_jax import train
+  cfg = C.load_config(None, ["model.n_layers=12", "moba.hybrid_full_layers=3",
+                             "moba.implementation=xla"])
+  assert train.attention_plan(cfg) == "layers 0-8: moba -> xla; layers 9-11: full -> xla"
+  one = C.load_config(None, ["model.n_layers=2", "moba.hybrid_full_layers=1"])
+  assert train.attention_plan(one) == "layer 0: moba -> reference; layer 1: full -> xla"

@@ -81,6 +81,22 @@ def test_bench_prints_a_table_on_cpu(capsys, pipeline):
   assert "f+b ms" in out and "full_xla" in out
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--seqs", "abc"], "argument --seqs: 'abc' must be integers"),
+    (["--seqs", "0"], "every value must be >= 1"),
+    (["--configs", "512"], "'512' must look like BLOCK:TOPK"),
+    (["--impls", "flash"], "'flash' is not one of"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+])
+def test_bench_arguments_are_one_line_errors(argv, match, capsys):
+  from moba_jax import bench
+  with pytest.raises(SystemExit) as exit_:
+    bench.main(argv)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert match in err and "Traceback" not in err
+
+
 def test_profile_counts_device_stream_kernels_once(tmp_path):
   """tools/profile_gpu.py: kernels on the GPU's "Stream" lines, per step; the derived "XLA Ops"
   line of the same device and the host's events are not counted."""
