@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from moba_jax.attention import KernelOptions
 from moba_jax.kernels import _routing as rt
 
 NEG = -1e30
@@ -396,11 +397,12 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 _moba_vjp = rt.custom_vjp_attention(_forward, _backward)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "interpret",
-                                             "block_sizes"))
+@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))
 def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
-                       interpret=False, block_sizes: BlockSizes | None = None):
-  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
-  sizes = block_sizes or BlockSizes.get_default(q.shape[-1], q.dtype)
+                       options: KernelOptions | None = None):
+  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int.
+  options: interpret mode and tiles (BlockSizes fields in order; default get_default)."""
+  options = options or KernelOptions()
+  sizes = options.block_sizes(BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype))
   return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
-                       softmax_scale=softmax_scale, interpret=interpret, sizes=sizes)
+                       softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from moba_jax.attention import KernelOptions
 from moba_jax.kernels import _routing as rt
 
 NEG = -1e30
@@ -187,7 +188,12 @@ def _call(kernel, grid, n_prefetch, in_specs, out_specs, out_shape, scratch, int
     interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
   return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, interpret=interpret,
                         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
-                        name="moba_tpu_" + kernel.func.__name__.strip("_").removesuffix("_kernel"))
+                        name=_kernel_name(kernel))
+
+
+def _kernel_name(kernel) -> str:
+  """"moba_tpu_fwd" for _fwd_kernel: what profiles and HLO dumps show."""
+  return "moba_tpu_" + kernel.func.__name__.strip("_").removesuffix("_kernel")
 
 
 def _prep(q, k, v, sizes):
@@ -317,11 +323,12 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 _moba_vjp = rt.custom_vjp_attention(_forward, _backward)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "interpret",
-                                             "block_sizes"))
+@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))
 def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
-                       interpret=False, block_sizes: BlockSizes | None = None):
-  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int."""
-  sizes = block_sizes or BlockSizes.get_default()
+                       options: KernelOptions | None = None):
+  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int.
+  options: interpret mode and tiles (BlockSizes fields in order; default get_default)."""
+  options = options or KernelOptions()
+  sizes = options.block_sizes(BlockSizes, BlockSizes.get_default())
   return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
-                       softmax_scale=softmax_scale, interpret=interpret, sizes=sizes)
+                       softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)

@@ -10,6 +10,7 @@ All arguments are validated from static shapes before anything is traced or comp
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import numbers
@@ -23,8 +24,34 @@ from moba_jax import moba as _moba
 
 KINDS = ("full", "moba")
 
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """What a kernel may be told besides the problem; the same object for every implementation
+  (the reference and XLA paths ignore it). Hashable: kernels take it as a static argument.
+
+  interpret: run Pallas kernels in interpret mode (CPU testing).
+  tiles: the first fields of the kernel's BlockSizes, in order (moba_gpu: block_q, block_k,
+    block_q_dkv, block_k_dkv, num_warps, num_stages, num_warps_dkv; moba_tpu: block_q, block_k,
+    block_k_dkv), the rest at their class defaults; () = the kernel's get_default().
+  """
+
+  interpret: bool = False
+  tiles: tuple[int, ...] = ()
+
+  def block_sizes(self, cls, default):
+    """cls(*tiles), or `default` without tiles; too many tiles is an error naming the fields."""
+    if not self.tiles:
+      return default
+    names = [f.name for f in dataclasses.fields(cls)]
+    if len(self.tiles) > len(names):
+      raise ValueError(f"tiles={list(self.tiles)} gives more than {cls.__module__.split('.')[-1]}"
+                       f"'s {len(names)} tile fields ({', '.join(names)}; the rest default)")
+    return cls(*self.tiles)
+
+
 # name -> "module:function" (lazy) or a callable. Every MoBA implementation takes
-# (q, k, v, segment_ids, *, block_size, topk, softmax_scale, interpret).
+# (q, k, v, segment_ids, *, block_size, topk, softmax_scale, options: KernelOptions).
 _MOBA_IMPLS: dict[str, str | Callable] = {
     "reference": "moba_jax.moba:moba_reference",
     "xla": "moba_jax.moba:moba_xla",
@@ -185,10 +212,12 @@ def validate(q, k, v, segment_ids=None, *, kind="moba", block_size=None, topk=No
 
 
 def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
-              block_size=None, topk=None, softmax_scale=None, interpret=False):
+              block_size=None, topk=None, softmax_scale=None, interpret=False,
+              options: KernelOptions | None = None):
   """Causal self-attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] ints.
 
-  kind="moba" needs block_size and topk; kind="full" ignores them. Returns [B, T, H, D].
+  kind="moba" needs block_size and topk; kind="full" ignores them. options: for the kernels
+  (`interpret=True` is short for KernelOptions(interpret=True)). Returns [B, T, H, D].
   """
   block_size, topk, softmax_scale = check_scalars(block_size, topk, softmax_scale)
   validate(q, k, v, segment_ids, kind=kind, block_size=block_size, topk=topk,
@@ -202,18 +231,17 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
   if kind == "full":
     return fn(q, k, v, segment_ids, softmax_scale=softmax_scale)
-  kwargs = dict(block_size=block_size, topk=topk, softmax_scale=softmax_scale)
-  if name.startswith("pallas"):
-    kwargs["interpret"] = interpret
-  return fn(q, k, v, segment_ids, **kwargs)
+  options = options or KernelOptions(interpret=interpret)
+  return fn(q, k, v, segment_ids, block_size=block_size, topk=topk, softmax_scale=softmax_scale,
+            options=options)
 
 
 def moba_attention(q, k, v, *, block_size, topk, segment_ids=None, softmax_scale=None,
-                   implementation="auto", interpret=False):
+                   implementation="auto", interpret=False, options=None):
   """Causal MoBA attention (docs/semantics.md). See `attention`."""
   return attention(q, k, v, kind="moba", implementation=implementation,
                    segment_ids=segment_ids, block_size=block_size, topk=topk,
-                   softmax_scale=softmax_scale, interpret=interpret)
+                   softmax_scale=softmax_scale, interpret=interpret, options=options)
 
 
 def full_attention(q, k, v, *, segment_ids=None, softmax_scale=None, implementation="auto"):

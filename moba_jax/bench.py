@@ -106,19 +106,23 @@ def attended_pairs(seq, block, topk, moba):
   return flops.attended_pairs([seq], "moba" if moba else "full", block, topk)
 
 
-def gpu_block_sizes(spec: str):
-  """--gpu-block-sizes "64,64,64,64,4,3[,4]" -> moba_gpu.BlockSizes (fields in order)."""
+def gpu_options(spec: str | None) -> attn.KernelOptions:
+  """--gpu-block-sizes "64,64,64,64,4,3[,4]" -> the options that give pallas_gpu those tiles."""
+  return attn.KernelOptions(tiles=tuple(int(x) for x in spec.split(",")) if spec else ())
+
+
+def gpu_block_sizes(spec: str | None, dim: int = 128, dtype=jnp.bfloat16):
+  """The moba_gpu.BlockSizes of --gpu-block-sizes (the kernel's default without one)."""
   from moba_jax.kernels import moba_gpu
-  return moba_gpu.BlockSizes(*(int(x) for x in spec.split(",")))
+  return gpu_options(spec).block_sizes(moba_gpu.BlockSizes,
+                                       moba_gpu.BlockSizes.get_default(dim, dtype))
 
 
 def make_fn(impl, block, topk, bwd, gpu_sizes=None):
   if impl == "pallas_gpu" and gpu_sizes:
-    from moba_jax.kernels import moba_gpu
-    sizes = gpu_block_sizes(gpu_sizes)
-    fwd = lambda q, k, v: moba_gpu.moba_attention_gpu(
-        q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=block, topk=topk,
-        block_sizes=sizes)
+    fwd = lambda q, k, v: attn.moba_attention(q, k, v, block_size=block, topk=topk,
+                                              implementation="pallas_gpu",
+                                              options=gpu_options(gpu_sizes))
   elif impl in ("cudnn", "full_xla"):
     name = "xla" if impl == "full_xla" else impl
     fwd = lambda q, k, v: attn.full_attention(q, k, v, implementation=name)
@@ -223,14 +227,9 @@ def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128, gpu_sizes=None):
     cot = jax.random.normal(ks[3], q.shape, dtype)
     up = lambda x: x.astype(jnp.float32)
     ref = lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, block_size=block, topk=topk)
-    if gpu_sizes:
-      from moba_jax.kernels import moba_gpu
-      sizes = gpu_block_sizes(gpu_sizes)
-      got = lambda q, k, v: moba_gpu.moba_attention_gpu(q, k, v, seg, block_size=block,
-                                                        topk=topk, block_sizes=sizes)
-    else:
-      got = lambda q, k, v: attn.moba_attention(q, k, v, segment_ids=seg, block_size=block,
-                                                topk=topk, implementation="pallas_gpu")
+    got = lambda q, k, v: attn.moba_attention(q, k, v, segment_ids=seg, block_size=block,
+                                              topk=topk, implementation="pallas_gpu",
+                                              options=gpu_options(gpu_sizes))
     with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
       want = _vjp(ref, up(q), up(k), up(v), up(cot))
     have = jax.jit(lambda *a: _vjp(got, *a))(q, k, v, cot)
@@ -250,8 +249,7 @@ def breakdown(args, seq, block, topk):
   dtype = jnp.dtype(args.dtype)
   sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
   seg = jnp.zeros((args.batch, seq), jnp.int32)
-  sizes = (gpu_block_sizes(args.gpu_block_sizes)
-           if args.gpu_block_sizes else mg.BlockSizes.get_default(args.dim, dtype))
+  sizes = gpu_block_sizes(args.gpu_block_sizes, args.dim, dtype)
   scale = args.dim ** -0.5
   route = jax.jit(lambda q, k: rt.route(q, k, seg, block_size=block, topk=topk,
                                         block_q=sizes.block_q)[0])

@@ -92,6 +92,13 @@ class MobaConfig:
   implementation: str = "auto"
   full_implementation: str = "auto"
   interpret: bool = False  # run Pallas kernels in interpret mode (CPU testing)
+  tiles: tuple[int, ...] = ()  # the kernel's BlockSizes fields in order; () = its defaults
+
+  def kernel_options(self):
+    """The attention.KernelOptions these settings give every MoBA layer."""
+    import importlib
+
+    return importlib.import_module("moba_jax.attention").KernelOptions(self.interpret, self.tiles)
 
   def __post_init__(self):
     import importlib  # late: attention imports nothing from here
@@ -105,6 +112,8 @@ class MobaConfig:
       raise ValueError(f"moba.hybrid_full_layers={hfl!r} must be an integer >= 0 or 'all'")
     for key, kind in (("implementation", "moba"), ("full_implementation", "full")):
       _choice("moba", key, getattr(self, key), attention.implementations(kind))
+    for t in self.tiles:
+      _int("moba", "tiles[]", t, 1)
 
 
 def layer_kinds(n_layers: int, hybrid_full_layers: HybridFull) -> tuple[str, ...]:

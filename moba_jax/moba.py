@@ -160,7 +160,7 @@ def moba_mask(q, k, segment_ids, *, block_size, topk) -> jax.Array:
   return chosen & _same_doc_causal(layout)[:, None]
 
 
-def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None):
+def moba_reference(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None, options=None):
   """The oracle: dense [B, H, T, T] mask built from the block choice, float32 softmax."""
   mask = moba_mask(q, k, segment_ids, block_size=block_size, topk=topk)
   return _dense_attention(q, k, v, mask, _default_scale(softmax_scale, q.shape[-1]))
@@ -213,7 +213,7 @@ def _chunk_attention(q_c, t_c, layout_c, k, v, kbar, block_end_at, *, block_size
   return out.astype(q_c.dtype)
 
 
-def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
+def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None, options=None,
              chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES):
   """Block-gathered MoBA: memory O(T * topk * block_size) per chunk, rematerialized backward."""
   batch, seq, heads, dim = q.shape

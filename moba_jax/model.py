@@ -80,7 +80,7 @@ class Attention(nnx.Module):
     if self.kind == "moba":
       out = attention(q, k, v, kind="moba", implementation=self.moba.implementation,
                       segment_ids=segment_ids, block_size=self.moba.block_size,
-                      topk=self.moba.topk, interpret=self.moba.interpret)
+                      topk=self.moba.topk, options=self.moba.kernel_options())
     else:
       out = attention(q, k, v, kind="full", implementation=self.moba.full_implementation,
                       segment_ids=segment_ids)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moba_jax.attention import KernelOptions
+
 from moba_jax import moba as moba_lib
 from moba_jax import moba_attention
 
@@ -144,9 +146,9 @@ def test_dkdv_of_unaligned_groups_matches_the_reference():
   cot = jax.random.normal(jax.random.key(6), q.shape)
   kw = dict(block_size=16, topk=3)
   want = vjp_all(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw), q, k, v, cot)
-  sizes = mg.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16)
-  got = vjp_all(lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, interpret=True,
-                                                      block_sizes=sizes, **kw), q, k, v, cot)
+  opts = KernelOptions(interpret=True, tiles=(16, 16, 16, 16))
+  got = vjp_all(lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, options=opts, **kw),
+                q, k, v, cot)
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(a, b) < 1e-5, name
 
@@ -208,9 +210,8 @@ def test_random_layouts_match_the_reference(impl):
     kw = dict(block_size=c["block"], topk=c["topk"])
     want = vjp_all(lambda q, k, v: moba_lib.moba_reference(q, k, v, c["seg"], **kw), q, k, v, cot)
     if impl == "pallas_gpu":
-      sizes = mg.BlockSizes(*(int(x) for x in rng.choice([16, 32], 4)))
-      fn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, c["seg"], interpret=True,
-                                                 block_sizes=sizes, **kw)
+      opts = KernelOptions(interpret=True, tiles=tuple(int(x) for x in rng.choice([16, 32], 4)))
+      fn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, c["seg"], options=opts, **kw)
     else:
       fn = lambda q, k, v: run(impl, q, k, v, c["seg"], **kw)
     got = vjp_all(fn, q, k, v, cot)
