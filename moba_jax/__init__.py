@@ -4,7 +4,7 @@
 one dispatcher `moba_jax.attention.attention(q, k, v, kind=..., implementation=...)`.
 """
 
-from moba_jax.attention import full_attention, implementations, moba_attention
+from moba_jax.attention import KernelOptions, full_attention, implementations, moba_attention
 
-__all__ = ["full_attention", "implementations", "moba_attention"]
+__all__ = ["KernelOptions", "full_attention", "implementations", "moba_attention"]
 __version__ = "0.1.0"

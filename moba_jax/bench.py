@@ -8,7 +8,6 @@ each timing is the median of `--repeats` calls, each closed by block_until_ready
 
   moba-jax bench                                # the default table (H200 sizes)
   moba-jax bench --seqs 256 --heads 2 --dim 16 --configs 64:2 --impls xla --repeats 3
-  moba-jax bench --check                        # pallas_gpu vs the reference on this device
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moba_jax import attention as attn
 from moba_jax import flops
@@ -87,8 +85,6 @@ def parse_args(argv):
                       "[,dK/dV warps]")
   p.add_argument("--breakdown", action="store_true",
                  help="pallas_gpu only: time routing, forward and backward separately")
-  p.add_argument("--check", action="store_true",
-                 help="compare pallas_gpu with the reference on this device, then exit")
   return p.parse_args(argv)
 
 
@@ -213,35 +209,6 @@ def print_table(rows):
   sys.stdout.flush()
 
 
-def check(seed=0, seq=2048, heads=8, kv_heads=2, dim=128, gpu_sizes=None):
-  """pallas_gpu (compiled, not interpreted) vs the float32 reference: fwd and grads (with the
-  tiles of `gpu_sizes` when given, else the defaults)."""
-  lengths = [seq // 2 + 100, seq // 4 - 37, seq - (seq // 2 + 100) - (seq // 4 - 37)]
-  seg = jnp.asarray(np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)]))[None]
-  results = []
-  for dtype, block, topk in ((jnp.float32, 128, 3), (jnp.bfloat16, 256, 3), (jnp.float32, 64, 8)):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (1, seq, heads, dim), dtype)
-    k = jax.random.normal(ks[1], (1, seq, kv_heads, dim), dtype)
-    v = jax.random.normal(ks[2], (1, seq, kv_heads, dim), dtype)
-    cot = jax.random.normal(ks[3], q.shape, dtype)
-    up = lambda x: x.astype(jnp.float32)
-    ref = lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, block_size=block, topk=topk)
-    got = lambda q, k, v: attn.moba_attention(q, k, v, segment_ids=seg, block_size=block,
-                                              topk=topk, implementation="pallas_gpu",
-                                              options=gpu_options(gpu_sizes))
-    with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
-      want = _vjp(ref, up(q), up(k), up(v), up(cot))
-    have = jax.jit(lambda *a: _vjp(got, *a))(q, k, v, cot)
-    errs = {n: float(jnp.abs(up(a) - b).max() / jnp.abs(b).max())
-            for n, a, b in zip(("out", "dq", "dk", "dv"), have, want)}
-    results.append(dict(dtype=jnp.dtype(dtype).name, seq=seq, heads=heads, kv_heads=kv_heads,
-                        dim=dim, block=block, topk=topk, docs=lengths, sizes=gpu_sizes,
-                        rel_err=errs))
-    print(json.dumps(results[-1]))
-  return results
-
-
 def breakdown(args, seq, block, topk):
   """pallas_gpu stages timed apart: routing, forward with routing given, backward."""
   from moba_jax.kernels import _routing as rt
@@ -309,12 +276,6 @@ def _vjp(fn, q, k, v, cot):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  if args.check:
-    res = check(gpu_sizes=args.gpu_block_sizes)
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
-    return 0
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, "
         f"heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}")
   rows = []

@@ -1,7 +1,7 @@
 """Kernel-specific tests: chunked routing, kv-head chunking, the benchmark script.
 
-The behavioural suite (golden cases, NumPy oracle, bf16 bounds, properties) runs on both kernels in
-interpret mode through the implementation parametrization of tests/test_moba.py.
+The behavioural suite (golden cases, NumPy oracle, bf16 bounds, properties) runs on both kernels
+through the implementation parametrization of tests/test_moba.py (interpreted, or `--compiled`).
 """
 
 import jax
@@ -9,38 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moba_jax.attention import KernelOptions
-
 from moba_jax import moba as moba_lib
-from moba_jax import moba_attention
-
-
-
-def run(impl, q, k, v, segment_ids, **kw):
-  return moba_attention(q, k, v, segment_ids=segment_ids, implementation=impl, interpret=True,
-                        **kw)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def random_qkv(seed, batch, seq, heads, kv_heads, dim, dtype=jnp.float32):
-  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(kq, (batch, seq, heads, dim), dtype),
-          jax.random.normal(kk, (batch, seq, kv_heads, dim), dtype),
-          jax.random.normal(kv, (batch, seq, kv_heads, dim), dtype))
-
-
-def packed_segments(batch, lengths):
-  seg = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
-  return jnp.asarray(np.broadcast_to(seg, (batch, len(seg))))
-
-
-def vjp_all(fn, q, k, v, cot):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(cot))
+from tests.helpers import kernel_impls, packed_segments, random_qkv, rel_err, run, vjp_all
 
 
 def test_chunked_routing_is_the_oracles_choice(monkeypatch):
@@ -140,14 +110,12 @@ def test_dkdv_of_unaligned_groups_matches_the_reference():
   """dK/dV tiles own their block's past-block group only when the group is aligned to the key
   tile; documents starting off the tile grid (and a one-token document) leave groups to their own
   programs, whose outputs are added by scatter. Both paths, GQA, against the reference."""
-  from moba_jax.kernels import moba_gpu as mg
   q, k, v = random_qkv(5, 2, 194, 4, 2, 16)
   seg = packed_segments(2, [70, 33, 1, 90])
   cot = jax.random.normal(jax.random.key(6), q.shape)
   kw = dict(block_size=16, topk=3)
   want = vjp_all(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw), q, k, v, cot)
-  opts = KernelOptions(interpret=True, tiles=(16, 16, 16, 16))
-  got = vjp_all(lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, options=opts, **kw),
+  got = vjp_all(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=(16, 16, 16, 16), **kw),
                 q, k, v, cot)
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(a, b) < 1e-5, name
@@ -196,12 +164,11 @@ def _random_case(rng):
               dim=int(rng.choice([16, 24])))
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", kernel_impls())
 def test_random_layouts_match_the_reference(impl):
   """Seeded random cases against the reference, forward and gradients: documents anywhere (so
   dK/dV groups both aligned and not), blocks that are not multiples of the tiles, GQA, ragged
   sequence ends, head_dim that needs padding; pallas_gpu also with random tiles."""
-  from moba_jax.kernels import moba_gpu as mg
   rng = np.random.default_rng(2026 if impl == "pallas_gpu" else 11)
   for i in range(4):
     c = _random_case(rng)
@@ -209,11 +176,8 @@ def test_random_layouts_match_the_reference(impl):
     cot = jax.random.normal(jax.random.key(i), q.shape)
     kw = dict(block_size=c["block"], topk=c["topk"])
     want = vjp_all(lambda q, k, v: moba_lib.moba_reference(q, k, v, c["seg"], **kw), q, k, v, cot)
-    if impl == "pallas_gpu":
-      opts = KernelOptions(interpret=True, tiles=tuple(int(x) for x in rng.choice([16, 32], 4)))
-      fn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, c["seg"], options=opts, **kw)
-    else:
-      fn = lambda q, k, v: run(impl, q, k, v, c["seg"], **kw)
+    tiles = tuple(int(x) for x in rng.choice([16, 32], 4)) if impl == "pallas_gpu" else ()
+    fn = lambda q, k, v: run(impl, q, k, v, c["seg"], tiles=tiles, **kw)
     got = vjp_all(fn, q, k, v, cot)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
       assert rel_err(a, b) < 1e-5, (name, i, c)

@@ -1,8 +1,7 @@
-"""Behavioural tests of MoBA, run on every implementation (reference, xla, and the Pallas kernels in
-interpret mode where they are importable). Oracles: the official golden cases, an independent NumPy
-MoBA (tests/moba_oracle.py), causal full attention, and properties of the algorithm."""
-
-import importlib.util
+"""Behavioural tests of MoBA, run on every implementation of the registry (reference, xla, and the
+Pallas kernels: interpreted on the CPU, compiled with `pytest --compiled` on a GPU or TPU).
+Oracles: the official golden cases, an independent NumPy MoBA (tests/moba_oracle.py), causal full
+attention, and properties of the algorithm."""
 
 import jax
 import jax.numpy as jnp
@@ -11,39 +10,10 @@ import pytest
 
 from moba_jax import full_attention, moba_attention
 from moba_jax import moba as moba_lib
+from tests.helpers import moba_impls, packed_segments, random_qkv, rel_err, run
 from tests.moba_oracle import golden_cases, load_golden, moba_numpy
 
-IMPLS = ["reference", "xla"]
-for _name, _module in (("pallas_gpu", "moba_jax.kernels.moba_gpu"),
-                       ("pallas_tpu", "moba_jax.kernels.moba_tpu")):
-  try:
-    if importlib.util.find_spec(_module) is not None:
-      IMPLS.append(_name)
-  except ImportError:
-    pass
-
-
-def run(impl, q, k, v, segment_ids=None, **kw):
-  return moba_attention(q, k, v, segment_ids=segment_ids, implementation=impl,
-                        interpret=impl.startswith("pallas"), **kw)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def random_qkv(seed, batch, seq, heads, kv_heads, dim, dtype=jnp.float32):
-  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(kq, (batch, seq, heads, dim), dtype)
-  k = jax.random.normal(kk, (batch, seq, kv_heads, dim), dtype)
-  v = jax.random.normal(kv, (batch, seq, kv_heads, dim), dtype)
-  return q, k, v
-
-
-def packed_segments(batch, lengths):
-  seg = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
-  return jnp.asarray(np.broadcast_to(seg, (batch, len(seg))))
+IMPLS = moba_impls()  # every registered implementation (tests/helpers.py)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -190,3 +160,25 @@ def test_large_blocks_and_large_topk_match_the_reference(impl, lengths, heads, k
   got = out_and_grads(lambda q, k, v: run(impl, q, k, v, seg, **kw))
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.slow  # the benchmark's own shapes: for the compiled run on a GPU (`--compiled -m ""`)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype, block, topk, bound", [
+    (jnp.float32, 128, 3, 1e-5), (jnp.bfloat16, 256, 3, 1e-2), (jnp.float32, 64, 8, 1e-5)])
+def test_benchmark_shapes_match_the_float32_reference(impl, dtype, block, topk, bound):
+  """seq 2048, GQA 8/2, head_dim 128, three packed documents with ragged ends (what `moba-jax
+  bench --check` checked before this suite ran compiled), against the float32 oracle."""
+  lengths = [1124, 475, 449]
+  q, k, v = random_qkv(0, 1, sum(lengths), 8, 2, 128, dtype)
+  seg = packed_segments(1, lengths)
+  ct = jax.random.normal(jax.random.key(1), q.shape, dtype)
+  up = lambda x: x.astype(jnp.float32)
+  kw = dict(block_size=block, topk=topk)
+  with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
+    out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
+                       up(q), up(k), up(v))
+    want = (out, *vjp(up(ct)))
+  out, vjp = jax.vjp(lambda q, k, v: run(impl, q, k, v, seg, **kw), q, k, v)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want):
+    assert rel_err(up(a), b) < bound, name

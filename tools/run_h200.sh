@@ -12,16 +12,19 @@
 set -o pipefail
 phase=${1:-1}; shift
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
+# correctness on this GPU: the behavioural suite with the kernels compiled, slow cases included
+check() { timeout "${STEP_S:-150}" python3 -m pytest -q --compiled -m "" -p no:cacheprovider \
+  tests/test_moba.py tests/test_kernels.py 2>&1 | tail -15 > "$OUT/check.txt"; cat "$OUT/check.txt"; }
 log=$OUT/log.txt
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee -a $log
 python3 -c "import jax, jax_triton; print(jax.__version__, jax.devices())" 2>&1 | tee -a $log
 if [ "$phase" = 1 ]; then
-  STEP_S=100 bench --check --json $OUT/check.json 2>&1 | tee -a $log
+  STEP_S=100 check 2>&1 | tee -a $log
   bench --seqs 8192,32768 --configs 512:3 --impls pallas_gpu,cudnn,xla --json $OUT/b1.json 2>&1 | tee -a $log
   STEP_S=120 bench --seqs 131072 --impls pallas_gpu,cudnn --repeats 5 --json $OUT/b128.json 2>&1 | tee -a $log
 fi
 if [ "$phase" = 2 ]; then
-  STEP_S=80 bench --check --json $OUT/check.json 2>&1 | tee -a $log
+  STEP_S=80 check 2>&1 | tee -a $log
   STEP_S=100 bench --breakdown --seqs 8192,32768,131072 --configs 512:3 --gpu-block-sizes ${1:-64,64,64,64,4,2} --repeats 10 2>&1 | tee -a $log
 fi
 if [ "$phase" -le 2 ]; then
@@ -30,7 +33,7 @@ if [ "$phase" -le 2 ]; then
   done
 fi
 if [ "$phase" = 3 ]; then
-  STEP_S=80 bench --check --json $OUT/check.json 2>&1 | tee -a $log
+  STEP_S=80 check 2>&1 | tee -a $log
   STEP_S=200 bench --breakdown --seqs 8192,32768,131072 --configs 512:3 --repeats 10 --json $OUT/breakdown.json 2>&1 | tee -a $log
   STEP_S=250 bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 | tee -a $log
 fi
@@ -49,7 +52,7 @@ if [ "$phase" = 5 ]; then
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
 fi
 if [ "$phase" = 6 ]; then
-  STEP_S=150 bench --check --json $OUT/check.json 2>&1 | grep -v "^WARNING" | tee -a $log
+  STEP_S=150 check 2>&1 | tee -a $log
   STEP_S=150 bench --impls pallas_gpu --seqs 8192,32768,131072 --configs 512:3 --repeats 10 --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee -a $log
   for t in "$@"; do
     STEP_S=60 bench --impls pallas_gpu --seqs 32768 --configs 512:3 --gpu-block-sizes $t --repeats 10 2>&1 | grep '^{' | tee -a $OUT/tune.txt

@@ -1,0 +1,66 @@
+"""Helpers shared by the behavioural suite (tests/test_moba.py) and the kernel tests.
+
+The implementations come from the dispatcher's registry. By default the Pallas kernels run in
+interpret mode on the CPU (CI); `pytest --compiled` runs them compiled on this machine's
+accelerator, as JAX's own Pallas tests run one suite both ways, and skips the kernels of other
+platforms (pallas_tpu on a GPU, pallas_gpu on a TPU; both on a CPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moba_jax import attention, moba_attention
+
+COMPILED = False  # set by tests/conftest.py from --compiled
+KERNEL_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+
+
+def moba_impls() -> list:
+  """Every registered MoBA implementation, as pytest params (kernels skipped where they cannot
+  run in this mode)."""
+  params = []
+  for name in attention.implementations("moba"):
+    if name == "auto":
+      continue
+    platform = KERNEL_PLATFORM.get(name)
+    skip = COMPILED and platform is not None and jax.default_backend() != platform
+    params.append(pytest.param(name, marks=pytest.mark.skipif(
+        skip, reason=f"{name} compiles for {platform} only")))
+  return params
+
+
+def kernel_impls() -> list:
+  return [p for p in moba_impls() if p.values[0] in KERNEL_PLATFORM]
+
+
+def options(impl: str, tiles=()) -> attention.KernelOptions:
+  return attention.KernelOptions(interpret=impl in KERNEL_PLATFORM and not COMPILED, tiles=tiles)
+
+
+def run(impl, q, k, v, segment_ids=None, tiles=(), **kw):
+  return moba_attention(q, k, v, segment_ids=segment_ids, implementation=impl,
+                        options=options(impl, tiles), **kw)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def random_qkv(seed, batch, seq, heads, kv_heads, dim, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (batch, seq, heads, dim), dtype),
+          jax.random.normal(kk, (batch, seq, kv_heads, dim), dtype),
+          jax.random.normal(kv, (batch, seq, kv_heads, dim), dtype))
+
+
+def packed_segments(batch, lengths):
+  seg = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
+  return jnp.asarray(np.broadcast_to(seg, (batch, len(seg))))
+
+
+def vjp_all(fn, q, k, v, cot):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(cot))
