@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -41,10 +42,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop(signum, frame):
+  """Ends the process at once. Not by raising SystemExit: a signal that lands while the
+  interpreter runs a GC or weakref callback (JAX registers some) has its exception printed and
+  ignored, and start-up would go on. Nothing is half-written here: before a command installs its
+  own handling, its files are written atomically (rundir.atomic_write)."""
   code = 128 + int(signum)
   print(f"moba-jax: stopped by {signal.Signals(signum).name} (exit {code})", file=sys.stderr,
         flush=True)
-  raise SystemExit(code)
+  sys.stdout.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import json
 import math
 import os
 import tomllib
-from typing import Literal, Sequence, Union
+from typing import Annotated, Literal, Sequence, Union
 
 from moba_jax import config_io
-from moba_jax.config_io import parse_override, to_toml
+from moba_jax.config_io import Partial, parse_override, to_toml
 from moba_jax.rundir import atomic_write
 
 HybridFull = Union[int, Literal["all"]]
@@ -94,24 +94,12 @@ class MobaConfig:
   interpret: bool = False  # run Pallas kernels in interpret mode (CPU testing)
   tiles: tuple[int, ...] = ()  # the kernel's BlockSizes fields in order; () = its defaults
 
-  def kernel_options(self):
-    """The attention.KernelOptions these settings give every MoBA layer."""
-    import importlib
-
-    return importlib.import_module("moba_jax.attention").KernelOptions(self.interpret, self.tiles)
-
-  def __post_init__(self):
-    import importlib  # late: attention imports nothing from here
-
-    attention = importlib.import_module("moba_jax.attention")
-
+  def __post_init__(self):  # implementation names are checked against the registry by validate()
     _int("moba", "block_size", self.block_size, 1)
     _int("moba", "topk", self.topk, 1)
     hfl = self.hybrid_full_layers
     if not (hfl == "all" or (isinstance(hfl, int) and not isinstance(hfl, bool) and hfl >= 0)):
       raise ValueError(f"moba.hybrid_full_layers={hfl!r} must be an integer >= 0 or 'all'")
-    for key, kind in (("implementation", "moba"), ("full_implementation", "full")):
-      _choice("moba", key, getattr(self, key), attention.implementations(kind))
     for t in self.tiles:
       _int("moba", "tiles[]", t, 1)
 
@@ -123,50 +111,6 @@ def layer_kinds(n_layers: int, hybrid_full_layers: HybridFull) -> tuple[str, ...
     raise ValueError(f"moba.hybrid_full_layers={hybrid_full_layers!r} must be in "
                      f"[0, n_layers={n_layers}] or 'all'")
   return ("moba",) * (n_layers - n_full) + ("full",) * n_full
-
-
-@dataclasses.dataclass(frozen=True)
-class GridConfig:
-  """The layer-wise hybrid grid (moba_jax/grid.py; docs/grid.md). Stage 1 pretrains once (the config
-  + `pretrain` overrides, hybrid_full_layers = `pretrain_attention`); stage 2 fine-tunes each
-  (variant, seed) from it (the config + `sft` overrides, hybrid_full_layers = variant)."""
-
-  out_dir: str = "runs/grid"
-  seeds: tuple[int, ...] = (0, 1, 2)
-  # hybrid_full_layers of each SFT variant: 0 = all MoBA, "all" = all full attention.
-  variants: tuple[HybridFull, ...] = (0, 1, 3, 5, 10, "all")
-  pretrain_attention: HybridFull = 0  # hybrid_full_layers of stage 1 (0 = MoBA, "all" = full)
-  pretrain: tuple[str, ...] = ()  # "key=value" overrides of stage 1 (e.g. "data.task=lm")
-  sft: tuple[str, ...] = ()  # "key=value" overrides of every stage-2 run
-  init_from: str = ""  # an existing pretrained run/checkpoint dir: skip stage 1
-  stage: str = "all"  # "all", "pretrain" (stage 1 only) or "sft" (stage 2 only)
-  only: Union[tuple[HybridFull, ...], HybridFull] = ()  # run only these variants; () = all
-  only_seeds: Union[tuple[int, ...], int] = ()  # run only these seeds; () = all
-  name: str = ""  # chart title (default: the experiment file's name)
-  jax_cache: bool = True  # persistent compilation cache in <out_dir>/jax_cache (seeds reuse it)
-  workers: int = 1  # runs at a time, as subprocesses spread over the GPUs (moba_jax/grid_pool.py)
-
-  def __post_init__(self):
-    for key in ("only", "only_seeds"):  # a scalar (grid.only=3) means one value
-      if not isinstance(getattr(self, key), tuple):
-        object.__setattr__(self, key, (getattr(self, key),))
-    for key, values in (("seeds", self.seeds), ("variants", self.variants)):
-      if not values or len(set(values)) != len(values):
-        raise ValueError(f"grid.{key}={list(values)!r} must be a non-empty list without repeats")
-    for s in self.seeds:
-      _int("grid", "seeds[]", s, 0)
-    for v in (*self.variants, self.pretrain_attention):
-      if not (v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
-        raise ValueError(f"grid variant {v!r} must be an integer >= 0 or 'all'")
-    _choice("grid", "stage", self.stage, ("all", "pretrain", "sft"))
-    _int("grid", "workers", self.workers, 1)
-    for key, chosen, allowed in (("only", self.only, self.variants),
-                                 ("only_seeds", self.only_seeds, self.seeds)):
-      for v in chosen:
-        _choice("grid", key, v, allowed)
-    for item in (*self.pretrain, *self.sft):
-      if "=" not in item:
-        raise ValueError(f"grid.pretrain/grid.sft item {item!r} must look like section.key=value")
 
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -352,7 +296,9 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """The whole run. Sections: model, moba, train, data, eval, checkpoint, log, mesh, grid."""
+  """The whole run. Sections: model, moba, train, data, eval, checkpoint, log, mesh. Checks that
+  need the layers above the config (attention implementation names, data settings against the
+  model) are `moba_jax.train.validate(cfg)`, which every entry point runs before any work."""
 
   run_dir: str = "runs/default"
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -363,7 +309,6 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   log: LogConfig = dataclasses.field(default_factory=LogConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-  grid: GridConfig = dataclasses.field(default_factory=GridConfig)
 
   def __post_init__(self):
     if not isinstance(self.run_dir, str) or not self.run_dir:
@@ -376,9 +321,77 @@ class Config:
     if shards > 0 and self.train.batch_size % shards:
       raise ValueError(f"train.batch_size={self.train.batch_size} must be divisible by "
                        f"mesh.data * mesh.fsdp = {shards}")
-    import importlib  # late: data imports this module
 
-    importlib.import_module("moba_jax.data").check_config(self)
+
+# ----------------------------------------------------------------------------- experiments
+
+
+@dataclasses.dataclass(frozen=True)
+class GridConfig:
+  """The layer-wise hybrid grid (moba_jax/grid.py; docs/grid.md). Stage 1 pretrains once (the run
+  config with the `pretrain` table applied, hybrid_full_layers = `pretrain_attention`); stage 2
+  fine-tunes each (variant, seed) from it (the run config with the `sft` table applied,
+  hybrid_full_layers = variant). `pretrain` and `sft` are typed tables of run-config keys, written
+  `[grid.pretrain.train]` / `steps = 400` in a file and `grid.pretrain.train.steps=400` as an
+  override."""
+
+  out_dir: str = "runs/grid"
+  seeds: tuple[int, ...] = (0, 1, 2)
+  # hybrid_full_layers of each SFT variant: 0 = all MoBA, "all" = all full attention.
+  variants: tuple[HybridFull, ...] = (0, 1, 3, 5, 10, "all")
+  pretrain_attention: HybridFull = 0  # hybrid_full_layers of stage 1 (0 = MoBA, "all" = full)
+  pretrain: Annotated[dict, Partial(Config)] = dataclasses.field(default_factory=dict)
+  sft: Annotated[dict, Partial(Config)] = dataclasses.field(default_factory=dict)
+  init_from: str = ""  # an existing pretrained run/checkpoint dir: skip stage 1
+  stage: str = "all"  # "all", "pretrain" (stage 1 only) or "sft" (stage 2 only)
+  only: Union[tuple[HybridFull, ...], HybridFull] = ()  # run only these variants; () = all
+  only_seeds: Union[tuple[int, ...], int] = ()  # run only these seeds; () = all
+  name: str = ""  # chart title (default: the experiment file's name)
+  jax_cache: bool = True  # persistent compilation cache in <out_dir>/jax_cache (seeds reuse it)
+  workers: int = 1  # runs at a time, as subprocesses spread over the GPUs (moba_jax/grid_pool.py)
+
+  def __post_init__(self):
+    for key in ("only", "only_seeds"):  # a scalar (grid.only=3) means one value
+      if not isinstance(getattr(self, key), tuple):
+        object.__setattr__(self, key, (getattr(self, key),))
+    for key, values in (("seeds", self.seeds), ("variants", self.variants)):
+      if not values or len(set(values)) != len(values):
+        raise ValueError(f"grid.{key}={list(values)!r} must be a non-empty list without repeats")
+    for s in self.seeds:
+      _int("grid", "seeds[]", s, 0)
+    for v in (*self.variants, self.pretrain_attention):
+      if not (v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
+        raise ValueError(f"grid variant {v!r} must be an integer >= 0 or 'all'")
+    _choice("grid", "stage", self.stage, ("all", "pretrain", "sft"))
+    _int("grid", "workers", self.workers, 1)
+    for key, chosen, allowed in (("only", self.only, self.variants),
+                                 ("only_seeds", self.only_seeds, self.seeds)):
+      for v in chosen:
+        _choice("grid", key, v, allowed)
+
+
+STAGES = ("pretrain", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """An experiment (`moba-jax grid`): the run config every run starts from, and the grid. In a file
+  the run's sections are at the top level and the grid is the [grid] table; a run's own
+  config.toml holds only its Config."""
+
+  run: Config = dataclasses.field(default_factory=Config)
+  grid: GridConfig = dataclasses.field(default_factory=GridConfig)
+
+  def __post_init__(self):
+    for stage in STAGES:  # each stage's table must give a valid run config
+      self.stage_config(stage)
+
+  def stage_config(self, stage: str) -> Config:
+    """The run config of `stage` ("pretrain" | "sft"): the base with the stage's table applied."""
+    try:
+      return config_from_dict(config_io.merge(config_to_dict(self.run), getattr(self.grid, stage)))
+    except ValueError as e:
+      raise ValueError(f"grid.{stage}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -402,26 +415,60 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
   return config_from_dict(d)
 
 
-# Input paths that a config file gives relative to itself (on the command line: to the cwd).
-FILE_RELATIVE = (("data", "path"), ("train", "init_from"), ("grid", "init_from"))
+# Input paths that a file gives relative to itself (on the command line: to the cwd), in a run
+# config and in each grid stage table.
+FILE_RELATIVE = (("data", "path"), ("train", "init_from"))
+
+
+def read_file(path: str) -> dict:
+  """A TOML (or JSON) config file as a dict, its FILE_RELATIVE paths (and grid.init_from, and those
+  of the grid's stage tables) made absolute against the file's directory."""
+  with open(path, "rb") as f:
+    d = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
+  base = os.path.dirname(os.path.abspath(path))
+  grid = d.get("grid") if isinstance(d.get("grid"), dict) else {}
+  tables = [d, *(grid.get(s) for s in STAGES if isinstance(grid.get(s), dict))]
+  places = [(t.get(sec), key) for t in tables for sec, key in FILE_RELATIVE] + [(grid, "init_from")]
+  for table, key in places:
+    value = table.get(key) if isinstance(table, dict) else None
+    if isinstance(value, str) and value and not os.path.isabs(value):
+      table[key] = os.path.normpath(os.path.join(base, value))
+  return d
 
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-  """Reads a TOML (or JSON) file (None = defaults), applies overrides, validates once.
-  The input paths of FILE_RELATIVE written in the file are relative to the file's directory."""
-  d: dict = {}
-  if path:
-    with open(path, "rb") as f:
-      d = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
-    for section, key in FILE_RELATIVE:
-      value = d.get(section, {}).get(key) if isinstance(d.get(section), dict) else None
-      if isinstance(value, str) and value and not os.path.isabs(value):
-        d[section][key] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                        value))
+  """A run's Config: a TOML (or JSON) file (None = defaults) with dotted overrides applied,
+  validated once. An experiment file's [grid] table is not part of a run and is left out."""
+  d = read_file(path) if path else {}
+  d.pop("grid", None)
   config_io.check_keys(Config, d)
   for item in overrides:
-    config_io.set_dotted(Config, d, *parse_override(item))
+    key, value = parse_override(item)
+    if key.split(".")[0] == "grid":
+      raise ValueError(f"{key!r} configures an experiment grid (moba-jax grid), not one run")
+    config_io.set_dotted(Config, d, key, value)
   return config_from_dict(d)
+
+
+def load_experiment_config(path: str | None = None,
+                           overrides: Sequence[str] = ()) -> ExperimentConfig:
+  """An experiment: the file's run sections and its [grid] table, with overrides (`grid.*` keys
+  go to the grid, `grid.pretrain.train.steps=...` into a stage table), validated once."""
+  d = read_file(path) if path else {}
+  grid = d.pop("grid", {})
+  config_io.check_keys(Config, d)
+  for item in overrides:
+    key, value = parse_override(item)
+    if key.split(".")[0] == "grid":
+      config_io.set_dotted(GridConfig, grid, key.partition(".")[2], value, prefix="grid.")
+    else:
+      config_io.set_dotted(Config, d, key, value)
+  return ExperimentConfig(config_from_dict(d), config_io.build(GridConfig, grid, prefix="grid."))
+
+
+def experiment_to_dict(exp: ExperimentConfig) -> dict:
+  """The file form of an experiment: the run's sections, then the [grid] table."""
+  return {**config_to_dict(exp.run), "grid": config_to_dict(exp.grid)}
 
 
 def save_config(cfg: Config, path: str) -> None:

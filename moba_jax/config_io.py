@@ -1,6 +1,7 @@
 """Generic machinery of the config system: frozen-dataclass trees from dicts (nested dataclasses,
-tuples, unions, literals), dotted overrides parsed as TOML literals, unknown keys with suggestions,
-a small TOML writer and atomic file writes. `moba_jax.config` builds the project's Config on it.
+tuples, unions, literals, and `Partial` tables: any subset of another tree's keys, typed), dotted
+overrides parsed as TOML literals, unknown keys with suggestions and a small TOML writer.
+`moba_jax.config` builds the project's Config and ExperimentConfig on it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,33 @@ import json
 import tomllib
 import types
 import typing
-from typing import Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
 
 
+@dataclasses.dataclass(frozen=True)
+class Partial:
+  """Marks a field `Annotated[dict, Partial(Schema)]`: a nested table holding any subset of the
+  keys of the dataclass tree `Schema`, each value typed as there (e.g. a grid stage's changes to
+  the run config). Kept as a plain nested dict; `merge` applies it to a full tree's dict."""
+
+  schema: type
+
+
+def _partial(tp) -> Partial | None:
+  if typing.get_origin(tp) is Annotated:
+    return next((m for m in tp.__metadata__ if isinstance(m, Partial)), None)
+  return None
+
+
 def _hints(cls) -> dict[str, Any]:
-  return typing.get_type_hints(cls)
+  return typing.get_type_hints(cls, include_extras=True)
 
 
 def _describe(tp) -> str:
+  if _partial(tp):
+    return "a table of config keys"
   origin, args = typing.get_origin(tp), typing.get_args(tp)
   if origin is tuple:
     return f"a list of {_describe(args[0])}"
@@ -34,6 +52,8 @@ def _describe(tp) -> str:
 
 def _coerce(tp, value, key: str, root=None):
   """Converts a TOML/JSON value to the field type `tp`; raises ValueError naming `key`."""
+  if (part := _partial(tp)) is not None:
+    return _coerce_partial(part.schema, value, key)
   origin, args = typing.get_origin(tp), typing.get_args(tp)
   bad = ValueError(f"{key}={value!r} must be {_describe(tp)}")
   if dataclasses.is_dataclass(tp):
@@ -76,12 +96,27 @@ def _coerce(tp, value, key: str, root=None):
   return value
 
 
+def _coerce_partial(schema, value, key: str) -> dict:
+  """A Partial table: every key must be one of `schema`'s, every value of its type."""
+  if not isinstance(value, dict):
+    raise ValueError(f"{key}={value!r} is a table of config keys: set its keys ({key}.KEY=...)")
+  hints, out = _hints(schema), {}
+  for name, v in value.items():
+    if name not in hints:
+      raise _unknown(f"{key}.{name}", [f"{key}.{k}" for k in all_keys(schema)])
+    tp = hints[name]
+    sub = _coerce_partial(tp, v, f"{key}.{name}") if dataclasses.is_dataclass(tp) else None
+    out[name] = sub if sub is not None else _coerce(tp, v, f"{key}.{name}")
+  return out
+
+
 def all_keys(cls, prefix: str = "") -> list[str]:
   keys = []
   for name, tp in _hints(cls).items():
     keys.append(prefix + name)
-    if dataclasses.is_dataclass(tp):
-      keys += all_keys(tp, prefix + name + ".")
+    part = _partial(tp)
+    if dataclasses.is_dataclass(tp) or part:
+      keys += all_keys(part.schema if part else tp, prefix + name + ".")
   return keys
 
 
@@ -100,14 +135,17 @@ def _build(cls, d: dict, prefix: str = "", root=None):
   kwargs = {}
   for name, value in d.items():
     if name not in hints:
-      raise _unknown(prefix + name, all_keys(root or cls))
+      raise _unknown(prefix + name, all_keys(root) if root else all_keys(cls, prefix))
     kwargs[name] = _coerce(hints[name], value, prefix + name, root or cls)
   return cls(**kwargs)
 
 
-def build(cls, d: dict):
-  """Builds (and validates) a dataclass tree from a nested dict; missing keys take defaults."""
-  return _build(cls, d)
+def build(cls, d: dict, prefix: str = ""):
+  """Builds (and validates) a dataclass tree from a nested dict; missing keys take defaults.
+  prefix: where the tree sits in a larger file ("grid."), for error messages."""
+  if not isinstance(d, dict):
+    raise ValueError(f"{prefix.rstrip('.')}={d!r} is a section: set its keys")
+  return _build(cls, d, prefix)
 
 
 def to_dict(cfg) -> dict:
@@ -115,10 +153,20 @@ def to_dict(cfg) -> dict:
   def plain(v):
     if dataclasses.is_dataclass(v):
       return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, dict):
+      return {k: plain(x) for k, x in v.items()}
     if isinstance(v, (tuple, list)):
       return [plain(x) for x in v]
     return v
   return plain(cfg)
+
+
+def merge(base: dict, changes: dict) -> dict:
+  """A copy of nested dict `base` with the (nested) keys of `changes` set."""
+  out = dict(base)
+  for k, v in changes.items():
+    out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+  return out
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -135,16 +183,17 @@ def parse_override(item: str) -> tuple[str, Any]:
   return key, value
 
 
-def set_dotted(root, d: dict, key: str, value) -> None:
-  """d[key] = value for a dotted key that must be a field of the dataclass tree `root`."""
+def set_dotted(root, d: dict, key: str, value, prefix: str = "") -> None:
+  """d[key] = value for a dotted key that must be a field of the dataclass tree `root` (which sits
+  at `prefix` of a larger file, for error messages)."""
   valid = all_keys(root)
   if key not in valid:
-    raise _unknown(key, valid)
+    raise _unknown(prefix + key, [prefix + k for k in valid])
   parts = key.split(".")
   for part in parts[:-1]:
     d = d.setdefault(part, {})
     if not isinstance(d, dict):
-      raise ValueError(f"override {key!r}: {part!r} is not a section")
+      raise ValueError(f"override {prefix + key!r}: {part!r} is not a section")
   d[parts[-1]] = value
 
 

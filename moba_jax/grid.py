@@ -1,9 +1,9 @@
 """`moba-jax grid [EXPERIMENT.toml] [key=value ...]`: the layer-wise hybrid experiment grid.
 
 The paper's recipe (Figure 5b/5c), as two stages over one experiment config (docs/grid.md):
-  stage 1  one shared pretraining run: the config + `grid.pretrain` overrides, with
+  stage 1  one shared pretraining run: the run config with the [grid.pretrain] table, with
            moba.hybrid_full_layers = grid.pretrain_attention (default 0 = MoBA) -> OUT/pretrain
-  stage 2  one SFT run per (variant, seed): the config + `grid.sft` overrides, with
+  stage 2  one SFT run per (variant, seed): the run config with the [grid.sft] table, with
            moba.hybrid_full_layers = variant, the seed, and train.init_from = OUT/pretrain
            -> OUT/sft/<variant>/seed<S>
 then results.{csv,md,json} and loss_vs_layers.png (moba_jax.report).
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Iterator
 
 from moba_jax import report, rundir
-from moba_jax.config import Config, apply_overrides, config_to_dict, layer_kinds, load_config
+from moba_jax.config import (STAGES, Config, ExperimentConfig, experiment_to_dict, layer_kinds,
+                             load_experiment_config)
 
 DEFAULT_EXPERIMENT = "layerwise_hybrid_cpu.toml"
 ALIASES = ("out_dir", "seeds", "variants", "only", "only_seeds", "stage", "init_from", "workers")
@@ -84,57 +85,62 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
   return out
 
 
-def load_experiment(name: str | None, overrides: list[str]) -> tuple[Config, str]:
+def load_experiment(name: str | None, overrides: list[str]) -> tuple[ExperimentConfig, str]:
+  """The experiment, checked against the model and the layers (before any run starts)."""
   with experiment_file(name) as path:
-    cfg = load_config(path, normalize_overrides(overrides))
+    exp = load_experiment_config(path, normalize_overrides(overrides))
     source = name or f"moba_jax.experiments/{DEFAULT_EXPERIMENT}"
-  check_variants(cfg)
-  return resolve_corpus(cfg), source
+  check_variants(exp)
+  from moba_jax import train  # late: jax loads only once the experiment is known to be valid
+
+  for stage in STAGES:
+    try:
+      train.validate(exp.stage_config(stage))
+    except ValueError as e:
+      raise ValueError(f"grid.{stage}: {e}") from None
+  return resolve_corpus(exp), source
 
 
-def _stage_configs(cfg: Config) -> list[Config]:
-  return [apply_overrides(cfg, cfg.grid.pretrain), apply_overrides(cfg, cfg.grid.sft)]
-
-
-def resolve_corpus(cfg: Config) -> Config:
+def resolve_corpus(exp: ExperimentConfig) -> ExperimentConfig:
   """data.path = "" with data.task = "corpus" means the default code corpus: build it once (here,
   not in every run) and name it, so each run's config.toml records the directory it read."""
-  if not any(c.data.task == "corpus" and not c.data.path for c in _stage_configs(cfg)):
-    return cfg
+  if not any(c.data.task == "corpus" and not c.data.path for c in map(exp.stage_config, STAGES)):
+    return exp
   from moba_jax import corpus
 
   path = str(corpus.default_code_corpus())
-  cfg = apply_overrides(cfg, [f"data.path={path}"] if not cfg.data.path else [])
-  g = cfg.grid
-  return dataclasses.replace(cfg, grid=dataclasses.replace(
-      g, pretrain=_empty_path(g.pretrain, path), sft=_empty_path(g.sft, path)))
+  run = exp.run
+  if not run.data.path:
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, path=path))
+  tables = {}
+  for stage in STAGES:  # a stage's own data.path = "" also means the default corpus
+    table = getattr(exp.grid, stage)
+    if table.get("data", {}).get("path") == "":
+      table = {**table, "data": {**table["data"], "path": path}}
+    tables[stage] = table
+  return ExperimentConfig(run, dataclasses.replace(exp.grid, **tables))
 
 
-def _empty_path(items: tuple[str, ...], path: str) -> tuple[str, ...]:
-  """Stage overrides with `data.path=` (empty) replaced by the default corpus's path."""
-  return tuple(f"data.path={path}" if i.replace(" ", "") in ("data.path=", 'data.path=""')
-               else i for i in items)
-
-
-def corpus_fingerprints(cfg: Config) -> dict:
+def corpus_fingerprints(exp: ExperimentConfig) -> dict:
   """{stage: the sha256 fingerprint of its corpus, or None for synthetic data}."""
   from moba_jax import corpus
 
   out = {}
-  for stage, c in zip(("pretrain", "sft"), _stage_configs(cfg)):
+  for stage in STAGES:
+    c = exp.stage_config(stage)
     out[stage] = corpus.load(c.data.path).fingerprint if c.data.task == "corpus" else None
   return out
 
 
-def check_variants(cfg: Config) -> None:
+def check_variants(exp: ExperimentConfig) -> None:
   """Every variant must fit the model depth: errors name the value and the accepted range."""
-  g = cfg.grid
+  g, n_layers = exp.grid, exp.run.model.n_layers
   for v in (*g.variants, g.pretrain_attention):
     try:
-      layer_kinds(cfg.model.n_layers, v)
+      layer_kinds(n_layers, v)
     except ValueError:
       raise ValueError(f"grid variant hybrid_full_layers={v!r} must be in "
-                       f"[0, model.n_layers={cfg.model.n_layers}] or 'all'") from None
+                       f"[0, model.n_layers={n_layers}] or 'all'") from None
 
 
 def seed_settings(cfg: Config, seed: int) -> dict:
@@ -150,17 +156,17 @@ def _with(cfg: Config, run_dir: Path, hfl, changes: dict, init_from: str) -> Con
   return dataclasses.replace(cfg, run_dir=str(run_dir), train=train, data=data, moba=moba)
 
 
-def plan(cfg: Config) -> tuple[RunSpec | None, list[RunSpec]]:
+def plan(exp: ExperimentConfig) -> tuple[RunSpec | None, list[RunSpec]]:
   """(stage-1 run or None when grid.init_from is given, stage-2 runs) of the full grid."""
-  g, out = cfg.grid, Path(cfg.grid.out_dir)
+  g, out = exp.grid, Path(exp.grid.out_dir)
   pre = None
   init_from = g.init_from
   if not init_from:
-    pre_cfg = _with(apply_overrides(cfg, g.pretrain), out / "pretrain", g.pretrain_attention,
-                    {}, cfg.train.init_from)
+    pre_base = exp.stage_config("pretrain")
+    pre_cfg = _with(pre_base, out / "pretrain", g.pretrain_attention, {}, pre_base.train.init_from)
     pre = RunSpec("pretrain", pre_cfg)
     init_from = str(out / "pretrain")
-  sft_base = apply_overrides(cfg, g.sft)
+  sft_base = exp.stage_config("sft")
   runs = []
   for v in g.variants:
     for s in g.seeds:
@@ -170,9 +176,9 @@ def plan(cfg: Config) -> tuple[RunSpec | None, list[RunSpec]]:
   return pre, runs
 
 
-def select(cfg: Config, pre: RunSpec | None, runs: list[RunSpec]) -> list[RunSpec]:
+def select(exp: ExperimentConfig, pre: RunSpec | None, runs: list[RunSpec]) -> list[RunSpec]:
   """The runs this invocation executes (grid.stage, grid.only, grid.only_seeds)."""
-  g = cfg.grid
+  g = exp.grid
   todo = [pre] if pre is not None and g.stage in ("all", "pretrain") else []
   if g.stage in ("all", "sft"):
     todo += [r for r in runs if (not g.only or r.variant in g.only)
@@ -183,16 +189,16 @@ def select(cfg: Config, pre: RunSpec | None, runs: list[RunSpec]) -> list[RunSpe
 # ----------------------------------------------------------------------------- running
 
 
-def enable_jax_cache(cfg: Config) -> None:
+def enable_jax_cache(exp: ExperimentConfig) -> None:
   """Persistent compilation cache under out_dir (unless JAX_COMPILATION_CACHE_DIR is set): the
   seeds of a variant compile the same programs, so only the first seed pays for compilation."""
   import os
 
   import jax
 
-  if not cfg.grid.jax_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  if not exp.grid.jax_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
-  jax.config.update("jax_compilation_cache_dir", str(Path(cfg.grid.out_dir, "jax_cache").resolve()))
+  jax.config.update("jax_compilation_cache_dir", str(Path(exp.grid.out_dir, "jax_cache").resolve()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -245,32 +251,33 @@ def run_one(spec: RunSpec, progress: bool) -> dict:
   return _record(spec, status=status, error=None, finished=time.time())
 
 
-def write_manifest(cfg: Config, source: str, main: bool | None = None) -> None:
-  out = Path(cfg.grid.out_dir)
+def write_manifest(exp: ExperimentConfig, source: str, main: bool | None = None) -> None:
+  out = Path(exp.grid.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   if not (_is_main_process() if main is None else main):
     return
-  manifest = {"name": cfg.grid.name or Path(source).stem, "experiment": source,
-              "corpus_fingerprint": corpus_fingerprints(cfg),
-              "n_layers": cfg.model.n_layers, "seq_len": cfg.train.seq_len,
-              "block_size": cfg.moba.block_size, "topk": cfg.moba.topk,
-              "trailing_tokens": cfg.eval.trailing_tokens, "config": config_to_dict(cfg)}
+  sft = exp.stage_config("sft")
+  manifest = {"name": exp.grid.name or Path(source).stem, "experiment": source,
+              "corpus_fingerprint": corpus_fingerprints(exp),
+              "n_layers": sft.model.n_layers, "seq_len": sft.train.seq_len,
+              "block_size": sft.moba.block_size, "topk": sft.moba.topk,
+              "trailing_tokens": sft.eval.trailing_tokens, "config": experiment_to_dict(exp)}
   rundir.atomic_write(out / rundir.EXPERIMENT, json.dumps(manifest, indent=2) + "\n")
 
 
-def run_grid(cfg: Config, source: str = "", *, progress: bool = True, worker: bool = False,
+def run_grid(exp: ExperimentConfig, source: str = "", *, progress: bool = True, worker: bool = False,
              launch: tuple[str, list[str]] | None = None) -> int:
   """Runs the selected part of the grid, then writes the results; returns the exit code.
 
   worker: one run of a pool (no manifest, no results). launch: (experiment file, overrides) that
-  reproduce `cfg` in a subprocess; with grid.workers > 1 the runs go to a pool of them."""
-  pre, runs = plan(cfg)
-  todo = select(cfg, pre, runs)
+  reproduce `exp` in a subprocess; with grid.workers > 1 the runs go to a pool of them."""
+  pre, runs = plan(exp)
+  todo = select(exp, pre, runs)
   if not worker:
-    write_manifest(cfg, source, main=True if launch and cfg.grid.workers > 1 else None)
-  if launch and cfg.grid.workers > 1:
-    failed, stopped = _run_pool(cfg, pre, todo, launch)
-    return _results(cfg, failed, stopped, main=True)
+    write_manifest(exp, source, main=True if launch and exp.grid.workers > 1 else None)
+  if launch and exp.grid.workers > 1:
+    failed, stopped = _run_pool(exp, pre, todo, launch)
+    return _results(exp, failed, stopped, main=True)
   failed, stopped = 0, False
   for i, spec in enumerate(todo, 1):
     if spec.stage == "sft" and pre is not None and not is_done(pre):
@@ -289,20 +296,20 @@ def run_grid(cfg: Config, source: str = "", *, progress: bool = True, worker: bo
       break
   if worker:
     return EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
-  return _results(cfg, failed, stopped)
+  return _results(exp, failed, stopped)
 
 
-def _results(cfg: Config, failed: int, stopped: bool, main: bool | None = None) -> int:
+def _results(exp: ExperimentConfig, failed: int, stopped: bool, main: bool | None = None) -> int:
   code = EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
   if not (_is_main_process() if main is None else main):
     return code
-  rows = report.write_results(cfg.grid.out_dir)
+  rows = report.write_results(exp.grid.out_dir)
   print(report.format_markdown(rows), end="")
-  print(f"results: {', '.join(str(Path(cfg.grid.out_dir, f)) for f in report.RESULT_FILES)}")
+  print(f"results: {', '.join(str(Path(exp.grid.out_dir, f)) for f in report.RESULT_FILES)}")
   return code
 
 
-def _run_pool(cfg: Config, pre: RunSpec | None, todo: list[RunSpec],
+def _run_pool(exp: ExperimentConfig, pre: RunSpec | None, todo: list[RunSpec],
               launch: tuple[str, list[str]]) -> tuple[int, bool]:
   """Stage 1 alone, then the SFT runs grid.workers at a time (moba_jax/grid_pool.py), seeds
   outermost so that an interrupted grid has whole seeds. -> (failed runs, stopped)."""
@@ -333,7 +340,7 @@ def _run_pool(cfg: Config, pre: RunSpec | None, todo: list[RunSpec],
             + (f" ({rec['error']})" if rec.get("error") else "") + f" in {seconds:.1f}s",
             flush=True)
 
-    stopped = grid_pool.run_pool(jobs, cfg.grid.workers, done)
+    stopped = grid_pool.run_pool(jobs, exp.grid.workers, done)
     if stopped:
       return failed, True
   return failed, False
@@ -375,25 +382,25 @@ def main(argv: list[str] | None = None) -> int:
   pos = list(args.args)
   name = pos.pop(0) if pos and "=" not in pos[0] else None
   try:
-    cfg, source = load_experiment(name, pos + _flag_overrides(args))
-    corpus_fingerprints(cfg)  # a bad data.path fails here, before any run starts
+    exp, source = load_experiment(name, pos + _flag_overrides(args))
+    corpus_fingerprints(exp)  # a bad data.path fails here, before any run starts
   except (ValueError, FileNotFoundError) as e:
     print(f"moba-jax grid: {e}", file=sys.stderr)
     return 2
   if args.dry_run:
-    pre, runs = plan(cfg)
-    for i, spec in enumerate(select(cfg, pre, runs), 1):
+    pre, runs = plan(exp)
+    for i, spec in enumerate(select(exp, pre, runs), 1):
       print(f"{i:3d}. {spec.name}: {spec.run_dir}" + ("  [done]" if is_done(spec) else ""))
     return 0
   progress = not args.no_progress
-  if cfg.grid.workers > 1 and not args.worker:  # a pool of subprocesses; this one runs nothing
+  if exp.grid.workers > 1 and not args.worker:  # a pool of subprocesses; this one runs nothing
     launch = (experiment_path(name), pos + _flag_overrides(args))
-    return run_grid(cfg, source, progress=progress, launch=launch)
+    return run_grid(exp, source, progress=progress, launch=launch)
   from moba_jax import train
 
   train.maybe_initialize_distributed()  # multi-host pods / SLURM: before any device is touched
-  enable_jax_cache(cfg)
-  return run_grid(cfg, source, progress=progress, worker=args.worker)
+  enable_jax_cache(exp)
+  return run_grid(exp, source, progress=progress, worker=args.worker)
 
 
 def experiment_path(name: str | None) -> str:

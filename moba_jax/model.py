@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moba_jax import moba as moba_lib
-from moba_jax.attention import attention
+from moba_jax.attention import KernelOptions, attention
 from moba_jax.config import MobaConfig, ModelConfig, layer_kinds
 from moba_jax.sharding import shard
 
@@ -80,7 +80,8 @@ class Attention(nnx.Module):
     if self.kind == "moba":
       out = attention(q, k, v, kind="moba", implementation=self.moba.implementation,
                       segment_ids=segment_ids, block_size=self.moba.block_size,
-                      topk=self.moba.topk, options=self.moba.kernel_options())
+                      topk=self.moba.topk,
+                      options=KernelOptions(self.moba.interpret, self.moba.tiles))
     else:
       out = attention(q, k, v, kind="full", implementation=self.moba.full_implementation,
                       segment_ids=segment_ids)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from moba_jax import attention
 from moba_jax import checkpoint as ckpt
 from moba_jax import data as data_lib
 from moba_jax import flops as flops_lib
@@ -26,7 +27,7 @@ from moba_jax import metrics as metrics_lib
 from moba_jax import rundir
 from moba_jax import sharding as shd
 from moba_jax import train_step as ts
-from moba_jax.config import Config, config_to_dict, load_config, save_config
+from moba_jax.config import Config, config_to_dict, load_config, read_file, save_config
 from moba_jax.rundir import atomic_write
 from moba_jax.signals import SignalFlag
 
@@ -306,6 +307,18 @@ def _summary(cfg, loop: _Loop, status: str, wall: float, extra: dict) -> dict:
   return summary
 
 
+def validate(cfg: Config) -> Config:
+  """The checks a Config cannot make by itself (they need the layers above it): implementation
+  names the attention registry knows, and data settings that fit the model and sequence length.
+  Raises ValueError naming the key; run() calls it first, `moba-jax grid` for every stage."""
+  for key, kind in (("implementation", "moba"), ("full_implementation", "full")):
+    name, known = getattr(cfg.moba, key), attention.implementations(kind)
+    if name not in known:
+      raise ValueError(f"moba.{key}={name!r} must be one of {known}")
+  data_lib.check_config(cfg)
+  return cfg
+
+
 # Model keys that fix the parameters' shapes and dtypes: a run dir holds checkpoints of one.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
               "tie_embeddings", "param_dtype")
@@ -344,6 +357,7 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   over the last eval.trailing_tokens positions), position_loss (buckets), tokens_per_s,
   step_time_s, mfu, wall_s, nonfinite_steps.
   """
+  validate(cfg)
   os.makedirs(cfg.run_dir, exist_ok=True)
   with Preemption() as pre:  # from here on SIGTERM / SIGINT stop the run cleanly
     if jax.process_index() != 0:
@@ -463,7 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   path = argv[0] if argv and "=" not in argv[0] else None
   overrides = argv[1:] if path else argv
   try:
-    cfg = load_config(path, overrides)
+    cfg = validate(load_config(path, overrides))
+    if path and "grid" in read_file(path):
+      print(f"moba-jax train: note: {path} is an experiment; training its run config (its [grid] "
+            "table is for moba-jax grid)", file=sys.stderr)
   except (ValueError, OSError) as e:
     print(f"moba-jax train: {e}", file=sys.stderr)
     return 2

@@ -21,13 +21,50 @@ def test_toml_file_and_overrides(tmp_path):
   path = tmp_path / "exp.toml"
   path.write_text('run_dir = "runs/x"\n[train]\nsteps = 50\nlr = 1e-3\n'
                   '[moba]\nhybrid_full_layers = "all"\n[mesh.rules]\nbatch = ["data"]\n')
-  cfg = C.load_config(str(path), ["train.steps=7", "model.dtype=bfloat16", "grid.seeds=[4, 5]",
+  cfg = C.load_config(str(path), ["train.steps=7", "model.dtype=bfloat16",
                                   "moba.hybrid_full_layers=2", "data.task=passkey"])
   assert cfg.run_dir == "runs/x" and cfg.train.steps == 7 and cfg.train.lr == 1e-3
-  assert cfg.model.dtype == "bfloat16" and cfg.grid.seeds == (4, 5)
+  assert cfg.model.dtype == "bfloat16"
   assert cfg.moba.hybrid_full_layers == 2 and cfg.mesh.rules.batch == ("data",)
   assert C.apply_overrides(cfg, ["moba.hybrid_full_layers=all"]).moba.hybrid_full_layers == "all"
-  assert C.apply_overrides(cfg, ["grid.variants=[0, 1, \"all\"]"]).grid.variants == (0, 1, "all")
+
+
+def test_experiment_is_a_run_config_plus_a_typed_grid(tmp_path):
+  """[grid] with typed stage tables; `moba-jax train` reads the same file as one run."""
+  (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+  path = tmp_path / "exp.toml"
+  path.write_text('[train]\nsteps = 50\n[grid]\nseeds = [4]\n[grid.pretrain.train]\nsteps = 9\n'
+                  '[grid.pretrain.data]\npath = "d.jsonl"\n[grid.sft.train]\nlr = 1e-4\n')
+  exp = C.load_experiment_config(str(path), ["grid.variants=[0, 1, \"all\"]",
+                                             "grid.sft.data.loss_on=all", "train.seed=3"])
+  assert exp.grid.seeds == (4,) and exp.grid.variants == (0, 1, "all")
+  pre, sft = exp.stage_config("pretrain"), exp.stage_config("sft")
+  assert (pre.train.steps, pre.train.lr, pre.train.seed) == (9, 3e-3, 3)
+  assert pre.data.path == str(tmp_path / "d.jsonl")  # relative to the file, in a stage table too
+  assert (sft.train.steps, sft.train.lr, sft.data.loss_on) == (50, 1e-4, "all")
+  assert exp.run.data.loss_on == "auto"  # the base run is untouched
+  back = tmp_path / "back.toml"
+  back.write_text(C.to_toml(C.experiment_to_dict(exp)))
+  assert C.load_experiment_config(str(back)) == exp
+  run = C.load_config(str(path))  # a run: the grid table is left out
+  assert run.train.steps == 50 and not hasattr(run, "grid")
+  with pytest.raises(ValueError, match="'grid.seeds' configures an experiment grid"):
+    C.load_config(str(path), ["grid.seeds=[1]"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("grid.pretrain.train.stepz=3", "'grid.pretrain.train.stepz'; did you mean "
+     "'grid.pretrain.train.steps'?"),
+    ("grid.sft.train.steps=-3", "grid.sft: train.steps=-3 must be an integer >= 1"),
+    ("grid.sft.train.lr=abc", "grid.sft.train.lr='abc' must be a number"),
+    ("grid.pretrain.train=3", "grid.pretrain.train=3 is a table of config keys"),
+    ("grid.pretrain=[\"train.steps=3\"]", "grid.pretrain=['train.steps=3'] is a table"),
+    ("grid.seedz=[1]", "'grid.seedz'; did you mean 'grid.seeds'?"),
+])
+def test_experiment_errors_name_the_key(override, needle):
+  with pytest.raises(ValueError) as e:
+    C.load_experiment_config(None, [override])
+  assert needle in str(e.value)
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -37,6 +74,7 @@ def test_toml_file_and_overrides(tmp_path):
     ("train.lr=abc", "train.lr='abc' must be a number"),
     ("train.min_lr_ratio=2", "train.min_lr_ratio=2"),
     ("moba.hybrid_full_layers=9", "moba.hybrid_full_layers=9 must be in [0, n_layers=4]"),
+    ("moba.implementation=cudnn", "moba.implementation='cudnn' must be one of ('auto', "),
     ("data.task=nope", "data.task='nope' must be one of"),
     ("mesh.rules.batch=[\"dat\"]", "mesh.rules.batch='dat' must be one of"),
     ("train=3", "train=3 is a section"),
@@ -45,10 +83,10 @@ def test_toml_file_and_overrides(tmp_path):
 ])
 def test_errors_name_the_key_and_range(override, needle):
   if needle is None:
-    C.load_config(None, [override])
+    train.validate(C.load_config(None, [override]))
     return
   with pytest.raises(ValueError) as e:
-    C.load_config(None, [override])
+    train.validate(C.load_config(None, [override]))
   assert needle in str(e.value)
 
 
@@ -60,19 +98,37 @@ def test_unknown_key_in_file(tmp_path):
 
 
 def test_cross_section_checks():
+  check = lambda *overrides: train.validate(C.load_config(None, overrides))
   with pytest.raises(ValueError, match="train.batch_size=6 must be divisible by mesh.data"):
-    C.load_config(None, ["mesh.data=4", "train.batch_size=6"])
+    check("mesh.data=4", "train.batch_size=6")
   with pytest.raises(ValueError, match="train.seq_len=16 must be >= "):
-    C.load_config(None, ["train.seq_len=16", "eval.trailing_tokens=8"])
+    check("train.seq_len=16", "eval.trailing_tokens=8")
   with pytest.raises(ValueError, match="vocab_size=256 must be >= 259 for data.task='corpus'"):
-    C.load_config(None, ["data.task=corpus", "data.path=x.jsonl"])
-  assert C.load_config(None, ["data.task=corpus", "data.path=x.jsonl",
-                              "model.vocab_size=259"]).data.path == "x.jsonl"  # read when used
+    check("data.task=corpus", "data.path=x.jsonl")
+  assert check("data.task=corpus", "data.path=x.jsonl",
+               "model.vocab_size=259").data.path == "x.jsonl"  # read when used
   with pytest.raises(ValueError, match="data.response_tokens=256 applies to data.task='corpus' "
                      "and must be < train.seq_len=256"):
-    C.load_config(None, ["data.task=corpus", "model.vocab_size=259", "data.response_tokens=256"])
+    check("data.task=corpus", "model.vocab_size=259", "data.response_tokens=256")
   with pytest.raises(ValueError, match="data.response_tokens=8 applies to data.task='corpus'"):
-    C.load_config(None, ["data.task=passkey", "data.response_tokens=8"])
+    check("data.task=passkey", "data.response_tokens=8")
+
+
+def test_config_imports_no_layer_above_it():
+  """config.py and config_io.py validate without importing attention, data or the model (the
+  layers they configure); those checks are train.validate, run by every entry point."""
+  import ast
+  import pathlib
+  for name in ("config.py", "config_io.py"):
+    source = (pathlib.Path(C.__file__).parent / name).read_text()
+    assert "import_module" not in source
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+      if isinstance(node, ast.ImportFrom) and node.module.startswith("moba_jax"):
+        imported |= {node.module} if node.module != "moba_jax" else {a.name for a in node.names}
+      elif isinstance(node, ast.Import):
+        imported |= {a.name for a in node.names if a.name.startswith("moba_jax")}
+    assert imported <= {"config_io", "moba_jax.config_io", "moba_jax.rundir"}, (name, imported)
 
 
 def test_cli_errors_before_compiling(capsys):

@@ -479,11 +479,13 @@ def test_eval_rows_of_an_sft_corpus_are_examples(tmp_path, monkeypatch):
 
 
 def test_response_tokens_checked_by_config(tmp_path):
+  from moba_jax.train import validate
   with pytest.raises(ValueError, match=f"data.response_tokens={SEQ} .* < train.seq_len={SEQ}"):
-    corpus_cfg(tmp_path / "x", f"data.response_tokens={SEQ}")
+    validate(corpus_cfg(tmp_path / "x", f"data.response_tokens={SEQ}"))
   with pytest.raises(ValueError, match="applies to data.task='corpus'"):
-    C.load_config(None, ["data.task=lm", "data.response_tokens=8"])
-  assert corpus_cfg(tmp_path / "x", f"data.response_tokens={SEQ - 1}").data.response_tokens == 95
+    validate(C.load_config(None, ["data.task=lm", "data.response_tokens=8"]))
+  cfg = validate(corpus_cfg(tmp_path / "x", f"data.response_tokens={SEQ - 1}"))
+  assert cfg.data.response_tokens == 95
 
 
 # ----------------------------------------------------------------------------- grid worker pool
@@ -556,8 +558,9 @@ data = 1
 [grid]
 seeds = [0, 1]
 variants = [0]
-pretrain = ["data.response_tokens=0"]
 jax_cache = false
+[grid.pretrain.data]
+response_tokens = 0
 """
 
 
@@ -613,7 +616,8 @@ def test_pool_runs_stage_one_alone_then_the_seeds_side_by_side(pool_grids):
   assert pre["finished"] <= min(s0["started"], s1["started"])
   assert s0["started"] < s1["finished"] and s1["started"] < s0["finished"]  # 2 at a time
   sft_cfg = C.load_config(str(pool_out / RUNS[1] / "config.toml"))
-  assert sft_cfg.train.init_from == str(pool_out / "pretrain") and sft_cfg.grid.workers == 1
+  assert sft_cfg.train.init_from == str(pool_out / "pretrain")
+  assert "[grid" not in (pool_out / RUNS[1] / "config.toml").read_text()  # a run's config only
 
 
 def test_worker_argv_selects_one_run():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moba_jax import data, grid, report
-from moba_jax.config import load_config
+from moba_jax.config import load_config, load_experiment_config
 
 TINY = """
 run_dir = "unused"
@@ -46,8 +46,11 @@ data = 1
 [grid]
 seeds = [0, 1]
 variants = [0, "all"]
-pretrain = ["data.task=lm", "train.steps=3"]
 jax_cache = false
+[grid.pretrain.data]
+task = "lm"
+[grid.pretrain.train]
+steps = 3
 """
 
 
@@ -63,26 +66,27 @@ def tiny_toml(tmp_path_factory):
 
 def test_packaged_experiments_load_and_fit_their_models():
   for name in ("layerwise_hybrid_cpu", "layerwise_hybrid_h200", "layerwise_hybrid_paper"):
-    cfg, _ = grid.load_experiment(name, ["out_dir=/tmp/x"])
-    assert cfg.grid.out_dir == "/tmp/x"
-    assert list(cfg.grid.variants) == [0, 1, 3, 5, 10, "all"]
+    exp, _ = grid.load_experiment(name, ["out_dir=/tmp/x"])
+    cfg = exp.run
+    assert exp.grid.out_dir == "/tmp/x"
+    assert list(exp.grid.variants) == [0, 1, 3, 5, 10, "all"]
     assert cfg.model.n_layers > 10  # hybrid 10 differs from all-full
-    pre, runs = grid.plan(cfg)
-    assert len(runs) == 6 * len(cfg.grid.seeds)
-    if cfg.grid.init_from:  # a shipped stage 1: it exists and stage 1 is not planned
-      assert pre is None and os.path.isdir(os.path.join(cfg.grid.init_from, "checkpoints"))
+    pre, runs = grid.plan(exp)
+    assert len(runs) == 6 * len(exp.grid.seeds)
+    if exp.grid.init_from:  # a shipped stage 1: it exists and stage 1 is not planned
+      assert pre is None and os.path.isdir(os.path.join(exp.grid.init_from, "checkpoints"))
     else:
       assert pre.cfg.moba.hybrid_full_layers == 0
     assert cfg.train.seq_len > cfg.moba.block_size * cfg.moba.topk  # MoBA drops context
   pilot, _ = grid.load_experiment("passkey_pilot_cpu", [])
   pre, runs = grid.plan(pilot)
-  assert pre.cfg.data.task == "lm" and pilot.data.task == "passkey"
+  assert pre.cfg.data.task == "lm" and pilot.run.data.task == "passkey"
   assert [r.variant for r in runs] == [0, "all"]
-  assert pilot.train.seq_len > pilot.moba.block_size * pilot.moba.topk
+  assert pilot.run.train.seq_len > pilot.run.moba.block_size * pilot.run.moba.topk
 
 
 def test_plan_stages_and_seeds(tiny_toml):
-  cfg, _ = grid.load_experiment(tiny_toml, ["out_dir=/o", "grid.sft=['train.lr=1e-4']"])
+  cfg, _ = grid.load_experiment(tiny_toml, ["out_dir=/o", "grid.sft.train.lr=1e-4"])
   pre, runs = grid.plan(cfg)
   assert pre.run_dir.as_posix() == "/o/pretrain"
   assert pre.cfg.data.task == "lm" and pre.cfg.train.steps == 3
@@ -116,6 +120,8 @@ def test_select_only_seed_stage_and_init_from(tiny_toml):
     ("grid.only=1", "grid.only=1 must be one of (0, 'all')"),
     ("grid.seeds=[0, 0]", "grid.seeds=[0, 0] must be a non-empty list"),
     ("grid.stage=sometimes", "grid.stage='sometimes' must be one of"),
+    ("grid.sft.data.response_tokens=8", "grid.sft: data.response_tokens=8 applies to data.task="),
+    ("grid.pretrain.moba.implementation=nope", "grid.pretrain: moba.implementation='nope' must be"),
 ])
 def test_bad_grid_values_named(tiny_toml, override, needle, capsys):
   assert grid.main([tiny_toml, override, "--dry-run"]) == 2
@@ -196,6 +202,8 @@ def test_report_rebuilds_same_rows(ran_grid, capsys):
   assert (out / "results.csv").read_text() == before
 
 
-def test_load_config_accepts_grid_section(tiny_toml):
-  cfg = load_config(tiny_toml, ["grid.only=[0]"])
-  assert cfg.grid.only == (0,) and cfg.grid.pretrain == ("data.task=lm", "train.steps=3")
+def test_train_reads_an_experiment_file_as_its_run(tiny_toml):
+  exp = load_experiment_config(tiny_toml, ["grid.only=[0]"])
+  assert exp.grid.only == (0,) and exp.grid.pretrain == {"data": {"task": "lm"},
+                                                         "train": {"steps": 3}}
+  assert load_config(tiny_toml) == exp.run

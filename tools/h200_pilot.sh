@@ -13,7 +13,8 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$RES/gpus.csv" 2>
 log "phase 1: H200 grid, short"
 s=$(date +%s)
 timeout -s TERM -k 20 "${T1:-240}" moba-jax grid layerwise_hybrid_h200 out_dir=/tmp/p data.path="$C" \
-  'grid.pretrain=["data.response_tokens=0","train.steps=100","train.lr=2e-3","train.warmup_steps=10","eval.batches=2"]' \
+  grid.pretrain.data.response_tokens=0 grid.pretrain.train.steps=100 grid.pretrain.train.lr=2e-3 \
+  grid.pretrain.train.warmup_steps=10 grid.pretrain.eval.batches=2 \
   train.steps=80 'seeds=[0]' eval.batches=2 log.every=10 --no-progress > "$RES/h200.log" 2>&1
 log "phase 1 rc=$? in $(( $(date +%s) - s ))s"
 log "phase 2: CPU stage-1 candidates"
