@@ -3,7 +3,9 @@
 Prints, per (seq, block, topk, implementation): fwd and fwd+bwd median ms, effective TFLOP/s
 (4 x attended (query, key) pairs x head_dim x heads / time; x3.5 for fwd+bwd) and the compiled
 peak device memory of the fwd+bwd step (arguments + outputs + temporaries, from XLA's memory
-analysis). Inputs are fresh random normals (two sets, alternated), never zeros; warm-up first;
+analysis). With a cuDNN row at the same length, each MoBA row also gets its ratios to cuDNN (time,
+per-FLOP efficiency, memory) and to the physical floor: its attended pairs at cuDNN's measured
+time per pair (`floor ms`; `x floor` = time / floor). Inputs are fresh random normals (two sets, alternated), never zeros; warm-up first;
 each timing is the median of `--repeats` calls, each closed by block_until_ready.
 
   moba-jax bench                                # the default table (H200 sizes)
@@ -26,9 +28,11 @@ from moba_jax import attention as attn
 from moba_jax import flops
 from moba_jax import moba as moba_lib
 
-DEFAULT_CASES = [(8192, 512, 3), (32768, 512, 3), (131072, 512, 3), (131072, 2048, 3),
-                 (131072, 4096, 12)]
-TARGETS_MS = {(8192, 512, 3): 2.0, (32768, 512, 3): 5.3, (131072, 512, 3): 25.0}
+DEFAULT_CASES = [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3), (131072, 512, 3),
+                 (131072, 2048, 3), (131072, 4096, 12)]
+# fwd+bwd targets of issue 14 (one H200, batch 1, 16 heads, head_dim 128, bf16, each call synced).
+TARGETS_MS = {(8192, 512, 3): 1.5, (16384, 128, 8): 2.5, (32768, 512, 3): 3.0,
+              (131072, 512, 3): 12.0, (131072, 4096, 12): 320.0}
 
 
 def _int_list(text: str, sep: str = ",") -> list[int]:
@@ -172,8 +176,9 @@ def bench_one(args, impl, seq, block, topk):
   dtype = jnp.dtype(args.dtype)
   sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
   moba = impl not in ("cudnn", "full_xla")
-  flops = 4 * attended_pairs(seq, block, topk, moba) * args.dim * args.heads * args.batch
-  row = dict(impl=impl, sizes=args.gpu_block_sizes if impl == "pallas_gpu" else None, seq=seq,
+  pairs = attended_pairs(seq, block, topk, moba)
+  flops = 4 * pairs * args.dim * args.heads * args.batch
+  row = dict(impl=impl, pairs=pairs, sizes=args.gpu_block_sizes if impl == "pallas_gpu" else None, seq=seq,
              block=block if moba else None, topk=topk if moba else None, heads=args.heads,
              dim=args.dim, dtype=args.dtype, pipeline=args.pipeline)
   fwd = make_fn(impl, block, topk, bwd=False, gpu_sizes=args.gpu_block_sizes)
@@ -192,12 +197,31 @@ def fmt(x, spec):
   return "-".rjust(int(spec.split(".")[0].rstrip("dfs") or 1)) if x is None else format(x, spec)
 
 
+def add_ratios(rows) -> list[dict]:
+  """Adds to each MoBA row with a cuDNN row of the same length: vs_cudnn (fwd+bwd time ratio),
+  eff_vs_cudnn (effective TF/s ratio), mem_vs_cudnn (peak memory ratio), floor_ms (the row's
+  attended pairs at cuDNN's measured fwd+bwd time per pair) and x_floor (time / floor)."""
+  ref = {r["seq"]: r for r in rows if r.get("impl") == "cudnn" and r.get("fwdbwd_ms")}
+  for r in rows:
+    c = ref.get(r.get("seq"))
+    if c is None or r.get("impl") in ("cudnn", "full_xla") or not r.get("fwdbwd_ms"):
+      continue
+    r["vs_cudnn"] = r["fwdbwd_ms"] / c["fwdbwd_ms"]
+    r["eff_vs_cudnn"] = r["fwdbwd_tflops"] / c["fwdbwd_tflops"]
+    if r.get("peak_gib") and c.get("peak_gib"):
+      r["mem_vs_cudnn"] = r["peak_gib"] / c["peak_gib"]
+    r["floor_ms"] = c["fwdbwd_ms"] * r["pairs"] / c["pairs"]
+    r["x_floor"] = r["fwdbwd_ms"] / r["floor_ms"]
+  return rows
+
+
 def print_table(rows):
   head = (f"{'impl':11s} {'seq':>7s} {'blk':>5s} {'topk':>4s} {'fwd ms':>9s} {'TF/s':>6s} "
-          f"{'f+b ms':>9s} {'TF/s':>6s} {'peak GiB':>8s} {'target':>6s}")
+          f"{'f+b ms':>9s} {'TF/s':>6s} {'peak GiB':>8s} {'target':>6s} {'/cuDNN':>6s} "
+          f"{'eff':>5s} {'mem':>5s} {'floor ms':>8s} {'x floor':>7s}")
   print(head)
   print("-" * len(head))
-  for r in rows:
+  for r in add_ratios(rows):
     if "error" in r:
       print(f"{r['impl']:11s} {r['seq']:7d} {fmt(r['block'], '5d')} {fmt(r['topk'], '4d')} "
             f"error: {r['error'][:60]}")
@@ -205,7 +229,9 @@ def print_table(rows):
     print(f"{r['impl']:11s} {r['seq']:7d} {fmt(r['block'], '5d')} {fmt(r['topk'], '4d')} "
           f"{r['fwd_ms']:9.3f} {r['fwd_tflops']:6.1f} {fmt(r.get('fwdbwd_ms'), '9.3f')} "
           f"{fmt(r.get('fwdbwd_tflops'), '6.1f')} {fmt(r.get('peak_gib'), '8.2f')} "
-          f"{fmt(r['target_fwdbwd_ms'], '6.1f')}")
+          f"{fmt(r['target_fwdbwd_ms'], '6.1f')} {fmt(r.get('vs_cudnn'), '6.2f')} "
+          f"{fmt(r.get('eff_vs_cudnn'), '5.2f')} {fmt(r.get('mem_vs_cudnn'), '5.2f')} "
+          f"{fmt(r.get('floor_ms'), '8.3f')} {fmt(r.get('x_floor'), '7.2f')}")
   sys.stdout.flush()
 
 
@@ -295,7 +321,7 @@ def main(argv=None) -> int:
       except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported platform)
         rows.append(dict(impl=impl, seq=seq, block=block, topk=topk, error=repr(e)))
       print(json.dumps(rows[-1]), flush=True)
-  print_table(rows)
+  print_table(rows)  # adds the ratios to the rows
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "data": ("moba_jax.data_cli", "build a real-text corpus (Python source, JSONL) for training"),
     "report": ("moba_jax.report", "rebuild the grid's table and chart from its run directories"),
     "inspect": ("moba_jax.inspect", "list a checkpoint directory's steps, config and arrays"),
+    "generate": ("moba_jax.generate", "continue text prompts from a checkpoint (exact MoBA decoding)"),
     "bench": ("moba_jax.bench", "time MoBA implementations against full attention"),
 }
 

@@ -170,7 +170,7 @@ _GENERATORS = {"lm": lm_example, "kv_retrieval": kv_example, "passkey": passkey_
 # ----------------------------------------------------------------------------- real text
 
 
-def _tokens(data: bytes, start: int = 0, stop: int | None = None) -> np.ndarray:
+def text_tokens(data: bytes, start: int = 0, stop: int | None = None) -> np.ndarray:
   """Tokens [start, stop) of BOS, bytes + BYTE_OFFSET, EOS (only that slice is converted)."""
   n = len(data) + 2
   stop = n if stop is None else min(stop, n)
@@ -230,7 +230,7 @@ class CorpusRows:
   def example(self, rng, n: int):
     """A random packed example of at most n + 1 tokens: (tokens, mask)."""
     i = int(rng.integers(len(self.docs)))
-    tokens = _tokens(self.docs[i])
+    tokens = text_tokens(self.docs[i])
     p = int(self.docs.prompt_bytes[i])
     mask = np.ones(len(tokens), np.float32)
     if p >= 0:
@@ -244,11 +244,11 @@ class CorpusRows:
     i = int(np.searchsorted(self.cum, u, side="right"))
     offset = u - (int(self.cum[i - 1]) if i else 0)
     if self.kind == "windows":
-      tokens = _tokens(self.docs[i], offset, offset + self.seq + 1)
+      tokens = text_tokens(self.docs[i], offset, offset + self.seq + 1)
       return tokens, np.ones(self.seq + 1, np.int32)
     pieces, segs, need, seg = [], [], self.seq + 1, 1
     while need:
-      piece = _tokens(self.docs[i], offset, offset + need)
+      piece = text_tokens(self.docs[i], offset, offset + need)
       pieces.append(piece)
       segs.append(np.full(len(piece), seg, np.int32))
       need -= len(piece)

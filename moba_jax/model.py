@@ -71,22 +71,34 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), init=out_init, dtype=pd)
 
   def __call__(self, x, positions, segment_ids):  # x [B, T, E]
+    q, k, v = self.project(x, positions)
+    return self.output(self.attend(q, k, v, segment_ids))
+
+  def project(self, x, positions):
+    """x [B, T, E] -> q [B, T, H, D], k [B, T, K, D] (both after RoPE), v [B, T, K, D]: the
+    tensors a KV cache keeps (moba_jax.decode)."""
     dt = x.dtype
     q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [B, T, H, D]
     k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [B, T, K, D]
     v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))  # [B, T, K, D]
     q = shard(rope(q, positions, self.cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
     k = shard(rope(k, positions, self.cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+    return q, k, v
+
+  def attend(self, q, k, v, segment_ids):
+    """The layer's attention (its kind and implementation) -> [B, T, H, D]."""
     if self.kind == "moba":
-      out = attention(q, k, v, kind="moba", implementation=self.moba.implementation,
-                      segment_ids=segment_ids, block_size=self.moba.block_size,
-                      topk=self.moba.topk,
-                      options=KernelOptions(self.moba.interpret, self.moba.tiles))
-    else:
-      out = attention(q, k, v, kind="full", implementation=self.moba.full_implementation,
-                      segment_ids=segment_ids)
+      return attention(q, k, v, kind="moba", implementation=self.moba.implementation,
+                       segment_ids=segment_ids, block_size=self.moba.block_size,
+                       topk=self.moba.topk,
+                       options=KernelOptions(self.moba.interpret, self.moba.tiles))
+    return attention(q, k, v, kind="full", implementation=self.moba.full_implementation,
+                     segment_ids=segment_ids)
+
+  def output(self, out):
+    """Attention output [B, T, H, D] -> [B, T, E]."""
     out = shard(out, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt))  # [B, T, E]
+    return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(out.dtype))  # [B, T, E]
 
 
 class SwiGLU(nnx.Module):
@@ -118,7 +130,12 @@ class Block(nnx.Module):
     self.mlp = SwiGLU(cfg, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    return self.around(x, lambda h: self.attn(h, positions, segment_ids))
+
+  def around(self, x, mixer):
+    """The block around a token mixer [B, T, E] -> [B, T, E]: x + mixer(attn_norm(x)), then the
+    MLP residual. The decoder's mixer is its attention; moba_jax.decode passes a cached one."""
+    x = x + mixer(self.attn_norm(x))
     x = x + self.mlp(self.mlp_norm(x))
     return shard(x, ("batch", "length", "embed"))
 
@@ -146,14 +163,22 @@ class Decoder(nnx.Module):
       segment_ids = jnp.zeros(tokens.shape, jnp.int32)
     if positions is None:
       positions = jnp.arange(tokens.shape[1])[None, :] - moba_lib.doc_layout(segment_ids, 1).doc_start
-    dt = jnp.dtype(self.cfg.dtype)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, E]
-    x = shard(x, ("batch", "length", "embed"))
+    x = self.embed_tokens(tokens)
     apply = lambda block, x: block(x, positions, segment_ids)
     if self.cfg.remat:
       apply = nnx.remat(apply)
     for layer in self.layers:
       x = apply(layer, x)
+    return self.logits(x)
+
+  def embed_tokens(self, tokens):
+    """tokens [B, T] -> embeddings [B, T, E] in the compute dtype."""
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))  # [B, T, E]
+    return shard(x, ("batch", "length", "embed"))
+
+  def logits(self, x):
+    """Last layer's output [B, T, E] -> logits [B, T, V] (float32): final norm, then the head."""
+    dt = jnp.dtype(self.cfg.dtype)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:  # unit-variance embeddings: scale so logits start O(1)
       head = self.embed[...].T * self.cfg.d_model ** -0.5

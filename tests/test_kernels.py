@@ -53,6 +53,23 @@ def test_bench_prints_a_table_on_cpu(capsys, pipeline):
   assert "f+b ms" in out and "full_xla" in out
 
 
+def test_bench_ratios_to_cudnn_and_the_floor():
+  """The floor is the MoBA row's attended pairs at cuDNN's measured time per pair."""
+  from moba_jax import bench
+  full = bench.attended_pairs(1024, None, None, False)
+  sparse = bench.attended_pairs(1024, 128, 2, True)
+  rows = bench.add_ratios([
+      dict(impl="cudnn", seq=1024, pairs=full, fwdbwd_ms=2.0, fwdbwd_tflops=100.0, peak_gib=1.0),
+      dict(impl="pallas_gpu", seq=1024, pairs=sparse, fwdbwd_ms=1.0, fwdbwd_tflops=40.0,
+           peak_gib=1.5),
+      dict(impl="xla", seq=2048, pairs=1, fwdbwd_ms=1.0, fwdbwd_tflops=1.0)])  # no cuDNN row
+  r = rows[1]
+  assert sparse < full and r["floor_ms"] == pytest.approx(2.0 * sparse / full)
+  assert r["x_floor"] == pytest.approx(1.0 / r["floor_ms"])
+  assert (r["vs_cudnn"], r["eff_vs_cudnn"], r["mem_vs_cudnn"]) == (0.5, 0.4, 1.5)
+  assert "floor_ms" not in rows[0] and "floor_ms" not in rows[2]
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--seqs", "abc"], "argument --seqs: 'abc' must be integers"),
     (["--seqs", "0"], "every value must be >= 1"),

@@ -1,0 +1,273 @@
+"""Exact MoBA decoding with a KV cache: prefill a batch of prompts, then one token per row a step.
+
+Shapes: B batch, T cache length (T_max), N block slots (= ceil(T / L)), L block_size, H query heads,
+K kv heads, G = H // K, D head_dim, S chosen blocks (= min(topk, N)), P prompt length, E, V.
+
+Batches: prompts are left-aligned, row b's prompt is tokens[b, :lengths[b]] and the rest of the row
+is padding (never attended, never in a block's gate key). Every row is one document with its own
+length; its next token goes to position lengths[b], which is also its RoPE position.
+
+The cache is a pytree (`Cache`: per-row lengths and one `LayerCache` per layer) updated with
+`.at[].set` / `dynamic_update_slice` only, so a jitted step that donates it updates it in place:
+  k, v        [B, T, K, D]  keys (after RoPE) and values, compute dtype
+  block_sums  [B, N, K, D]  float32 running sum of each block's keys (MoBA layers; None for full)
+A block's key count follows from the row's length (`block_counts`), so its gate key sums / counts
+is the mean over the keys the block really has at every length, the ragged last block included.
+
+A decode step follows docs/semantics.md at the new position: each query head scores its kv group's
+block means in float32 (`moba.select_blocks`, run in block units), the current block is always
+chosen and future blocks never, ties go to the lower block, and attention (scale head_dim**-0.5)
+reads only the chosen blocks' keys and values, gathered: O(topk * block_size) per head, whatever
+the cache length. Full-attention layers attend the whole valid cache. Prefill runs each layer's
+own attention implementation (the model's normal forward) over the prompts and fills the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moba_jax import moba as moba_lib
+from moba_jax.moba import HIGHEST
+
+
+class LayerCache(NamedTuple):
+  """One layer's cache. block_sums is None for full-attention layers."""
+
+  k: jax.Array  # [B, T, K, D] keys after RoPE
+  v: jax.Array  # [B, T, K, D]
+  block_sums: jax.Array | None  # [B, N, K, D] float32
+
+
+class Cache(NamedTuple):
+  """The whole model's cache."""
+
+  lengths: jax.Array  # [B] int32 tokens held per row = the position of the row's next token
+  layers: tuple[LayerCache, ...]
+
+
+def init_cache(model, batch: int, max_len: int) -> Cache:
+  """An empty cache for `batch` rows of up to `max_len` tokens."""
+  cfg = model.cfg
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  layers = []
+  for block in model.layers:
+    attn = block.attn
+    sums = None
+    if attn.kind == "moba":
+      n_blocks = math.ceil(max_len / attn.moba.block_size)
+      sums = jnp.zeros((batch, n_blocks, *shape[2:]), jnp.float32)
+    layers.append(LayerCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), sums))
+  return Cache(jnp.zeros((batch,), jnp.int32), tuple(layers))
+
+
+def block_counts(lengths, n_blocks: int, block_size: int) -> jax.Array:
+  """[B, N] float32: how many of a row's `lengths` tokens each block holds."""
+  starts = jnp.arange(n_blocks, dtype=jnp.int32) * block_size
+  return jnp.clip(lengths[:, None] - starts, 0, block_size).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- cache updates
+
+
+def _block_sums(k, lengths, block_size: int) -> jax.Array:
+  """Sums of the keys k [B, P, K, D] at positions < lengths, per block: float32 [B, ceil(P/L), K, D]
+  (the same zero-padded reshape-sum as `moba.slot_means`)."""
+  batch, seq, kv_heads, dim = k.shape
+  n_blocks = math.ceil(seq / block_size)
+  real = jnp.arange(seq)[None, :] < lengths[:, None]  # [B, P]
+  k32 = jnp.where(real[..., None, None], k.astype(jnp.float32), 0.0)
+  k32 = jnp.pad(k32, ((0, 0), (0, n_blocks * block_size - seq), (0, 0), (0, 0)))
+  return k32.reshape(batch, n_blocks, block_size, kv_heads, dim).sum(axis=2)
+
+
+def fill(cache: LayerCache, k, v, lengths, block_size: int) -> LayerCache:
+  """The cache holding the prompts' keys and values k, v [B, P, K, D] (rows of `lengths`)."""
+  at0 = (0, 0, 0, 0)
+  new_k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at0)
+  new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at0)
+  sums = cache.block_sums
+  if sums is not None:
+    sums = jax.lax.dynamic_update_slice(sums, _block_sums(k, lengths, block_size), at0)
+  return LayerCache(new_k, new_v, sums)
+
+
+def append(cache: LayerCache, k, v, lengths, block_size: int) -> LayerCache:
+  """The cache with one more token per row: k, v [B, K, D] at positions `lengths` [B]."""
+  rows = jnp.arange(k.shape[0])
+  sums = cache.block_sums
+  if sums is not None:
+    sums = sums.at[rows, lengths // block_size].add(k.astype(jnp.float32))
+  return LayerCache(cache.k.at[rows, lengths].set(k.astype(cache.k.dtype)),
+                    cache.v.at[rows, lengths].set(v.astype(cache.v.dtype)), sums)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def choose_blocks(q, block_sums, n, *, block_size: int, topk: int):
+  """The gate of each row's newest token (position n - 1). q [B, H, D]; block_sums [B, N, K, D];
+  n [B] tokens held, the new one included.
+
+  Returns blocks [B, H, S] int32 block indices (the current block first) and valid [B, H, S].
+  `moba.select_blocks` runs in block units (block_size 1 over the N block means), so training and
+  decoding share one gating rule.
+  """
+  n_blocks = block_sums.shape[1]
+  means = block_sums / jnp.maximum(block_counts(n, n_blocks, block_size), 1.0)[..., None, None]
+  current = ((n - 1) // block_size)[:, None]  # [B, 1]
+  start = jnp.zeros_like(current)
+  layout = moba_lib.Layout(doc_start=start, doc_end=current + 1, block_index=current,
+                           block_start=current, block_end=current + 1)
+  blocks, valid = moba_lib.select_blocks(q[:, None], means, layout, block_size=1, topk=topk)
+  return blocks[:, 0], valid[:, 0]
+
+
+def _masked_softmax(logits, keep):
+  """Softmax over the last axis of float32 `logits`, entries not in `keep` given probability 0."""
+  return jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
+
+
+def moba_step_attention(q, cache: LayerCache, n, *, block_size: int, topk: int, scale=None):
+  """MoBA attention of each row's newest token over its chosen blocks only. q [B, H, D];
+  n [B] tokens held (the new one included) -> [B, H, D] in q's dtype. Only the chosen blocks'
+  positions < n are read (others are zeroed before use, whatever they hold)."""
+  batch, heads, dim = q.shape
+  seq, kv_heads = cache.k.shape[1], cache.k.shape[2]
+  scale = dim ** -0.5 if scale is None else scale
+  blocks, valid = choose_blocks(q, cache.block_sums, n, block_size=block_size, topk=topk)
+  pos = blocks[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)  # [B, H, S, L]
+  keep = (valid[..., None] & (pos < n[:, None, None, None])).reshape(batch, heads, -1)
+  pos = jnp.clip(pos, 0, seq - 1).reshape(batch, heads, -1)  # [B, H, S * L]
+  kv_head = (jnp.arange(heads) // (heads // kv_heads))[:, None]  # [H, 1]
+
+  def gather(x):  # [B, T, K, D] -> [B, H, S * L, D], float32, zero where not kept
+    x = jax.vmap(lambda x_row, pos_row: x_row[pos_row, kv_head])(x, pos)
+    return jnp.where(keep[..., None], x.astype(jnp.float32), 0.0)
+
+  logits = jnp.einsum("bhd,bhmd->bhm", q.astype(jnp.float32), gather(cache.k),
+                      precision=HIGHEST) * scale
+  out = jnp.einsum("bhm,bhmd->bhd", _masked_softmax(logits, keep), gather(cache.v),
+                   precision=HIGHEST)
+  return out.astype(q.dtype)
+
+
+def full_step_attention(q, cache: LayerCache, n, *, scale=None):
+  """Causal full attention of each row's newest token over the row's n [B] cached tokens.
+  q [B, H, D] -> [B, H, D] in q's dtype. Positions >= n are zeroed before use."""
+  batch, heads, dim = q.shape
+  seq, kv_heads = cache.k.shape[1], cache.k.shape[2]
+  scale = dim ** -0.5 if scale is None else scale
+  keep = jnp.arange(seq)[None, :] < n[:, None]  # [B, T]
+  k, v = (jnp.where(keep[..., None, None], x.astype(jnp.float32), 0.0) for x in (cache.k, cache.v))
+  q32 = q.astype(jnp.float32).reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, K, G, D]
+  logits = jnp.einsum("bkgd,btkd->bkgt", q32, k, precision=HIGHEST) * scale  # [B, K, G, T]
+  probs = _masked_softmax(logits, keep[:, None, None, :])
+  out = jnp.einsum("bkgt,btkd->bkgd", probs, v, precision=HIGHEST)
+  return out.reshape(batch, heads, dim).astype(q.dtype)
+
+
+def step_attention(attn, q, cache: LayerCache, n):
+  """The decode-step attention of a model layer `attn` (its kind and MoBA settings)."""
+  if attn.kind == "moba":
+    return moba_step_attention(q, cache, n, block_size=attn.moba.block_size, topk=attn.moba.topk)
+  return full_step_attention(q, cache, n)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _run_layers(model, x, caches, positions, mix: Callable):
+  """Every block over x [B, T, E], each attention being mix(attn, q, k, v, cache) -> (out
+  [B, T, H, D], the layer's new cache). Returns (x, the new caches)."""
+  new = []
+  for block, cache in zip(model.layers, caches):
+    def mixer(h, attn=block.attn, cache=cache):
+      q, k, v = attn.project(h, positions)
+      out, updated = mix(attn, q, k, v, cache)
+      new.append(updated)
+      return attn.output(out)
+    x = block.around(x, mixer)
+  return x, tuple(new)
+
+
+def prefill(model, tokens, lengths, max_len: int):
+  """Runs the model over left-aligned prompts tokens [B, P] (row b's first lengths[b] >= 1 are real)
+  and returns (logits [B, P, V] float32, the Cache of max_len tokens holding the prompts).
+  Logits at positions >= lengths[b] are padding's and mean nothing."""
+  batch, seq = tokens.shape
+  if seq > max_len:
+    raise ValueError(f"prompts of {seq} tokens do not fit a cache of max_len={max_len}")
+  lengths = jnp.asarray(lengths, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  segment_ids = jnp.zeros((batch, seq), jnp.int32)  # padding comes after: causality hides it
+
+  def mix(attn, q, k, v, cache):
+    return (attn.attend(q, k, v, segment_ids),
+            fill(cache, k, v, lengths, attn.moba.block_size))
+
+  empty = init_cache(model, batch, max_len).layers
+  x, layers = _run_layers(model, model.embed_tokens(tokens), empty, positions, mix)
+  return model.logits(x), Cache(lengths, layers)
+
+
+def decode_step(model, cache: Cache, tokens):
+  """Feeds each row's next token tokens [B] at position cache.lengths -> (logits [B, V] float32
+  for that position, the cache one token longer). A row whose cache is full may still be fed (its
+  writes are dropped: JAX scatters drop out-of-bounds updates), but its logits mean nothing."""
+  positions = cache.lengths[:, None]  # [B, 1]
+  n = cache.lengths + 1
+
+  def mix(attn, q, k, v, layer_cache):
+    layer_cache = append(layer_cache, k[:, 0], v[:, 0], cache.lengths, attn.moba.block_size)
+    return step_attention(attn, q[:, 0], layer_cache, n)[:, None], layer_cache
+
+  x, layers = _run_layers(model, model.embed_tokens(tokens[:, None]), cache.layers, positions, mix)
+  return model.logits(x)[:, 0], Cache(n, layers)
+
+
+class Decoding(NamedTuple):
+  """Jitted prefill and decode step of one model (split once: each call passes arrays only)."""
+
+  prefill: Callable  # (tokens [B, P], lengths [B]) -> (logits [B, P, V], Cache)
+  step: Callable  # (Cache, tokens [B]) -> (logits [B, V], Cache); the cache argument is donated
+
+
+def jit_decoding(model, max_len: int) -> Decoding:
+  """`prefill` and `decode_step` of `model` compiled, with caches of max_len tokens."""
+  graphdef, state = nnx.split(model)
+  prefill_fn = jax.jit(lambda s, tokens, lengths: prefill(nnx.merge(graphdef, s), tokens, lengths,
+                                                          max_len))
+  step_fn = jax.jit(lambda s, cache, tokens: decode_step(nnx.merge(graphdef, s), cache, tokens),
+                    donate_argnums=1)
+  return Decoding(lambda tokens, lengths: prefill_fn(state, tokens, lengths),
+                  lambda cache, tokens: step_fn(state, cache, tokens))
+
+
+@jax.jit
+def sample(logits, key, temperature):
+  """Next tokens [B] from logits [B, V]: argmax at temperature 0, else a softmax sample."""
+  greedy = jnp.argmax(logits, axis=-1)
+  drawn = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-30), axis=-1)
+  return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def stream(decoding: Decoding, tokens, lengths, steps: int, *, temperature: float = 0.0,
+           seed: int = 0) -> Iterator[jax.Array]:
+  """Yields `steps` arrays of next tokens [B], one per step, after prefilling left-aligned prompts
+  tokens [B, P] of `lengths`; token i of row b sits at position lengths[b] + i, so a row's tokens
+  past max_len - lengths[b] + 1 mean nothing. The caller may stop early (close the generator)."""
+  logits, cache = decoding.prefill(tokens, lengths)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+  key, temperature = jax.random.key(seed), jnp.float32(temperature)
+  for i in range(steps):
+    key, sub = jax.random.split(key)
+    nxt = sample(last, sub, temperature)
+    yield nxt
+    if i + 1 < steps:
+      last, cache = decoding.step(cache, nxt)

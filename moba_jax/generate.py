@@ -1,0 +1,279 @@
+"""`moba-jax generate CHECKPOINT --prompt TEXT`: continue text prompts with a trained model.
+
+CHECKPOINT is a run dir (from `moba-jax train`, or one of a grid's: OUT/pretrain,
+OUT/sft/<variant>/seed<S>) or its checkpoints/ dir; the newest restorable step is used. The model's
+config is the run's saved config.toml, else the one in the step's metadata, else --config FILE (the
+experiment it was trained with); --set KEY=VALUE changes it (moba.topk=4, moba.hybrid_full_layers=2,
+model.dtype=bfloat16, ...; not the parameter shapes).
+
+Tokens are the corpus task's byte-level ones (moba_jax/data.py): BOS, then each UTF-8 byte + 3;
+generation of a prompt stops at EOS, after --max-new-tokens, or at the model's context
+(train.seq_len). Decoding is exact MoBA with a KV cache (moba_jax/decode.py), greedy at
+--temperature 0. The continuation streams to stdout as it is produced; with several prompts
+(--prompt repeated, --prompt-file with one per line) they run as one batch and each continuation
+is printed in order, followed by a newline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from moba_jax import data as data_lib
+from moba_jax import rundir
+
+TEXT_VOCAB = 256 + data_lib.BYTE_OFFSET  # PAD, BOS, EOS, then the 256 bytes
+
+
+class UsageError(ValueError):
+  """A bad command line: printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, no usage block
+    raise UsageError(message)
+
+
+def _number(kind, lo):
+  """An argparse type: a finite int/float >= lo (argparse names the flag in its error)."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or not math.isfinite(value) or value < lo:
+      what = "an integer" if kind is int else "a finite number"
+      raise argparse.ArgumentTypeError(f"{text!r} must be {what} >= {lo}")
+    return value
+  return parse
+
+
+def parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="moba-jax generate", description=__doc__.splitlines()[0])
+  p.add_argument("checkpoint", help="a run dir or its checkpoints/ dir")
+  p.add_argument("--prompt", action="append", default=[], help="a text prompt; repeatable")
+  p.add_argument("--prompt-file", help="a UTF-8 file of prompts, one per line")
+  p.add_argument("--max-new-tokens", type=_number(int, 1), default=256)
+  p.add_argument("--temperature", type=_number(float, 0), default=0.0,
+                 help="0 = greedy (default); else sample softmax(logits / T)")
+  p.add_argument("--seed", type=_number(int, 0), default=0, help="sampling seed")
+  p.add_argument("--config", help="the config to use when none was saved with the checkpoint")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override (moba.topk=4); repeatable")
+  return p
+
+
+# ----------------------------------------------------------------------------- config and model
+
+
+def latest_step(ckpt_dir: Path) -> int:
+  """The newest complete step in ckpt_dir; ValueError if there is none."""
+  from moba_jax import inspect as insp
+
+  steps = [s["step"] for s in insp.list_steps(ckpt_dir) if s["complete"]]
+  if not steps:
+    raise ValueError(f"no complete checkpoint step in {ckpt_dir} (give a run dir or its "
+                     "checkpoints/ dir; a grid's runs are OUT/pretrain and OUT/sft/VARIANT/seedS)")
+  return steps[-1]
+
+
+def _saved_config_dict(ckpt_dir: Path) -> dict | None:
+  """The config in the newest complete step's metadata (moba_jax/checkpoint.py's `meta` item)."""
+  meta = rundir.read_json(ckpt_dir / str(latest_step(ckpt_dir)) / "meta" / "metadata")
+  return (meta or {}).get("config")
+
+
+def checkpoint_config(ckpt_dir: Path, run_dir: Path | None, config_file: str | None, overrides):
+  """The checkpoint's config with `overrides` applied, validated (ValueError naming the key)."""
+  from moba_jax import config as config_lib
+  from moba_jax import train
+
+  shape_keys = {f"model.{k}" for k in train.SHAPE_KEYS}
+  for item in overrides:
+    if config_lib.parse_override(item)[0] in shape_keys:
+      raise ValueError(f"--set {item}: that key fixes the shapes of the checkpoint's parameters")
+  if config_file is None and run_dir is not None and (run_dir / rundir.CONFIG).is_file():
+    config_file = str(run_dir / rundir.CONFIG)
+  if config_file is not None:
+    return train.validate(config_lib.load_config(config_file, overrides))
+  saved = _saved_config_dict(ckpt_dir)
+  if saved is None:
+    raise ValueError(f"{ckpt_dir} has no saved config (no {rundir.CONFIG} beside it, none in its "
+                     "step metadata): pass --config with the experiment it was trained with")
+  saved.pop("grid", None)  # an experiment's table in older saves, not part of a run
+  cfg = config_lib.apply_overrides(config_lib.config_from_dict(saved), overrides)
+  return train.validate(cfg)
+
+
+def load_model(ckpt_dir: Path, cfg):
+  """(Decoder with the newest restorable step's parameters, that step), on the default device."""
+  import jax
+  from flax import nnx
+
+  from moba_jax import checkpoint as ckpt
+  from moba_jax.model import Decoder
+
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Decoder(cfg.model, cfg.moba, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nnx.to_pure_dict(state))
+  absl = logging.getLogger("absl")  # Orbax's notes on opening a read-only manager are noise here
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    step, params = ckpt.restore_params(str(ckpt_dir), target)
+  except FileNotFoundError:
+    raise ValueError(f"no restorable checkpoint step in {ckpt_dir}") from None
+  finally:
+    absl.setLevel(level)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state), step
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def encode(text: str) -> np.ndarray:
+  """BOS, then each UTF-8 byte + BYTE_OFFSET: the corpus task's tokens (no EOS: it continues)."""
+  data = text.encode("utf-8")
+  return data_lib.text_tokens(data, 0, len(data) + 1)
+
+
+def token_bytes(token: int) -> bytes:
+  """The byte a token stands for; b"" for PAD, BOS, EOS and ids past the bytes."""
+  byte = token - data_lib.BYTE_OFFSET
+  return bytes([byte]) if 0 <= byte < 256 else b""
+
+
+def read_prompts(args) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompt_file:
+    try:
+      prompts += Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f"--prompt-file={args.prompt_file!r}: {e}") from None
+  if not prompts:
+    raise UsageError("give a prompt: --prompt TEXT or --prompt-file FILE")
+  return prompts
+
+
+def encode_all(prompts: list[str], context: int) -> list[np.ndarray]:
+  """Tokens of each prompt; ValueError naming the first one longer than the model's context."""
+  encoded = [encode(p) for p in prompts]
+  for i, tokens in enumerate(encoded):
+    if len(tokens) > context:
+      raise ValueError(f"prompt {i + 1} ({prompts[i][:40]!r}...) has {len(tokens)} tokens (BOS "
+                       f"and its UTF-8 bytes), more than the model's context "
+                       f"train.seq_len={context}")
+  return encoded
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class Printer:
+  """Streams each row's text to `out` in prompt order: the first unfinished row live, the
+  others (buffered) once every row before them has finished; a newline ends each row."""
+
+  def __init__(self, rows: int, out):
+    self.out, self.shown = out, 0
+    self.text = [""] * rows
+    self.done = [False] * rows
+    self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(rows)]
+
+  def add(self, row: int, token: int, last: bool) -> None:
+    self.text[row] += self.decoders[row].decode(token_bytes(token), final=last)
+    self.done[row] = last
+    self._flush()
+
+  def _flush(self) -> None:
+    while self.shown < len(self.text):
+      r = self.shown
+      self.out.write(self.text[r])
+      self.text[r] = ""
+      if not self.done[r]:
+        break
+      self.out.write("\n")
+      self.shown += 1
+    self.out.flush()
+
+
+def generate(model, prompts: list[np.ndarray], context: int, max_new: int, temperature: float,
+             seed: int, out) -> list[int]:
+  """Continues every prompt (one batch), streaming text through a Printer. Returns the rows that
+  the model's context cut short (before EOS and max_new tokens)."""
+  from moba_jax import decode
+
+  batch = len(prompts)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((batch, lengths.max()), np.int32)  # left-aligned, PAD after
+  for row, p in enumerate(prompts):
+    tokens[row, :len(p)] = p
+  budget = np.minimum(max_new, context - lengths + 1)  # the last new token is never fed
+  printer, produced = Printer(batch, out), np.zeros(batch, np.int64)
+  finished, cut = np.zeros(batch, bool), np.zeros(batch, bool)
+  steps = decode.stream(decode.jit_decoding(model, context), tokens, lengths, int(budget.max()),
+                        temperature=temperature, seed=seed)
+  for nxt in steps:
+    for row, token in enumerate(np.asarray(nxt).tolist()):
+      if finished[row]:
+        continue
+      produced[row] += 1
+      eos = token == data_lib.EOS
+      finished[row] = eos or produced[row] >= budget[row]
+      cut[row] = finished[row] and not eos and budget[row] < max_new
+      printer.add(row, token, bool(finished[row]))
+    if finished.all():
+      break
+  steps.close()
+  return np.flatnonzero(cut).tolist()
+
+
+def check_text_model(cfg) -> None:
+  """ValueError unless the model's vocabulary holds the byte-level tokens; a note on stderr when
+  it was trained on synthetic tokens (its text continuations will mean little)."""
+  vocab, task = cfg.model.vocab_size, cfg.data.task
+  if vocab < TEXT_VOCAB:
+    raise ValueError(f"model.vocab_size={vocab} is smaller than the {TEXT_VOCAB} byte-level tokens "
+                     f"text prompts need (this model was trained on data.task={task!r})")
+  if task != "corpus":
+    print(f"moba-jax generate: note: this model was trained on data.task={task!r} (synthetic "
+          "tokens), not byte-level text", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+  from moba_jax import inspect as insp
+
+  try:
+    args = parser().parse_args(argv)
+    prompts = read_prompts(args)
+    ckpt_dir, run_dir = insp.resolve_dirs(args.checkpoint)
+    latest_step(ckpt_dir)
+    cfg = checkpoint_config(ckpt_dir, run_dir, args.config, args.set)
+    check_text_model(cfg)
+    encoded = encode_all(prompts, cfg.train.seq_len)
+    model, step = load_model(ckpt_dir, cfg)
+  except (ValueError, OSError) as e:  # UsageError, FileNotFoundError included
+    print(f"moba-jax generate: {e}", file=sys.stderr)
+    return 2
+  from moba_jax.train import attention_plan
+
+  print(f"moba-jax generate: step {step} of {ckpt_dir}; attention: {attention_plan(cfg)}",
+        file=sys.stderr, flush=True)
+  for row in generate(model, encoded, cfg.train.seq_len, args.max_new_tokens, args.temperature,
+                      args.seed, sys.stdout):
+    print(f"moba-jax generate: prompt {row + 1} stopped at the model's context "
+          f"(train.seq_len={cfg.train.seq_len})", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,141 @@
+"""KV-cache decoding (moba_jax/decode.py): prefill then one token at a time gives the logits of one
+full forward pass at every position, and a decode step reads only the blocks its gate chose."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moba_jax import decode
+from moba_jax.config import MobaConfig
+from moba_jax.model import Decoder
+from moba_jax.moba import moba_reference
+from tests.helpers import random_qkv
+from tests.test_model import CFG
+
+# 2 layers (the hybrid: 1 MoBA + 1 full), GQA: 4 query heads over 2 kv heads.
+SMALL = dataclasses.replace(CFG, n_layers=2)
+BLOCK = 4
+SEQ = 22  # 6 blocks, the last ragged
+# Jitted once per static setting: eager dispatch would dominate these small problems.
+step_attention = jax.jit(decode.moba_step_attention, static_argnames=("block_size", "topk"))
+choose_blocks = jax.jit(decode.choose_blocks, static_argnames=("block_size", "topk"))
+reference = jax.jit(moba_reference, static_argnames=("block_size", "topk"))
+append = jax.jit(decode.append, static_argnums=4)
+fill = jax.jit(decode.fill, static_argnums=4)
+# Left-aligned prompts: one token, exactly one block, and two ragged lengths; every row fills
+# blocks mid-generation (the first decode token of row 1 opens a new block).
+PROMPT_LENGTHS = (1, 4, 7, 10)
+
+
+def teacher_forced_logits(model, tokens, lengths, max_len):
+  """Logits [B, T, V] of every position: prefill of each row's prompt, then the row's own next
+  tokens fed one step at a time (rows past the end are fed a dummy token and not read)."""
+  batch, seq = tokens.shape
+  dec = decode.jit_decoding(model, max_len)
+  prompt = int(max(lengths))
+  logits, cache = dec.prefill(tokens[:, :prompt], jnp.asarray(lengths))
+  out = np.full((batch, seq, model.cfg.vocab_size), np.nan, np.float32)
+  rows = np.arange(batch)
+  for b, n in enumerate(lengths):
+    out[b, :n] = np.asarray(logits[b, :n])
+  pos = np.asarray(lengths)
+  while pos.min() < seq:
+    live = pos < seq
+    step_logits, cache = dec.step(cache, jnp.asarray(tokens[rows, np.minimum(pos, seq - 1)]))
+    out[rows[live], pos[live]] = np.asarray(step_logits)[live]
+    pos = pos + 1
+  return out
+
+
+def check_decoding_matches_forward(moba, seed=0, lengths=PROMPT_LENGTHS, seq=SEQ):
+  model = Decoder(SMALL, moba, rngs=nnx.Rngs(seed))
+  tokens = np.asarray(jax.random.randint(jax.random.key(seed + 100), (len(lengths), seq), 0,
+                                         SMALL.vocab_size))
+  expected = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
+  max_len = seq + max(lengths) - min(lengths)  # rows that finish early keep stepping
+  got = teacher_forced_logits(model, tokens, lengths, max_len)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  return model, tokens
+
+
+@pytest.mark.parametrize("moba", [
+    MobaConfig(block_size=BLOCK, topk=2),
+    MobaConfig(block_size=BLOCK, topk=2, hybrid_full_layers=1),
+    MobaConfig(block_size=BLOCK, topk=2, hybrid_full_layers="all"),
+    MobaConfig(block_size=BLOCK, topk=1, implementation="xla"),  # prefill on the gathered path
+    MobaConfig(block_size=BLOCK, topk=10),  # more than the 6 (+ spare) blocks of the cache
+], ids=["moba", "hybrid", "full", "topk1-xla", "topk10"])
+def test_decoding_equals_one_forward_pass(moba):
+  check_decoding_matches_forward(moba)
+
+
+def random_cache(seed, lengths, seq=SEQ, kv_heads=2, dim=8):
+  """A MoBA layer cache filled from random keys/values of rows of `lengths` tokens (4 rows in
+  every test, so that the jitted functions compile once)."""
+  q, k, v = random_qkv(seed, len(lengths), seq, 2 * kv_heads, kv_heads, dim)
+  empty = decode.LayerCache(jnp.zeros_like(k), jnp.zeros_like(v),
+                            jnp.zeros((len(lengths), -(-seq // BLOCK), kv_heads, dim)))
+  n = jnp.asarray(lengths, jnp.int32)
+  return q, k, v, fill(empty, k, v, n, BLOCK), n
+
+
+@pytest.mark.parametrize("topk", [1, 2, 3])
+def test_step_attention_equals_reference_at_the_newest_position(topk):
+  """Row b's newest query (position n_b - 1) against the reference over the whole row: keys after
+  it change only its current block's gate key, and the current block is always chosen."""
+  lengths = (3, 9, 13, SEQ)
+  q, k, v, cache, n = random_cache(1, lengths)
+  rows = np.arange(len(lengths))
+  got = step_attention(q[rows, n - 1], cache, n, block_size=BLOCK, topk=topk)
+  ref = reference(q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=BLOCK, topk=topk)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref[rows, n - 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_appending_keys_one_by_one_keeps_exact_block_sums():
+  """After every token, block sums grown one key at a time equal a prefill's of that length
+  (the ragged last block included)."""
+  _, k, v, grown, _ = random_cache(2, (0,) * 4)
+  for t in range(SEQ):
+    at = jnp.full((4,), t, jnp.int32)
+    grown = append(grown, k[:, t], v[:, t], at, BLOCK)
+    whole = fill(grown, k, v, at + 1, BLOCK)
+    np.testing.assert_allclose(np.asarray(grown.block_sums), np.asarray(whole.block_sums),
+                               rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(grown.k), np.asarray(k))
+
+
+def test_decode_step_reads_only_the_chosen_blocks():
+  """NaN in every key and value no head of a kv group chose (and past each row's length) leaves
+  the output unchanged, bit for bit."""
+  lengths, topk = (2, 6, 14, SEQ), 2
+  q, _, _, cache, n = random_cache(3, lengths)
+  rows, heads, kv_heads = np.arange(len(lengths)), q.shape[2], cache.k.shape[2]
+  q_new = q[rows, n - 1]
+  clean = step_attention(q_new, cache, n, block_size=BLOCK, topk=topk)
+  blocks, valid = choose_blocks(q_new, cache.block_sums, n, block_size=BLOCK, topk=topk)
+  read = np.zeros(cache.k.shape[:3], bool)  # [B, T, K]: entries some head may read
+  for b, h, s in zip(*np.nonzero(np.asarray(valid))):
+    start = int(blocks[b, h, s]) * BLOCK
+    read[b, start:min(start + BLOCK, int(n[b])), h // (heads // kv_heads)] = True
+  assert 0 < read.sum() < read.size / 2  # a real sparsity pattern
+  poison = lambda x: jnp.where(jnp.asarray(read)[..., None], x, jnp.nan)
+  dirty = step_attention(q_new, cache._replace(k=poison(cache.k), v=poison(cache.v)),
+                                     n, block_size=BLOCK, topk=topk)
+  assert np.isfinite(np.asarray(dirty)).all()
+  np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+
+
+def test_gate_always_chooses_the_current_block_and_never_a_future_one():
+  lengths = (1, 4, 5, 17)
+  q, _, _, cache, n = random_cache(4, lengths)
+  q_new = q[np.arange(4), n - 1]
+  blocks, valid = choose_blocks(q_new, cache.block_sums, n, block_size=BLOCK, topk=3)
+  blocks, valid = np.asarray(blocks), np.asarray(valid)
+  current = (np.asarray(n) - 1) // BLOCK
+  assert (blocks[..., 0] == current[:, None]).all() and valid[..., 0].all()
+  assert (np.where(valid, blocks, -1) <= current[:, None, None]).all()
+  assert (valid.sum(-1) == np.minimum(3, current + 1)[:, None]).all()

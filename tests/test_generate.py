@@ -1,0 +1,124 @@
+"""`moba-jax generate` (moba_jax/generate.py) on a real one-step training run: greedy text equals
+the full forward pass's argmax continuation, prompts batch and stream in order, errors are one line
+with exit 2."""
+
+import io
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moba_jax import data as data_lib
+from moba_jax import decode
+from moba_jax import generate as gen
+
+CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A tiny byte-level model (1 MoBA + 1 full layer) trained one step on a JSONL corpus."""
+  from moba_jax import train
+  from moba_jax.config import load_config
+
+  root = tmp_path_factory.mktemp("generate")
+  corpus = root / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
+                            for i in range(40)))
+  cfg = load_config(None, [
+      f"run_dir={root / 'run'}", "model.vocab_size=259", "model.d_model=16", "model.n_layers=2",
+      "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=8", "model.mlp_dim=32",
+      "moba.block_size=4", "moba.topk=2", "moba.hybrid_full_layers=1", "train.steps=1",
+      "train.batch_size=1", f"train.seq_len={CONTEXT}", "train.warmup_steps=0",
+      "data.task=corpus", f"data.path={corpus}", "data.prefetch=0", "eval.batches=0",
+      "eval.trailing_tokens=8", "checkpoint.async_save=false", "log.progress=false",
+      "mesh.data=1"])
+  train.run(cfg, progress=False)
+  return root / "run"
+
+
+def greedy_reference(run_dir, prompt: str, max_new: int, overrides=()) -> str:
+  """The greedy continuation by full forward passes (no cache) over [1, CONTEXT] padded rows."""
+  ckpt_dir = run_dir / "checkpoints"
+  model, _ = gen.load_model(ckpt_dir, gen.checkpoint_config(ckpt_dir, run_dir, None, overrides))
+  forward = nnx.jit(lambda m, t: m(t))
+  tokens = list(gen.encode(prompt))
+  out = []
+  for _ in range(min(max_new, CONTEXT - len(tokens) + 1)):
+    row = np.zeros((1, CONTEXT), np.int32)
+    row[0, :len(tokens)] = tokens
+    out.append(int(jnp.argmax(forward(model, jnp.asarray(row))[0, len(tokens) - 1])))
+    if out[-1] == data_lib.EOS:
+      break
+    tokens.append(out[-1])
+  return b"".join(gen.token_bytes(t) for t in out).decode("utf-8", "replace")
+
+
+def test_greedy_streams_the_argmax_continuation_with_the_config_in_the_metadata(
+    run_dir, tmp_path, capsys):
+  bare = tmp_path / "bare"
+  shutil.copytree(run_dir, bare)
+  (bare / "config.toml").unlink()  # the step's metadata has the config too
+  assert gen.main([str(bare), "--prompt", "def f1", "--max-new-tokens", "12"]) == 0
+  out = capsys.readouterr().out
+  assert out == greedy_reference(run_dir, "def f1", 12) + "\n"
+
+
+def test_a_batch_of_prompts_prints_in_order_and_stops_at_the_context(run_dir, tmp_path, capsys):
+  prompts = ["x", "def f2(x):"]
+  (tmp_path / "prompts.txt").write_text(prompts[1] + "\n")  # one prompt per line
+  argv = [str(run_dir), "--prompt", prompts[0], "--prompt-file", str(tmp_path / "prompts.txt"),
+          "--max-new-tokens", "40", "--set", "moba.topk=1"]
+  assert gen.main(argv) == 0
+  captured = capsys.readouterr()
+  assert "prompt 2 stopped at the model's context (train.seq_len=32)" in captured.err
+  assert "prompt 1 stopped" in captured.err
+  texts = [greedy_reference(run_dir, p, 40, ["moba.topk=1"]) for p in prompts]
+  assert captured.out == "".join(t + "\n" for t in texts)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a", "--temperature", "-1"], "--temperature: '-1' must be a finite number"),
+    (["--prompt", "a", "--max-new-tokens", "x"], "--max-new-tokens: 'x' must be an integer"),
+    (["--prompt", "a" * CONTEXT], f"has {CONTEXT + 1} tokens"),
+    (["--prompt", "a", "--set", "model.d_model=8"], "model.d_model=8: that key fixes the shapes"),
+    (["--prompt", "a", "--set", "moba.topk=0"], "moba.topk=0"),
+    ([], "give a prompt"),
+])
+def test_errors_are_one_line_and_exit_2(run_dir, capsys, args, message):
+  assert gen.main([str(run_dir), *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+  assert gen.main([str(tmp_path / "nope"), "--prompt", "a"]) == 2
+  assert "nope" in capsys.readouterr().err
+  (tmp_path / "empty").mkdir()
+  assert gen.main([str(tmp_path / "empty"), "--prompt", "a"]) == 2
+  assert "no complete checkpoint step" in capsys.readouterr().err
+
+
+def test_printer_keeps_prompt_order():
+  out = io.StringIO()
+  printer = gen.Printer(2, out)
+  byte = lambda c: ord(c) + data_lib.BYTE_OFFSET
+  printer.add(1, byte("b"), last=True)  # row 1 finishes first: held back
+  assert out.getvalue() == ""
+  printer.add(0, byte("a"), last=False)
+  assert out.getvalue() == "a"  # row 0 streams live
+  printer.add(0, data_lib.EOS, last=True)
+  assert out.getvalue() == "a\nb\n"
+
+
+def test_sample_is_argmax_at_temperature_0_and_seeded_otherwise():
+  logits = jax.random.normal(jax.random.key(0), (64, 10))
+  key = jax.random.key(1)
+  np.testing.assert_array_equal(decode.sample(logits, key, 0.0), jnp.argmax(logits, -1))
+  a, b = decode.sample(logits, key, 1.0), decode.sample(logits, key, 1.0)
+  np.testing.assert_array_equal(a, b)
+  assert (a != jnp.argmax(logits, -1)).any()
