@@ -10,6 +10,7 @@ each timing is the median of `--repeats` calls, each closed by block_until_ready
 
   moba-jax bench                                # the default table (H200 sizes)
   moba-jax bench --seqs 256 --heads 2 --dim 16 --configs 64:2 --impls xla --repeats 3
+  moba-jax bench --decode ...                   # decode steps over a KV cache (bench_decode.py)
 """
 
 from __future__ import annotations
@@ -301,7 +302,11 @@ def _vjp(fn, q, k, v, cot):
 
 
 def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--decode" in argv:  # per-token decode attention (moba_jax/bench_decode.py)
+    from moba_jax import bench_decode
+    return bench_decode.main([a for a in argv if a != "--decode"])
+  args = parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, "
         f"heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}")
   rows = []

@@ -158,16 +158,20 @@ def moba_step_attention(q, cache: LayerCache, n, *, block_size: int, topk: int, 
 
 def full_step_attention(q, cache: LayerCache, n, *, scale=None):
   """Causal full attention of each row's newest token over the row's n [B] cached tokens.
-  q [B, H, D] -> [B, H, D] in q's dtype. Positions >= n are zeroed before use."""
+  q [B, H, D] -> [B, H, D] in q's dtype. Reads the cache once in its own dtype (products in float32:
+  exact for bfloat16 operands); logits at positions >= n are masked. Those positions hold the
+  zeros `init_cache` put there (a cache is written only at each row's length), so their values
+  meet probability 0 and add nothing."""
   batch, heads, dim = q.shape
   seq, kv_heads = cache.k.shape[1], cache.k.shape[2]
   scale = dim ** -0.5 if scale is None else scale
   keep = jnp.arange(seq)[None, :] < n[:, None]  # [B, T]
-  k, v = (jnp.where(keep[..., None, None], x.astype(jnp.float32), 0.0) for x in (cache.k, cache.v))
-  q32 = q.astype(jnp.float32).reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, K, G, D]
-  logits = jnp.einsum("bkgd,btkd->bkgt", q32, k, precision=HIGHEST) * scale  # [B, K, G, T]
+  q_g = q.astype(cache.k.dtype).reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, K, G, D]
+  logits = jnp.einsum("bkgd,btkd->bkgt", q_g, cache.k, precision=HIGHEST,
+                      preferred_element_type=jnp.float32) * scale  # [B, K, G, T]
   probs = _masked_softmax(logits, keep[:, None, None, :])
-  out = jnp.einsum("bkgt,btkd->bkgd", probs, v, precision=HIGHEST)
+  out = jnp.einsum("bkgt,btkd->bkgd", probs.astype(cache.v.dtype), cache.v, precision=HIGHEST,
+                   preferred_element_type=jnp.float32)
   return out.reshape(batch, heads, dim).astype(q.dtype)
 
 

@@ -139,3 +139,19 @@ def test_gate_always_chooses_the_current_block_and_never_a_future_one():
   assert (blocks[..., 0] == current[:, None]).all() and valid[..., 0].all()
   assert (np.where(valid, blocks, -1) <= current[:, None, None]).all()
   assert (valid.sum(-1) == np.minimum(3, current + 1)[:, None]).all()
+
+
+def test_decode_bench_prints_a_table_and_counts_bytes(capsys):
+  """The decode benchmark runs on the CPU; its floor counts the bytes a step must read."""
+  from moba_jax import bench, bench_decode
+  argv = ["--decode", "--caches", "1024", "--batches", "2", "--heads", "4", "--kv-heads", "2",
+          "--dim", "16", "--block", "64", "--topk", "3", "--repeats", "2", "--warmup", "1"]
+  assert bench.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "x floor" in out and "attention moba" in out and "attention full" in out
+  args = bench_decode.parse_args(argv[1:])
+  # full: K and V, 2 rows x 1024 tokens x 2 kv heads x 16 dims x 2 bytes (bfloat16)
+  assert bench_decode.read_bytes("full", 2, 1024, args) == 2 * 2 * 1024 * 2 * 16 * 2
+  # MoBA: 16 block sums (float32) per kv head, plus 3 blocks of 64 keys and values per query head
+  assert bench_decode.read_bytes("moba", 2, 1024, args) == \
+      2 * 16 * 2 * 16 * 4 + 2 * 2 * 4 * 3 * 64 * 16 * 2

@@ -9,12 +9,14 @@
 #   6: check, 8K/32K/128K b512 k3 table (default tiles), 32K tile sweep over TILES, profiles at
 #      PROFILE_SEQS (default 32768)
 #   5: per-kernel profiles of the fwd+bwd step (tools/profile_gpu.py), default tiles [and TILES]
+#   7: check (the compiled suite, decode included) + the full table with ratios to cuDNN and the
+#      floor (pallas_gpu, cudnn) + the decode table (attention and whole model)
 set -o pipefail
 phase=${1:-1}; shift
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
 # correctness on this GPU: the behavioural suite with the kernels compiled, slow cases included
 check() { timeout "${STEP_S:-150}" python3 -m pytest -q --compiled -m "" -p no:cacheprovider \
-  tests/test_moba.py tests/test_kernels.py 2>&1 | tail -15 > "$OUT/check.txt"; cat "$OUT/check.txt"; }
+  tests/test_moba.py tests/test_kernels.py ${CHECK_EXTRA:-} 2>&1 | tail -15 > "$OUT/check.txt"; cat "$OUT/check.txt"; }
 log=$OUT/log.txt
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee -a $log
 python3 -c "import jax, jax_triton; print(jax.__version__, jax.devices())" 2>&1 | tee -a $log
@@ -61,4 +63,9 @@ if [ "$phase" = 6 ]; then
     timeout 120 python3 tools/profile_gpu.py --seq $seq --out $OUT/trace_$seq 2>&1 | grep -v "^WARNING" | tee -a $OUT/profile.txt
   done
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
+fi
+if [ "$phase" = 7 ]; then
+  STEP_S=170 CHECK_EXTRA="tests/test_attention_api.py tests/test_decode.py" check 2>&1 | tee -a $log
+  STEP_S=230 bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee -a $log
+  STEP_S=150 bench --decode --model --repeats 20 --json $OUT/decode.json 2>&1 | grep -v "^WARNING" | tee -a $log
 fi

@@ -1,0 +1,193 @@
+"""`moba-jax bench --decode`: per-token decode attention, MoBA against full, over a full KV cache.
+
+One decode step's attention (moba_jax/decode.py) for a batch of rows whose caches hold `cache`
+tokens each: MoBA scores the block means and reads its chosen blocks only; full attention reads the
+whole cache. Per (batch, cache length, implementation): the median ms per step (each call synced,
+fresh random queries alternated over two sets, the cache random normal, never zeros), the bytes the
+step must read (MoBA: the float32 block sums plus, per query head, its chosen blocks' keys and
+values; full: every key and value) and the floor = bytes / bandwidth (--bandwidth, default the
+4.3 TB/s a device-to-device copy measured on an H200 here; the datasheet says 4.8). With
+--model, whole-model decode tokens/s of a random-weight decoder (all MoBA vs all full).
+
+  moba-jax bench --decode                                  # the default table (H200 sizes)
+  moba-jax bench --decode --caches 4096 --batches 1 --heads 2 --dim 16 --repeats 3   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from moba_jax import decode
+from moba_jax.bench import _int_list, time_ms
+
+DEFAULT_CACHES = (8192, 32768, 131072, 524288, 1048576)
+MAX_BATCH16_CACHE = 262144  # batch 16 x 512K of bf16 K/V (16 heads x 128) is 64 GiB a layer
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="moba-jax bench --decode", description=__doc__.split("\n\n")[0])
+  ints = lambda text: _int_list(text)
+  p.add_argument("--caches", type=ints, default=list(DEFAULT_CACHES), help="cache lengths")
+  p.add_argument("--batches", type=ints, default=[1, 16])
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+  p.add_argument("--dim", type=int, default=128)
+  p.add_argument("--block", type=int, default=512)
+  p.add_argument("--topk", type=int, default=3)
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the floor")
+  p.add_argument("--max-bytes", type=float, default=80e9,
+                 help="skip shapes whose K/V cache is larger (bytes)")
+  p.add_argument("--model", action="store_true", help="also time whole-model decode steps")
+  p.add_argument("--json", default=None, help="write the rows here")
+  args = p.parse_args(argv)
+  for key in ("heads", "dim", "block", "topk", "repeats"):
+    if getattr(args, key) < 1:
+      p.error(f"--{key}={getattr(args, key)} must be >= 1")
+  if args.heads % (args.kv_heads or args.heads):
+    p.error(f"--heads={args.heads} must be divisible by --kv-heads={args.kv_heads}")
+  return args
+
+
+def read_bytes(impl: str, batch: int, cache: int, args) -> int:
+  """The bytes one step must read (queries and outputs are negligible)."""
+  kv_heads, item = args.kv_heads or args.heads, jnp.dtype(args.dtype).itemsize
+  if impl == "full":
+    return 2 * batch * cache * kv_heads * args.dim * item
+  n_blocks = math.ceil(cache / args.block)
+  chosen = min(args.topk, n_blocks) * args.block
+  return (batch * n_blocks * kv_heads * args.dim * 4
+          + 2 * batch * args.heads * chosen * args.dim * item)
+
+
+def random_cache(batch: int, cache: int, args) -> decode.LayerCache:
+  kv_heads, dt = args.kv_heads or args.heads, jnp.dtype(args.dtype)
+  kk, kv = jax.random.split(jax.random.key(7))
+  shape = (batch, cache, kv_heads, args.dim)
+  k, v = jax.random.normal(kk, shape, dt), jax.random.normal(kv, shape, dt)
+  n = jnp.full((batch,), cache, jnp.int32)
+  sums = jax.jit(decode._block_sums, static_argnums=2)(k, n, args.block)
+  return decode.LayerCache(k, v, sums)
+
+
+def bench_attention(args, batch: int, cache: int) -> list[dict]:
+  layer = random_cache(batch, cache, args)
+  n = jnp.full((batch,), cache, jnp.int32)
+  qs = [jax.random.normal(jax.random.key(s), (batch, args.heads, args.dim), jnp.dtype(args.dtype))
+        for s in (1, 2)]
+  fns = {"moba": jax.jit(lambda q, c, n: decode.moba_step_attention(
+             q, c, n, block_size=args.block, topk=args.topk)),
+         "full": jax.jit(decode.full_step_attention)}
+  rows = []
+  for impl, fn in fns.items():
+    ms = time_ms(fn, [(q, layer, n) for q in qs], args.warmup, args.repeats)
+    floor = read_bytes(impl, batch, cache, args) / args.bandwidth * 1e3
+    rows.append(dict(kind="attention", impl=impl, batch=batch, cache=cache, block=args.block,
+                     topk=args.topk, heads=args.heads, dim=args.dim, ms=ms, floor_ms=floor,
+                     x_floor=ms / floor, tokens_per_s=batch / ms * 1e3))
+  rows[0]["speedup_vs_full"] = rows[1]["ms"] / rows[0]["ms"]
+  return rows
+
+
+MODEL_MAX_TOKENS = 2 ** 19  # batch x cache of the whole-model rows: 8 layers' caches must fit
+
+
+def bench_model(args, batch: int, cache: int) -> list[dict]:
+  """Whole-model decode steps of a random-weight 8-layer decoder, all MoBA and all full, as
+  generation runs them: each step donates the cache and gets it back one token longer (timed
+  per step, each synced; the cache starts full but for the steps timed)."""
+  import statistics
+  import time
+
+  from flax import nnx
+
+  from moba_jax.config import MobaConfig, ModelConfig
+  from moba_jax.model import Decoder
+
+  cfg = ModelConfig(vocab_size=32768, d_model=2048, n_layers=8, n_heads=args.heads,
+                    n_kv_heads=args.kv_heads or args.heads, head_dim=args.dim, mlp_dim=5632,
+                    dtype=args.dtype, param_dtype=args.dtype)
+  steps = args.warmup + args.repeats
+  rows = []
+  for impl, hfl in (("moba", 0), ("full", "all")):
+    moba = MobaConfig(block_size=args.block, topk=args.topk, hybrid_full_layers=hfl)
+    model = Decoder(cfg, moba, rngs=nnx.Rngs(0))
+    base = random_cache(batch, cache, args)
+    layers = tuple(decode.LayerCache(base.k + 0, base.v + 0,  # one buffer per layer (donated)
+                                     base.block_sums + 0 if kind == "moba" else None)
+                   for kind in model.layer_kinds)
+    state = decode.Cache(jnp.full((batch,), cache - steps, jnp.int32), layers)
+    del base, layers
+    graphdef, params = nnx.split(model)
+    step = jax.jit(lambda p, c, t: decode.decode_step(nnx.merge(graphdef, p), c, t),
+                   donate_argnums=1)
+    times, tokens = [], jnp.full((batch,), 5, jnp.int32)
+    for i in range(steps):
+      t0 = time.perf_counter()
+      logits, state = step(params, state, tokens)
+      jax.block_until_ready(logits)
+      times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times[args.warmup:])
+    rows.append(dict(kind="model", impl=impl, batch=batch, cache=cache, layers=cfg.n_layers,
+                     d_model=cfg.d_model, ms=ms, tokens_per_s=batch / ms * 1e3))
+    del model, state
+  rows[0]["speedup_vs_full"] = rows[1]["ms"] / rows[0]["ms"]
+  return rows
+
+
+def print_table(rows) -> None:
+  head = (f"{'kind':9s} {'impl':4s} {'batch':>5s} {'cache':>8s} {'ms/step':>9s} {'floor ms':>9s} "
+          f"{'x floor':>7s} {'tok/s':>10s} {'vs full':>7s}")
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    if "error" in r:
+      print(f"{r['kind']:9s} {r['impl']:4s} {r['batch']:5d} {r['cache']:8d} error: "
+            f"{r['error'][:60]}")
+      continue
+    floor = f"{r['floor_ms']:9.4f} {r['x_floor']:7.2f}" if "floor_ms" in r else f"{'-':>9s} {'-':>7s}"
+    speed = f"{r['speedup_vs_full']:7.1f}" if "speedup_vs_full" in r else f"{'-':>7s}"
+    print(f"{r['kind']:9s} {r['impl']:4s} {r['batch']:5d} {r['cache']:8d} {r['ms']:9.4f} {floor} "
+          f"{r['tokens_per_s']:10.1f} {speed}")
+  sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, heads "
+        f"{args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}, MoBA "
+        f"block {args.block} top-{args.topk}", flush=True)
+  rows = []
+  for batch in args.batches:
+    for cache in args.caches:
+      if batch > 1 and cache > MAX_BATCH16_CACHE or \
+          read_bytes("full", batch, cache, args) > args.max_bytes:
+        continue
+      model = args.model and batch * cache <= MODEL_MAX_TOKENS
+      benches = [bench_attention] + ([bench_model] if model else [])
+      for bench in benches:
+        try:
+          new = bench(args, batch, cache)
+        except Exception as e:  # noqa: BLE001 - report and go on (OOM, unsupported platform)
+          kind = "attention" if bench is bench_attention else "model"
+          new = [dict(kind=kind, impl="both", batch=batch, cache=cache, error=repr(e)[-300:])]
+        for r in new:
+          print(json.dumps(r), flush=True)
+        rows += new
+  print_table(rows)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
