@@ -258,8 +258,11 @@ def _doc_mask(segment_ids):
 
 def _full_dot_product(q, k, v, segment_ids, *, softmax_scale, implementation):
   mask = None if segment_ids is None else _doc_mask(segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=softmax_scale,
-                                      implementation=implementation)
+  # float32 inputs get true float32 products, as in MoBA (GPUs default to TF32: 4e-4 off).
+  precision = "highest" if q.dtype == jnp.float32 else None
+  with jax.default_matmul_precision(precision):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=softmax_scale,
+                                        implementation=implementation)
 
 
 def _full_dot_product_xla(q, k, v, segment_ids, *, softmax_scale):

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "report": ("moba_jax.report", "rebuild the grid's table and chart from its run directories"),
     "inspect": ("moba_jax.inspect", "list a checkpoint directory's steps, config and arrays"),
     "generate": ("moba_jax.generate", "continue text prompts from a checkpoint (exact MoBA decoding)"),
+    "eval": ("moba_jax.evals", "long-context retrieval (passkey / needle) over lengths and depths"),
     "bench": ("moba_jax.bench", "time MoBA implementations against full attention"),
 }
 

@@ -8,9 +8,9 @@ whose answer is the key. Each example has exactly L tokens, answer included:
 
   passkey  NEEDLE  "\\nThe pass key is 48213. Remember it.\\n"
            QUESTION "\\nWhat is the pass key? The pass key is "            ANSWER "48213"
-  needle   NEEDLE  "\\nOne of the special magic numbers for falcon is: 48213.\\n"
-           QUESTION "\\nWhat is the special magic number for falcon? The special magic number for
-           falcon is: "                                                  ANSWER "48213"
+  needle   NEEDLE  "\\nThe magic number for falcon is 48213.\\n"         (the word varies too)
+           QUESTION "\\nWhat is the magic number for falcon? The magic number for falcon is "
+                                                                        ANSWER "48213"
 
 Text is byte-level (moba_jax/data.py: BOS, then each UTF-8 byte + 3). The haystack (--haystack) is
 `corpus` (default): the held-out split of the checkpoint's own corpus (data.path), else the default
@@ -43,6 +43,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -202,7 +203,10 @@ def text_haystack(choice: str, cfg, note: Callable[[str], None]):
   if choice == "synthetic":
     return FillerHaystack()
   if choice != "corpus":
-    split, where = _corpus_split(choice)  # CorpusError (a ValueError) names the path
+    try:
+      split, where = _corpus_split(choice)
+    except (ValueError, OSError) as e:
+      raise ValueError(f"--haystack {choice}: {e}") from None
     return CorpusHaystack(split, f"held-out split of {where}")
   if cfg.data.task == "corpus" and cfg.data.path:
     try:
@@ -277,9 +281,8 @@ class Prompts:
       needle = f"\nThe pass key is {key}. Remember it.\n"
       question = "\nWhat is the pass key? The pass key is "
     else:
-      needle = f"\nOne of the special magic numbers for {word} is: {key}.\n"
-      question = (f"\nWhat is the special magic number for {word}? The special magic number for "
-                  f"{word} is: ")
+      needle = f"\nThe magic number for {word} is {key}.\n"
+      question = f"\nWhat is the magic number for {word}? The magic number for {word} is "
     return Pieces(*(_byte_tokens(t.encode()) for t in (needle, question, key)), key)
 
   def overhead(self, pieces: Pieces) -> int:
@@ -441,13 +444,16 @@ def _answer_text(tokens, synthetic: bool) -> str:
   if synthetic:
     return "".join(str(t - data_lib.DIGITS) if 0 <= t - data_lib.DIGITS < 10 else f"<{t}>"
                    for t in tokens)
-  return b"".join(gen.token_bytes(int(t)) for t in tokens).decode("utf-8", "replace")
+  return "".join(chr(int(t) - data_lib.BYTE_OFFSET) if data_lib.BYTE_OFFSET <= t < 128 +
+                 data_lib.BYTE_OFFSET else f"<{int(t)}>" for t in tokens)  # ASCII, else the id
 
 
 def evaluate(prompts: Prompts, score, lengths: Sequence[int], depths: Sequence[float],
              samples: int, seed: int, batch_size: int = 16, log=None, keep: int = 3) -> list:
-  """Per (length, depth) cell: {length, depth, n, correct, accuracy, answer_nll, examples} (the
-  first `keep` examples' key and prediction). `score(tokens [B, L], answer_len) -> Scores`."""
+  """Per (length, depth) cell: {length, depth, n, correct, accuracy (exact match), token_accuracy
+  (answer tokens right), answer_nll, examples} (the first `keep` examples' key and predicted
+  answer: teacher-forced argmax per token in forward mode, the greedy generation in decode
+  mode). `score(tokens [B, L], answer_len) -> Scores`."""
   cells = []
   for length in lengths:
     t0 = time.time()
@@ -461,9 +467,11 @@ def evaluate(prompts: Prompts, score, lengths: Sequence[int], depths: Sequence[f
       shown = [{"key": flat[j * samples + i].key,
                 "predicted": _answer_text(s.predicted[j * samples + i], prompts.synthetic_tokens)}
                for i in range(min(keep, samples))]
+      digits = (s.predicted[sl] == np.stack([e.answer for e in flat[sl]])).mean()
       row.append({"length": int(length), "depth": float(depth), "n": int(samples),
                   "correct": int(correct.sum()), "accuracy": float(correct.mean()),
-                  "answer_nll": float(nll.mean()), "examples": shown})
+                  "token_accuracy": float(digits), "answer_nll": float(nll.mean()),
+                  "examples": shown})
     cells += row
     if log:
       acc = np.mean([c["accuracy"] for c in row])
@@ -503,7 +511,7 @@ def grid(doc: dict, key: str) -> np.ndarray:
 
 
 def format_md(doc: dict) -> str:
-  acc, nll = grid(doc, "accuracy"), grid(doc, "answer_nll")
+  acc, tok, nll = (grid(doc, k) for k in ("accuracy", "token_accuracy", "answer_nll"))
   head = "| depth \\ length | " + " | ".join(str(n) for n in doc["lengths"]) + " |"
   rule = "|---" * (len(doc["lengths"]) + 1) + "|"
 
@@ -523,6 +531,8 @@ def format_md(doc: dict) -> str:
            f"- overall accuracy: {doc['accuracy']:.3f}", "",
            "Accuracy (exact match of the answer):", ""]
   lines += table(acc, lambda v: f"{v:.3f}")
+  lines += ["", "Answer tokens right (fraction of all answer tokens):", ""]
+  lines += table(tok, lambda v: f"{v:.3f}")
   lines += ["", "Mean answer-token NLL (nats, teacher-forced):", ""]
   lines += table(nll, lambda v: f"{v:.3f}")
   return "\n".join(lines) + "\n"
@@ -586,7 +596,10 @@ def main(argv: list[str] | None = None) -> int:
   from moba_jax.train import attention_plan
 
   out_dir = Path(args.out) if args.out else (run_dir or ckpt_dir.parent) / f"eval_{args.task}"
-  plan = attention_plan(cfg)
+  # the implementation each layer resolves to at the shapes scored here
+  # (a stand-in config: attention_plan reads model, moba and these two train fields only)
+  shapes = SimpleNamespace(batch_size=args.batch_size, seq_len=max(lengths))
+  plan = attention_plan(SimpleNamespace(model=cfg.model, moba=cfg.moba, train=shapes))
   log(f"step {step} of {ckpt_dir}; attention: {plan}; {len(lengths)} lengths x {len(depths)} "
       f"depths x {args.samples} prompts, {args.mode} mode; haystack: "
       f"{prompts.haystack.description}")

@@ -1,4 +1,8 @@
-"""pytest options of the suite: `--compiled` runs the Pallas kernels compiled (tests/helpers.py)."""
+"""pytest options of the suite: `--compiled` runs the Pallas kernels compiled (tests/helpers.py);
+`--shard I/N` runs every N-th test from the I-th (0-based), so N processes can share one machine
+(compiling kernels is CPU-bound: tools/run_h200.sh runs the compiled suite as 6 shards)."""
+
+import pytest
 
 from tests import helpers
 
@@ -7,7 +11,22 @@ def pytest_addoption(parser):
   parser.addoption("--compiled", action="store_true",
                    help="run the Pallas kernels compiled on this machine's GPU/TPU instead of in "
                         "interpret mode (skips the other platform's kernel)")
+  parser.addoption("--shard", default=None, help="I/N: run only tests I, I+N, I+2N, ...")
 
 
 def pytest_configure(config):
   helpers.COMPILED = config.getoption("--compiled")
+
+
+def pytest_collection_modifyitems(config, items):
+  spec = config.getoption("--shard")
+  if not spec:
+    return
+  try:
+    index, count = (int(x) for x in spec.split("/"))
+    assert 0 <= index < count
+  except (ValueError, AssertionError):
+    raise pytest.UsageError(f"--shard={spec!r} must be I/N with 0 <= I < N") from None
+  keep = [item for i, item in enumerate(items) if i % count == index]
+  config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+  items[:] = keep

@@ -64,6 +64,23 @@ if [ "$phase" = 6 ]; then
   done
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
 fi
+# the compiled suite as SHARDS processes side by side (compilation is CPU-bound), durations kept
+shards() { local n=${SHARDS:-6}; for i in $(seq 0 $((n - 1))); do
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${STEP_S:-500}" python3 -m pytest -q --compiled \
+    -m "" -p no:cacheprovider --shard $i/$n --durations=5 tests/test_moba.py tests/test_kernels.py \
+    tests/test_attention_api.py tests/test_decode.py > "$OUT/shard$i.txt" 2>&1 &
+  done; wait; tail -n 3 "$OUT"/shard*.txt; }
+if [ "$phase" = 8 ]; then
+  STEP_S=540 shards 2>&1 | tee -a $log
+fi
+if [ "$phase" = 9 ]; then  # shard 0 of 6 as 3 shards of 18, and named tests ($@), side by side
+  for i in 0 6 12; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${STEP_S:-450}" python3 -m pytest \
+    -q --compiled -m "" -p no:cacheprovider --shard $i/18 tests/test_moba.py tests/test_kernels.py \
+    tests/test_attention_api.py tests/test_decode.py > "$OUT/shard0_$i.txt" 2>&1 & done
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${STEP_S:-450}" python3 -m pytest -q --compiled -m "" \
+    -p no:cacheprovider "$@" > "$OUT/named.txt" 2>&1 &
+  wait; tail -n 4 "$OUT"/shard0_*.txt "$OUT/named.txt"
+fi
 if [ "$phase" = 7 ]; then
   STEP_S=170 CHECK_EXTRA="tests/test_attention_api.py tests/test_decode.py" check 2>&1 | tee -a $log
   STEP_S=230 bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee -a $log
