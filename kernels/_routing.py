@@ -123,7 +123,8 @@ def _select_shared(q, slot_kbar, layout, *, block_size, topk):
   n_sel = min(topk, n_slots)
   j = jnp.arange(n_slots, dtype=jnp.int32)
   q_grouped = q.reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
-  scores = _gate_scores(q_grouped, slot_kbar).reshape(batch, chunk, heads, n_slots)
+  scores = _moba.nan_ranks_high(_gate_scores(q_grouped, slot_kbar).reshape(batch, chunk, heads,
+                                                                          n_slots))
   current = layout.block_index[..., None, None]  # [B, C, 1, 1]
   scores = jnp.where(j < current, scores, -jnp.inf)  # the current block is chosen first (+inf)
   first = jnp.broadcast_to(current[..., 0], scores.shape[:-1])

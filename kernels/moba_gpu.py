@@ -242,7 +242,7 @@ def _row_specs(bq, dim):
           pl.BlockSpec((pl.squeezed, bq), lambda i, b: (b, i))]
 
 
-def _flat(x, dp):
+def flat_rows(x, dp):
   """[B, T, N, D] -> [B, T * N, Dp]: a reshape (head_dim padded only if not a power of two)."""
   batch, seq, n, dim = x.shape
   if dp != dim:
@@ -250,7 +250,8 @@ def _flat(x, dp):
   return x.reshape(batch, seq * n, dp)
 
 
-def _head_dim(dim):
+def padded_head_dim(dim):
+  """The kernels' head_dim: the next power of two, at least 16."""
   return max(16, pl.next_power_of_2(dim))
 
 
@@ -262,7 +263,7 @@ def _pad_rows(r: rt.Routing, extra):
 def forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret):
   """The forward kernel alone: partial rows o_rows [BK, R, Dp] and lse_rows [BK, R] (float32).
 
-  qf [B, T * H, Dp], kf/vf [B, T * K, Dp] (`_flat`)."""
+  qf [B, T * H, Dp], kf/vf [B, T * K, Dp] (`flat_rows`)."""
   batch, dp = qf.shape[0], qf.shape[-1]
   kv_heads = kf.shape[1] // dims.seq
   batch_kv, bq = batch * kv_heads, sizes.block_q
@@ -287,11 +288,13 @@ def _query_major(rows, pos, batch, dims):
   return rows.reshape(batch, kv_heads * dims.rows, *rows.shape[2:]), p
 
 
-def _forward(q, k, v, routing, dims, sizes, scale, interpret):
+def forward(q, k, v, routing, dims, sizes, scale, interpret):
+  """The custom VJP's forward with routing given: (out [B, T, H, D], residuals (o, lse)).
+  Public with `backward` so that `moba-jax bench --breakdown` can time the stages apart."""
   batch, seq, heads, dim = q.shape
-  dp = _head_dim(dim)
-  o_rows, lse_rows = forward_rows(routing, dims, _flat(q, dp), _flat(k, dp), _flat(v, dp), sizes,
-                                  scale, interpret)
+  dp = padded_head_dim(dim)
+  qf, kf, vf = (flat_rows(x, dp) for x in (q, k, v))
+  o_rows, lse_rows = forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret)
   o_rows, pos = _query_major(o_rows, routing.pos, batch, dims)
   lse_rows = lse_rows.reshape(batch, -1)
   o, lse = rt.merge_rows(o_rows, lse_rows, pos)  # [B, T * H, Dp], [B, T * H]
@@ -341,11 +344,12 @@ def _dkdv_items(routing, dims, sizes, seq):
           jnp.any(rest))
 
 
-def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
+def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
+  """The custom VJP's backward: (dq, dk, dv) for the cotangent do, routing given."""
   batch, seq, _, dim = q.shape
   kv_heads = k.shape[2]
-  dp = _head_dim(dim)
-  qf, kf, vf, dof = _flat(q, dp), _flat(k, dp), _flat(v, dp), _flat(do, dp)
+  dp = padded_head_dim(dim)
+  qf, kf, vf, dof = flat_rows(q, dp), flat_rows(k, dp), flat_rows(v, dp), flat_rows(do, dp)
   delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
@@ -394,7 +398,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   return dq, dk, dv
 
 
-_moba_vjp = rt.custom_vjp_attention(_forward, _backward)
+_moba_vjp = rt.custom_vjp_attention(forward, backward)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))

@@ -5,7 +5,8 @@ Prints, per (seq, block, topk, implementation): fwd and fwd+bwd median ms, effec
 peak device memory of the fwd+bwd step (arguments + outputs + temporaries, from XLA's memory
 analysis). With a cuDNN row at the same length, each MoBA row also gets its ratios to cuDNN (time,
 per-FLOP efficiency, memory) and to the physical floor: its attended pairs at cuDNN's measured
-time per pair (`floor ms`; `x floor` = time / floor). Inputs are fresh random normals (two sets, alternated), never zeros; warm-up first;
+time per pair (`floor ms`; `x floor` = time / floor). Inputs are fresh random normals (two sets,
+alternated), never zeros; warm-up first;
 each timing is the median of `--repeats` calls, each closed by block_until_ready.
 
   moba-jax bench                                # the default table (H200 sizes)
@@ -179,7 +180,8 @@ def bench_one(args, impl, seq, block, topk):
   moba = impl not in ("cudnn", "full_xla")
   pairs = attended_pairs(seq, block, topk, moba)
   flops = 4 * pairs * args.dim * args.heads * args.batch
-  row = dict(impl=impl, pairs=pairs, sizes=args.gpu_block_sizes if impl == "pallas_gpu" else None, seq=seq,
+  row = dict(impl=impl, pairs=pairs, seq=seq,
+             sizes=args.gpu_block_sizes if impl == "pallas_gpu" else None,
              block=block if moba else None, topk=topk if moba else None, heads=args.heads,
              dim=args.dim, dtype=args.dtype, pipeline=args.pipeline)
   fwd = make_fn(impl, block, topk, bwd=False, gpu_sizes=args.gpu_block_sizes)
@@ -249,9 +251,9 @@ def breakdown(args, seq, block, topk):
                                         block_q=sizes.block_q)[0])
   dims = rt.make_dims(seq, args.heads // (args.kv_heads or args.heads), block, topk, sizes.block_q)
   routed = [(*s, route(s[0], s[1])) for s in sets]
-  fwd = jax.jit(lambda q, k, v, cot, r: mg._forward(q, k, v, r, dims, sizes, scale, False))
+  fwd = jax.jit(lambda q, k, v, cot, r: mg.forward(q, k, v, r, dims, sizes, scale, False))
   res = [(q, k, v, cot, r, *fwd(q, k, v, cot, r)[1]) for q, k, v, cot, r in routed]
-  bwd = jax.jit(lambda q, k, v, cot, r, o, lse: mg._backward(q, k, v, r, o, lse, cot, dims,
+  bwd = jax.jit(lambda q, k, v, cot, r, o, lse: mg.backward(q, k, v, r, o, lse, cot, dims,
                                                               sizes, scale, False))
   kbar = jax.jit(lambda k: moba_lib.slot_means(k, block))  # the one-document routing's gate keys
   row = dict(impl="pallas_gpu/breakdown", seq=seq, block=block, topk=topk, sizes=str(sizes),
@@ -271,8 +273,8 @@ def triton_side_by_side(args, dims, sizes, scale, routed):
   from moba_jax.kernels import moba_triton as mt
   if not mt.available():
     return {"triton": "not run: needs jax-triton, Triton and a GPU"}
-  dp = mg._head_dim(args.dim)
-  flat = jax.jit(lambda q, k, v: tuple(mg._flat(x, dp) for x in (q, k, v)))
+  dp = mg.padded_head_dim(args.dim)
+  flat = jax.jit(lambda q, k, v: tuple(mg.flat_rows(x, dp) for x in (q, k, v)))
   pallas_sets = [(r, *flat(q, k, v)) for q, k, v, _, r in routed]
   sets = [(r, *jax.jit(mt.prep)(q, k, v)) for q, k, v, _, r in routed]
   pallas = jax.jit(lambda r, qf, kf, vf: mg.forward_rows(r, dims, qf, kf, vf, sizes, scale, False))

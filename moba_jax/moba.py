@@ -111,7 +111,7 @@ def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: 
   q_grouped = q_f32.reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
   scores = jnp.einsum("bckgd,bcnkd->bckgn", q_grouped, jax.lax.stop_gradient(slot_kbar),
                       precision=HIGHEST)
-  scores = scores.reshape(batch, chunk, heads, n_slots)  # [B, C, H, N]
+  scores = nan_ranks_high(scores.reshape(batch, chunk, heads, n_slots))  # [B, C, H, N]
   current = layout.block_index[..., None, None]  # [B, C, 1, 1]
   scores = jnp.where(j < current, scores, -jnp.inf)
   scores = jnp.where(j == current, jnp.inf, scores)
@@ -119,6 +119,13 @@ def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: 
   valid = top_scores > -jnp.inf
   starts = layout.doc_start[..., None, None] + top_slots.astype(jnp.int32) * block_size
   return starts, valid
+
+
+def nan_ranks_high(scores):
+  """A NaN gate score (a block with a NaN key) ranks above every number and below the current
+  block's +inf, so the block is chosen and its NaN reaches the output, as in full attention and
+  in the official code (torch.topk ranks NaN highest): a corrupt key is never dropped silently."""
+  return jnp.where(jnp.isnan(scores), jnp.finfo(scores.dtype).max, scores)
 
 
 def _default_scale(softmax_scale, head_dim):

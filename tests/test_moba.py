@@ -182,3 +182,18 @@ def test_benchmark_shapes_match_the_float32_reference(impl, dtype, block, topk, 
   out, vjp = jax.vjp(lambda q, k, v: run(impl, q, k, v, seg, **kw), q, k, v)
   for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want):
     assert rel_err(up(a), b) < bound, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lengths", [(64,), (40, 24)])
+def test_a_nan_key_reaches_every_output_that_attends_its_block(impl, lengths):
+  """A NaN key is never dropped by the gate: its block's score ranks above every number, so every
+  later query of its document chooses the block (with topk >= 2), and the NaN reaches exactly the
+  outputs it reaches in causal full attention (the official code's torch.topk ranks NaN highest)."""
+  q, k, v = random_qkv(5, 1, sum(lengths), 4, 2, 16)
+  seg = packed_segments(1, lengths)
+  k = k.at[0, 3, 1].set(jnp.nan)  # kv head 1, block 0 of the first document
+  got = np.isnan(np.asarray(run(impl, q, k, v, seg, block_size=8, topk=2)))
+  want = np.isnan(np.asarray(full_attention(q, k, v, segment_ids=seg, implementation="xla")))
+  assert want[0, 3:lengths[0], 2:].all() and not want[0, :3].any()  # query heads 2, 3 only
+  np.testing.assert_array_equal(got, want)

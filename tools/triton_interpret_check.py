@@ -73,7 +73,7 @@ def main() -> int:
   sizes = mg.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16)
   routing, dims = rt.route(q, k, seg, block_size=blk, topk=topk, block_q=sizes.block_q)
   scale = d ** -0.5
-  o_p, l_p = mg.forward_rows(routing, dims, *(mg._flat(x, d) for x in (q, k, v)), sizes, scale,
+  o_p, l_p = mg.forward_rows(routing, dims, *(mg.flat_rows(x, d) for x in (q, k, v)), sizes, scale,
                              True)
   qr, kr, vr = mt.prep(q, k, v)
   o_p, l_p = np.asarray(o_p), np.asarray(l_p)
