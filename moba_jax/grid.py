@@ -384,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     exp, source = load_experiment(name, pos + _flag_overrides(args))
     corpus_fingerprints(exp)  # a bad data.path fails here, before any run starts
-  except (ValueError, FileNotFoundError) as e:
+    if not args.dry_run:
+      rundir.make_writable_dir(exp.grid.out_dir, "grid.out_dir")
+  except (ValueError, OSError) as e:
     print(f"moba-jax grid: {e}", file=sys.stderr)
     return 2
   if args.dry_run:

@@ -43,6 +43,20 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     raise
 
 
+def make_writable_dir(path: str | os.PathLike, key: str) -> Path:
+  """Creates directory `path` (and parents) and checks a file can be written in it; OSError
+  naming the config key and the reason otherwise (read-only, not a directory, disk full...)."""
+  path = Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_probe.{uuid.uuid4().hex}"
+    probe.write_bytes(b"x")
+    probe.unlink()
+  except OSError as e:
+    raise OSError(f"{key}={str(path)!r} cannot hold the run's files ({e.strerror or e})") from None
+  return path
+
+
 def read_json(path: str | os.PathLike) -> dict | None:
   """The JSON object in `path`, or None if it is missing or unreadable."""
   try:

@@ -358,7 +358,10 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   step_time_s, mfu, wall_s, nonfinite_steps.
   """
   validate(cfg)
-  os.makedirs(cfg.run_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    rundir.make_writable_dir(cfg.run_dir, "run_dir")
+  else:
+    os.makedirs(cfg.run_dir, exist_ok=True)
   with Preemption() as pre:  # from here on SIGTERM / SIGINT stop the run cleanly
     if jax.process_index() != 0:
       return _run(cfg, progress, pre)

@@ -247,3 +247,16 @@ def test_killed_at_random_points_the_run_still_ends_bit_for_bit(tmp_path):
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   assert sorted(losses(faulty)) == list(range(1, 31))
   assert [losses(faulty)[s] for s in range(1, 31)] == [losses(straight)[s] for s in range(1, 31)]
+
+
+def test_an_unwritable_run_dir_or_out_dir_is_one_line_before_any_work(tmp_path, capsys):
+  """A run dir that cannot hold files (here: under a regular file, which stops root too) is a
+  one-line error naming the key, exit 2, before the model is built or a grid run is recorded."""
+  from moba_jax import grid, train
+  (tmp_path / "file").write_text("")
+  assert train.main([f"run_dir={tmp_path}/file/run", "train.steps=1"]) == 2
+  assert f"run_dir='{tmp_path}/file/run' cannot hold the run's files" in capsys.readouterr().err
+  assert grid.main(["passkey_pilot_cpu", f"out_dir={tmp_path}/file/grid", "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert f"grid.out_dir='{tmp_path}/file/grid' cannot hold the run's files" in err
+  assert "Traceback" not in err
