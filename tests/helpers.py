@@ -64,3 +64,21 @@ def packed_segments(batch, lengths):
 def vjp_all(fn, q, k, v, cot):
   out, vjp = jax.vjp(fn, q, k, v)
   return (out, *vjp(cot))
+
+
+def train_tiny_text_model(root, corpus, *, context: int, block_size: int):
+  """A tiny byte-level model (1 MoBA + 1 full layer) trained one step on the JSONL `corpus`, in
+  root/run: a real checkpoint for the generate and eval tests. -> its run dir."""
+  from moba_jax import train
+  from moba_jax.config import load_config
+
+  cfg = load_config(None, [
+      f"run_dir={root / 'run'}", "model.vocab_size=259", "model.d_model=16", "model.n_layers=2",
+      "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=8", "model.mlp_dim=32",
+      f"moba.block_size={block_size}", "moba.topk=2", "moba.hybrid_full_layers=1",
+      "train.steps=1", "train.batch_size=1", f"train.seq_len={context}", "train.warmup_steps=0",
+      "data.task=corpus", f"data.path={corpus}", "data.prefetch=0", "eval.batches=0",
+      "eval.trailing_tokens=8", "checkpoint.async_save=false", "log.progress=false",
+      "mesh.data=1"])
+  train.run(cfg, progress=False)
+  return root / "run"

@@ -11,6 +11,7 @@ import pytest
 from moba_jax import data as data_lib
 from moba_jax import evals
 from moba_jax import generate as gen
+from tests.helpers import train_tiny_text_model
 
 CONTEXT = 128
 DEPTHS = (0.0, 0.3, 0.5, 1.0)
@@ -27,21 +28,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, corpus):
   """A tiny byte-level model (1 MoBA + 1 full layer, 8 blocks of 16) trained one step on a JSONL
-  corpus (tests/test_generate.py's fixture at a context of 128)."""
-  from moba_jax import train
-  from moba_jax.config import load_config
-
-  root = tmp_path_factory.mktemp("evals")
-  cfg = load_config(None, [
-      f"run_dir={root / 'run'}", "model.vocab_size=259", "model.d_model=16", "model.n_layers=2",
-      "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=8", "model.mlp_dim=32",
-      "moba.block_size=16", "moba.topk=2", "moba.hybrid_full_layers=1", "train.steps=1",
-      "train.batch_size=1", f"train.seq_len={CONTEXT}", "train.warmup_steps=0",
-      "data.task=corpus", f"data.path={corpus}", "data.prefetch=0", "eval.batches=0",
-      "eval.trailing_tokens=8", "checkpoint.async_save=false", "log.progress=false",
-      "mesh.data=1"])
-  train.run(cfg, progress=False)
-  return root / "run"
+  corpus (tests/helpers.train_tiny_text_model at a context of 128)."""
+  return train_tiny_text_model(tmp_path_factory.mktemp("evals"), corpus, context=CONTEXT,
+                               block_size=16)
 
 
 @pytest.fixture(scope="module")

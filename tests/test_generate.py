@@ -15,6 +15,7 @@ from flax import nnx
 from moba_jax import data as data_lib
 from moba_jax import decode
 from moba_jax import generate as gen
+from tests.helpers import train_tiny_text_model
 
 CONTEXT = 32
 
@@ -22,23 +23,11 @@ CONTEXT = 32
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A tiny byte-level model (1 MoBA + 1 full layer) trained one step on a JSONL corpus."""
-  from moba_jax import train
-  from moba_jax.config import load_config
-
   root = tmp_path_factory.mktemp("generate")
   corpus = root / "corpus.jsonl"
   corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
                             for i in range(40)))
-  cfg = load_config(None, [
-      f"run_dir={root / 'run'}", "model.vocab_size=259", "model.d_model=16", "model.n_layers=2",
-      "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=8", "model.mlp_dim=32",
-      "moba.block_size=4", "moba.topk=2", "moba.hybrid_full_layers=1", "train.steps=1",
-      "train.batch_size=1", f"train.seq_len={CONTEXT}", "train.warmup_steps=0",
-      "data.task=corpus", f"data.path={corpus}", "data.prefetch=0", "eval.batches=0",
-      "eval.trailing_tokens=8", "checkpoint.async_save=false", "log.progress=false",
-      "mesh.data=1"])
-  train.run(cfg, progress=False)
-  return root / "run"
+  return train_tiny_text_model(root, corpus, context=CONTEXT, block_size=4)
 
 
 def greedy_reference(run_dir, prompt: str, max_new: int, overrides=()) -> str:
