@@ -223,28 +223,39 @@ def _chunk_attention(q_c, t_c, layout_c, k, v, kbar, block_end_at, *, block_size
 def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None, options=None,
              chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES):
   """Block-gathered MoBA: memory O(T * topk * block_size) per chunk, rematerialized backward."""
-  batch, seq, heads, dim = q.shape
-  scale = _default_scale(softmax_scale, dim)
   layout = doc_layout(segment_ids, block_size)
+  positions = jnp.arange(q.shape[1], dtype=jnp.int32)
+  return attend_queries(q, positions, layout, layout, k, v, block_size=block_size, topk=topk,
+                        softmax_scale=softmax_scale, chunk_budget_bytes=chunk_budget_bytes)
+
+
+def attend_queries(q, positions, layout_q, layout, k, v, *, block_size, topk, softmax_scale=None,
+                   chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES):
+  """MoBA of the queries q [B, Tq, H, D] at absolute positions [Tq] (layout_q: their Layout
+  entries, [B, Tq] each) over all keys k, v [B, T, K, D] (layout: every position's): the xla
+  path's chunked loop, also what each shard of `moba_jax.context_parallel` runs for its queries."""
+  batch, n_q, heads, dim = q.shape
+  seq = k.shape[1]
+  scale = _default_scale(softmax_scale, dim)
   kbar = block_key_means(k, layout, block_size=block_size)
   n_sel = min(topk, math.ceil(seq / block_size))
-  chunk = xla_chunk_size(batch, seq, heads, dim, n_sel, block_size, chunk_budget_bytes)
-  n_chunks = math.ceil(seq / chunk)
-  pad = n_chunks * chunk - seq
+  chunk = xla_chunk_size(batch, n_q, heads, dim, n_sel, block_size, chunk_budget_bytes)
+  n_chunks = math.ceil(n_q / chunk)
+  pad = n_chunks * chunk - n_q
 
-  def pad_t(x):  # pad the T axis (axis 1, or 0 for 1-D) by repeating the last query
+  def pad_t(x):  # pad the query axis (axis 1, or 0 for 1-D) by repeating the last query
     axis = 0 if x.ndim == 1 else 1
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths, mode="edge")
 
-  def to_chunks(x):  # [B, T', ...] -> [n, B, C, ...]
+  def to_chunks(x):  # [B, Tq', ...] -> [n, B, C, ...]
     x = x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
   q_chunks = to_chunks(pad_t(q))
-  layout_chunks = Layout(*(to_chunks(pad_t(a)) for a in layout))
-  t_chunks = pad_t(jnp.arange(seq, dtype=jnp.int32)).reshape(n_chunks, chunk)
+  layout_chunks = Layout(*(to_chunks(pad_t(a)) for a in layout_q))
+  t_chunks = pad_t(positions.astype(jnp.int32)).reshape(n_chunks, chunk)
 
   @jax.checkpoint
   def body(q_c, t_c, layout_c, k, v):
@@ -257,4 +268,4 @@ def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None, opti
   k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
   out = jax.lax.map(lambda xs: body(*xs, k32, v32), (q_chunks, t_chunks, layout_chunks))
   out = jnp.moveaxis(out, 0, 1).reshape(batch, n_chunks * chunk, heads, dim)
-  return out[:, :seq]
+  return out[:, :n_q].astype(q.dtype)
