@@ -37,7 +37,7 @@ TARGETS_MS = {(8192, 512, 3): 1.5, (16384, 128, 8): 2.5, (32768, 512, 3): 3.0,
               (131072, 512, 3): 12.0, (131072, 4096, 12): 320.0}
 
 
-def _int_list(text: str, sep: str = ",") -> list[int]:
+def int_list(text: str, sep: str = ",") -> list[int]:
   try:
     values = [int(x) for x in text.split(sep)]
   except ValueError:
@@ -48,13 +48,13 @@ def _int_list(text: str, sep: str = ",") -> list[int]:
 
 
 def _seqs(text: str) -> str:
-  _int_list(text)
+  int_list(text)
   return text
 
 
 def _configs(text: str) -> str:
   for c in text.split(","):
-    if len(_int_list(c, ":")) != 2:
+    if len(int_list(c, ":")) != 2:
       raise argparse.ArgumentTypeError(f"{c!r} must look like BLOCK:TOPK, e.g. 512:3")
   return text
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moba_jax import decode
-from moba_jax.bench import _int_list, time_ms
+from moba_jax.bench import int_list, time_ms
 
 DEFAULT_CACHES = (8192, 32768, 131072, 524288, 1048576)
 MAX_BATCH16_CACHE = 262144  # batch 16 x 512K of bf16 K/V (16 heads x 128) is 64 GiB a layer
@@ -32,9 +32,8 @@ MAX_BATCH16_CACHE = 262144  # batch 16 x 512K of bf16 K/V (16 heads x 128) is 64
 
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="moba-jax bench --decode", description=__doc__.split("\n\n")[0])
-  ints = lambda text: _int_list(text)
-  p.add_argument("--caches", type=ints, default=list(DEFAULT_CACHES), help="cache lengths")
-  p.add_argument("--batches", type=ints, default=[1, 16])
+  p.add_argument("--caches", type=int_list, default=list(DEFAULT_CACHES), help="cache lengths")
+  p.add_argument("--batches", type=int_list, default=[1, 16])
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
   p.add_argument("--dim", type=int, default=128)
@@ -74,7 +73,7 @@ def random_cache(batch: int, cache: int, args) -> decode.LayerCache:
   shape = (batch, cache, kv_heads, args.dim)
   k, v = jax.random.normal(kk, shape, dt), jax.random.normal(kv, shape, dt)
   n = jnp.full((batch,), cache, jnp.int32)
-  sums = jax.jit(decode._block_sums, static_argnums=2)(k, n, args.block)
+  sums = jax.jit(decode.block_key_sums, static_argnums=2)(k, n, args.block)
   return decode.LayerCache(k, v, sums)
 
 

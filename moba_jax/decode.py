@@ -74,7 +74,7 @@ def block_counts(lengths, n_blocks: int, block_size: int) -> jax.Array:
 # ----------------------------------------------------------------------------- cache updates
 
 
-def _block_sums(k, lengths, block_size: int) -> jax.Array:
+def block_key_sums(k, lengths, block_size: int) -> jax.Array:
   """Sums of the keys k [B, P, K, D] at positions < lengths, per block: float32 [B, ceil(P/L), K, D]
   (the same zero-padded reshape-sum as `moba.slot_means`)."""
   batch, seq, kv_heads, dim = k.shape
@@ -92,7 +92,7 @@ def fill(cache: LayerCache, k, v, lengths, block_size: int) -> LayerCache:
   new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at0)
   sums = cache.block_sums
   if sums is not None:
-    sums = jax.lax.dynamic_update_slice(sums, _block_sums(k, lengths, block_size), at0)
+    sums = jax.lax.dynamic_update_slice(sums, block_key_sums(k, lengths, block_size), at0)
   return LayerCache(new_k, new_v, sums)
 
 

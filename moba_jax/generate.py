@@ -35,12 +35,12 @@ class UsageError(ValueError):
   """A bad command line: printed as one line, exit 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
   def error(self, message):  # one line, no usage block
     raise UsageError(message)
 
 
-def _number(kind, lo):
+def number_arg(kind, lo):
   """An argparse type: a finite int/float >= lo (argparse names the flag in its error)."""
   def parse(text):
     try:
@@ -55,14 +55,14 @@ def _number(kind, lo):
 
 
 def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="moba-jax generate", description=__doc__.splitlines()[0])
+  p = OneLineParser(prog="moba-jax generate", description=__doc__.splitlines()[0])
   p.add_argument("checkpoint", help="a run dir or its checkpoints/ dir")
   p.add_argument("--prompt", action="append", default=[], help="a text prompt; repeatable")
   p.add_argument("--prompt-file", help="a UTF-8 file of prompts, one per line")
-  p.add_argument("--max-new-tokens", type=_number(int, 1), default=256)
-  p.add_argument("--temperature", type=_number(float, 0), default=0.0,
+  p.add_argument("--max-new-tokens", type=number_arg(int, 1), default=256)
+  p.add_argument("--temperature", type=number_arg(float, 0), default=0.0,
                  help="0 = greedy (default); else sample softmax(logits / T)")
-  p.add_argument("--seed", type=_number(int, 0), default=0, help="sampling seed")
+  p.add_argument("--seed", type=number_arg(int, 0), default=0, help="sampling seed")
   p.add_argument("--config", help="the config to use when none was saved with the checkpoint")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override (moba.topk=4); repeatable")
