@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moba_jax import moba as moba_lib
+from moba_jax import attention as attention_lib
 from moba_jax.moba import HIGHEST
 
 
@@ -132,14 +133,47 @@ def _masked_softmax(logits, keep):
   return jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
 
 
-def moba_step_attention(q, cache: LayerCache, n, *, block_size: int, topk: int, scale=None):
+# Decode-step attention over the chosen blocks: "xla" gathers them; the Pallas kernels
+# (kernels/moba_decode.py) read them in place. "auto" follows the training implementation's
+# platform choice (attention.resolve), so one config string picks the kernels of both.
+DECODE_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+
+
+def resolve_decode(implementation: str = "auto", dim: int | None = None) -> str:
+  """The decode implementation a MoBA implementation name stands for: a Pallas kernel where the
+  training one is a Pallas kernel (on GPU only for power-of-two head_dim `dim`), else "xla"."""
+  if implementation in DECODE_IMPLS and implementation != "auto":
+    return implementation
+  name = attention_lib.resolve("moba", implementation)
+  if name == "pallas_gpu" and dim is not None and dim & (dim - 1):
+    return "xla"  # the GPU kernel loads whole [block_k, head_dim] tiles: powers of two only
+  return name if name in DECODE_IMPLS else "xla"
+
+
+def moba_step_attention(q, cache: LayerCache, n, *, block_size: int, topk: int, scale=None,
+                        implementation: str = "xla", options=None):
   """MoBA attention of each row's newest token over its chosen blocks only. q [B, H, D];
   n [B] tokens held (the new one included) -> [B, H, D] in q's dtype. Only the chosen blocks'
-  positions < n are read (others are zeroed before use, whatever they hold)."""
+  positions < n are read (others are zeroed before use, whatever they hold). implementation:
+  one of DECODE_IMPLS or a MoBA training implementation name (see `resolve_decode`); options: a
+  KernelOptions (its `interpret` runs the Pallas kernels on the CPU)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  blocks, valid = choose_blocks(q, cache.block_sums, n, block_size=block_size, topk=topk)
+  name = resolve_decode(implementation, q.shape[-1])
+  if name == "xla":
+    return _gathered_attention(q, cache, n, blocks, valid, block_size=block_size, scale=scale)
+  from moba_jax.kernels import moba_decode
+
+  fn = {"pallas_gpu": moba_decode.decode_attention_gpu,
+        "pallas_tpu": moba_decode.decode_attention_tpu}[name]
+  return fn(q, cache.k, cache.v, blocks, valid, n, block_size=block_size, scale=scale,
+            interpret=bool(options and options.interpret))
+
+
+def _gathered_attention(q, cache: LayerCache, n, blocks, valid, *, block_size: int, scale):
+  """The XLA step: the chosen blocks' keys and values gathered [B, H, S * L, D], then attended."""
   batch, heads, dim = q.shape
   seq, kv_heads = cache.k.shape[1], cache.k.shape[2]
-  scale = dim ** -0.5 if scale is None else scale
-  blocks, valid = choose_blocks(q, cache.block_sums, n, block_size=block_size, topk=topk)
   pos = blocks[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)  # [B, H, S, L]
   keep = (valid[..., None] & (pos < n[:, None, None, None])).reshape(batch, heads, -1)
   pos = jnp.clip(pos, 0, seq - 1).reshape(batch, heads, -1)  # [B, H, S * L]
@@ -178,7 +212,9 @@ def full_step_attention(q, cache: LayerCache, n, *, scale=None):
 def step_attention(attn, q, cache: LayerCache, n):
   """The decode-step attention of a model layer `attn` (its kind and MoBA settings)."""
   if attn.kind == "moba":
-    return moba_step_attention(q, cache, n, block_size=attn.moba.block_size, topk=attn.moba.topk)
+    return moba_step_attention(q, cache, n, block_size=attn.moba.block_size, topk=attn.moba.topk,
+                               implementation=attn.moba.implementation,
+                               options=attention_lib.KernelOptions(attn.moba.interpret))
   return full_step_attention(q, cache, n)
 
 

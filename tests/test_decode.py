@@ -13,6 +13,7 @@ from moba_jax import decode
 from moba_jax.config import MobaConfig
 from moba_jax.model import Decoder
 from moba_jax.moba import moba_reference
+from tests import helpers
 from tests.helpers import random_qkv
 from tests.test_model import CFG
 
@@ -21,7 +22,8 @@ SMALL = dataclasses.replace(CFG, n_layers=2)
 BLOCK = 4
 SEQ = 22  # 6 blocks, the last ragged
 # Jitted once per static setting: eager dispatch would dominate these small problems.
-step_attention = jax.jit(decode.moba_step_attention, static_argnames=("block_size", "topk"))
+step_attention = jax.jit(decode.moba_step_attention,
+                         static_argnames=("block_size", "topk", "implementation", "options"))
 choose_blocks = jax.jit(decode.choose_blocks, static_argnames=("block_size", "topk"))
 reference = jax.jit(moba_reference, static_argnames=("block_size", "topk"))
 append = jax.jit(decode.append, static_argnums=4)
@@ -82,6 +84,18 @@ def test_decoding_equals_one_forward_pass(moba):
   check_decoding_matches_forward(moba)
 
 
+@pytest.mark.parametrize("impl", [
+    p if p.values[0] == "pallas_gpu" else pytest.param(*p.values, marks=[*p.marks,
+                                                                          pytest.mark.slow])
+    for p in helpers.kernel_impls()])
+def test_decoding_through_the_kernels_equals_one_forward_pass(impl):
+  """A hybrid model whose MoBA layer prefills and decodes through a Pallas kernel (the TPU one,
+  interpreted, takes minutes: slow-marked; the step tests above cover its attention)."""
+  check_decoding_matches_forward(MobaConfig(block_size=BLOCK, topk=2, hybrid_full_layers=1,
+                                            implementation=impl,
+                                            interpret=helpers.options(impl).interpret))
+
+
 def random_cache(seed, lengths, seq=SEQ, kv_heads=2, dim=8):
   """A MoBA layer cache filled from random keys/values of rows of `lengths` tokens (4 rows in
   every test, so that the jitted functions compile once)."""
@@ -92,16 +106,40 @@ def random_cache(seed, lengths, seq=SEQ, kv_heads=2, dim=8):
   return q, k, v, fill(empty, k, v, n, BLOCK), n
 
 
+def decode_impls() -> list:
+  """The decode step's attention implementations: the XLA gather and the Pallas kernels
+  (interpreted on the CPU, compiled with --compiled on their own platform)."""
+  return [pytest.param("xla")] + helpers.kernel_impls()
+
+
+def impl_step(impl, q, cache, n, **kw):
+  return step_attention(q, cache, n, implementation=impl, options=helpers.options(impl), **kw)
+
+
+@pytest.mark.parametrize("impl", decode_impls())
 @pytest.mark.parametrize("topk", [1, 2, 3])
-def test_step_attention_equals_reference_at_the_newest_position(topk):
+def test_step_attention_equals_reference_at_the_newest_position(topk, impl):
   """Row b's newest query (position n_b - 1) against the reference over the whole row: keys after
   it change only its current block's gate key, and the current block is always chosen."""
   lengths = (3, 9, 13, SEQ)
   q, k, v, cache, n = random_cache(1, lengths)
   rows = np.arange(len(lengths))
-  got = step_attention(q[rows, n - 1], cache, n, block_size=BLOCK, topk=topk)
+  got = impl_step(impl, q[rows, n - 1], cache, n, block_size=BLOCK, topk=topk)
   ref = reference(q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=BLOCK, topk=topk)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref[rows, n - 1]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", helpers.kernel_impls())
+def test_kernel_steps_equal_the_gathered_step_in_bfloat16(impl):
+  """bfloat16 caches: the kernels read the chosen blocks in place, the XLA step gathers them; both
+  accumulate in float32, so they differ by the output's rounding at most (one bf16 ulp)."""
+  q, _, _, cache, n = random_cache(5, (1, 7, 16, SEQ))
+  cast = lambda x: x.astype(jnp.bfloat16)
+  cache = cache._replace(k=cast(cache.k), v=cast(cache.v))
+  q_new = cast(q[np.arange(4), n - 1])
+  want = np.asarray(impl_step("xla", q_new, cache, n, block_size=BLOCK, topk=2), np.float32)
+  got = np.asarray(impl_step(impl, q_new, cache, n, block_size=BLOCK, topk=2), np.float32)
+  np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=0)
 
 
 def test_appending_keys_one_by_one_keeps_exact_block_sums():
@@ -117,14 +155,15 @@ def test_appending_keys_one_by_one_keeps_exact_block_sums():
   np.testing.assert_array_equal(np.asarray(grown.k), np.asarray(k))
 
 
-def test_decode_step_reads_only_the_chosen_blocks():
+@pytest.mark.parametrize("impl", decode_impls())
+def test_decode_step_reads_only_the_chosen_blocks(impl):
   """NaN in every key and value no head of a kv group chose (and past each row's length) leaves
   the output unchanged, bit for bit."""
   lengths, topk = (2, 6, 14, SEQ), 2
   q, _, _, cache, n = random_cache(3, lengths)
   rows, heads, kv_heads = np.arange(len(lengths)), q.shape[2], cache.k.shape[2]
   q_new = q[rows, n - 1]
-  clean = step_attention(q_new, cache, n, block_size=BLOCK, topk=topk)
+  clean = impl_step(impl, q_new, cache, n, block_size=BLOCK, topk=topk)
   blocks, valid = choose_blocks(q_new, cache.block_sums, n, block_size=BLOCK, topk=topk)
   read = np.zeros(cache.k.shape[:3], bool)  # [B, T, K]: entries some head may read
   for b, h, s in zip(*np.nonzero(np.asarray(valid))):
@@ -132,8 +171,8 @@ def test_decode_step_reads_only_the_chosen_blocks():
     read[b, start:min(start + BLOCK, int(n[b])), h // (heads // kv_heads)] = True
   assert 0 < read.sum() < read.size / 2  # a real sparsity pattern
   poison = lambda x: jnp.where(jnp.asarray(read)[..., None], x, jnp.nan)
-  dirty = step_attention(q_new, cache._replace(k=poison(cache.k), v=poison(cache.v)),
-                                     n, block_size=BLOCK, topk=topk)
+  dirty = impl_step(impl, q_new, cache._replace(k=poison(cache.k), v=poison(cache.v)), n,
+                    block_size=BLOCK, topk=topk)
   assert np.isfinite(np.asarray(dirty)).all()
   np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
 
