@@ -59,15 +59,28 @@ class ModelConfig:
   head_dim: int = 32
   mlp_dim: int = 384
   rope_theta: float = 10000.0
+  # RoPE frequency scaling, as Hugging Face's rope_type of that name: "none", "linear" (every
+  # frequency / rope_factor) or "llama3" (wavelengths above rope_original_max_len /
+  # rope_low_freq_factor / rope_factor, below rope_original_max_len / rope_high_freq_factor kept,
+  # a smooth ramp between).
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  # The tied head: "rsqrt_d_model" = embed.T * d_model ** -0.5 (unit-variance embeddings start
+  # with O(1) logits), "none" = embed.T (Hugging Face models).
+  tied_head_scale: str = "rsqrt_d_model"
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
   dtype: str = "float32"  # compute dtype of activations (bfloat16 on accelerators)
   param_dtype: str = "float32"
   remat: bool = False  # rematerialize each layer in the backward pass
 
   def __post_init__(self):
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                "mlp_dim"):
+                "mlp_dim", "rope_original_max_len"):
       _int("model", key, getattr(self, key), 1)
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} must be divisible by "
@@ -75,7 +88,15 @@ class ModelConfig:
     for key in ("dtype", "param_dtype"):
       _choice("model", key, getattr(self, key), ("float32", "bfloat16", "float16"))
     _num("model", "rope_theta", self.rope_theta, 0, lo_open=True)
+    _choice("model", "rope_scaling", self.rope_scaling, ("none", "linear", "llama3"))
+    for key in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+      _num("model", key, getattr(self, key), 0, lo_open=True)
+    if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must be > "
+                       f"model.rope_low_freq_factor={self.rope_low_freq_factor} for "
+                       "model.rope_scaling='llama3'")
     _num("model", "norm_eps", self.norm_eps, 0, lo_open=True)
+    _choice("model", "tied_head_scale", self.tied_head_scale, ("rsqrt_d_model", "none"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +114,14 @@ class MobaConfig:
   full_implementation: str = "auto"
   interpret: bool = False  # run Pallas kernels in interpret mode (CPU testing)
   tiles: tuple[int, ...] = ()  # the kernel's BlockSizes fields in order; () = its defaults
+  # The data-level hybrid (the paper's Figure 5a): from training step full_from_step on (steps
+  # counted from 1, as in metrics.jsonl) every layer is full attention; 0 = never.
+  full_from_step: int = 0
 
   def __post_init__(self):  # implementation names are checked against the registry by validate()
     _int("moba", "block_size", self.block_size, 1)
     _int("moba", "topk", self.topk, 1)
+    _int("moba", "full_from_step", self.full_from_step, 0)
     hfl = self.hybrid_full_layers
     if not (hfl == "all" or (isinstance(hfl, int) and not isinstance(hfl, bool) and hfl >= 0)):
       raise ValueError(f"moba.hybrid_full_layers={hfl!r} must be an integer >= 0 or 'all'")
@@ -169,7 +194,8 @@ TASKS = ("lm", "kv_retrieval", "passkey", "corpus")
 class DataConfig:
   """Training data (see moba_jax/data.py and docs/training.md).
 
-  task: "corpus" (real text, byte-level tokens, model.vocab_size >= 259; `path` = a corpus
+  task: "corpus" (real text, byte-level tokens, model.vocab_size >= 259, or those of `tokenizer`,
+  a local tokenizer.json, model.vocab_size >= its vocabulary; `path` = a corpus
   directory from `moba-jax data`, a JSONL file of {"text"} / {"prompt", "response"} lines, or ""
   for the code corpus of this interpreter's standard library), "lm" (synthetic Markov+copy text,
   loss on all tokens), "kv_retrieval" and "passkey" (synthetic long-context SFT: loss on answers).
@@ -183,6 +209,7 @@ class DataConfig:
 
   task: str = "kv_retrieval"
   path: str = ""
+  tokenizer: str = ""  # corpus: a Hugging Face tokenizer.json (or its dir); "" = byte-level
   response_tokens: int = 0
   loss_on: str = "auto"
   pack: bool = True  # pack variable-length examples; False = one full-length example per row
@@ -417,7 +444,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 # Input paths that a file gives relative to itself (on the command line: to the cwd), in a run
 # config and in each grid stage table.
-FILE_RELATIVE = (("data", "path"), ("train", "init_from"))
+FILE_RELATIVE = (("data", "path"), ("data", "tokenizer"), ("train", "init_from"))
 
 
 def read_file(path: str) -> dict:

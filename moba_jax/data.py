@@ -16,13 +16,15 @@ Tasks (docs/training.md has examples):
   passkey       BOS haystack NEEDLE d.. haystack QUERY ANS d.. EOS, loss on the digits d.
   lm            Markov-chain text with long-range copied spans (induction), loss on every token.
   corpus        real text (moba_jax/corpus.py: a built corpus directory, a JSONL file, or '' for the
-                code corpus of this interpreter's stdlib), byte-level tokens (id = byte + 3): LM
-                windows, SFT windows whose last data.response_tokens carry the loss, or packed
-                {"prompt", "response"} examples (CorpusRows).
+                code corpus of this interpreter's stdlib), byte-level tokens (id = byte + 3) or
+                those of data.tokenizer (moba_jax/tokenizer.py): LM windows, SFT windows whose last
+                data.response_tokens carry the loss, or packed {"prompt", "response"} examples
+                (CorpusRows).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import grain
@@ -54,7 +56,17 @@ def min_example_len(dcfg) -> int:
 def check_config(cfg) -> None:
   """Cross-checks data settings against the model and sequence length (called by Config)."""
   d, seq, vocab = cfg.data, cfg.train.seq_len, cfg.model.vocab_size
-  if vocab < MIN_VOCAB[d.task]:
+  if d.tokenizer:
+    from moba_jax import tokenizer
+
+    if d.task != "corpus":
+      raise ValueError(f"data.tokenizer={d.tokenizer!r} applies to data.task='corpus', not "
+                       f"{d.task!r}")
+    need = tokenizer.load(d.tokenizer).vocab_size
+    if vocab < need:
+      raise ValueError(f"model.vocab_size={vocab} must be >= the {need} ids of data.tokenizer="
+                       f"{d.tokenizer!r}")
+  elif vocab < MIN_VOCAB[d.task]:
     raise ValueError(f"model.vocab_size={vocab} must be >= {MIN_VOCAB[d.task]} for "
                      f"data.task={d.task!r}")
   need = min_example_len(d)
@@ -192,11 +204,13 @@ class CorpusRows:
             the response and its EOS (all tokens of a text line).
   """
 
-  def __init__(self, docs, seq: int, response_tokens: int, examples: bool):
+  def __init__(self, docs, seq: int, response_tokens: int, examples: bool, tokenizer=None):
     """examples: the corpus holds prompt/response examples (in any split: the kind is the
-    corpus's, so that train and eval rows are of one kind)."""
+    corpus's, so that train and eval rows are of one kind). tokenizer: moba_jax.tokenizer's
+    (None = byte-level)."""
     self.docs, self.seq, self.r = docs, seq, response_tokens
-    n_tokens = docs.sizes + 2
+    self.tokens = DocTokens(docs, tokenizer)
+    n_tokens = self.tokens.lengths
     if examples:
       self.kind = "examples"
       self._check_examples()
@@ -220,7 +234,7 @@ class CorpusRows:
     if self.r:
       raise ValueError(f"data.response_tokens={self.r} applies to plain-text corpora; "
                        f"{d.where} holds prompt/response examples (set it to 0)")
-    resp = np.where(d.prompt_bytes >= 0, d.sizes - d.prompt_bytes + 1, 0)  # response + EOS
+    resp = self.tokens.response_lengths()
     bad = np.flatnonzero(resp > self.seq - 1)
     if len(bad):
       i = int(bad[0])
@@ -230,11 +244,10 @@ class CorpusRows:
   def example(self, rng, n: int):
     """A random packed example of at most n + 1 tokens: (tokens, mask)."""
     i = int(rng.integers(len(self.docs)))
-    tokens = text_tokens(self.docs[i])
-    p = int(self.docs.prompt_bytes[i])
+    tokens = self.tokens(i)
     mask = np.ones(len(tokens), np.float32)
-    if p >= 0:
-      mask[:1 + p] = 0.0  # BOS and the prompt
+    if self.docs.prompt_bytes[i] >= 0:
+      mask[:self.tokens.prompt_length(i)] = 0.0  # BOS and the prompt
       return tokens[-n - 1:], mask[-n - 1:]  # keep the response: drop the prompt's start
     return tokens[:n + 1], mask[:n + 1]
 
@@ -244,16 +257,60 @@ class CorpusRows:
     i = int(np.searchsorted(self.cum, u, side="right"))
     offset = u - (int(self.cum[i - 1]) if i else 0)
     if self.kind == "windows":
-      tokens = text_tokens(self.docs[i], offset, offset + self.seq + 1)
+      tokens = self.tokens(i, offset, offset + self.seq + 1)
       return tokens, np.ones(self.seq + 1, np.int32)
     pieces, segs, need, seg = [], [], self.seq + 1, 1
     while need:
-      piece = text_tokens(self.docs[i], offset, offset + need)
+      piece = self.tokens(i, offset, offset + need)
       pieces.append(piece)
       segs.append(np.full(len(piece), seg, np.int32))
       need -= len(piece)
       i, offset, seg = i + 1, 0, seg + 1
     return np.concatenate(pieces), np.concatenate(segs)
+
+
+class DocTokens:
+  """Token ids of a split's documents: BOS, the text's tokens, EOS. Byte-level ones come from the
+  bytes asked for (no document is converted whole); a tokenizer's are counted once at start
+  (every document encoded) and the last documents read are kept encoded. A prompt/response
+  document's prompt and response are encoded apart, so the loss mask falls between tokens."""
+
+  def __init__(self, docs, tokenizer=None):
+    self.docs, self.tok = docs, tokenizer
+    if tokenizer is None or tokenizer.byte_level:
+      self.tok, self.lengths = None, docs.sizes + 2
+    else:
+      self.lengths = np.array([len(self.encoded(i)) for i in range(len(docs))], np.int64)
+
+  def __call__(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Tokens [start, stop) of document i."""
+    if self.tok is None:
+      return text_tokens(self.docs[i], start, stop)
+    return self.encoded(i)[start:stop]
+
+  @functools.lru_cache(maxsize=16)
+  def encoded(self, i: int) -> np.ndarray:
+    from moba_jax.tokenizer import with_specials
+
+    data, p = self.docs[i], int(self.docs.prompt_bytes[i])
+    if p < 0:
+      return with_specials(self.tok, self.tok.encode(data))
+    ids = [self.tok.encode(data[:p]), self.tok.encode(data[p:])]
+    return with_specials(self.tok, np.concatenate(ids).astype(np.int32))
+
+  def prompt_length(self, i: int) -> int:
+    """Tokens before prompt/response document i's response: BOS and the prompt."""
+    p = int(self.docs.prompt_bytes[i])
+    if self.tok is None:
+      return 1 + p
+    return (self.tok.bos is not None) + len(self.tok.encode(self.docs[i][:p]))
+
+  def response_lengths(self) -> np.ndarray:
+    """Tokens of each document's response and EOS; 0 for plain text."""
+    sft = np.flatnonzero(self.docs.prompt_bytes >= 0)
+    out = np.zeros(len(self.docs), np.int64)
+    out[sft] = [self.lengths[i] - self.prompt_length(i) for i in sft]
+    return out
 
 
 # ----------------------------------------------------------------------------- rows
@@ -279,10 +336,13 @@ class RowSource:
     if self.d.task == "corpus":
       from moba_jax import corpus as corpus_lib
 
+      from moba_jax import tokenizer
+
       self.corpus = corpus_lib.load(self.d.path)
       docs = self.corpus.splits["train" if split == "train" else "heldout"]
       examples = any((s.prompt_bytes >= 0).any() for s in self.corpus.splits.values())
-      self.rows = CorpusRows(docs, self.seq, self.d.response_tokens, examples)
+      self.rows = CorpusRows(docs, self.seq, self.d.response_tokens, examples,
+                             tokenizer.load(self.d.tokenizer))
     packed = self.d.pack and split == "train"
     self.min_len = min(self.seq, max(min_example_len(self.d),
                                      math.ceil(self.d.min_len_frac * self.seq))) if packed \

@@ -6,8 +6,10 @@ config is the run's saved config.toml, else the one in the step's metadata, else
 experiment it was trained with); --set KEY=VALUE changes it (moba.topk=4, moba.hybrid_full_layers=2,
 model.dtype=bfloat16, ...; not the parameter shapes).
 
-Tokens are the corpus task's byte-level ones (moba_jax/data.py): BOS, then each UTF-8 byte + 3;
-generation of a prompt stops at EOS, after --max-new-tokens, or at the model's context
+Tokens are the corpus task's: byte-level (moba_jax/data.py: BOS, then each UTF-8 byte + 3), or
+those of the config's data.tokenizer or --tokenizer (a local tokenizer.json; moba_jax/tokenizer.py,
+as a converted Hugging Face model's config sets it); generation of a prompt stops at EOS (any of
+the model's end-of-sequence ids), after --max-new-tokens, or at the model's context
 (train.seq_len). Decoding is exact MoBA with a KV cache (moba_jax/decode.py), greedy at
 --temperature 0. The continuation streams to stdout as it is produced; with several prompts
 (--prompt repeated, --prompt-file with one per line) they run as one batch and each continuation
@@ -17,7 +19,6 @@ is printed in order, followed by a newline.
 from __future__ import annotations
 
 import argparse
-import codecs
 import logging
 import math
 import sys
@@ -66,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--config", help="the config to use when none was saved with the checkpoint")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override (moba.topk=4); repeatable")
+  p.add_argument("--tokenizer", help="a tokenizer.json (or its dir) instead of data.tokenizer's")
   return p
 
 
@@ -141,9 +143,14 @@ def load_model(ckpt_dir: Path, cfg):
 # ----------------------------------------------------------------------------- text
 
 
-def encode(text: str) -> np.ndarray:
-  """BOS, then each UTF-8 byte + BYTE_OFFSET: the corpus task's tokens (no EOS: it continues)."""
+def encode(text: str, tok=None) -> np.ndarray:
+  """BOS, then the text's tokens (byte-level by default: each UTF-8 byte + BYTE_OFFSET); no EOS:
+  it continues."""
   data = text.encode("utf-8")
+  if tok is not None and not tok.byte_level:
+    from moba_jax.tokenizer import with_specials
+
+    return with_specials(tok, tok.encode(data), eos=False)
   return data_lib.text_tokens(data, 0, len(data) + 1)
 
 
@@ -165,14 +172,17 @@ def read_prompts(args) -> list[str]:
   return prompts
 
 
-def encode_all(prompts: list[str], context: int) -> list[np.ndarray]:
-  """Tokens of each prompt; ValueError naming the first one longer than the model's context."""
-  encoded = [encode(p) for p in prompts]
+def encode_all(prompts: list[str], context: int, tok=None) -> list[np.ndarray]:
+  """Tokens of each prompt; ValueError naming the first one longer than the model's context (or
+  empty: a tokenizer without BOS gives an empty prompt no tokens)."""
+  encoded = [encode(p, tok) for p in prompts]
+  what = "BOS and its UTF-8 bytes" if tok is None or tok.byte_level else f"by {tok.name}"
   for i, tokens in enumerate(encoded):
     if len(tokens) > context:
-      raise ValueError(f"prompt {i + 1} ({prompts[i][:40]!r}...) has {len(tokens)} tokens (BOS "
-                       f"and its UTF-8 bytes), more than the model's context "
-                       f"train.seq_len={context}")
+      raise ValueError(f"prompt {i + 1} ({prompts[i][:40]!r}...) has {len(tokens)} tokens "
+                       f"({what}), more than the model's context train.seq_len={context}")
+    if not len(tokens):
+      raise ValueError(f"prompt {i + 1} is empty and the tokenizer has no BOS to start from")
   return encoded
 
 
@@ -183,14 +193,17 @@ class Printer:
   """Streams each row's text to `out` in prompt order: the first unfinished row live, the
   others (buffered) once every row before them has finished; a newline ends each row."""
 
-  def __init__(self, rows: int, out):
+  def __init__(self, rows: int, out, tok=None):
+    from moba_jax import tokenizer
+
+    tok = tok or tokenizer.ByteTokenizer()
     self.out, self.shown = out, 0
     self.text = [""] * rows
     self.done = [False] * rows
-    self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(rows)]
+    self.decoders = [tok.stream() for _ in range(rows)]
 
   def add(self, row: int, token: int, last: bool) -> None:
-    self.text[row] += self.decoders[row].decode(token_bytes(token), final=last)
+    self.text[row] += self.decoders[row](token, last)
     self.done[row] = last
     self._flush()
 
@@ -207,10 +220,13 @@ class Printer:
 
 
 def generate(model, prompts: list[np.ndarray], context: int, max_new: int, temperature: float,
-             seed: int, out) -> list[int]:
-  """Continues every prompt (one batch), streaming text through a Printer. Returns the rows that
-  the model's context cut short (before EOS and max_new tokens)."""
+             seed: int, out, tok=None) -> list[int]:
+  """Continues every prompt (one batch), streaming text through a Printer (tok: the tokenizer,
+  None = byte-level). Returns the rows that the model's context cut short (before EOS and
+  max_new tokens)."""
   from moba_jax import decode
+
+  stop_ids = tok.stop_ids if tok is not None else {data_lib.EOS}
 
   batch = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
@@ -218,7 +234,7 @@ def generate(model, prompts: list[np.ndarray], context: int, max_new: int, tempe
   for row, p in enumerate(prompts):
     tokens[row, :len(p)] = p
   budget = np.minimum(max_new, context - lengths + 1)  # the last new token is never fed
-  printer, produced = Printer(batch, out), np.zeros(batch, np.int64)
+  printer, produced = Printer(batch, out, tok), np.zeros(batch, np.int64)
   finished, cut = np.zeros(batch, bool), np.zeros(batch, bool)
   steps = decode.stream(decode.jit_decoding(model, context), tokens, lengths, int(budget.max()),
                         temperature=temperature, seed=seed)
@@ -227,7 +243,7 @@ def generate(model, prompts: list[np.ndarray], context: int, max_new: int, tempe
       if finished[row]:
         continue
       produced[row] += 1
-      eos = token == data_lib.EOS
+      eos = token in stop_ids
       finished[row] = eos or produced[row] >= budget[row]
       cut[row] = finished[row] and not eos and budget[row] < max_new
       printer.add(row, token, bool(finished[row]))
@@ -237,10 +253,16 @@ def generate(model, prompts: list[np.ndarray], context: int, max_new: int, tempe
   return np.flatnonzero(cut).tolist()
 
 
-def check_text_model(cfg) -> None:
-  """ValueError unless the model's vocabulary holds the byte-level tokens; a note on stderr when
-  it was trained on synthetic tokens (its text continuations will mean little)."""
+def check_text_model(cfg, tok=None) -> None:
+  """ValueError unless the model's vocabulary holds the text tokens (byte-level, or `tok`'s); a
+  note on stderr when it was trained on synthetic tokens (its text continuations will mean
+  little)."""
   vocab, task = cfg.model.vocab_size, cfg.data.task
+  if tok is not None and not tok.byte_level:
+    if vocab < tok.vocab_size:
+      raise ValueError(f"model.vocab_size={vocab} is smaller than the {tok.vocab_size} ids of "
+                       f"the tokenizer {tok.name}")
+    return
   if vocab < TEXT_VOCAB:
     raise ValueError(f"model.vocab_size={vocab} is smaller than the {TEXT_VOCAB} byte-level tokens "
                      f"text prompts need (this model was trained on data.task={task!r})")
@@ -251,6 +273,7 @@ def check_text_model(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   from moba_jax import inspect as insp
+  from moba_jax import tokenizer
 
   try:
     args = parser().parse_args(argv)
@@ -258,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir, run_dir = insp.resolve_dirs(args.checkpoint)
     latest_step(ckpt_dir)
     cfg = checkpoint_config(ckpt_dir, run_dir, args.config, args.set)
-    check_text_model(cfg)
-    encoded = encode_all(prompts, cfg.train.seq_len)
+    tok = tokenizer.load(args.tokenizer or cfg.data.tokenizer)
+    check_text_model(cfg, tok)
+    encoded = encode_all(prompts, cfg.train.seq_len, tok)
     model, step = load_model(ckpt_dir, cfg)
   except (ValueError, OSError) as e:  # UsageError, FileNotFoundError included
     print(f"moba-jax generate: {e}", file=sys.stderr)
@@ -269,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f"moba-jax generate: step {step} of {ckpt_dir}; attention: {attention_plan(cfg)}",
         file=sys.stderr, flush=True)
   for row in generate(model, encoded, cfg.train.seq_len, args.max_new_tokens, args.temperature,
-                      args.seed, sys.stdout):
+                      args.seed, sys.stdout, tok):
     print(f"moba-jax generate: prompt {row + 1} stopped at the model's context "
           f"(train.seq_len={cfg.train.seq_len})", file=sys.stderr)
   return 0

@@ -8,6 +8,8 @@ Every parameter carries logical axis names; `moba_jax.sharding` maps them to the
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,15 +44,34 @@ class RMSNorm(nnx.Module):
     return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-  """Rotary embedding (half-split layout). x [B, T, H, D]; positions [B, T] restart per document."""
+def rope(x, positions, theta: float, inv_freq=None):
+  """Rotary embedding (half-split layout). x [B, T, H, D]; positions [B, T] restart per document.
+  inv_freq [D/2]: the frequencies (rope_frequencies); None = unscaled ones of `theta`."""
   dim = x.shape[-1]
   freqs = theta ** (-jnp.arange(0, dim // 2, dtype=jnp.float32) * 2.0 / dim)  # [D/2]
+  freqs = freqs if inv_freq is None else inv_freq
   angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, D/2]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig):
+  """RoPE's frequencies [D/2] (float32) under model.rope_scaling, as Hugging Face computes them;
+  None when unscaled (rope's own)."""
+  if cfg.rope_scaling == "none":
+    return None
+  d = cfg.head_dim
+  freqs = cfg.rope_theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)  # [D/2]
+  if cfg.rope_scaling == "linear":
+    return freqs / cfg.rope_factor
+  n, f = cfg.rope_original_max_len, cfg.rope_factor  # llama3
+  lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelen = 2 * math.pi / freqs
+  smooth = (n / wavelen - lo) / (hi - lo)
+  ramp = (1 - smooth) * freqs / f + smooth * freqs
+  return jnp.where(wavelen > n / lo, freqs / f, jnp.where(wavelen < n / hi, freqs, ramp))
 
 
 class Attention(nnx.Module):
@@ -69,6 +90,11 @@ class Attention(nnx.Module):
     out_init = nnx.initializers.variance_scaling(
         1.0 / (2 * cfg.n_layers), "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
     self.wo = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), init=out_init, dtype=pd)
+    if cfg.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.bq = _param(rngs, (h, d), ("heads", "head_dim"), init=zeros, dtype=pd)
+      self.bk = _param(rngs, (k, d), ("kv_heads", "head_dim"), init=zeros, dtype=pd)
+      self.bv = _param(rngs, (k, d), ("kv_heads", "head_dim"), init=zeros, dtype=pd)
 
   def __call__(self, x, positions, segment_ids):  # x [B, T, E]
     q, k, v = self.project(x, positions)
@@ -81,8 +107,12 @@ class Attention(nnx.Module):
     q = jnp.einsum("bte,ehd->bthd", x, self.wq[...].astype(dt))  # [B, T, H, D]
     k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))  # [B, T, K, D]
     v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))  # [B, T, K, D]
-    q = shard(rope(q, positions, self.cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
-    k = shard(rope(k, positions, self.cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+    if self.cfg.qkv_bias:
+      # [B, T, H|K, D] + [H|K, D]
+      q, k, v = (t + b[...].astype(dt) for t, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+    freqs, theta = rope_frequencies(self.cfg), self.cfg.rope_theta
+    q = shard(rope(q, positions, theta, freqs), ("batch", "length", "heads", "head_dim"))
+    k = shard(rope(k, positions, theta, freqs), ("batch", "length", "kv_heads", "head_dim"))
     return q, k, v
 
   def attend(self, q, k, v, segment_ids):
@@ -181,7 +211,9 @@ class Decoder(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:  # unit-variance embeddings: scale so logits start O(1)
-      head = self.embed[...].T * self.cfg.d_model ** -0.5
+      head = self.embed[...].T
+      if self.cfg.tied_head_scale == "rsqrt_d_model":
+        head = head * self.cfg.d_model ** -0.5
     else:
       head = self.head[...]
     logits = jnp.einsum("bte,ev->btv", x, head.astype(dt), preferred_element_type=jnp.float32)

@@ -10,6 +10,7 @@ SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -142,6 +143,22 @@ class _Loop:
     self.n_params = n_params
     self.matmul_params = flops_lib.matmul_params(cfg, n_params)
     self.peak = ts.peak_flops_per_device(cfg)
+    self.flops_cfg, self.all_full = cfg, False
+    self.switch_attention()
+
+  def switch_attention(self) -> None:
+    """moba.full_from_step: from that step on every layer is full attention (the data-level
+    hybrid). The parameters stay; the steps compile once more."""
+    n = self.cfg.moba.full_from_step
+    if not n or self.step + 1 < n or self.all_full:
+      return
+    from moba_jax.model import set_attention
+
+    s, full = self.state, dataclasses.replace(self.cfg.moba, hybrid_full_layers="all")
+    s.model_def = nnx.split(set_attention(nnx.merge(s.model_def, s.params), full), nnx.Param)[0]
+    self.train_fn, self.eval_fn = ts.make_train_step(s), ts.make_eval_step(s)
+    self.flops_cfg, self.all_full = dataclasses.replace(self.cfg, moba=full), True
+    _log0(f"from step {self.step + 1}: every layer is full attention (moba.full_from_step={n})")
 
   def meta(self) -> dict:
     c = self.cfg
@@ -153,7 +170,7 @@ class _Loop:
   def dispatch(self) -> tuple[dict, float]:
     """Starts the next step (asynchronously) -> (its metrics on the device, its FLOPs)."""
     local = next(self.it)
-    step_flops = flops_lib.step_flops(self.cfg, self.matmul_params, local["segment_ids"])
+    step_flops = flops_lib.step_flops(self.flops_cfg, self.matmul_params, local["segment_ids"])
     batch = shd.global_batch(local, self.bsh, self.cfg.train.batch_size)
     s = self.state
     s.params, s.opt_state, m = self.train_fn(s.params, s.opt_state, batch)
@@ -245,6 +262,7 @@ def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool,
 
   with bar:
     while loop.step < end:
+      loop.switch_attention()
       tracing = _profiler(cfg, loop.step + 1, tracing)
       m, step_flops = loop.dispatch()
       if pending is not None:
@@ -321,7 +339,7 @@ def validate(cfg: Config) -> Config:
 
 # Model keys that fix the parameters' shapes and dtypes: a run dir holds checkpoints of one.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
-              "tie_embeddings", "param_dtype")
+              "tie_embeddings", "qkv_bias", "param_dtype")
 
 
 def check_resumable(cfg: Config) -> None:

@@ -1,0 +1,253 @@
+"""`moba-jax convert` (moba_jax/convert.py) against transformers (CPU, float32) as the oracle:
+converted Llama (GQA, llama3 RoPE, head_dim != d_model / heads) and Qwen2 (q/k/v biases, tied
+embeddings, linear RoPE) models give transformers' logits, hf -> orbax -> hf is bit-exact, a native
+tied model exports to transformers' logits, the run dir serves generate (with a tokenizer.json) and
+train.init_from, and moba.full_from_step equals stopping and continuing with full attention."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from moba_jax import convert  # noqa: E402
+from moba_jax import generate as gen  # noqa: E402
+from moba_jax import inspect as insp  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+LLAMA = dict(COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+             rms_norm_eps=1e-5, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 32})
+QWEN2 = dict(COMMON, num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-6,
+             tie_word_embeddings=True,
+             rope_parameters={"rope_type": "linear", "rope_theta": 1e5, "factor": 2.0})
+TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(40)]
+
+
+def hf_model(kind: str, seed: int = 0):
+  """A transformers model with random weights of O(1) activations (norm scales and biases too)."""
+  cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+  model = cls[1](cls[0](**(LLAMA if kind == "llama" else QWEN2)))
+  gen_ = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen_)
+      if name.endswith("norm.weight"):
+        p.copy_(1 + 0.2 * noise)
+      elif p.ndim == 1:  # q/k/v biases
+        p.copy_(0.5 * noise)
+      else:
+        p.copy_(noise * (1.0 if "embed" in name else p.shape[1] ** -0.5))
+  return model.eval()
+
+
+def write_tokenizer(directory):
+  """A byte-level BPE tokenizer.json trained on TEXTS, with <s> / </s> as BOS / EOS (ids 0, 1)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(TEXTS, trainer)
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
+                                                               "eos_token": "</s>"}))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """{kind: (transformers model, HF dir, converted run dir)}; the Llama dir has a tokenizer."""
+  root, out = tmp_path_factory.mktemp("convert"), {}
+  for kind in ("llama", "qwen2"):
+    model = hf_model(kind)
+    model.save_pretrained(root / f"hf_{kind}")
+    if kind == "llama":
+      write_tokenizer(root / f"hf_{kind}")
+    assert convert.main(["hf-to-orbax", str(root / f"hf_{kind}"), str(root / kind)]) == 0
+    out[kind] = (model, root / f"hf_{kind}", root / kind)
+  return out
+
+
+def our_model(run_dir, overrides=()):
+  ckpt_dir = run_dir / "checkpoints"
+  cfg = gen.checkpoint_config(ckpt_dir, run_dir, None, overrides)
+  return gen.load_model(ckpt_dir, cfg)[0], cfg
+
+
+def logits(model, tokens):
+  from flax import nnx
+
+  return np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_logits_equal_transformers(converted, kind):
+  model, _, run_dir = converted[kind]
+  ours, cfg = our_model(run_dir)
+  assert cfg.moba.hybrid_full_layers == "all" and cfg.model.qkv_bias == (kind == "qwen2")
+  tokens = np.random.default_rng(1).integers(0, 300, (2, 96))
+  with torch.no_grad():
+    expected = model(torch.tensor(tokens)).logits.numpy()
+  assert rel_err(logits(ours, tokens), expected) < 1e-5
+
+
+def safetensors_dir(path) -> dict:
+  from safetensors.numpy import load_file
+
+  return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_round_trip_is_bit_exact_through_shards(tmp_path, capsys):
+  model = hf_model("qwen2", seed=3).to(torch.bfloat16)
+  model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # sharded, with an index
+  assert (tmp_path / "hf" / convert.INDEX).is_file()
+  assert convert.main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+  assert insp.main([str(tmp_path / "run")]) == 0
+  assert "params" in capsys.readouterr().out
+  assert convert.main(["orbax-to-hf", str(tmp_path / "run"), str(tmp_path / "back"),
+                       "--shard-gb", "0.00003"]) == 0
+  assert (tmp_path / "back" / convert.INDEX).is_file()
+  before, after = safetensors_dir(tmp_path / "hf"), safetensors_dir(tmp_path / "back")
+  assert sorted(before) == sorted(after)
+  for name, x in before.items():
+    assert after[name].dtype == x.dtype and after[name].shape == x.shape, name
+    assert after[name].tobytes() == x.tobytes(), name
+  config = json.loads((tmp_path / "back" / "config.json").read_text())
+  assert config == {**json.loads((tmp_path / "hf" / "config.json").read_text()),
+                    "head_dim": 16}  # our config names head_dim always
+
+
+def test_native_tied_model_exports_to_transformers_logits(converted, tmp_path):
+  """A model of ours with our tied head (scaled by d_model ** -0.5) and no HF config to start
+  from exports with the scale folded into the final norm: transformers' logits equal ours."""
+  import dataclasses
+
+  from flax import nnx
+
+  from moba_jax.config import save_config
+
+  model, cfg = our_model(converted["qwen2"][2], ["model.tied_head_scale=rsqrt_d_model"])
+  native = tmp_path / "native"
+  convert.save_params(native, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {"step": 0})
+  save_config(dataclasses.replace(cfg, run_dir=str(native)), str(native / "config.toml"))
+  assert convert.main(["orbax-to-hf", str(native), str(tmp_path / "hf")]) == 0
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  tokens = np.random.default_rng(2).integers(0, 300, (2, 40))
+  with torch.no_grad():
+    expected = hf(torch.tensor(tokens)).logits.numpy()
+  assert rel_err(logits(model, tokens), expected) < 1e-5
+
+
+def test_generate_with_the_tokenizer_matches_transformers_greedy(converted, capsys):
+  model, hf_dir, run_dir = converted["llama"]
+  tok = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+  prompt = "def f3(x):\n    return"
+  ids = [0] + tok.encode(prompt, add_special_tokens=False).ids  # BOS <s>, as tokenizer_config
+  with torch.no_grad():
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=1,
+                         pad_token_id=1)
+  new = [t for t in out[0, len(ids):].tolist() if t != 1]
+  assert gen.main([str(run_dir), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+  assert capsys.readouterr().out == tok.decode(new, skip_special_tokens=False) + "\n"
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"hidden_size": "64"}, "hidden_size='64' must be an integer"),
+])
+def test_unsupported_configs_are_one_line_errors(converted, tmp_path, capsys, edit, message):
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  config = json.loads((converted["llama"][1] / "config.json").read_text())
+  (hf_dir / "config.json").write_text(json.dumps({**config, **edit}))
+  assert convert.main(["hf-to-orbax", str(hf_dir), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hf-to-orbax", "{tmp}/nope", "{tmp}/out"], "no such directory"),
+    (["hf-to-orbax", "{llama}", "{tmp}/out", "model.d_model=32"], "model.d_model: config.json"),
+    (["hf-to-orbax", "{llama}", "{qwen2_run}"], "exists and is not empty"),
+    (["orbax-to-hf", "{tmp}", "{tmp}/out"], "no complete checkpoint step"),
+    (["sideways", "a", "b"], "invalid choice: 'sideways'"),
+])
+def test_command_line_mistakes_are_one_line_errors(converted, tmp_path, capsys, args, message):
+  names = {"tmp": tmp_path, "llama": converted["llama"][1], "qwen2_run": converted["qwen2"][2]}
+  assert convert.main([a.format(**names) for a in args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_corpus_rows_use_the_tokenizer(converted, tmp_path):
+  """data.tokenizer: a JSONL corpus's rows are the tokenizer's ids of each document (BOS, text,
+  EOS), and a prompt/response example's loss covers exactly its response's tokens and EOS."""
+  from moba_jax import data as data_lib
+  from moba_jax.config import load_config
+
+  hf_dir = converted["llama"][1]
+  tok = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+  corpus = tmp_path / "sft.jsonl"
+  corpus.write_text(json.dumps({"prompt": "def f1(x):", "response": " return x"}) + "\n")
+  cfg = load_config(None, [f"run_dir={tmp_path}", "model.vocab_size=300", "data.task=corpus",
+                           f"data.path={corpus}", f"data.tokenizer={hf_dir}", "data.pack=false",
+                           "train.seq_len=64", "eval.trailing_tokens=8"])
+  data_lib.check_config(cfg)
+  row = data_lib.RowSource(cfg, "eval")[0]
+  enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+  expected = [0, *enc("def f1(x):"), *enc(" return x"), 1]
+  n = len(expected) - 1
+  assert row["inputs"][:n].tolist() == expected[:-1]
+  assert row["targets"][:n].tolist() == expected[1:]
+  assert row["mask"][:n].tolist() == [0.0] * len(enc("def f1(x):")) + [1.0] * (len(
+      enc(" return x")) + 1)
+  small = load_config(None, ["model.vocab_size=260", "data.task=corpus",
+                             f"data.tokenizer={hf_dir}"])
+  with pytest.raises(ValueError, match="model.vocab_size=260 must be >= the 290 ids"):
+    data_lib.check_config(small)
+
+
+def test_full_from_step_equals_stopping_and_continuing_with_full_attention(converted, tmp_path):
+  """Continued training of the converted Llama with MoBA on the tokenized corpus: moba.full_from_step
+  =3 of 4 steps gives the parameters of 2 MoBA steps, then a rerun with every layer full."""
+  import jax
+  from flax import nnx
+
+  from moba_jax import train
+  from moba_jax.config import load_config
+
+  _, hf_dir, run_dir = converted["llama"]
+  corpus = tmp_path / "docs.jsonl"
+  corpus.write_text("".join(json.dumps({"text": "".join(TEXTS[i:i + 6])}) + "\n"
+                            for i in range(0, 40, 4)))
+  common = [f"train.init_from={run_dir}", "data.task=corpus", f"data.path={corpus}",
+            f"data.tokenizer={hf_dir / 'tokenizer.json'}", "data.prefetch=0", "train.steps=4",
+            "train.batch_size=2", "train.seq_len=32", "train.warmup_steps=0", "train.lr=1e-3",
+            "moba.block_size=4", "moba.topk=2", "moba.hybrid_full_layers=0", "eval.batches=0",
+            "eval.trailing_tokens=8", "checkpoint.async_save=false", "log.progress=false",
+            "mesh.data=1"]
+  cfg = lambda name, *more: load_config(str(run_dir / "config.toml"),
+                                        [f"run_dir={tmp_path / name}", *common, *more])
+  # The split run keeps moba.full_from_step=3 so that its steps are the same compiled functions
+  # (its model is all full from its start at step 2: the switch finds nothing to change).
+  train.run(cfg("hybrid", "moba.full_from_step=3"), progress=False)
+  train.run(cfg("split", "moba.full_from_step=3", "train.stop_after=2"), progress=False)
+  train.run(cfg("split", "moba.full_from_step=3", "moba.hybrid_full_layers=all"), progress=False)
+  params = {}
+  for name in ("hybrid", "split"):
+    model, _ = our_model(tmp_path / name)
+    params[name] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  jax.tree.map(np.testing.assert_array_equal, params["hybrid"], params["split"])
