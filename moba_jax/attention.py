@@ -6,6 +6,14 @@ Implementations live in one registry. "auto" picks by platform: on GPU the Palla
 MoBA and cuDNN flash attention for full; on TPU the Pallas TPU kernel for MoBA; elsewhere XLA.
 Kernels are imported lazily, so importing the library never needs jax-triton or a GPU.
 All arguments are validated from static shapes before anything is traced or compiled.
+
+Context parallelism is a mode of this one dispatcher, not a registry entry: when the active mesh
+(`jax.set_mesh`, as the train step sets it through `sharding.activate`) splits the sequence, i.e.
+the `length` rule maps to mesh axes of size > 1 (`sharding.sequence_axes`; mesh.context in the
+config), `attention` runs `moba_jax.context_parallel` over those axes, with batch and heads split
+as the rules split them. The implementations that can run that way are CONTEXT_PARALLEL's; another
+one named explicitly is an error (`check_context_parallel`), raised while tracing, before anything
+compiles. Without a mesh, or with mesh.context = 1, nothing changes.
 """
 
 from __future__ import annotations
@@ -69,6 +77,20 @@ _AUTO = {
     ("moba", "tpu"): ("pallas_tpu", "xla"),
     ("full", "gpu"): ("cudnn", "xla"),
 }
+
+
+# Implementation names that run context parallel (the xla path's loop for MoBA, dense xla for full);
+# "auto" resolves to them when the sequence is split.
+CONTEXT_PARALLEL = {"moba": ("auto", "xla"), "full": ("auto", "xla")}
+
+
+def check_context_parallel(kind: str, implementation: str) -> None:
+  """Raises ValueError naming `implementation` if it cannot run with the sequence split."""
+  if implementation not in CONTEXT_PARALLEL[_check_kind(kind)]:
+    key = "implementation" if kind == "moba" else "full_implementation"
+    raise ValueError(f"{kind} implementation={implementation!r} (moba.{key}) cannot run context "
+                     f"parallel (the sequence split over mesh.context > 1); use one of "
+                     f"{CONTEXT_PARALLEL[kind]}")
 
 
 def implementations(kind: str) -> tuple[str, ...]:
@@ -225,6 +247,13 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
   batch, seq, heads, _ = q.shape
   if batch == 0 or seq == 0:  # nothing to attend: an empty result of the right shape
     return jnp.zeros(q.shape, q.dtype)
+  from moba_jax import sharding  # the active mesh and rules; imports nothing of this module
+
+  seq_axes = sharding.sequence_axes(seq)
+  if seq_axes:
+    check_context_parallel(kind, implementation)
+    return _context_parallel(q, k, v, segment_ids, kind=kind, seq_axes=seq_axes,
+                             block_size=block_size, topk=topk, softmax_scale=softmax_scale)
   name = resolve(kind, implementation, dtype=q.dtype, dense_bytes=4 * batch * heads * seq * seq)
   fn = _load(_registry(kind)[name])
   if segment_ids is None and (kind == "moba" or name == "reference"):
@@ -234,6 +263,23 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
   options = options or KernelOptions(interpret=interpret)
   return fn(q, k, v, segment_ids, block_size=block_size, topk=topk, softmax_scale=softmax_scale,
             options=options)
+
+
+def _context_parallel(q, k, v, segment_ids, *, kind, seq_axes, **kw):
+  """`attention` with the sequence split over `seq_axes` of the active mesh."""
+  from flax.core import spmd
+
+  from moba_jax import context_parallel as cp
+  from moba_jax import sharding
+
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = spmd.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
+  batch_axes, head_axes = cp.rule_axes(q.shape, k.shape, mesh, rules, seq_axes)
+  if kind == "full":
+    kw = {"softmax_scale": kw["softmax_scale"]}
+  return cp.context_parallel_attention(q, k, v, segment_ids, kind=kind, mesh=mesh,
+                                       seq_axes=seq_axes, batch_axes=batch_axes,
+                                       head_axes=head_axes, **kw)
 
 
 def moba_attention(q, k, v, *, block_size, topk, segment_ids=None, softmax_scale=None,

@@ -271,7 +271,9 @@ class LogConfig:
     _int("log", "every", self.every, 1)
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes, outermost first: context sits inside data/fsdp and outside tensor, so the devices of
+# one sequence's shards are near each other and tensor parallelism has the closest links.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,11 +281,14 @@ class AxisRules:
   """Logical axis -> mesh axes. Params use vocab/embed/mlp/heads/kv_heads/head_dim/norm/layers,
   activations batch/length/embed/heads/kv_heads/head_dim/mlp/vocab. A mesh axis already used by an
   earlier dimension of the same array is skipped, and so is one that does not divide the
-  dimension."""
+  dimension, or has size 1. `length` (the sequence of activations) goes to `context`: with
+  mesh.context > 1 every activation is split along the sequence and attention runs context
+  parallel (moba_jax/context_parallel.py). Parameters' `embed` goes to fsdp and context (ZeRO-3
+  over both: activation `embed` comes after batch and length, whose axes it then skips)."""
 
   batch: tuple[str, ...] = ("data", "fsdp")
-  length: tuple[str, ...] = ()
-  embed: tuple[str, ...] = ("fsdp",)
+  length: tuple[str, ...] = ("context",)
+  embed: tuple[str, ...] = ("fsdp", "context")
   mlp: tuple[str, ...] = ("tensor",)
   heads: tuple[str, ...] = ("tensor",)
   kv_heads: tuple[str, ...] = ("tensor",)
@@ -303,10 +308,13 @@ class AxisRules:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh (data, fsdp, tensor); -1 on one axis = all remaining devices."""
+  """Device mesh (data, fsdp, context, tensor); -1 on one axis = all remaining devices.
+  context: devices one sequence is split over (context parallelism; train.seq_len must be a
+  multiple of it)."""
 
   data: int = -1
   fsdp: int = 1
+  context: int = 1
   tensor: int = 1
   rules: AxisRules = dataclasses.field(default_factory=AxisRules)
 
@@ -348,6 +356,10 @@ class Config:
     if shards > 0 and self.train.batch_size % shards:
       raise ValueError(f"train.batch_size={self.train.batch_size} must be divisible by "
                        f"mesh.data * mesh.fsdp = {shards}")
+    if self.mesh.context > 0 and self.train.seq_len % self.mesh.context:
+      raise ValueError(f"train.seq_len={self.train.seq_len} must be divisible by "
+                       f"mesh.context={self.mesh.context} (each device holds seq_len / context "
+                       "positions)")
 
 
 # ----------------------------------------------------------------------------- experiments

@@ -1,19 +1,32 @@
-"""MoBA with one sequence sharded over devices (context parallelism): the all-gather baseline.
+"""Attention with one sequence sharded over devices (context parallelism): all-gather K/V.
 
-The sequence axis of q, k, v and segment_ids [B, T, ...] is split over one mesh axis (`axis`,
-e.g. "context"); shard i holds positions [i * T/n, (i + 1) * T/n). Each shard all-gathers the keys,
-values and segment ids (the gate needs the block means of every past block, and a query may choose
-any past block of its document), computes the layout, the block means and the gate locally, and
-attends its own queries with the xla path's chunked loop (`moba.attend_queries`): exactly MoBA
-(docs/semantics.md), packed documents across shard boundaries included. Gradients come back
-through the all-gather's transpose (a reduce-scatter of dK/dV).
+The sequence axis of q, k, v and segment_ids [B, T, ...] is split over mesh axes `seq_axes` (the
+`context` axis by default: the `length` rule, moba_jax.sharding.sequence_axes); with n shards,
+shard i holds positions [i * T/n, (i + 1) * T/n). Batch and heads may be split over other mesh
+axes at the same time (data / fsdp, tensor): the shard_map takes them as they are.
 
-What the issue (16) asks beyond this baseline, not built yet: a `mesh.context` axis in the config
-and the model, a cheaper exchange of only the chosen blocks, ring attention for full layers, and
-the memory and communication measurements.
+Each shard all-gathers the keys, values and segment ids of the whole sequence and attends its own
+queries over them:
+  - MoBA: the layout, the block means and the gate are computed locally from the gathered keys, and
+    the queries go through the xla path's chunked loop (`moba.attend_queries`);
+  - full: causal attention within documents, dense over [T/n queries, T keys] (xla).
+Both are exactly their single-device semantics (docs/semantics.md), packed documents across shard
+boundaries included. Gradients come back through the all-gather's transpose (a reduce-scatter of
+dK/dV).
+
+Memory: the shard function is rematerialized (`jax.checkpoint`), so what a layer keeps for its
+backward is the local q, k, v shards only (1/n of the sequence); the gathered keys and values
+(and the xla loop's float32 copies and block means) live only inside one layer's forward or
+backward. Communication per layer and device: forward gathers (n-1)/n of K, V (compute dtype)
+and the segment ids; the backward gathers them again and reduce-scatters dK, dV (float32), as
+docs/training.md measures. Exchanging only the chosen blocks is not built (docs/training.md says
+why it would save little at the paper's settings).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,30 +35,99 @@ from jax.sharding import PartitionSpec as P
 from moba_jax import moba as moba_lib
 
 
-def moba_context_parallel(q, k, v, segment_ids, *, mesh, axis: str, block_size: int, topk: int,
-                          softmax_scale=None):
-  """MoBA attention [B, T, H, D] of q [B, T, H, D], k, v [B, T, K, D] (segment_ids [B, T] or
-  None) with T sharded over mesh axis `axis`; T must be divisible by its size."""
-  n = mesh.shape[axis]
+def _gather(x, seq_axes):
+  """The whole sequence [B, T, ...] from this shard's [B, T/n, ...]."""
+  return jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+
+
+def _local_start(n_local, seq_axes):
+  return jax.lax.axis_index(seq_axes) * n_local
+
+
+def _moba_shard(q_l, k_l, v_l, seg_l, *, seq_axes, block_size, topk, softmax_scale):
+  """One shard's MoBA: q_l [B, T/n, H, D] over the gathered keys -> [B, T/n, H, D]."""
+  k_all, v_all, seg_all = (_gather(x, seq_axes) for x in (k_l, v_l, seg_l))
+  n_q = q_l.shape[1]
+  layout = moba_lib.doc_layout(seg_all, block_size)
+  start = _local_start(n_q, seq_axes)
+  positions = start + jnp.arange(n_q, dtype=jnp.int32)
+  layout_q = moba_lib.Layout(*(jax.lax.dynamic_slice_in_dim(a, start, n_q, axis=1)
+                               for a in layout))
+  return moba_lib.attend_queries(q_l, positions, layout_q, layout, k_all, v_all,
+                                 block_size=block_size, topk=topk, softmax_scale=softmax_scale)
+
+
+def _full_shard(q_l, k_l, v_l, seg_l, *, seq_axes, softmax_scale):
+  """One shard's causal full attention within documents over the gathered keys."""
+  k_all, v_all, seg_all = (_gather(x, seq_axes) for x in (k_l, v_l, seg_l))
+  n_q, seq = q_l.shape[1], k_all.shape[1]
+  doc_start = moba_lib.doc_layout(seg_all, 1).doc_start  # [B, T]
+  start = _local_start(n_q, seq_axes)
+  doc_start_q = jax.lax.dynamic_slice_in_dim(doc_start, start, n_q, axis=1)  # [B, T/n]
+  pos_q = start + jnp.arange(n_q)
+  causal = pos_q[:, None] >= jnp.arange(seq)[None, :]  # [T/n, T]
+  mask = (doc_start_q[:, :, None] == doc_start[:, None, :]) & causal  # [B, T/n, T]
+  precision = "highest" if q_l.dtype == jnp.float32 else None  # as attention's full xla path
+  with jax.default_matmul_precision(precision):
+    return jax.nn.dot_product_attention(q_l, k_all, v_all, mask=mask[:, None],
+                                        scale=softmax_scale, implementation="xla")
+
+
+def context_parallel_attention(q, k, v, segment_ids, *, kind: str, mesh, seq_axes,
+                               batch_axes=(), head_axes=(), block_size=None, topk=None,
+                               softmax_scale=None):
+  """Causal attention ("moba" or "full") [B, T, H, D] of q [B, T, H, D], k, v [B, T, K, D]
+  (segment_ids [B, T] or None) with T split over the mesh axes `seq_axes`, B over `batch_axes`
+  and both head axes over `head_axes` (they must divide B, H and K). `mesh` may be abstract
+  (inside jit under `jax.set_mesh`)."""
+  sizes = dict(mesh.shape)
+  n = math.prod(sizes[a] for a in seq_axes)
   if q.shape[1] % n:
-    raise ValueError(f"sequence length {q.shape[1]} must be divisible by the {axis!r} mesh axis "
+    names = " * ".join(f"{a!r}" for a in seq_axes)
+    raise ValueError(f"sequence length {q.shape[1]} must be divisible by the {names} mesh axis "
                      f"size {n}")
   if segment_ids is None:
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-  seq_spec = P(None, axis)
+  if kind == "moba":
+    body = functools.partial(_moba_shard, seq_axes=seq_axes, block_size=block_size, topk=topk,
+                             softmax_scale=softmax_scale)
+  else:
+    body = functools.partial(_full_shard, seq_axes=seq_axes, softmax_scale=softmax_scale)
+  axes = lambda t: None if not t else t[0] if len(t) == 1 else tuple(t)
+  qkv_spec = P(axes(batch_axes), axes(seq_axes), axes(head_axes), None)
+  seg_spec = P(axes(batch_axes), axes(seq_axes))
+  # Rematerialized: a layer keeps only its local shards for the backward (module docstring).
+  return jax.shard_map(jax.checkpoint(body), mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+                       out_specs=qkv_spec)(q, k, v, segment_ids)
 
-  def shard(q_l, k_l, v_l, seg_l):  # [B, T/n, ...] each
-    gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
-    k_all, v_all, seg_all = gather(k_l), gather(v_l), gather(seg_l)
-    layout = moba_lib.doc_layout(seg_all, block_size)
-    start = jax.lax.axis_index(axis) * q_l.shape[1]
-    positions = start + jnp.arange(q_l.shape[1], dtype=jnp.int32)
-    layout_q = moba_lib.Layout(*(jax.lax.dynamic_slice_in_dim(a, start, q_l.shape[1], axis=1)
-                                 for a in layout))
-    return moba_lib.attend_queries(q_l, positions, layout_q, layout, k_all, v_all,
-                                   block_size=block_size, topk=topk,
-                                   softmax_scale=softmax_scale)
 
-  sharded = [jax.reshard(x, jax.sharding.NamedSharding(mesh, seq_spec))
-             for x in (q, k, v, segment_ids)]
-  return jax.shard_map(shard, mesh=mesh, in_specs=(seq_spec,) * 4, out_specs=seq_spec)(*sharded)
+def rule_axes(q_shape, k_shape, mesh, rules, seq_axes=()) -> tuple[tuple[str, ...], ...]:
+  """(batch_axes, head_axes) the logical rules give q and k on `mesh`, less `seq_axes`: batch as
+  `batch`, heads as `heads` where `kv_heads` is split the same way (else heads stay whole: a GQA
+  group must sit on one shard with its kv head)."""
+  from moba_jax import sharding as shd
+
+  names = ("batch", "length", "heads", "head_dim")
+  spec_q = shd.logical_to_spec(names, rules, q_shape, mesh)
+  spec_k = shd.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, k_shape, mesh)
+  as_tuple = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  heads = as_tuple(spec_q[2]) if spec_q[2] == spec_k[2] else ()
+  drop = lambda t: tuple(a for a in t if a not in seq_axes)
+  return drop(as_tuple(spec_q[0])), drop(heads)
+
+
+def moba_context_parallel(q, k, v, segment_ids, *, mesh, axis: str, block_size: int, topk: int,
+                          softmax_scale=None):
+  """MoBA attention [B, T, H, D] of q [B, T, H, D], k, v [B, T, K, D] (segment_ids [B, T] or
+  None) with T sharded over the axis `axis` of a concrete `mesh`; T must be divisible by its size.
+  (Models reach the same code through the dispatcher, moba_jax.attention.)"""
+  if q.shape[1] % mesh.shape[axis]:
+    raise ValueError(f"sequence length {q.shape[1]} must be divisible by the {axis!r} mesh axis "
+                     f"size {mesh.shape[axis]}")
+  if segment_ids is None:
+    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+  seq_spec = jax.sharding.NamedSharding(mesh, P(None, axis))
+  q, k, v, segment_ids = (jax.reshard(x, seq_spec) for x in (q, k, v, segment_ids))
+  return context_parallel_attention(q, k, v, segment_ids, kind="moba", mesh=mesh,
+                                    seq_axes=(axis,), block_size=block_size, topk=topk,
+                                    softmax_scale=softmax_scale)

@@ -1,4 +1,4 @@
-"""Mesh, logical axis names and their rules onto the (data, fsdp, tensor) mesh, sharding helpers.
+"""Mesh, logical axis names and their rules onto the (data, fsdp, context, tensor) mesh, helpers.
 
 Model code names logical axes only (MaxText style); rules map them to mesh axes:
   params:      vocab, embed, mlp, heads, kv_heads, head_dim, norm, layers
@@ -7,6 +7,11 @@ One rule table serves both. When a logical axis maps to a mesh axis that an earl
 same array already uses (activation "embed" -> fsdp after "batch" -> (data, fsdp)), or to mesh axes
 whose size does not divide the dimension, that mesh axis is dropped (the dimension is replicated on
 it) instead of failing. `activate(mesh, rules)` sets both `jax.set_mesh` and the Flax rule context.
+
+Context parallelism: the rule for `length` (default: the `context` axis) splits the sequence of
+every activation. Attention is the one place that needs the whole sequence: the dispatcher
+(moba_jax.attention) asks `sequence_axes()` which mesh axes of the active mesh split it and, if any,
+runs the context-parallel implementation (moba_jax/context_parallel.py) over them.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from moba_jax.config import MESH_AXES, AxisRules
 LOGICAL_AXIS_RULES = AxisRules().as_tuples()
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with a -1 entry resolved; raises naming the keys if it does not fit."""
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, context, tensor) with a -1 entry resolved; raises naming the keys if it does not
+  fit."""
   sizes = [getattr(mesh_cfg, a) for a in MESH_AXES]
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
@@ -37,13 +43,13 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
                        f"divide the device count {n_devices}")
     sizes[sizes.index(-1)] = n_devices // fixed
   if math.prod(sizes) != n_devices:
-    raise ValueError(f"mesh.data * mesh.fsdp * mesh.tensor = {math.prod(sizes)} "
+    raise ValueError(f"mesh.{' * mesh.'.join(MESH_AXES)} = {math.prod(sizes)} "
                      f"({dict(zip(MESH_AXES, sizes))}) must equal the device count {n_devices}")
   return tuple(sizes)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh with explicit Auto axis types over all (or the given) devices."""
+  """A (data, fsdp, context, tensor) mesh, Auto axis types, over all (or the given) devices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
@@ -87,6 +93,25 @@ def shard(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def sequence_axes(seq_len: int, rules=None) -> tuple[str, ...]:
+  """The mesh axes of the active mesh (`jax.set_mesh`) that the `length` rule splits the sequence
+  over: those of size > 1 not already manual (inside a shard_map over them); () without a mesh.
+  Raises ValueError if `seq_len` is not a multiple of their product (an error, not a silent
+  replication: a context-parallel run would otherwise hold the whole sequence on every device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  table = dict(rules or spmd.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+  sizes, manual = dict(mesh.shape), set(mesh.manual_axes)
+  axes = tuple(a for a in _as_tuple(table.get("length")) if sizes.get(a, 1) > 1 and a not in manual)
+  n = math.prod(sizes[a] for a in axes)
+  if seq_len % n:
+    names = " * ".join(f"{a!r}" for a in axes)
+    raise ValueError(f"sequence length {seq_len} must be divisible by the {names} mesh axis size "
+                     f"{n} (the `length` rule splits the sequence over it)")
+  return axes
+
+
 @contextlib.contextmanager
 def activate(mesh: jax.sharding.Mesh, rules=None):
   """Sets the mesh (jax.set_mesh) and the logical axis rules for tracing model code."""
@@ -112,8 +137,9 @@ def state_shardings(state, mesh, rules=None):
 
 
 def batch_sharding(mesh, rules=None) -> NamedSharding:
-  """Sharding of [B, T] batch arrays: batch over the rule's mesh axes, length per its rule."""
-  return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+  """Sharding of [B, T] batch arrays: batch over the rule's mesh axes, length per its rule (the
+  context axis: each device reads its slice of the sequence)."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh=mesh))
 
 
 def replicated(mesh) -> NamedSharding:

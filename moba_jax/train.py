@@ -28,7 +28,8 @@ from moba_jax import metrics as metrics_lib
 from moba_jax import rundir
 from moba_jax import sharding as shd
 from moba_jax import train_step as ts
-from moba_jax.config import Config, config_to_dict, load_config, read_file, save_config
+from moba_jax.config import (Config, config_to_dict, layer_kinds, load_config, read_file,
+                             save_config)
 from moba_jax.rundir import atomic_write
 from moba_jax.signals import SignalFlag
 
@@ -64,6 +65,9 @@ def _setup(cfg: Config):
   if cfg.train.batch_size % shards:
     raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                      f"mesh data * fsdp = {shards} (mesh {dict(mesh.shape)})")
+  if cfg.train.seq_len % mesh.shape["context"]:
+    raise ValueError(f"train.seq_len={cfg.train.seq_len} must be divisible by mesh context = "
+                     f"{mesh.shape['context']} (mesh {dict(mesh.shape)})")
   return mesh, shd.rules_from_config(cfg.mesh)
 
 
@@ -333,6 +337,10 @@ def validate(cfg: Config) -> Config:
     name, known = getattr(cfg.moba, key), attention.implementations(kind)
     if name not in known:
       raise ValueError(f"moba.{key}={name!r} must be one of {known}")
+  if cfg.mesh.context != 1:  # the sequence is split: every layer's attention must run that way
+    for kind in set(layer_kinds(cfg.model.n_layers, cfg.moba.hybrid_full_layers)):
+      key = "implementation" if kind == "moba" else "full_implementation"
+      attention.check_context_parallel(kind, getattr(cfg.moba, key))
   data_lib.check_config(cfg)
   return cfg
 

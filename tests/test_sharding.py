@@ -1,4 +1,5 @@
-"""Sharding: logical rules, mesh shapes, and 8 fake devices (2 x 2 x 2) equal to 1 device."""
+"""Sharding: logical rules, mesh shapes, the context axis's config checks, and 8 fake devices
+(fsdp x context = 2 x 4) training equal to 1 device."""
 
 import functools
 import json
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from moba_jax import config as C
 from moba_jax import sharding as S
+from moba_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.n_layers=2", "model.d_model=64", "model.mlp_dim=128", "model.n_heads=4",
@@ -22,14 +24,18 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.mlp_dim=128", "model.n_he
 
 
 class FakeMesh:
-  shape = {"data": 2, "fsdp": 2, "tensor": 2}
+  shape = {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
 
 
 def test_logical_to_spec_rules():
   rules = C.MeshConfig().rules.as_tuples()
-  assert S.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
-  # activation embed after batch: fsdp is already used, so embed is replicated
-  assert S.logical_to_spec(("batch", "length", "embed"), rules) == P(("data", "fsdp"), None, None)
+  assert S.logical_to_spec(("embed", "mlp"), rules) == P(("fsdp", "context"), "tensor")
+  # activation embed after batch and length: fsdp and context are used, so embed is replicated
+  assert S.logical_to_spec(("batch", "length", "embed"), rules) == \
+      P(("data", "fsdp"), "context", None)
+  # axes of size 1 drop out (mesh.context = 1: nothing is split along the sequence)
+  assert S.logical_to_spec(("batch", "length", "embed"), rules, (8, 64, 32), FakeMesh()) == \
+      P(("data", "fsdp"), None, None)
   # a dimension the mesh axes do not divide stays replicated
   assert S.logical_to_spec(("embed", "kv_heads", "head_dim"), rules, (64, 1, 16), FakeMesh()) == \
       P("fsdp", None, None)
@@ -37,12 +43,30 @@ def test_logical_to_spec_rules():
 
 
 def test_mesh_shape_checks():
-  assert S.mesh_shape(C.MeshConfig(), 8) == (8, 1, 1)
-  assert S.mesh_shape(C.MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+  assert S.mesh_shape(C.MeshConfig(), 8) == (8, 1, 1, 1)
+  assert S.mesh_shape(C.MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 1, 2)
+  assert S.mesh_shape(C.MeshConfig(data=2, context=-1), 8) == (2, 1, 4, 1)
   with pytest.raises(ValueError, match="must equal the device count 1"):
     S.mesh_shape(C.MeshConfig(data=2, fsdp=2, tensor=2), 1)
   mesh = S.make_mesh(C.MeshConfig())
   assert mesh.axis_names == S.MESH_AXES and mesh.devices.size == jax.device_count()
+
+
+def test_context_config_errors():
+  def check(*overrides):
+    return train.validate(C.load_config(None, list(overrides)))
+
+  with pytest.raises(ValueError, match=r"mesh.context=0 must be an integer >= 1 or -1"):
+    check("mesh.context=0")
+  with pytest.raises(ValueError, match="train.seq_len=100 must be divisible by mesh.context=8"):
+    check("mesh.context=8", "train.seq_len=100", "eval.trailing_tokens=16")
+  with pytest.raises(ValueError, match=r"moba implementation='pallas_tpu' \(moba.implementation\) "
+                     "cannot run context parallel"):
+    check("mesh.context=2", "moba.implementation=pallas_tpu")
+  with pytest.raises(ValueError, match=r"full implementation='cudnn'"):
+    check("mesh.context=2", "moba.hybrid_full_layers=1", "moba.full_implementation=cudnn")
+  check("mesh.context=2", "moba.full_implementation=cudnn")  # no full layer: not used
+  assert S.sequence_axes(100) == ()  # no mesh set: nothing is split
 
 
 def test_shard_is_a_noop_without_mesh():
@@ -62,9 +86,13 @@ def run_helper(devices, *overrides):
 
 
 def test_eight_fake_devices_match_one():
+  """fsdp x context = 2 x 4: parameters split over 8 devices, each device holding 32 of the 128
+  positions of a row of packed examples (attention context parallel); the losses are the
+  1-device run's. (data x fsdp x tensor = 2 x 2 x 2 trains in tests/test_multiprocess.py, and the
+  model's gradients under data x context x tensor meshes are tests/test_context_parallel.py's.)"""
   one = run_helper(1)
-  eight = run_helper(8, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  eight = run_helper(8, "mesh.data=1", "mesh.fsdp=2", "mesh.context=4")
   assert one["devices"] == 1 and eight["devices"] == 8
-  assert len(one["losses"]) == 3
+  assert len(one["losses"]) == 3 and eight["summary"]["status"] == "done"
   for a, b in zip(one["losses"], eight["losses"]):
-    assert abs(a - b) <= 1e-3 * abs(a)
+    assert abs(a - b) <= 1e-5 * abs(a)
