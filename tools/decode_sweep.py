@@ -36,9 +36,13 @@ def main():
   p.add_argument("--inner", type=int, default=200)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--json", default=None)
+  p.add_argument("--grid", choices=("full", "default"), default="full",
+                  help="default: time only the default tiles (and the gate alone)")
   args = p.parse_args()
   grid = [moba_decode.DecodeBlockSizes(bk, sp, w)
           for bk, sp, w in itertools.product((32, 64, 128), (0, 4, 1), (4, 8))]
+  if args.grid == "default":
+    grid = [moba_decode.DecodeBlockSizes()]
   rows = []
   for batch, cache in itertools.product(args.batches, args.caches):
     if batch * cache > 2 ** 22:
@@ -51,6 +55,10 @@ def main():
         q, c, n, block_size=args.block, topk=args.topk, implementation="xla") if sizes is None
         else _kernel_step(q, c, n, args, sizes))
     want = np.asarray(jax.jit(step(None))(qs[0], layer, n), np.float32)
+    gate = lambda q, c, n: decode.choose_blocks(q, c.block_sums, n, block_size=args.block,
+                                                topk=args.topk)[0]
+    gate_ms = time_ms(looped(gate, args.inner), [(qs, layer, n)], 1, args.repeats) / args.inner
+    print(json.dumps(dict(batch=batch, cache=cache, gate_only_ms=gate_ms)), flush=True)
     for sizes in [None] + grid:
       try:
         got = np.asarray(jax.jit(step(sizes))(qs[0], layer, n), np.float32)
