@@ -251,3 +251,28 @@ def test_full_from_step_equals_stopping_and_continuing_with_full_attention(conve
     model, _ = our_model(tmp_path / name)
     params[name] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   jax.tree.map(np.testing.assert_array_equal, params["hybrid"], params["split"])
+
+
+def test_llama31_8b_config_gives_the_recipes_model():
+  """Llama 3.1 8B's config.json (the older format: rope_theta, rope_scaling, torch_dtype) converts
+  to the [model] table of experiments/continue_llama.toml (remat aside), whose layers are MoBA
+  but the last 3."""
+  import dataclasses
+  from pathlib import Path
+
+  from moba_jax import train
+  from moba_jax.config import layer_kinds, load_config
+
+  hf = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+        "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+        "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "vocab_size": 128256}
+  recipe = train.validate(load_config(str(Path(__file__).parents[1] / "experiments"
+                                          / "continue_llama.toml")))
+  assert dataclasses.replace(recipe.model, remat=False) == convert.model_config(hf)
+  assert layer_kinds(32, recipe.moba.hybrid_full_layers)[-4:] == ("moba",) + ("full",) * 3
