@@ -429,6 +429,30 @@ def custom_vjp_attention(forward, backward):
   return moba
 
 
+def over_mesh_shards(fn, q, k, v, segment_ids):
+  """fn(q, k, v, segment_ids) -> [B, T, H, D] on each device's shard of batch and heads when a
+  mesh is active (`jax.set_mesh`, as the train step sets it): a Pallas kernel is a custom call
+  that XLA's SPMD partitioner cannot split (Mosaic: "cannot be automatically partitioned").
+  Batch and heads are split as the logical rules split q and k (heads only where `kv_heads`
+  splits alike: a GQA group stays with its kv head); other mesh axes hold replicas. MoBA is
+  independent per (batch row, kv head), so this is exact. No mesh: fn(q, k, v, segment_ids)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return fn(q, k, v, segment_ids)
+  from flax.core import spmd
+  from jax.sharding import PartitionSpec as P
+
+  from moba_jax import sharding as shd
+
+  rules = spmd.get_logical_axis_rules() or shd.LOGICAL_AXIS_RULES
+  spec_q = shd.logical_to_spec(("batch", None, "heads", None), rules, q.shape, mesh)
+  spec_k = shd.logical_to_spec(("batch", None, "kv_heads", None), rules, k.shape, mesh)
+  heads = spec_q[2] if spec_q[2] == spec_k[2] else None
+  qkv, seg = P(spec_q[0], None, heads, None), P(spec_q[0], None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv,) * 3 + (seg,), out_specs=qkv,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
 def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, interpret, sizes):
   """Routes and runs a kernel family's `custom_vjp_attention` function over kv-head chunks."""
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

@@ -31,6 +31,40 @@ NEG = -1e30
 _PREC = jax.lax.Precision.HIGHEST
 
 
+# Mosaic's tiling rule for a VMEM block on the TPUs this kernel targets (v5e, v5p, v6e): the last
+# dim a multiple of 128 lanes, the second-to-last a multiple of 8 sublanes for 32-bit dtypes (16
+# for 16-bit, 32 for 8-bit: packed rows), each or else the array's full extent. The one statement
+# of the rule: BlockSizes.validate (before tracing) and check_tiles (on traced kernels) use it.
+TPU_GENERATIONS = ("v5e", "v5p", "v6e")
+LANES, SUBLANES = 128, 8
+
+
+def sublane_tile(dtype) -> int:
+  """Rows of `dtype` per (8, 128) 32-bit tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit."""
+  return SUBLANES * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def tile_error(block, array, dtype) -> str | None:
+  """Why Mosaic refuses a block (dims, squeezed = 1) of an array (shape; None = unknown, no
+  full-extent exemption) in `dtype`, or None when it tiles."""
+  block = tuple(block)
+  if len(block) < 2:
+    return None
+  array = tuple(array) if array is not None else (None,) * len(block)
+  rows, lanes, sub = block[-2], block[-1], sublane_tile(dtype)
+  bad = [f"{name} dim {size} is neither a multiple of {tile} nor the array's {full}"
+         for name, size, tile, full in (("lanes", lanes, LANES, array[-1]),
+                                        ("sublanes", rows, sub, array[-2]))
+         if size % tile and size != full]
+  if not bad:
+    return None
+  gens = "/".join(TPU_GENERATIONS)
+  return (f"block {list(block)} of {jnp.dtype(dtype).name} array "
+          f"{list(array) if array[0] is not None else '?'}: {'; '.join(bad)} (Mosaic on TPU "
+          f"{gens}: ({SUBLANES}, {LANES}) tiles for 32-bit, ({sublane_tile(jnp.bfloat16)}, "
+          f"{LANES}) for 16-bit)")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes; block_k_dkv * groups must be a multiple of block_q (dense dK/dV row tiles)."""
@@ -43,6 +77,20 @@ class BlockSizes:
   def get_default(cls) -> "BlockSizes":
     return cls()
 
+  def validate(self, dtype, groups: int = 1) -> "BlockSizes":
+    """Raises ValueError (one line, naming the tile) for tiles Mosaic refuses: each tile is the
+    row dim of [tile, head_dim padded to 128] blocks in `dtype` (q, k, v, dO) and in float32."""
+    for field in dataclasses.fields(self):
+      size = getattr(self, field.name)
+      for dt in dict.fromkeys((jnp.dtype(dtype), jnp.dtype(jnp.float32))):
+        err = tile_error((size, LANES), None, dt)
+        if err:
+          raise ValueError(f"moba_tpu {field.name}={size}: {err}")
+    if (self.block_k_dkv * groups) % self.block_q:
+      raise ValueError(f"moba_tpu block_k_dkv={self.block_k_dkv} * GQA groups {groups} must be a "
+                       f"multiple of block_q={self.block_q} (dense dK/dV row tiles)")
+    return self
+
 
 def _dot(a, b, trans_b=False):
   dims = (((1,), (1 if trans_b else 0,)), ((), ()))
@@ -50,7 +98,9 @@ def _dot(a, b, trans_b=False):
 
 
 def _n_chunks(ks, ke, bk):
-  return jnp.maximum((ke - ks + bk - 1) // bk, 0)
+  """Key chunks of [ks, ke) (0 if empty). Truncating division of a non-negative count: floor
+  division (`//`) lowers through `sign`, whose Mosaic rule asks the chip generation."""
+  return jax.lax.div(jnp.maximum(ke - ks, 0) + bk - 1, bk)
 
 
 def _kv_spec(bk, dp, nt):
@@ -60,7 +110,13 @@ def _kv_spec(bk, dp, nt):
     ks, ke = ks_ref[t], ke_ref[t]
     c = jnp.minimum(c, jnp.maximum(_n_chunks(ks, ke, bk) - 1, 0))
     return b, ks + c * bk, 0
-  return pl.BlockSpec((pl.squeezed, pl.Element(bk), dp), index)
+  return pl.BlockSpec(_element_block(bk, dp), index)
+
+
+def _element_block(bk, dp):
+  """A [bk, dp] window at an element offset along T. Mosaic takes element offsets in every dim
+  or none: dp is an Element too (its offset is 0, the whole padded head dim)."""
+  return (pl.squeezed, pl.Element(bk), pl.Element(dp))
 
 
 def _row_spec(bq, width, tile_offset=0):
@@ -269,7 +325,7 @@ def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
   batch_kv, dp = kr.shape[0], kr.shape[-1]
   dt, nts = dims.dense_rows // bq, dims.sparse_rows // bq
   nck = -(-dims.block_size // bkd)
-  key = pl.BlockSpec((pl.squeezed, pl.Element(bkd), dp),
+  key = pl.BlockSpec(_element_block(bkd, dp),
                      lambda b, c, i, ks_ref, grp_ref: (b, ks_ref[b * nt + dt + i] + c * bkd, 0))
   row = lambda w: pl.BlockSpec((pl.squeezed, bq, w), lambda b, c, i, *_: (b, dt + i, 0))
   out = pl.BlockSpec((pl.squeezed, bkd, dp),
@@ -291,7 +347,6 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   qr, kr, vr = _prep(q, k, v, sizes)
   batch_kv, dp = qr.shape[0], qr.shape[-1]
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
-  assert (sizes.block_k_dkv * dims.groups) % bq == 0, "block_k_dkv * groups % block_q != 0"
   dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
   delta = jnp.sum(o.astype(jnp.float32) * dor.astype(jnp.float32), axis=-1)  # [BK, TG]
   q_rows, do_rows = _rows(qr, routing), _rows(dor, routing)
@@ -323,6 +378,42 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 _moba_vjp = rt.custom_vjp_attention(_forward, _backward)
 
 
+def pallas_calls(jaxpr) -> list:
+  """The pallas_call equations of a (closed) jaxpr, nested ones included (scan, cond, remat)."""
+  found = []
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    if eqn.primitive.name == "pallas_call":
+      found.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+          found += pallas_calls(sub)
+  return found
+
+
+def _block_dims(block_shape) -> tuple[int, ...]:
+  return tuple(getattr(d, "block_size", 1 if d is None or d is pl.squeezed else d)
+               for d in block_shape)
+
+
+def check_tiles(jaxpr) -> list[str]:
+  """Checks every VMEM block of every Pallas kernel in a traced program (`jax.jit(f).trace(...)
+  .jaxpr`) against Mosaic's tiling rule (`tile_error`). Raises ValueError naming the kernel, the
+  operand and the block; returns the names of the kernels checked."""
+  names = []
+  for eqn in pallas_calls(jaxpr):
+    name = str(eqn.params.get("name") or eqn.params.get("name_and_src_info")).split()[0]
+    for bm in eqn.params["grid_mapping"].block_mappings:
+      space = str(getattr(getattr(bm, "block_aval", None), "memory_space", "")).lower()
+      if any(s in space for s in ("smem", "any", "hbm", "semaphore")):
+        continue
+      err = tile_error(_block_dims(bm.block_shape), bm.array_aval.shape, bm.array_aval.dtype)
+      if err:
+        raise ValueError(f"{name} {bm.origin}: {err}")
+    names.append(name)
+  return names
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))
 def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
                        options: KernelOptions | None = None):
@@ -330,5 +421,7 @@ def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=
   options: interpret mode and tiles (BlockSizes fields in order; default get_default)."""
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes, BlockSizes.get_default())
-  return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
-                       softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)
+  sizes.validate(q.dtype, q.shape[2] // k.shape[2])
+  run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
+                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)
+  return rt.over_mesh_shards(run, q, k, v, segment_ids)

@@ -1,0 +1,132 @@
+"""The pallas_tpu kernels lower for TPU (Mosaic) on the CPU, and their blocks tile as Mosaic needs.
+
+Lowering only: `jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` runs every Pallas TPU
+lowering rule (what interpret mode skips); nothing compiles or runs, so benchmark shapes cost only
+tracing. The interpret suite (tests/test_kernels.py, tests/test_moba.py) checks the arithmetic.
+What needs a TPU (Mosaic's compiler passes, VMEM limits, speed) is listed in docs/tpu.md.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+
+from moba_jax import attention
+from moba_jax.kernels import moba_tpu
+
+ALL = ["moba_tpu_fwd", "moba_tpu_dq", "moba_tpu_dkdv_dense", "moba_tpu_dkdv_sparse"]
+DENSE = ALL[:3]  # top-1 (or one block): no past blocks, no sparse dK/dV kernel
+
+
+def _grad_fn(block_size, topk, tiles=()):
+  options = attention.KernelOptions(tiles=tiles)
+
+  def loss(q, k, v, seg):
+    out = attention.moba_attention(q, k, v, segment_ids=seg, block_size=block_size, topk=topk,
+                                   implementation="pallas_tpu", options=options)
+    return out.astype(jnp.float32).sum()
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def _specs(batch, seq, heads, kv_heads, dim, dtype):
+  s = jax.ShapeDtypeStruct
+  return (s((batch, seq, heads, dim), dtype), s((batch, seq, kv_heads, dim), dtype),
+          s((batch, seq, kv_heads, dim), dtype), s((batch, seq), jnp.int32))
+
+
+def lower_for_tpu(shape, dtype, block_size, topk, tiles=()):
+  """Forward + backward traced, tiles checked, lowered for TPU -> (kernels, StableHLO text)."""
+  traced = jax.jit(_grad_fn(block_size, topk, tiles)).trace(*_specs(*shape, dtype))
+  kernels = moba_tpu.check_tiles(traced.jaxpr)
+  return kernels, traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
+def _assert_lowered(kernels, text, expected):
+  assert sorted(kernels) == sorted(expected)
+  assert text.count("@tpu_custom_call") == len(expected)
+  for name in expected:  # every kernel is in the module as a Mosaic custom call
+    assert name in text
+
+
+# (batch, seq, heads, kv_heads, head_dim), dtype, block_size, topk, tiles, kernels
+CASES = {
+    # the benchmark shape (docs/benchmarks.md): 8K, 16 heads, head_dim 128, block 512 top-3
+    "bench_8k_bf16": ((1, 8192, 16, 16, 128), jnp.bfloat16, 512, 3, (), ALL),
+    # ragged: seq not a multiple of the block or the tiles; GQA 4:1; head_dim padded to 128
+    "ragged_gqa_f32": ((2, 1000, 8, 2, 64), jnp.float32, 128, 3, (), ALL),
+    "ragged_gqa_bf16": ((1, 777, 4, 2, 64), jnp.bfloat16, 100, 2, (), ALL),
+    # top-1, the smallest float32 tiles Mosaic takes, GQA 2:1
+    "top1_f32_tiles8": ((1, 300, 2, 1, 32), jnp.float32, 64, 1, (8, 8, 8), DENSE),
+}
+
+
+SLOW = {"ragged_gqa_f32"}  # float32 is covered by top1_f32_tiles8 in the default run
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW else [])
+                                  for c in CASES])
+def test_pallas_tpu_lowers_for_tpu(case):
+  """Packed documents change only values (segment ids), not what is lowered: one trace covers
+  one document and many."""
+  shape, dtype, block_size, topk, tiles, expected = CASES[case]
+  _assert_lowered(*lower_for_tpu(shape, dtype, block_size, topk, tiles), expected)
+
+
+@pytest.mark.slow
+def test_pallas_tpu_lowers_for_tpu_at_32k():
+  _assert_lowered(*lower_for_tpu((1, 32768, 16, 16, 128), jnp.bfloat16, 512, 3), ALL)
+
+
+@pytest.mark.parametrize("block, array, dtype, ok", [
+    ((8, 128), (64, 256), jnp.float32, True),
+    ((8, 128), (64, 256), jnp.bfloat16, False),  # 16-bit rows pack two to a sublane: 16
+    ((16, 128), (64, 256), jnp.bfloat16, True),
+    ((32, 128), (64, 256), jnp.int8, True),
+    ((16, 128), (64, 256), jnp.int8, False),
+    ((8, 64), (64, 256), jnp.float32, False),  # lanes: 128
+    ((8, 64), (64, 64), jnp.float32, True),  # ... or the full extent
+    ((4, 128), (4, 256), jnp.bfloat16, True),
+    ((1, 128, 1), (2, 1024, 1), jnp.float32, True),
+])
+def test_tile_rule(block, array, dtype, ok):
+  err = moba_tpu.tile_error(block, array, dtype)
+  assert (err is None) == ok, err
+  if not ok:
+    assert str(list(block)) in err and "\n" not in err
+
+
+@pytest.mark.parametrize("dtype, tiles, msg", [
+    (jnp.bfloat16, (8,), "block_q=8"),
+    (jnp.bfloat16, (128, 24), "block_k=24"),
+    (jnp.float32, (128, 128, 100), "block_k_dkv=100"),
+    (jnp.float32, (128, 128, 8), "block_k_dkv=8 * GQA groups 2"),
+])
+def test_bad_tiles_fail_before_compile(dtype, tiles, msg):
+  """A tile Mosaic would refuse is a one-line ValueError naming it, raised while tracing (on the
+  CPU, in interpret mode too), before anything lowers or compiles."""
+  specs = _specs(1, 256, 4, 2, 64, dtype)
+  with pytest.raises(ValueError, match=msg.replace("*", r"\*")) as e:
+    jax.eval_shape(_grad_fn(64, 2, tiles), *specs)
+  assert "\n" not in str(e.value)
+
+
+def test_check_tiles_names_the_kernel_and_block():
+  """check_tiles catches a bfloat16 [8, 128] block, which Pallas' own TPU lowering lets through
+  (it checks (8, 128) for every dtype) and Mosaic refuses."""
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+
+  def f(x):
+    return pl.pallas_call(kernel, grid=(8,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+                          out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)),
+                          out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), name="toy")(x)
+
+  f32 = jax.jit(f).trace(jax.ShapeDtypeStruct((64, 128), jnp.float32))
+  assert moba_tpu.check_tiles(f32.jaxpr) == ["toy"]
+  bf16 = jax.jit(f).trace(jax.ShapeDtypeStruct((64, 128), jnp.bfloat16))
+  with pytest.raises(ValueError, match=r"toy .*block \[8, 128\] of bfloat16"):
+    moba_tpu.check_tiles(bf16.jaxpr)
+
+
+def test_sublane_tile():
+  assert [moba_tpu.sublane_tile(d) for d in (jnp.float32, jnp.bfloat16, jnp.int8)] == [8, 16, 32]
