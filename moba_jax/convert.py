@@ -1,12 +1,12 @@
 """`moba-jax convert`: Hugging Face Llama-family checkpoints in and out.
 
   moba-jax convert hf-to-orbax HF_DIR OUT [KEY=VALUE ...]
-  moba-jax convert orbax-to-hf CKPT OUT [--dtype D] [--like HF_DIR] [--shard-gb G]
+  moba-jax convert orbax-to-hf CKPT OUT [--dtype D] [--like HF_DIR] [--shard-gb G] [--set K=V]
 
 hf-to-orbax reads a local LlamaForCausalLM or Qwen2ForCausalLM directory (config.json and
-model.safetensors, or shards named by model.safetensors.index.json; nothing is downloaded) and writes
-a run dir OUT that `train.init_from=OUT`, `moba-jax inspect OUT` and `moba-jax generate OUT` take:
-OUT/config.toml (the model; every layer full attention; the tokenizer when HF_DIR has a
+model.safetensors, or the shards model.safetensors.index.json names; nothing is downloaded) and
+writes a run dir OUT that `train.init_from=OUT`, `moba-jax inspect OUT` and `moba-jax generate OUT`
+take: OUT/config.toml (the model; every layer full attention; the tokenizer when HF_DIR has a
 tokenizer.json), OUT/checkpoints/0 (params and meta, as `moba-jax train` saves them) and OUT/hf/
 (HF_DIR's config, generation config and tokenizer files, for the way back). Each array is placed
 with its logical axes' NamedSharding as it is read (default mesh: fsdp over every device), so a
@@ -92,15 +92,21 @@ def _rope_keys(hf: dict) -> dict:
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
     raise ConvertError("partial_rotary_factor != 1 is not supported (RoPE on every head dim)")
+  def number(key, default=None):
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConvertError(f"config.json rope {key}={value!r} must be a number")
+    return value
+
   out = {"rope_theta": float(theta)}
   if kind == "linear":
-    out.update(rope_scaling="linear", rope_factor=float(params["factor"]))
+    out.update(rope_scaling="linear", rope_factor=float(number("factor")))
   elif kind == "llama3":
-    out.update(rope_scaling="llama3", rope_factor=float(params["factor"]),
-               rope_low_freq_factor=float(params["low_freq_factor"]),
-               rope_high_freq_factor=float(params["high_freq_factor"]),
-               rope_original_max_len=int(params.get("original_max_position_embeddings")
-                                         or hf["max_position_embeddings"]))
+    out.update(rope_scaling="llama3", rope_factor=float(number("factor")),
+               rope_low_freq_factor=float(number("low_freq_factor")),
+               rope_high_freq_factor=float(number("high_freq_factor")),
+               rope_original_max_len=int(number("original_max_position_embeddings",
+                                                hf.get("max_position_embeddings"))))
   elif kind != "default":
     raise ConvertError(f"rope_type {kind!r} is not supported; accepted: 'default', 'linear', "
                        "'llama3'")
@@ -381,6 +387,8 @@ def save_params(out: Path, params: dict, meta: dict) -> None:
 
 def hf_to_orbax(hf_dir: str, out: str, overrides=()) -> object:
   """Converts HF_DIR into the run dir OUT (see the module doc). -> OUT's Config."""
+  import jax
+
   from moba_jax.config import config_to_dict, save_config
 
   hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
@@ -388,20 +396,21 @@ def hf_to_orbax(hf_dir: str, out: str, overrides=()) -> object:
   if out.exists() and any(out.iterdir()):
     raise ConvertError(f"OUT {str(out)!r} exists and is not empty; choose a new directory")
   cfg = run_config(hf, out, hf_dir, overrides)
-  tensors = Tensors(hf_dir)
-  params = load_params(tensors, cfg)
-  rundir.make_writable_dir(out, "OUT")
-  meta = {"step": 0, "config": config_to_dict(cfg),
-          "converted_from": {"dir": str(hf_dir), "architecture": hf["architectures"][0]}}
-  save_params(out, params, meta)
-  (out / HF_SUBDIR).mkdir()
-  for name in HF_FILES:
-    if (hf_dir / name).is_file():
-      shutil.copy2(hf_dir / name, out / HF_SUBDIR / name)
+  params = load_params(Tensors(hf_dir), cfg)
   if cfg.data.tokenizer == str(hf_dir / "tokenizer.json"):  # the run dir's own copy
     tokenizer = str(out / HF_SUBDIR / "tokenizer.json")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer))
-  save_config(cfg, str(out / rundir.CONFIG))
+  first = jax.process_index() == 0
+  if first:
+    rundir.make_writable_dir(out / HF_SUBDIR, "OUT")
+    for name in HF_FILES:
+      if (hf_dir / name).is_file():
+        shutil.copy2(hf_dir / name, out / HF_SUBDIR / name)
+  meta = {"step": 0, "config": config_to_dict(cfg),
+          "converted_from": {"dir": str(hf_dir), "architecture": hf["architectures"][0]}}
+  save_params(out, params, meta)  # every process writes its shards
+  if first:
+    save_config(cfg, str(out / rundir.CONFIG))
   return cfg
 
 

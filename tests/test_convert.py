@@ -221,8 +221,9 @@ def test_corpus_rows_use_the_tokenizer(converted, tmp_path):
 
 
 def test_full_from_step_equals_stopping_and_continuing_with_full_attention(converted, tmp_path):
-  """Continued training of the converted Llama with MoBA on the tokenized corpus: moba.full_from_step
-  =3 of 4 steps gives the parameters of 2 MoBA steps, then a rerun with every layer full."""
+  """Continued training of the converted Llama with MoBA on the tokenized corpus:
+  moba.full_from_step=3 of 4 steps gives the parameters of 2 MoBA steps, then a rerun with every
+  layer full."""
   import jax
   from flax import nnx
 
@@ -276,3 +277,37 @@ def test_llama31_8b_config_gives_the_recipes_model():
                                           / "continue_llama.toml")))
   assert dataclasses.replace(recipe.model, remat=False) == convert.model_config(hf)
   assert layer_kinds(32, recipe.moba.hybrid_full_layers)[-4:] == ("moba",) + ("full",) * 3
+
+
+SHARDED_LOAD = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from pathlib import Path
+import numpy as np
+from moba_jax import convert
+hf_dir = Path(sys.argv[1])
+cfg = convert.run_config(convert.read_hf_config(hf_dir), hf_dir / "unused", hf_dir,
+                         ["mesh.fsdp=2", "mesh.tensor=2"])
+tensors = convert.Tensors(hf_dir)
+params = convert.load_params(tensors, cfg)
+attn = params["layers"][1]["attn"]
+print([tuple(s.data.shape) for s in attn["wq"].addressable_shards])
+print([tuple(s.data.shape) for s in attn["bk"].addressable_shards])
+w = tensors.get("model.layers.1.self_attn.q_proj.weight")
+np.testing.assert_array_equal(np.asarray(attn["wq"]), w.T.reshape(attn["wq"].shape))
+"""
+
+
+def test_load_places_each_shard_on_its_device(converted):
+  """On 4 (fake CPU) devices, fsdp=2 x tensor=2: wq [E, H, D] is split over embed and heads, the
+  single kv head's bias is replicated, and the assembled array is the HF tensor."""
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  out = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(converted["qwen2"][1])],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  wq, bk = out.stdout.splitlines()[-2:]
+  assert wq == str([(32, 2, 16)] * 4) and bk == str([(1, 16)] * 4)
