@@ -124,7 +124,9 @@ def choose_blocks(q, block_sums, n, *, block_size: int, topk: int):
   start = jnp.zeros_like(current)
   layout = moba_lib.Layout(doc_start=start, doc_end=current + 1, block_index=current,
                            block_start=current, block_end=current + 1)
-  blocks, valid = moba_lib.select_blocks(q[:, None], means, layout, block_size=1, topk=topk)
+  # every row is one document from position 0: slot j's gate key is block j's mean (no gather)
+  blocks, valid = moba_lib.select_blocks(q[:, None], means, layout, block_size=1, topk=topk,
+                                         slot_kbar=means[:, None])
   return blocks[:, 0], valid[:, 0]
 
 

@@ -88,13 +88,17 @@ def block_key_means(k: jax.Array, layout: Layout, *, block_size: int) -> jax.Arr
                       lambda: jax.vmap(per_row)(k, layout.block_start))
 
 
-def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: int, topk: int):
+def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: int, topk: int,
+                  slot_kbar: jax.Array | None = None):
   """Top-k block choice of every (query, head), without gradient.
 
   Args:
     q: [B, C, H, D] a chunk of queries (C may be all of T).
     kbar: [B, T, K, D] gate keys from `block_key_means` (whole sequence).
     layout: the chunk's Layout entries, each [B, C].
+    slot_kbar: optional [B, C or 1, N, K, D], the gate key of each query's document slot j (what
+      this function gathers from kbar otherwise); a caller whose documents all start at 0 passes
+      its block means directly (decoding: no gather, no copy).
   Returns:
     starts [B, C, H, S] int32 absolute start positions of the chosen blocks (the current block
     first), and valid [B, C, H, S] bool (False where fewer than S blocks exist).
@@ -104,8 +108,9 @@ def select_blocks(q: jax.Array, kbar: jax.Array, layout: Layout, *, block_size: 
   n_slots = math.ceil(seq / block_size)
   n_sel = min(topk, n_slots)
   j = jnp.arange(n_slots, dtype=jnp.int32)
-  slot_start = layout.doc_start[..., None] + j * block_size  # [B, C, N]
-  slot_kbar = jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
+  if slot_kbar is None:
+    slot_start = layout.doc_start[..., None] + j * block_size  # [B, C, N]
+    slot_kbar = jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
   # slot_kbar: [B, C, N, K, D]
   q_f32 = jax.lax.stop_gradient(q).astype(jnp.float32)
   q_grouped = q_f32.reshape(batch, chunk, kv_heads, heads // kv_heads, dim)
