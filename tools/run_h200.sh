@@ -11,6 +11,9 @@
 #   5: per-kernel profiles of the fwd+bwd step (tools/profile_gpu.py), default tiles [and TILES]
 #   7: check (the compiled suite, decode included) + the full table with ratios to cuDNN and the
 #      floor (pallas_gpu, cudnn) + the decode table (attention and whole model)
+#   8: the compiled suite (slow cases included) as SHARDS processes side by side
+#   10: the compiled suite without the slow cases (6 shards), then the decode gate / step timing
+#       (tools/decode_sweep.py, default tiles) and the Mosaic GPU probe (tools/mgpu_probe.py)
 set -o pipefail
 phase=${1:-1}; shift
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
@@ -85,4 +88,13 @@ if [ "$phase" = 7 ]; then
   STEP_S=170 CHECK_EXTRA="tests/test_attention_api.py tests/test_decode.py" check 2>&1 | tee -a $log
   STEP_S=230 bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee -a $log
   STEP_S=150 bench --decode --model --repeats 20 --json $OUT/decode.json 2>&1 | grep -v "^WARNING" | tee -a $log
+fi
+if [ "$phase" = 10 ]; then
+  for i in 0 1 2 3 4 5; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${STEP_S:-300}" python3 -m \
+    pytest -q --compiled -p no:cacheprovider --shard $i/6 tests/test_moba.py tests/test_kernels.py \
+    tests/test_attention_api.py tests/test_decode.py tests/test_model.py > "$OUT/shard$i.txt" 2>&1 &
+  done; wait; tail -n 2 "$OUT"/shard*.txt | tee -a $log
+  timeout 100 python3 tools/decode_sweep.py --grid default --caches 8192,131072,1048576 \
+    --batches 1,16 --inner 100 2>&1 | grep -v WARNING | grep -E "gate_only|^ *[0-9]|batch" | tee $OUT/gate.txt
+  timeout 90 python3 tools/mgpu_probe.py --seqs 32768 --causal 0 2>&1 | grep -vi warning | tail -5 | tee $OUT/mgpu.txt
 fi
