@@ -17,7 +17,7 @@ dK/dV).
 Memory: the shard function is rematerialized (`jax.checkpoint`), so what a layer keeps for its
 backward is the local q, k, v shards only (1/n of the sequence); the gathered keys and values
 (and the xla loop's float32 copies and block means) live only inside one layer's forward or
-backward. Communication per layer and device: forward gathers (n-1)/n of K, V (compute dtype)
+backward, and the xla loop's chunk budget (64 MiB on one device) is split over the n shards. Communication per layer and device: forward gathers (n-1)/n of K, V (compute dtype)
 and the segment ids; the backward gathers them again and reduce-scatters dK, dV (float32), as
 docs/training.md measures. Exchanging only the chosen blocks is not built (docs/training.md says
 why it would save little at the paper's settings).
@@ -53,8 +53,13 @@ def _moba_shard(q_l, k_l, v_l, seg_l, *, seq_axes, block_size, topk, softmax_sca
   positions = start + jnp.arange(n_q, dtype=jnp.int32)
   layout_q = moba_lib.Layout(*(jax.lax.dynamic_slice_in_dim(a, start, n_q, axis=1)
                                for a in layout))
+  # The chunk budget is the device's, as on one device: n shards of T/n queries each run as many
+  # chunks as one device would over T, each 1/n the size.
+  n = k_all.shape[1] // n_q
+  budget = max(1, moba_lib.DEFAULT_CHUNK_BUDGET_BYTES // n)
   return moba_lib.attend_queries(q_l, positions, layout_q, layout, k_all, v_all,
-                                 block_size=block_size, topk=topk, softmax_scale=softmax_scale)
+                                 block_size=block_size, topk=topk, softmax_scale=softmax_scale,
+                                 chunk_budget_bytes=budget)
 
 
 def _full_shard(q_l, k_l, v_l, seg_l, *, seq_axes, softmax_scale):
