@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "generate": ("moba_jax.generate", "continue text prompts from a checkpoint (exact MoBA decoding)"),
     "eval": ("moba_jax.evals", "long-context retrieval (passkey / needle) over lengths and depths"),
     "bench": ("moba_jax.bench", "time MoBA implementations against full attention"),
+    "plan": ("moba_jax.plan", "dry-run an experiment on a fake pod mesh: lowering, memory, shards"),
     "convert": ("moba_jax.convert", "Hugging Face Llama/Qwen2 checkpoints to a run dir and back"),
 }
 

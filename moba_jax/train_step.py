@@ -84,9 +84,9 @@ def _build(cfg: Config, key):
   return model, nnx.Optimizer(model, make_tx(cfg.train), wrt=nnx.Param)
 
 
-def init_state(cfg: Config, mesh, rules) -> TrainState:
-  """Initialises params and optimizer state directly into their shardings (one jit, reused by
-  later runs of the same model, optimizer setting and mesh; the seed is an argument)."""
+def abstract_state(cfg: Config, mesh, rules) -> TrainState:
+  """The TrainState with shape/dtype-only params and optimizer state (nothing allocated): what
+  `moba-jax plan` lowers the train step with."""
   key = jax.random.key(cfg.train.seed)
   with nnx.use_eager_sharding(False):
     abs_model, abs_opt = nnx.eval_shape(lambda: _build(cfg, key))
@@ -94,6 +94,16 @@ def init_state(cfg: Config, mesh, rules) -> TrainState:
   opt_def, abs_opt_state = nnx.split(abs_opt)
   p_sh = shd.state_shardings(abs_params, mesh, rules)
   o_sh = shd.state_shardings(abs_opt_state, mesh, rules)
+  return TrainState(model_def, opt_def, abs_params, abs_opt_state, p_sh, o_sh, mesh, rules)
+
+
+def init_state(cfg: Config, mesh, rules) -> TrainState:
+  """Initialises params and optimizer state directly into their shardings (one jit, reused by
+  later runs of the same model, optimizer setting and mesh; the seed is an argument)."""
+  key = jax.random.key(cfg.train.seed)
+  abstract = abstract_state(cfg, mesh, rules)
+  model_def, opt_def = abstract.model_def, abstract.opt_def
+  p_sh, o_sh = abstract.param_shardings, abstract.opt_shardings
 
   def init(key):
     with nnx.use_eager_sharding(False):
@@ -173,6 +183,7 @@ def make_train_step(state: TrainState):
   def step(params, opt_state, batch):
     with shd.activate(state.mesh, state.rules):
       return jitted(params, opt_state, batch)
+  step.jitted = jitted  # for .trace / .lower under shd.activate (moba_jax/plan.py)
   return step
 
 

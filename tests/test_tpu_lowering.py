@@ -6,6 +6,10 @@ tracing. The interpret suite (tests/test_kernels.py, tests/test_moba.py) checks 
 What needs a TPU (Mosaic's compiler passes, VMEM limits, speed) is listed in docs/tpu.md.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -130,3 +134,43 @@ def test_check_tiles_names_the_kernel_and_block():
 
 def test_sublane_tile():
   assert [moba_tpu.sublane_tile(d) for d in (jnp.float32, jnp.bfloat16, jnp.int8)] == [8, 16, 32]
+
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from moba_jax import moba
+from moba_jax.kernels import _routing as rt
+mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+rules = (("batch", ("data", "fsdp")), ("heads", ("tensor",)), ("kv_heads", ("tensor",)))
+ref = lambda q, k, v, s: moba.moba_reference(q, k, v, s, block_size=32, topk=2)
+w = jnp.linspace(-1, 1, 4 * 128 * 4 * 16).reshape(4, 128, 4, 16)
+def grads(attn):
+  return jax.jit(jax.value_and_grad(lambda q, k, v, s: (attn(q, k, v, s) * w).sum(), (0, 1, 2)))
+def per_shard(q, k, v, s):
+  with nnx.logical_axis_rules(rules):
+    return rt.over_mesh_shards(ref, q, k, v, s)
+keys = jax.random.split(jax.random.key(0), 3)
+q = jax.random.normal(keys[0], (4, 128, 4, 16))
+k, v = (jax.random.normal(x, (4, 128, 2, 16)) for x in keys[1:])
+seg = jnp.asarray(np.repeat([[0] * 50 + [1] * 78], 4, 0), jnp.int32)
+with jax.set_mesh(mesh):
+  got = grads(per_shard)(q, k, v, seg)
+  assert grads(per_shard).lower(q, k, v, seg).as_text().count("manual_computation") == 2
+want = grads(ref)(q, k, v, seg)
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_kernels_run_per_mesh_shard():
+  """On 8 fake devices, `over_mesh_shards` (what the kernels run under a mesh: Mosaic custom calls
+  cannot be auto-partitioned) gives the unsharded outputs and gradients: batch over data x fsdp,
+  GQA heads over tensor with their kv heads. The reference stands in for the kernel."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -1,0 +1,106 @@
+"""`moba-jax plan`: the grid's train step lowered for TPU on a 64-device fake CPU mesh, per-device
+state bytes against a hand count of the model's parameters, the arrays held whole on every device,
+and the batch rule's error. The paper-scale run is in docs/tpu.md (it takes minutes)."""
+
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from moba_jax import config, plan
+
+# 2 layers (variant 1: layer 1 full), GQA 4:2; mesh 4 x 8 x 2 = 64 devices. The rules put embed
+# and vocab on no mesh axis, so the embedding and the head are held whole on every device.
+TOML = """
+[model]
+vocab_size = 256
+d_model = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+head_dim = 16
+mlp_dim = 128
+[moba]
+block_size = 64
+topk = 2
+[train]
+steps = 2
+batch_size = {batch}
+seq_len = 256
+warmup_steps = 0
+[data]
+task = "lm"
+[eval]
+trailing_tokens = 64
+[mesh]
+data = -1
+fsdp = 8
+tensor = 2
+[mesh.rules]
+embed = []
+vocab = []
+[grid]
+out_dir = "{out}"
+seeds = [0]
+variants = [1]
+"""
+
+
+def run_plan(tmp_path, batch, *extra):
+  path = tmp_path / "tiny.toml"
+  path.write_text(TOML.format(batch=batch, out=tmp_path / "grid"))
+  cmd = [sys.executable, "-m", "moba_jax.cli", "plan", str(path), "stage=sft", "--mesh-devices",
+         "64", *extra]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _bytes(out, what):
+  return int(re.search(rf"{what} [\d.]+ [KMG]iB \((\d+) B\)", out).group(1))
+
+
+def test_plan_on_64_fake_devices(tmp_path):
+  r = run_plan(tmp_path, 32, "--no-compile", "--replicated-mib", "0.01")
+  assert r.returncode == 0, r.stderr
+  out = r.stdout
+  assert "on 64 fake cpu devices, lowered for tpu" in out
+  assert "mesh: data=4 fsdp=8 context=1 tensor=2" in out
+  assert "attention: layer 0: moba -> pallas_tpu; layer 1: full -> xla" in out
+  assert ("Pallas kernels: moba_tpu_dkdv_dense x1, moba_tpu_dkdv_sparse x1, moba_tpu_dq x1, "
+          "moba_tpu_fwd x1 (blocks tile for Mosaic") in out
+  # hand count: q/k/v/o and the MLP split over tensor (heads, kv_heads, mlp), norms, embedding
+  # and head whole (float32)
+  e, h, k, d, m, v, tensor = 64, 4, 2, 16, 128, 256, 2
+  layer = (e * h * d + 2 * e * k * d + h * d * e + 3 * e * m) // tensor + 2 * e
+  params = 4 * (2 * layer + 2 * v * e + e)
+  assert _bytes(out, "params") == params
+  opt = _bytes(out, "optimizer state")  # AdamW mu and nu like the params, plus step counts
+  assert 2 * params <= opt <= 2 * params + 64
+  assert "replicated on all 64 devices, > 10.2 KiB: 6 arrays" in out  # params, mu, nu
+  for name in ("params/embed [256, 64]", "params/head [64, 256]", "opt_state/1/0/nu/embed"):
+    assert name in out
+
+
+def test_batch_rule_error_names_the_rule():
+  """In-process on an abstract mesh (the command prints it as one line and exits 2)."""
+  mesh = jax.sharding.AbstractMesh((4, 8, 1, 2), config.MESH_AXES)
+  cfg = config.load_config(None, ["train.batch_size=16"])
+  with pytest.raises(ValueError, match=r"train.batch_size=16 must be divisible by 32, the mesh "
+                     r"axes \('data', 'fsdp'\) that mesh.rules.batch"):
+    plan.check_batch_rules(cfg, mesh, cfg.mesh.rules.as_tuples())
+  plan.check_batch_rules(config.load_config(None, ["train.batch_size=64"]), mesh,
+                         cfg.mesh.rules.as_tuples())
+
+
+def test_cli_mistake_is_one_line(capsys):
+  assert plan.main(["--mesh-devices", "0"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--mesh-devices=0 must be >= 1" in err
+
+
+@pytest.mark.slow
+def test_plan_compiled_memory(tmp_path):
+  r = run_plan(tmp_path, 32)
+  assert r.returncode == 0, r.stderr
+  assert re.search(r"activations and other temporaries [\d.]+ [MG]iB", r.stdout)
