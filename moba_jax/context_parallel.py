@@ -9,7 +9,8 @@ Each shard all-gathers the keys, values and segment ids of the whole sequence an
 queries over them:
   - MoBA: the layout, the block means and the gate are computed locally from the gathered keys, and
     the queries go through the xla path's chunked loop (`moba.attend_queries`);
-  - full: causal attention within documents, dense over [T/n queries, T keys] (xla).
+  - full: causal attention within documents over the gathered keys, dense per chunk of queries
+    (xla; no ring attention yet).
 Both are exactly their single-device semantics (docs/semantics.md), packed documents across shard
 boundaries included. Gradients come back through the all-gather's transpose (a reduce-scatter of
 dK/dV).
@@ -17,10 +18,12 @@ dK/dV).
 Memory: the shard function is rematerialized (`jax.checkpoint`), so what a layer keeps for its
 backward is the local q, k, v shards only (1/n of the sequence); the gathered keys and values
 (and the xla loop's float32 copies and block means) live only inside one layer's forward or
-backward, and the xla loop's chunk budget (64 MiB on one device) is split over the n shards. Communication per layer and device: forward gathers (n-1)/n of K, V (compute dtype)
-and the segment ids; the backward gathers them again and reduce-scatters dK, dV (float32), as
-docs/training.md measures. Exchanging only the chosen blocks is not built (docs/training.md says
-why it would save little at the paper's settings).
+backward, and the chunk budget of the query loops (64 MiB on one device) is split over the n
+shards. Communication per layer and device: the forward gathers (n-1)/n of K, V (compute dtype)
+and the segment ids, the backward reduce-scatters dK, dV (float32); the rematerialization may
+gather once more (XLA on the CPU reuses the forward's gather). docs/training.md has the measured
+bytes. Exchanging only the chosen blocks is not built (docs/training.md: it would save about half,
+the causal half, and unevenly).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _local_start(n_local, seq_axes):
   return jax.lax.axis_index(seq_axes) * n_local
 
 
-def _moba_shard(q_l, k_l, v_l, seg_l, *, seq_axes, block_size, topk, softmax_scale):
+def _moba_shard(q_l, k_l, v_l, seg_l, *, seq_axes, block_size, topk, softmax_scale, budget):
   """One shard's MoBA: q_l [B, T/n, H, D] over the gathered keys -> [B, T/n, H, D]."""
   k_all, v_all, seg_all = (_gather(x, seq_axes) for x in (k_l, v_l, seg_l))
   n_q = q_l.shape[1]
@@ -53,38 +56,60 @@ def _moba_shard(q_l, k_l, v_l, seg_l, *, seq_axes, block_size, topk, softmax_sca
   positions = start + jnp.arange(n_q, dtype=jnp.int32)
   layout_q = moba_lib.Layout(*(jax.lax.dynamic_slice_in_dim(a, start, n_q, axis=1)
                                for a in layout))
-  # The chunk budget is the device's, as on one device: n shards of T/n queries each run as many
-  # chunks as one device would over T, each 1/n the size.
-  n = k_all.shape[1] // n_q
-  budget = max(1, moba_lib.DEFAULT_CHUNK_BUDGET_BYTES // n)
   return moba_lib.attend_queries(q_l, positions, layout_q, layout, k_all, v_all,
                                  block_size=block_size, topk=topk, softmax_scale=softmax_scale,
                                  chunk_budget_bytes=budget)
 
 
-def _full_shard(q_l, k_l, v_l, seg_l, *, seq_axes, softmax_scale):
-  """One shard's causal full attention within documents over the gathered keys."""
+def _full_chunk(batch, heads, seq, n_q, budget):
+  """Queries per chunk of the full path: float32 logits [B, H, C, T] within `budget` bytes, a power
+  of two dividing n_q."""
+  chunk = max(1, budget // (batch * heads * seq * 4))
+  chunk = 1 << (chunk.bit_length() - 1)
+  return min(chunk, n_q & -n_q)
+
+
+def _full_shard(q_l, k_l, v_l, seg_l, *, seq_axes, softmax_scale, budget):
+  """One shard's causal full attention within documents over the gathered keys, its queries in
+  chunks (dense logits [B, H, C, T] per chunk: memory O(T), not O(T^2 / n))."""
   k_all, v_all, seg_all = (_gather(x, seq_axes) for x in (k_l, v_l, seg_l))
-  n_q, seq = q_l.shape[1], k_all.shape[1]
+  batch, n_q, heads, dim = q_l.shape
+  seq = k_all.shape[1]
   doc_start = moba_lib.doc_layout(seg_all, 1).doc_start  # [B, T]
   start = _local_start(n_q, seq_axes)
   doc_start_q = jax.lax.dynamic_slice_in_dim(doc_start, start, n_q, axis=1)  # [B, T/n]
   pos_q = start + jnp.arange(n_q)
-  causal = pos_q[:, None] >= jnp.arange(seq)[None, :]  # [T/n, T]
-  mask = (doc_start_q[:, :, None] == doc_start[:, None, :]) & causal  # [B, T/n, T]
+  chunk = _full_chunk(batch, heads, seq, n_q, budget)
   precision = "highest" if q_l.dtype == jnp.float32 else None  # as attention's full xla path
-  with jax.default_matmul_precision(precision):
-    return jax.nn.dot_product_attention(q_l, k_all, v_all, mask=mask[:, None],
-                                        scale=softmax_scale, implementation="xla")
+
+  @jax.checkpoint
+  def body(q_c, pos_c, doc_c, k32, v32):  # [B, C, H, D], [C], [B, C]
+    causal = pos_c[:, None] >= jnp.arange(seq)[None, :]  # [C, T]
+    mask = (doc_c[:, :, None] == doc_start[:, None, :]) & causal  # [B, C, T]
+    with jax.default_matmul_precision(precision):
+      return jax.nn.dot_product_attention(q_c, k32.astype(q_c.dtype), v32.astype(q_c.dtype),
+                                          mask=mask[:, None], scale=softmax_scale,
+                                          implementation="xla")
+
+  to_chunks = lambda x, axis: jnp.moveaxis(
+      x.reshape(*x.shape[:axis], n_q // chunk, chunk, *x.shape[axis + 1:]), axis, 0)
+  # k, v enter the loop in float32: their gradients sum over chunks in float32 (as moba's loop).
+  k32, v32 = k_all.astype(jnp.float32), v_all.astype(jnp.float32)
+  out = jax.lax.map(lambda xs: body(*xs, k32, v32),
+                    (to_chunks(q_l, 1), to_chunks(pos_q, 0), to_chunks(doc_start_q, 1)))
+  return jnp.moveaxis(out, 0, 1).reshape(q_l.shape)
 
 
 def context_parallel_attention(q, k, v, segment_ids, *, kind: str, mesh, seq_axes,
                                batch_axes=(), head_axes=(), block_size=None, topk=None,
-                               softmax_scale=None):
+                               softmax_scale=None,
+                               chunk_budget_bytes=moba_lib.DEFAULT_CHUNK_BUDGET_BYTES):
   """Causal attention ("moba" or "full") [B, T, H, D] of q [B, T, H, D], k, v [B, T, K, D]
   (segment_ids [B, T] or None) with T split over the mesh axes `seq_axes`, B over `batch_axes`
   and both head axes over `head_axes` (they must divide B, H and K). `mesh` may be abstract
-  (inside jit under `jax.set_mesh`)."""
+  (inside jit under `jax.set_mesh`). chunk_budget_bytes: the device's, as one device's xla path
+  has it: each shard's query chunks get 1/n of it (n shards of T/n queries run as many chunks
+  as one device over T, each 1/n the size)."""
   sizes = dict(mesh.shape)
   n = math.prod(sizes[a] for a in seq_axes)
   if q.shape[1] % n:
@@ -93,11 +118,13 @@ def context_parallel_attention(q, k, v, segment_ids, *, kind: str, mesh, seq_axe
                      f"size {n}")
   if segment_ids is None:
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+  budget = max(1, chunk_budget_bytes // n)
   if kind == "moba":
     body = functools.partial(_moba_shard, seq_axes=seq_axes, block_size=block_size, topk=topk,
-                             softmax_scale=softmax_scale)
+                             softmax_scale=softmax_scale, budget=budget)
   else:
-    body = functools.partial(_full_shard, seq_axes=seq_axes, softmax_scale=softmax_scale)
+    body = functools.partial(_full_shard, seq_axes=seq_axes, softmax_scale=softmax_scale,
+                             budget=budget)
   axes = lambda t: None if not t else t[0] if len(t) == 1 else tuple(t)
   qkv_spec = P(axes(batch_axes), axes(seq_axes), axes(head_axes), None)
   seg_spec = P(axes(batch_axes), axes(seq_axes))

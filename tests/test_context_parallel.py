@@ -1,6 +1,7 @@
 """Context parallelism (moba_jax/context_parallel.py), one subprocess on 8 fake CPU devices:
   - MoBA attention with the sequence sharded over 2, 4 and 8 devices equals the single-device
-    reference, outputs and gradients, with packed documents that cross shard boundaries;
+    reference, outputs and gradients, with packed documents that cross shard boundaries; so does
+    full attention on 8 (its queries in several chunks);
   - a whole hybrid model (one MoBA, one full layer) through the dispatcher: loss and every
     parameter gradient under mesh (data, context, tensor) = (1, 8, 1), (2, 2, 2), (2, 4, 1)
     equal one device's;
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from moba_jax import attention, config as C, moba as M, sharding as S, train_step as ts
-from moba_jax.context_parallel import moba_context_parallel
+from moba_jax.context_parallel import context_parallel_attention, moba_context_parallel
 from moba_jax.model import Decoder
 from tests.helpers import packed_segments, random_qkv, rel_err
 
@@ -44,6 +45,14 @@ for n in (2, 4, 8):
   mesh = jax.make_mesh((n,), ("context",), devices=jax.devices()[:n])
   fn = jax.jit(lambda q, k, v: moba_context_parallel(q, k, v, seg, mesh=mesh, axis="context", **kw))
   errors[n] = [float(rel_err(a, b)) for a, b in zip(out_and_grads(fn), want)]
+# Full attention (a hybrid's full layers), queries in chunks of 4 (a budget of 4 queries' logits).
+with jax.default_matmul_precision("highest"):
+  want = out_and_grads(lambda q, k, v: M.full_reference(q, k, v, seg))
+mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+fn = jax.jit(lambda q, k, v: context_parallel_attention(
+    q, k, v, seg, kind="full", mesh=mesh, seq_axes=("context",), chunk_budget_bytes=2**17))
+with jax.set_mesh(mesh):
+  errors["full"] = [float(rel_err(a, b)) for a, b in zip(out_and_grads(fn), want)]
 try:
   moba_context_parallel(q[:, :100], k[:, :100], v[:, :100], None, mesh=mesh, axis="context", **kw)
 except ValueError as e:
@@ -94,7 +103,7 @@ def test_context_parallel_equals_one_device():
                        cwd=ROOT, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   errors = json.loads(out.stdout.strip().splitlines()[-1])
-  for n in ("2", "4", "8"):
+  for n in ("2", "4", "8", "full"):
     assert max(errors[n]) < 1e-5, (n, errors[n])  # out, dq, dk, dv
   assert "sequence length 100 must be divisible by the 'context' mesh axis size 8" in \
       errors["message"]
