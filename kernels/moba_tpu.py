@@ -50,19 +50,20 @@ def tile_error(block, array, dtype) -> str | None:
   block = tuple(block)
   if len(block) < 2:
     return None
-  array = tuple(array) if array is not None else (None,) * len(block)
+  known = array is not None
+  array = tuple(array) if known else (None,) * len(block)
   rows, lanes, sub = block[-2], block[-1], sublane_tile(dtype)
-  bad = [f"{name} dim {size} is neither a multiple of {tile} nor the array's {full}"
+  bad = [f"{name} dim {size} is not a multiple of {tile}"
+         + (f" nor the array's full extent {full}" if known else "")
          for name, size, tile, full in (("lanes", lanes, LANES, array[-1]),
                                         ("sublanes", rows, sub, array[-2]))
          if size % tile and size != full]
   if not bad:
     return None
-  gens = "/".join(TPU_GENERATIONS)
-  return (f"block {list(block)} of {jnp.dtype(dtype).name} array "
-          f"{list(array) if array[0] is not None else '?'}: {'; '.join(bad)} (Mosaic on TPU "
-          f"{gens}: ({SUBLANES}, {LANES}) tiles for 32-bit, ({sublane_tile(jnp.bfloat16)}, "
-          f"{LANES}) for 16-bit)")
+  of = f" of array {list(array)}" if known else ""
+  return (f"{jnp.dtype(dtype).name} block {list(block)}{of}: {'; '.join(bad)} (Mosaic on TPU "
+          f"{'/'.join(TPU_GENERATIONS)} tiles 32-bit blocks ({SUBLANES}, {LANES}), 16-bit "
+          f"({sublane_tile(jnp.bfloat16)}, {LANES}))")
 
 
 @dataclasses.dataclass(frozen=True)
