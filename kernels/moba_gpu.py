@@ -408,5 +408,6 @@ def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=
   options: interpret mode and tiles (BlockSizes fields in order; default get_default)."""
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype))
-  return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
-                       softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)
+  run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
+                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)
+  return rt.over_mesh_shards(run, q, k, v, segment_ids)  # a custom call: XLA cannot split it
