@@ -159,8 +159,9 @@ def decode_partials_tpu(q, k, v, blocks, valid, n, *, block_size: int, scale: fl
   vf = vf.reshape(batch, seq + pad, kv_heads * dim)
   q3 = q.reshape(batch, 1, heads * dim)
   lanes = 128
+  # lax.div, not //: floor division lowers through `sign`, which Mosaic asks the chip about
   kv_spec = pl.BlockSpec((1, block_size, dim),
-                         lambda b, h, s, blk, *_: (b, blk[b, h, s], h // groups))
+                         lambda b, h, s, blk, *_: (b, blk[b, h, s], jax.lax.div(h, groups)))
   q_spec = pl.BlockSpec((1, 1, dim), lambda b, h, s, *_: (b, 0, h))
   stat_spec = pl.BlockSpec((1, 1, lanes), lambda b, h, s, *_: (b, 0, h * n_sel + s))
   o_spec = pl.BlockSpec((1, 1, dim), lambda b, h, s, *_: (b, 0, h * n_sel + s))

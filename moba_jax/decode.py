@@ -143,12 +143,15 @@ DECODE_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 
 def resolve_decode(implementation: str = "auto", dim: int | None = None) -> str:
   """The decode implementation a MoBA implementation name stands for: a Pallas kernel where the
-  training one is a Pallas kernel (on GPU only for power-of-two head_dim `dim`), else "xla"."""
+  training one is a Pallas kernel (on GPU for power-of-two head_dim `dim`, on TPU for multiples
+  of 128), else "xla". A decode name (DECODE_IMPLS) other than "auto" is taken as it is."""
   if implementation in DECODE_IMPLS and implementation != "auto":
     return implementation
   name = attention_lib.resolve("moba", implementation)
   if name == "pallas_gpu" and dim is not None and dim & (dim - 1):
     return "xla"  # the GPU kernel loads whole [block_k, head_dim] tiles: powers of two only
+  if name == "pallas_tpu" and dim is not None and dim % 128:
+    return "xla"  # the TPU kernel's (block, head_dim) tiles need 128 lanes (no per-step padding)
   return name if name in DECODE_IMPLS else "xla"
 
 

@@ -203,3 +203,24 @@ def test_decode_bench_prints_a_table_and_counts_bytes(capsys):
   # MoBA: 16 block sums (float32) per kv head, plus 3 blocks of 64 keys and values per query head
   assert bench_decode.read_bytes("moba", 2, 1024, args) == \
       2 * 16 * 2 * 16 * 4 + 2 * 2 * 4 * 3 * 64 * 16 * 2
+
+
+@pytest.mark.parametrize("shape", [(1, 131072, 16, 16, 128, 512, 3, jnp.bfloat16),
+                                   (2, 1000, 8, 2, 128, 64, 3, jnp.float32)],
+                         ids=["bench_128k_bf16", "ragged_gqa_f32"])
+def test_tpu_decode_kernel_lowers_for_tpu(shape):
+  """The TPU decode step lowers through Mosaic's rules on the CPU (nothing runs) and its blocks
+  tile as Mosaic needs (moba_tpu.check_tiles); the interpret tests above check its arithmetic."""
+  from moba_jax.kernels import moba_tpu
+  batch, seq, heads, kv_heads, dim, block, topk, dtype = shape
+  spec = jax.ShapeDtypeStruct
+  kv = spec((batch, seq, kv_heads, dim), dtype)
+
+  def step(q, k, v, sums, n):
+    return decode.moba_step_attention(q, decode.LayerCache(k, v, sums), n, block_size=block,
+                                      topk=topk, implementation="pallas_tpu")
+  traced = jax.jit(step).trace(spec((batch, heads, dim), dtype), kv, kv,
+                               spec((batch, -(-seq // block), kv_heads, dim), jnp.float32),
+                               spec((batch,), jnp.int32))
+  assert moba_tpu.check_tiles(traced.jaxpr) == ["moba_decode_tpu"]
+  assert traced.lower(lowering_platforms=("tpu",)).as_text().count("@tpu_custom_call") == 1
