@@ -25,6 +25,7 @@ own attention implementation (the model's normal forward) over the prompts and f
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterator, NamedTuple
 
 import jax
@@ -141,18 +142,29 @@ def _masked_softmax(logits, keep):
 DECODE_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 
 
+# What each decode kernel's tiles need of head_dim: the GPU kernel loads whole [block_k, head_dim]
+# tiles (powers of two); the TPU kernel's (block, head_dim) tiles take 128 lanes. Neither pads the
+# cache (a copy of it at every step), so other head dims decode through the XLA step.
+_TAKES_DIM = {"pallas_gpu": lambda d: d & (d - 1) == 0, "pallas_tpu": lambda d: d % 128 == 0}
+_WARNED: set = set()
+
+
 def resolve_decode(implementation: str = "auto", dim: int | None = None) -> str:
-  """The decode implementation a MoBA implementation name stands for: a Pallas kernel where the
-  training one is a Pallas kernel (on GPU for power-of-two head_dim `dim`, on TPU for multiples
-  of 128), else "xla". A decode name (DECODE_IMPLS) other than "auto" is taken as it is."""
-  if implementation in DECODE_IMPLS and implementation != "auto":
-    return implementation
-  name = attention_lib.resolve("moba", implementation)
-  if name == "pallas_gpu" and dim is not None and dim & (dim - 1):
-    return "xla"  # the GPU kernel loads whole [block_k, head_dim] tiles: powers of two only
-  if name == "pallas_tpu" and dim is not None and dim % 128:
-    return "xla"  # the TPU kernel's (block, head_dim) tiles need 128 lanes (no per-step padding)
-  return name if name in DECODE_IMPLS else "xla"
+  """The decode implementation that a name stands for: DECODE_IMPLS' names as they are, "auto" and
+  the training implementations' names through `attention.resolve` (a Pallas kernel on its own
+  platform, else "xla"). A kernel that cannot take head_dim `dim` falls back to "xla", with a
+  warning when it was named explicitly."""
+  name = implementation
+  if implementation not in DECODE_IMPLS or implementation == "auto":
+    name = attention_lib.resolve("moba", implementation)
+    name = name if name in DECODE_IMPLS else "xla"
+  if name in _TAKES_DIM and dim is not None and not _TAKES_DIM[name](dim):
+    if implementation != "auto" and (name, dim) not in _WARNED:
+      _WARNED.add((name, dim))
+      warnings.warn(f"decode implementation {name!r} cannot take head_dim={dim}; decoding "
+                    "through the XLA step instead", RuntimeWarning, stacklevel=2)
+    return "xla"
+  return name
 
 
 def moba_step_attention(q, cache: LayerCache, n, *, block_size: int, topk: int, scale=None,

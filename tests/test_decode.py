@@ -224,3 +224,17 @@ def test_tpu_decode_kernel_lowers_for_tpu(shape):
                                spec((batch,), jnp.int32))
   assert moba_tpu.check_tiles(traced.jaxpr) == ["moba_decode_tpu"]
   assert traced.lower(lowering_platforms=("tpu",)).as_text().count("@tpu_custom_call") == 1
+
+
+def test_decode_implementation_follows_the_training_string():
+  """One config string picks training and decoding kernels; a kernel that cannot take the head
+  dim falls back to the XLA step (with a warning when it was named)."""
+  assert decode.resolve_decode("xla") == decode.resolve_decode("reference") == "xla"
+  assert decode.resolve_decode("pallas_gpu", 128) == "pallas_gpu"
+  assert decode.resolve_decode("pallas_tpu", 256) == "pallas_tpu"
+  assert decode.resolve_decode("auto", 128) == {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(
+      jax.default_backend(), "xla")
+  with pytest.warns(RuntimeWarning, match="head_dim=96"):
+    assert decode.resolve_decode("pallas_gpu", 96) == "xla"
+  with pytest.warns(RuntimeWarning, match="head_dim=64"):
+    assert decode.resolve_decode("pallas_tpu", 64) == "xla"
