@@ -150,17 +150,23 @@ def per_device_bytes(tree, shardings) -> int:
 
 
 def replicated(prefix: str, tree, shardings, min_bytes: int) -> list[str]:
-  """'prefix/path [shape] dtype size' of each array above min_bytes held whole on every device."""
+  """'prefix/path [shape] dtype size, logical axes' of each array above min_bytes held whole on
+  every device (the logical axes name the rules that left it whole: mesh.rules.<axis>)."""
   import jax
+  from flax import nnx
 
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_var)
   out = []
-  for (path, x), sh in zip(leaves, jax.tree.leaves(shardings), strict=True):
+  for (path, var), sh in zip(leaves, jax.tree.leaves(shardings), strict=True):
+    x = var.get_value() if is_var(var) else var
     size = math.prod(x.shape) * x.dtype.itemsize
     if size > min_bytes and sh.is_fully_replicated and sh.num_devices > 1:
       keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-      name = "/".join([prefix] + [k for k in keys if k != "value"])
-      out.append(f"{name} {list(x.shape)} {x.dtype.name} {_mib(size)}")
+      axes = var.get_metadata().get("out_sharding") if is_var(var) else None
+      rules = f", logical axes {tuple(axes)}" if axes else ", no logical axes"
+      out.append(f"{'/'.join([prefix] + keys)} {list(x.shape)} {x.dtype.name} {_mib(size)}"
+                 f"{rules}")
   return out
 
 
