@@ -30,7 +30,7 @@ import sys
 import time
 
 DEVICES_ENV = "MOBA_JAX_PLAN_DEVICES"  # set in the child that has the fake devices
-PLATFORMS = ("tpu", "gpu", "cpu")
+PLATFORMS = ("tpu", "cpu")  # lowering for gpu needs the GPU toolchain: not offered
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,8 +82,9 @@ def _plan(name, overrides, args) -> int:
       seen.add((spec.stage, spec.variant))
       specs.append(spec)
   if not specs:
+    why = "; grid.init_from is set: no stage 1" if exp.grid.init_from else ""
     raise ValueError(f"no run selected (grid.stage={exp.grid.stage!r}, grid.only="
-                     f"{list(exp.grid.only)}; grid.init_from set: no stage 1)")
+                     f"{list(exp.grid.only)}{why})")
   import jax
 
   print(f"plan: {source} on {args.mesh_devices} fake {jax.default_backend()} devices, lowered "
@@ -213,9 +214,9 @@ def plan_run(cfg, n_devices: int, platform: str = "tpu", *, compile_memory: bool
   t0 = time.perf_counter()
   with shd.activate(mesh, rules):
     state, traced = _trace(cfg, mesh, rules)
-    kernels = moba_tpu.check_tiles(traced.jaxpr)
+    kernels = moba_tpu.check_tiles(traced.jaxpr) if platform == "tpu" else []
     traced.lower(lowering_platforms=(platform,))
-  tiles = " (blocks tile for Mosaic on TPU v5e/v5p/v6e)" if kernels and platform == "tpu" else ""
+  tiles = " (blocks tile for Mosaic on TPU v5e/v5p/v6e)" if kernels else ""
   lines.append(f"lowered for {platform} in {time.perf_counter() - t0:.1f} s; Pallas kernels: "
                f"{_kernel_summary(kernels)}{tiles}")
   params = per_device_bytes(state.params, state.param_shardings)
