@@ -202,8 +202,11 @@ class Decoder(nnx.Module):
     return self.logits(x)
 
   def embed_tokens(self, tokens):
-    """tokens [B, T] -> embeddings [B, T, E] in the compute dtype."""
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))  # [B, T, E]
+    """tokens [B, T] -> embeddings [B, T, E] in the compute dtype. The table is gathered whole
+    along embed first (it is split over fsdp/context as a parameter): the rows then land where
+    the tokens are, with no full-array reshuffle of the [B, T, E] result."""
+    table = shard(self.embed[...], ("vocab", None))  # [V, E]
+    x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))  # [B, T, E]
     return shard(x, ("batch", "length", "embed"))
 
   def logits(self, x):
