@@ -129,6 +129,22 @@ class _Window:
             "tokens_per_s": tps, "mfu": mfu, "answer_tokens": self.tokens}
 
 
+def attention_at(cfg: Config, step: int):
+  """The MobaConfig that training step `step` (counted from 1) runs: cfg.moba, or every layer full
+  attention from moba.full_from_step on (the data-level hybrid)."""
+  n = cfg.moba.full_from_step
+  return dataclasses.replace(cfg.moba, hybrid_full_layers="all") if n and step >= n else cfg.moba
+
+
+def set_state_attention(state, moba) -> None:
+  """Gives a train state's model definition the attention of `moba` (model.set_attention); the
+  parameters are untouched."""
+  from moba_jax.model import set_attention
+
+  model = set_attention(nnx.merge(state.model_def, state.params), moba)
+  state.model_def = nnx.split(model, nnx.Param)[0]
+
+
 class _Loop:
   """The training loop's mutable state (counters, handles)."""
 
@@ -153,16 +169,14 @@ class _Loop:
   def switch_attention(self) -> None:
     """moba.full_from_step: from that step on every layer is full attention (the data-level
     hybrid). The parameters stay; the steps compile once more."""
-    n = self.cfg.moba.full_from_step
-    if not n or self.step + 1 < n or self.all_full:
+    moba = attention_at(self.cfg, self.step + 1)
+    if moba == self.cfg.moba or self.all_full:
       return
-    from moba_jax.model import set_attention
-
-    s, full = self.state, dataclasses.replace(self.cfg.moba, hybrid_full_layers="all")
-    s.model_def = nnx.split(set_attention(nnx.merge(s.model_def, s.params), full), nnx.Param)[0]
-    self.train_fn, self.eval_fn = ts.make_train_step(s), ts.make_eval_step(s)
-    self.flops_cfg, self.all_full = dataclasses.replace(self.cfg, moba=full), True
-    _log0(f"from step {self.step + 1}: every layer is full attention (moba.full_from_step={n})")
+    set_state_attention(self.state, moba)
+    self.train_fn, self.eval_fn = ts.make_train_step(self.state), ts.make_eval_step(self.state)
+    self.flops_cfg, self.all_full = dataclasses.replace(self.cfg, moba=moba), True
+    _log0(f"from step {self.step + 1}: every layer is full attention "
+          f"(moba.full_from_step={self.cfg.moba.full_from_step})")
 
   def meta(self) -> dict:
     c = self.cfg
