@@ -43,13 +43,34 @@ def _gather(x, seq_axes):
   return jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_f32(x, seq_axes):
+  """K or V of the whole sequence in float32, gathered in x's dtype (half the bytes in bf16);
+  the gradient is reduce-scattered in float32 and rounded to x's dtype once, after the sum over
+  shards (as one device sums its chunks in float32)."""
+  return _gather(x, seq_axes).astype(jnp.float32)
+
+
+def _gather_f32_fwd(x, seq_axes):
+  return _gather_f32(x, seq_axes), jnp.zeros((), x.dtype)
+
+
+def _gather_f32_bwd(seq_axes, like, ct):
+  out = jax.lax.psum_scatter(ct, seq_axes, scatter_dimension=1, tiled=True)
+  return (out.astype(like.dtype),)
+
+
+_gather_f32.defvjp(_gather_f32_fwd, _gather_f32_bwd)
+
+
 def _local_start(n_local, seq_axes):
   return jax.lax.axis_index(seq_axes) * n_local
 
 
 def _moba_shard(q_l, k_l, v_l, seg_l, *, seq_axes, block_size, topk, softmax_scale, budget):
   """One shard's MoBA: q_l [B, T/n, H, D] over the gathered keys -> [B, T/n, H, D]."""
-  k_all, v_all, seg_all = (_gather(x, seq_axes) for x in (k_l, v_l, seg_l))
+  k_all, v_all = _gather_f32(k_l, seq_axes), _gather_f32(v_l, seq_axes)  # [B, T, K, D] f32
+  seg_all = _gather(seg_l, seq_axes)
   n_q = q_l.shape[1]
   layout = moba_lib.doc_layout(seg_all, block_size)
   start = _local_start(n_q, seq_axes)
@@ -72,9 +93,10 @@ def _full_chunk(batch, heads, seq, n_q, budget):
 def _full_shard(q_l, k_l, v_l, seg_l, *, seq_axes, softmax_scale, budget):
   """One shard's causal full attention within documents over the gathered keys, its queries in
   chunks (dense logits [B, H, C, T] per chunk: memory O(T), not O(T^2 / n))."""
-  k_all, v_all, seg_all = (_gather(x, seq_axes) for x in (k_l, v_l, seg_l))
+  k32, v32 = _gather_f32(k_l, seq_axes), _gather_f32(v_l, seq_axes)  # [B, T, K, D] f32
+  seg_all = _gather(seg_l, seq_axes)
   batch, n_q, heads, dim = q_l.shape
-  seq = k_all.shape[1]
+  seq = k32.shape[1]
   doc_start = moba_lib.doc_layout(seg_all, 1).doc_start  # [B, T]
   start = _local_start(n_q, seq_axes)
   doc_start_q = jax.lax.dynamic_slice_in_dim(doc_start, start, n_q, axis=1)  # [B, T/n]
@@ -93,8 +115,7 @@ def _full_shard(q_l, k_l, v_l, seg_l, *, seq_axes, softmax_scale, budget):
 
   to_chunks = lambda x, axis: jnp.moveaxis(
       x.reshape(*x.shape[:axis], n_q // chunk, chunk, *x.shape[axis + 1:]), axis, 0)
-  # k, v enter the loop in float32: their gradients sum over chunks in float32 (as moba's loop).
-  k32, v32 = k_all.astype(jnp.float32), v_all.astype(jnp.float32)
+  # k, v enter the loop in float32: their gradients sum over chunks and shards in float32.
   out = jax.lax.map(lambda xs: body(*xs, k32, v32),
                     (to_chunks(q_l, 1), to_chunks(pos_q, 0), to_chunks(doc_start_q, 1)))
   return jnp.moveaxis(out, 0, 1).reshape(q_l.shape)
