@@ -12,8 +12,7 @@ queries over them:
   - full: causal attention within documents over the gathered keys, dense per chunk of queries
     (xla; no ring attention yet).
 Both are exactly their single-device semantics (docs/semantics.md), packed documents across shard
-boundaries included. Gradients come back through the all-gather's transpose (a reduce-scatter of
-dK/dV).
+boundaries included. dK and dV come back as a float32 reduce-scatter (`_gather_f32`).
 
 Memory: the shard function is rematerialized (`jax.checkpoint`), so what a layer keeps for its
 backward is the local q, k, v shards only (1/n of the sequence); the gathered keys and values
@@ -29,13 +28,13 @@ the causal half, and unevenly).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moba_jax import moba as moba_lib
+from moba_jax import sharding as shd
 
 
 def _gather(x, seq_axes):
@@ -131,12 +130,7 @@ def context_parallel_attention(q, k, v, segment_ids, *, kind: str, mesh, seq_axe
   (inside jit under `jax.set_mesh`). chunk_budget_bytes: the device's, as one device's xla path
   has it: each shard's query chunks get 1/n of it (n shards of T/n queries run as many chunks
   as one device over T, each 1/n the size)."""
-  sizes = dict(mesh.shape)
-  n = math.prod(sizes[a] for a in seq_axes)
-  if q.shape[1] % n:
-    names = " * ".join(f"{a!r}" for a in seq_axes)
-    raise ValueError(f"sequence length {q.shape[1]} must be divisible by the {names} mesh axis "
-                     f"size {n}")
+  n = shd.check_divisible(q.shape[1], tuple(seq_axes), dict(mesh.shape))
   if segment_ids is None:
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
   budget = max(1, chunk_budget_bytes // n)
@@ -158,8 +152,6 @@ def rule_axes(q_shape, k_shape, mesh, rules, seq_axes=()) -> tuple[tuple[str, ..
   """(batch_axes, head_axes) the logical rules give q and k on `mesh`, less `seq_axes`: batch as
   `batch`, heads as `heads` where `kv_heads` is split the same way (else heads stay whole: a GQA
   group must sit on one shard with its kv head)."""
-  from moba_jax import sharding as shd
-
   names = ("batch", "length", "heads", "head_dim")
   spec_q = shd.logical_to_spec(names, rules, q_shape, mesh)
   spec_k = shd.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, k_shape, mesh)
@@ -174,9 +166,7 @@ def moba_context_parallel(q, k, v, segment_ids, *, mesh, axis: str, block_size: 
   """MoBA attention [B, T, H, D] of q [B, T, H, D], k, v [B, T, K, D] (segment_ids [B, T] or
   None) with T sharded over the axis `axis` of a concrete `mesh`; T must be divisible by its size.
   (Models reach the same code through the dispatcher, moba_jax.attention.)"""
-  if q.shape[1] % mesh.shape[axis]:
-    raise ValueError(f"sequence length {q.shape[1]} must be divisible by the {axis!r} mesh axis "
-                     f"size {mesh.shape[axis]}")
+  shd.check_divisible(q.shape[1], (axis,), dict(mesh.shape))  # before resharding
   if segment_ids is None:
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
   seq_spec = jax.sharding.NamedSharding(mesh, P(None, axis))

@@ -104,12 +104,19 @@ def sequence_axes(seq_len: int, rules=None) -> tuple[str, ...]:
   table = dict(rules or spmd.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
   sizes, manual = dict(mesh.shape), set(mesh.manual_axes)
   axes = tuple(a for a in _as_tuple(table.get("length")) if sizes.get(a, 1) > 1 and a not in manual)
+  check_divisible(seq_len, axes, sizes)
+  return axes
+
+
+def check_divisible(seq_len: int, axes: tuple[str, ...], sizes) -> int:
+  """The number of sequence shards over mesh `axes` ({name: size} in `sizes`); ValueError naming
+  them if it does not divide `seq_len`."""
   n = math.prod(sizes[a] for a in axes)
   if seq_len % n:
     names = " * ".join(f"{a!r}" for a in axes)
     raise ValueError(f"sequence length {seq_len} must be divisible by the {names} mesh axis size "
-                     f"{n} (the `length` rule splits the sequence over it)")
-  return axes
+                     f"{n} (the sequence is split over it)")
+  return n
 
 
 @contextlib.contextmanager
