@@ -498,7 +498,8 @@ def parser() -> argparse.ArgumentParser:
   from moba_jax.generate import OneLineParser, number_arg
 
   p = OneLineParser(prog="moba-jax convert", description=__doc__.splitlines()[0])
-  sub = p.add_subparsers(dest="direction", required=True, parser_class=OneLineParser)
+  sub = p.add_subparsers(dest="direction", required=True, parser_class=OneLineParser,
+                         metavar="{hf-to-orbax,orbax-to-hf}")
   a = sub.add_parser("hf-to-orbax", help="a local Hugging Face model dir -> a run dir")
   a.add_argument("hf_dir")
   a.add_argument("out")
