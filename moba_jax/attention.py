@@ -3,7 +3,8 @@
   attention(q, k, v, kind="full" | "moba", implementation="auto" | ..., segment_ids=..., ...)
 
 Implementations live in one registry. "auto" picks by platform: on GPU the Pallas GPU kernel for
-MoBA and cuDNN flash attention for full; on TPU the Pallas TPU kernel for MoBA; elsewhere XLA.
+MoBA and cuDNN flash attention for full; on TPU the Pallas TPU kernel for MoBA and JAX's Pallas
+splash attention for full; elsewhere XLA.
 Kernels are imported lazily, so importing the library never needs jax-triton or a GPU.
 All arguments are validated from static shapes before anything is traced or compiled.
 
@@ -41,7 +42,8 @@ class KernelOptions:
   interpret: run Pallas kernels in interpret mode (CPU testing).
   tiles: the first fields of the kernel's BlockSizes, in order (moba_gpu: block_q, block_k,
     block_q_dkv, block_k_dkv, num_warps, num_stages, num_warps_dkv; moba_tpu: block_q, block_k,
-    block_k_dkv), the rest at their class defaults; () = the kernel's get_default().
+    block_k_dkv; splash, for full attention: block_q, block_kv), the rest at their class
+    defaults; () = the kernel's get_default().
   """
 
   interpret: bool = False
@@ -66,16 +68,18 @@ _MOBA_IMPLS: dict[str, str | Callable] = {
     "pallas_gpu": "moba_jax.kernels.moba_gpu:moba_attention_gpu",
     "pallas_tpu": "moba_jax.kernels.moba_tpu:moba_attention_tpu",
 }
-# Every full implementation takes (q, k, v, segment_ids, *, softmax_scale).
+# Every full implementation takes (q, k, v, segment_ids, *, softmax_scale, options: KernelOptions).
 _FULL_IMPLS: dict[str, str | Callable] = {
-    "reference": "moba_jax.moba:full_reference",
+    "reference": "moba_jax.attention:_full_reference",
     "xla": "moba_jax.attention:_full_dot_product_xla",
     "cudnn": "moba_jax.attention:_full_dot_product_cudnn",
+    "splash": "moba_jax.kernels.full_tpu:full_attention_tpu",
 }
 _AUTO = {
     ("moba", "gpu"): ("pallas_gpu", "xla"),
     ("moba", "tpu"): ("pallas_tpu", "xla"),
     ("full", "gpu"): ("cudnn", "xla"),
+    ("full", "tpu"): ("splash", "xla"),
 }
 
 
@@ -258,9 +262,9 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
   fn = _load(_registry(kind)[name])
   if segment_ids is None and (kind == "moba" or name == "reference"):
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-  if kind == "full":
-    return fn(q, k, v, segment_ids, softmax_scale=softmax_scale)
   options = options or KernelOptions(interpret=interpret)
+  if kind == "full":
+    return fn(q, k, v, segment_ids, softmax_scale=softmax_scale, options=options)
   return fn(q, k, v, segment_ids, block_size=block_size, topk=topk, softmax_scale=softmax_scale,
             options=options)
 
@@ -290,10 +294,12 @@ def moba_attention(q, k, v, *, block_size, topk, segment_ids=None, softmax_scale
                    softmax_scale=softmax_scale, interpret=interpret, options=options)
 
 
-def full_attention(q, k, v, *, segment_ids=None, softmax_scale=None, implementation="auto"):
+def full_attention(q, k, v, *, segment_ids=None, softmax_scale=None, implementation="auto",
+                   interpret=False, options=None):
   """Causal full attention with the same segment_ids semantics as MoBA. See `attention`."""
   return attention(q, k, v, kind="full", implementation=implementation,
-                   segment_ids=segment_ids, softmax_scale=softmax_scale)
+                   segment_ids=segment_ids, softmax_scale=softmax_scale, interpret=interpret,
+                   options=options)
 
 
 def _doc_mask(segment_ids):
@@ -311,11 +317,15 @@ def _full_dot_product(q, k, v, segment_ids, *, softmax_scale, implementation):
                                         implementation=implementation)
 
 
-def _full_dot_product_xla(q, k, v, segment_ids, *, softmax_scale):
+def _full_reference(q, k, v, segment_ids, *, softmax_scale, options=None):
+  return _moba.full_reference(q, k, v, segment_ids, softmax_scale=softmax_scale)
+
+
+def _full_dot_product_xla(q, k, v, segment_ids, *, softmax_scale, options=None):
   return _full_dot_product(q, k, v, segment_ids, softmax_scale=softmax_scale,
                            implementation="xla")
 
 
-def _full_dot_product_cudnn(q, k, v, segment_ids, *, softmax_scale):
+def _full_dot_product_cudnn(q, k, v, segment_ids, *, softmax_scale, options=None):
   return _full_dot_product(q, k, v, segment_ids, softmax_scale=softmax_scale,
                            implementation="cudnn")

@@ -241,15 +241,16 @@ def compiled_memory(cfg, mesh, rules) -> str:
   from moba_jax import sharding as shd
 
   impl = "xla" if cfg.moba.implementation.startswith("pallas") else cfg.moba.implementation
-  cpu = dataclasses.replace(cfg, moba=dataclasses.replace(cfg.moba, implementation=impl))
+  full = "xla" if cfg.moba.full_implementation == "splash" else cfg.moba.full_implementation
+  cpu = dataclasses.replace(cfg, moba=dataclasses.replace(cfg.moba, implementation=impl,
+                                                          full_implementation=full))
   t0 = time.perf_counter()
   with shd.activate(mesh, rules):
     _, traced = _trace(cpu, mesh, rules)
     m = traced.lower().compile().memory_analysis()
   return (f"activations and other temporaries {_mib(m.temp_size_in_bytes)}, arguments "
           f"{_mib(m.argument_size_in_bytes)}, outputs {_mib(m.output_size_in_bytes)} (aliased "
-          f"{_mib(m.alias_size_in_bytes)}; XLA CPU compile, moba {impl}, full "
-          f"{cfg.moba.full_implementation}, "
+          f"{_mib(m.alias_size_in_bytes)}; XLA CPU compile, moba {impl}, full {full}, "
           f"{time.perf_counter() - t0:.0f} s)")
 
 

@@ -66,9 +66,11 @@ def test_plan_on_64_fake_devices(tmp_path):
   out = r.stdout
   assert "on 64 fake cpu devices, lowered for tpu" in out
   assert "mesh: data=4 fsdp=8 context=1 tensor=2" in out
-  assert "attention: layer 0: moba -> pallas_tpu; layer 1: full -> xla" in out
+  assert "attention: layer 0: moba -> pallas_tpu; layer 1: full -> splash" in out
   assert ("Pallas kernels: moba_tpu_dkdv_dense x1, moba_tpu_dkdv_sparse x1, moba_tpu_dq x1, "
-          "moba_tpu_fwd x1 (blocks tile for Mosaic") in out
+          "moba_tpu_fwd x1, splash_mha_dkv_segmented_no_residuals x1, "
+          "splash_mha_dq_segmented_no_residuals x1, splash_mha_fwd_segmented_residuals x1 "
+          "(blocks tile for Mosaic") in out
   # hand count: q/k/v/o and the MLP split over tensor (heads, kv_heads, mlp), norms, embedding
   # and head whole (float32)
   e, h, k, d, m, v, tensor = 64, 4, 2, 16, 128, 256, 2
