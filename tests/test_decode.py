@@ -62,8 +62,8 @@ def teacher_forced_logits(model, tokens, lengths, max_len):
   return out
 
 
-def check_decoding_matches_forward(moba, seed=0, lengths=PROMPT_LENGTHS, seq=SEQ):
-  model = Decoder(SMALL, moba, rngs=nnx.Rngs(seed))
+def check_decoding_matches_forward(moba, seed=0, lengths=PROMPT_LENGTHS, seq=SEQ, cfg=SMALL):
+  model = Decoder(cfg, moba, rngs=nnx.Rngs(seed))
   tokens = np.asarray(jax.random.randint(jax.random.key(seed + 100), (len(lengths), seq), 0,
                                          SMALL.vocab_size))
   expected = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
@@ -88,12 +88,20 @@ def test_decoding_equals_one_forward_pass(moba):
     p if p.values[0] == "pallas_gpu" else pytest.param(*p.values, marks=[*p.marks,
                                                                           pytest.mark.slow])
     for p in helpers.kernel_impls()])
+@pytest.mark.filterwarnings("error:decode implementation:RuntimeWarning")  # no silent fallback
 def test_decoding_through_the_kernels_equals_one_forward_pass(impl):
   """A hybrid model whose MoBA layer prefills and decodes through a Pallas kernel (the TPU one,
   interpreted, takes minutes: slow-marked; the step tests above cover its attention)."""
   check_decoding_matches_forward(MobaConfig(block_size=BLOCK, topk=2, hybrid_full_layers=1,
                                             implementation=impl,
-                                            interpret=helpers.options(impl).interpret))
+                                            interpret=helpers.options(impl).interpret),
+                                 cfg=dataclasses.replace(SMALL, head_dim=kernel_dim(impl)))
+
+
+def kernel_dim(impl) -> int:
+  """A head dim the implementation's decode kernel takes (the TPU kernel's tiles need 128 lanes;
+  smaller dims would fall back to the XLA step, which the tests turn into an error)."""
+  return 128 if impl == "pallas_tpu" else 8
 
 
 def random_cache(seed, lengths, seq=SEQ, kv_heads=2, dim=8):
@@ -116,24 +124,26 @@ def impl_step(impl, q, cache, n, **kw):
   return step_attention(q, cache, n, implementation=impl, options=helpers.options(impl), **kw)
 
 
+@pytest.mark.filterwarnings("error:decode implementation:RuntimeWarning")  # no silent fallback
 @pytest.mark.parametrize("impl", decode_impls())
 @pytest.mark.parametrize("topk", [1, 2, 3])
 def test_step_attention_equals_reference_at_the_newest_position(topk, impl):
   """Row b's newest query (position n_b - 1) against the reference over the whole row: keys after
   it change only its current block's gate key, and the current block is always chosen."""
   lengths = (3, 9, 13, SEQ)
-  q, k, v, cache, n = random_cache(1, lengths)
+  q, k, v, cache, n = random_cache(1, lengths, dim=kernel_dim(impl))
   rows = np.arange(len(lengths))
   got = impl_step(impl, q[rows, n - 1], cache, n, block_size=BLOCK, topk=topk)
   ref = reference(q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=BLOCK, topk=topk)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref[rows, n - 1]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("error:decode implementation:RuntimeWarning")  # no silent fallback
 @pytest.mark.parametrize("impl", helpers.kernel_impls())
 def test_kernel_steps_equal_the_gathered_step_in_bfloat16(impl):
   """bfloat16 caches: the kernels read the chosen blocks in place, the XLA step gathers them; both
   accumulate in float32, so they differ by the output's rounding at most (one bf16 ulp)."""
-  q, _, _, cache, n = random_cache(5, (1, 7, 16, SEQ))
+  q, _, _, cache, n = random_cache(5, (1, 7, 16, SEQ), dim=kernel_dim(impl))
   cast = lambda x: x.astype(jnp.bfloat16)
   cache = cache._replace(k=cast(cache.k), v=cast(cache.v))
   q_new = cast(q[np.arange(4), n - 1])
@@ -155,12 +165,13 @@ def test_appending_keys_one_by_one_keeps_exact_block_sums():
   np.testing.assert_array_equal(np.asarray(grown.k), np.asarray(k))
 
 
+@pytest.mark.filterwarnings("error:decode implementation:RuntimeWarning")  # no silent fallback
 @pytest.mark.parametrize("impl", decode_impls())
 def test_decode_step_reads_only_the_chosen_blocks(impl):
   """NaN in every key and value no head of a kv group chose (and past each row's length) leaves
   the output unchanged, bit for bit."""
   lengths, topk = (2, 6, 14, SEQ), 2
-  q, _, _, cache, n = random_cache(3, lengths)
+  q, _, _, cache, n = random_cache(3, lengths, dim=kernel_dim(impl))
   rows, heads, kv_heads = np.arange(len(lengths)), q.shape[2], cache.k.shape[2]
   q_new = q[rows, n - 1]
   clean = impl_step(impl, q_new, cache, n, block_size=BLOCK, topk=topk)
