@@ -122,8 +122,9 @@ class Attention(nnx.Module):
                        segment_ids=segment_ids, block_size=self.moba.block_size,
                        topk=self.moba.topk,
                        options=KernelOptions(self.moba.interpret, self.moba.tiles))
+    # moba.tiles are the MoBA kernel's; the full kernel takes its own defaults
     return attention(q, k, v, kind="full", implementation=self.moba.full_implementation,
-                     segment_ids=segment_ids)
+                     segment_ids=segment_ids, options=KernelOptions(self.moba.interpret))
 
   def output(self, out):
     """Attention output [B, T, H, D] -> [B, T, E]."""

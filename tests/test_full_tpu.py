@@ -40,6 +40,28 @@ def test_splash_matches_full_reference():
     assert helpers.rel_err(a, b) < 1e-5, (name, helpers.rel_err(a, b))
 
 
+def test_a_models_full_layers_pass_interpret_to_the_full_kernel(monkeypatch):
+  """moba.interpret reaches a model's full-attention implementation (as it reaches the MoBA one),
+  so splash can run interpreted inside a model; the spy computes with the reference."""
+  from flax import nnx
+
+  from moba_jax.config import MobaConfig
+  from moba_jax.model import Attention
+  from tests.test_model import CFG
+  seen = []
+
+  def spy(q, k, v, segment_ids, *, softmax_scale, options):
+    seen.append(options.interpret)
+    return M.full_reference(q, k, v, segment_ids, softmax_scale=softmax_scale)
+  monkeypatch.setitem(attention._FULL_IMPLS, "splash", spy)
+  moba = MobaConfig(full_implementation="splash", interpret=True)
+  layer = Attention(CFG, "full", moba, rngs=nnx.Rngs(0))
+  q, k, v = helpers.random_qkv(0, 1, 16, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim)
+  seg = jnp.zeros((1, 16), jnp.int32)
+  jax.jit(layer.attend).trace(q, k, v, seg)  # tracing is enough: what the layer asks for
+  assert seen == [True]
+
+
 def test_auto_prefers_splash_on_tpu_and_falls_back(monkeypatch):
   assert attention.resolve("full", "auto", platform="tpu", dtype=jnp.bfloat16) == "splash"
   assert "splash" in attention.implementations("full")
