@@ -105,9 +105,13 @@ def _mib(n: int) -> str:
 
 
 def on_platform(cfg, platform: str):
-  """cfg with moba.implementation / full_implementation as "auto" resolves them on `platform`."""
+  """cfg with moba.implementation / full_implementation as "auto" resolves them on `platform`;
+  unchanged when mesh.context splits the sequence (attention() then runs the context-parallel
+  path before it resolves anything, and a resolved kernel name would be refused there)."""
   from moba_jax import attention
 
+  if cfg.mesh.context > 1:
+    return cfg
   m = cfg.model
   dense = 4 * cfg.train.batch_size * m.n_heads * cfg.train.seq_len ** 2  # as attention() sizes it
   moba = dataclasses.replace(

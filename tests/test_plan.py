@@ -107,3 +107,16 @@ def test_plan_compiled_memory(tmp_path):
   r = run_plan(tmp_path, 32)
   assert r.returncode == 0, r.stderr
   assert re.search(r"activations and other temporaries [\d.]+ [MG]iB", r.stdout)
+
+
+def test_a_context_parallel_plan_keeps_auto_and_says_so():
+  """With mesh.context > 1 the dispatcher runs the context-parallel path before resolving, so the
+  plan must not pin a kernel name (one that cannot run context parallel would be refused)."""
+  from moba_jax import train
+  cfg = config.load_config(None, ["mesh.context=2", "train.seq_len=256", "model.n_layers=2",
+                                  "moba.hybrid_full_layers=1"])
+  assert plan.on_platform(cfg, "tpu") is cfg
+  assert train.attention_plan(cfg) == ("layer 0: moba -> xla, context parallel over 2; "
+                                       "layer 1: full -> xla, context parallel over 2")
+  one = config.load_config(None, ["model.n_layers=2", "moba.hybrid_full_layers=1"])
+  assert plan.on_platform(one, "tpu").moba.implementation == "pallas_tpu"
