@@ -193,6 +193,29 @@ def _final_params(run_dir):
   return step, [np.asarray(x) for x in jax.tree.leaves(params["params"])]
 
 
+def test_a_signal_while_jax_imports_is_one_line_not_a_traceback():
+  """`moba-jax` installs its signal handling before anything imports JAX (a slow import on a busy
+  machine): the package's top level loads nothing heavy, and a SIGINT that lands inside the
+  subcommand's import ends the process with exit 130 and one line."""
+  code = ("import sys; import moba_jax.cli; print(sorted(m for m in ('jax', 'numpy', 'flax') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.strip() == "[]"
+  code = ("import importlib, os, signal, sys\n"
+          "from moba_jax import cli\n"
+          "real = importlib.import_module\n"
+          "def interrupted(name, *a):\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n"
+          "  return real(name, *a)\n"
+          "cli.importlib.import_module = interrupted\n"
+          "sys.exit(cli.main(['train', 'train.steps=1']))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert proc.stderr == "moba-jax: stopped by SIGINT (exit 130)\n"
+
+
 def test_killed_at_random_points_the_run_still_ends_bit_for_bit(tmp_path):
   """kill -9, SIGTERM twice in a row, SIGINT, at seeded random times (start-up, steps, the saves
   of every step, the final save and eval): rerunning the same command until it is done gives the
