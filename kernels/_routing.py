@@ -9,6 +9,15 @@ outputs are merged afterwards by log-sum-exp. All metadata is linear in T.
 Names: BK = batch * kv_heads, TG = T * G (query rows of one kv head), R rows in all,
 Mq row tile, NT = R // Mq tiles, S slots per query (slot 0 = current block).
 Row metadata: rq (query row in [0, TG) or -1 for padding), [lo, hi) the key range the row may see.
+
+A query offset (`q_start`, context parallelism): the queries q [B, Tq, H, D] are positions
+[q_start, q_start + Tq) of the sequence of the keys k [B, T, K, D] and segment_ids [B, T]. Key
+positions, block starts, [lo, hi) and the tiles' key ranges stay absolute (positions in T); query
+rows are local (rq in [0, Tq * G)), so TG above is Tq * G. The gate is the oracle's over the whole
+sequence (block means of all T keys). q_start may be traced (lax.axis_index * Tq inside shard_map):
+it is data, not a shape, so one compiled kernel serves every shard; Tq need not be a multiple of
+the block size, and q_start need not be on a block boundary. Without an offset (q_start None) the
+routing is what it was (Tq = T).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ class Dims(NamedTuple):
   dense_rows: int  # DR = roundup(TG, Mq)
   sparse_rows: int  # PR
   max_groups: int  # full blocks that can be chosen as past blocks (T // block_size)
+  queries: int  # Tq, query positions (T without a query offset); `seq` counts the keys
 
   @property
   def rows(self):
@@ -60,6 +70,10 @@ class Routing(NamedTuple):
   group_r1: jax.Array  # [BK, Gm] int32 one past its last (padded) row
   tile_group: jax.Array  # [BK, NT] int32 group rank of a sparse tile (Gm: none / dense tile)
   block_end: jax.Array  # [BK, T] int32 one past the end of each key's block
+  # With a query offset only (None without): the block start of each key [BK, T] int32 (the dense
+  # rows' lo gives it when the queries are all T positions) and q_start, [] int32.
+  block_start: jax.Array | None = None
+  q_start: jax.Array | None = None
 
 
 class SparseSection(NamedTuple):
@@ -80,13 +94,15 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def make_dims(seq, groups, block_size, topk, block_q) -> Dims:
+def make_dims(seq, groups, block_size, topk, block_q, queries=None) -> Dims:
+  """Sizes for `seq` keys and `queries` query positions (default: seq, no query offset)."""
+  queries = seq if queries is None else queries
   n_sel = min(topk, math.ceil(seq / block_size))
-  dense = _round_up(seq * groups, block_q)
+  dense = _round_up(queries * groups, block_q)
   max_groups = seq // block_size if n_sel > 1 else 0
-  pairs = seq * groups * (n_sel - 1)
+  pairs = queries * groups * (n_sel - 1)
   sparse = _round_up(pairs, block_q) + max_groups * block_q if n_sel > 1 else 0
-  return Dims(seq, groups, n_sel, block_size, block_q, dense, sparse, max_groups)
+  return Dims(seq, groups, n_sel, block_size, block_q, dense, sparse, max_groups, queries)
 
 
 def _gate_scores(q_grouped, slot_kbar):
@@ -203,32 +219,37 @@ def _select_mixed(q_c, kbar, lay, *, block_size, topk):
   return tuple(_merge(x, chunk) for x in out)
 
 
-def select_chunked(q, k, layout, *, block_size, topk):
+def select_chunked(q, k, layout, *, block_size, topk, layout_q=None):
   """The oracle's block choice over query chunks: memory O(chunk * T / block_size), not T^2.
 
   Batches of single documents score every chunk against one set of gate keys
   (`moba.slot_means`); otherwise chunks inside one document (the common case) take the shared
   path with their document's gate keys and chunks that span documents the oracle's own
-  `select_blocks`.
+  `select_blocks`. layout: every key position's Layout ([B, T] each). layout_q: the queries'
+  entries ([B, Tq] each) when q [B, Tq, H, D] are not the T positions in order (a query offset);
+  their positions are then data, so every chunk scores all slots (no causal groups).
   """
-  batch, seq, heads, _ = q.shape
+  batch, n_q, heads, _ = q.shape
+  seq = k.shape[1]
   n_slots = math.ceil(seq / block_size)
-  chunk = _pow2_chunk(ROUTING_BYTES, 4 * batch * heads * n_slots, seq)
-  n = -(-seq // chunk)
+  chunk = _pow2_chunk(ROUTING_BYTES, 4 * batch * heads * n_slots, n_q)
+  n = -(-n_q // chunk)
   kw = dict(block_size=block_size, topk=topk)
-  chunks = (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in layout))
+  lay_q = layout if layout_q is None else layout_q
+  chunks = (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in lay_q))
+  shared = lambda kb: lambda xs: _select_shared(xs[0], kb, _moba.Layout(*xs[1]), **kw)
 
   def one_doc():  # causal: chunks of early queries score only the slots they can reach
     slot_kbar = _moba.slot_means(k, block_size)
+    if layout_q is not None:
+      return jax.lax.map(shared(slot_kbar), chunks)
     n_sel = min(topk, n_slots)
     bounds = sorted({round(i * n / min(n, CAUSAL_GROUPS)) for i in range(CAUSAL_GROUPS + 1)})
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):  # chunks [a, b) see slots < their last query's
       slots = max(n_sel, min(n_slots, (min(b * chunk, seq) - 1) // block_size + 1))
       part = jax.tree.map(lambda x, a=a, b=b: x[a:b], chunks)
-      kb = slot_kbar[:, :slots]
-      outs.append(jax.lax.map(
-          lambda xs, kb=kb: _select_shared(xs[0], kb, _moba.Layout(*xs[1]), **kw), part))
+      outs.append(jax.lax.map(shared(slot_kbar[:, :slots]), part))
     return tuple(jnp.concatenate(x, axis=0) for x in zip(*outs))
 
   def packed():
@@ -245,14 +266,15 @@ def select_chunked(q, k, layout, *, block_size, topk):
 
   with jax.default_matmul_precision("highest"):  # float32 scores (no TF32) on every backend
     out = jax.lax.cond(_moba.one_document(layout), one_doc, packed)
-  return tuple(_merge(x, seq) for x in out)
+  return tuple(_merge(x, n_q) for x in out)
 
 
 def _sparse_section(starts, valid, dims: Dims) -> SparseSection:
-  """Sparse rows of one kv head. starts/valid [T, G, S-1]."""
+  """Sparse rows of one kv head. starts/valid [Tq, G, S-1] (absolute key positions)."""
   seq, g, mq, blk = dims.seq, dims.groups, dims.block_q, dims.block_size
-  n_pairs = seq * g * (dims.n_sel - 1)
-  qrow = jnp.broadcast_to(jnp.arange(seq * g, dtype=jnp.int32).reshape(seq, g, 1), starts.shape)
+  n_q = dims.queries
+  n_pairs = n_q * g * (dims.n_sel - 1)
+  qrow = jnp.broadcast_to(jnp.arange(n_q * g, dtype=jnp.int32).reshape(n_q, g, 1), starts.shape)
   key = jnp.where(valid, starts, seq).reshape(n_pairs)
   order = jnp.argsort(key, stable=True)
   skey, sq = key[order], qrow.reshape(n_pairs)[order]
@@ -270,7 +292,7 @@ def _sparse_section(starts, valid, dims: Dims) -> SparseSection:
   tput = lambda fill, x: jnp.full((n_tiles,), fill, jnp.int32).at[dest // mq].set(x, mode="drop")
   tile_ks, tile_ke = tput(0, skey), tput(0, skey + blk)
   pos = jnp.zeros((n_pairs,), jnp.int32).at[order].set(
-      jnp.where(ok, dest + dims.dense_rows, -1)).reshape(seq * g, dims.n_sel - 1)
+      jnp.where(ok, dest + dims.dense_rows, -1)).reshape(n_q * g, dims.n_sel - 1)
   nonempty = counts > 0
   (group_p,) = jnp.nonzero(nonempty, size=dims.max_groups, fill_value=seq)
   gpc = jnp.minimum(group_p, seq - 1)
@@ -283,26 +305,29 @@ def _sparse_section(starts, valid, dims: Dims) -> SparseSection:
                        group_r1, tile_group)
 
 
-def _dense_section(block_start, dims: Dims):
-  """Dense (current block) rows of one kv head: rows t * G + g; block_start [T]."""
-  seq, g, mq = dims.seq, dims.groups, dims.block_q
+def _dense_section(block_start, dims: Dims, q_start=None):
+  """Dense (current block) rows of one kv head: rows t * G + g; block_start [Tq] (absolute) of
+  the queries t at positions q_start + t (q_start None: t)."""
+  n_q, g, mq = dims.queries, dims.groups, dims.block_q
   r = jnp.arange(dims.dense_rows, dtype=jnp.int32)
-  ok = r < seq * g
-  t = jnp.minimum(r // g, seq - 1)
+  ok = r < n_q * g
+  t = jnp.minimum(r // g, n_q - 1)
+  first = jnp.arange(0, dims.dense_rows, mq, dtype=jnp.int32)
+  last = jnp.minimum(first + mq, n_q * g) - 1
+  end = t + 1 if q_start is None else q_start + t + 1  # one past the query's own position
+  tile_ke = last // g + 1 if q_start is None else q_start + last // g + 1
   rq = jnp.where(ok, r, -1)
   lo = jnp.where(ok, block_start[t], 0)
-  hi = jnp.where(ok, t + 1, 0)
-  first = jnp.arange(0, dims.dense_rows, mq, dtype=jnp.int32)
-  last = jnp.minimum(first + mq, seq * g) - 1
+  hi = jnp.where(ok, end, 0)
   tile_ks = block_start[first // g]
-  tile_ke = last // g + 1
   return rq, lo, hi, tile_ks, tile_ke
 
 
-def _route_one(starts, valid, block_start, block_end, dims: Dims):
-  """Routing of one (batch, kv head). starts/valid [T, G, S]; block_start/end [T]."""
-  d_rq, d_lo, d_hi, d_ks, d_ke = _dense_section(block_start, dims)
-  dense_pos = jnp.arange(dims.seq * dims.groups, dtype=jnp.int32)[:, None]
+def _route_one(starts, valid, block_start, block_end, dims: Dims, q_start=None):
+  """Routing of one (batch, kv head). starts/valid [Tq, G, S]; block_start [Tq] (the queries');
+  block_end [T] (the keys')."""
+  d_rq, d_lo, d_hi, d_ks, d_ke = _dense_section(block_start, dims, q_start)
+  dense_pos = jnp.arange(dims.queries * dims.groups, dtype=jnp.int32)[:, None]
   n_dense_tiles = dims.dense_rows // dims.block_q
   if dims.n_sel == 1:
     gm = jnp.zeros((0,), jnp.int32)
@@ -316,23 +341,38 @@ def _route_one(starts, valid, block_start, block_end, dims: Dims):
                  s.group_p, s.group_r0, s.group_r1, tile_group, block_end)
 
 
-def route(q, k, segment_ids, *, block_size, topk, block_q) -> tuple[Routing, Dims]:
-  """Block choice (bit-identical to the oracle's) and the key-block-major row layout."""
-  batch, seq, heads, _ = q.shape
-  kv_heads = k.shape[2]
-  groups = heads // kv_heads
-  dims = make_dims(seq, groups, block_size, topk, block_q)
-  layout = _moba.doc_layout(segment_ids, block_size)
-  starts, valid = select_chunked(q, k, layout, block_size=block_size, topk=topk)  # [B, T, H, S]
+def query_layout(layout, q_start, n_q):
+  """The Layout entries [B, n_q] of positions [q_start, q_start + n_q) (q_start may be traced)."""
+  return _moba.Layout(*(jax.lax.dynamic_slice_in_dim(a, q_start, n_q, axis=1) for a in layout))
 
-  def per_bk(x):  # [B, T, H, S] -> [B * K, T, G, S]
-    x = x.reshape(batch, seq, kv_heads, groups, dims.n_sel)
-    return jnp.moveaxis(x, 2, 1).reshape(batch * kv_heads, seq, groups, dims.n_sel)
+
+def route(q, k, segment_ids, *, block_size, topk, block_q, q_start=None) -> tuple[Routing, Dims]:
+  """Block choice (bit-identical to the oracle's) and the key-block-major row layout.
+
+  q [B, Tq, H, D], k [B, T, K, D], segment_ids [B, T]; q_start (an int32 scalar, may be traced):
+  the position of q's first query in the sequence (module docstring). Without it Tq = T."""
+  batch, n_q, heads, _ = q.shape
+  seq, kv_heads = k.shape[1], k.shape[2]
+  groups = heads // kv_heads
+  dims = make_dims(seq, groups, block_size, topk, block_q, n_q)
+  layout = _moba.doc_layout(segment_ids, block_size)
+  if q_start is not None:
+    q_start = jnp.asarray(q_start, jnp.int32)
+  layout_q = None if q_start is None else query_layout(layout, q_start, n_q)
+  starts, valid = select_chunked(q, k, layout, block_size=block_size, topk=topk,
+                                 layout_q=layout_q)  # [B, Tq, H, S]
+
+  def per_bk(x):  # [B, Tq, H, S] -> [B * K, Tq, G, S]
+    x = x.reshape(batch, n_q, kv_heads, groups, dims.n_sel)
+    return jnp.moveaxis(x, 2, 1).reshape(batch * kv_heads, n_q, groups, dims.n_sel)
 
   rep = lambda x: jnp.repeat(x, kv_heads, axis=0)  # [B, T] -> [B * K, T]
-  fn = lambda s, v, bs, be: _route_one(s, v, bs, be, dims)
-  routing = jax.vmap(fn)(per_bk(starts), per_bk(valid), rep(layout.block_start),
+  fn = lambda s, v, bs, be: _route_one(s, v, bs, be, dims, q_start)
+  block_start_q = (layout if layout_q is None else layout_q).block_start
+  routing = jax.vmap(fn)(per_bk(starts), per_bk(valid), rep(block_start_q),
                          rep(layout.block_end))
+  if q_start is not None:
+    routing = routing._replace(block_start=rep(layout.block_start), q_start=q_start)
   return jax.tree.map(jax.lax.stop_gradient, routing), dims
 
 
@@ -381,10 +421,11 @@ def gather_rows_sum(x_rows, pos):
 PARTIAL_BYTES = 4 << 30  # largest float32 partial-row buffer ([BK, R, D]) one call may hold
 
 
-def kv_head_chunks(q_shape, kv_heads, block_size, topk) -> int:
-  """How many sequential kv-head chunks keep the [BK, R, D] float32 partial rows in budget."""
+def kv_head_chunks(q_shape, kv_heads, block_size, topk, keys=None) -> int:
+  """How many sequential kv-head chunks keep the [BK, R, D] float32 partial rows in budget
+  (keys: the key sequence length when it is not q's, a query offset)."""
   batch, seq, heads, dim = q_shape
-  n_sel = min(topk, math.ceil(seq / block_size))
+  n_sel = min(topk, math.ceil((seq if keys is None else keys) / block_size))
   total = 4 * batch * seq * heads * dim * n_sel
   for n in range(1, kv_heads + 1):
     if kv_heads % n == 0 and total // n <= PARTIAL_BYTES:
@@ -397,10 +438,9 @@ def over_kv_head_chunks(core, q, k, v, n):
   (lax.map), so temporaries exist for one chunk at a time. Routing is per head: unchanged."""
   if n == 1:
     return core(q, k, v)
-  batch, seq, heads, dim = q.shape
-  split = lambda x: jnp.moveaxis(x.reshape(batch, seq, n, x.shape[2] // n, dim), 2, 0)
+  split = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], n, x.shape[2] // n, x.shape[3]), 2, 0)
   out = jax.lax.map(lambda xs: core(*xs), (split(q), split(k), split(v)))  # [n, B, T, H/n, D]
-  return jnp.moveaxis(out, 0, 2).reshape(batch, seq, heads, dim)
+  return jnp.moveaxis(out, 0, 2).reshape(q.shape)
 
 
 def custom_vjp_attention(forward, backward):
@@ -453,15 +493,44 @@ def over_mesh_shards(fn, q, k, v, segment_ids):
                        check_vma=False)(q, k, v, segment_ids)
 
 
-def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, interpret, sizes):
-  """Routes and runs a kernel family's `custom_vjp_attention` function over kv-head chunks."""
+def check_query_offset(q, k, v, segment_ids, q_start) -> None:
+  """Raises ValueError (one line, naming the values) for a kernel call with a query offset that
+  does not fit: segment_ids must cover the keys, q's positions [q_start, q_start + Tq) must lie in
+  the T keys (checked for a concrete q_start; a traced one, as inside shard_map, is the caller's
+  to keep in range), and k, v must be in q's dtype or float32. Without an offset nothing is
+  checked here (the dispatcher validates equal shapes and dtypes)."""
+  if q_start is None:
+    return
+  n_q, seq = q.shape[1], k.shape[1]
+  if tuple(segment_ids.shape) != (k.shape[0], seq):
+    raise ValueError(f"segment_ids.shape={tuple(segment_ids.shape)} must be (batch, keys) = "
+                     f"{(k.shape[0], seq)} with a query offset (the whole sequence's ids)")
+  if n_q > seq:
+    raise ValueError(f"q has {n_q} positions, more than the {seq} keys; with q_start, q is a "
+                     "slice [q_start, q_start + Tq) of the key sequence")
+  if not isinstance(q_start, jax.core.Tracer):
+    start = int(q_start)
+    if not 0 <= start <= seq - n_q:
+      raise ValueError(f"q_start={start} must be in [0, {seq - n_q}] (keys T={seq} - queries "
+                       f"Tq={n_q})")
+  accepted = " or ".join(dict.fromkeys((jnp.dtype(q.dtype).name, "float32")))
+  for name, x in (("k", k), ("v", v)):
+    if x.dtype not in (q.dtype, jnp.dtype(jnp.float32)):
+      raise ValueError(f"{name}.dtype={x.dtype} must be {accepted} (q's dtype, or float32 as the "
+                       "context-parallel path gathers K/V)")
+
+
+def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, interpret, sizes,
+               q_start=None):
+  """Routes and runs a kernel family's `custom_vjp_attention` function over kv-head chunks.
+  q_start: q's first position in the sequence of k, v and segment_ids (module docstring)."""
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
   segment_ids = segment_ids.astype(jnp.int32)
 
   def core(q, k, v):
     routing, dims = route(q, k, segment_ids, block_size=block_size, topk=topk,
-                          block_q=sizes.block_q)
+                          block_q=sizes.block_q, q_start=q_start)
     return moba(q, k, v, routing, dims, sizes, scale, interpret)
 
-  n = kv_head_chunks(q.shape, k.shape[2], block_size, topk)
+  n = kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1])
   return over_kv_head_chunks(core, q, k, v, n)

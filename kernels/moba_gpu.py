@@ -281,7 +281,7 @@ def _query_major(rows, pos, batch, dims):
   each query's partial rows in them, in the caller's order [B, T * H, S] (-1: none)."""
   batch_kv, _, n_sel = pos.shape
   kv_heads = batch_kv // batch
-  p = pos.reshape(batch, kv_heads, dims.seq, dims.groups, n_sel)
+  p = pos.reshape(batch, kv_heads, dims.queries, dims.groups, n_sel)
   first_row = jnp.arange(kv_heads, dtype=jnp.int32) * dims.rows  # of each kv head's rows
   p = jnp.where(p >= 0, p + first_row[:, None, None, None], -1)
   p = jnp.moveaxis(p, 1, 2).reshape(batch, -1, n_sel)
@@ -290,10 +290,12 @@ def _query_major(rows, pos, batch, dims):
 
 def forward(q, k, v, routing, dims, sizes, scale, interpret):
   """The custom VJP's forward with routing given: (out [B, T, H, D], residuals (o, lse)).
-  Public with `backward` so that `moba-jax bench --breakdown` can time the stages apart."""
+  Public with `backward` so that `moba-jax bench --breakdown` can time the stages apart.
+  k, v wider than q (float32 for half-precision q, the context-parallel path's) are rounded to
+  q's dtype for the products; their gradients come back in their own dtype."""
   batch, seq, heads, dim = q.shape
   dp = padded_head_dim(dim)
-  qf, kf, vf = (flat_rows(x, dp) for x in (q, k, v))
+  qf, kf, vf = (flat_rows(x.astype(q.dtype), dp) for x in (q, k, v))
   o_rows, lse_rows = forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret)
   o_rows, pos = _query_major(o_rows, routing.pos, batch, dims)
   lse_rows = lse_rows.reshape(batch, -1)
@@ -311,17 +313,25 @@ def _dkdv_items(routing, dims, sizes, seq):
   owner and dK/dV come out in key order. Group items: the key tiles of groups that are not
   aligned (documents starting off the tile grid, or block_size % Bk != 0), all rows masked;
   their outputs are added by scatter. Returns (tile items, group items or None, any group item).
+  With a query offset the dense rows are the local queries' (positions q_start + t): a key
+  tile's row range is clipped to them (empty for tiles outside [block start of q_start,
+  q_start + Tq)); key tiles still cover all seq keys (past-block groups lie anywhere before).
   """
   bkd, g, blk = sizes.block_k_dkv, dims.groups, dims.block_size
   first = jnp.arange(0, seq, bkd, dtype=jnp.int32)
   last = jnp.minimum(first + bkd, seq) - 1
-  block_start = routing.lo[:, :seq * g:g]  # dense row t*G has lo = the block start of t
+  if routing.q_start is None:
+    block_start = routing.lo[:, :seq * g:g]  # dense row t*G has lo = the block start of t
+    rows = lambda t: t * g  # first dense row of query position t
+  else:
+    block_start = routing.block_start
+    rows = lambda t: jnp.clip(t - routing.q_start, 0, dims.queries) * g
   bs_first, bs_last = block_start[:, first], block_start[:, last]
   clean = (bs_first == bs_last) & (first + bkd <= seq)
   t_ks = jnp.broadcast_to(first, bs_first.shape)
-  t_r0 = t_ks * g
-  t_r1 = routing.block_end[:, last] * g
-  t_ru = jnp.where(clean, (first + bkd - 1) * g, t_r1)
+  t_r0 = rows(t_ks)
+  t_r1 = rows(routing.block_end[:, last])
+  t_ru = jnp.where(clean, rows(first + bkd - 1), t_r1)
   zero = jnp.zeros_like(t_ks)
   if dims.max_groups == 0:
     return (t_ks, t_r0, t_ru, t_r1, zero, zero), None, False
@@ -345,11 +355,12 @@ def _dkdv_items(routing, dims, sizes, seq):
 
 
 def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
-  """The custom VJP's backward: (dq, dk, dv) for the cotangent do, routing given."""
-  batch, seq, _, dim = q.shape
-  kv_heads = k.shape[2]
+  """The custom VJP's backward: (dq, dk, dv) for the cotangent do, routing given. dk, dv are
+  [B, T, K, D] in k's dtype (T keys; rounded once from float32)."""
+  batch, seq, kv_heads, dim = k.shape
   dp = padded_head_dim(dim)
-  qf, kf, vf, dof = flat_rows(q, dp), flat_rows(k, dp), flat_rows(v, dp), flat_rows(do, dp)
+  qf, dof = flat_rows(q, dp), flat_rows(do, dp)
+  kf, vf = flat_rows(k.astype(q.dtype), dp), flat_rows(v.astype(q.dtype), dp)
   delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
@@ -401,13 +412,28 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 _moba_vjp = rt.custom_vjp_attention(forward, backward)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))
 def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
-                       options: KernelOptions | None = None):
+                       options: KernelOptions | None = None, q_start=None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int.
-  options: interpret mode and tiles (BlockSizes fields in order; default get_default)."""
+  options: interpret mode and tiles (BlockSizes fields in order; default get_default).
+
+  q_start (an int or int32 scalar, traced inside shard_map): q [B, Tq, H, D] are the queries at
+  positions [q_start, q_start + Tq) of the sequence of k, v [B, T, K, D] and segment_ids [B, T]
+  (a context-parallel shard's queries over the gathered keys); returns [B, Tq, H, D], with dq for
+  the Tq queries and dk, dv over all T keys. k, v may then be float32 with half-precision q
+  (rounded to q's dtype for the products; dk, dv float32). Tq and q_start need no alignment to
+  the block size (`_routing.check_query_offset` has the constraints)."""
+  rt.check_query_offset(q, k, v, segment_ids, q_start)
+  return _moba_attention_gpu(q, k, v, segment_ids, q_start, block_size=block_size, topk=topk,
+                             softmax_scale=softmax_scale, options=options)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))
+def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, softmax_scale,
+                        options):
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype))
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
-                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)
+                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
+                          q_start=q_start)
   return rt.over_mesh_shards(run, q, k, v, segment_ids)  # a custom call: XLA cannot split it

@@ -202,8 +202,8 @@ def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale):
   return dk, dv
 
 
-def _dkdv_dense_kernel(rt0_ref, nrt_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
-                       hi_ref, dk_ref, dv_ref, *, bk, nkt, scale):
+def _dkdv_dense_kernel(kt_ref, rt0_ref, nrt_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref,
+                       lo_ref, hi_ref, dk_ref, dv_ref, *, bk, nkt, scale):
   b, c, m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
   @pl.when(m == 0)
@@ -213,7 +213,7 @@ def _dkdv_dense_kernel(rt0_ref, nrt_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, d
 
   @pl.when(m < nrt_ref[b * nkt + c])
   def _():
-    kpos = c * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    kpos = kt_ref[b * nkt + c] * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     dk, dv = _dkdv_step(kpos, k_ref[...], v_ref[...], q_ref[...], do_ref[...], lse_ref[...],
                         dl_ref[...], lo_ref[...], hi_ref[...], dk_ref[...], dv_ref[...], scale)
     dk_ref[...], dv_ref[...] = dk, dv
@@ -254,13 +254,14 @@ def _kernel_name(kernel) -> str:
 
 
 def _prep(q, k, v, sizes):
-  """Row layouts: q [BK, TG, Dp], k/v [BK, T + pad, Dp]; Dp a multiple of 128 lanes."""
+  """Row layouts: q [BK, TqG, Dp], k/v [BK, T + pad, Dp] in q's dtype (k, v wider than q, the
+  context-parallel path's float32, are rounded to it); Dp a multiple of 128 lanes."""
   kv_heads, dim = k.shape[2], q.shape[-1]
   dp = rt._round_up(dim, 128)
   pad_k = max(sizes.block_k, sizes.block_k_dkv)
   padd = lambda x, t=0: jnp.pad(x, ((0, 0), (0, t), (0, dp - dim)))
-  return (padd(rt.heads_major(q, kv_heads)), padd(rt.heads_major(k, kv_heads), pad_k),
-          padd(rt.heads_major(v, kv_heads), pad_k))
+  kv = lambda x: padd(rt.heads_major(x.astype(q.dtype), kv_heads), pad_k)
+  return padd(rt.heads_major(q, kv_heads)), kv(k), kv(v)
 
 
 def _rows(x, routing):
@@ -292,31 +293,54 @@ def _forward(q, k, v, routing, dims, sizes, scale, interpret):
   return rt.heads_minor(o[..., :q.shape[-1]], batch, seq), (o, lse)
 
 
+def _dense_key_tiles(routing, dims, bkd, seq):
+  """Key tiles of the dense dK/dV pass [BK, n] and their first row tile and row-tile count:
+  key tile kt sees the row tiles of the (local) queries [kt * Bk, block end). Without a query
+  offset every key tile; with one, the n tiles from the one holding the first local query's
+  block start (the only keys the local queries' own blocks reach: n covers Tq + block_size)."""
+  bq, g = dims.block_q, dims.groups
+  batch_kv, nkt = routing.rq.shape[0], -(-seq // bkd)
+  if routing.q_start is None:
+    kt = jnp.broadcast_to(jnp.arange(nkt, dtype=jnp.int32), (batch_kv, nkt))
+    rows = lambda t: t * g  # first dense row of query position t
+  else:
+    n = min(nkt, -(-(dims.queries + dims.block_size) // bkd) + 1)
+    c0 = jnp.minimum(routing.lo[:, :1] // bkd, nkt - n)  # dense row 0: the first local query
+    kt = c0 + jnp.arange(n, dtype=jnp.int32)
+    rows = lambda t: jnp.clip(t - routing.q_start, 0, dims.queries) * g
+  first = kt * bkd
+  rt0 = rows(first) // bq
+  r1 = rows(jnp.take_along_axis(routing.block_end, jnp.minimum(first + bkd, seq) - 1, axis=1))
+  nrt = jnp.maximum(-(-r1 // bq) - rt0, 0)
+  # a key tile without local rows (nrt 0) still names a row tile: the last dense one
+  return kt, jnp.minimum(rt0, dims.dense_rows // bq - 1), nrt
+
+
 def _dkdv_dense(args, routing, dims, sizes, scale, interpret, seq):
   """dK/dV of the current blocks: key tile c sees the row tiles of queries [c * Bk, block end)."""
   bq, bkd, g = sizes.block_q, sizes.block_k_dkv, dims.groups
   kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi = args
   batch_kv, dp = kr.shape[0], kr.shape[-1]
-  nkt = -(-seq // bkd)
-  first = jnp.arange(nkt, dtype=jnp.int32) * bkd
-  rt0 = jnp.broadcast_to(first * g // bq, (batch_kv, nkt))
-  r1 = routing.block_end[:, jnp.minimum(first + bkd, seq) - 1] * g
-  nrt = -(-r1 // bq) - rt0
+  kt, rt0, nrt = _dense_key_tiles(routing, dims, bkd, seq)
+  nkt = kt.shape[1]
   nrd = -(-(dims.block_size + bkd) * g // bq) + 1
 
-  def row_index(b, c, m, rt0_ref, nrt_ref):
+  def row_index(b, c, m, kt_ref, rt0_ref, nrt_ref):
     t = b * nkt + c
     return b, rt0_ref[t] + jnp.minimum(m, jnp.maximum(nrt_ref[t] - 1, 0)), 0
 
   row = lambda w: pl.BlockSpec((pl.squeezed, bq, w), row_index)
-  key = pl.BlockSpec((pl.squeezed, bkd, dp), lambda b, c, m, *_: (b, c, 0))
+  key = pl.BlockSpec((pl.squeezed, bkd, dp), lambda b, c, m, kt_ref, *_: (b, kt_ref[b * nkt + c],
+                                                                           0))
+  out = pl.BlockSpec((pl.squeezed, bkd, dp), lambda b, c, m, *_: (b, c, 0))
   kernel = functools.partial(_dkdv_dense_kernel, bk=bkd, nkt=nkt, scale=scale)
   shape = jax.ShapeDtypeStruct((batch_kv, nkt * bkd, dp), jnp.float32)
-  call = _call(kernel, (batch_kv, nkt, nrd), 2,
-               [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [key, key],
+  call = _call(kernel, (batch_kv, nkt, nrd), 3,
+               [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [out, out],
                [shape, shape], [], interpret, ("parallel", "parallel", "arbitrary"))
-  dk, dv = call(rt0.reshape(-1), nrt.reshape(-1), *args)
-  return dk, dv, jnp.broadcast_to(jnp.arange(nkt * bkd, dtype=jnp.int32), (batch_kv, nkt * bkd))
+  dk, dv = call(kt.reshape(-1), rt0.reshape(-1), nrt.reshape(-1), *args)
+  pos = (kt[:, :, None] * bkd + jnp.arange(bkd, dtype=jnp.int32)).reshape(batch_kv, nkt * bkd)
+  return dk, dv, pos
 
 
 def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
@@ -344,7 +368,7 @@ def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
 
 
 def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
-  batch, seq, _, dim = q.shape
+  batch, seq, _, dim = k.shape  # T keys (Tq = q.shape[1] queries with a query offset)
   qr, kr, vr = _prep(q, k, v, sizes)
   batch_kv, dp = qr.shape[0], qr.shape[-1]
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
@@ -372,7 +396,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   scatter = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
   dk = sum(scatter(p[0], p[2]) for p in parts)
   dv = sum(scatter(p[1], p[2]) for p in parts)
-  back = lambda x, like: rt.heads_minor(x[..., :dim], batch, seq).astype(like.dtype)
+  back = lambda x, like: rt.heads_minor(x[..., :dim], batch, like.shape[1]).astype(like.dtype)
   return back(dq, q), back(dk, k), back(dv, v)
 
 
@@ -415,14 +439,24 @@ def check_tiles(jaxpr) -> list[str]:
   return names
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))
 def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
-                       options: KernelOptions | None = None):
+                       options: KernelOptions | None = None, q_start=None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int.
-  options: interpret mode and tiles (BlockSizes fields in order; default get_default)."""
+  options: interpret mode and tiles (BlockSizes fields in order; default get_default).
+  q_start: q [B, Tq, H, D] are positions [q_start, q_start + Tq) of the sequence of k, v and
+  segment_ids (context parallelism), as in moba_gpu.moba_attention_gpu."""
+  rt.check_query_offset(q, k, v, segment_ids, q_start)
+  return _moba_attention_tpu(q, k, v, segment_ids, q_start, block_size=block_size, topk=topk,
+                             softmax_scale=softmax_scale, options=options)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "topk", "softmax_scale", "options"))
+def _moba_attention_tpu(q, k, v, segment_ids, q_start, *, block_size, topk, softmax_scale,
+                        options):
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes, BlockSizes.get_default())
   sizes.validate(q.dtype, q.shape[2] // k.shape[2])
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
-                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes)
+                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
+                          q_start=q_start)
   return rt.over_mesh_shards(run, q, k, v, segment_ids)

@@ -12,9 +12,11 @@ Context parallelism is a mode of this one dispatcher, not a registry entry: when
 (`jax.set_mesh`, as the train step sets it through `sharding.activate`) splits the sequence, i.e.
 the `length` rule maps to mesh axes of size > 1 (`sharding.sequence_axes`; mesh.context in the
 config), `attention` runs `moba_jax.context_parallel` over those axes, with batch and heads split
-as the rules split them. The implementations that can run that way are CONTEXT_PARALLEL's; another
-one named explicitly is an error (`check_context_parallel`), raised while tracing, before anything
-compiles. Without a mesh, or with mesh.context = 1, nothing changes.
+as the rules split them. The implementations that can run that way are CONTEXT_PARALLEL's (MoBA:
+the Pallas kernels with a query offset, or the xla loop; full: xla); "auto" resolves among them
+(`resolve_context_parallel`), and another one named explicitly is an error
+(`check_context_parallel`), raised while tracing, before anything compiles. Without a mesh, or
+with mesh.context = 1, nothing changes.
 """
 
 from __future__ import annotations
@@ -83,18 +85,45 @@ _AUTO = {
 }
 
 
-# Implementation names that run context parallel (the xla path's loop for MoBA, dense xla for full);
-# "auto" resolves to them when the sequence is split.
-CONTEXT_PARALLEL = {"moba": ("auto", "xla"), "full": ("auto", "xla")}
+# Implementation names that run context parallel: for MoBA the Pallas kernels (each shard's queries
+# at their offset over the gathered keys) and the xla path's loop, for full dense xla per query
+# chunk; "auto" resolves among them when the sequence is split (`resolve_context_parallel`).
+CONTEXT_PARALLEL = {"moba": ("auto", "xla", "pallas_gpu", "pallas_tpu"), "full": ("auto", "xla")}
+# Why the others cannot (yet): named in the error.
+_NOT_CONTEXT_PARALLEL = {
+    "reference": "the dense [T, T] oracle", "cudnn": "no ring or all-gather form yet",
+    "splash": "no ring or all-gather form yet"}
 
 
 def check_context_parallel(kind: str, implementation: str) -> None:
   """Raises ValueError naming `implementation` if it cannot run with the sequence split."""
   if implementation not in CONTEXT_PARALLEL[_check_kind(kind)]:
     key = "implementation" if kind == "moba" else "full_implementation"
+    why = _NOT_CONTEXT_PARALLEL.get(implementation)
     raise ValueError(f"{kind} implementation={implementation!r} (moba.{key}) cannot run context "
-                     f"parallel (the sequence split over mesh.context > 1); use one of "
-                     f"{CONTEXT_PARALLEL[kind]}")
+                     f"parallel (the sequence split over mesh.context > 1"
+                     f"{'; ' + why if why else ''}); use one of {CONTEXT_PARALLEL[kind]}")
+
+
+def resolve_context_parallel(kind: str, implementation: str = "auto",
+                             platform: str | None = None) -> str:
+  """The implementation that runs `implementation` with the sequence split: a named one that can
+  (else the error of `check_context_parallel`); "auto": the platform's MoBA kernel where it
+  imports (pallas_gpu on GPU, pallas_tpu on TPU), else xla; for full attention xla."""
+  check_context_parallel(kind, implementation)
+  if implementation != "auto":
+    return implementation
+  platform = platform or jax.default_backend()
+  names = [n for n in _AUTO.get((kind, platform), ()) if n in CONTEXT_PARALLEL[kind]]
+  return next((n for n in names if n == "xla" or _importable(kind, n)), "xla")
+
+
+def implementation_fn(kind: str, name: str) -> Callable:
+  """The function registered as `name` for `kind` (a kernel module is imported on first use)."""
+  if name not in _registry(_check_kind(kind)):
+    raise ValueError(f"implementation={name!r} is not valid for kind={kind!r}; expected one of "
+                     f"{tuple(_registry(kind))}")
+  return _load(_registry(kind)[name])
 
 
 def implementations(kind: str) -> tuple[str, ...]:
@@ -253,24 +282,26 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
     return jnp.zeros(q.shape, q.dtype)
   from moba_jax import sharding  # the active mesh and rules; imports nothing of this module
 
+  options = options or KernelOptions(interpret=interpret)
   seq_axes = sharding.sequence_axes(seq)
   if seq_axes:
-    check_context_parallel(kind, implementation)
     return _context_parallel(q, k, v, segment_ids, kind=kind, seq_axes=seq_axes,
-                             block_size=block_size, topk=topk, softmax_scale=softmax_scale)
+                             implementation=resolve_context_parallel(kind, implementation),
+                             options=options, block_size=block_size, topk=topk,
+                             softmax_scale=softmax_scale)
   name = resolve(kind, implementation, dtype=q.dtype, dense_bytes=4 * batch * heads * seq * seq)
   fn = _load(_registry(kind)[name])
   if segment_ids is None and (kind == "moba" or name == "reference"):
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-  options = options or KernelOptions(interpret=interpret)
   if kind == "full":
     return fn(q, k, v, segment_ids, softmax_scale=softmax_scale, options=options)
   return fn(q, k, v, segment_ids, block_size=block_size, topk=topk, softmax_scale=softmax_scale,
             options=options)
 
 
-def _context_parallel(q, k, v, segment_ids, *, kind, seq_axes, **kw):
-  """`attention` with the sequence split over `seq_axes` of the active mesh."""
+def _context_parallel(q, k, v, segment_ids, *, kind, seq_axes, implementation, options, **kw):
+  """`attention` with the sequence split over `seq_axes` of the active mesh; implementation
+  resolved (`resolve_context_parallel`)."""
   from flax.core import spmd
 
   from moba_jax import context_parallel as cp
@@ -281,6 +312,8 @@ def _context_parallel(q, k, v, segment_ids, *, kind, seq_axes, **kw):
   batch_axes, head_axes = cp.rule_axes(q.shape, k.shape, mesh, rules, seq_axes)
   if kind == "full":
     kw = {"softmax_scale": kw["softmax_scale"]}
+  else:
+    kw.update(implementation=implementation, options=options)
   return cp.context_parallel_attention(q, k, v, segment_ids, kind=kind, mesh=mesh,
                                        seq_axes=seq_axes, batch_axes=batch_axes,
                                        head_axes=head_axes, **kw)

@@ -7,12 +7,19 @@ axes at the same time (data / fsdp, tensor): the shard_map takes them as they ar
 
 Each shard all-gathers the keys, values and segment ids of the whole sequence and attends its own
 queries over them:
-  - MoBA: the layout, the block means and the gate are computed locally from the gathered keys, and
-    the queries go through the xla path's chunked loop (`moba.attend_queries`);
+  - MoBA, implementation "pallas_gpu" / "pallas_tpu": the Pallas kernel with a query offset
+    (`q_start` = shard index * T/n, traced): the kernel's routing computes the layout, the block
+    means and the gate over the whole gathered sequence and routes only the shard's queries; its
+    backward gives dq for them and dK/dV over all T keys;
+  - MoBA, implementation "xla": the layout, the block means and the gate are computed locally from
+    the gathered keys, and the queries go through the xla path's chunked loop
+    (`moba.attend_queries`);
   - full: causal attention within documents over the gathered keys, dense per chunk of queries
     (xla; no ring attention yet).
-Both are exactly their single-device semantics (docs/semantics.md), packed documents across shard
-boundaries included. dK and dV come back as a float32 reduce-scatter (`_gather_f32`).
+All are exactly their single-device semantics (docs/semantics.md), packed documents across shard
+boundaries included. dK and dV come back as a float32 reduce-scatter (`_gather_f32`): the kernels
+take the gathered K/V as float32 (rounded back to the compute dtype inside, exactly) so that their
+dK/dV come out float32 and are rounded once, after the sum over shards.
 
 Memory: the shard function is rematerialized (`jax.checkpoint`), so what a layer keeps for its
 backward is the local q, k, v shards only (1/n of the sequence); the gathered keys and values
@@ -81,6 +88,17 @@ def _moba_shard(q_l, k_l, v_l, seg_l, *, seq_axes, block_size, topk, softmax_sca
                                  chunk_budget_bytes=budget)
 
 
+def _moba_kernel_shard(q_l, k_l, v_l, seg_l, *, seq_axes, kernel, block_size, topk,
+                       softmax_scale, options):
+  """One shard's MoBA through a Pallas kernel: q_l [B, T/n, H, D] at their offset in the gathered
+  sequence -> [B, T/n, H, D]."""
+  k_all, v_all = _gather_f32(k_l, seq_axes), _gather_f32(v_l, seq_axes)  # [B, T, K, D] f32
+  seg_all = _gather(seg_l, seq_axes)
+  return kernel(q_l, k_all, v_all, seg_all, block_size=block_size, topk=topk,
+                softmax_scale=softmax_scale, options=options,
+                q_start=_local_start(q_l.shape[1], seq_axes))
+
+
 def _full_chunk(batch, heads, seq, n_q, budget):
   """Queries per chunk of the full path: float32 logits [B, H, C, T] within `budget` bytes, a power
   of two dividing n_q."""
@@ -123,18 +141,32 @@ def _full_shard(q_l, k_l, v_l, seg_l, *, seq_axes, softmax_scale, budget):
 def context_parallel_attention(q, k, v, segment_ids, *, kind: str, mesh, seq_axes,
                                batch_axes=(), head_axes=(), block_size=None, topk=None,
                                softmax_scale=None,
-                               chunk_budget_bytes=moba_lib.DEFAULT_CHUNK_BUDGET_BYTES):
+                               chunk_budget_bytes=moba_lib.DEFAULT_CHUNK_BUDGET_BYTES,
+                               implementation: str = "xla", options=None):
   """Causal attention ("moba" or "full") [B, T, H, D] of q [B, T, H, D], k, v [B, T, K, D]
   (segment_ids [B, T] or None) with T split over the mesh axes `seq_axes`, B over `batch_axes`
   and both head axes over `head_axes` (they must divide B, H and K). `mesh` may be abstract
   (inside jit under `jax.set_mesh`). chunk_budget_bytes: the device's, as one device's xla path
   has it: each shard's query chunks get 1/n of it (n shards of T/n queries run as many chunks
-  as one device over T, each 1/n the size)."""
+  as one device over T, each 1/n the size). implementation: MoBA's, one of
+  attention.CONTEXT_PARALLEL["moba"] less "auto" (resolved by the caller:
+  `attention.resolve_context_parallel`); options: the kernels' KernelOptions (interpret, tiles).
+  Full attention is xla whatever is named."""
+  from moba_jax import attention  # imports this module lazily: no cycle
+
   n = shd.check_divisible(q.shape[1], tuple(seq_axes), dict(mesh.shape))
   if segment_ids is None:
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
   budget = max(1, chunk_budget_bytes // n)
-  if kind == "moba":
+  kernel = kind == "moba" and implementation != "xla"
+  options = options or attention.KernelOptions()
+  if kernel:
+    attention.check_context_parallel(kind, implementation)
+    body = functools.partial(_moba_kernel_shard, seq_axes=seq_axes,
+                             kernel=attention.implementation_fn(kind, implementation),
+                             block_size=block_size, topk=topk, softmax_scale=softmax_scale,
+                             options=options)
+  elif kind == "moba":
     body = functools.partial(_moba_shard, seq_axes=seq_axes, block_size=block_size, topk=topk,
                              softmax_scale=softmax_scale, budget=budget)
   else:
@@ -144,8 +176,14 @@ def context_parallel_attention(q, k, v, segment_ids, *, kind: str, mesh, seq_axe
   qkv_spec = P(axes(batch_axes), axes(seq_axes), axes(head_axes), None)
   seg_spec = P(axes(batch_axes), axes(seq_axes))
   # Rematerialized: a layer keeps only its local shards for the backward (module docstring).
-  return jax.shard_map(jax.checkpoint(body), mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
-                       out_specs=qkv_spec)(q, k, v, segment_ids)
+  # Except the TPU kernel interpreted (CPU tests): its interpreter (pltpu.InterpretParams) runs
+  # callbacks that jax.checkpoint cannot rematerialize; the values are the same, only the memory
+  # differs. A Pallas call has no replication rule: the kernels' shard functions run unchecked
+  # (their collectives are the explicit gathers and reduce-scatters above).
+  remat = not (implementation == "pallas_tpu" and options.interpret) if kernel else True
+  return jax.shard_map(jax.checkpoint(body) if remat else body, mesh=mesh,
+                       in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
+                       check_vma=not kernel)(q, k, v, segment_ids)
 
 
 def rule_axes(q_shape, k_shape, mesh, rules, seq_axes=()) -> tuple[tuple[str, ...], ...]:
@@ -162,9 +200,10 @@ def rule_axes(q_shape, k_shape, mesh, rules, seq_axes=()) -> tuple[tuple[str, ..
 
 
 def moba_context_parallel(q, k, v, segment_ids, *, mesh, axis: str, block_size: int, topk: int,
-                          softmax_scale=None):
+                          softmax_scale=None, implementation: str = "xla", options=None):
   """MoBA attention [B, T, H, D] of q [B, T, H, D], k, v [B, T, K, D] (segment_ids [B, T] or
   None) with T sharded over the axis `axis` of a concrete `mesh`; T must be divisible by its size.
+  implementation: "xla", "pallas_gpu" or "pallas_tpu" (options: their KernelOptions).
   (Models reach the same code through the dispatcher, moba_jax.attention.)"""
   shd.check_divisible(q.shape[1], (axis,), dict(mesh.shape))  # before resharding
   if segment_ids is None:
@@ -173,4 +212,5 @@ def moba_context_parallel(q, k, v, segment_ids, *, mesh, axis: str, block_size: 
   q, k, v, segment_ids = (jax.reshard(x, seq_spec) for x in (q, k, v, segment_ids))
   return context_parallel_attention(q, k, v, segment_ids, kind="moba", mesh=mesh,
                                     seq_axes=(axis,), block_size=block_size, topk=topk,
-                                    softmax_scale=softmax_scale)
+                                    softmax_scale=softmax_scale, implementation=implementation,
+                                    options=options)
