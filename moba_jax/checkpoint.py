@@ -127,6 +127,33 @@ def _warn_partial(directory: str, latest: int | None) -> None:
             f"ignoring it and using step {latest}")
 
 
+def save_params(run_dir: str, params: dict, meta: dict) -> None:
+  """A parameters-only snapshot: <run_dir>/checkpoints/0 holding `params` and `meta` (with their
+  checksums), as train.init_from, generate, eval and inspect read it (moba-jax convert's output).
+  Not a run to resume: `params_only` recognises it."""
+  meta = {**meta, "checksums": {"params": checksums(params)}}
+  directory = os.path.join(os.path.abspath(run_dir), rundir.CHECKPOINTS)
+  mngr = manager(directory, keep=1, async_save=False, with_data=False)
+  mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                       meta=ocp.args.JsonSave(meta)))
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def params_only(run_dir: str) -> list[int]:
+  """The steps of <run_dir>/checkpoints when every one of them holds parameters only (a
+  `save_params` snapshot, not a training state); [] otherwise. Reads directory names only."""
+  directory = os.path.join(run_dir, rundir.CHECKPOINTS)
+  if not os.path.isdir(directory):
+    return []
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  if steps and all(os.path.isdir(os.path.join(directory, str(s), "params"))
+                   and not os.path.exists(os.path.join(directory, str(s), "opt_state"))
+                   for s in steps):
+    return steps
+  return []
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
                    data_iter) -> tuple[int, dict, dict, dict] | None:
   """(step, params, opt_state, meta) from the newest step that restores; None if there is none.

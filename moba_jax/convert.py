@@ -26,6 +26,7 @@ rotate_half), so no head permutation is needed. Parameters go float32 by default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -73,11 +74,12 @@ class ConvertError(ValueError):
 # ----------------------------------------------------------------------------- configs
 
 
-def read_hf_config(hf_dir: Path) -> dict:
+def read_hf_config(hf_dir: Path, name: str = "HF_DIR") -> dict:
+  """config.json of a local HF model directory; `name`: the argument it came from (errors)."""
   path = hf_dir / "config.json"
   if not path.is_file():
     what = "no such directory" if not hf_dir.is_dir() else "it has no config.json"
-    raise ConvertError(f"HF_DIR {str(hf_dir)!r}: {what} (a local Hugging Face model directory)")
+    raise ConvertError(f"{name} {str(hf_dir)!r}: {what} (a local Hugging Face model directory)")
   try:
     return json.loads(path.read_text())
   except ValueError as e:
@@ -181,6 +183,12 @@ def hf_config(m: ModelConfig, template: dict | None, dtype: str, context: int) -
            hidden_act="silu", rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
            rope_parameters=_rope_parameters(m), dtype=dtype)
   d.setdefault("max_position_embeddings", context)
+  # The pre-5 transformers keys too: readers that know only them would otherwise load theta 10000
+  # without scaling, a different model, silently.
+  rope = d["rope_parameters"]
+  d["rope_theta"] = rope["rope_theta"]
+  if rope["rope_type"] != "default":
+    d["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
   if m.qkv_bias:
     d.update(use_sliding_window=False, layer_types=["full_attention"] * m.n_layers)
     d.setdefault("max_window_layers", m.n_layers)
@@ -253,11 +261,15 @@ class Tensors:
   def __init__(self, hf_dir: Path):
     index = hf_dir / INDEX
     if index.is_file():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise ConvertError(f"{index}: not a safetensors index (no weight_map: "
+                           f"{type(e).__name__}: {e})") from None
+      if not isinstance(weight_map, dict):
+        raise ConvertError(f"{index}: weight_map is {type(weight_map).__name__}, not an object")
     elif (hf_dir / "model.safetensors").is_file():
-      from safetensors import safe_open
-
-      with safe_open(hf_dir / "model.safetensors", framework="numpy") as f:
+      with _opened(hf_dir / "model.safetensors") as f:
         weight_map = {k: "model.safetensors" for k in f.keys()}
     else:
       raise ConvertError(f"{hf_dir}: no model.safetensors or {INDEX} (only safetensors "
@@ -265,12 +277,29 @@ class Tensors:
     self.dir, self.files = hf_dir, weight_map
 
   def get(self, name: str) -> np.ndarray:
-    from safetensors import safe_open
-
     if name not in self.files:
       raise ConvertError(f"{self.dir}: no tensor {name!r} in the checkpoint")
-    with safe_open(self.dir / self.files[name], framework="numpy") as f:
-      return f.get_tensor(name)
+    path = self.dir / self.files[name]
+    with _opened(path) as f:
+      try:
+        return f.get_tensor(name)
+      except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ConvertError(f"{path}: tensor {name!r} does not read ({e}); a partial "
+                           "download?") from None
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+  """safetensors' safe_open, its errors (a missing, truncated or corrupt file) as one line."""
+  from safetensors import safe_open
+
+  try:
+    f = safe_open(path, framework="numpy")
+  except Exception as e:  # noqa: BLE001 - SafetensorError is not an OSError or ValueError
+    raise ConvertError(f"{path}: not a readable safetensors file ({e}); a partial "
+                       "download?") from None
+  with f:
+    yield f
 
 
 def write_safetensors(out: Path, tensors: list[tuple[str, int, object]], max_bytes: int) -> int:
@@ -371,24 +400,11 @@ def load_params(tensors: Tensors, cfg) -> dict:
   return params
 
 
-def save_params(out: Path, params: dict, meta: dict) -> None:
-  """OUT/checkpoints/0 holding `params` and `meta` (with checksums), as train.init_from reads."""
-  import orbax.checkpoint as ocp
-
-  from moba_jax import checkpoint as ckpt
-
-  meta = {**meta, "checksums": {"params": ckpt.checksums(params)}}
-  mngr = ckpt.manager(str(out / rundir.CHECKPOINTS), keep=1, async_save=False, with_data=False)
-  mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                       meta=ocp.args.JsonSave(meta)))
-  mngr.wait_until_finished()
-  mngr.close()
-
-
 def hf_to_orbax(hf_dir: str, out: str, overrides=()) -> object:
   """Converts HF_DIR into the run dir OUT (see the module doc). -> OUT's Config."""
   import jax
 
+  from moba_jax import checkpoint as ckpt
   from moba_jax.config import config_to_dict, save_config
 
   hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
@@ -408,7 +424,7 @@ def hf_to_orbax(hf_dir: str, out: str, overrides=()) -> object:
         shutil.copy2(hf_dir / name, out / HF_SUBDIR / name)
   meta = {"step": 0, "config": config_to_dict(cfg),
           "converted_from": {"dir": str(hf_dir), "architecture": hf["architectures"][0]}}
-  save_params(out, params, meta)  # every process writes its shards
+  ckpt.save_params(str(out), params, meta)  # every process writes its shards
   if first:
     save_config(cfg, str(out / rundir.CONFIG))
   return cfg
@@ -463,12 +479,14 @@ def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | 
     raise ConvertError("orbax-to-hf runs in one process (it gathers every array on the host)")
   ckpt_dir, run_dir = insp.resolve_dirs(ckpt_path)
   generate.latest_step(ckpt_dir)
-  cfg = generate.checkpoint_config(ckpt_dir, run_dir, None,
-                                   ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", *overrides])
+  one_device_group = ["mesh.data=1", "mesh.fsdp=-1", "mesh.context=1", "mesh.tensor=1"]
+  cfg = generate.checkpoint_config(ckpt_dir, run_dir, None, [*one_device_group, *overrides])
   dtype = dtype or cfg.model.dtype
   out = Path(out).resolve()
   if out.exists() and any(out.iterdir()):
     raise ConvertError(f"OUT {str(out)!r} exists and is not empty; choose a new directory")
+  tdir = _template_dir(run_dir, cfg, like)
+  template = read_hf_config(tdir, "--like" if like else "the template") if tdir else None
   target, shardings = abstract_params(cfg)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         target, shardings)
@@ -479,8 +497,6 @@ def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | 
     _, params = ckpt.restore_params(str(ckpt_dir), target)
   finally:
     absl.setLevel(level)
-  tdir = _template_dir(run_dir, cfg, like)
-  template = read_hf_config(tdir) if tdir else None
   rundir.make_writable_dir(out, "OUT")
   write_safetensors(out, export_tensors(params, cfg, dtype), int(shard_gb * 2 ** 30))
   config = hf_config(cfg.model, template, dtype, cfg.train.seq_len)

@@ -53,8 +53,12 @@ class Cache(NamedTuple):
 
 
 def init_cache(model, batch: int, max_len: int) -> Cache:
-  """An empty cache for `batch` rows of up to `max_len` tokens."""
+  """An empty cache for `batch` rows of up to `max_len` tokens, rounded up to whole blocks of the
+  MoBA layers (a decode kernel then reads every block in place; a ragged cache would be padded,
+  a copy of the whole cache at every step)."""
   cfg = model.cfg
+  blocks = [b.attn.moba.block_size for b in model.layers if b.attn.kind == "moba"]
+  max_len = -(-max_len // math.lcm(*blocks)) * math.lcm(*blocks) if blocks else max_len
   shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   layers = []
   for block in model.layers:
@@ -88,7 +92,11 @@ def block_key_sums(k, lengths, block_size: int) -> jax.Array:
 
 
 def fill(cache: LayerCache, k, v, lengths, block_size: int) -> LayerCache:
-  """The cache holding the prompts' keys and values k, v [B, P, K, D] (rows of `lengths`)."""
+  """The cache holding the prompts' keys and values k, v [B, P, K, D] (rows of `lengths`). Positions
+  past a row's length hold zeros (the padding's keys and values are not kept), as everywhere
+  else in a cache: a step writes only at each row's length."""
+  real = (jnp.arange(k.shape[1])[None, :] < lengths[:, None])[..., None, None]  # [B, P, 1, 1]
+  k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)
   at0 = (0, 0, 0, 0)
   new_k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at0)
   new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at0)
@@ -142,27 +150,47 @@ def _masked_softmax(logits, keep):
 DECODE_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 
 
-# What each decode kernel's tiles need of head_dim: the GPU kernel loads whole [block_k, head_dim]
-# tiles (powers of two); the TPU kernel's (block, head_dim) tiles take 128 lanes. Neither pads the
-# cache (a copy of it at every step), so other head dims decode through the XLA step.
-_TAKES_DIM = {"pallas_gpu": lambda d: d & (d - 1) == 0, "pallas_tpu": lambda d: d % 128 == 0}
+# What each decode kernel's tiles need: the GPU kernel loads whole [block_k, head_dim] tiles (head
+# dims that are powers of two); the TPU kernel's (block_size, head_dim) tiles of the [B, T, K * D]
+# cache take Mosaic's (sublane, 128-lane) tiling (moba_tpu.tile_error: block_size a multiple of 8
+# for float32 caches, 16 for bfloat16). Neither pads the cache (a copy of it at every step), so
+# other shapes decode through the XLA step.
 _WARNED: set = set()
 
 
-def resolve_decode(implementation: str = "auto", dim: int | None = None) -> str:
+def kernel_refusal(name: str, dim: int | None, block_size: int | None = None,
+                   dtype=None) -> str | None:
+  """Why decode kernel `name` cannot take head_dim `dim` / `block_size` / cache `dtype` (None:
+  unknown, not checked), or None when it can."""
+  if name == "pallas_gpu" and dim is not None and dim & (dim - 1):
+    return f"head_dim={dim} (it takes powers of two)"
+  if name == "pallas_tpu" and dim is not None:
+    from moba_jax.kernels import moba_tpu
+
+    dtype = jnp.float32 if dtype is None else dtype
+    rows = moba_tpu.sublane_tile(dtype) if block_size is None else block_size
+    err = moba_tpu.tile_error((rows, dim), None, dtype)
+    if err:
+      return f"head_dim={dim}, block_size={block_size}: {err}"
+  return None
+
+
+def resolve_decode(implementation: str = "auto", dim: int | None = None,
+                   block_size: int | None = None, dtype=None) -> str:
   """The decode implementation that a name stands for: DECODE_IMPLS' names as they are, "auto" and
   the training implementations' names through `attention.resolve` (a Pallas kernel on its own
-  platform, else "xla"). A kernel that cannot take head_dim `dim` falls back to "xla", with a
-  warning when it was named explicitly."""
+  platform, else "xla"). A kernel that cannot take the shape (`kernel_refusal`) falls back to
+  "xla", with a warning when it was named explicitly."""
   name = implementation
   if implementation not in DECODE_IMPLS or implementation == "auto":
     name = attention_lib.resolve("moba", implementation)
     name = name if name in DECODE_IMPLS else "xla"
-  if name in _TAKES_DIM and dim is not None and not _TAKES_DIM[name](dim):
-    if implementation != "auto" and (name, dim) not in _WARNED:
-      _WARNED.add((name, dim))
-      warnings.warn(f"decode implementation {name!r} cannot take head_dim={dim}; decoding "
-                    "through the XLA step instead", RuntimeWarning, stacklevel=2)
+  why = kernel_refusal(name, dim, block_size, dtype)
+  if why:
+    if implementation != "auto" and (name, why) not in _WARNED:
+      _WARNED.add((name, why))
+      warnings.warn(f"decode implementation {name!r} cannot take {why}; decoding through the "
+                    "XLA step instead", RuntimeWarning, stacklevel=2)
     return "xla"
   return name
 
@@ -176,7 +204,7 @@ def moba_step_attention(q, cache: LayerCache, n, *, block_size: int, topk: int, 
   KernelOptions (its `interpret` runs the Pallas kernels on the CPU)."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   blocks, valid = choose_blocks(q, cache.block_sums, n, block_size=block_size, topk=topk)
-  name = resolve_decode(implementation, q.shape[-1])
+  name = resolve_decode(implementation, q.shape[-1], block_size, cache.k.dtype)
   if name == "xla":
     return _gathered_attention(q, cache, n, blocks, valid, block_size=block_size, scale=scale)
   from moba_jax.kernels import moba_decode
@@ -210,9 +238,9 @@ def _gathered_attention(q, cache: LayerCache, n, blocks, valid, *, block_size: i
 def full_step_attention(q, cache: LayerCache, n, *, scale=None):
   """Causal full attention of each row's newest token over the row's n [B] cached tokens.
   q [B, H, D] -> [B, H, D] in q's dtype. Reads the cache once in its own dtype (products in float32:
-  exact for bfloat16 operands); logits at positions >= n are masked. Those positions hold the
-  zeros `init_cache` put there (a cache is written only at each row's length), so their values
-  meet probability 0 and add nothing."""
+  exact for bfloat16 operands); logits at positions >= n are masked. Those positions hold zeros
+  (`init_cache`, `fill`; a step writes only at each row's length), so their values meet
+  probability 0 and add nothing."""
   batch, heads, dim = q.shape
   seq, kv_heads = cache.k.shape[1], cache.k.shape[2]
   scale = dim ** -0.5 if scale is None else scale

@@ -202,7 +202,7 @@ class Printer:
     self.done = [False] * rows
     self.decoders = [tok.stream() for _ in range(rows)]
 
-  def add(self, row: int, token: int, last: bool) -> None:
+  def add(self, row: int, token: int | None, last: bool) -> None:
     self.text[row] += self.decoders[row](token, last)
     self.done[row] = last
     self._flush()
@@ -246,7 +246,7 @@ def generate(model, prompts: list[np.ndarray], context: int, max_new: int, tempe
       eos = token in stop_ids
       finished[row] = eos or produced[row] >= budget[row]
       cut[row] = finished[row] and not eos and budget[row] < max_new
-      printer.add(row, token, bool(finished[row]))
+      printer.add(row, None if eos else token, bool(finished[row]))  # a stop token is not text
     if finished.all():
       break
   steps.close()

@@ -34,13 +34,13 @@ class ByteTokenizer:
   def encode(self, text: bytes) -> np.ndarray:
     return np.frombuffer(text, np.uint8).astype(np.int32) + BYTE_OFFSET
 
-  def stream(self) -> Callable[[int, bool], str]:
+  def stream(self) -> Callable[[int | None, bool], str]:
     """A decoder of one row: (token, last) -> the text it completes (bytes of a split UTF-8
-    character wait for the rest)."""
+    character wait for the rest; token None adds nothing: the row ended on a stop token)."""
     dec = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def add(token: int, last: bool) -> str:
-      byte = token - BYTE_OFFSET
+    def add(token: int | None, last: bool) -> str:
+      byte = -1 if token is None else token - BYTE_OFFSET
       return dec.decode(bytes([byte]) if 0 <= byte < 256 else b"", final=last)
     return add
 
@@ -97,13 +97,15 @@ class HFTokenizer:
     ids = self.tok.encode(text.decode("utf-8"), add_special_tokens=False).ids
     return np.asarray(ids, np.int32)
 
-  def stream(self) -> Callable[[int, bool], str]:
+  def stream(self) -> Callable[[int | None, bool], str]:
     """A decoder of one row: (token, last) -> the new text. Decodes the row so far each time
-    (pieces merge across tokens) and holds back a trailing partial character."""
+    (pieces merge across tokens) and holds back a trailing partial character; token None adds
+    nothing (the row ended on a stop token, whose text is never shown)."""
     ids, shown = [], [0]
 
-    def add(token: int, last: bool) -> str:
-      ids.append(token)
+    def add(token: int | None, last: bool) -> str:
+      if token is not None:
+        ids.append(token)
       text = self.tok.decode(ids, skip_special_tokens=False)
       if text.endswith("\ufffd") and not last:
         return ""

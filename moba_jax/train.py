@@ -406,6 +406,12 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
     if jax.process_index() != 0:
       return _run(cfg, progress, pre)
     with rundir.Lock(cfg.run_dir):
+      converted = ckpt.params_only(cfg.run_dir)
+      if converted:  # never cleared or set aside: it is a model to start from, not a run
+        raise ValueError(
+            f"run_dir={cfg.run_dir!r} holds parameters only (step {converted[-1]}, e.g. a "
+            "`moba-jax convert` output), not a run to resume: train into a new run_dir with "
+            f"train.init_from={cfg.run_dir}")
       if fresh:
         rundir.clear(cfg.run_dir)
       check_resumable(cfg)

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from moba_jax import checkpoint as ckpt  # noqa: E402
 from moba_jax import convert  # noqa: E402
 from moba_jax import generate as gen  # noqa: E402
 from moba_jax import inspect as insp  # noqa: E402
@@ -123,8 +124,22 @@ def test_round_trip_is_bit_exact_through_shards(tmp_path, capsys):
     assert after[name].dtype == x.dtype and after[name].shape == x.shape, name
     assert after[name].tobytes() == x.tobytes(), name
   config = json.loads((tmp_path / "back" / "config.json").read_text())
-  assert config == {**json.loads((tmp_path / "hf" / "config.json").read_text()),
-                    "head_dim": 16}  # our config names head_dim always
+  original = json.loads((tmp_path / "hf" / "config.json").read_text())
+  legacy = {"rope_theta": original["rope_parameters"]["rope_theta"],
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+  assert config == {**original, "head_dim": 16, **legacy}  # our config names head_dim always
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_exported_config_has_the_same_rope_in_the_older_keys(converted, tmp_path, kind):
+  """config.json also carries rope_theta and rope_scaling (transformers < 5 and other readers know
+  only those): read without rope_parameters it is the same model."""
+  _, _, run_dir = converted[kind]
+  assert convert.main(["orbax-to-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  older = {k: v for k, v in config.items() if k != "rope_parameters"}
+  assert convert.model_config(older) == convert.model_config(config)
+  assert convert.model_config(config).rope_scaling == {"llama": "llama3", "qwen2": "linear"}[kind]
 
 
 def test_native_tied_model_exports_to_transformers_logits(converted, tmp_path):
@@ -138,7 +153,7 @@ def test_native_tied_model_exports_to_transformers_logits(converted, tmp_path):
 
   model, cfg = our_model(converted["qwen2"][2], ["model.tied_head_scale=rsqrt_d_model"])
   native = tmp_path / "native"
-  convert.save_params(native, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {"step": 0})
+  ckpt.save_params(str(native), nnx.to_pure_dict(nnx.state(model, nnx.Param)), {"step": 0})
   save_config(dataclasses.replace(cfg, run_dir=str(native)), str(native / "config.toml"))
   assert convert.main(["orbax-to-hf", str(native), str(tmp_path / "hf")]) == 0
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -159,6 +174,27 @@ def test_generate_with_the_tokenizer_matches_transformers_greedy(converted, caps
   new = [t for t in out[0, len(ids):].tolist() if t != 1]
   assert gen.main([str(run_dir), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
   assert capsys.readouterr().out == tok.decode(new, skip_special_tokens=False) + "\n"
+
+
+def test_generate_stops_at_eos_without_printing_it(converted, monkeypatch):
+  """A row that ends on the tokenizer's EOS shows the text before it, never the stop token's own
+  text (the HF decoder would spell it '</s>')."""
+  import io
+
+  from moba_jax import decode, tokenizer
+
+  _, hf_dir, _ = converted["llama"]
+  tok = tokenizer.load(str(hf_dir))
+  body = tok.encode(b"def f3(x):").tolist()
+  steps = [[t, t] for t in body[:3]] + [[tok.eos, body[3]]] + [[t, t] for t in body[4:]]
+  monkeypatch.setattr(decode, "jit_decoding", lambda model, context: None)
+  monkeypatch.setattr(decode, "stream", lambda *a, **k: (s for s in np.asarray(steps)))
+  out = io.StringIO()
+  gen.generate(None, [np.array([1]), np.array([1])], context=64, max_new=len(body),
+               temperature=0.0, seed=0, out=out, tok=tok)
+  first = tok.tok.decode(body[:3], skip_special_tokens=False)
+  assert out.getvalue() == first + "\n" + "def f3(x):\n"
+  assert tok.tok.decode([tok.eos], skip_special_tokens=False)  # EOS has text to leak
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -183,13 +219,45 @@ def test_unsupported_configs_are_one_line_errors(converted, tmp_path, capsys, ed
     (["hf-to-orbax", "{llama}", "{tmp}/out", "model.d_model=32"], "model.d_model: config.json"),
     (["hf-to-orbax", "{llama}", "{qwen2_run}"], "exists and is not empty"),
     (["orbax-to-hf", "{tmp}", "{tmp}/out"], "no complete checkpoint step"),
+    (["orbax-to-hf", "{qwen2_run}", "{tmp}/out", "--like", "{tmp}/nope"],
+     "--like '{tmp}/nope': no such directory"),
+    (["hf-to-orbax", "{bad_index}", "{tmp}/out"], "model.safetensors.index.json: not a "
+     "safetensors index"),
+    (["hf-to-orbax", "{truncated}", "{tmp}/out"], "model.safetensors: not a readable safetensors"),
     (["sideways", "a", "b"], "invalid choice: 'sideways'"),
 ])
 def test_command_line_mistakes_are_one_line_errors(converted, tmp_path, capsys, args, message):
-  names = {"tmp": tmp_path, "llama": converted["llama"][1], "qwen2_run": converted["qwen2"][2]}
+  import shutil
+
+  llama = converted["llama"][1]
+  names = {"tmp": tmp_path, "llama": llama, "qwen2_run": converted["qwen2"][2],
+           "bad_index": tmp_path / "bad_index", "truncated": tmp_path / "truncated"}
+  for name in ("bad_index", "truncated"):
+    names[name].mkdir()
+    shutil.copy(llama / "config.json", names[name] / "config.json")
+  (names["bad_index"] / convert.INDEX).write_text('{"metadata": {}}')
+  weights = (llama / "model.safetensors").read_bytes()
+  (names["truncated"] / "model.safetensors").write_bytes(weights[:len(weights) // 2])
   assert convert.main([a.format(**names) for a in args]) == 2
   err = capsys.readouterr().err.strip()
-  assert message in err and len(err.splitlines()) == 1, err
+  assert message.format(**names) in err and len(err.splitlines()) == 1, err
+
+
+def test_training_in_the_converted_dir_is_refused_and_keeps_its_weights(converted, capsys):
+  """`moba-jax train OUT/config.toml` would resume OUT's parameters-only step 0, fail to find an
+  optimizer state, set the converted weights aside and start from random ones: it is one line
+  naming train.init_from instead, with or without --fresh, and OUT is untouched."""
+  from moba_jax import rundir, train
+
+  _, _, run_dir = converted["qwen2"]
+  files = lambda: sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.name != rundir.LOCK)
+  before = files()
+  assert ckpt.params_only(str(run_dir)) == [0]
+  for extra in ([], ["--fresh"]):
+    assert train.main([str(run_dir / "config.toml"), "train.steps=1", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"train.init_from={run_dir}" in err and len(err.splitlines()) == 1, err
+  assert files() == before
 
 
 def test_corpus_rows_use_the_tokenizer(converted, tmp_path):

@@ -92,9 +92,11 @@ def test_decoding_equals_one_forward_pass(moba):
 def test_decoding_through_the_kernels_equals_one_forward_pass(impl):
   """A hybrid model whose MoBA layer prefills and decodes through a Pallas kernel (the TPU one,
   interpreted, takes minutes: slow-marked; the step tests above cover its attention)."""
-  check_decoding_matches_forward(MobaConfig(block_size=BLOCK, topk=2, hybrid_full_layers=1,
+  block, seq, scale = geometry(impl)
+  check_decoding_matches_forward(MobaConfig(block_size=block, topk=2, hybrid_full_layers=1,
                                             implementation=impl,
                                             interpret=helpers.options(impl).interpret),
+                                 lengths=tuple(n * scale for n in PROMPT_LENGTHS), seq=seq,
                                  cfg=dataclasses.replace(SMALL, head_dim=kernel_dim(impl)))
 
 
@@ -104,14 +106,29 @@ def kernel_dim(impl) -> int:
   return 128 if impl == "pallas_tpu" else 8
 
 
-def random_cache(seed, lengths, seq=SEQ, kv_heads=2, dim=8):
+def geometry(impl) -> tuple[int, int, int]:
+  """(block_size, sequence length, scale of the lengths) of a decode test: the TPU kernel's (block,
+  head_dim) tiles need blocks of 8 (float32) or 16 (bfloat16) rows, so its cases run the same
+  layout of 6 blocks, the last ragged, at 4 times the length."""
+  scale = 4 if impl == "pallas_tpu" else 1
+  return BLOCK * scale, SEQ * scale, scale
+
+
+def random_cache(seed, lengths, seq=SEQ, kv_heads=2, dim=8, block=BLOCK):
   """A MoBA layer cache filled from random keys/values of rows of `lengths` tokens (4 rows in
   every test, so that the jitted functions compile once)."""
   q, k, v = random_qkv(seed, len(lengths), seq, 2 * kv_heads, kv_heads, dim)
   empty = decode.LayerCache(jnp.zeros_like(k), jnp.zeros_like(v),
-                            jnp.zeros((len(lengths), -(-seq // BLOCK), kv_heads, dim)))
+                            jnp.zeros((len(lengths), -(-seq // block), kv_heads, dim)))
   n = jnp.asarray(lengths, jnp.int32)
-  return q, k, v, fill(empty, k, v, n, BLOCK), n
+  return q, k, v, fill(empty, k, v, n, block), n
+
+
+def impl_cache(seed, impl, lengths):
+  """random_cache at the implementation's geometry: (q, k, v, cache, n, block_size)."""
+  block, seq, scale = geometry(impl)
+  return (*random_cache(seed, tuple(n * scale for n in lengths), seq=seq, dim=kernel_dim(impl),
+                        block=block), block)
 
 
 def decode_impls() -> list:
@@ -130,11 +147,10 @@ def impl_step(impl, q, cache, n, **kw):
 def test_step_attention_equals_reference_at_the_newest_position(topk, impl):
   """Row b's newest query (position n_b - 1) against the reference over the whole row: keys after
   it change only its current block's gate key, and the current block is always chosen."""
-  lengths = (3, 9, 13, SEQ)
-  q, k, v, cache, n = random_cache(1, lengths, dim=kernel_dim(impl))
-  rows = np.arange(len(lengths))
-  got = impl_step(impl, q[rows, n - 1], cache, n, block_size=BLOCK, topk=topk)
-  ref = reference(q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=BLOCK, topk=topk)
+  q, k, v, cache, n, block = impl_cache(1, impl, (3, 9, 13, SEQ))
+  rows = np.arange(len(n))
+  got = impl_step(impl, q[rows, n - 1], cache, n, block_size=block, topk=topk)
+  ref = reference(q, k, v, jnp.zeros(q.shape[:2], jnp.int32), block_size=block, topk=topk)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref[rows, n - 1]), rtol=1e-5, atol=1e-6)
 
 
@@ -143,13 +159,28 @@ def test_step_attention_equals_reference_at_the_newest_position(topk, impl):
 def test_kernel_steps_equal_the_gathered_step_in_bfloat16(impl):
   """bfloat16 caches: the kernels read the chosen blocks in place, the XLA step gathers them; both
   accumulate in float32, so they differ by the output's rounding at most (one bf16 ulp)."""
-  q, _, _, cache, n = random_cache(5, (1, 7, 16, SEQ), dim=kernel_dim(impl))
+  q, _, _, cache, n, block = impl_cache(5, impl, (1, 7, 16, SEQ))
   cast = lambda x: x.astype(jnp.bfloat16)
   cache = cache._replace(k=cast(cache.k), v=cast(cache.v))
   q_new = cast(q[np.arange(4), n - 1])
-  want = np.asarray(impl_step("xla", q_new, cache, n, block_size=BLOCK, topk=2), np.float32)
-  got = np.asarray(impl_step(impl, q_new, cache, n, block_size=BLOCK, topk=2), np.float32)
+  want = np.asarray(impl_step("xla", q_new, cache, n, block_size=block, topk=2), np.float32)
+  got = np.asarray(impl_step(impl, q_new, cache, n, block_size=block, topk=2), np.float32)
   np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=0)
+
+
+def test_prefilled_cache_is_whole_blocks_and_zero_past_each_row():
+  """init_cache rounds the cache up to whole MoBA blocks (22 -> 24 tokens: a decode kernel reads
+  every block in place, no per-step padding) and prefill keeps no padding keys or values: every
+  position past a row's length holds zeros, as the full-attention step assumes."""
+  model = Decoder(SMALL, MobaConfig(block_size=BLOCK, topk=2, hybrid_full_layers=1),
+                  rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 10), 3, SMALL.vocab_size)
+  _, cache = decode.jit_decoding(model, SEQ).prefill(tokens, jnp.asarray(PROMPT_LENGTHS))
+  past = np.arange(24)[None, :] >= np.asarray(PROMPT_LENGTHS)[:, None]  # [B, T]
+  for layer in cache.layers:
+    assert layer.k.shape[1] == layer.v.shape[1] == 24
+    for x in (np.asarray(layer.k), np.asarray(layer.v)):
+      assert (x[past] == 0).all() and (x[~past] != 0).any()
 
 
 def test_appending_keys_one_by_one_keeps_exact_block_sums():
@@ -170,20 +201,20 @@ def test_appending_keys_one_by_one_keeps_exact_block_sums():
 def test_decode_step_reads_only_the_chosen_blocks(impl):
   """NaN in every key and value no head of a kv group chose (and past each row's length) leaves
   the output unchanged, bit for bit."""
-  lengths, topk = (2, 6, 14, SEQ), 2
-  q, _, _, cache, n = random_cache(3, lengths, dim=kernel_dim(impl))
-  rows, heads, kv_heads = np.arange(len(lengths)), q.shape[2], cache.k.shape[2]
+  topk = 2
+  q, _, _, cache, n, block = impl_cache(3, impl, (2, 6, 14, SEQ))
+  rows, heads, kv_heads = np.arange(len(n)), q.shape[2], cache.k.shape[2]
   q_new = q[rows, n - 1]
-  clean = impl_step(impl, q_new, cache, n, block_size=BLOCK, topk=topk)
-  blocks, valid = choose_blocks(q_new, cache.block_sums, n, block_size=BLOCK, topk=topk)
+  clean = impl_step(impl, q_new, cache, n, block_size=block, topk=topk)
+  blocks, valid = choose_blocks(q_new, cache.block_sums, n, block_size=block, topk=topk)
   read = np.zeros(cache.k.shape[:3], bool)  # [B, T, K]: entries some head may read
   for b, h, s in zip(*np.nonzero(np.asarray(valid))):
-    start = int(blocks[b, h, s]) * BLOCK
-    read[b, start:min(start + BLOCK, int(n[b])), h // (heads // kv_heads)] = True
+    start = int(blocks[b, h, s]) * block
+    read[b, start:min(start + block, int(n[b])), h // (heads // kv_heads)] = True
   assert 0 < read.sum() < read.size / 2  # a real sparsity pattern
   poison = lambda x: jnp.where(jnp.asarray(read)[..., None], x, jnp.nan)
   dirty = impl_step(impl, q_new, cache._replace(k=poison(cache.k), v=poison(cache.v)), n,
-                    block_size=BLOCK, topk=topk)
+                    block_size=block, topk=topk)
   assert np.isfinite(np.asarray(dirty)).all()
   np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
 
@@ -249,3 +280,10 @@ def test_decode_implementation_follows_the_training_string():
     assert decode.resolve_decode("pallas_gpu", 96) == "xla"
   with pytest.warns(RuntimeWarning, match="head_dim=64"):
     assert decode.resolve_decode("pallas_tpu", 64) == "xla"
+  # the TPU kernel's (block_size, head_dim) tiles: 8 rows for float32 caches, 16 for bfloat16
+  assert decode.resolve_decode("pallas_tpu", 128, 8, jnp.float32) == "pallas_tpu"
+  assert decode.resolve_decode("pallas_tpu", 128, 16, jnp.bfloat16) == "pallas_tpu"
+  with pytest.warns(RuntimeWarning, match="block_size=8: bfloat16 block"):
+    assert decode.resolve_decode("pallas_tpu", 128, 8, jnp.bfloat16) == "xla"
+  with pytest.warns(RuntimeWarning, match="block_size=4: float32 block"):
+    assert decode.resolve_decode("pallas_tpu", 128, 4, jnp.float32) == "xla"
