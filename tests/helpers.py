@@ -6,6 +6,8 @@ accelerator, as JAX's own Pallas tests run one suite both ways, and skips the ke
 platforms (pallas_tpu on a GPU, pallas_gpu on a TPU; both on a CPU).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +42,17 @@ def options(impl: str, tiles=()) -> attention.KernelOptions:
 
 
 def run(impl, q, k, v, segment_ids=None, tiles=(), **kw):
+  """MoBA through the dispatcher under one jax.jit per setting (eager dispatch compiles every op
+  of the reference and XLA paths, and of their backward, one at a time: 5-10x slower on the CPU;
+  tests/test_attention_api.py calls the entry points eagerly)."""
+  return _jitted_run(q, k, v, segment_ids, impl=impl, tiles=tuple(tiles),
+                     kw=tuple(sorted(kw.items())))
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "tiles", "kw"))
+def _jitted_run(q, k, v, segment_ids, *, impl, tiles, kw):
   return moba_attention(q, k, v, segment_ids=segment_ids, implementation=impl,
-                        options=options(impl, tiles), **kw)
+                        options=options(impl, tiles), **dict(kw))
 
 
 def rel_err(a, b):
@@ -62,7 +73,8 @@ def packed_segments(batch, lengths):
 
 
 def vjp_all(fn, q, k, v, cot):
-  out, vjp = jax.vjp(fn, q, k, v)
+  """(out, dq, dk, dv) of fn at q, k, v for cotangent cot, fn's forward and backward compiled."""
+  out, vjp = jax.vjp(jax.jit(fn), q, k, v)
   return (out, *vjp(cot))
 
 

@@ -35,10 +35,14 @@ def test_bf16_gate_scores_are_float32_scores():
 
 
 def _assert_same_choice(rt, q, k, seg, block, topk):
-  layout = moba_lib.doc_layout(seg, block)
-  kbar = moba_lib.block_key_means(k, layout, block_size=block)
-  want = moba_lib.select_blocks(q, kbar, layout, block_size=block, topk=topk)
-  got = rt.select_chunked(q, k, layout, block_size=block, topk=topk)
+  @jax.jit  # one compile per case (eager dispatch would compile every op)
+  def choices(q, k, seg):
+    layout = moba_lib.doc_layout(seg, block)
+    kbar = moba_lib.block_key_means(k, layout, block_size=block)
+    want = moba_lib.select_blocks(q, kbar, layout, block_size=block, topk=topk)
+    return want, rt.select_chunked(q, k, layout, block_size=block, topk=topk)
+
+  want, got = choices(q, k, seg)
   np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 

@@ -23,6 +23,10 @@ def exact_float32_products():
     yield
 
 
+# One compile per model setting: eager dispatch compiles each op of the forward separately.
+forward = nnx.jit(lambda model, x, segment_ids=None: model(x, segment_ids=segment_ids))
+
+
 def tokens(seed=0, batch=2, seq=48):
   return jax.random.randint(jax.random.key(seed), (batch, seq), 0, CFG.vocab_size)
 
@@ -50,12 +54,12 @@ def test_one_parameter_tree_runs_under_every_setting():
   for hfl in (0, 1, 3, "all"):
     set_attention(model, MobaConfig(block_size=8, topk=2, hybrid_full_layers=hfl))
     assert model.layer_kinds == layer_kinds(4, hfl)
-    outs[hfl] = np.asarray(model(x))
+    outs[hfl] = np.asarray(forward(model, x))
     assert np.isfinite(outs[hfl]).all()
     jax.tree.map(np.testing.assert_array_equal, before, params_of(model))
   fresh = Decoder(CFG, MobaConfig(block_size=8, topk=2, hybrid_full_layers=3), rngs=nnx.Rngs(0))
   jax.tree.map(np.testing.assert_array_equal, before, params_of(fresh))
-  np.testing.assert_allclose(np.asarray(fresh(x)), outs[3], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(forward(fresh, x)), outs[3], rtol=1e-5, atol=1e-5)
   assert not np.allclose(outs[0], outs["all"], atol=1e-3)  # MoBA really drops context here
 
 
@@ -86,15 +90,15 @@ def test_all_full_equals_a_plain_full_attention_model():
   x = tokens(1)
   expected = plain_full_attention_forward(
       jax.tree.map(jnp.asarray, params_of(model)), CFG, x)
-  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(expected), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(forward(model, x)), np.asarray(expected), rtol=2e-5, atol=2e-5)
 
 
 def test_all_moba_equals_full_when_sequence_fits_in_topk_blocks():
   model = Decoder(CFG, MobaConfig(block_size=16, topk=3), rngs=nnx.Rngs(2))
   x = tokens(2, seq=48)
-  moba_out = model(x)
+  moba_out = forward(model, x)
   set_attention(model, MobaConfig(block_size=16, topk=3, hybrid_full_layers="all"))
-  np.testing.assert_allclose(np.asarray(moba_out), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(moba_out), np.asarray(forward(model, x)), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_document_is_independent_and_positions_restart():
@@ -102,9 +106,9 @@ def test_packed_document_is_independent_and_positions_restart():
   doc_a, doc_b = tokens(4, 1, 30), tokens(5, 1, 26)
   packed = jnp.concatenate([doc_a, doc_b], axis=1)
   seg = jnp.concatenate([jnp.zeros((1, 30), jnp.int32), jnp.ones((1, 26), jnp.int32)], axis=1)
-  out = model(packed, segment_ids=seg)
-  np.testing.assert_allclose(np.asarray(out[:, 30:]), np.asarray(model(doc_b)), atol=2e-5)
-  np.testing.assert_allclose(np.asarray(out[:, :30]), np.asarray(model(doc_a)), atol=2e-5)
+  out = forward(model, packed, seg)
+  np.testing.assert_allclose(np.asarray(out[:, 30:]), np.asarray(forward(model, doc_b)), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(out[:, :30]), np.asarray(forward(model, doc_a)), atol=2e-5)
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -120,6 +124,6 @@ def test_every_parameter_has_logical_axis_names():
 def test_bfloat16_compute_with_float32_params():
   cfg = ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
   model = Decoder(cfg, MobaConfig(block_size=8, topk=2, hybrid_full_layers=2), rngs=nnx.Rngs(0))
-  out = model(tokens())
+  out = forward(model, tokens())
   assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
