@@ -528,7 +528,9 @@ def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, i
   segment_ids = segment_ids.astype(jnp.int32)
 
   def core(q, k, v):
-    routing, dims = route(q, k, segment_ids, block_size=block_size, topk=topk,
+    # Routing reads k in q's dtype (exact for the float32 K/V of the context-parallel path, and
+    # then the kernels' own cast: XLA drops the float32 round trip of gathered K/V).
+    routing, dims = route(q, k.astype(q.dtype), segment_ids, block_size=block_size, topk=topk,
                           block_q=sizes.block_q, q_start=q_start)
     return moba(q, k, v, routing, dims, sizes, scale, interpret)
 

@@ -106,8 +106,9 @@ def _mib(n: int) -> str:
 
 def on_platform(cfg, platform: str):
   """cfg with moba.implementation / full_implementation as "auto" resolves them on `platform`;
-  unchanged when mesh.context splits the sequence (attention() then runs the context-parallel
-  path before it resolves anything, and a resolved kernel name would be refused there)."""
+  unchanged when mesh.context splits the sequence: attention() then resolves "auto" itself
+  (`attention.resolve_context_parallel`) on the backend it traces on, the fake CPU devices' xla
+  path here; name moba.implementation=pallas_tpu to plan (and tile-check) the kernel there."""
   from moba_jax import attention
 
   if cfg.mesh.context > 1:

@@ -5,9 +5,10 @@
   - a whole hybrid model (one MoBA, one full layer) through the dispatcher: loss and every
     parameter gradient under mesh (data, context, tensor) = (1, 8, 1), (2, 2, 2), (2, 4, 1)
     equal one device's;
-  - the Pallas kernels, interpreted: each kernel entry with a query offset (no mesh) against the
-    oracle at offsets on and off the block grid, and each kernel context parallel (pallas_gpu on
-    4 shards through the dispatcher, pallas_tpu on 2), packed documents across the shards;
+  - the Pallas kernels, interpreted: the kernel entry with a query offset (no mesh) against the
+    oracle at offsets on and off the block grid (pallas_tpu), and each kernel context parallel
+    (pallas_gpu on 4 shards of 12 positions through the dispatcher, offsets off the block grid;
+    pallas_tpu on 2), packed documents across the shards;
   - the errors: a sequence the axis does not divide, an implementation that cannot run context
     parallel, a query offset that does not fit.
 The two subprocesses (xla path and model; kernels) run side by side: each compiles on one core.
@@ -46,8 +47,9 @@ def out_and_grads(fn):
   out, vjp = jax.vjp(fn, q, k, v)
   return (out, *vjp(ct))
 
+reference = jax.jit(out_and_grads, static_argnums=0)  # one compilation, not op by op
 with jax.default_matmul_precision("highest"):
-  want = out_and_grads(lambda q, k, v: M.moba_reference(q, k, v, seg, **kw))
+  want = reference(lambda q, k, v: M.moba_reference(q, k, v, seg, **kw))
 errors = {}
 for n in (2, 4, 8):
   mesh = jax.make_mesh((n,), ("context",), devices=jax.devices()[:n])
@@ -55,7 +57,7 @@ for n in (2, 4, 8):
   errors[n] = [float(rel_err(a, b)) for a, b in zip(out_and_grads(fn), want)]
 # Full attention (a hybrid's full layers), queries in chunks of 4 (a budget of 4 queries' logits).
 with jax.default_matmul_precision("highest"):
-  want = out_and_grads(lambda q, k, v: M.full_reference(q, k, v, seg))
+  want = reference(lambda q, k, v: M.full_reference(q, k, v, seg))
 mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
 fn = jax.jit(lambda q, k, v: context_parallel_attention(
     q, k, v, seg, kind="full", mesh=mesh, seq_axes=("context",), chunk_budget_bytes=2**17))
@@ -113,7 +115,7 @@ import jax
 import jax.numpy as jnp
 from moba_jax import attention, config as C, moba as M, sharding as S
 from moba_jax.context_parallel import moba_context_parallel
-from moba_jax.kernels import moba_gpu, moba_tpu
+from moba_jax.kernels import moba_tpu
 from tests.helpers import packed_segments, random_qkv, rel_err
 
 # 48 positions, documents 19 / 17 / 12, block 8: documents and their blocks cross the shard
@@ -124,30 +126,38 @@ ct = jax.random.normal(jax.random.key(7), q.shape)
 kw = dict(block_size=8, topk=3)
 options = {"pallas_gpu": attention.KernelOptions(interpret=True, tiles=(16, 16, 16, 16)),
            "pallas_tpu": attention.KernelOptions(interpret=True)}
-entry = {"pallas_gpu": moba_gpu.moba_attention_gpu, "pallas_tpu": moba_tpu.moba_attention_tpu}
+@jax.jit
+def reference(ct):  # the oracle's output and gradients for cotangent ct
+  out, vjp = jax.vjp(lambda q, k, v: M.moba_reference(q, k, v, seg, **kw), q, k, v)
+  return (out, *vjp(ct))
+
 with jax.default_matmul_precision("highest"):
-  out, ref_vjp = jax.vjp(lambda q, k, v: M.moba_reference(q, k, v, seg, **kw), q, k, v)
-want = (out, *ref_vjp(ct))
+  want = reference(ct)
 errors = {}
 
-# The kernel entry, no mesh: 12 queries at offsets 0, 21 and 36 (21 and 36 off the block grid,
-# 36 the last 12) against the oracle's rows and its dK/dV for their cotangent alone. The offset
-# is traced: one compilation per kernel serves every offset.
+# The kernel entry, no mesh (pallas_tpu; pallas_gpu's offsets are its 4 shards below): 12
+# queries at offsets 0, 21 and 36 (21 and 36 off the block grid, 36 the last 12) against the
+# oracle's rows and its dK/dV for their cotangent alone. The offset is traced: one compilation
+# serves every offset. Key tiles of 8: the dense dK/dV pass runs over a band of 4 of the 6 key
+# tiles (those the local queries' blocks reach), which moves with the offset.
 n_q = 12
-for impl, fn in entry.items():
-  @jax.jit
-  def local(start, q_l, ct_l, fn=fn, impl=impl):
-    attend = lambda q_l, k, v: fn(q_l, k, v, seg, q_start=start, options=options[impl], **kw)
-    out, vjp = jax.vjp(attend, q_l, k, v)
-    return (out, *vjp(ct_l))
-  for start in (0, 21, 36):
-    rows = slice(start, start + n_q)
-    mine = jnp.zeros_like(ct).at[:, rows].set(ct[:, rows])
-    with jax.default_matmul_precision("highest"):
-      dq, dk, dv = ref_vjp(mine)
-    got = local(start, q[:, rows], ct[:, rows])
-    errors[f"{impl} offset {start}"] = [
-        rel_err(a, b) for a, b in zip(got, (out[:, rows], dq[:, rows], dk, dv))]
+band = attention.KernelOptions(interpret=True, tiles=(16, 16, 8))
+
+@jax.jit
+def local(start, q_l, ct_l):
+  attend = lambda q_l, k, v: moba_tpu.moba_attention_tpu(
+      q_l, k, v, seg, q_start=start, options=band, **kw)
+  out, vjp = jax.vjp(attend, q_l, k, v)
+  return (out, *vjp(ct_l))
+
+for start in (0, 21, 36):
+  rows = slice(start, start + n_q)
+  mine = jnp.zeros_like(ct).at[:, rows].set(ct[:, rows])
+  with jax.default_matmul_precision("highest"):
+    out, dq, dk, dv = reference(mine)
+  got = local(start, q[:, rows], ct[:, rows])
+  errors[f"pallas_tpu offset {start}"] = [
+      rel_err(a, b) for a, b in zip(got, (out[:, rows], dq[:, rows], dk, dv))]
 
 # Context parallel: pallas_gpu on 4 shards through the dispatcher (mesh.context = 4, the model's
 # route), pallas_tpu on 2 through moba_context_parallel.
@@ -220,10 +230,9 @@ def test_context_parallel_equals_one_device(runs):
 def test_kernels_context_parallel_equal_one_device(runs):
   """Both kernels, interpreted: with a query offset and context parallel (module docstring)."""
   errors = _errors(runs["test_kernels_context_parallel_equal_one_device"])
-  for impl in ("pallas_gpu", "pallas_tpu"):
-    for start in (0, 21, 36):
-      e = errors[f"{impl} offset {start}"]
-      assert max(e) < 1e-5, (impl, start, e)  # out, dq, dk, dv
+  for start in (0, 21, 36):
+    e = errors[f"pallas_tpu offset {start}"]
+    assert max(e) < 1e-5, (start, e)  # out, dq, dk, dv
   for key in ("pallas_gpu context 4", "pallas_tpu context 2"):
     assert max(errors[key]) < 1e-5, (key, errors[key])
   assert errors["pallas_gpu context 4 shard_map"]  # the dispatcher took the context-parallel path

@@ -12,7 +12,10 @@ bytes of the compiled program per layer (the arrays' whole sizes: each device se
 a shard's queries choose, counted on random q, k). --model: a whole decoder's loss and gradients
 (data 1, context n), the sequence split through the mesh (mesh.context) and the dispatcher.
 --estimate: arithmetic, no compiling: per-chip memory, bytes exchanged and step time of a run
-config (its model, moba, train and mesh sections) under this implementation (docs/training.md).
+config (its model, moba, train and mesh sections) under this implementation (docs/training.md),
+for the MoBA path its moba.implementation names: the xla loop ("xla"), or a Pallas kernel with a
+query offset ("pallas_tpu", "pallas_gpu"; "auto" counts as the kernel: what it resolves to on a
+TPU or GPU).
 """
 
 import argparse
@@ -141,6 +144,33 @@ def model_table(args):
     print(f"{n:7d} {total:10.1f} {temp:9.1f}")
 
 
+def _moba_path(cfg) -> str:
+  impl = cfg.moba.implementation
+  return "xla" if impl in ("xla", "reference") else "pallas_tpu" if impl == "auto" else impl
+
+
+def _attention_buffers(cfg, b_local, t_local, kv) -> dict:
+  """Bytes of one MoBA layer's attention buffers per chip (fwd+bwd peak, arithmetic) by path."""
+  from moba_jax.kernels import _routing as rt
+
+  m, path = cfg.model, _moba_path(cfg)
+  if path == "xla":
+    return {"float32 copies of the gathered K, V and dK, dV (float32)": 4 * kv * 4,
+            "block means (float32, [T, K, D] as the xla path stores them)": kv * 4}
+  shape = (b_local, t_local, m.n_heads, m.head_dim)
+  n_sel = min(cfg.moba.topk, math.ceil(cfg.train.seq_len / cfg.moba.block_size))
+  chunks = rt.kv_head_chunks(shape, m.n_kv_heads, cfg.moba.block_size, cfg.moba.topk,
+                             cfg.train.seq_len)
+  out = {"dK, dV of all T keys (float32, before the reduce-scatter)": 2 * kv * 4,
+         "block means (float32, [T, K, D]; packed batches)": kv * 4,
+         "partial rows (float32, one kv-head chunk of the kernel)":
+             4 * math.prod(shape) * n_sel // chunks}
+  # TPU: past-block dK/dV come out per group and are scattered onto keys; GPU: so do the groups
+  # not aligned to its 64-key tiles (packed documents starting off that grid)
+  out["past-block dK, dV before they are added (float32)"] = 2 * kv * 4
+  return out
+
+
 def estimate(path, hbm_gib, link_gbs, tflops, mfu, overrides=()):
   """Per-chip memory (GiB), attention bytes exchanged and time of one step of config `path`."""
   from moba_jax.config import load_config
@@ -159,14 +189,14 @@ def estimate(path, hbm_gib, link_gbs, tflops, mfu, overrides=()):
       "params f32 + AdamW + grads f32 (sharded over every chip)": 16 * params / chips,
       "stored layer inputs (remat)": m.n_layers * b_local * t_local * m.d_model * cb,
       "gathered K, V (compute dtype)": 2 * kv * cb,
-      "their float32 copies and dK, dV (float32)": 4 * kv * 4,
-      "block means (float32)": kv * 4,
+      **_attention_buffers(cfg, b_local, t_local, kv),
       "one layer's local activations and MLP (x 3 for the backward)":
           3 * b_local * t_local * (4 * m.d_model + 3 * m.mlp_dim // tp) * cb,
       "logits and their gradient (float32)": 2 * b_local * t_local * m.vocab_size // tp * 4,
   }
-  print(f"{path} {' '.join(overrides)}: {chips} chips (data x fsdp x context x tensor = {mesh.data} x {mesh.fsdp} x "
-        f"{n} x {tp}), {params / 1e9:.2f}B parameters, {cfg.train.batch_size} x {t:,} tokens")
+  print(f"{path} {' '.join(overrides)}: {chips} chips (data x fsdp x context x tensor = "
+        f"{mesh.data} x {mesh.fsdp} x {n} x {tp}), {params / 1e9:.2f}B parameters, "
+        f"{cfg.train.batch_size} x {t:,} tokens, MoBA {_moba_path(cfg)}")
   for key, value in gib.items():
     print(f"  {value / 2**30:9.2f} GiB  {key}")
   total = sum(gib.values()) / 2**30
