@@ -508,11 +508,13 @@ def check_query_offset(q, k, v, segment_ids, q_start) -> None:
   if n_q > seq:
     raise ValueError(f"q has {n_q} positions, more than the {seq} keys; with q_start, q is a "
                      "slice [q_start, q_start + Tq) of the key sequence")
-  if not isinstance(q_start, jax.core.Tracer):
+  try:
     start = int(q_start)
-    if not 0 <= start <= seq - n_q:
-      raise ValueError(f"q_start={start} must be in [0, {seq - n_q}] (keys T={seq} - queries "
-                       f"Tq={n_q})")
+  except jax.errors.JAXTypeError:  # traced: its value is not known here
+    start = None
+  if start is not None and not 0 <= start <= seq - n_q:
+    raise ValueError(f"q_start={start} must be in [0, {seq - n_q}] (keys T={seq} - queries "
+                     f"Tq={n_q})")
   accepted = " or ".join(dict.fromkeys((jnp.dtype(q.dtype).name, "float32")))
   for name, x in (("k", k), ("v", v)):
     if x.dtype not in (q.dtype, jnp.dtype(jnp.float32)):

@@ -23,9 +23,9 @@ dK/dV come out float32 and are rounded once, after the sum over shards.
 
 Memory: the shard function is rematerialized (`jax.checkpoint`), so what a layer keeps for its
 backward is the local q, k, v shards only (1/n of the sequence); the gathered keys and values
-(and the xla loop's float32 copies and block means) live only inside one layer's forward or
-backward, and the chunk budget of the query loops (64 MiB on one device) is split over the n
-shards. Communication per layer and device: the forward gathers (n-1)/n of K, V (compute dtype)
+(and the xla loop's float32 copies and block means, or the kernels' routing, block means and
+partial rows) live only inside one layer's forward or backward, and the chunk budget of the xla
+loop (64 MiB on one device) is split over the n shards. Communication per layer and device: the forward gathers (n-1)/n of K, V (compute dtype)
 and the segment ids, the backward reduce-scatters dK, dV (float32); the rematerialization may
 gather once more (XLA on the CPU reuses the forward's gather). docs/training.md has the measured
 bytes. Exchanging only the chosen blocks is not built (docs/training.md: it would save about half,
@@ -178,8 +178,9 @@ def context_parallel_attention(q, k, v, segment_ids, *, kind: str, mesh, seq_axe
   # Rematerialized: a layer keeps only its local shards for the backward (module docstring).
   # Except the TPU kernel interpreted (CPU tests): its interpreter (pltpu.InterpretParams) runs
   # callbacks that jax.checkpoint cannot rematerialize; the values are the same, only the memory
-  # differs. A Pallas call has no replication rule: the kernels' shard functions run unchecked
-  # (their collectives are the explicit gathers and reduce-scatters above).
+  # differs. The kernels' shard functions run with check_vma off: a pallas_call's outputs carry no
+  # varying-axes type (jax asks for manual_axis_type on its out_shape); their collectives are the
+  # explicit gathers and reduce-scatters above.
   remat = not (implementation == "pallas_tpu" and options.interpret) if kernel else True
   return jax.shard_map(jax.checkpoint(body) if remat else body, mesh=mesh,
                        in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
