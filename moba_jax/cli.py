@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import math
 import os
 import signal
 import sys
@@ -19,6 +21,32 @@ SUBCOMMANDS = {
     "plan": ("moba_jax.plan", "dry-run an experiment on a fake pod mesh: lowering, memory, shards"),
     "convert": ("moba_jax.convert", "Hugging Face Llama/Qwen2 checkpoints to a run dir and back"),
 }
+
+
+class UsageError(ValueError):
+  """A bad command line: the command prints it as one line and exits with 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """argparse for moba-jax commands: a mistake raises UsageError (one line, no usage block; the
+  usage is -h), which the command's main prints as `moba-jax CMD: message`, exit 2."""
+
+  def error(self, message):
+    raise UsageError(message)
+
+
+def number_arg(kind, lo):
+  """An argparse type: a finite int/float >= lo (argparse names the flag in its error)."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or not math.isfinite(value) or value < lo:
+      what = "an integer" if kind is int else "a finite number"
+      raise argparse.ArgumentTypeError(f"{text!r} must be {what} >= {lo}")
+    return value
+  return parse
 
 
 def usage() -> str:

@@ -511,7 +511,7 @@ def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | 
 
 
 def parser() -> argparse.ArgumentParser:
-  from moba_jax.generate import OneLineParser, number_arg
+  from moba_jax.cli import OneLineParser, number_arg
 
   p = OneLineParser(prog="moba-jax convert", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="direction", required=True, parser_class=OneLineParser,

@@ -50,6 +50,7 @@ import numpy as np
 
 from moba_jax import data as data_lib
 from moba_jax import generate as gen
+from moba_jax.cli import OneLineParser, UsageError, number_arg
 from moba_jax import rundir
 
 TASKS = ("passkey", "needle")
@@ -62,7 +63,6 @@ WORDS = ("falcon", "harbor", "violet", "copper", "meadow", "lantern", "glacier",
 RESULT = "retrieval"  # retrieval.json, retrieval.md, retrieval.png
 PROG = "moba-jax eval"
 
-UsageError = gen.UsageError
 
 
 # ----------------------------------------------------------------------------- command line
@@ -82,7 +82,7 @@ def _csv(kind, what: str):
 
 
 def parser() -> argparse.ArgumentParser:
-  p = gen.OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+  p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
   p.add_argument("checkpoint", help="a run dir or its checkpoints/ dir")
   p.add_argument("--task", choices=TASKS, default="passkey")
   p.add_argument("--lengths", type=_csv(int, "integers"), default=None,
@@ -90,15 +90,15 @@ def parser() -> argparse.ArgumentParser:
                       "its halvings, at most 4, that fit the prompt)")
   p.add_argument("--depths", type=_csv(float, "numbers in [0, 1]"), default=list(DEFAULT_DEPTHS),
                  help="relative needle depths in the haystack (default 0,0.25,0.5,0.75,1)")
-  p.add_argument("--samples", type=gen.number_arg(int, 1), default=10, help="prompts per cell")
-  p.add_argument("--seed", type=gen.number_arg(int, 0), default=0)
-  p.add_argument("--digits", type=gen.number_arg(int, 1), default=None,
+  p.add_argument("--samples", type=number_arg(int, 1), default=10, help="prompts per cell")
+  p.add_argument("--seed", type=number_arg(int, 0), default=0)
+  p.add_argument("--digits", type=number_arg(int, 1), default=None,
                  help="digits of the key (default: the config's data.passkey_len)")
   p.add_argument("--haystack", default="corpus",
                  help="corpus (default: the checkpoint's held-out text), a corpus dir or "
                       ".jsonl file, or synthetic")
   p.add_argument("--mode", choices=MODES, default="forward")
-  p.add_argument("--batch-size", type=gen.number_arg(int, 1), default=16,
+  p.add_argument("--batch-size", type=number_arg(int, 1), default=16,
                  help="prompts per forward pass")
   p.add_argument("--out", default=None, help="output dir (default: RUN_DIR/eval_<task>)")
   p.add_argument("--config", help="the config to use when none was saved with the checkpoint")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -28,31 +27,9 @@ import numpy as np
 
 from moba_jax import data as data_lib
 from moba_jax import rundir
+from moba_jax.cli import OneLineParser, UsageError, number_arg
 
 TEXT_VOCAB = 256 + data_lib.BYTE_OFFSET  # PAD, BOS, EOS, then the 256 bytes
-
-
-class UsageError(ValueError):
-  """A bad command line: printed as one line, exit 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-  def error(self, message):  # one line, no usage block
-    raise UsageError(message)
-
-
-def number_arg(kind, lo):
-  """An argparse type: a finite int/float >= lo (argparse names the flag in its error)."""
-  def parse(text):
-    try:
-      value = kind(text)
-    except ValueError:
-      value = None
-    if value is None or not math.isfinite(value) or value < lo:
-      what = "an integer" if kind is int else "a finite number"
-      raise argparse.ArgumentTypeError(f"{text!r} must be {what} >= {lo}")
-    return value
-  return parse
 
 
 def parser() -> argparse.ArgumentParser:

@@ -29,28 +29,32 @@ import subprocess
 import sys
 import time
 
+from moba_jax.cli import OneLineParser, UsageError, number_arg
+
 DEVICES_ENV = "MOBA_JAX_PLAN_DEVICES"  # set in the child that has the fake devices
 PLATFORMS = ("tpu", "cpu")  # lowering for gpu needs the GPU toolchain: not offered
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="moba-jax plan", description=__doc__.splitlines()[0])
+  p = OneLineParser(prog="moba-jax plan", description=__doc__.splitlines()[0])
   p.add_argument("args", nargs="*", help="[EXPERIMENT.toml or packaged name] [key=value ...] "
                  "(grid keys as for moba-jax grid: stage=pretrain, only=[1], ...)")
-  p.add_argument("--mesh-devices", type=int, required=True, help="devices of the mesh (fake)")
+  p.add_argument("--mesh-devices", type=number_arg(int, 1), required=True,
+                 help="devices of the mesh (fake)")
   p.add_argument("--platform", choices=PLATFORMS, default="tpu", help="lower for (default tpu)")
   p.add_argument("--no-compile", action="store_true",
                  help="skip the CPU compile that measures activation memory")
-  p.add_argument("--replicated-mib", type=float, default=1.0,
+  p.add_argument("--replicated-mib", type=number_arg(float, 0), default=1.0,
                  help="list state arrays held whole on every device above this size")
   return p
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = _parser().parse_intermixed_args(argv)
-  if args.mesh_devices < 1:
-    print(f"moba-jax plan: --mesh-devices={args.mesh_devices} must be >= 1", file=sys.stderr)
+  try:
+    args = _parser().parse_intermixed_args(argv)
+  except UsageError as e:
+    print(f"moba-jax plan: {e}", file=sys.stderr)
     return 2
   if os.environ.get(DEVICES_ENV) != str(args.mesh_devices):
     return _rerun_with_devices(argv, args.mesh_devices)

@@ -430,8 +430,9 @@ def attention_plan(cfg: Config) -> str:
   impl = {"moba": cfg.moba.implementation, "full": cfg.moba.full_implementation}
   names = [attention.resolve(k, impl[k], dtype=m.dtype, dense_bytes=dense) for k in kinds]
   context = getattr(getattr(cfg, "mesh", None), "context", 1)
-  if context > 1:  # attention() runs the context-parallel path (the xla loop) before resolving
-    names = [f"xla, context parallel over {context}"] * len(kinds)
+  if context > 1:  # attention() runs the context-parallel path, which resolves on its own
+    names = [f"{attention.resolve_context_parallel(k, impl[k])}, context parallel over {context}"
+             for k in kinds]
   runs, start = [], 0
   for i in range(1, len(kinds) + 1):
     if i == len(kinds) or (kinds[i], names[i]) != (kinds[start], names[start]):

@@ -96,10 +96,16 @@ def test_batch_rule_error_names_the_rule():
                          cfg.mesh.rules.as_tuples())
 
 
-def test_cli_mistake_is_one_line(capsys):
-  assert plan.main(["--mesh-devices", "0"]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh-devices", "0"], "argument --mesh-devices: '0' must be an integer >= 1"),
+    (["--mesh-devices", "x"], "argument --mesh-devices: 'x' must be an integer >= 1"),
+    ([], "the following arguments are required: --mesh-devices"),
+    (["--mesh-devices", "8", "--replicated-mib", "nan"], "'nan' must be a finite number >= 0"),
+])
+def test_cli_mistake_is_one_line(capsys, argv, message):
+  assert plan.main(argv) == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "--mesh-devices=0 must be >= 1" in err
+  assert err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.slow
