@@ -124,7 +124,7 @@ def _triton_params(num_warps):
 
 
 def _tpu_kernel(blocks_ref, valid_ref, n_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *,
-                block_size, n_sel, scale):
+                block_size, scale):
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   block = blocks_ref[b, h, s]
   pos = block * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)  # [L, 1]
@@ -169,7 +169,7 @@ def decode_partials_tpu(q, k, v, blocks, valid, n, *, block_size: int, scale: fl
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3, grid=(batch, heads, n_sel), in_specs=[q_spec, kv_spec, kv_spec],
       out_specs=[stat_spec, stat_spec, o_spec])
-  kernel = functools.partial(_tpu_kernel, block_size=block_size, n_sel=n_sel, scale=scale)
+  kernel = functools.partial(_tpu_kernel, block_size=block_size, scale=scale)
   m, l, acc = pl.pallas_call(
       kernel, grid_spec=grid_spec, name="moba_decode_tpu", interpret=interpret,
       out_shape=(stat, stat, jax.ShapeDtypeStruct((batch, 1, heads * n_sel * dim), jnp.float32)),

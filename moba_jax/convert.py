@@ -41,7 +41,6 @@ from moba_jax import rundir
 from moba_jax.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-HF_SUBDIR = "hf"  # a converted run dir's copy of the Hugging Face side files
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json")
 TOKENIZER_FILES = HF_FILES[2:]
@@ -414,14 +413,14 @@ def hf_to_orbax(hf_dir: str, out: str, overrides=()) -> object:
   cfg = run_config(hf, out, hf_dir, overrides)
   params = load_params(Tensors(hf_dir), cfg)
   if cfg.data.tokenizer == str(hf_dir / "tokenizer.json"):  # the run dir's own copy
-    tokenizer = str(out / HF_SUBDIR / "tokenizer.json")
+    tokenizer = str(out / rundir.HF / "tokenizer.json")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer))
   first = jax.process_index() == 0
   if first:
-    rundir.make_writable_dir(out / HF_SUBDIR, "OUT")
+    rundir.make_writable_dir(out / rundir.HF, "OUT")
     for name in HF_FILES:
       if (hf_dir / name).is_file():
-        shutil.copy2(hf_dir / name, out / HF_SUBDIR / name)
+        shutil.copy2(hf_dir / name, out / rundir.HF / name)
   meta = {"step": 0, "config": config_to_dict(cfg),
           "converted_from": {"dir": str(hf_dir), "architecture": hf["architectures"][0]}}
   ckpt.save_params(str(out), params, meta)  # every process writes its shards
@@ -438,7 +437,7 @@ def _template_dir(run_dir: Path | None, cfg, like: str | None) -> Path | None:
   directory of its data.tokenizer."""
   if like:
     return Path(like)
-  candidates = [run_dir / HF_SUBDIR] if run_dir else []
+  candidates = [run_dir / rundir.HF] if run_dir else []
   if cfg.data.tokenizer:
     candidates.append(Path(cfg.data.tokenizer).parent)
   return next((c for c in candidates if (c / "config.json").is_file()), None)

@@ -277,6 +277,7 @@ class DocTokens:
 
   def __init__(self, docs, tokenizer=None):
     self.docs, self.tok = docs, tokenizer
+    self.encoded = functools.lru_cache(maxsize=16)(self._encode)  # this instance's documents
     if tokenizer is None or tokenizer.byte_level:
       self.tok, self.lengths = None, docs.sizes + 2
     else:
@@ -288,8 +289,8 @@ class DocTokens:
       return text_tokens(self.docs[i], start, stop)
     return self.encoded(i)[start:stop]
 
-  @functools.lru_cache(maxsize=16)
-  def encoded(self, i: int) -> np.ndarray:
+  def _encode(self, i: int) -> np.ndarray:
+    """Document i's token ids (`encoded` is this, cached)."""
     from moba_jax.tokenizer import with_specials
 
     data, p = self.docs[i], int(self.docs.prompt_bytes[i])

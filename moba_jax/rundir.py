@@ -20,6 +20,7 @@ CHECKPOINTS = "checkpoints"  # Orbax CheckpointManager directory
 RUN_FILE = "grid_run.json"  # per-run record of the grid (variant, seed, status, error)
 EXPERIMENT = "experiment.json"  # a grid's resolved config and chart labels
 WORKER_LOG = "worker.log"  # output of a grid worker process
+HF = "hf"  # a converted run dir's copy of the Hugging Face side files (moba-jax convert)
 PARTIAL_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # an interrupted Orbax save in CHECKPOINTS
 
 
