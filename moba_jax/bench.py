@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from moba_jax.cli import OneLineParser
 from moba_jax import attention as attn
 from moba_jax import flops
 from moba_jax import moba as moba_lib
@@ -68,7 +69,7 @@ def _impls(text: str) -> str:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="moba-jax bench", description=__doc__.split("\n\n")[0])
+  p = OneLineParser(prog="moba-jax bench", description=__doc__.split("\n\n")[0])
   p.add_argument("--seqs", default=None, type=_seqs,
                  help="comma-separated sequence lengths (default: all)")
   p.add_argument("--configs", default=None, type=_configs,

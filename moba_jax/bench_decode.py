@@ -15,7 +15,6 @@ values; full: every key and value) and the floor = bytes / bandwidth (--bandwidt
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,6 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from moba_jax.cli import OneLineParser
 from moba_jax import decode
 from moba_jax.bench import int_list, time_ms
 
@@ -31,7 +31,7 @@ MAX_BATCH16_CACHE = 262144  # batch 16 x 512K of bf16 K/V (16 heads x 128) is 64
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="moba-jax bench --decode", description=__doc__.split("\n\n")[0])
+  p = OneLineParser(prog="moba-jax bench --decode", description=__doc__.split("\n\n")[0])
   p.add_argument("--caches", type=int_list, default=list(DEFAULT_CACHES), help="cache lengths")
   p.add_argument("--batches", type=int_list, default=[1, 16])
   p.add_argument("--heads", type=int, default=16)

@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, _stop)
   module = importlib.import_module(SUBCOMMANDS[name][0])
-  return int(module.main(rest) or 0)
+  try:
+    return int(module.main(rest) or 0)
+  except UsageError as e:  # a command-line mistake its main left to us: one line, exit 2
+    print(f"moba-jax {name}: {e}", file=sys.stderr)
+    return 2
 
 
 def _stop(signum, frame):

@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 
+from moba_jax.cli import OneLineParser
 from moba_jax import corpus
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="moba-jax data", description=__doc__.splitlines()[0])
+  p = OneLineParser(prog="moba-jax data", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
   code = sub.add_parser("code", help="source files (default: this interpreter's standard library)")
   code.add_argument("out", help="the corpus directory to write")

@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Iterator
 
+from moba_jax.cli import OneLineParser
 from moba_jax import report, rundir
 from moba_jax.config import (STAGES, Config, ExperimentConfig, experiment_to_dict, layer_kinds,
                              load_experiment_config)
@@ -347,7 +348,7 @@ def _run_pool(exp: ExperimentConfig, pre: RunSpec | None, todo: list[RunSpec],
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="moba-jax grid", description=__doc__.splitlines()[0],
+  p = OneLineParser(prog="moba-jax grid", description=__doc__.splitlines()[0],
                               epilog="Overrides: any config key (train.steps=100) and the grid "
                               f"keys {', '.join(ALIASES)} without their grid. prefix.")
   p.add_argument("args", nargs="*", help="[EXPERIMENT.toml or packaged name] [key=value ...]")

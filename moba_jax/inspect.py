@@ -8,13 +8,13 @@ CHECKPOINT_DIR may be a run dir (holding `checkpoints/`) or the checkpoints dir 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from moba_jax.cli import OneLineParser
 from moba_jax import rundir
 
 TMP_STEP = rundir.PARTIAL_STEP
@@ -244,7 +244,7 @@ def _format_run(run: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="moba-jax inspect", description=__doc__.splitlines()[0])
+  parser = OneLineParser(prog="moba-jax inspect", description=__doc__.splitlines()[0])
   parser.add_argument("checkpoint_dir", help="a run dir or its checkpoints/ dir")
   parser.add_argument("--step", type=int, default=None, help="step to list (default: latest)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,7 +14,6 @@ CSV/JSON too.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -24,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moba_jax.cli import OneLineParser
 from moba_jax import report_charts as charts
 from moba_jax import rundir
 from moba_jax.rundir import atomic_write, read_json
@@ -296,7 +296,7 @@ def write_results(out_dir: str | os.PathLike, *, chart: bool = True) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="moba-jax report", description=__doc__.splitlines()[0])
+  parser = OneLineParser(prog="moba-jax report", description=__doc__.splitlines()[0])
   parser.add_argument("out_dir", help="the grid's out_dir (holds pretrain/ and sft/)")
   parser.add_argument("--no-chart", action="store_true", help="skip the charts")
   parser.add_argument("--compare", metavar="OTHER_OUT_DIR",

@@ -216,6 +216,20 @@ def test_a_signal_while_jax_imports_is_one_line_not_a_traceback():
   assert proc.stderr == "moba-jax: stopped by SIGINT (exit 130)\n"
 
 
+@pytest.mark.parametrize("argv", [
+    ["report"], ["grid", "--bogus"], ["inspect", "x", "--step", "y"], ["data"], ["generate"],
+    ["eval"], ["convert"], ["plan"], ["bench", "--seqs", "x"], ["bench", "--decode", "--caches", "x"],
+])
+def test_every_commands_argument_mistakes_are_one_line(argv, capsys):
+  """Every subcommand's parser (cli.OneLineParser): a mistake is `moba-jax CMD: message` on one
+  line and exit 2, never argparse's usage block or a traceback."""
+  from moba_jax import cli
+
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"moba-jax {argv[0]}: ") and err.count("\n") == 1, err
+
+
 def test_killed_at_random_points_the_run_still_ends_bit_for_bit(tmp_path):
   """kill -9, SIGTERM twice in a row, SIGINT, at seeded random times (start-up, steps, the saves
   of every step, the final save and eval): rerunning the same command until it is done gives the
