@@ -102,7 +102,8 @@ def bench_attention(args, batch: int, cache: int) -> list[dict]:
         for s in (1, 2, 3, 4)]
   moba = lambda impl: (lambda q, c, n: decode.moba_step_attention(
       q, c, n, block_size=args.block, topk=args.topk, implementation=impl))
-  fns = {f"moba:{decode.resolve_decode(impl, args.dim)}": moba(impl) for impl in args.decode_impls}
+  name = lambda impl: decode.resolve_decode(impl, args.dim, args.block, layer.k.dtype)
+  fns = {f"moba:{name(impl)}": moba(impl) for impl in args.decode_impls}
   fns["full"] = decode.full_step_attention
   rows = []
   for impl, fn in fns.items():
