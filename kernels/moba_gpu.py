@@ -24,6 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from moba_jax.attention import KernelOptions
 from moba_jax.kernels import _routing as rt
+from moba_jax.kernels import moba_mgpu
 
 NEG = -1e30
 _PREC = jax.lax.Precision.HIGHEST  # IEEE float32 dots for float32 inputs; bf16 stays bf16
@@ -40,6 +41,17 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 2
   num_warps_dkv: int | None = None  # the dK/dV kernel's warps (None: num_warps)
+  # 64 or 128: the forward runs the Mosaic GPU kernel (kernels/moba_mgpu.py: TMA, wgmma, a
+  # producer warpgroup) with key chunks of this size; it needs block_q=128. 0: the Triton one.
+  mosaic_block_kv: int = 0
+
+  def __post_init__(self):
+    if self.mosaic_block_kv not in (0, 64, 128):
+      raise ValueError(f"mosaic_block_kv={self.mosaic_block_kv} must be 0 (the Triton forward), "
+                       "64 or 128")
+    if self.mosaic_block_kv and self.block_q != moba_mgpu.ROWS:
+      raise ValueError(f"mosaic_block_kv={self.mosaic_block_kv} needs block_q={moba_mgpu.ROWS} "
+                       f"(two warpgroups of 64 rows), got block_q={self.block_q}")
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
@@ -295,8 +307,17 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
   q's dtype for the products; their gradients come back in their own dtype."""
   batch, seq, heads, dim = q.shape
   dp = padded_head_dim(dim)
-  qf, kf, vf = (flat_rows(x.astype(q.dtype), dp) for x in (q, k, v))
-  o_rows, lse_rows = forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret)
+  if sizes.mosaic_block_kv:
+    kq, vq = k.astype(q.dtype), v.astype(q.dtype)
+    q_rows = moba_mgpu.gather_rows(q, routing.rq, k.shape[2], dims.groups)
+    nfree = moba_mgpu.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
+                                  routing.rq, sizes.mosaic_block_kv)
+    o_rows, lse_rows = moba_mgpu.forward_rows(
+        routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, q_rows, kq, vq,
+        scale=scale, block_kv=sizes.mosaic_block_kv, interpret=interpret)
+  else:
+    qf, kf, vf = (flat_rows(x.astype(q.dtype), dp) for x in (q, k, v))
+    o_rows, lse_rows = forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret)
   o_rows, pos = _query_major(o_rows, routing.pos, batch, dims)
   lse_rows = lse_rows.reshape(batch, -1)
   o, lse = rt.merge_rows(o_rows, lse_rows, pos)  # [B, T * H, Dp], [B, T * H]
@@ -433,6 +454,10 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
                         options):
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype))
+  if sizes.mosaic_block_kv:
+    why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
+    if why:
+      raise ValueError(f"tiles={list(options.tiles)}: {why}")
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
                           softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
                           q_start=q_start)

@@ -1,0 +1,138 @@
+"""The Mosaic GPU forward (kernels/moba_mgpu.py) against the float32 oracle and the Triton forward.
+
+Interpreted where JAX's Mosaic GPU interpreter runs TMA and barriers (jax >= 0.11), compiled on a
+Hopper GPU with `pytest --compiled`; lowered for CUDA everywhere (no GPU needed).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moba_jax import moba as moba_lib
+from moba_jax.kernels import _routing as rt
+from moba_jax.kernels import moba_gpu as mg
+from moba_jax.kernels import moba_mgpu as mm
+from tests import helpers
+from tests.helpers import packed_segments, random_qkv, rel_err, run
+
+RUNNABLE = (mm.interpreter_available() if not helpers.COMPILED
+            else jax.default_backend() == "gpu")
+needs_runner = pytest.mark.skipif(
+    not RUNNABLE, reason=f"jax {jax.__version__} cannot interpret a Mosaic GPU kernel with TMA "
+    "and barriers (jax >= 0.11 can); compiled runs need a Hopper GPU")
+
+
+def tiles(block_kv):
+  """pallas_gpu's BlockSizes fields in order, with the Mosaic forward on."""
+  return (128, 64, 64, 64, 4, 2, 4, block_kv)
+
+
+CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv)
+    "one_doc_d64": ((512,), 2, 2, 64, 64, 3, 64),
+    "gqa_docs_d128_block_off_8": ((250, 7, 343), 4, 2, 128, 36, 3, 64),
+    "gqa4_docs_d64_kv128": ((300, 212), 4, 1, 64, 96, 4, 128),
+}
+
+
+@needs_runner
+@pytest.mark.parametrize("name", list(CASES))
+def test_mosaic_forward_and_gradients_match_the_float32_reference(name):
+  """bf16 q, k, v; the oracle runs in float32 on the same (rounded) inputs; the bound is the
+  bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the rounded-down
+  TMA starts; the backward (Triton) runs on the Mosaic forward's output and log-sum-exp."""
+  lengths, heads, kv_heads, dim, block, topk, bkv = CASES[name]
+  q, k, v = random_qkv(7, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  seg = packed_segments(1, lengths)
+  ct = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
+  up = lambda x: x.astype(jnp.float32)
+  kw = dict(block_size=block, topk=topk)
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
+                       up(q), up(k), up(v))
+    want = (out, *vjp(up(ct)))
+  out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv), **kw),
+                     q, k, v)
+  for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want):
+    assert rel_err(up(a), b) < 1e-2, what
+
+
+@needs_runner
+def test_mosaic_rows_equal_the_triton_rows():
+  """Same routing, both forwards: every live partial row's log-sum-exp agrees to float32
+  rounding, and its output to the bf16 rounding of P (both round P to bf16 before P V)."""
+  lengths, heads, kv_heads, dim, block = (200, 184), 4, 2, 64, 40
+  q, k, v = random_qkv(9, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  seg = packed_segments(1, lengths)
+  routing, dims = rt.route(q, k, seg, block_size=block, topk=3, block_q=mm.ROWS)
+  scale = dim ** -0.5
+  sizes = mg.BlockSizes(*tiles(64))
+  interpret = not helpers.COMPILED
+
+  @jax.jit
+  def both(q, k, v):
+    q_rows = mm.gather_rows(q, routing.rq, kv_heads, heads // kv_heads)
+    nfree = mm.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi, routing.rq,
+                           64)
+    got = mm.forward_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, q_rows,
+                          k, v, scale=scale, block_kv=64, interpret=interpret)
+    flat = [mg.flat_rows(x, dim) for x in (q, k, v)]
+    want = mg.forward_rows(routing, dims, *flat, sizes, scale, interpret)
+    return got, want
+
+  (o, lse), (o_want, lse_want) = both(q, k, v)
+  live = np.asarray(routing.rq) >= 0
+  assert np.abs(np.asarray(lse) - np.asarray(lse_want))[live].max() < 1e-5
+  assert np.abs(np.asarray(o) - np.asarray(o_want))[live].max() < 1e-2
+
+
+def test_free_chunks_cover_only_whole_visible_chunks():
+  """A chunk counted free must be seen whole by every live row of its tile (the kernel skips its
+  mask); chunks start at the tile's first key rounded down to a multiple of 8."""
+  q, k, _ = random_qkv(4, 1, 600, 2, 1, 16)
+  seg = packed_segments(1, [300, 300])  # the second document starts off the 8-key grid
+  routing, _ = rt.route(q, k, seg, block_size=128, topk=3, block_q=mm.ROWS)
+  for bkv in (64, 128):
+    nf = np.asarray(mm.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
+                                   routing.rq, bkv))
+    ks = np.asarray(routing.tile_ks) // 8 * 8
+    rq, lo, hi = (np.asarray(x).reshape(*nf.shape, mm.ROWS)
+                  for x in (routing.rq, routing.lo, routing.hi))
+    for b, t in zip(*np.nonzero(nf)):
+      live = rq[b, t] >= 0
+      end = ks[b, t] + nf[b, t] * bkv
+      assert (lo[b, t][live] <= ks[b, t]).all() and (hi[b, t][live] >= end).all()
+    assert nf.sum() > 0  # sparse tiles of whole blocks exist here
+
+
+@pytest.mark.parametrize("dim, block_kv", [(128, 64), (128, 128), (64, 128)])
+def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
+  """The Pallas-to-Mosaic-GPU lowering of the forward runs on a CPU-only machine (it checks the
+  shared memory budget too): one Mosaic GPU custom call, no Triton one."""
+  seq = 512
+  seg = jnp.zeros((1, seq), jnp.int32)
+  q = jnp.zeros((1, seq, 4, dim), jnp.bfloat16)
+  k = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
+  from moba_jax.attention import KernelOptions
+  opts = KernelOptions(tiles=tiles(block_kv))
+  attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
+  text = jax.jit(attn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  assert "custom_call @mosaic_gpu" in text
+  assert "triton" not in text
+
+
+def test_mosaic_refusals_are_one_line_errors():
+  q = jnp.zeros((1, 64, 2, 48), jnp.bfloat16)
+  seg = jnp.zeros((1, 64), jnp.int32)
+  from moba_jax.attention import KernelOptions
+  with pytest.raises(ValueError, match="head_dim 64 or 128, got 48"):
+    mg.moba_attention_gpu(q, q, q, seg, block_size=16, topk=2,
+                          options=KernelOptions(tiles=tiles(64)))
+  q32 = jnp.zeros((1, 64, 2, 64), jnp.float32)
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    mg.moba_attention_gpu(q32, q32, q32, seg, block_size=16, topk=2,
+                          options=KernelOptions(tiles=tiles(64)))
+  with pytest.raises(ValueError, match="needs block_q=128"):
+    mg.BlockSizes(64, 64, 64, 64, 4, 2, 4, 64)
+  with pytest.raises(ValueError, match="mosaic_block_kv=32 must be"):
+    mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 32)
