@@ -14,6 +14,8 @@
 #   8: the compiled suite (slow cases included) as SHARDS processes side by side
 #   10: the compiled suite without the slow cases (6 shards), then the decode gate / step timing
 #       (tools/decode_sweep.py, default tiles) and the Mosaic GPU probe (tools/mgpu_probe.py)
+#   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
+#       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
 phase=${1:-1}; shift
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
@@ -97,4 +99,14 @@ if [ "$phase" = 10 ]; then
   timeout 100 python3 tools/decode_sweep.py --grid default --caches 8192,131072,1048576 \
     --batches 1,16 --inner 100 2>&1 | grep -v WARNING | grep -E "gate_only|^ *[0-9]|batch" | tee $OUT/gate.txt
   timeout 90 python3 tools/mgpu_probe.py --seqs 32768 --causal 0 2>&1 | grep -vi warning | tail -5 | tee $OUT/mgpu.txt
+fi
+if [ "$phase" = 11 ]; then  # the Mosaic GPU forward: compiled tests, then default tiles and TILES
+  timeout "${STEP_S:-240}" python3 -m pytest -q --compiled -p no:cacheprovider tests/test_mosaic.py \
+    2>&1 | tail -8 | tee $OUT/check.txt
+  for t in default "$@"; do
+    extra=""; [ "$t" != default ] && extra="--gpu-block-sizes $t"
+    echo "== tiles $t" | tee -a $OUT/mosaic.txt
+    STEP_S=${BENCH_S:-120} bench --impls pallas_gpu --seqs ${SEQS:-32768} --configs ${CONFIGS:-512:3} \
+      --repeats 10 $extra 2>&1 | grep -v "^WARNING" | tee -a $OUT/mosaic.txt
+  done
 fi
