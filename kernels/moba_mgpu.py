@@ -63,8 +63,8 @@ def refusal(dtype, head_dim, block_q, interpret=False) -> str | None:
 
 
 def stages_for(block_kv: int, head_dim: int, itemsize: int = 2) -> int:
-  """Slots of the K/V ring that fit beside Q (2 x 64 rows), the float32 output staging and lse."""
-  fixed = ROWS * head_dim * itemsize + 4 * ROWS * 4
+  """Slots of the K/V ring that fit beside two Q buffers (128 rows each), lse and [lo, hi)."""
+  fixed = 2 * ROWS * head_dim * itemsize + 5 * ROWS * 4
   per_slot = 2 * block_kv * head_dim * itemsize
   return max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
 
@@ -122,130 +122,191 @@ def free_chunks(ks, ke, lo, hi, rq, block_kv):
   return jnp.minimum(n, n_all).astype(jnp.int32)
 
 
-def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interpret=False):
+def num_ctas(interpret: bool) -> int:
+  """CTAs of the persistent grid: one per SM of the GPU (3 when interpreted: several tiles per
+  CTA, as on the GPU)."""
+  if interpret:
+    return 3
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interpret=False,
+                 ctas=None):
   """Partial rows of every routing tile: o [BK, R, D] float32 and lse [BK, R] float32.
 
   ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
   [BK, R] int32 (each row's visible keys); q_rows [BK, R, D] (`gather_rows`); k, v [B, T, K, D]
-  in q_rows' dtype."""
+  in q_rows' dtype.
+
+  Persistent: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles round-robin (consecutive
+  CTAs, consecutive tiles of one kv head: neighbours share key blocks in L2). The producer's ring
+  of K/V slots runs on across tiles, and it loads the next tile's query rows into the second of
+  two Q buffers, so a tile's loads overlap the previous tile's compute."""
   bk_n, rows, dim = q_rows.shape
   batch, seq, kv_heads, _ = k.shape
   n_tiles = rows // ROWS
+  items = bk_n * n_tiles
+  n_ctas = min(items, ctas or num_ctas(interpret))
   dtype = q_rows.dtype
   bkv = block_kv
   stages = stages_for(bkv, dim, jnp.dtype(dtype).itemsize)
   qk_scale = scale * LOG2E
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
 
   def kernel(ks_ref, ke_ref, nf_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
-    (q_smem2, k_smem, v_smem, lse_smem2, lo_smem2, hi_smem2), bars, frees = scoped
+    (q_smem, k_smem, v_smem, lse_smem, lo_smem, hi_smem), bars, frees = scoped
     q_bars, lo_bars, hi_bars, k_bars, v_bars = bars
-    k_free, v_free = frees
-    tile, bk, wg = lax.axis_index("tile"), lax.axis_index("bk"), lax.axis_index("wg")
-    b = lax.div(bk, jnp.int32(kv_heads))
-    kvh = lax.rem(bk, jnp.int32(kv_heads))
-    # TMA boxes into the (8, x)-tiled SMEM start on a multiple of 8 rows: keys before the tile's
-    # first one are masked like any other invisible key.
-    ks = lax.div(ks_ref[bk, tile], jnp.int32(8)) * 8
-    n = lax.div(ke_ref[bk, tile] - ks + (bkv - 1), jnp.int32(bkv))
+    q_free, k_free, v_free = frees
+    cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+    my_items = lax.div(jnp.int32(items - 1) - cta, jnp.int32(n_ctas)) + 1
+
+    def item(i):  # the i-th tile of this CTA: (bk, tile, first key (a multiple of 8), chunks)
+      w = cta + i * n_ctas
+      bk, tile = lax.div(w, jnp.int32(n_tiles)), lax.rem(w, jnp.int32(n_tiles))
+      # TMA boxes into the (8, x)-tiled SMEM start on a multiple of 8 rows: keys before the
+      # tile's first one are masked like any other invisible key.
+      ks = lax.div(ks_ref[bk, tile], jnp.int32(8)) * 8
+      n = jnp.maximum(lax.div(ke_ref[bk, tile] - ks + (bkv - 1), jnp.int32(bkv)), 0)
+      return bk, tile, ks, n
 
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      r0 = tile * ROWS + wg * WG_ROWS
-      q_smem = q_smem2.at[wg]
-      lse_smem, lo_smem, hi_smem = lse_smem2.at[wg], lo_smem2.at[wg], hi_smem2.at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[bk, pl.ds(r0, WG_ROWS)], q_smem, q_bars.at[wg])
-      plgpu.copy_gmem_to_smem(lo_ref.at[bk, pl.ds(r0, WG_ROWS)], lo_smem, lo_bars.at[wg])
-      plgpu.copy_gmem_to_smem(hi_ref.at[bk, pl.ds(r0, WG_ROWS)], hi_smem, hi_bars.at[wg])
-      for bar in (q_bars, lo_bars, hi_bars):
-        plgpu.barrier_wait(bar.at[wg])
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      lo = _load(lo_smem, row_layout)
-      hi = _load(hi_smem, row_layout)
       col = lambda x: lax.broadcast_in_dim(x, (WG_ROWS, bkv), [0])
 
-      def step(s, carry, masked):
-        acc, m, l = carry
-        slot = lax.rem(s, jnp.int32(stages))
-        plgpu.barrier_wait(k_bars.at[slot])
+      def tile_rows(i, g):
+        bk, tile, ks, n = item(i)
+        buf = lax.rem(i, 2)
+        mine = buf * 2 + wg
+        for bar in (q_bars, lo_bars, hi_bars):
+          plgpu.barrier_wait(bar.at[mine])
+        q_w = q_smem.at[mine]
+        lo = _load(lo_smem.at[mine], row_layout)
+        hi = _load(hi_smem.at[mine], row_layout)
 
-        def qk_fn(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, _transpose(k_smem.at[slot]))
-          return acc_ref[...]
+        def step(s, carry, masked):
+          acc, m, l = carry
+          slot = lax.rem(g + s, jnp.int32(stages))
+          plgpu.barrier_wait(k_bars.at[slot])
 
-        qk = pl.run_scoped(qk_fn, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot])
-        x = qk * qk_scale
-        if masked:
-          kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
-          kpos = kpos + (ks + s * bkv)
-          vis = (kpos >= col(lo)) & (kpos < col(hi))
-          x = jnp.where(vis, x, NEG)
-        m_new = jnp.maximum(m, x.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(x - col(m_new))
-        if masked:
-          p = jnp.where(vis, p, 0.0)
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        p16 = p.astype(dtype)
-        plgpu.barrier_wait(v_bars.at[slot])
-        acc = _mma_add(acc, p16, v_smem.at[slot], interpret)
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l
+          def qk_fn(acc_ref):
+            plgpu.wgmma(acc_ref, q_w, _transpose(k_smem.at[slot]))
+            return acc_ref[...]
 
-      acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA)
-      m = plgpu.layout_cast(jnp.full((WG_ROWS,), NEG, jnp.float32), row_layout)
-      l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
-      nf = jnp.minimum(nf_ref[bk, tile], n)
-      carry = lax.fori_loop(0, nf, functools.partial(step, masked=False), (acc, m, l))
-      acc, m, l = lax.fori_loop(nf, n, functools.partial(step, masked=True), carry)
+          qk = pl.run_scoped(qk_fn, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+          plgpu.barrier_arrive(k_free.at[slot])
+          x = qk * qk_scale
+          if masked:
+            kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1,
+                                          layout=plgpu.Layout.WGMMA)
+            kpos = kpos + (ks + s * bkv)
+            vis = (kpos >= col(lo)) & (kpos < col(hi))
+            x = jnp.where(vis, x, NEG)
+          m_new = jnp.maximum(m, x.max(axis=1))
+          alpha = jnp.exp2(m - m_new)
+          p = jnp.exp2(x - col(m_new))
+          if masked:
+            p = jnp.where(vis, p, 0.0)
+          l = l * alpha + p.sum(axis=1)
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          p16 = p.astype(dtype)
+          plgpu.barrier_wait(v_bars.at[slot])
+          acc = _mma_add(acc, p16, v_smem.at[slot], interpret)
+          plgpu.barrier_arrive(v_free.at[slot])
+          return acc, m_new, l
 
-      ok = l > 0
-      l_safe = jnp.where(ok, l, 1.0)
-      o_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-      lse_smem[...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
+        acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(jnp.full((WG_ROWS,), NEG, jnp.float32), row_layout)
+        l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
+        nf = jnp.minimum(nf_ref[bk, tile], n)
+        carry = lax.fori_loop(0, nf, functools.partial(step, masked=False), (acc, m, l))
+        acc, m, l = lax.fori_loop(nf, n, functools.partial(step, masked=True), carry)
+        plgpu.barrier_arrive(q_free.at[buf])  # this buffer's rows are read: the producer may refill
+
+        ok = l > 0
+        l_safe = jnp.where(ok, l, 1.0)
+        r0 = tile * ROWS + wg * WG_ROWS
+        o_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's lse left lse_smem
+        lse_smem.at[wg][...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
+        return g + n
+
+      lax.fori_loop(0, my_items, tile_rows, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def load(s, slot):
-        at = (b, pl.ds(ks + s * bkv, bkv), kvh)
-        plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_bars.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_bars.at[slot])
+      def tile_loads(i, g):
+        bk, tile, ks, n = item(i)
+        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
+        buf = lax.rem(i, 2)
 
-      for s in range(stages):  # fill the ring
-        pl.when(s < n)(functools.partial(load, s, s))
+        @pl.when(i >= 2)
+        def _():
+          plgpu.barrier_wait(q_free.at[buf])  # both warpgroups are done with tile i - 2
 
-      def refill(s, _):
-        slot = lax.rem(s, jnp.int32(stages))
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        load(s, slot)
+        for w in range(2):
+          rows_w = pl.ds(tile * ROWS + w * WG_ROWS, WG_ROWS)
+          at = buf * 2 + w
+          plgpu.copy_gmem_to_smem(q_ref.at[bk, rows_w], q_smem.at[at], q_bars.at[at])
+          plgpu.copy_gmem_to_smem(lo_ref.at[bk, rows_w], lo_smem.at[at], lo_bars.at[at])
+          plgpu.copy_gmem_to_smem(hi_ref.at[bk, rows_w], hi_smem.at[at], hi_bars.at[at])
 
-      lax.fori_loop(jnp.int32(stages), n, refill, None)
+        def load(s, _):
+          slot = lax.rem(g + s, jnp.int32(stages))
+
+          @pl.when(g + s >= stages)
+          def _():  # the slot's previous keys are consumed by both warpgroups
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+          at = (b, pl.ds(ks + s * bkv, bkv), kvh)
+          plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_bars.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_bars.at[slot])
+
+        lax.fori_loop(0, n, load, None)
+        return g + n
+
+      g_end = lax.fori_loop(0, my_items, tile_loads, jnp.int32(0))
+      # Drain: observe the releases of the last keys and query rows (no phase left unseen when
+      # the barriers go; the CTA ends after every SMEM read).
+      for j in range(stages):
+        gs = g_end - stages + j
+
+        @pl.when(gs >= 0)
+        def _():
+          slot = lax.rem(gs, jnp.int32(stages))
+          plgpu.barrier_wait(k_free.at[slot])
+          plgpu.barrier_wait(v_free.at[slot])
+
+      for j in (2, 1):
+        @pl.when(my_items >= j)
+        def _():
+          plgpu.barrier_wait(q_free.at[lax.rem(my_items - j, 2)])
 
   def moba_mgpu_fwd(*refs):  # the kernel's name in profiles
     scratch = (
-        _tiled((2, WG_ROWS, dim), dtype),
+        _tiled((4, WG_ROWS, dim), dtype),  # Q: (buffer, warpgroup) -> 64 rows
         _tiled((stages, bkv, dim), dtype),
         _tiled((stages, bkv, dim), dtype),
         plgpu.SMEM((2, WG_ROWS), jnp.float32),
-        plgpu.SMEM((2, WG_ROWS), jnp.int32),
-        plgpu.SMEM((2, WG_ROWS), jnp.int32),
+        plgpu.SMEM((4, WG_ROWS), jnp.int32),
+        plgpu.SMEM((4, WG_ROWS), jnp.int32),
     )
-    bars = (plgpu.Barrier(num_barriers=2),) * 3 + (plgpu.Barrier(num_barriers=stages),) * 2
-    frees = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
+    bars = (plgpu.Barrier(num_barriers=4),) * 3 + (plgpu.Barrier(num_barriers=stages),) * 2
+    frees = (plgpu.Barrier(num_arrivals=2, num_barriers=2),
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *s: kernel(*refs, s), scratch, bars, frees, collective_axes="wg")
 
   kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
       "compiler_params": plgpu.CompilerParams(approx_math=True)}
   out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), jnp.float32),
               jax.ShapeDtypeStruct((bk_n, rows), jnp.float32))
-  return plgpu.kernel(moba_mgpu_fwd, out_type=out_type, grid=(n_tiles, bk_n),
-                      grid_names=("tile", "bk"), num_threads=3, thread_name="wg", **kwargs)(
+  return plgpu.kernel(moba_mgpu_fwd, out_type=out_type, grid=(n_ctas,), grid_names=("cta",),
+                      num_threads=3, thread_name="wg", **kwargs)(
                           ks, ke, nfree, lo, hi, q_rows, k, v)
