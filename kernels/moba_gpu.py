@@ -44,8 +44,15 @@ class BlockSizes:
   # 64 or 128: the forward runs the Mosaic GPU kernel (kernels/moba_mgpu.py: TMA, wgmma, a
   # producer warpgroup) with key chunks of this size; it needs block_q=128. 0: the Triton one.
   mosaic_block_kv: int = 0
+  # 1: dQ runs the Mosaic GPU kernel (key chunks of 64; it needs block_q=128). 0: the Triton one.
+  mosaic_dq: int = 0
 
   def __post_init__(self):
+    if self.mosaic_dq not in (0, 1):
+      raise ValueError(f"mosaic_dq={self.mosaic_dq} must be 0 (the Triton dQ) or 1")
+    if self.mosaic_dq and self.block_q != moba_mgpu.ROWS:
+      raise ValueError(f"mosaic_dq=1 needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 rows), "
+                       f"got block_q={self.block_q}")
     if self.mosaic_block_kv not in (0, 64, 128):
       raise ValueError(f"mosaic_block_kv={self.mosaic_block_kv} must be 0 (the Triton forward), "
                        "64 or 128")
@@ -325,6 +332,23 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
   return o.reshape(batch, seq, heads, dp)[..., :dim], (o, lse)
 
 
+MOSAIC_DQ_BLOCK_KV = 64  # two 16-bit row matrices (Q, dO) double-buffered leave room for 64-key slots
+
+
+def _mosaic_dq_rows(q, k, v, do, routing, lse, delta, dims, scale, interpret):
+  """dQ partial rows [BK, R, D] float32 from the Mosaic GPU kernel (q, k, v, do [B, T, *, D])."""
+  kv_heads, groups = k.shape[2], dims.groups
+  live = routing.rq >= 0
+  rows = lambda x: moba_mgpu.gather_rows(x, routing.rq, kv_heads, groups)
+  vec = lambda x: rows(x.reshape(q.shape[:3] + (1,)))[..., 0]  # [B, T * H] -> [BK, R]
+  lse_r = jnp.where(live, vec(lse), jnp.inf)  # padding rows: p = 0
+  nfree = moba_mgpu.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
+                                routing.rq, MOSAIC_DQ_BLOCK_KV)
+  return moba_mgpu.dq_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, lse_r,
+                           vec(delta), rows(q), rows(do.astype(q.dtype)), k, v, scale=scale,
+                           block_kv=MOSAIC_DQ_BLOCK_KV, interpret=interpret)
+
+
 def _dkdv_items(routing, dims, sizes, seq):
   """dK/dV work items, each (first key, r0, ru, r1, g0, g1) per program (see `_dkdv_kernel`).
 
@@ -385,12 +409,16 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
-  args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
-          lse, delta)
-  kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
-  dq_rows = _call(kernel, (dims.tiles, batch_kv), args,
-                  jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
-                  _row_specs(bq, dp)[0], sizes, interpret)
+  if sizes.mosaic_dq:
+    dq_rows = _mosaic_dq_rows(q, k.astype(q.dtype), v.astype(q.dtype), do, routing, lse, delta,
+                              dims, scale, interpret)
+  else:
+    args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
+            lse, delta)
+    kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
+    dq_rows = _call(kernel, (dims.tiles, batch_kv), args,
+                    jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
+                    _row_specs(bq, dp)[0], sizes, interpret)
   dq = rt.gather_rows_sum(*_query_major(dq_rows, routing.pos, batch, dims))  # [B, T * H, Dp]
   dq = dq.reshape(q.shape[:3] + (dp,))[..., :dim].astype(q.dtype)
 
@@ -454,7 +482,7 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
                         options):
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype))
-  if sizes.mosaic_block_kv:
+  if sizes.mosaic_block_kv or sizes.mosaic_dq:
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:
       raise ValueError(f"tiles={list(options.tiles)}: {why}")

@@ -62,9 +62,10 @@ def refusal(dtype, head_dim, block_q, interpret=False) -> str | None:
   return None
 
 
-def stages_for(block_kv: int, head_dim: int, itemsize: int = 2) -> int:
-  """Slots of the K/V ring that fit beside two Q buffers (128 rows each), lse and [lo, hi)."""
-  fixed = 2 * ROWS * head_dim * itemsize + 5 * ROWS * 4
+def stages_for(block_kv: int, head_dim: int, itemsize: int = 2, mats: int = 1) -> int:
+  """Slots of the K/V ring that fit beside `mats` double-buffered row matrices (Q; Q and dO for
+  dQ: 128 rows each) and the row vectors."""
+  fixed = 2 * mats * ROWS * head_dim * itemsize + 10 * ROWS * 4
   per_slot = 2 * block_kv * head_dim * itemsize
   return max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
 
@@ -130,32 +131,59 @@ def num_ctas(interpret: bool) -> int:
   return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interpret=False,
-                 ctas=None):
-  """Partial rows of every routing tile: o [BK, R, D] float32 and lse [BK, R] float32.
+class _Slot:
+  """One step's K/V ring slot, as the consumer's step function sees it: wait for its keys or
+  values, and release them once read (both compute warpgroups must release a slot)."""
 
-  ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
-  [BK, R] int32 (each row's visible keys); q_rows [BK, R, D] (`gather_rows`); k, v [B, T, K, D]
-  in q_rows' dtype.
+  def __init__(self, slot, k_smem, v_smem, bars, frees):
+    self.k, self.v = k_smem.at[slot], v_smem.at[slot]
+    self._bars, self._frees, self._slot = bars, frees, slot
 
-  Persistent: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles round-robin (consecutive
-  CTAs, consecutive tiles of one kv head: neighbours share key blocks in L2). The producer's ring
-  of K/V slots runs on across tiles, and it loads the next tile's query rows into the second of
-  two Q buffers, so a tile's loads overlap the previous tile's compute."""
-  bk_n, rows, dim = q_rows.shape
+  def wait_k(self):
+    plgpu.barrier_wait(self._bars[0].at[self._slot])
+
+  def wait_v(self):
+    plgpu.barrier_wait(self._bars[1].at[self._slot])
+
+  def free_k(self):
+    plgpu.barrier_arrive(self._frees[0].at[self._slot])
+
+  def free_v(self):
+    plgpu.barrier_arrive(self._frees[1].at[self._slot])
+
+
+def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
+               lse_out, interpret, ctas):
+  """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
+  round-robin (consecutive CTAs, consecutive tiles of one kv head: neighbours share key blocks in
+  L2). Three warpgroups: two compute (64 rows each), one producer whose ring of K/V slots runs
+  on across tiles and which loads the next tile's rows into the second of two buffers, so a
+  tile's loads overlap the previous tile's compute.
+
+  mats: row matrices [BK, R, D] (16-bit) the compute warpgroups read from SMEM (wgmma operands);
+  vecs: row vectors [BK, R] (lo and hi first) they read into registers. Per tile and warpgroup:
+  carry = init(vecs); carry = step(carry, s, mats_smem, slot: _Slot, kpos, vecs, masked) for each
+  key chunk s (kpos: the chunk's key positions, [64, Bk] int32, for the mask); then
+  finish(carry, vecs, outs, bk, r0, lse_smem) writes the outputs (lse_smem: a [64] float32
+  staging buffer for a TMA store when lse_out)."""
+  bk_n, rows, dim = mats[0].shape
   batch, seq, kv_heads, _ = k.shape
   n_tiles = rows // ROWS
   items = bk_n * n_tiles
   n_ctas = min(items, ctas or num_ctas(interpret))
-  dtype = q_rows.dtype
+  dtype = mats[0].dtype
   bkv = block_kv
-  stages = stages_for(bkv, dim, jnp.dtype(dtype).itemsize)
-  qk_scale = scale * LOG2E
+  stages = stages_for(bkv, dim, jnp.dtype(dtype).itemsize, len(mats))
   row_layout = plgpu.Layout.WGMMA.reduce(1)
+  n_in, n_mats, n_vecs = 3 + len(mats) + len(vecs) + 2, len(mats), len(vecs)
 
-  def kernel(ks_ref, ke_ref, nf_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
-    (q_smem, k_smem, v_smem, lse_smem, lo_smem, hi_smem), bars, frees = scoped
-    q_bars, lo_bars, hi_bars, k_bars, v_bars = bars
+  def kernel(*refs):
+    ks_ref, ke_ref, nf_ref = refs[:3]
+    mat_refs = refs[3:3 + n_mats]
+    vec_refs = refs[3 + n_mats:3 + n_mats + n_vecs]
+    k_ref, v_ref = refs[n_in - 2:n_in]
+    outs = refs[n_in:-1]
+    (mat_smem, vec_smem, k_smem, v_smem, lse_smem), (mat_bars, vec_bars, kv_bars), frees = refs[-1]
     q_free, k_free, v_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     my_items = lax.div(jnp.int32(items - 1) - cta, jnp.int32(n_ctas)) + 1
@@ -172,69 +200,33 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      col = lambda x: lax.broadcast_in_dim(x, (WG_ROWS, bkv), [0])
 
       def tile_rows(i, g):
         bk, tile, ks, n = item(i)
         buf = lax.rem(i, 2)
         mine = buf * 2 + wg
-        for bar in (q_bars, lo_bars, hi_bars):
-          plgpu.barrier_wait(bar.at[mine])
-        q_w = q_smem.at[mine]
-        lo = _load(lo_smem.at[mine], row_layout)
-        hi = _load(hi_smem.at[mine], row_layout)
+        for bars in mat_bars + vec_bars:
+          plgpu.barrier_wait(bars.at[mine])
+        mats_w = [m.at[mine] for m in mat_smem]
+        vecs_w = [_load(x.at[mine], row_layout) for x in vec_smem]
 
-        def step(s, carry, masked):
-          acc, m, l = carry
-          slot = lax.rem(g + s, jnp.int32(stages))
-          plgpu.barrier_wait(k_bars.at[slot])
+        def chunk(s, carry, masked):
+          slot = _Slot(lax.rem(g + s, jnp.int32(stages)), k_smem, v_smem, kv_bars, (k_free, v_free))
+          kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
+          return step(carry, s, mats_w, slot, kpos + (ks + s * bkv), vecs_w, masked)
 
-          def qk_fn(acc_ref):
-            plgpu.wgmma(acc_ref, q_w, _transpose(k_smem.at[slot]))
-            return acc_ref[...]
-
-          qk = pl.run_scoped(qk_fn, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
-          plgpu.barrier_arrive(k_free.at[slot])
-          x = qk * qk_scale
-          if masked:
-            kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1,
-                                          layout=plgpu.Layout.WGMMA)
-            kpos = kpos + (ks + s * bkv)
-            vis = (kpos >= col(lo)) & (kpos < col(hi))
-            x = jnp.where(vis, x, NEG)
-          m_new = jnp.maximum(m, x.max(axis=1))
-          alpha = jnp.exp2(m - m_new)
-          p = jnp.exp2(x - col(m_new))
-          if masked:
-            p = jnp.where(vis, p, 0.0)
-          l = l * alpha + p.sum(axis=1)
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          p16 = p.astype(dtype)
-          plgpu.barrier_wait(v_bars.at[slot])
-          acc = _mma_add(acc, p16, v_smem.at[slot], interpret)
-          plgpu.barrier_arrive(v_free.at[slot])
-          return acc, m_new, l
-
-        acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA)
-        m = plgpu.layout_cast(jnp.full((WG_ROWS,), NEG, jnp.float32), row_layout)
-        l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
         nf = jnp.minimum(nf_ref[bk, tile], n)
-        carry = lax.fori_loop(0, nf, functools.partial(step, masked=False), (acc, m, l))
-        acc, m, l = lax.fori_loop(nf, n, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(0, nf, functools.partial(chunk, masked=False), init(vecs_w))
+        carry = lax.fori_loop(nf, n, functools.partial(chunk, masked=True), carry)
         plgpu.barrier_arrive(q_free.at[buf])  # this buffer's rows are read: the producer may refill
-
-        ok = l > 0
-        l_safe = jnp.where(ok, l, 1.0)
-        r0 = tile * ROWS + wg * WG_ROWS
-        o_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's lse left lse_smem
-        lse_smem.at[wg][...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
+        if lse_out:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's lse left lse_smem
+        finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, lse_smem.at[wg])
         return g + n
 
       lax.fori_loop(0, my_items, tile_rows, jnp.int32(0))
-      plgpu.wait_smem_to_gmem(0)
+      if lse_out:
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _producer():
@@ -252,9 +244,8 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
         for w in range(2):
           rows_w = pl.ds(tile * ROWS + w * WG_ROWS, WG_ROWS)
           at = buf * 2 + w
-          plgpu.copy_gmem_to_smem(q_ref.at[bk, rows_w], q_smem.at[at], q_bars.at[at])
-          plgpu.copy_gmem_to_smem(lo_ref.at[bk, rows_w], lo_smem.at[at], lo_bars.at[at])
-          plgpu.copy_gmem_to_smem(hi_ref.at[bk, rows_w], hi_smem.at[at], hi_bars.at[at])
+          for src, dst, bars in zip(mat_refs + vec_refs, mat_smem + vec_smem, mat_bars + vec_bars):
+            plgpu.copy_gmem_to_smem(src.at[bk, rows_w], dst.at[at], bars.at[at])
 
         def load(s, _):
           slot = lax.rem(g + s, jnp.int32(stages))
@@ -265,14 +256,14 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
             plgpu.barrier_wait(v_free.at[slot])
 
           at = (b, pl.ds(ks + s * bkv, bkv), kvh)
-          plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_bars.at[slot])
-          plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_bars.at[slot])
+          plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], kv_bars[0].at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], kv_bars[1].at[slot])
 
         lax.fori_loop(0, n, load, None)
         return g + n
 
       g_end = lax.fori_loop(0, my_items, tile_loads, jnp.int32(0))
-      # Drain: observe the releases of the last keys and query rows (no phase left unseen when
+      # Drain: observe the releases of the last keys and rows (no barrier phase left unseen when
       # the barriers go; the CTA ends after every SMEM read).
       for j in range(stages):
         gs = g_end - stages + j
@@ -288,25 +279,145 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
         def _():
           plgpu.barrier_wait(q_free.at[lax.rem(my_items - j, 2)])
 
-  def moba_mgpu_fwd(*refs):  # the kernel's name in profiles
+  def body(*refs):
     scratch = (
-        _tiled((4, WG_ROWS, dim), dtype),  # Q: (buffer, warpgroup) -> 64 rows
+        tuple(_tiled((4, WG_ROWS, dim), dtype) for _ in mats),  # (buffer, warpgroup) -> 64 rows
+        tuple(plgpu.SMEM((4, WG_ROWS), x.dtype) for x in vecs),
         _tiled((stages, bkv, dim), dtype),
         _tiled((stages, bkv, dim), dtype),
         plgpu.SMEM((2, WG_ROWS), jnp.float32),
-        plgpu.SMEM((4, WG_ROWS), jnp.int32),
-        plgpu.SMEM((4, WG_ROWS), jnp.int32),
     )
-    bars = (plgpu.Barrier(num_barriers=4),) * 3 + (plgpu.Barrier(num_barriers=stages),) * 2
+    four = plgpu.Barrier(num_barriers=4)
+    bars = ((four,) * n_mats, (four,) * n_vecs, (plgpu.Barrier(num_barriers=stages),) * 2)
     frees = (plgpu.Barrier(num_arrivals=2, num_barriers=2),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages))
-    pl.run_scoped(lambda *s: kernel(*refs, s), scratch, bars, frees, collective_axes="wg")
+    pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
+  body.__name__ = name  # the kernel's name in profiles
   kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
       "compiler_params": plgpu.CompilerParams(approx_math=True)}
+  return plgpu.kernel(body, out_type=out_type, grid=(n_ctas,), grid_names=("cta",),
+                      num_threads=3, thread_name="wg", **kwargs)(
+                          ks, ke, nfree, *mats, *vecs, k, v)
+
+
+def _row_mask(kpos, lo, hi):
+  col = lambda x: lax.broadcast_in_dim(x, kpos.shape, [0])
+  return (kpos >= col(lo)) & (kpos < col(hi))
+
+
+def _zeros_rows(dim, fill=0.0):
+  return plgpu.layout_cast(jnp.full((WG_ROWS, dim), fill, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _row_vector(fill):
+  return plgpu.layout_cast(jnp.full((WG_ROWS,), fill, jnp.float32),
+                           plgpu.Layout.WGMMA.reduce(1))
+
+
+def _scores(q_w, slot):
+  """S = Q K^T [64, Bk] float32 on wgmma; the keys are released once read."""
+  slot.wait_k()
+
+  def qk_fn(acc_ref):
+    plgpu.wgmma(acc_ref, q_w, _transpose(slot.k))
+    return acc_ref[...]
+
+  return pl.run_scoped(qk_fn, plgpu.ACC((WG_ROWS, slot.k.shape[0]), jnp.float32))
+
+
+def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interpret=False,
+                 ctas=None):
+  """Partial rows of every routing tile: o [BK, R, D] float32 and lse [BK, R] float32.
+
+  ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
+  [BK, R] int32 (each row's visible keys); q_rows [BK, R, D] (`gather_rows`); k, v [B, T, K, D]
+  in q_rows' dtype. Online softmax in the exp2 domain; P V with P from registers."""
+  bk_n, rows, dim = q_rows.shape
+  dtype = q_rows.dtype
+  qk_scale = scale * LOG2E
+
+  def init(_):
+    return _zeros_rows(dim), _row_vector(NEG), _row_vector(0.0)
+
+  def step(carry, s, mats, slot, kpos, vecs, masked):
+    acc, m, l = carry
+    x = _scores(mats[0], slot) * qk_scale
+    slot.free_k()
+    if masked:
+      vis = _row_mask(kpos, *vecs)
+      x = jnp.where(vis, x, NEG)
+    m_new = jnp.maximum(m, x.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(x - lax.broadcast_in_dim(m_new, x.shape, [0]))
+    if masked:
+      p = jnp.where(vis, p, 0.0)
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    slot.wait_v()
+    acc = _mma_add(acc, p.astype(dtype), slot.v, interpret)
+    slot.free_v()
+    return acc, m_new, l
+
+  def finish(carry, vecs, outs, bk, r0, lse_smem):
+    acc, m, l = carry
+    o_ref, lse_ref = outs
+    ok = l > 0
+    l_safe = jnp.where(ok, l, 1.0)
+    o_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    lse_smem[...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
+
   out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), jnp.float32),
               jax.ShapeDtypeStruct((bk_n, rows), jnp.float32))
-  return plgpu.kernel(moba_mgpu_fwd, out_type=out_type, grid=(n_ctas,), grid_names=("cta",),
-                      num_threads=3, thread_name="wg", **kwargs)(
-                          ks, ke, nfree, lo, hi, q_rows, k, v)
+  return _row_tiles("moba_mgpu_fwd", ks=ks, ke=ke, nfree=nfree, mats=(q_rows,), vecs=(lo, hi),
+                    k=k, v=v, block_kv=block_kv, init=init, step=step, finish=finish,
+                    out_type=out_type, lse_out=True, interpret=interpret, ctas=ctas)
+
+
+def dq_rows(ks, ke, nfree, lo, hi, lse, delta, q_rows, do_rows, k, v, *, scale, block_kv,
+            interpret=False, ctas=None):
+  """dQ of every partial row: [BK, R, D] float32 (summed per query by the caller).
+
+  lse, delta [BK, R] float32: each row's query's merged log-sum-exp (+inf for padding rows: p = 0)
+  and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`). Per key chunk: S = Q K^T,
+  P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K (three wgmma)."""
+  bk_n, rows, dim = q_rows.shape
+  dtype = q_rows.dtype
+  qk_scale = scale * LOG2E
+
+  def init(_):
+    return _zeros_rows(dim)
+
+  def step(dq, s, mats, slot, kpos, vecs, masked):
+    lo, hi, lse2, delta_r = vecs
+    x = _scores(mats[0], slot) * qk_scale
+    p = jnp.exp2(x - lax.broadcast_in_dim(lse2, x.shape, [0]))
+    if masked:
+      p = jnp.where(_row_mask(kpos, lo, hi), p, 0.0)
+    slot.wait_v()
+
+    def dp_fn(acc_ref):
+      plgpu.wgmma(acc_ref, mats[1], _transpose(slot.v))
+      return acc_ref[...]
+
+    dp = pl.run_scoped(dp_fn, plgpu.ACC((WG_ROWS, slot.v.shape[0]), jnp.float32))
+    slot.free_v()
+    ds = p * (dp - lax.broadcast_in_dim(delta_r, dp.shape, [0]))
+    dq = _mma_add(dq, ds.astype(dtype), slot.k, interpret)
+    slot.free_k()
+    return dq
+
+  def finish(dq, vecs, outs, bk, r0, lse_smem):
+    (dq_ref,) = outs
+    dq_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = dq * scale
+
+  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
+  out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), jnp.float32),)
+  (dq,) = _row_tiles("moba_mgpu_dq", ks=ks, ke=ke, nfree=nfree, mats=(q_rows, do_rows),
+                     vecs=(lo, hi, lse2, delta.astype(jnp.float32)), k=k, v=v,
+                     block_kv=block_kv, init=init, step=step, finish=finish, out_type=out_type,
+                     lse_out=False, interpret=interpret, ctas=ctas)
+  return dq

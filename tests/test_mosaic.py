@@ -23,15 +23,17 @@ needs_runner = pytest.mark.skipif(
     "and barriers (jax >= 0.11 can); compiled runs need a Hopper GPU")
 
 
-def tiles(block_kv):
-  """pallas_gpu's BlockSizes fields in order, with the Mosaic forward on."""
-  return (128, 64, 64, 64, 4, 2, 4, block_kv)
+def tiles(block_kv, dq=1):
+  """pallas_gpu's BlockSizes fields in order: the Mosaic forward with key chunks of block_kv (0:
+  the Triton forward), the Mosaic dQ when dq."""
+  return (128, 64, 64, 64, 4, 2, 4, block_kv, dq)
 
 
-CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv)
-    "one_doc_d64": ((512,), 2, 2, 64, 64, 3, 64),
-    "gqa_docs_d128_block_off_8": ((250, 7, 343), 4, 2, 128, 36, 3, 64),
-    "gqa4_docs_d64_kv128": ((300, 212), 4, 1, 64, 96, 4, 128),
+CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv, mosaic dQ)
+    "one_doc_d64": ((512,), 2, 2, 64, 64, 3, 64, 1),
+    "gqa_docs_d128_block_off_8": ((250, 7, 343), 4, 2, 128, 36, 3, 64, 1),
+    "gqa4_docs_d64_kv128": ((300, 212), 4, 1, 64, 96, 4, 128, 1),
+    "dq_only_docs_d128": ((200, 184), 2, 1, 128, 40, 3, 0, 1),
 }
 
 
@@ -41,7 +43,7 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name):
   """bf16 q, k, v; the oracle runs in float32 on the same (rounded) inputs; the bound is the
   bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the rounded-down
   TMA starts; the backward (Triton) runs on the Mosaic forward's output and log-sum-exp."""
-  lengths, heads, kv_heads, dim, block, topk, bkv = CASES[name]
+  lengths, heads, kv_heads, dim, block, topk, bkv, dq = CASES[name]
   q, k, v = random_qkv(7, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
   seg = packed_segments(1, lengths)
   ct = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
@@ -51,7 +53,7 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name):
     out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
                        up(q), up(k), up(v))
     want = (out, *vjp(up(ct)))
-  out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv), **kw),
+  out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv, dq), **kw),
                      q, k, v)
   for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want):
     assert rel_err(up(a), b) < 1e-2, what
@@ -59,31 +61,38 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name):
 
 @needs_runner
 def test_mosaic_rows_equal_the_triton_rows():
-  """Same routing, both forwards: every live partial row's log-sum-exp agrees to float32
-  rounding, and its output to the bf16 rounding of P (both round P to bf16 before P V)."""
+  """Same routing, both kernel families: every live partial row's log-sum-exp agrees to float32
+  rounding, its output and its dQ to the bf16 rounding of P and dS (both round them before the
+  products with V and K)."""
   lengths, heads, kv_heads, dim, block = (200, 184), 4, 2, 64, 40
   q, k, v = random_qkv(9, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  do = jax.random.normal(jax.random.key(5), q.shape, jnp.bfloat16)
   seg = packed_segments(1, lengths)
   routing, dims = rt.route(q, k, seg, block_size=block, topk=3, block_q=mm.ROWS)
   scale = dim ** -0.5
-  sizes = mg.BlockSizes(*tiles(64))
   interpret = not helpers.COMPILED
 
   @jax.jit
-  def both(q, k, v):
+  def both(q, k, v, do):
     q_rows = mm.gather_rows(q, routing.rq, kv_heads, heads // kv_heads)
     nfree = mm.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi, routing.rq,
                            64)
     got = mm.forward_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, q_rows,
                           k, v, scale=scale, block_kv=64, interpret=interpret)
     flat = [mg.flat_rows(x, dim) for x in (q, k, v)]
-    want = mg.forward_rows(routing, dims, *flat, sizes, scale, interpret)
-    return got, want
+    want = mg.forward_rows(routing, dims, *flat, mg.BlockSizes(*tiles(64, 0)), scale, interpret)
+    _, (o, lse) = mg.forward(q, k, v, routing, dims, mg.BlockSizes(*tiles(0, 0)), scale,
+                             interpret)
+    grads = [mg.backward(q, k, v, routing, o, lse, do, dims, mg.BlockSizes(*tiles(0, d)), scale,
+                         interpret)[0] for d in (1, 0)]
+    return got, want, grads
 
-  (o, lse), (o_want, lse_want) = both(q, k, v)
+  (o, lse), (o_want, lse_want), (dq, dq_want) = both(q, k, v, do)
   live = np.asarray(routing.rq) >= 0
   assert np.abs(np.asarray(lse) - np.asarray(lse_want))[live].max() < 1e-5
   assert np.abs(np.asarray(o) - np.asarray(o_want))[live].max() < 1e-2
+  dq, dq_want = np.asarray(dq, np.float32), np.asarray(dq_want, np.float32)
+  assert np.abs(dq - dq_want).max() < 2e-2 * np.abs(dq_want).max()
 
 
 def test_free_chunks_cover_only_whole_visible_chunks():
@@ -105,6 +114,22 @@ def test_free_chunks_cover_only_whole_visible_chunks():
     assert nf.sum() > 0  # sparse tiles of whole blocks exist here
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
+  """The dQ kernel's lowering (two double-buffered row matrices and its K/V ring fit the shared
+  memory) on a CPU-only machine."""
+  bk, rows, seq = 2, 512, 256
+  i32 = lambda *s: jnp.zeros(s, jnp.int32)
+  f32 = lambda *s: jnp.zeros(s, jnp.float32)
+  mat = jnp.zeros((bk, rows, dim), jnp.bfloat16)
+  kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
+  fn = lambda *a: mm.dq_rows(*a, scale=0.1, block_kv=mg.MOSAIC_DQ_BLOCK_KV)
+  args = (i32(bk, 4), i32(bk, 4), i32(bk, 4), i32(bk, rows), i32(bk, rows), f32(bk, rows),
+          f32(bk, rows), mat, mat, kv, kv)
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "custom_call @mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("dim, block_kv", [(128, 64), (128, 128), (64, 128)])
 def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   """The Pallas-to-Mosaic-GPU lowering of the forward runs on a CPU-only machine (it checks the
@@ -114,7 +139,7 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   q = jnp.zeros((1, seq, 4, dim), jnp.bfloat16)
   k = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
   from moba_jax.attention import KernelOptions
-  opts = KernelOptions(tiles=tiles(block_kv))
+  opts = KernelOptions(tiles=tiles(block_kv, 0))
   attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
   text = jax.jit(attn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text
@@ -136,3 +161,5 @@ def test_mosaic_refusals_are_one_line_errors():
     mg.BlockSizes(64, 64, 64, 64, 4, 2, 4, 64)
   with pytest.raises(ValueError, match="mosaic_block_kv=32 must be"):
     mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 32)
+  with pytest.raises(ValueError, match="mosaic_dq=1 needs block_q=128"):
+    mg.BlockSizes(64, 64, 64, 64, 4, 2, 4, 0, 1)
