@@ -146,6 +146,15 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   assert "triton" not in text
 
 
+def test_default_tiles_take_mosaic_only_on_a_hopper_gpu():
+  sizes = mg.BlockSizes.get_default(128, jnp.bfloat16)
+  hopper = mg._hopper()
+  assert bool(sizes.mosaic_block_kv) == bool(sizes.mosaic_dq) == hopper
+  assert not mg.BlockSizes.get_default(128, jnp.bfloat16, interpret=True).mosaic_block_kv
+  assert not mg.BlockSizes.get_default(128, jnp.float32).mosaic_dq  # wgmma: 16-bit operands
+  assert not mg.BlockSizes.get_default(96, jnp.bfloat16).mosaic_dq
+
+
 def test_mosaic_refusals_are_one_line_errors():
   q = jnp.zeros((1, 64, 2, 48), jnp.bfloat16)
   seg = jnp.zeros((1, 64), jnp.int32)
