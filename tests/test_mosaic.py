@@ -172,3 +172,27 @@ def test_mosaic_refusals_are_one_line_errors():
     mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 32)
   with pytest.raises(ValueError, match="mosaic_dq=1 needs block_q=128"):
     mg.BlockSizes(64, 64, 64, 64, 4, 2, 4, 0, 1)
+
+
+@needs_runner
+def test_mosaic_kernels_take_a_query_offset():
+  """Context parallelism's shard call (q_start, queries [q_start, q_start + Tq) over all T keys):
+  the Mosaic forward and dQ equal the Triton kernels' on the same call (out, dq, dk, dv)."""
+  from moba_jax.attention import KernelOptions
+  lengths, heads, kv_heads, dim = (230, 154), 2, 1, 64
+  q, k, v = random_qkv(11, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  seg = packed_segments(1, lengths)
+  qs = q[:, 160:288]
+  ct = jax.random.normal(jax.random.key(4), qs.shape, jnp.bfloat16)
+  interpret = not helpers.COMPILED
+
+  def grads(t):
+    opts = KernelOptions(interpret=interpret, tiles=t)
+    fn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=32, topk=3,
+                                               options=opts, q_start=160)
+    out, vjp = jax.vjp(jax.jit(fn), qs, k, v)
+    return (out, *vjp(ct))
+
+  got, want = grads(tiles(64, 1)), grads(tiles(0, 0))
+  for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-2, what
