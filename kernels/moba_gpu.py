@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,15 @@ class BlockSizes:
   mosaic_block_kv: int = 0
   # 1: dQ runs the Mosaic GPU kernel (key chunks of 64; it needs block_q=128). 0: the Triton one.
   mosaic_dq: int = 0
+  # 1: dK/dV runs the Mosaic GPU kernel (128-key tiles) where every past-block group is aligned to
+  # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
+  mosaic_dkdv: int = 0
 
   def __post_init__(self):
+    if self.mosaic_dkdv not in (0, 1):
+      raise ValueError(f"mosaic_dkdv={self.mosaic_dkdv} must be 0 (the Triton dK/dV) or 1")
+    if self.mosaic_dkdv and self.block_q != moba_mgpu.ROWS:
+      raise ValueError(f"mosaic_dkdv=1 needs block_q={moba_mgpu.ROWS}, got block_q={self.block_q}")
     if self.mosaic_dq not in (0, 1):
       raise ValueError(f"mosaic_dq={self.mosaic_dq} must be 0 (the Triton dQ) or 1")
     if self.mosaic_dq and self.block_q != moba_mgpu.ROWS:
@@ -348,17 +356,27 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
 MOSAIC_DQ_BLOCK_KV = 64  # two 16-bit row matrices (Q, dO) double-buffered leave room for 64-key slots
 
 
-def _mosaic_dq_rows(q, k, v, do, routing, lse, delta, dims, scale, interpret):
-  """dQ partial rows [BK, R, D] float32 from the Mosaic GPU kernel (q, k, v, do [B, T, *, D])."""
-  kv_heads, groups = k.shape[2], dims.groups
-  live = routing.rq >= 0
+class _MosaicRows(NamedTuple):
+  """The backward's operands in the routing's row order, for the Mosaic GPU kernels."""
+  q: jax.Array  # [BK, R, D]
+  do: jax.Array  # [BK, R, D]
+  lse2: jax.Array  # [BK, R] base-2 log-sum-exp of each row's query (+inf: padding row, p = 0)
+  delta: jax.Array  # [BK, R]
+
+
+def _mosaic_rows(q, do, routing, lse, delta, kv_heads, groups) -> _MosaicRows:
   rows = lambda x: moba_mgpu.gather_rows(x, routing.rq, kv_heads, groups)
   vec = lambda x: rows(x.reshape(q.shape[:3] + (1,)))[..., 0]  # [B, T * H] -> [BK, R]
-  lse_r = jnp.where(live, vec(lse), jnp.inf)  # padding rows: p = 0
+  lse2 = jnp.where(routing.rq >= 0, vec(lse) * moba_mgpu.LOG2E, jnp.inf)
+  return _MosaicRows(rows(q), rows(do.astype(q.dtype)), lse2, vec(delta))
+
+
+def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret):
+  """dQ partial rows [BK, R, D] float32 from the Mosaic GPU kernel."""
   nfree = moba_mgpu.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
                                 routing.rq, MOSAIC_DQ_BLOCK_KV)
-  return moba_mgpu.dq_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, lse_r,
-                           vec(delta), rows(q), rows(do.astype(q.dtype)), k, v, scale=scale,
+  return moba_mgpu.dq_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi,
+                           rows.lse2, rows.delta, rows.q, rows.do, k, v, scale=scale,
                            block_kv=MOSAIC_DQ_BLOCK_KV, interpret=interpret)
 
 
@@ -422,9 +440,12 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
+  mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
+  if sizes.mosaic_dq or mosaic_dkdv:
+    m_rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
   if sizes.mosaic_dq:
-    dq_rows = _mosaic_dq_rows(q, k.astype(q.dtype), v.astype(q.dtype), do, routing, lse, delta,
-                              dims, scale, interpret)
+    dq_rows = _mosaic_dq_rows(m_rows, k.astype(q.dtype), v.astype(q.dtype), routing, scale,
+                              interpret)
   else:
     args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
             lse, delta)
@@ -456,9 +477,6 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
       dk, dv = dk[:, :seq, :, :dim], dv[:, :seq, :, :dim]
     return dk, dv
 
-  if groups is None:
-    return dq, *tile_items()
-
   def with_groups():  # unaligned groups: own programs, added onto key positions in float32
     gk, gv = dkdv(groups, jnp.float32)  # [B, NI * Bk, K, Dp]
     pos = (groups[0][:, :, None] + jnp.arange(bkd, dtype=jnp.int32)).reshape(batch, kv_heads, -1)
@@ -467,8 +485,24 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
     add = lambda x: zero.at[bi, pos, hi].add(jnp.moveaxis(x, 2, 1), mode="drop")
     return tile_items((add(gk), add(gv)))
 
-  dk, dv = jax.lax.cond(any_group, with_groups, tile_items)
-  return dq, dk, dv
+  def triton_dkdv():
+    if groups is None:
+      return tile_items()
+    return jax.lax.cond(any_group, with_groups, tile_items)
+
+  if mosaic_dkdv:
+    m_tiles, m_groups, m_any = _dkdv_items(
+        routing, dims, dataclasses.replace(sizes, block_k_dkv=moba_mgpu.KEYS), seq)
+
+    def mosaic():  # every group aligned to the 128-key tiles: one owner per key, no scatter
+      dk, dv = moba_mgpu.dkdv_tiles(m_tiles, m_rows.lse2, m_rows.delta, routing.lo, routing.hi,
+                                    m_rows.q, m_rows.do, k, v, scale=scale, interpret=interpret)
+      return dk[:, :seq], dv[:, :seq]
+
+    if m_groups is None:
+      return dq, *mosaic()
+    return dq, *jax.lax.cond(m_any, triton_dkdv, mosaic)
+  return dq, *triton_dkdv()
 
 
 _moba_vjp = rt.custom_vjp_attention(forward, backward)
@@ -496,7 +530,7 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes,
                               BlockSizes.get_default(q.shape[-1], q.dtype, options.interpret))
-  if sizes.mosaic_block_kv or sizes.mosaic_dq:
+  if sizes.mosaic_block_kv or sizes.mosaic_dq or sizes.mosaic_dkdv:
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:
       raise ValueError(f"tiles={list(options.tiles)}: {why}")

@@ -1,25 +1,27 @@
-"""MoBA's forward row tiles on Hopper: Pallas Mosaic GPU (TMA, wgmma, a producer warpgroup).
+"""MoBA's forward and dQ row tiles on Hopper: Pallas Mosaic GPU (TMA, wgmma, a producer warpgroup).
 
-The same work as `moba_gpu._fwd_kernel` (docs/kernel_notes.md: one row tile of the routing layout
-streams the one key range its rows share, online softmax, float32 partial rows and their
-log-sum-exp), written for the H100/H200's tensor cores the way FlashAttention-3 is:
+The same work as `moba_gpu._fwd_kernel` and `moba_gpu._dq_kernel` (docs/kernel_notes.md: one row
+tile of the routing layout streams the one key range its rows share; float32 partial rows, merged
+or summed per query by the caller), written for the H100/H200's tensor cores the way
+FlashAttention-3 is (`_row_tiles` is the scaffold both share):
 
-* one CTA per 128-row tile, three warpgroups: two compute warpgroups (64 rows each) and a
-  producer that streams the tile's keys and values into a ring of SMEM slots by TMA, refilling a
-  slot when both compute warpgroups have released it (mbarriers: no `__syncthreads` anywhere);
-* S = Q K^T and O += P V on wgmma from SMEM (P from registers), softmax in the exp2 domain;
-* the query rows are contiguous: the caller gathers them into the routing's row order first
-  (`gather_rows`; TMA on Hopper cannot gather rows), K and V are read in place from
-  [B, T, K, D] by strided TMA boxes at any key offset (keys past T are zero-filled by TMA and
-  masked);
+* persistent CTAs, one per SM, taking the routing's 128-row tiles round-robin; three warpgroups:
+  two compute warpgroups (64 rows each) and a producer that streams each tile's keys and values
+  into a ring of SMEM slots by TMA (the ring runs on across tiles) and loads the next tile's rows
+  into the second of two buffers; mbarriers only (no `__syncthreads`);
+* wgmma with SMEM operands (P and dS from registers), softmax in the exp2 domain;
+* the row matrices are contiguous: the caller gathers q (and dO) into the routing's row order
+  first (`gather_rows`; TMA on Hopper cannot gather rows); K and V are read in place from
+  [B, T, K, D] by strided TMA boxes (keys past T are zero-filled by TMA and masked);
 * key chunks that every row of the tile sees whole (`free_chunks`: all of a sparse tile's block,
   a dense tile's chunks before the diagonal) skip the mask; the rest are masked per row by
   [lo, hi).
 
 Limits (`refusal` says which, one line): 16-bit q/k/v, head_dim 64 or 128, a 128-row routing tile.
 Interpret mode (`InterpretGPUParams`) needs JAX's Mosaic GPU interpreter with TMA and barriers
-(jax >= 0.11); `plgpu.ACC` accumulation through `pl.run_state` has no interpreter rule yet, so
-interpreted runs form each P V product with a dot of the same operands (`_mma_add`).
+(jax >= 0.11); it has no rule for `pl.run_state` accumulators nor for a wgmma whose left operand
+is in registers, so interpreted runs form P V and dS K with a dot of the same operands
+(`_mma_add`).
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ def interpreter_available() -> bool:
 def refusal(dtype, head_dim, block_q, interpret=False) -> str | None:
   """Why this kernel cannot run a case (None: it can)."""
   if interpret and not interpreter_available():
-    return (f"the Mosaic GPU forward cannot be interpreted by jax {jax.__version__} (its "
+    return (f"the Mosaic GPU kernels cannot be interpreted by jax {jax.__version__} (its "
             "interpreter has no TMA and barriers; jax >= 0.11 has)")
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"the Mosaic GPU forward takes bfloat16 or float16 (wgmma), got {jnp.dtype(dtype).name}"
+    return f"the Mosaic GPU kernels take bfloat16 or float16 (wgmma), got {jnp.dtype(dtype).name}"
   if head_dim not in (64, 128):
-    return f"the Mosaic GPU forward takes head_dim 64 or 128, got {head_dim}"
+    return f"the Mosaic GPU kernels take head_dim 64 or 128, got {head_dim}"
   if block_q != ROWS:
-    return f"the Mosaic GPU forward needs block_q={ROWS} (two warpgroups of 64 rows), got {block_q}"
+    return f"the Mosaic GPU kernels need block_q={ROWS} (two warpgroups of 64 rows), got {block_q}"
   return None
 
 
@@ -377,12 +379,12 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
                     out_type=out_type, lse_out=True, interpret=interpret, ctas=ctas)
 
 
-def dq_rows(ks, ke, nfree, lo, hi, lse, delta, q_rows, do_rows, k, v, *, scale, block_kv,
+def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale, block_kv,
             interpret=False, ctas=None):
   """dQ of every partial row: [BK, R, D] float32 (summed per query by the caller).
 
-  lse, delta [BK, R] float32: each row's query's merged log-sum-exp (+inf for padding rows: p = 0)
-  and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`). Per key chunk: S = Q K^T,
+  lse2, delta [BK, R] float32: each row's query's merged log-sum-exp in base 2 (lse * log2(e);
+  +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`). Per key chunk: S = Q K^T,
   P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K (three wgmma)."""
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
@@ -414,10 +416,201 @@ def dq_rows(ks, ke, nfree, lo, hi, lse, delta, q_rows, do_rows, k, v, *, scale, 
     (dq_ref,) = outs
     dq_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = dq * scale
 
-  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
   out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), jnp.float32),)
   (dq,) = _row_tiles("moba_mgpu_dq", ks=ks, ke=ke, nfree=nfree, mats=(q_rows, do_rows),
-                     vecs=(lo, hi, lse2, delta.astype(jnp.float32)), k=k, v=v,
+                     vecs=(lo, hi, lse2.astype(jnp.float32), delta.astype(jnp.float32)), k=k, v=v,
                      block_kv=block_kv, init=init, step=step, finish=finish, out_type=out_type,
                      lse_out=False, interpret=interpret, ctas=ctas)
   return dq
+
+
+KEYS = 128  # dK/dV: keys per work item, 64 per compute warpgroup
+
+
+def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, interpret=False,
+               ctas=None, stages=None):
+  """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
+
+  items: (ks, r0, ru, r1, g0, g1), each [BK, NK] int32: key tile j of (batch, kv head) bk starts
+  at ks = 128 j (the kernel computes it) and is seen by dense rows [r0, r1), of which rows before ru may need the mask, and
+  by the past-block group's rows [g0, g1), which see it whole (`moba_gpu._dkdv_items` with
+  128-key tiles, every group aligned to them). lse2 [BK, R] float32 is each row's log-sum-exp in
+  base 2 (+inf for padding rows), delta [BK, R] rowsum(dO * O); lo, hi [BK, R] int32;
+  q_rows, do_rows [BK, R, D] (`gather_rows`).
+
+  Key-tile-major, persistent like `_row_tiles`: each compute warpgroup holds 64 keys (and values)
+  in SMEM and their dK, dV accumulators in registers; the producer streams 64-row chunks of Q,
+  dO and the row vectors through a ring of slots. Per chunk: S^T = K Q^T, P^T = exp2(S^T - lse),
+  dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma). Dense chunks
+  that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1 belong to
+  later blocks, which start after these keys); the rest, and the group's chunks, are not. One
+  rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM and stored by TMA."""
+  ks, r0, ru, r1, g0, g1 = items
+  bk_n, n_kt = ks.shape
+  _, rows, dim = q_rows.shape
+  batch, seq, kv_heads, _ = k.shape
+  n_items = bk_n * n_kt
+  n_ctas = min(n_items, ctas or num_ctas(interpret))
+  dtype = q_rows.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  per_slot = 2 * WG_ROWS * dim * itemsize + 4 * WG_ROWS * 4
+  fixed = 2 * KEYS * dim * itemsize
+  stages = stages or max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
+  qk_scale = scale * LOG2E
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  pad_seq = n_kt * KEYS
+  kp = jnp.pad(k, ((0, 0), (0, pad_seq - seq), (0, 0), (0, 0))) if pad_seq != seq else k
+  vp = jnp.pad(v, ((0, 0), (0, pad_seq - seq), (0, 0), (0, 0))) if pad_seq != seq else v
+
+  def kernel(*refs):
+    (ks_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
+     hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped) = refs
+    (k_smem, v_smem, mat_smem, vec_smem), (kv_bars, mat_bars, vec_bars), frees = scoped
+    kv_free, row_free = frees
+    cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+    my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
+
+    def item(i):
+      w = cta + i * n_ctas
+      bk, j = lax.div(w, jnp.int32(n_kt)), lax.rem(w, jnp.int32(n_kt))
+      a, u, e = r0_ref[bk, j], ru_ref[bk, j], r1_ref[bk, j]
+      n_dense = lax.div(jnp.maximum(e - a, 0) + (WG_ROWS - 1), jnp.int32(WG_ROWS))
+      n_mask = jnp.minimum(lax.div(jnp.maximum(u - a, 0) + (WG_ROWS - 1), jnp.int32(WG_ROWS)),
+                           n_dense)
+      n_full = jnp.maximum(lax.div(jnp.maximum(e - a, 0), jnp.int32(WG_ROWS)), n_mask)
+      ga, gb = g0_ref[bk, j], g1_ref[bk, j]
+      n_group = lax.div(jnp.maximum(gb - ga, 0), jnp.int32(WG_ROWS))
+      return bk, j, a, ga, n_dense, n_mask, n_full, n_group
+
+    def chunk_row(c, a, ga, n_dense):  # first row of chunk c: dense chunks, then the group's
+      row = jnp.where(c < n_dense, a + c * WG_ROWS, ga + (c - n_dense) * WG_ROWS)
+      # A multiple of 8 by construction (r0 = 128 j G, g0 a multiple of 128); written so that
+      # the TMA lowering can see it (boxes into 8-row-tiled SMEM start on multiples of 8).
+      return lax.div(row, jnp.int32(8)) * 8
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      k_w, v_w = k_smem.at[wg], v_smem.at[wg]
+
+      def tile_keys(i, g):
+        bk, j, a, ga, n_dense, n_mask, n_full, n_group = item(i)
+        k0 = j * KEYS + wg * WG_ROWS  # = ks[bk, j] + 64 wg
+        plgpu.barrier_wait(kv_bars[0].at[wg])
+        plgpu.barrier_wait(kv_bars[1].at[wg])
+
+        def chunk(c, carry, masked):
+          dk, dv = carry
+          slot = lax.rem(g + c, jnp.int32(stages))
+          for bars in mat_bars + vec_bars:
+            plgpu.barrier_wait(bars.at[slot])
+          q_s, do_s = mat_smem[0].at[slot], mat_smem[1].at[slot]
+          lse2_c, delta_c, lo_c, hi_c = (_load(x.at[slot], col_layout) for x in vec_smem)
+          row = lambda x: lax.broadcast_in_dim(x, (WG_ROWS, WG_ROWS), [1])
+
+          def st_fn(acc_ref):
+            plgpu.wgmma(acc_ref, k_w, _transpose(q_s))
+            return acc_ref[...]
+
+          st = pl.run_scoped(st_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
+          pt = jnp.exp2(st * qk_scale - row(lse2_c))
+          if masked:
+            kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, WG_ROWS), 0,
+                                          layout=plgpu.Layout.WGMMA) + k0
+            pt = jnp.where((kpos >= row(lo_c)) & (kpos < row(hi_c)), pt, 0.0)
+          dv = _mma_add(dv, pt.astype(dtype), do_s, interpret)
+
+          def dpt_fn(acc_ref):
+            plgpu.wgmma(acc_ref, v_w, _transpose(do_s))
+            return acc_ref[...]
+
+          dpt = pl.run_scoped(dpt_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
+          dst = pt * (dpt - row(delta_c))
+          dk = _mma_add(dk, dst.astype(dtype), q_s, interpret)
+          plgpu.barrier_arrive(row_free.at[slot])
+          return dk, dv
+
+        acc = (_zeros_rows(dim), _zeros_rows(dim))
+        masked = functools.partial(chunk, masked=True)
+        free = functools.partial(chunk, masked=False)
+        acc = lax.fori_loop(0, n_mask, masked, acc)
+        acc = lax.fori_loop(n_mask, n_full, free, acc)
+        acc = lax.fori_loop(n_full, n_dense, masked, acc)
+        dk, dv = lax.fori_loop(n_dense, n_dense + n_group, free, acc)
+        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
+        k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in their SMEM
+        v_w[...] = dv.astype(v_w.dtype)
+        plgpu.commit_smem()
+        at = (b, pl.ds(k0, WG_ROWS), kvh)
+        plgpu.copy_smem_to_gmem(k_w, dk_ref.at[at])
+        plgpu.copy_smem_to_gmem(v_w, dv_ref.at[at])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(kv_free)  # the producer may load the next keys here
+        return g + n_dense + n_group
+
+      lax.fori_loop(0, my_items, tile_keys, jnp.int32(0))
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      srcs = (q_ref, do_ref)
+      vsrcs = (lse_ref, dl_ref, lo_ref, hi_ref)
+
+      def tile_loads(i, g):
+        bk, j, a, ga, n_dense, n_mask, n_full, n_group = item(i)
+        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
+
+        @pl.when(i >= 1)
+        def _():
+          plgpu.barrier_wait(kv_free)  # both warpgroups stored the last tile's dK, dV
+
+        for w in range(2):
+          at = (b, pl.ds(j * KEYS + w * WG_ROWS, WG_ROWS), kvh)
+          plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[w], kv_bars[0].at[w])
+          plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[w], kv_bars[1].at[w])
+
+        def load(c, _):
+          slot = lax.rem(g + c, jnp.int32(stages))
+
+          @pl.when(g + c >= stages)
+          def _():
+            plgpu.barrier_wait(row_free.at[slot])
+
+          rows_c = pl.ds(chunk_row(c, a, ga, n_dense), WG_ROWS)
+          for src, dst, bars in zip(srcs + vsrcs, mat_smem + vec_smem, mat_bars + vec_bars):
+            plgpu.copy_gmem_to_smem(src.at[bk, rows_c], dst.at[slot], bars.at[slot])
+
+        n = n_dense + n_group
+        lax.fori_loop(0, n, load, None)
+        return g + n
+
+      g_end = lax.fori_loop(0, my_items, tile_loads, jnp.int32(0))
+      for jj in range(stages):  # drain: observe the last releases
+        gs = g_end - stages + jj
+
+        @pl.when(gs >= 0)
+        def _():
+          plgpu.barrier_wait(row_free.at[lax.rem(gs, jnp.int32(stages))])
+
+      plgpu.barrier_wait(kv_free)
+
+  def moba_mgpu_dkdv(*refs):  # the kernel's name in profiles
+    scratch = (
+        _tiled((2, WG_ROWS, dim), dtype),
+        _tiled((2, WG_ROWS, dim), dtype),
+        tuple(_tiled((stages, WG_ROWS, dim), dtype) for _ in range(2)),
+        tuple(plgpu.SMEM((stages, WG_ROWS), dt)
+              for dt in (jnp.float32, jnp.float32, jnp.int32, jnp.int32)),
+    )
+    bars = ((plgpu.Barrier(num_barriers=2),) * 2, (plgpu.Barrier(num_barriers=stages),) * 2,
+            (plgpu.Barrier(num_barriers=stages),) * 4)
+    frees = (plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+    pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
+
+  kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
+      "compiler_params": plgpu.CompilerParams(approx_math=True)}
+  shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
+  return plgpu.kernel(moba_mgpu_dkdv, out_type=(shape, shape), grid=(n_ctas,), grid_names=("cta",),
+                      num_threads=3, thread_name="wg", **kwargs)(
+                          *items, q_rows, do_rows, lse2, delta, lo, hi, kp, vp)

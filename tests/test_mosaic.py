@@ -1,4 +1,4 @@
-"""The Mosaic GPU forward (kernels/moba_mgpu.py) against the float32 oracle and the Triton forward.
+"""The Mosaic GPU forward and dQ (kernels/moba_mgpu.py) against the float32 oracle and the Triton kernels.
 
 Interpreted where JAX's Mosaic GPU interpreter runs TMA and barriers (jax >= 0.11), compiled on a
 Hopper GPU with `pytest --compiled`; lowered for CUDA everywhere (no GPU needed).
@@ -23,17 +23,22 @@ needs_runner = pytest.mark.skipif(
     "and barriers (jax >= 0.11 can); compiled runs need a Hopper GPU")
 
 
-def tiles(block_kv, dq=1):
+def tiles(block_kv, dq=1, dkdv=0):
   """pallas_gpu's BlockSizes fields in order: the Mosaic forward with key chunks of block_kv (0:
-  the Triton forward), the Mosaic dQ when dq."""
-  return (128, 64, 64, 64, 4, 2, 4, block_kv, dq)
+  the Triton forward), the Mosaic dQ when dq, the Mosaic dK/dV when dkdv."""
+  return (128, 64, 64, 64, 4, 2, 4, block_kv, dq, dkdv)
 
 
-CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv, mosaic dQ)
-    "one_doc_d64": ((512,), 2, 2, 64, 64, 3, 64, 1),
-    "gqa_docs_d128_block_off_8": ((250, 7, 343), 4, 2, 128, 36, 3, 64, 1),
-    "gqa4_docs_d64_kv128": ((300, 212), 4, 1, 64, 96, 4, 128, 1),
-    "dq_only_docs_d128": ((200, 184), 2, 1, 128, 40, 3, 0, 1),
+CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv, mosaic dQ, mosaic dK/dV)
+    "one_doc_d64": ((512,), 2, 2, 64, 64, 3, 64, 1, 0),
+    "gqa_docs_d128_block_off_8": ((250, 7, 343), 4, 2, 128, 36, 3, 64, 1, 0),
+    "gqa4_docs_d64_kv128": ((300, 212), 4, 1, 64, 96, 4, 128, 1, 0),
+    "dq_only_docs_d128": ((200, 184), 2, 1, 128, 40, 3, 0, 1, 0),
+    # all three Mosaic kernels: groups aligned to the 128-key tiles (ragged end; documents)
+    "all_ragged_gqa_d128": ((600,), 4, 2, 128, 128, 3, 128, 1, 1),
+    "all_docs_d64": ((256, 384), 2, 1, 64, 128, 3, 64, 1, 1),
+    # groups off the 128-key grid: dK/dV falls back to the Triton kernel (lax.cond)
+    "all_unaligned_groups_d64": ((300, 212), 2, 1, 64, 96, 3, 64, 1, 1),
 }
 
 
@@ -43,7 +48,7 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name):
   """bf16 q, k, v; the oracle runs in float32 on the same (rounded) inputs; the bound is the
   bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the rounded-down
   TMA starts; the backward (Triton) runs on the Mosaic forward's output and log-sum-exp."""
-  lengths, heads, kv_heads, dim, block, topk, bkv, dq = CASES[name]
+  lengths, heads, kv_heads, dim, block, topk, bkv, dq, dkdv = CASES[name]
   q, k, v = random_qkv(7, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
   seg = packed_segments(1, lengths)
   ct = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
@@ -53,7 +58,7 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name):
     out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
                        up(q), up(k), up(v))
     want = (out, *vjp(up(ct)))
-  out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv, dq), **kw),
+  out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv, dq, dkdv), **kw),
                      q, k, v)
   for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want):
     assert rel_err(up(a), b) < 1e-2, what
@@ -64,7 +69,7 @@ def test_mosaic_rows_equal_the_triton_rows():
   """Same routing, both kernel families: every live partial row's log-sum-exp agrees to float32
   rounding, its output and its dQ to the bf16 rounding of P and dS (both round them before the
   products with V and K)."""
-  lengths, heads, kv_heads, dim, block = (200, 184), 4, 2, 64, 40
+  lengths, heads, kv_heads, dim, block = (256, 200), 4, 2, 64, 128  # groups on the 128-key grid
   q, k, v = random_qkv(9, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
   do = jax.random.normal(jax.random.key(5), q.shape, jnp.bfloat16)
   seg = packed_segments(1, lengths)
@@ -83,16 +88,18 @@ def test_mosaic_rows_equal_the_triton_rows():
     want = mg.forward_rows(routing, dims, *flat, mg.BlockSizes(*tiles(64, 0)), scale, interpret)
     _, (o, lse) = mg.forward(q, k, v, routing, dims, mg.BlockSizes(*tiles(0, 0)), scale,
                              interpret)
-    grads = [mg.backward(q, k, v, routing, o, lse, do, dims, mg.BlockSizes(*tiles(0, d)), scale,
-                         interpret)[0] for d in (1, 0)]
+    grads = [mg.backward(q, k, v, routing, o, lse, do, dims, mg.BlockSizes(*tiles(0, d, d)),
+                         scale, interpret) for d in (1, 0)]
     return got, want, grads
 
-  (o, lse), (o_want, lse_want), (dq, dq_want) = both(q, k, v, do)
+  (o, lse), (o_want, lse_want), (mosaic, triton) = both(q, k, v, do)
+  (dq, dk, dv), (dq_want, dk_want, dv_want) = mosaic, triton
   live = np.asarray(routing.rq) >= 0
   assert np.abs(np.asarray(lse) - np.asarray(lse_want))[live].max() < 1e-5
   assert np.abs(np.asarray(o) - np.asarray(o_want))[live].max() < 1e-2
-  dq, dq_want = np.asarray(dq, np.float32), np.asarray(dq_want, np.float32)
-  assert np.abs(dq - dq_want).max() < 2e-2 * np.abs(dq_want).max()
+  for a, b in ((dq, dq_want), (dk, dk_want), (dv, dv_want)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() < 2e-2 * np.abs(b).max()
 
 
 def test_free_chunks_cover_only_whole_visible_chunks():
@@ -126,6 +133,22 @@ def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
   fn = lambda *a: mm.dq_rows(*a, scale=0.1, block_kv=mg.MOSAIC_DQ_BLOCK_KV)
   args = (i32(bk, 4), i32(bk, 4), i32(bk, 4), i32(bk, rows), i32(bk, rows), f32(bk, rows),
           f32(bk, rows), mat, mat, kv, kv)
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "custom_call @mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim):
+  """The dK/dV kernel's lowering (its keys, their SMEM staging of dK/dV, and the row ring fit the
+  shared memory) on a CPU-only machine."""
+  bk, rows, seq = 2, 512, 200
+  i32 = lambda *s: jnp.zeros(s, jnp.int32)
+  f32 = lambda *s: jnp.zeros(s, jnp.float32)
+  mat = jnp.zeros((bk, rows, dim), jnp.bfloat16)
+  kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
+  items = tuple(i32(bk, 2) for _ in range(6))
+  fn = lambda *a: mm.dkdv_tiles(a[:6], *a[6:], scale=0.1)
+  args = items + (f32(bk, rows), f32(bk, rows), i32(bk, rows), i32(bk, rows), mat, mat, kv, kv)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text
 
