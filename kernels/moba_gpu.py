@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -49,6 +50,8 @@ class BlockSizes:
   mosaic_dq: int = 0
   # 1: dK/dV runs the Mosaic GPU kernel (128-key tiles) where every past-block group is aligned to
   # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
+  # Experimental: right when interpreted, but its first compiled check on an H200 failed (a case
+  # that also ran 128-key forward chunks; cause not found): compiled use warns.
   mosaic_dkdv: int = 0
 
   def __post_init__(self):
@@ -70,12 +73,14 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
-    """On a Hopper GPU, 16-bit q/k/v with head_dim 64 or 128: the Mosaic GPU forward (key chunks
-    of 128) and dQ on 128-row tiles, Triton dK/dV (fastest of run 15, docs/kernel_notes.md).
-    Elsewhere the Triton kernels (head_dim 128 in 16 bits: 3 stages, the run-2 sweep's best)."""
+    """On a Hopper GPU, 16-bit q/k/v with head_dim 64 or 128: the Mosaic GPU forward and dQ on
+    128-row tiles with 64-key chunks (the configurations that passed the compiled checks on the
+    H200; 128-key forward chunks measured 6% faster at 32K but have no passing compiled check at
+    head_dim 128: docs/kernel_notes.md), Triton dK/dV. Elsewhere the Triton kernels (head_dim 128
+    in 16 bits: 3 stages, the run-2 sweep's best)."""
     if not interpret and moba_mgpu.refusal(dtype, head_dim, moba_mgpu.ROWS) is None and (
         _hopper()):
-      return cls(block_q=moba_mgpu.ROWS, num_stages=3, mosaic_block_kv=128, mosaic_dq=1)
+      return cls(block_q=moba_mgpu.ROWS, num_stages=3, mosaic_block_kv=64, mosaic_dq=1)
     if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2:
       return cls(num_stages=3)
     return cls()
@@ -534,6 +539,10 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:
       raise ValueError(f"tiles={list(options.tiles)}: {why}")
+  if sizes.mosaic_dkdv and not options.interpret:
+    warnings.warn("mosaic_dkdv=1 is experimental: the Mosaic GPU dK/dV failed its first compiled "
+                  "check on an H200 (docs/kernel_notes.md); use it to measure, not to train",
+                  RuntimeWarning, stacklevel=3)
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
                           softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
                           q_start=q_start)
