@@ -72,25 +72,15 @@ class BlockSizes:
                        f"(two warpgroups of 64 rows), got block_q={self.block_q}")
 
   @classmethod
-  def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
-    """On a Hopper GPU, 16-bit q/k/v with head_dim 64 or 128: the Mosaic GPU forward and dQ on
-    128-row tiles with 64-key chunks (the configurations that passed the compiled checks on the
-    H200; 128-key forward chunks measured 6% faster at 32K but have no passing compiled check at
-    head_dim 128: docs/kernel_notes.md), Triton dK/dV. Elsewhere the Triton kernels (head_dim 128
-    in 16 bits: 3 stages, the run-2 sweep's best)."""
-    if not interpret and moba_mgpu.refusal(dtype, head_dim, moba_mgpu.ROWS) is None and (
-        _hopper()):
-      return cls(block_q=moba_mgpu.ROWS, num_stages=3, mosaic_block_kv=64, mosaic_dq=1)
+  def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
+    """The Triton kernels (head_dim 128 in 16 bits: 3 stages, the run-2 sweep's best). The Mosaic
+    GPU kernels are opt-in (`mosaic_block_kv`, `mosaic_dq`, `mosaic_dkdv`; on a Hopper GPU, e.g.
+    tiles (128, 64, 64, 64, 4, 3, 4, 64, 1)): measured faster (docs/benchmarks.md run 15), but
+    their compiled checks on the H200 covered only small cases (one tile per CTA, no wrap of the
+    K/V ring), and one compiled case failed (docs/kernel_notes.md)."""
     if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2:
       return cls(num_stages=3)
     return cls()
-
-
-def _hopper() -> bool:
-  """Whether the default device is a compute capability 9.x GPU (wgmma and TMA as Mosaic GPU
-  uses them: H100, H200)."""
-  device = jax.devices()[0]
-  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def _dot(a, b, trans_b=False):  # [M, K] x [K, N] (or [N, K] when trans_b) -> [M, N] float32
@@ -533,8 +523,7 @@ def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=
 def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, softmax_scale,
                         options):
   options = options or KernelOptions()
-  sizes = options.block_sizes(BlockSizes,
-                              BlockSizes.get_default(q.shape[-1], q.dtype, options.interpret))
+  sizes = options.block_sizes(BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype))
   if sizes.mosaic_block_kv or sizes.mosaic_dq or sizes.mosaic_dkdv:
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:

@@ -39,16 +39,23 @@ CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv, mosaic
     "all_docs_d64": ((256, 384), 2, 1, 64, 128, 3, 64, 1, 1),
     # groups off the 128-key grid: dK/dV falls back to the Triton kernel (lax.cond)
     "all_unaligned_groups_d64": ((300, 212), 2, 1, 64, 96, 3, 64, 1, 1),
+    # block 512: 8 key chunks a sparse tile and 2-4 ring slots (the rings wrap within a tile),
+    # dK/dV items of many row chunks; run with 4 CTAs (many tiles each), as at benchmark scale
+    "ring_wrap_4_ctas_d128": ((1024,), 2, 1, 128, 512, 2, 128, 1, 1),
 }
+FEW_CTAS = {"ring_wrap_4_ctas_d128": 4}
 
 
 @needs_runner
 @pytest.mark.parametrize("name", list(CASES))
-def test_mosaic_forward_and_gradients_match_the_float32_reference(name):
+def test_mosaic_forward_and_gradients_match_the_float32_reference(name, monkeypatch):
   """bf16 q, k, v; the oracle runs in float32 on the same (rounded) inputs; the bound is the
   bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the rounded-down
   TMA starts; the backward (Triton) runs on the Mosaic forward's output and log-sum-exp."""
   lengths, heads, kv_heads, dim, block, topk, bkv, dq, dkdv = CASES[name]
+  if name in FEW_CTAS:
+    monkeypatch.setattr(mm, "num_ctas", lambda interpret: FEW_CTAS[name])
+    helpers._jitted_run.clear_cache()  # traced with the default CTA count otherwise
   q, k, v = random_qkv(7, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
   seg = packed_segments(1, lengths)
   ct = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
@@ -169,13 +176,11 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   assert "triton" not in text
 
 
-def test_default_tiles_take_mosaic_only_on_a_hopper_gpu():
-  sizes = mg.BlockSizes.get_default(128, jnp.bfloat16)
-  hopper = mg._hopper()
-  assert bool(sizes.mosaic_block_kv) == bool(sizes.mosaic_dq) == hopper
-  assert not mg.BlockSizes.get_default(128, jnp.bfloat16, interpret=True).mosaic_block_kv
-  assert not mg.BlockSizes.get_default(128, jnp.float32).mosaic_dq  # wgmma: 16-bit operands
-  assert not mg.BlockSizes.get_default(96, jnp.bfloat16).mosaic_dq
+def test_the_default_tiles_are_the_triton_kernels():
+  """The Mosaic kernels are opt-in until a compiled check at scale passes (docs/kernel_notes.md)."""
+  for dim, dtype in ((128, jnp.bfloat16), (64, jnp.float16), (128, jnp.float32)):
+    sizes = mg.BlockSizes.get_default(dim, dtype)
+    assert (sizes.mosaic_block_kv, sizes.mosaic_dq, sizes.mosaic_dkdv) == (0, 0, 0)
 
 
 def test_mosaic_refusals_are_one_line_errors():
