@@ -35,7 +35,10 @@ CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv, mosaic
     "gqa4_docs_d64_kv128": ((300, 212), 4, 1, 64, 96, 4, 128, 1, 0),
     "dq_only_docs_d128": ((200, 184), 2, 1, 128, 40, 3, 0, 1, 0),
     # all three Mosaic kernels: groups aligned to the 128-key tiles (ragged end; documents)
-    "all_ragged_gqa_d128": ((600,), 4, 2, 128, 128, 3, 128, 1, 1),
+    "all_ragged_gqa_d128": ((600,), 4, 2, 128, 128, 3, 128, 1, 1),  # failed compiled (run 15e)
+    "ragged_gqa_d128_fwd128_alone": ((600,), 4, 2, 128, 128, 3, 128, 0, 0),  # its kernels alone
+    "ragged_gqa_d128_dq_alone": ((600,), 4, 2, 128, 128, 3, 0, 1, 0),
+    "ragged_gqa_d128_dkdv_alone": ((600,), 4, 2, 128, 128, 3, 0, 0, 1),
     "all_docs_d64": ((256, 384), 2, 1, 64, 128, 3, 64, 1, 1),
     # groups off the 128-key grid: dK/dV falls back to the Triton kernel (lax.cond)
     "all_unaligned_groups_d64": ((300, 212), 2, 1, 64, 96, 3, 64, 1, 1),
@@ -67,8 +70,9 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name, monkeypa
     want = (out, *vjp(up(ct)))
   out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv, dq, dkdv), **kw),
                      q, k, v)
-  for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want):
-    assert rel_err(up(a), b) < 1e-2, what
+  errors = {what: rel_err(up(a), b)
+            for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want)}
+  assert max(errors.values()) < 1e-2, errors  # every output's error, for a compiled failure
 
 
 @needs_runner

@@ -14,6 +14,8 @@
 #   8: the compiled suite (slow cases included) as SHARDS processes side by side
 #   10: the compiled suite without the slow cases (6 shards), then the decode gate / step timing
 #       (tools/decode_sweep.py, default tiles) and the Mosaic GPU probe (tools/mgpu_probe.py)
+#   12: the Mosaic GPU kernels' compiled check with every case reported (-rA; each kernel alone on
+#       the case that failed in run 15e), then the opt-in Mosaic tiles at the default bench shapes
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -109,4 +111,11 @@ if [ "$phase" = 11 ]; then  # the Mosaic GPU forward: compiled tests, then defau
     STEP_S=${BENCH_S:-120} bench --impls pallas_gpu --seqs ${SEQS:-32768} --configs ${CONFIGS:-512:3} \
       --repeats 10 $extra 2>&1 | grep -v "^WARNING" | tee -a $OUT/mosaic.txt
   done
+fi
+if [ "$phase" = 12 ]; then
+  timeout "${STEP_S:-420}" python3 -m pytest -q -rA --compiled -p no:cacheprovider \
+    tests/test_mosaic.py 2>&1 | grep -E "PASS|FAIL|Error|passed|failed|assert" | tee $OUT/check.txt
+  STEP_S=${BENCH_S:-250} bench --impls pallas_gpu,cudnn --repeats 10 \
+    --gpu-block-sizes ${TILES:-128,64,64,64,4,3,4,64,1} --json $OUT/table.json 2>&1 \
+    | grep -v "^WARNING" | tee $OUT/table.txt
 fi
