@@ -55,21 +55,15 @@ class BlockSizes:
   mosaic_dkdv: int = 0
 
   def __post_init__(self):
-    if self.mosaic_dkdv not in (0, 1):
-      raise ValueError(f"mosaic_dkdv={self.mosaic_dkdv} must be 0 (the Triton dK/dV) or 1")
-    if self.mosaic_dkdv and self.block_q != moba_mgpu.ROWS:
-      raise ValueError(f"mosaic_dkdv=1 needs block_q={moba_mgpu.ROWS}, got block_q={self.block_q}")
-    if self.mosaic_dq not in (0, 1):
-      raise ValueError(f"mosaic_dq={self.mosaic_dq} must be 0 (the Triton dQ) or 1")
-    if self.mosaic_dq and self.block_q != moba_mgpu.ROWS:
-      raise ValueError(f"mosaic_dq=1 needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 rows), "
-                       f"got block_q={self.block_q}")
-    if self.mosaic_block_kv not in (0, 64, 128):
-      raise ValueError(f"mosaic_block_kv={self.mosaic_block_kv} must be 0 (the Triton forward), "
-                       "64 or 128")
-    if self.mosaic_block_kv and self.block_q != moba_mgpu.ROWS:
-      raise ValueError(f"mosaic_block_kv={self.mosaic_block_kv} needs block_q={moba_mgpu.ROWS} "
-                       f"(two warpgroups of 64 rows), got block_q={self.block_q}")
+    for name, accepted, off in (("mosaic_block_kv", (0, 64, 128), "the Triton forward"),
+                                ("mosaic_dq", (0, 1), "the Triton dQ"),
+                                ("mosaic_dkdv", (0, 1), "the Triton dK/dV")):
+      value = getattr(self, name)
+      if value not in accepted:
+        raise ValueError(f"{name}={value} must be one of {list(accepted)} (0: {off})")
+      if value and self.block_q != moba_mgpu.ROWS:
+        raise ValueError(f"{name}={value} needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 "
+                         f"rows), got block_q={self.block_q}")
 
   @classmethod
   def get_default(cls, head_dim: int, dtype) -> "BlockSizes":

@@ -169,7 +169,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   finish(carry, vecs, outs, bk, r0, lse_smem) writes the outputs (lse_smem: a [64] float32
   staging buffer for a TMA store when lse_out)."""
   bk_n, rows, dim = mats[0].shape
-  batch, seq, kv_heads, _ = k.shape
+  kv_heads = k.shape[2]
   n_tiles = rows // ROWS
   items = bk_n * n_tiles
   n_ctas = min(items, ctas or num_ctas(interpret))
@@ -432,7 +432,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
 
   items: (ks, r0, ru, r1, g0, g1), each [BK, NK] int32: key tile j of (batch, kv head) bk starts
-  at ks = 128 j (the kernel computes it) and is seen by dense rows [r0, r1), of which rows before ru may need the mask, and
+  at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows [r0, r1), of which rows before ru may need the mask, and
   by the past-block group's rows [g0, g1), which see it whole (`moba_gpu._dkdv_items` with
   128-key tiles, every group aligned to them). lse2 [BK, R] float32 is each row's log-sum-exp in
   base 2 (+inf for padding rows), delta [BK, R] rowsum(dO * O); lo, hi [BK, R] int32;
@@ -445,9 +445,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1 belong to
   later blocks, which start after these keys); the rest, and the group's chunks, are not. One
   rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM and stored by TMA."""
-  ks, r0, ru, r1, g0, g1 = items
-  bk_n, n_kt = ks.shape
-  _, rows, dim = q_rows.shape
+  bk_n, n_kt = items[0].shape
+  dim = q_rows.shape[-1]
   batch, seq, kv_heads, _ = k.shape
   n_items = bk_n * n_kt
   n_ctas = min(n_items, ctas or num_ctas(interpret))
@@ -463,8 +462,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   vp = jnp.pad(v, ((0, 0), (0, pad_seq - seq), (0, 0), (0, 0))) if pad_seq != seq else v
 
   def kernel(*refs):
-    (ks_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
-     hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped) = refs
+    (r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref,
+     k_ref, v_ref, dk_ref, dv_ref, scoped) = refs
     (k_smem, v_smem, mat_smem, vec_smem), (kv_bars, mat_bars, vec_bars), frees = scoped
     kv_free, row_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
@@ -613,4 +612,4 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
   return plgpu.kernel(moba_mgpu_dkdv, out_type=(shape, shape), grid=(n_ctas,), grid_names=("cta",),
                       num_threads=3, thread_name="wg", **kwargs)(
-                          *items, q_rows, do_rows, lse2, delta, lo, hi, kp, vp)
+                          *items[1:], q_rows, do_rows, lse2, delta, lo, hi, kp, vp)

@@ -204,6 +204,8 @@ def test_mosaic_refusals_are_one_line_errors():
     mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 32)
   with pytest.raises(ValueError, match="mosaic_dq=1 needs block_q=128"):
     mg.BlockSizes(64, 64, 64, 64, 4, 2, 4, 0, 1)
+  with pytest.raises(ValueError, match=r"mosaic_dkdv=2 must be one of \[0, 1\]"):
+    mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 0, 0, 2)
 
 
 @needs_runner
