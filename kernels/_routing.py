@@ -105,25 +105,42 @@ def make_dims(seq, groups, block_size, topk, block_q, queries=None) -> Dims:
   return Dims(seq, groups, n_sel, block_size, block_q, dense, sparse, max_groups, queries)
 
 
+def _bf16_pieces(x, n):
+  """n bfloat16 pieces of float32 x whose float32 sum is x (exact for n = 3; n = 2 for float16).
+
+  Each piece keeps the top 16 bits of what is left (a mask, not a rounding convert): XLA's GPU
+  pipeline, with excess precision allowed (its default), deletes a float32 -> bfloat16 -> float32
+  round trip, which made `rest - piece` zero and the gate bfloat16-exact only (a choice of blocks
+  off the oracle's on an H200, run 16; docs/kernel_notes.md). A bit mask has no such rewrite.
+  """
+  pieces, rest = [], x
+  for _ in range(n):
+    top = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+    pieces.append(top.astype(jnp.bfloat16))  # exact: top is a bfloat16 value
+    rest = rest - top  # exact: the bits below the top 16
+  return pieces
+
+
 def _gate_scores(q_grouped, slot_kbar):
   """Float32 scores [B, C, K, G, N] of queries [B, C, K, G, D] against gate keys [B, N, K, D].
 
-  Half-precision queries are exact in bfloat16, so the float32 gate keys are split into three
-  bfloat16 pieces (hi + mid + lo = the float32 value) and each piece takes a matrix-unit
-  product with float32 accumulation: float32 scores up to summation order, at bfloat16 matmul
-  speed (a float32 HIGHEST product runs on the GPU's CUDA cores, 10x slower at 128K).
+  bfloat16 queries are one bfloat16 piece, float16 queries two (11 significant bits); the
+  float32 gate keys are three. Each pair of pieces takes a matrix-unit product with float32
+  accumulation: float32 scores up to summation order, at bfloat16 matmul speed (a float32
+  HIGHEST product runs on the GPU's CUDA cores, 10x slower at 128K).
   """
   spec = "bckgd,bnkd->bckgn"
   if q_grouped.dtype not in (jnp.bfloat16, jnp.float16):
     return jnp.einsum(spec, q_grouped.astype(jnp.float32), slot_kbar,
                       precision=jax.lax.Precision.HIGHEST)
-  qb = q_grouped.astype(jnp.bfloat16)
-  scores, rest = 0.0, slot_kbar
-  for _ in range(3):
-    piece = rest.astype(jnp.bfloat16)
-    rest = rest - piece.astype(jnp.float32)
-    scores = scores + jnp.einsum(spec, qb, piece, preferred_element_type=jnp.float32,
-                                 precision=jax.lax.Precision.DEFAULT)  # bf16 x bf16 is exact
+  n_q = 1 if q_grouped.dtype == jnp.bfloat16 else 2
+  q_pieces, k_pieces = _bf16_pieces(q_grouped.astype(jnp.float32), n_q), _bf16_pieces(slot_kbar, 3)
+  scores = 0.0
+  for qp in q_pieces:
+    for kp in k_pieces:
+      scores = scores + jnp.einsum(spec, qp, kp, preferred_element_type=jnp.float32,
+                                   precision=jax.lax.Precision.DEFAULT)  # bf16 x bf16 is exact
   return scores
 
 

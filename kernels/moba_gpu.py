@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -50,8 +49,6 @@ class BlockSizes:
   mosaic_dq: int = 0
   # 1: dK/dV runs the Mosaic GPU kernel (128-key tiles) where every past-block group is aligned to
   # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
-  # Experimental: right when interpreted, but its first compiled check on an H200 failed (a case
-  # that also ran 128-key forward chunks; cause not found): compiled use warns.
   mosaic_dkdv: int = 0
 
   def __post_init__(self):
@@ -66,15 +63,17 @@ class BlockSizes:
                          f"rows), got block_q={self.block_q}")
 
   @classmethod
-  def get_default(cls, head_dim: int, dtype) -> "BlockSizes":
-    """The Triton kernels (head_dim 128 in 16 bits: 3 stages, the run-2 sweep's best). The Mosaic
-    GPU kernels are opt-in (`mosaic_block_kv`, `mosaic_dq`, `mosaic_dkdv`; on a Hopper GPU, e.g.
-    tiles (128, 64, 64, 64, 4, 3, 4, 64, 1)): measured faster (docs/benchmarks.md run 15), but
-    their compiled checks on the H200 covered only small cases (one tile per CTA, no wrap of the
-    K/V ring), and one compiled case failed (docs/kernel_notes.md)."""
-    if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2:
-      return cls(num_stages=3)
-    return cls()
+  def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
+    """Compiled on a Hopper GPU with 16-bit inputs and head_dim 64 or 128: the Mosaic GPU kernels
+    (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16). Else, and interpreted
+    (CI's jax cannot interpret them), the Triton kernels (head_dim 128 in 16 bits: 3 stages, the
+    run-2 sweep's best; the Triton dK/dV keeps them for groups off the 128-key grid)."""
+    stages = 3 if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2 else 2
+    if (not interpret and moba_mgpu.on_hopper()
+        and moba_mgpu.refusal(dtype, head_dim, moba_mgpu.ROWS) is None):
+      return cls(block_q=moba_mgpu.ROWS, num_stages=stages, mosaic_block_kv=128, mosaic_dq=1,
+                 mosaic_dkdv=1)
+    return cls(num_stages=stages)
 
 
 def _dot(a, b, trans_b=False):  # [M, K] x [K, N] (or [N, K] when trans_b) -> [M, N] float32
@@ -517,15 +516,12 @@ def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=
 def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, softmax_scale,
                         options):
   options = options or KernelOptions()
-  sizes = options.block_sizes(BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype))
+  sizes = options.block_sizes(
+      BlockSizes, BlockSizes.get_default(q.shape[-1], q.dtype, options.interpret))
   if sizes.mosaic_block_kv or sizes.mosaic_dq or sizes.mosaic_dkdv:
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:
       raise ValueError(f"tiles={list(options.tiles)}: {why}")
-  if sizes.mosaic_dkdv and not options.interpret:
-    warnings.warn("mosaic_dkdv=1 is experimental: the Mosaic GPU dK/dV failed its first compiled "
-                  "check on an H200 (docs/kernel_notes.md); use it to measure, not to train",
-                  RuntimeWarning, stacklevel=3)
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
                           softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
                           q_start=q_start)

@@ -50,6 +50,13 @@ def interpreter_available() -> bool:
   return hasattr(plgpu, "InterpretGPUParams")
 
 
+def on_hopper() -> bool:
+  """Whether JAX's first device is a Hopper GPU (sm_90: wgmma, the kernels' matrix instruction)."""
+  device = jax.devices()[0]
+  major = str(getattr(device, "compute_capability", "")).split(".")[0]
+  return device.platform == "gpu" and major == "9"
+
+
 def refusal(dtype, head_dim, block_q, interpret=False) -> str | None:
   """Why this kernel cannot run a case (None: it can)."""
   if interpret and not interpreter_available():

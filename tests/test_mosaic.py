@@ -75,6 +75,38 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name, monkeypa
   assert max(errors.values()) < 1e-2, errors  # every output's error, for a compiled failure
 
 
+SCALE = {  # name: (lengths, heads, kv_heads, dim, block, topk): the benchmark's shapes and more
+    "8k_b512_k3": ((8192,), 16, 16, 128, 512, 3),
+    "16k_b128_k8": ((16384,), 16, 16, 128, 128, 8),
+    "32k_b512_k3": ((32768,), 16, 16, 128, 512, 3),
+    "32k_b4096_k12": ((32768,), 16, 16, 128, 4096, 12),
+    "32k_gqa8_d64_docs": ((9000, 12000, 11768), 16, 2, 64, 512, 3),
+}
+
+
+@pytest.mark.skipif(not (helpers.COMPILED and jax.default_backend() == "gpu"),
+                    reason="compiled on a Hopper GPU only (interpreted, one case takes hours)")
+@pytest.mark.parametrize("name", list(SCALE))
+def test_mosaic_at_benchmark_scale_equals_the_triton_kernels(name):
+  """Hundreds of tiles per CTA, rings that wrap thousands of times: all three Mosaic kernels
+  against the Triton kernels (the default, checked against the oracle) on the same bf16 inputs.
+  The bound is the bf16 rounding of P and dS that both make (test_mosaic_rows_equal_...)."""
+  lengths, heads, kv_heads, dim, block, topk = SCALE[name]
+  q, k, v = random_qkv(1, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  seg = packed_segments(1, lengths)
+  ct = jax.random.normal(jax.random.key(2), q.shape, jnp.bfloat16)
+  kw = dict(block_size=block, topk=topk)
+
+  def outputs(t):
+    out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=t, **kw), q, k, v)
+    return [np.asarray(x, np.float32) for x in (out, *vjp(ct))]
+
+  got, want = outputs(tiles(128, 1, 1)), outputs(())
+  errors = {what: float(np.abs(a - b).max() / np.abs(b).max())
+            for what, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+  assert max(errors.values()) < 2e-2, errors
+
+
 @needs_runner
 def test_mosaic_rows_equal_the_triton_rows():
   """Same routing, both kernel families: every live partial row's log-sum-exp agrees to float32
@@ -180,11 +212,23 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   assert "triton" not in text
 
 
-def test_the_default_tiles_are_the_triton_kernels():
-  """The Mosaic kernels are opt-in until a compiled check at scale passes (docs/kernel_notes.md)."""
-  for dim, dtype in ((128, jnp.bfloat16), (64, jnp.float16), (128, jnp.float32)):
-    sizes = mg.BlockSizes.get_default(dim, dtype)
-    assert (sizes.mosaic_block_kv, sizes.mosaic_dq, sizes.mosaic_dkdv) == (0, 0, 0)
+@pytest.mark.parametrize("hopper", [False, True])
+def test_the_default_is_mosaic_on_hopper_in_16_bits_else_triton(hopper, monkeypatch):
+  """Compiled on a Hopper GPU, 16-bit inputs with head_dim 64 or 128 take all three Mosaic kernels;
+  float32, other head_dims, other GPUs and every interpreted run take the Triton kernels."""
+  monkeypatch.setattr(mm, "on_hopper", lambda: hopper)
+  mosaic = lambda sizes: (sizes.block_q, sizes.mosaic_block_kv, sizes.mosaic_dq, sizes.mosaic_dkdv)
+  for dim, dtype in ((128, jnp.bfloat16), (64, jnp.float16)):
+    assert mosaic(mg.BlockSizes.get_default(dim, dtype)) == ((128, 128, 1, 1) if hopper
+                                                              else (64, 0, 0, 0))
+    assert mosaic(mg.BlockSizes.get_default(dim, dtype, interpret=True)) == (64, 0, 0, 0)
+  for dim, dtype in ((128, jnp.float32), (96, jnp.bfloat16), (32, jnp.float16)):
+    assert mosaic(mg.BlockSizes.get_default(dim, dtype)) == (64, 0, 0, 0)
+
+
+def test_on_hopper_is_false_off_a_gpu():
+  assert mm.on_hopper() == (jax.default_backend() == "gpu"
+                            and jax.devices()[0].compute_capability.startswith("9"))
 
 
 def test_mosaic_refusals_are_one_line_errors():
@@ -230,20 +274,3 @@ def test_mosaic_kernels_take_a_query_offset():
   got, want = grads(tiles(64, 1)), grads(tiles(0, 0))
   for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-2, what
-
-
-def test_compiled_mosaic_dkdv_warns_that_it_is_experimental():
-  """Its first compiled check on an H200 failed (docs/kernel_notes.md): asking for it compiled
-  says so, before anything compiles; interpreted it is quiet."""
-  from moba_jax.attention import KernelOptions
-  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-  seg = jnp.zeros((1, 256), jnp.int32)
-  call = lambda opts: jax.jit(lambda q: mg.moba_attention_gpu(
-      q, q, q, seg, block_size=128, topk=2, options=opts)).trace(q)
-  with pytest.warns(RuntimeWarning, match="mosaic_dkdv=1 is experimental"):
-    call(KernelOptions(tiles=tiles(64, 1, 1)))
-  if mm.interpreter_available():
-    import warnings
-    with warnings.catch_warnings():
-      warnings.simplefilter("error")
-      call(KernelOptions(interpret=True, tiles=tiles(64, 1, 1)))

@@ -16,6 +16,11 @@
 #       (tools/decode_sweep.py, default tiles) and the Mosaic GPU probe (tools/mgpu_probe.py)
 #   12: the Mosaic GPU kernels' compiled check with every case reported (-rA; each kernel alone on
 #       the case that failed in run 15e), then the opt-in Mosaic tiles at the default bench shapes
+#   13: three side-by-side processes: the compiled test_mosaic.py (-rA), its benchmark-scale cases
+#       (Mosaic against Triton), and the ptxas report (registers, spills) of the ragged d128 cases
+#   14: the compiled suite with the Hopper default (the Mosaic kernels): test_moba, test_kernels,
+#       test_attention_api as 6 shards and test_mosaic as 3, side by side; logs in $OUT/logs.tgz
+#   15: the default table with ratios to cuDNN and the floor (pallas_gpu, cudnn), as in phase 7
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -117,5 +122,29 @@ if [ "$phase" = 12 ]; then
     tests/test_mosaic.py 2>&1 | grep -E "PASS|FAIL|Error|passed|failed|assert" | tee $OUT/check.txt
   STEP_S=${BENCH_S:-250} bench --impls pallas_gpu,cudnn --repeats 10 \
     --gpu-block-sizes ${TILES:-128,64,64,64,4,3,4,64,1} --json $OUT/table.json 2>&1 \
+    | grep -v "^WARNING" | tee $OUT/table.txt
+fi
+if [ "$phase" = 13 ]; then
+  py() { XLA_PYTHON_CLIENT_MEM_FRACTION=$1 timeout "${STEP_S:-480}" python3 -m pytest -q -rA \
+    --compiled -p no:cacheprovider tests/test_mosaic.py "${@:2}" 2>&1; }
+  py 0.3 -k "not benchmark_scale" | grep -E "PASS|FAIL|Error|passed|failed|assert" > $OUT/check.txt &
+  py 0.45 -k benchmark_scale | grep -E "PASS|FAIL|Error|passed|failed|assert" > $OUT/scale.txt &
+  MOSAIC_GPU_DUMP_PTXAS=1 py 0.2 -s -k "ragged and reference" > $OUT/ptxas.txt &
+  wait; cat $OUT/check.txt $OUT/scale.txt; grep -iE "spill|registers|used" $OUT/ptxas.txt | sort | uniq -c | head -40
+fi
+if [ "$phase" = 14 ]; then
+  mkdir -p /tmp/logs
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=$1 timeout "${STEP_S:-480}" python3 -m pytest -q -rfE \
+    --compiled -p no:cacheprovider "${@:3}" > /tmp/logs/$2.txt 2>&1; }
+  for i in 0 1 2 3 4 5; do t 0.09 shard$i --shard $i/6 tests/test_moba.py tests/test_kernels.py \
+    tests/test_attention_api.py & done
+  t 0.09 mosaic_ref0 --shard 0/2 -k reference tests/test_mosaic.py &
+  t 0.09 mosaic_ref1 --shard 1/2 -k reference tests/test_mosaic.py &
+  t 0.15 mosaic_rest -k "not reference" tests/test_mosaic.py &
+  wait; tail -qn 1 /tmp/logs/*.txt; grep -h "^FAILED\|^ERROR" /tmp/logs/*.txt
+  tar czf $OUT/logs.tgz -C /tmp logs
+fi
+if [ "$phase" = 15 ]; then
+  STEP_S=${BENCH_S:-300} bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 \
     | grep -v "^WARNING" | tee $OUT/table.txt
 fi
