@@ -156,15 +156,18 @@ def test_dkdv_of_unaligned_groups_matches_the_reference():
 
 
 def test_gpu_kernels_lower_for_cuda_without_a_gpu():
-  """Cross-platform lowering runs the Pallas-to-Triton lowering of every GPU kernel (forward, dQ,
-  dK/dV of key tiles with and without unaligned-group contributions, dK/dV of unaligned groups)
-  on a CPU-only machine."""
+  """Cross-platform lowering runs the Pallas-to-Triton lowering of every Triton GPU kernel
+  (forward, dQ, dK/dV of key tiles with and without unaligned-group contributions, dK/dV of
+  unaligned groups) on a CPU-only machine. The tiles pin the Triton kernels: on a Hopper GPU the
+  default is the Mosaic ones (their lowering: tests/test_mosaic.py)."""
+  from moba_jax.attention import KernelOptions
   from moba_jax.kernels import moba_gpu as mg
   seq = 256
   seg = jnp.zeros((1, seq), jnp.int32)
   q = jnp.zeros((1, seq, 4, 64), jnp.bfloat16)
   k = jnp.zeros((1, seq, 2, 64), jnp.bfloat16)
-  attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=64, topk=3)
+  attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=64, topk=3,
+                                               options=KernelOptions(tiles=(64,)))
   step = lambda q, k, v: jax.vjp(attn, q, k, v)[1](q)
   text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 5

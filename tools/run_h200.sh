@@ -21,6 +21,9 @@
 #   14: the compiled suite with the Hopper default (the Mosaic kernels): test_moba, test_kernels,
 #       test_attention_api as 6 shards and test_mosaic as 3, side by side; logs in $OUT/logs.tgz
 #   15: the default table with ratios to cuDNN and the floor (pallas_gpu, cudnn), as in phase 7
+#   16: the slow compiled checks of the Hopper default (benchmark shapes, gate, lowering), then
+#       per-kernel profiles at 16K block 128 top-8 and 8K block 512 top-3: default tiles against
+#       the Triton dK/dV
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -147,4 +150,17 @@ fi
 if [ "$phase" = 15 ]; then
   STEP_S=${BENCH_S:-300} bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 \
     | grep -v "^WARNING" | tee $OUT/table.txt
+fi
+if [ "$phase" = 16 ]; then
+  timeout 200 python3 -m pytest -q -rfE --compiled -m "" -p no:cacheprovider tests/test_moba.py \
+    tests/test_kernels.py -k "benchmark_shapes or lower_for_cuda or near_tie or gate_scores" 2>&1 \
+    | tail -6 | tee $OUT/check.txt
+  for spec in "16384 128 8" "8192 512 3"; do set -- $spec
+    for t in default 128,64,64,64,4,3,4,128,1,0; do
+      extra=""; [ $t != default ] && extra="--gpu-block-sizes $t"
+      echo "== seq $1 block $2 topk $3 tiles $t" | tee -a $OUT/profiles.txt
+      timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 $extra --top 14 2>&1 \
+        | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+    done
+  done
 fi
