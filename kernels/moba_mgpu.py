@@ -1,4 +1,5 @@
-"""MoBA's forward and dQ row tiles on Hopper: Pallas Mosaic GPU (TMA, wgmma, a producer warpgroup).
+"""MoBA on Hopper in Pallas Mosaic GPU (TMA, wgmma, a producer warpgroup): the forward and dQ row
+tiles and the dK/dV key tiles; `pallas_gpu`'s default there (16-bit inputs, head_dim 64 or 128).
 
 The same work as `moba_gpu._fwd_kernel` and `moba_gpu._dq_kernel` (docs/kernel_notes.md: one row
 tile of the routing layout streams the one key range its rows share; float32 partial rows, merged
