@@ -252,25 +252,38 @@ def test_mosaic_refusals_are_one_line_errors():
     mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 0, 0, 2)
 
 
+OFFSET_CASES = {  # name: (lengths, block, q_start, Tq, kv dtype)
+    # groups off the 128-key grid: the Mosaic forward and dQ, the Triton dK/dV (lax.cond)
+    "docs_block32": ((230, 154), 32, 160, 128, jnp.bfloat16),
+    # one document, block 128: all three Mosaic kernels; the shard's rows start mid-sequence
+    "block128_mosaic_dkdv": ((512,), 128, 192, 192, jnp.bfloat16),
+    # float32 K/V (the context-parallel path gathers them so): the Triton dK/dV
+    "block128_float32_kv": ((512,), 128, 192, 192, jnp.float32),
+}
+
+
 @needs_runner
-def test_mosaic_kernels_take_a_query_offset():
+@pytest.mark.parametrize("name", list(OFFSET_CASES))
+def test_mosaic_kernels_take_a_query_offset(name):
   """Context parallelism's shard call (q_start, queries [q_start, q_start + Tq) over all T keys):
-  the Mosaic forward and dQ equal the Triton kernels' on the same call (out, dq, dk, dv)."""
+  the Mosaic kernels equal the Triton kernels on the same call (out, dq, dk, dv)."""
   from moba_jax.attention import KernelOptions
-  lengths, heads, kv_heads, dim = (230, 154), 2, 1, 64
+  lengths, block, q_start, n_q, kv_dtype = OFFSET_CASES[name]
+  heads, kv_heads, dim = 2, 1, 64
   q, k, v = random_qkv(11, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  k, v = k.astype(kv_dtype), v.astype(kv_dtype)
   seg = packed_segments(1, lengths)
-  qs = q[:, 160:288]
+  qs = q[:, q_start:q_start + n_q]
   ct = jax.random.normal(jax.random.key(4), qs.shape, jnp.bfloat16)
   interpret = not helpers.COMPILED
 
   def grads(t):
     opts = KernelOptions(interpret=interpret, tiles=t)
-    fn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=32, topk=3,
-                                               options=opts, q_start=160)
+    fn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=block, topk=3,
+                                               options=opts, q_start=q_start)
     out, vjp = jax.vjp(jax.jit(fn), qs, k, v)
     return (out, *vjp(ct))
 
-  got, want = grads(tiles(64, 1)), grads(tiles(0, 0))
+  got, want = grads(tiles(64, 1, 1)), grads(tiles(0, 0))
   for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-2, what
