@@ -169,7 +169,12 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu():
   attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=64, topk=3,
                                                options=KernelOptions(tiles=(64,)))
   step = lambda q, k, v: jax.vjp(attn, q, k, v)[1](q)
-  text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  # The GPU to lower for (jax >= 0.11's Triton lowering asks for one when none is present).
+  hopper = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                abstract_device=hopper)):
+    text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 5
 
 
