@@ -24,6 +24,8 @@
 #   16: the slow compiled checks of the Hopper default (benchmark shapes, gate, lowering), then
 #       per-kernel profiles at 16K block 128 top-8 and 8K block 512 top-3: default tiles against
 #       the Triton dK/dV
+#   17: the compiled rechecks after run 16: the slow benchmark-shapes test (2 shards), the Triton
+#       lowering test, the gate's near tie and the Mosaic query-offset cases, side by side
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -163,4 +165,13 @@ if [ "$phase" = 16 ]; then
         | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
     done
   done
+fi
+if [ "$phase" = 17 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${STEP_S:-140}" python3 -m pytest -q -rfE \
+    --compiled -m "" -p no:cacheprovider "${@:2}" > $OUT/$1.txt 2>&1; }
+  t shapes0 --shard 0/2 -k benchmark_shapes tests/test_moba.py &
+  t shapes1 --shard 1/2 -k benchmark_shapes tests/test_moba.py &
+  t rest -k "lower_for_cuda or near_tie or gate_scores or query_offset" tests/test_kernels.py \
+    tests/test_mosaic.py &
+  wait; tail -n 4 $OUT/shapes0.txt $OUT/shapes1.txt $OUT/rest.txt
 fi
