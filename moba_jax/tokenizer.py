@@ -98,19 +98,23 @@ class HFTokenizer:
     return np.asarray(ids, np.int32)
 
   def stream(self) -> Callable[[int | None, bool], str]:
-    """A decoder of one row: (token, last) -> the new text. Decodes the row so far each time
-    (pieces merge across tokens) and holds back a trailing partial character; token None adds
-    nothing (the row ended on a stop token, whose text is never shown)."""
-    ids, shown = [], [0]
+    """A decoder of one row: (token, last) -> the new text; token None adds nothing (the row
+    ended on a stop token, whose text is never shown). Pieces merge across tokens (a space
+    marker, bytes of one character), so each call decodes a window: the tokens since the
+    emission before last, with and without the ones not yet shown, and returns the difference
+    (both start at the same token, so the decoder treats their start alike). A window ending in
+    a partial character waits for the rest. O(window) per token, not O(row)."""
+    ids, start, shown = [], [0], [0]  # window ids[start:]; ids[start:shown] are on screen
 
     def add(token: int | None, last: bool) -> str:
       if token is not None:
         ids.append(token)
-      text = self.tok.decode(ids, skip_special_tokens=False)
-      if text.endswith("\ufffd") and not last:
+      before = self.tok.decode(ids[start[0]:shown[0]], skip_special_tokens=False)
+      text = self.tok.decode(ids[start[0]:], skip_special_tokens=False)
+      if not last and (text.endswith("\ufffd") or len(text) <= len(before)):
         return ""
-      new, shown[0] = text[shown[0]:], len(text)
-      return new
+      start[0], shown[0] = shown[0], len(ids)
+      return text[len(before):]
     return add
 
 

@@ -111,3 +111,51 @@ def test_sample_is_argmax_at_temperature_0_and_seeded_otherwise():
   a, b = decode.sample(logits, key, 1.0), decode.sample(logits, key, 1.0)
   np.testing.assert_array_equal(a, b)
   assert (a != jnp.argmax(logits, -1)).any()
+
+
+def _tokenizer_json(tmp_path, kind):
+  """A small trained tokenizer.json: byte-level BPE (GPT-2 style) or Metaspace (SentencePiece
+  style: a space marker that the decoder strips at the start of the text)."""
+  tokenizers = pytest.importorskip("tokenizers")
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  texts = ["naïve café: größer, 日本語の文章 ✓ déjà vu", "def f(x):\n    return x * 2 + 1\n",
+           "the quick brown fox jumps over the lazy dog"] * 20
+  tok = tokenizers.Tokenizer(models.BPE())
+  if kind == "byte_level":
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+  else:
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = []
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                     special_tokens=["<s>", "</s>"]))
+  tok.save(str(tmp_path / "tokenizer.json"))
+  return tmp_path / "tokenizer.json"
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_hf_stream_equals_the_full_decode_in_linear_work(tmp_path, kind):
+  """Token by token, the streamed pieces join to the row's full decode (multi-byte characters
+  split across tokens, random ids with broken UTF-8, a space marker at the start), and each call
+  decodes a bounded window: the ids decoded in all are a small multiple of the row's length
+  (decoding the whole row at each token would be quadratic)."""
+  from moba_jax.tokenizer import HFTokenizer
+  tok = HFTokenizer(_tokenizer_json(tmp_path, kind))
+  full = lambda ids: tok.tok.decode(list(ids), skip_special_tokens=False)
+  rng = np.random.default_rng(0)
+  text = "naïve café ✓ 日本語の文章: größer déjà vu, the lazy dog " * 8
+  rows = [tok.encode(text.encode()).tolist(),
+          *(rng.integers(2, tok.vocab_size, 300).tolist() for _ in range(3))]
+  real_decode, decoded = tok.tok.decode, []
+  counting = lambda ids, **kw: (decoded.append(len(ids)), real_decode(ids, **kw))[1]
+  for ids in rows:
+    decoded.clear()
+    tok.tok.decode = counting
+    add = tok.stream()
+    pieces = [add(t, i == len(ids) - 1) for i, t in enumerate(ids)]
+    tok.tok.decode = real_decode
+    assert "".join(pieces) == full(ids)
+    assert sum(decoded) <= 8 * len(ids), (sum(decoded), len(ids))
+  assert full(rows[0]) == text  # the first row's streamed pieces join to the text itself
