@@ -8,7 +8,7 @@ backend, so the figures are XLA's own plan for the buffers each implementation n
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,22 +32,33 @@ def temp_bytes(impl: str, seq: int, *, heads=16, kv_heads=16, head_dim=128, bloc
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192, 32768])
+  """A mistake (a flag, an implementation name, a shape the kernels refuse) prints one line and
+  returns 2, as the moba-jax subcommands do."""
+  from moba_jax.cli import OneLineParser, number_arg
+  prog = "python -m moba_jax.memory"
+  parser = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+  parser.add_argument("--seqs", type=number_arg(int, 1), nargs="+", default=[2048, 8192, 32768])
   parser.add_argument("--impls", nargs="+", default=["reference", "xla"])
-  parser.add_argument("--heads", type=int, default=16)
-  parser.add_argument("--block-size", type=int, default=512)
-  parser.add_argument("--topk", type=int, default=3)
+  parser.add_argument("--heads", type=number_arg(int, 1), default=16)
+  parser.add_argument("--block-size", type=number_arg(int, 1), default=512)
+  parser.add_argument("--topk", type=number_arg(int, 1), default=3)
   parser.add_argument("--backward", action="store_true", help="forward + backward")
-  args = parser.parse_args(argv)
+  try:
+    return _table(parser.parse_args(argv))
+  except ValueError as e:  # UsageError included
+    print(f"{prog}: {e}", file=sys.stderr)
+    return 2
+
+
+def _table(args) -> int:
+  rows = {impl: [temp_bytes(impl, s, heads=args.heads, kv_heads=args.heads,
+                            block_size=args.block_size, topk=args.topk, backward=args.backward)
+                 for s in args.seqs] for impl in args.impls}  # a bad name fails before any output
   print(f"backend={jax.default_backend()} heads={args.heads} head_dim=128 bf16 "
         f"block={args.block_size} topk={args.topk} {'fwd+bwd' if args.backward else 'fwd'}")
   print("| impl | " + " | ".join(f"T={s}" for s in args.seqs) + " | growth per 4x T |")
   print("|---|" + "---|" * (len(args.seqs) + 1))
-  for impl in args.impls:
-    sizes = [temp_bytes(impl, s, heads=args.heads, kv_heads=args.heads,
-                        block_size=args.block_size, topk=args.topk, backward=args.backward)
-             for s in args.seqs]
+  for impl, sizes in rows.items():
     growth = (sizes[-1] / sizes[-2]) if len(sizes) > 1 and sizes[-2] else float("nan")
     print(f"| {impl} | " + " | ".join(f"{b / 2**20:.1f} MiB" for b in sizes)
           + f" | {growth:.1f}x |")

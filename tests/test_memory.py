@@ -12,3 +12,13 @@ def test_xla_temp_memory_is_linear_and_reference_quadratic_in_seq():
     assert xla[1] / xla[0] < 6, xla  # 4x the tokens: ~4x the memory
     assert ref[1] / ref[0] > 12, ref  # ~16x
     assert xla[1] < ref[1] / 4
+
+
+def test_the_memory_tools_mistakes_are_one_line(capsys):
+  from moba_jax import memory
+  for argv, says in ((["--impls", "bogus", "--seqs", "256"], "implementation='bogus'"),
+                     (["--seqs", "0"], "'0' must be an integer >= 1")):
+    assert memory.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and says in err, (out, err)
+    assert err.startswith("python -m moba_jax.memory: ")
