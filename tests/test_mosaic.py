@@ -29,7 +29,9 @@ def tiles(block_kv, dq=1, dkdv=0):
   return (128, 64, 64, 64, 4, 2, 4, block_kv, dq, dkdv)
 
 
-CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv, mosaic dQ, mosaic dK/dV)
+# name: (lengths (of one batch row, or a tuple per row), heads, kv_heads, dim, block, topk,
+#        block_kv, mosaic dQ, mosaic dK/dV)
+CASES = {
     "one_doc_d64": ((512,), 2, 2, 64, 64, 3, 64, 1, 0),
     "gqa_docs_d128_block_off_8": ((250, 7, 343), 4, 2, 128, 36, 3, 64, 1, 0),
     "gqa4_docs_d64_kv128": ((300, 212), 4, 1, 64, 96, 4, 128, 1, 0),
@@ -45,6 +47,8 @@ CASES = {  # name: (lengths, heads, kv_heads, dim, block, topk, block_kv, mosaic
     # block 512: 8 key chunks a sparse tile and 2-4 ring slots (the rings wrap within a tile),
     # dK/dV items of many row chunks; run with 4 CTAs (many tiles each), as at benchmark scale
     "ring_wrap_4_ctas_d128": ((1024,), 2, 1, 128, 512, 2, 128, 1, 1),
+    # two batch rows with different documents (lengths per row): the (batch, kv head) flattening
+    "batch2_docs_gqa_d64": (((256, 128), (128, 256)), 4, 2, 64, 128, 3, 128, 1, 1),
 }
 FEW_CTAS = {"ring_wrap_4_ctas_d128": 4}
 
@@ -59,8 +63,9 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name, monkeypa
   if name in FEW_CTAS:
     monkeypatch.setattr(mm, "num_ctas", lambda interpret: FEW_CTAS[name])
     helpers._jitted_run.clear_cache()  # traced with the default CTA count otherwise
-  q, k, v = random_qkv(7, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
-  seg = packed_segments(1, lengths)
+  rows = lengths if isinstance(lengths[0], tuple) else (lengths,)  # documents of each batch row
+  q, k, v = random_qkv(7, len(rows), sum(rows[0]), heads, kv_heads, dim, jnp.bfloat16)
+  seg = jnp.concatenate([packed_segments(1, r) for r in rows])
   ct = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
   up = lambda x: x.astype(jnp.float32)
   kw = dict(block_size=block, topk=topk)
@@ -68,8 +73,8 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name, monkeypa
     out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
                        up(q), up(k), up(v))
     want = (out, *vjp(up(ct)))
-  out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv, dq, dkdv), **kw),
-                     q, k, v)
+  mosaic = lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv, dq, dkdv), **kw)
+  out, vjp = jax.vjp(mosaic, q, k, v)
   errors = {what: rel_err(up(a), b)
             for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want)}
   assert max(errors.values()) < 1e-2, errors  # every output's error, for a compiled failure
