@@ -53,20 +53,23 @@ CASES = {
 FEW_CTAS = {"ring_wrap_4_ctas_d128": 4}
 
 
+DTYPE_CASES = [(n, jnp.bfloat16) for n in CASES] + [("batch2_docs_gqa_d64", jnp.float16)]
+
+
 @needs_runner
-@pytest.mark.parametrize("name", list(CASES))
-def test_mosaic_forward_and_gradients_match_the_float32_reference(name, monkeypatch):
-  """bf16 q, k, v; the oracle runs in float32 on the same (rounded) inputs; the bound is the
-  bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the rounded-down
-  TMA starts; the backward (Triton) runs on the Mosaic forward's output and log-sum-exp."""
+@pytest.mark.parametrize("name, dtype", DTYPE_CASES, ids=lambda x: getattr(x, "__name__", x))
+def test_mosaic_forward_and_gradients_match_the_float32_reference(name, dtype, monkeypatch):
+  """bf16 (and once f16) q, k, v; the oracle runs in float32 on the same (rounded) inputs; the
+  bound is the bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the
+  rounded-down TMA starts; kernels a case does not take are the Triton ones."""
   lengths, heads, kv_heads, dim, block, topk, bkv, dq, dkdv = CASES[name]
   if name in FEW_CTAS:
     monkeypatch.setattr(mm, "num_ctas", lambda interpret: FEW_CTAS[name])
     helpers._jitted_run.clear_cache()  # traced with the default CTA count otherwise
   rows = lengths if isinstance(lengths[0], tuple) else (lengths,)  # documents of each batch row
-  q, k, v = random_qkv(7, len(rows), sum(rows[0]), heads, kv_heads, dim, jnp.bfloat16)
+  q, k, v = random_qkv(7, len(rows), sum(rows[0]), heads, kv_heads, dim, dtype)
   seg = jnp.concatenate([packed_segments(1, r) for r in rows])
-  ct = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
+  ct = jax.random.normal(jax.random.key(3), q.shape, dtype)
   up = lambda x: x.astype(jnp.float32)
   kw = dict(block_size=block, topk=topk)
   with jax.default_matmul_precision("highest"):
