@@ -106,7 +106,9 @@ def make_dims(seq, groups, block_size, topk, block_q, queries=None) -> Dims:
 
 
 def _bf16_pieces(x, n):
-  """n bfloat16 pieces of float32 x whose float32 sum is x (exact for n = 3; n = 2 for float16).
+  """n bfloat16 pieces of float32 x whose float32 sum is x: exact for n = 3 and |x| >= 2^-100
+  (below, the last remainder is subnormal or flushed), for n = 2 on float16 values; NaN stays NaN
+  (an infinite x gives NaN lower pieces, a NaN score, as the convert split did).
 
   Each piece keeps the top 16 bits of what is left (a mask, not a rounding convert): XLA's GPU
   pipeline, with excess precision allowed (its default), deletes a float32 -> bfloat16 -> float32

@@ -64,12 +64,13 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
-    """Compiled on a Hopper GPU with 16-bit inputs and head_dim 64 or 128: the Mosaic GPU kernels
-    (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16). Else, and interpreted
-    (CI's jax cannot interpret them), the Triton kernels (head_dim 128 in 16 bits: 3 stages, the
-    run-2 sweep's best; the Triton dK/dV keeps them for groups off the 128-key grid)."""
+    """Compiled on a Hopper GPU (jax >= 0.11) with 16-bit inputs and head_dim 64 or 128: the
+    Mosaic GPU kernels (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16). Else,
+    and interpreted (CI's jax cannot interpret them), the Triton kernels (head_dim 128 in 16
+    bits: 3 stages, the run-2 sweep's best; the Triton dK/dV keeps them for groups off the
+    128-key grid)."""
     stages = 3 if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2 else 2
-    if (not interpret and moba_mgpu.on_hopper()
+    if (not interpret and moba_mgpu.is_default_here()
         and moba_mgpu.refusal(dtype, head_dim, moba_mgpu.ROWS) is None):
       return cls(block_q=moba_mgpu.ROWS, num_stages=stages, mosaic_block_kv=128, mosaic_dq=1,
                  mosaic_dkdv=1)

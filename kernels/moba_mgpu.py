@@ -58,6 +58,15 @@ def on_hopper() -> bool:
   return device.platform == "gpu" and major == "9"
 
 
+CHECKED_JAX = (0, 11)  # the oldest JAX under which these kernels ran compiled and passed (H200)
+
+
+def is_default_here() -> bool:
+  """Whether they are `pallas_gpu`'s default here: a Hopper GPU and a JAX they were checked
+  under compiled (jax 0.10 lowers them, in CI, but never ran them on a GPU)."""
+  return on_hopper() and tuple(jax.__version_info__[:2]) >= CHECKED_JAX
+
+
 def refusal(dtype, head_dim, block_q, interpret=False) -> str | None:
   """Why this kernel cannot run a case (None: it can)."""
   if interpret and not interpreter_available():

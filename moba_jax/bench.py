@@ -269,7 +269,9 @@ def breakdown(args, seq, block, topk):
 
 def triton_side_by_side(args, dims, sizes, scale, routed):
   """The forward kernel alone, Pallas against the same program in Triton through jax-triton
-  (`kernels/moba_triton.py`), on the same routing: with Pallas' tiles, and autotuned."""
+  (`kernels/moba_triton.py`), on the same routing: with Pallas' tiles, and autotuned. The Pallas
+  kernel timed is the Triton-lowered forward (`moba_gpu.forward_rows`), also where the default
+  forward is the Mosaic one (Hopper; then on its 128-row tiles)."""
   from moba_jax.kernels import moba_gpu as mg
   from moba_jax.kernels import moba_triton as mt
   if not mt.available():

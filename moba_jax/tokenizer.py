@@ -103,7 +103,9 @@ class HFTokenizer:
     marker, bytes of one character), so each call decodes a window: the tokens since the
     emission before last, with and without the ones not yet shown, and returns the difference
     (both start at the same token, so the decoder treats their start alike). A window ending in
-    a partial character waits for the rest. O(window) per token, not O(row)."""
+    a partial character waits for the rest. O(window) per token, not O(row). The pieces join to
+    the row's full decode, except that a byte-fallback tokenizer's invalid byte run, which the
+    full decode replaces byte by byte, may be replaced where the stream cuts it."""
     ids, start, shown = [], [0], [0]  # window ids[start:]; ids[start:shown] are on screen
 
     def add(token: int | None, last: bool) -> str:

@@ -16,8 +16,7 @@ from moba_jax.kernels import moba_mgpu as mm
 from tests import helpers
 from tests.helpers import packed_segments, random_qkv, rel_err, run
 
-RUNNABLE = (mm.interpreter_available() if not helpers.COMPILED
-            else jax.default_backend() == "gpu")
+RUNNABLE = mm.interpreter_available() if not helpers.COMPILED else mm.on_hopper()
 needs_runner = pytest.mark.skipif(
     not RUNNABLE, reason=f"jax {jax.__version__} cannot interpret a Mosaic GPU kernel with TMA "
     "and barriers (jax >= 0.11 can); compiled runs need a Hopper GPU")
@@ -92,13 +91,14 @@ SCALE = {  # name: (lengths, heads, kv_heads, dim, block, topk): the benchmark's
 }
 
 
-@pytest.mark.skipif(not (helpers.COMPILED and jax.default_backend() == "gpu"),
+@pytest.mark.skipif(not (helpers.COMPILED and mm.on_hopper()),
                     reason="compiled on a Hopper GPU only (interpreted, one case takes hours)")
 @pytest.mark.parametrize("name", list(SCALE))
 def test_mosaic_at_benchmark_scale_equals_the_triton_kernels(name):
   """Hundreds of tiles per CTA, rings that wrap thousands of times: all three Mosaic kernels
-  against the Triton kernels (the default, checked against the oracle) on the same bf16 inputs.
-  The bound is the bf16 rounding of P and dS that both make (test_mosaic_rows_equal_...)."""
+  against the Triton kernels (their default tiles, `(64,)`: the kernels other GPUs run, checked
+  against the oracle) on the same bf16 inputs. The bound is the bf16 rounding of P and dS that
+  both make (test_mosaic_rows_equal_...)."""
   lengths, heads, kv_heads, dim, block, topk = SCALE[name]
   q, k, v = random_qkv(1, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
   seg = packed_segments(1, lengths)
@@ -109,7 +109,7 @@ def test_mosaic_at_benchmark_scale_equals_the_triton_kernels(name):
     out, vjp = jax.vjp(lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=t, **kw), q, k, v)
     return [np.asarray(x, np.float32) for x in (out, *vjp(ct))]
 
-  got, want = outputs(tiles(128, 1, 1)), outputs(())
+  got, want = outputs(tiles(128, 1, 1)), outputs((64,))  # not (): on Hopper that is Mosaic
   errors = {what: float(np.abs(a - b).max() / np.abs(b).max())
             for what, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
   assert max(errors.values()) < 2e-2, errors
@@ -225,6 +225,7 @@ def test_the_default_is_mosaic_on_hopper_in_16_bits_else_triton(hopper, monkeypa
   """Compiled on a Hopper GPU, 16-bit inputs with head_dim 64 or 128 take all three Mosaic kernels;
   float32, other head_dims, other GPUs and every interpreted run take the Triton kernels."""
   monkeypatch.setattr(mm, "on_hopper", lambda: hopper)
+  monkeypatch.setattr(mm, "CHECKED_JAX", (0, 0))  # this JAX counts as checked
   mosaic = lambda sizes: (sizes.block_q, sizes.mosaic_block_kv, sizes.mosaic_dq, sizes.mosaic_dkdv)
   for dim, dtype in ((128, jnp.bfloat16), (64, jnp.float16)):
     assert mosaic(mg.BlockSizes.get_default(dim, dtype)) == ((128, 128, 1, 1) if hopper
@@ -237,6 +238,12 @@ def test_the_default_is_mosaic_on_hopper_in_16_bits_else_triton(hopper, monkeypa
 def test_on_hopper_is_false_off_a_gpu():
   assert mm.on_hopper() == (jax.default_backend() == "gpu"
                             and jax.devices()[0].compute_capability.startswith("9"))
+
+
+def test_a_jax_the_kernels_were_not_checked_under_keeps_the_triton_default(monkeypatch):
+  monkeypatch.setattr(mm, "on_hopper", lambda: True)
+  monkeypatch.setattr(mm, "CHECKED_JAX", (99, 0))
+  assert mg.BlockSizes.get_default(128, jnp.bfloat16).mosaic_block_kv == 0
 
 
 def test_mosaic_refusals_are_one_line_errors():
@@ -292,6 +299,6 @@ def test_mosaic_kernels_take_a_query_offset(name):
     out, vjp = jax.vjp(jax.jit(fn), qs, k, v)
     return (out, *vjp(ct))
 
-  got, want = grads(tiles(64, 1, 1)), grads(tiles(0, 0))
+  got, want = grads(tiles(128, 1, 1)), grads(tiles(0, 0))  # the Hopper default's tiles
   for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-2, what
