@@ -342,7 +342,8 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
   return o.reshape(batch, seq, heads, dp)[..., :dim], (o, lse)
 
 
-MOSAIC_DQ_BLOCK_KV = 64  # two 16-bit row matrices (Q, dO) double-buffered leave room for 64-key slots
+# two 16-bit row matrices (Q, dO), double-buffered, leave room for 64-key ring slots
+MOSAIC_DQ_BLOCK_KV = 64
 
 
 class _MosaicRows(NamedTuple):

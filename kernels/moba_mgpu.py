@@ -401,8 +401,9 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
   """dQ of every partial row: [BK, R, D] float32 (summed per query by the caller).
 
   lse2, delta [BK, R] float32: each row's query's merged log-sum-exp in base 2 (lse * log2(e);
-  +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`). Per key chunk: S = Q K^T,
-  P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K (three wgmma)."""
+  +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`).
+  Per key chunk: S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K
+  (three wgmma)."""
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
   qk_scale = scale * LOG2E
@@ -449,9 +450,9 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
 
   items: (ks, r0, ru, r1, g0, g1), each [BK, NK] int32: key tile j of (batch, kv head) bk starts
-  at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows [r0, r1), of which rows before ru may need the mask, and
-  by the past-block group's rows [g0, g1), which see it whole (`moba_gpu._dkdv_items` with
-  128-key tiles, every group aligned to them). lse2 [BK, R] float32 is each row's log-sum-exp in
+  at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows [r0, r1), of
+  which rows before ru may need the mask, and by the past-block group's rows [g0, g1), which
+  see it whole (`moba_gpu._dkdv_items` with 128-key tiles, every group aligned to them). lse2 [BK, R] float32 is each row's log-sum-exp in
   base 2 (+inf for padding rows), delta [BK, R] rowsum(dO * O); lo, hi [BK, R] int32;
   q_rows, do_rows [BK, R, D] (`gather_rows`).
 

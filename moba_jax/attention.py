@@ -45,8 +45,8 @@ class KernelOptions:
   tiles: the first fields of the kernel's BlockSizes, in order (moba_gpu: block_q, block_k,
     block_q_dkv, block_k_dkv, num_warps, num_stages, num_warps_dkv, mosaic_block_kv, mosaic_dq,
     mosaic_dkdv (the Mosaic GPU kernels, kernels/moba_mgpu.py: the default on Hopper);
-    moba_tpu: block_q, block_k, block_k_dkv; splash, for full attention: block_q, block_kv), the rest at their class
-    defaults; () = the kernel's get_default().
+    moba_tpu: block_q, block_k, block_k_dkv; splash, for full attention: block_q, block_kv), the
+    rest at their class defaults; () = the kernel's get_default().
   """
 
   interpret: bool = False
