@@ -453,8 +453,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows [r0, r1), of
   which rows before ru may need the mask, and by the past-block group's rows [g0, g1), which
   see it whole (`moba_gpu._dkdv_items` with 128-key tiles, every group aligned to them).
-  lse2 [BK, R] float32 is each row's log-sum-exp in base 2 (+inf for padding rows), delta [BK, R] rowsum(dO * O); lo, hi [BK, R] int32;
-  q_rows, do_rows [BK, R, D] (`gather_rows`).
+  lse2 [BK, R] float32 is each row's log-sum-exp in base 2 (+inf for padding rows), delta
+  [BK, R] rowsum(dO * O); lo, hi [BK, R] int32; q_rows, do_rows [BK, R, D] (`gather_rows`).
 
   Key-tile-major, persistent like `_row_tiles`: each compute warpgroup holds 64 keys (and values)
   in SMEM and their dK, dV accumulators in registers; the producer streams 64-row chunks of Q,
