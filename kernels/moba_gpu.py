@@ -362,7 +362,7 @@ def _mosaic_rows(q, do, routing, lse, delta, kv_heads, groups) -> _MosaicRows:
 
 
 def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret):
-  """dQ partial rows [BK, R, D] float32 from the Mosaic GPU kernel."""
+  """dQ partial rows [BK, R, D] in q's dtype from the Mosaic GPU kernel."""
   nfree = moba_mgpu.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
                                 routing.rq, MOSAIC_DQ_BLOCK_KV)
   return moba_mgpu.dq_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi,

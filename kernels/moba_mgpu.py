@@ -150,6 +150,27 @@ def num_ctas(interpret: bool) -> int:
   return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
+def balanced_order(work, n_ctas: int):
+  """The order the persistent CTAs take their items in: CTA c's i-th item is order[c + i n_ctas].
+
+  work [N] (an item's row chunks, + 1 for its fixed cost): items sorted by work, largest first
+  (stable: items of equal work, e.g. the key tiles of one block, stay neighbours, as L2 likes),
+  dealt out in snake rounds (round r runs CTA 0..C-1 when r is even, C-1..0 when odd; the last,
+  partial round forward). In the index order CTA c took items c, c + C, ... of one stride, which
+  for the dK/dV at 8K, block 512 gave the busiest CTA 1.68x the mean work (sorted snake: 1.04;
+  measured 0.511 -> 0.352 ms on the H200, docs/kernel_notes.md). The row tiles of the forward
+  and dQ keep the index order: this order measured 2-10% slower there."""
+  n = work.shape[0]
+  order = jnp.argsort(-work, stable=True).astype(jnp.int32)
+  full = n // n_ctas * n_ctas
+  if full == 0:
+    return order
+  rounds = order[:full].reshape(-1, n_ctas)
+  odd = (jnp.arange(rounds.shape[0]) % 2 == 1)[:, None]
+  rounds = jnp.where(odd, rounds[:, ::-1], rounds)
+  return jnp.concatenate([rounds.reshape(-1), order[full:]])
+
+
 class _Slot:
   """One step's K/V ring slot, as the consumer's step function sees it: wait for its keys or
   values, and release them once read (both compute warpgroups must release a slot)."""
@@ -172,7 +193,7 @@ class _Slot:
 
 
 def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
-               lse_out, interpret, ctas):
+               interpret, ctas):
   """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
   round-robin (consecutive CTAs, consecutive tiles of one kv head: neighbours share key blocks in
   L2). Three warpgroups: two compute (64 rows each), one producer whose ring of K/V slots runs
@@ -183,8 +204,9 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   vecs: row vectors [BK, R] (lo and hi first) they read into registers. Per tile and warpgroup:
   carry = init(vecs); carry = step(carry, s, mats_smem, slot: _Slot, kpos, vecs, masked) for each
   key chunk s (kpos: the chunk's key positions, [64, Bk] int32, for the mask); then
-  finish(carry, vecs, outs, bk, r0, lse_smem) writes the outputs (lse_smem: a [64] float32
-  staging buffer for a TMA store when lse_out)."""
+  finish(carry, vecs, outs, bk, r0, stage, lse_smem) writes the outputs by TMA from staging
+  buffers: stage, the warpgroup's [64, D] SMEM of the first row matrix (read by then), and
+  lse_smem, a [64] float32 buffer."""
   bk_n, rows, dim = mats[0].shape
   kv_heads = k.shape[2]
   n_tiles = rows // ROWS
@@ -237,15 +259,15 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         nf = jnp.minimum(nf_ref[bk, tile], n)
         carry = lax.fori_loop(0, nf, functools.partial(chunk, masked=False), init(vecs_w))
         carry = lax.fori_loop(nf, n, functools.partial(chunk, masked=True), carry)
-        plgpu.barrier_arrive(q_free.at[buf])  # this buffer's rows are read: the producer may refill
-        if lse_out:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's lse left lse_smem
-        finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, lse_smem.at[wg])
+        # The rows are read: their first matrix's SMEM stages the outputs for a TMA store, which
+        # must have left it (and lse_smem) before the producer may refill this buffer.
+        finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, mats_w[0], lse_smem.at[wg])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(q_free.at[buf])
         return g + n
 
       lax.fori_loop(0, my_items, tile_rows, jnp.int32(0))
-      if lse_out:
-        plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _producer():
@@ -348,7 +370,8 @@ def _scores(q_w, slot):
 
 def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interpret=False,
                  ctas=None):
-  """Partial rows of every routing tile: o [BK, R, D] float32 and lse [BK, R] float32.
+  """Partial rows of every routing tile: o [BK, R, D] in q_rows' dtype (normalized, rounded
+  once, as the official MoBA's partial outputs are) and lse [BK, R] float32.
 
   ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
   [BK, R] int32 (each row's visible keys); q_rows [BK, R, D] (`gather_rows`); k, v [B, T, K, D]
@@ -379,26 +402,28 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
     slot.free_v()
     return acc, m_new, l
 
-  def finish(carry, vecs, outs, bk, r0, lse_smem):
+  def finish(carry, vecs, outs, bk, r0, stage, lse_smem):
     acc, m, l = carry
     o_ref, lse_ref = outs
     ok = l > 0
     l_safe = jnp.where(ok, l, 1.0)
-    o_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    stage[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
     lse_smem[...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
     plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stage, o_ref.at[bk, pl.ds(r0, WG_ROWS)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
 
-  out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), jnp.float32),
+  out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), dtype),
               jax.ShapeDtypeStruct((bk_n, rows), jnp.float32))
   return _row_tiles("moba_mgpu_fwd", ks=ks, ke=ke, nfree=nfree, mats=(q_rows,), vecs=(lo, hi),
                     k=k, v=v, block_kv=block_kv, init=init, step=step, finish=finish,
-                    out_type=out_type, lse_out=True, interpret=interpret, ctas=ctas)
+                    out_type=out_type, interpret=interpret, ctas=ctas)
 
 
 def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale, block_kv,
             interpret=False, ctas=None):
-  """dQ of every partial row: [BK, R, D] float32 (summed per query by the caller).
+  """dQ of every partial row: [BK, R, D] in q_rows' dtype (summed per query, in float32, by the
+  caller; the official MoBA also adds 16-bit dQ parts).
 
   lse2, delta [BK, R] float32: each row's query's merged log-sum-exp in base 2 (lse * log2(e);
   +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`).
@@ -430,15 +455,17 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
     slot.free_k()
     return dq
 
-  def finish(dq, vecs, outs, bk, r0, lse_smem):
+  def finish(dq, vecs, outs, bk, r0, stage, lse_smem):
     (dq_ref,) = outs
-    dq_ref.at[bk, pl.ds(r0, WG_ROWS)][...] = dq * scale
+    stage[...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, pl.ds(r0, WG_ROWS)])
 
-  out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), jnp.float32),)
+  out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), dtype),)
   (dq,) = _row_tiles("moba_mgpu_dq", ks=ks, ke=ke, nfree=nfree, mats=(q_rows, do_rows),
                      vecs=(lo, hi, lse2.astype(jnp.float32), delta.astype(jnp.float32)), k=k, v=v,
                      block_kv=block_kv, init=init, step=step, finish=finish, out_type=out_type,
-                     lse_out=False, interpret=interpret, ctas=ctas)
+                     interpret=interpret, ctas=ctas)
   return dq
 
 
@@ -456,7 +483,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   lse2 [BK, R] float32 is each row's log-sum-exp in base 2 (+inf for padding rows), delta
   [BK, R] rowsum(dO * O); lo, hi [BK, R] int32; q_rows, do_rows [BK, R, D] (`gather_rows`).
 
-  Key-tile-major, persistent like `_row_tiles`: each compute warpgroup holds 64 keys (and values)
+  Key-tile-major, persistent like `_row_tiles` (items in `balanced_order`: a key tile's work
+  falls steeply with its block): each compute warpgroup holds 64 keys (and values)
   in SMEM and their dK, dV accumulators in registers; the producer streams 64-row chunks of Q,
   dO and the row vectors through a ring of slots. Per chunk: S^T = K Q^T, P^T = exp2(S^T - lse),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma). Dense chunks
@@ -478,17 +506,20 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   pad_seq = n_kt * KEYS
   kp = jnp.pad(k, ((0, 0), (0, pad_seq - seq), (0, 0), (0, 0))) if pad_seq != seq else k
   vp = jnp.pad(v, ((0, 0), (0, pad_seq - seq), (0, 0), (0, 0))) if pad_seq != seq else v
+  r0, _, r1, g0, g1 = items[1:]
+  chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
+  order = balanced_order((chunks + 1).reshape(-1), n_ctas)
 
   def kernel(*refs):
-    (r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref,
-     k_ref, v_ref, dk_ref, dv_ref, scoped) = refs
+    (order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
+     hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped) = refs
     (k_smem, v_smem, mat_smem, vec_smem), (kv_bars, mat_bars, vec_bars), frees = scoped
     kv_free, row_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
 
     def item(i):
-      w = cta + i * n_ctas
+      w = order_ref[cta + i * n_ctas]
       bk, j = lax.div(w, jnp.int32(n_kt)), lax.rem(w, jnp.int32(n_kt))
       a, u, e = r0_ref[bk, j], ru_ref[bk, j], r1_ref[bk, j]
       n_dense = lax.div(jnp.maximum(e - a, 0) + (WG_ROWS - 1), jnp.int32(WG_ROWS))
@@ -630,4 +661,4 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
   return plgpu.kernel(moba_mgpu_dkdv, out_type=(shape, shape), grid=(n_ctas,), grid_names=("cta",),
                       num_threads=3, thread_name="wg", **kwargs)(
-                          *items[1:], q_rows, do_rows, lse2, delta, lo, hi, kp, vp)
+                          order, *items[1:], q_rows, do_rows, lse2, delta, lo, hi, kp, vp)

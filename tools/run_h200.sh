@@ -26,6 +26,11 @@
 #       the Triton dK/dV
 #   17: the compiled rechecks after run 16: the slow benchmark-shapes test (2 shards), the Triton
 #       lowering test, the gate's near tie and the Mosaic query-offset cases, side by side
+#   18: A/B of the persistent kernels' item order: per-kernel profiles (8K b512 k3, 16K b128 k8,
+#       32K b512 k3) of this tree, then of the tree in $BAL (installed over it), then BAL's table
+#   19: the compiled test_mosaic.py as 3 shards side by side (-rA)
+#   20: per-kernel profiles with the GPU's idle gaps inside the step (8K b512 k3, 16K b128 k8,
+#       32K b512 k3), default tiles
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -174,4 +179,31 @@ if [ "$phase" = 17 ]; then
   t rest -k "lower_for_cuda or near_tie or gate_scores or query_offset" tests/test_kernels.py \
     tests/test_mosaic.py &
   wait; tail -n 4 $OUT/shapes0.txt $OUT/shapes1.txt $OUT/rest.txt
+fi
+if [ "$phase" = 18 ]; then
+  for tree in . $BAL; do
+    name=$(basename $(cd $tree && pwd))
+    (cd $tree && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .)
+    for spec in "8192 512 3" "16384 128 8" "32768 512 3"; do set -- $spec
+      echo "== $name seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+      (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 \
+        --top 12 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt)
+    done
+  done
+  (cd $BAL && STEP_S=${BENCH_S:-300} bench --impls pallas_gpu,cudnn --repeats 10 \
+    --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee $OUT/table.txt)
+fi
+if [ "$phase" = 19 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${STEP_S:-500}" python3 -m pytest -q -rA \
+    --compiled -p no:cacheprovider "${@:2}" tests/test_mosaic.py 2>&1 \
+    | grep -E "PASS|FAIL|SKIP|Error|passed|failed|assert" > $OUT/$1.txt; }
+  t mosaic0 --shard 0/3 & t mosaic1 --shard 1/3 & t mosaic2 --shard 2/3 & wait
+  tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
+fi
+if [ "$phase" = 20 ]; then
+  for spec in "8192 512 3" "16384 128 8" "32768 512 3"; do set -- $spec
+    echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+    timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 12 2>&1 \
+      | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done
 fi
