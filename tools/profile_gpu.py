@@ -50,48 +50,41 @@ def kernel_times(trace_path, steps):
   return {n: (t / steps, count[n] / steps, op[n]) for n, t in total.items()}
 
 
-def idle_gaps(trace_path, top=8):
-  """Where the GPU idles inside the step: for the longest-running XLA module (the jitted step),
-  its span per run, the union of kernel time inside it, and its longest gaps between kernels
-  (us, with the kernels on either side). A gap is host work the device waits for: a launch, a
-  conditional's predicate read back, a while loop's trip."""
+def idle_gaps(trace_path, steps, top=8):
+  """Where the GPU idles inside a step: the kernels of all streams, split into the `steps` steps
+  at the steps - 1 longest gaps (each step ends with a host sync); per step the span from its
+  first kernel's start to its last one's end, the union of kernel time in it, and the longest
+  gaps inside steps (us, with the kernels on either side). A gap is host work the device waits
+  for: a launch, a conditional's predicate read back, a while loop's trip."""
   with gzip.open(trace_path, "rt") as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
   names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   device = {pid for pid, n in names.items() if "gpu" in n.lower()}
-  threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "").lower() for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device}
-  on = lambda e, word: e.get("ph") == "X" and word in threads.get((e.get("pid"), e.get("tid")), "")
-  modules = [e for e in events if on(e, "modules")]
+  streams = {(e["pid"], e["tid"]) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device
+             and e.get("args", {}).get("name", "").lower().startswith("stream")}
   kernels = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", "?"))
-                   for e in events if on(e, "stream"))
-  if not modules or not kernels:
-    print("idle gaps: no module or stream lines in the trace")
+                   for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+  if len(kernels) < steps:
+    print("idle gaps: too few kernels on the stream lines")
     return
-  longest = collections.Counter()
-  for e in modules:
-    longest[e.get("name")] += float(e.get("dur", 0))
-  name = longest.most_common(1)[0][0]
-  runs = [e for e in modules if e.get("name") == name]
-  span = busy = 0.0
-  gaps = []
-  for e in runs:
-    t0, t1 = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
-    inside = [k for k in kernels if k[0] >= t0 and k[1] <= t1 + 1]
-    span += t1 - t0
-    end, prev = t0, "(module start)"
-    for a, b, n in inside:
-      if a > end:
-        gaps.append((a - end, prev, n))
-      if b > end:
-        busy += b - max(a, end)
-        end, prev = b, n
-  n = len(runs)
-  print(f"module {name[:60]}: {n} runs, span {span / n / 1e3:.3f} ms, kernels busy "
-        f"{busy / n / 1e3:.3f} ms, idle {(span - busy) / n / 1e3:.3f} ms per run")
-  for g, a, b in sorted(gaps, reverse=True)[:top]:
+  gaps, busy, end, prev = [], 0.0, kernels[0][1], kernels[0][2]
+  busy = kernels[0][1] - kernels[0][0]
+  for a, b, n in kernels[1:]:
+    if a > end:
+      gaps.append((a - end, prev, n))
+    if b > end:
+      busy += b - max(a, end)
+      end, prev = b, n
+  gaps.sort(reverse=True)
+  between, inside = gaps[:steps - 1], gaps[steps - 1:]
+  span = end - kernels[0][0] - sum(g for g, _, _ in between)
+  print(f"per step: span {span / steps / 1e3:.3f} ms, kernels busy {busy / steps / 1e3:.3f} ms, "
+        f"idle {(span - busy) / steps / 1e3:.3f} ms in {len(inside) / steps:.1f} gaps "
+        f"(between steps: {min(g for g, _, _ in between) / 1e3:.3f} ms or more)")
+  for g, a, b in inside[:top]:
     print(f"  gap {g:8.1f} us  after {a[:50]}  before {b[:50]}")
 
 
@@ -124,7 +117,7 @@ def main(argv=None):
   print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel (hlo op)")
   for name, (t, c, o) in sorted(times.items(), key=lambda x: -x[1][0])[:a.top]:
     print(f"{t:8.3f} {100 * t / total:5.1f}% {c:6.1f}  {name[:70]} ({o[:60]})")
-  idle_gaps(max(traces, key=os.path.getmtime))
+  idle_gaps(max(traces, key=os.path.getmtime), a.steps)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@
 #   19: the compiled test_mosaic.py as 3 shards side by side (-rA)
 #   20: per-kernel profiles with the GPU's idle gaps inside the step (8K b512 k3, 16K b128 k8,
 #       32K b512 k3), default tiles
+#   21: idle gaps at 8K b512 k3 and 16K b128 k8 (tools/profile_gpu.py), the back-to-back table
+#       (--pipeline 8) at 8K/16K b128 k8/32K, then test_mosaic's first third (--shard 0/3) compiled
+#       as two processes
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -206,4 +209,18 @@ if [ "$phase" = 20 ]; then
     timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 12 2>&1 \
       | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
   done
+fi
+if [ "$phase" = 21 ]; then
+  for spec in "8192 512 3" "16384 128 8"; do set -- $spec
+    echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+    timeout 80 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 8 2>&1 \
+      | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done
+  STEP_S=100 bench --impls pallas_gpu,cudnn --seqs 8192,16384,32768 --configs 512:3,128:8 \
+    --repeats 10 --pipeline 8 --json $OUT/pipelined.json 2>&1 | grep -v "^WARNING" | tail -8
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout "${STEP_S:-300}" python3 -m pytest -q -rA \
+    --compiled -p no:cacheprovider --shard $2 tests/test_mosaic.py 2>&1 \
+    | grep -E "PASS|FAIL|SKIP|Error|passed|failed|assert" > $OUT/$1.txt; }
+  t mosaic_0of6 0/6 & t mosaic_3of6 3/6 & wait
+  tail -qn 1 $OUT/mosaic_*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic_*.txt
 fi
