@@ -186,7 +186,7 @@ def _dq_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
-    dq_ref[...] = acc_sc[...] * scale
+    dq_ref[...] = (acc_sc[...] * scale).astype(dq_ref.dtype)
 
 
 def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale):
@@ -281,7 +281,8 @@ def _forward(q, k, v, routing, dims, sizes, scale, interpret):
                [_row_spec(bq, dp), _kv_spec(bk, dp, nt), _kv_spec(bk, dp, nt), _row_spec(bq, 1),
                 _row_spec(bq, 1)],
                [_row_spec(bq, dp), _row_spec(bq, 1)],
-               [jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), f32),
+               # partial outputs in q's dtype (rounded once, as on the GPU); merged in float32
+               [jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
                 jax.ShapeDtypeStruct((batch_kv, dims.rows, 1), f32)],
                [pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, dp), f32)],
                interpret, ("parallel", "parallel", "arbitrary"))
@@ -382,7 +383,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   kv = _kv_spec(bk, dp, nt)
   call = _call(kernel, (batch_kv, nt, nc), 2,
                [_row_spec(bq, dp), kv, kv, _row_spec(bq, dp)] + [_row_spec(bq, 1)] * 4,
-               _row_spec(bq, dp), jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
+               _row_spec(bq, dp), jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
                [pltpu.VMEM((bq, dp), jnp.float32)], interpret,
                ("parallel", "parallel", "arbitrary"))
   dq_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1), q_rows, kr, vr,

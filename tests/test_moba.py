@@ -84,6 +84,27 @@ def test_bf16_within_official_bounds_of_float32_reference(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_gradients_match_the_float32_reference(impl):
+  """bf16 fwd+bwd against the float32 oracle on the same (rounded) inputs, at the bound of the
+  benchmark-shapes test: the kernels round P and dS to bf16 for the products, and their partial
+  rows (pallas_tpu, and pallas_gpu's Mosaic kernels) once more before the float32 merge."""
+  lengths = (200, 184)
+  q, k, v = random_qkv(6, 1, sum(lengths), 4, 2, 128, jnp.bfloat16)
+  seg = packed_segments(1, lengths)
+  ct = jax.random.normal(jax.random.key(4), q.shape, jnp.bfloat16)
+  up = lambda x: x.astype(jnp.float32)
+  kw = dict(block_size=32, topk=3)
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
+                       up(q), up(k), up(v))
+    want = (out, *vjp(up(ct)))
+  out, vjp = jax.vjp(lambda q, k, v: run(impl, q, k, v, seg, **kw), q, k, v)
+  errors = {name: rel_err(up(a), b) for name, a, b in zip(("out", "dq", "dk", "dv"),
+                                                          (out, *vjp(ct)), want)}
+  assert max(errors.values()) < 1e-2, errors
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_equals_full_attention_when_at_most_topk_blocks(impl):
   lengths = (64, 40, 24)  # each document has <= 4 blocks of 16
   q, k, v = random_qkv(5, 2, sum(lengths), 4, 4, 16)
