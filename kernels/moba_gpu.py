@@ -193,7 +193,7 @@ def _dq_kernel(ks_ref, ke_ref, rq_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, do_r
   dq = jnp.zeros(q.shape, jnp.float32)
   dq = jax.lax.fori_loop(0, n_free, functools.partial(body, masked=False), dq)
   dq = jax.lax.fori_loop(n_free, n_all, functools.partial(body, masked=True), dq)
-  dq_ref[...] = dq * scale
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(iks_ref, ir0_ref, iru_ref, ir1_ref, ig0_ref, ig1_ref, rq_ref, lo_ref, hi_ref,
@@ -290,7 +290,8 @@ def _pad_rows(r: rt.Routing, extra):
 
 
 def forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret):
-  """The forward kernel alone: partial rows o_rows [BK, R, Dp] and lse_rows [BK, R] (float32).
+  """The forward kernel alone: partial rows o_rows [BK, R, Dp] in q's dtype (normalized, rounded
+  once; merged in float32 by the caller) and lse_rows [BK, R] float32.
 
   qf [B, T * H, Dp], kf/vf [B, T * K, Dp] (`flat_rows`)."""
   batch, dp = qf.shape[0], qf.shape[-1]
@@ -299,7 +300,7 @@ def forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret):
   lay = _RowLayout(dims.seq, kv_heads, dims.groups)
   args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf)
   kernel = functools.partial(_fwd_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
-  out_shape = [jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
+  out_shape = [jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), qf.dtype),
                jax.ShapeDtypeStruct((batch_kv, dims.rows), jnp.float32)]
   return _call(kernel, (dims.tiles, batch_kv), args, out_shape, _row_specs(bq, dp), sizes,
                interpret)
@@ -441,7 +442,7 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
             lse, delta)
     kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
     dq_rows = _call(kernel, (dims.tiles, batch_kv), args,
-                    jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), jnp.float32),
+                    jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
                     _row_specs(bq, dp)[0], sizes, interpret)
   dq = rt.gather_rows_sum(*_query_major(dq_rows, routing.pos, batch, dims))  # [B, T * H, Dp]
   dq = dq.reshape(q.shape[:3] + (dp,))[..., :dim].astype(q.dtype)
