@@ -48,6 +48,7 @@ class Dims(NamedTuple):
   sparse_rows: int  # PR
   max_groups: int  # full blocks that can be chosen as past blocks (T // block_size)
   queries: int  # Tq, query positions (T without a query offset); `seq` counts the keys
+  one_doc: bool = False  # every row one document, known when tracing (segment_ids None)
 
   @property
   def rows(self):
@@ -238,7 +239,7 @@ def _select_mixed(q_c, kbar, lay, *, block_size, topk):
   return tuple(_merge(x, chunk) for x in out)
 
 
-def select_chunked(q, k, layout, *, block_size, topk, layout_q=None):
+def select_chunked(q, k, layout, *, block_size, topk, layout_q=None, one_doc=False):
   """The oracle's block choice over query chunks: memory O(chunk * T / block_size), not T^2.
 
   Batches of single documents score every chunk against one set of gate keys
@@ -246,7 +247,8 @@ def select_chunked(q, k, layout, *, block_size, topk, layout_q=None):
   path with their document's gate keys and chunks that span documents the oracle's own
   `select_blocks`. layout: every key position's Layout ([B, T] each). layout_q: the queries'
   entries ([B, Tq] each) when q [B, Tq, H, D] are not the T positions in order (a query offset);
-  their positions are then data, so every chunk scores all slots (no causal groups).
+  their positions are then data, so every chunk scores all slots (no causal groups). one_doc:
+  single documents known when tracing: the single-document path without a `lax.cond`.
   """
   batch, n_q, heads, _ = q.shape
   seq = k.shape[1]
@@ -258,7 +260,7 @@ def select_chunked(q, k, layout, *, block_size, topk, layout_q=None):
   chunks = (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in lay_q))
   shared = lambda kb: lambda xs: _select_shared(xs[0], kb, _moba.Layout(*xs[1]), **kw)
 
-  def one_doc():  # causal: chunks of early queries score only the slots they can reach
+  def one_doc_path():  # causal: chunks of early queries score only the slots they can reach
     slot_kbar = _moba.slot_means(k, block_size)
     if layout_q is not None:
       return jax.lax.map(shared(slot_kbar), chunks)
@@ -284,7 +286,8 @@ def select_chunked(q, k, layout, *, block_size, topk, layout_q=None):
     return jax.lax.map(body, chunks)
 
   with jax.default_matmul_precision("highest"):  # float32 scores (no TF32) on every backend
-    out = jax.lax.cond(_moba.one_document(layout), one_doc, packed)
+    out = one_doc_path() if one_doc else jax.lax.cond(_moba.one_document(layout), one_doc_path,
+                                                       packed)
   return tuple(_merge(x, n_q) for x in out)
 
 
@@ -368,18 +371,20 @@ def query_layout(layout, q_start, n_q):
 def route(q, k, segment_ids, *, block_size, topk, block_q, q_start=None) -> tuple[Routing, Dims]:
   """Block choice (bit-identical to the oracle's) and the key-block-major row layout.
 
-  q [B, Tq, H, D], k [B, T, K, D], segment_ids [B, T]; q_start (an int32 scalar, may be traced):
+  q [B, Tq, H, D], k [B, T, K, D], segment_ids [B, T] or None (one document per row, known when
+  tracing: `dims.one_doc`, no data-dependent branch); q_start (an int32 scalar, may be traced):
   the position of q's first query in the sequence (module docstring). Without it Tq = T."""
   batch, n_q, heads, _ = q.shape
   seq, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
-  dims = make_dims(seq, groups, block_size, topk, block_q, n_q)
-  layout = _moba.doc_layout(segment_ids, block_size)
+  dims = make_dims(seq, groups, block_size, topk, block_q, n_q)._replace(
+      one_doc=segment_ids is None)
+  layout = _moba.doc_layout(_moba.segments(segment_ids, k), block_size)
   if q_start is not None:
     q_start = jnp.asarray(q_start, jnp.int32)
   layout_q = None if q_start is None else query_layout(layout, q_start, n_q)
   starts, valid = select_chunked(q, k, layout, block_size=block_size, topk=topk,
-                                 layout_q=layout_q)  # [B, Tq, H, S]
+                                 layout_q=layout_q, one_doc=dims.one_doc)  # [B, Tq, H, S]
 
   def per_bk(x):  # [B, Tq, H, S] -> [B * K, Tq, G, S]
     x = x.reshape(batch, n_q, kv_heads, groups, dims.n_sel)
@@ -494,10 +499,14 @@ def over_mesh_shards(fn, q, k, v, segment_ids):
   that XLA's SPMD partitioner cannot split (Mosaic: "cannot be automatically partitioned").
   Batch and heads are split as the logical rules split q and k (heads only where `kv_heads`
   splits alike: a GQA group stays with its kv head); other mesh axes hold replicas. MoBA is
-  independent per (batch row, kv head), so this is exact. No mesh: fn(q, k, v, segment_ids)."""
+  independent per (batch row, kv head), so this is exact. No mesh: fn(q, k, v, segment_ids).
+  segment_ids None stays None (a static fact, not an array to shard)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or mesh.manual_axes:
     return fn(q, k, v, segment_ids)
+  if segment_ids is None:
+    return over_mesh_shards(lambda q, k, v, _: fn(q, k, v, None), q, k, v,
+                            jnp.zeros(q.shape[:2], jnp.int32))
   from flax.core import spmd
   from jax.sharding import PartitionSpec as P
 
@@ -521,7 +530,7 @@ def check_query_offset(q, k, v, segment_ids, q_start) -> None:
   if q_start is None:
     return
   n_q, seq = q.shape[1], k.shape[1]
-  if tuple(segment_ids.shape) != (k.shape[0], seq):
+  if segment_ids is not None and tuple(segment_ids.shape) != (k.shape[0], seq):
     raise ValueError(f"segment_ids.shape={tuple(segment_ids.shape)} must be (batch, keys) = "
                      f"{(k.shape[0], seq)} with a query offset (the whole sequence's ids)")
   if n_q > seq:
@@ -546,7 +555,7 @@ def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, i
   """Routes and runs a kernel family's `custom_vjp_attention` function over kv-head chunks.
   q_start: q's first position in the sequence of k, v and segment_ids (module docstring)."""
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-  segment_ids = segment_ids.astype(jnp.int32)
+  segment_ids = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
   def core(q, k, v):
     # Routing reads k in q's dtype (exact for the float32 K/V of the context-parallel path, and

@@ -409,6 +409,10 @@ def _dkdv_items(routing, dims, sizes, seq):
   inline = clean & (take(gp) == bs_first) & take(aligned)
   t_g0 = jnp.where(inline, take(routing.group_r0), 0)
   t_g1 = jnp.where(inline, take(routing.group_r1), 0)
+  if dims.one_doc and blk % bkd == 0 and routing.q_start is None:
+    # one document per row, known when tracing: every past block starts on a multiple of blk,
+    # so of the tile size, and is a tile item's group (no group items, no lax.cond)
+    return (t_ks, t_r0, t_ru, t_r1, t_g0, t_g1), None, False
   n_c = -(-blk // bkd)
   c = jnp.arange(n_c, dtype=jnp.int32) * bkd
   rest = ((gp < seq) & ~aligned)[:, :, None]  # [BK, Gm, 1]
@@ -501,7 +505,8 @@ _moba_vjp = rt.custom_vjp_attention(forward, backward)
 
 def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
                        options: KernelOptions | None = None, q_start=None):
-  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int.
+  """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int or None
+  (one document per row: no data-dependent branch in the routing or the backward).
   options: interpret mode and tiles (BlockSizes fields in order; default get_default).
 
   q_start (an int or int32 scalar, traced inside shard_map): q [B, Tq, H, D] are the queries at

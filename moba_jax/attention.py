@@ -64,7 +64,9 @@ class KernelOptions:
 
 
 # name -> "module:function" (lazy) or a callable. Every MoBA implementation takes
-# (q, k, v, segment_ids, *, block_size, topk, softmax_scale, options: KernelOptions).
+# (q, k, v, segment_ids, *, block_size, topk, softmax_scale, options: KernelOptions); segment_ids
+# None means one document per row, known when tracing (the kernels then skip data-dependent
+# branches; `moba.segments` turns it into zeros).
 _MOBA_IMPLS: dict[str, str | Callable] = {
     "reference": "moba_jax.moba:moba_reference",
     "xla": "moba_jax.moba:moba_xla",
@@ -292,7 +294,7 @@ def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
                              softmax_scale=softmax_scale)
   name = resolve(kind, implementation, dtype=q.dtype, dense_bytes=4 * batch * heads * seq * seq)
   fn = _load(_registry(kind)[name])
-  if segment_ids is None and (kind == "moba" or name == "reference"):
+  if segment_ids is None and kind == "full" and name == "reference":
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
   if kind == "full":
     return fn(q, k, v, segment_ids, softmax_scale=softmax_scale, options=options)

@@ -66,13 +66,23 @@ def one_document(layout: Layout) -> jax.Array:
   return jnp.all(layout.doc_start == 0)
 
 
-def block_key_means(k: jax.Array, layout: Layout, *, block_size: int) -> jax.Array:
+def segments(segment_ids: jax.Array | None, q: jax.Array) -> jax.Array:
+  """segment_ids [B, T] int32; None (one document per row, known when tracing) -> zeros."""
+  if segment_ids is None:
+    return jnp.zeros(q.shape[:2], jnp.int32)
+  return segment_ids.astype(jnp.int32)
+
+
+def block_key_means(k: jax.Array, layout: Layout, *, block_size: int,
+                    one_doc: bool = False) -> jax.Array:
   """Gate keys, float32, stored at each block's start position: [B, T, K, D].
 
   Entry p holds the mean of the keys of the block that starts at p (over the tokens the block
   really has); entries at positions that start no block are zero and never read. Batches of
   single documents take `slot_means` (the same sums every path uses for them); packed ones a
-  segment sum over block starts.
+  segment sum over block starts. one_doc: the batch is known, when tracing, to be single
+  documents (segment_ids None): no `lax.cond` (on a GPU a cond reads its predicate back to the
+  host, and XLA keeps both branches' buffers).
   """
   seq = k.shape[1]
 
@@ -84,6 +94,8 @@ def block_key_means(k: jax.Array, layout: Layout, *, block_size: int) -> jax.Arr
   def aligned():
     return jnp.zeros(k.shape, jnp.float32).at[:, ::block_size].set(slot_means(k, block_size))
 
+  if one_doc:
+    return aligned()
   return jax.lax.cond(one_document(layout), aligned,
                       lambda: jax.vmap(per_row)(k, layout.block_start))
 
@@ -162,7 +174,7 @@ def _dense_attention(q, k, v, mask, softmax_scale):
 
 def moba_mask(q, k, segment_ids, *, block_size, topk) -> jax.Array:
   """[B, H, T(query), T(key)] bool: the (query, key) pairs MoBA attends."""
-  layout = doc_layout(segment_ids, block_size)
+  layout = doc_layout(segments(segment_ids, q), block_size)
   kbar = block_key_means(k, layout, block_size=block_size)
   starts, valid = select_blocks(q, kbar, layout, block_size=block_size, topk=topk)
   # chosen[b, h, t, s]: key s's block start is one of query t's valid chosen starts.
@@ -228,7 +240,7 @@ def _chunk_attention(q_c, t_c, layout_c, k, v, kbar, block_end_at, *, block_size
 def moba_xla(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None, options=None,
              chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES):
   """Block-gathered MoBA: memory O(T * topk * block_size) per chunk, rematerialized backward."""
-  layout = doc_layout(segment_ids, block_size)
+  layout = doc_layout(segments(segment_ids, q), block_size)
   positions = jnp.arange(q.shape[1], dtype=jnp.int32)
   return attend_queries(q, positions, layout, layout, k, v, block_size=block_size, topk=topk,
                         softmax_scale=softmax_scale, chunk_budget_bytes=chunk_budget_bytes)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from moba_jax import moba as moba_lib
-from tests.helpers import kernel_impls, packed_segments, random_qkv, rel_err, run, vjp_all
+from tests.helpers import (KERNEL_PLATFORM, kernel_impls, moba_impls, packed_segments, random_qkv,
+                           rel_err, run, vjp_all)
 
 
 def test_chunked_routing_is_the_oracles_choice(monkeypatch):
@@ -223,3 +224,40 @@ def test_random_layouts_match_the_reference(impl):
     got = vjp_all(fn, q, k, v, cot)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
       assert rel_err(a, b) < 1e-5, (name, i, c)
+
+
+def _primitives(jaxpr) -> set:
+  """Every primitive's name in jaxpr and the jaxprs in its equations' params (cond branches,
+  loop bodies, custom_vjp rules), not inside kernels (`pl.when` in a kernel body is a cond)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    subs = [] if eqn.primitive.name == "pallas_call" else list(eqn.params.values())
+    while subs:
+      x = subs.pop()
+      if isinstance(x, (tuple, list)):
+        subs.extend(x)
+      elif hasattr(x, "eqns"):
+        names |= _primitives(x)
+      elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+        names |= _primitives(x.jaxpr)
+  return names
+
+
+@pytest.mark.parametrize("impl", moba_impls())
+def test_no_segment_ids_is_one_document_without_a_branch(impl):
+  """segment_ids=None is one document per row, known when tracing: the same outputs and
+  gradients as explicit zeros, and for the kernels no `lax.cond` in the fwd+bwd program (zeros
+  are data: their routing and backward branch on them; a GPU cond reads its predicate back to the
+  host, and XLA keeps the untaken branch's buffers)."""
+  q, k, v = random_qkv(2, 2, 384, 4, 2, 64)
+  zeros = jnp.zeros((2, 384), jnp.int32)
+  kw = dict(block_size=128, topk=3)
+  cot = jax.random.normal(jax.random.key(8), q.shape)
+  fn = lambda seg: lambda q, k, v: run(impl, q, k, v, seg, **kw)
+  for a, b in zip(vjp_all(fn(None), q, k, v, cot), vjp_all(fn(zeros), q, k, v, cot)):
+    assert rel_err(a, b) < 1e-6
+  if impl in KERNEL_PLATFORM:
+    step = lambda seg: jax.make_jaxpr(lambda q, k, v: jax.vjp(fn(seg), q, k, v)[1](cot))(q, k, v)
+    assert "cond" not in _primitives(step(None).jaxpr)
+    assert "cond" in _primitives(step(zeros).jaxpr)
