@@ -272,7 +272,9 @@ def validate(q, k, v, segment_ids=None, *, kind="moba", block_size=None, topk=No
 def attention(q, k, v, *, kind="full", implementation="auto", segment_ids=None,
               block_size=None, topk=None, softmax_scale=None, interpret=False,
               options: KernelOptions | None = None):
-  """Causal self-attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] ints.
+  """Causal self-attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] ints, or None
+  for one document per row (the same result as zeros; the MoBA kernels then know it when tracing
+  and skip the branches that zeros, being data, need).
 
   kind="moba" needs block_size and topk; kind="full" ignores them. options: for the kernels
   (`interpret=True` is short for KernelOptions(interpret=True)). Returns [B, T, H, D].
