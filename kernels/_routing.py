@@ -442,12 +442,13 @@ def gather_rows_sum(x_rows, pos):
   return out
 
 
-PARTIAL_BYTES = 4 << 30  # largest float32 partial-row buffer ([BK, R, D]) one call may hold
+PARTIAL_BYTES = 4 << 30  # largest partial-row buffer ([BK, R, D], counted in float32) per call
 
 
 def kv_head_chunks(q_shape, kv_heads, block_size, topk, keys=None) -> int:
-  """How many sequential kv-head chunks keep the [BK, R, D] float32 partial rows in budget
-  (keys: the key sequence length when it is not q's, a query offset)."""
+  """How many sequential kv-head chunks keep the [BK, R, D] partial rows in budget, counted at
+  4 bytes an element (the rows are in q's dtype: half that for 16-bit inputs, so the split is
+  conservative; keys: the key sequence length when it is not q's, a query offset)."""
   batch, seq, heads, dim = q_shape
   n_sel = min(topk, math.ceil((seq if keys is None else keys) / block_size))
   total = 4 * batch * seq * heads * dim * n_sel

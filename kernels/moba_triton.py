@@ -4,9 +4,11 @@ This is the side-by-side for `moba_gpu._fwd_kernel`: the same program (one row t
 key-block-major routing layout, gathered query rows, one streamed key range, online softmax,
 float32 partial rows + log-sum-exp) written as a raw Triton kernel, launched with
 `jax_triton.triton_call`, with Triton's autotuner choosing the key tile, warps and stages on the
-first call for each shape, which Pallas cannot do. Inputs and outputs are exactly those of the
-Pallas forward kernel, so the two can be timed and compared on one routing
-(`moba-jax bench --breakdown` does both when jax-triton is installed).
+first call for each shape, which Pallas cannot do. Inputs are exactly those of the Pallas
+forward kernel, so the two can be timed and compared on one routing (`moba-jax bench
+--breakdown` does both when jax-triton is installed); its rows stay float32 where the Pallas
+kernel's are in the inputs' dtype since 2026-12-02 (run 17), so for 16-bit inputs the two differ
+by that rounding and in bytes written.
 
 Not on the default path: the package's GPU attention uses the Pallas kernels (one way to do each
 thing); this module exists to measure whether jax-triton serves the GPU path

@@ -73,16 +73,13 @@ def segments(segment_ids: jax.Array | None, q: jax.Array) -> jax.Array:
   return segment_ids.astype(jnp.int32)
 
 
-def block_key_means(k: jax.Array, layout: Layout, *, block_size: int,
-                    one_doc: bool = False) -> jax.Array:
+def block_key_means(k: jax.Array, layout: Layout, *, block_size: int) -> jax.Array:
   """Gate keys, float32, stored at each block's start position: [B, T, K, D].
 
   Entry p holds the mean of the keys of the block that starts at p (over the tokens the block
   really has); entries at positions that start no block are zero and never read. Batches of
   single documents take `slot_means` (the same sums every path uses for them); packed ones a
-  segment sum over block starts. one_doc: the batch is known, when tracing, to be single
-  documents (segment_ids None): no `lax.cond` (on a GPU a cond reads its predicate back to the
-  host, and XLA keeps both branches' buffers).
+  segment sum over block starts.
   """
   seq = k.shape[1]
 
@@ -94,8 +91,6 @@ def block_key_means(k: jax.Array, layout: Layout, *, block_size: int,
   def aligned():
     return jnp.zeros(k.shape, jnp.float32).at[:, ::block_size].set(slot_means(k, block_size))
 
-  if one_doc:
-    return aligned()
   return jax.lax.cond(one_document(layout), aligned,
                       lambda: jax.vmap(per_row)(k, layout.block_start))
 

@@ -190,10 +190,10 @@ class Decoder(nnx.Module):
     return tuple(layer.attn.kind for layer in self.layers)
 
   def __call__(self, tokens, *, segment_ids=None, positions=None):
-    if segment_ids is None:
-      segment_ids = jnp.zeros(tokens.shape, jnp.int32)
-    if positions is None:
-      positions = jnp.arange(tokens.shape[1])[None, :] - moba_lib.doc_layout(segment_ids, 1).doc_start
+    if positions is None:  # segment_ids None (one document per row) stays None: see `attention`
+      positions = jnp.arange(tokens.shape[1])[None, :]
+      if segment_ids is not None:
+        positions = positions - moba_lib.doc_layout(segment_ids, 1).doc_start
     x = self.embed_tokens(tokens)
     apply = lambda block, x: block(x, positions, segment_ids)
     if self.cfg.remat:

@@ -87,7 +87,7 @@ def test_bf16_within_official_bounds_of_float32_reference(impl):
 def test_bf16_gradients_match_the_float32_reference(impl):
   """bf16 fwd+bwd against the float32 oracle on the same (rounded) inputs, at the bound of the
   benchmark-shapes test: the kernels round P and dS to bf16 for the products, and their partial
-  rows (pallas_tpu, and pallas_gpu's Mosaic kernels) once more before the float32 merge."""
+  rows (in the inputs' dtype) once more before the float32 merge."""
   lengths = (200, 184)
   q, k, v = random_qkv(6, 1, sum(lengths), 4, 2, 128, jnp.bfloat16)
   seg = packed_segments(1, lengths)

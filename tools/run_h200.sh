@@ -184,6 +184,7 @@ if [ "$phase" = 17 ]; then
   wait; tail -n 4 $OUT/shapes0.txt $OUT/shapes1.txt $OUT/rest.txt
 fi
 if [ "$phase" = 18 ]; then
+  [ -d "${BAL:-}" ] || { echo "phase 18 needs BAL=<a second tree>"; exit 2; }
   for tree in . $BAL; do
     name=$(basename $(cd $tree && pwd))
     (cd $tree && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .)
