@@ -3,8 +3,8 @@ tiles and the dK/dV key tiles; `pallas_gpu`'s default there (16-bit inputs, head
 
 The same work as `moba_gpu._fwd_kernel` and `moba_gpu._dq_kernel` (docs/kernel_notes.md: one row
 tile of the routing layout streams the one key range its rows share; partial rows in the inputs'
-dtype, merged or summed per query in float32 by the caller), written for the H100/H200's tensor cores the way
-FlashAttention-3 is (`_row_tiles` is the scaffold both share):
+dtype, merged or summed per query in float32 by the caller), written for the H100/H200's tensor
+cores the way FlashAttention-3 is (`_row_tiles` is the scaffold both share):
 
 * persistent CTAs, one per SM, taking the routing's 128-row tiles round-robin; three warpgroups:
   two compute warpgroups (64 rows each) and a producer that streams each tile's keys and values

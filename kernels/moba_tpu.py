@@ -443,7 +443,8 @@ def check_tiles(jaxpr) -> list[str]:
 def moba_attention_tpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
                        options: KernelOptions | None = None, q_start=None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int or None
-  (one document per row: no data-dependent branch in the routing). options: interpret mode and tiles (BlockSizes fields in order; default get_default).
+  (one document per row: no data-dependent branch in the routing).
+  options: interpret mode and tiles (BlockSizes fields in order; default get_default).
   q_start: q [B, Tq, H, D] are positions [q_start, q_start + Tq) of the sequence of k, v and
   segment_ids (context parallelism), as in moba_gpu.moba_attention_gpu."""
   rt.check_query_offset(q, k, v, segment_ids, q_start)

@@ -66,10 +66,11 @@ def one_document(layout: Layout) -> jax.Array:
   return jnp.all(layout.doc_start == 0)
 
 
-def segments(segment_ids: jax.Array | None, q: jax.Array) -> jax.Array:
-  """segment_ids [B, T] int32; None (one document per row, known when tracing) -> zeros."""
+def segments(segment_ids: jax.Array | None, x: jax.Array) -> jax.Array:
+  """segment_ids [B, T] int32 for x [B, T, ...]; None (one document per row, known when
+  tracing) -> zeros."""
   if segment_ids is None:
-    return jnp.zeros(q.shape[:2], jnp.int32)
+    return jnp.zeros(x.shape[:2], jnp.int32)
   return segment_ids.astype(jnp.int32)
 
 

@@ -191,7 +191,7 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens, *, segment_ids=None, positions=None):
     if positions is None:  # segment_ids None (one document per row) stays None: see `attention`
-      positions = jnp.arange(tokens.shape[1])[None, :]
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
       if segment_ids is not None:
         positions = positions - moba_lib.doc_layout(segment_ids, 1).doc_start
     x = self.embed_tokens(tokens)
