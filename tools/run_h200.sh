@@ -34,6 +34,9 @@
 #   21: idle gaps at 8K b512 k3 and 16K b128 k8 (tools/profile_gpu.py), the back-to-back table
 #       (--pipeline 8) at 8K/16K b128 k8/32K, then test_mosaic's first third (--shard 0/3) compiled
 #       as two processes
+#   22: the default table (as phase 15), the peak buffers of XLA's plan (tools/memory_gpu.py) at
+#       8K b512 k3 and 16K b128 k8, 8K b512 k3 synced with XLA's command buffers on against off,
+#       then per-kernel profiles with idle gaps (as phase 20)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -224,4 +227,23 @@ if [ "$phase" = 21 ]; then
     | grep -E "PASS|FAIL|SKIP|Error|passed|failed|assert" > $OUT/$1.txt; }
   t mosaic_0of6 0/6 & t mosaic_3of6 3/6 & wait
   tail -qn 1 $OUT/mosaic_*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic_*.txt
+fi
+if [ "$phase" = 22 ]; then
+  STEP_S=${BENCH_S:-240} bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 \
+    | grep -v "^WARNING" | tee $OUT/table.txt
+  for spec in "8192 512 3" "16384 128 8"; do set -- $spec
+    timeout 120 python3 tools/memory_gpu.py --seq $1 --block $2 --topk $3 --out /tmp/memdump/s$1_b$2 \
+      2>&1 | grep -v "^WARNING" | tee -a $OUT/memory.txt
+  done
+  (cd /tmp && find memdump -name "*jit_step*" \( -name "*live-range.txt" -o -name "*memory-usage-report.txt" -o -name "*after_optimizations.txt" \) | tar czf $OUT/memdump.tgz -T -) || true
+  for flags in "" "--xla_gpu_enable_command_buffer="; do
+    echo "== XLA_FLAGS='$flags'" | tee -a $OUT/cmdbuf.txt
+    XLA_FLAGS="$flags" STEP_S=80 bench --impls pallas_gpu,cudnn --seqs 8192 --configs 512:3 \
+      --repeats 20 2>&1 | grep -v "^WARNING" | tail -3 | tee -a $OUT/cmdbuf.txt
+  done
+  for spec in "8192 512 3" "16384 128 8" "32768 512 3"; do set -- $spec
+    echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+    timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 12 2>&1 \
+      | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done
 fi
