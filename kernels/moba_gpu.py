@@ -438,19 +438,6 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
   if sizes.mosaic_dq or mosaic_dkdv:
     m_rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
-  if sizes.mosaic_dq:
-    dq_rows = _mosaic_dq_rows(m_rows, k.astype(q.dtype), v.astype(q.dtype), routing, scale,
-                              interpret)
-  else:
-    args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
-            lse, delta)
-    kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
-    dq_rows = _call(kernel, (dims.tiles, batch_kv), args,
-                    jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
-                    _row_specs(bq, dp)[0], sizes, interpret)
-  dq = rt.gather_rows_sum(*_query_major(dq_rows, routing.pos, batch, dims))  # [B, T * H, Dp]
-  dq = dq.reshape(q.shape[:3] + (dp,))[..., :dim].astype(q.dtype)
-
   bkd = sizes.block_k_dkv
   tiles, groups, any_group = _dkdv_items(routing, dims, sizes, seq)
   rows = _pad_rows(routing, sizes.block_q_dkv)
@@ -494,10 +481,26 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
                                     m_rows.q, m_rows.do, k, v, scale=scale, interpret=interpret)
       return dk[:, :seq], dv[:, :seq]
 
-    if m_groups is None:
-      return dq, *mosaic()
-    return dq, *jax.lax.cond(m_any, triton_dkdv, mosaic)
-  return dq, *triton_dkdv()
+    dk, dv = mosaic() if m_groups is None else jax.lax.cond(m_any, triton_dkdv, mosaic)
+  else:
+    dk, dv = triton_dkdv()
+
+  if sizes.mosaic_dq:
+    # dK/dV first: the dQ kernel then writes its rows over the gathered Q rows, their last use
+    # (the barrier orders it after the dK/dV; else XLA would copy them first)
+    q_rows, dk, dv = jax.lax.optimization_barrier((m_rows.q, dk, dv))
+    dq_rows = _mosaic_dq_rows(m_rows._replace(q=q_rows), k.astype(q.dtype), v.astype(q.dtype),
+                              routing, scale, interpret)
+  else:
+    args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
+            lse, delta)
+    kernel = functools.partial(_dq_kernel, bq=bq, bk=sizes.block_k, scale=scale, lay=lay)
+    dq_rows = _call(kernel, (dims.tiles, batch_kv), args,
+                    jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
+                    _row_specs(bq, dp)[0], sizes, interpret)
+  dq = rt.gather_rows_sum(*_query_major(dq_rows, routing.pos, batch, dims))  # [B, T * H, Dp]
+  dq = dq.reshape(q.shape[:3] + (dp,))[..., :dim].astype(q.dtype)
+  return dq, dk, dv
 
 
 _moba_vjp = rt.custom_vjp_attention(forward, backward)

@@ -192,6 +192,22 @@ class _Slot:
     plgpu.barrier_arrive(self._frees[1].at[self._slot])
 
 
+def _pad_keys(x, length):
+  """x [B, T, K, D] with zero keys appended up to `length` keys (they are masked): TMA boxes into
+  the (8, x)-tiled SMEM need a key axis that is a multiple of 8 long."""
+  extra = length - x.shape[1]
+  return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+
+def _kernel(body, name, out_type, n_ctas, interpret):
+  """A persistent Mosaic GPU kernel: n_ctas CTAs of three warpgroups ("cta", "wg"). `pl.kernel`
+  (not `plgpu.kernel`, whose batching wrapper takes no `jax.new_ref` operand under jax 0.10)."""
+  mesh = plgpu.Mesh(grid=(n_ctas,), grid_names=("cta",), num_threads=3, thread_name="wg")
+  kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
+      "compiler_params": plgpu.CompilerParams(approx_math=True)}
+  return pl.kernel(body, out_type=out_type, mesh=mesh, name=name, **kwargs)
+
+
 def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
                interpret, ctas):
   """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
@@ -206,8 +222,16 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   key chunk s (kpos: the chunk's key positions, [64, Bk] int32, for the mask); then
   finish(carry, vecs, outs, bk, r0, stage, lse_smem) writes the outputs by TMA from staging
   buffers: stage, the warpgroup's [64, D] SMEM of the first row matrix (read by then), and
-  lse_smem, a [64] float32 buffer."""
+  lse_smem, a [64] float32 buffer.
+
+  The first output (out_type[0], of the first row matrix's shape and dtype) is written over the
+  first row matrix (`jax.new_ref`: no buffer of its own): a tile's rows are in SMEM before its
+  outputs are stored, and no other tile reads them. The caller's array is unchanged (where it is
+  still used afterwards, XLA copies it first)."""
   bk_n, rows, dim = mats[0].shape
+  assert (out_type[0].shape, out_type[0].dtype) == (mats[0].shape, mats[0].dtype), out_type
+  mats = (jax.new_ref(mats[0]),) + tuple(mats[1:])
+  k, v = (_pad_keys(x, -(-x.shape[1] // 8) * 8) for x in (k, v))
   kv_heads = k.shape[2]
   n_tiles = rows // ROWS
   items = bk_n * n_tiles
@@ -223,7 +247,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
     mat_refs = refs[3:3 + n_mats]
     vec_refs = refs[3 + n_mats:3 + n_mats + n_vecs]
     k_ref, v_ref = refs[n_in - 2:n_in]
-    outs = refs[n_in:-1]
+    outs = (mat_refs[0],) + tuple(refs[n_in:-1])
     (mat_smem, vec_smem, k_smem, v_smem, lse_smem), (mat_bars, vec_bars, kv_bars), frees = refs[-1]
     q_free, k_free, v_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
@@ -335,12 +359,9 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
              plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
-  body.__name__ = name  # the kernel's name in profiles
-  kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
-      "compiler_params": plgpu.CompilerParams(approx_math=True)}
-  return plgpu.kernel(body, out_type=out_type, grid=(n_ctas,), grid_names=("cta",),
-                      num_threads=3, thread_name="wg", **kwargs)(
-                          ks, ke, nfree, *mats, *vecs, k, v)
+  rest = _kernel(body, name, tuple(out_type[1:]), n_ctas, interpret)(
+      ks, ke, nfree, *mats, *vecs, k, v)
+  return (mats[0][...],) + tuple(rest)
 
 
 def _row_mask(kpos, lo, hi):
@@ -375,7 +396,8 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
 
   ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
   [BK, R] int32 (each row's visible keys); q_rows [BK, R, D] (`gather_rows`); k, v [B, T, K, D]
-  in q_rows' dtype. Online softmax in the exp2 domain; P V with P from registers."""
+  in q_rows' dtype. Online softmax in the exp2 domain; P V with P from registers. o is written
+  over q_rows' buffer where q_rows is not used afterwards (`_row_tiles`)."""
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
   qk_scale = scale * LOG2E
@@ -426,7 +448,8 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
   caller; the official MoBA also adds 16-bit dQ parts).
 
   lse2, delta [BK, R] float32: each row's query's merged log-sum-exp in base 2 (lse * log2(e);
-  +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`).
+  +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`);
+  dQ is written over q_rows' buffer where q_rows is not used afterwards (`_row_tiles`).
   Per key chunk: S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K
   (three wgmma)."""
   bk_n, rows, dim = q_rows.shape
@@ -504,8 +527,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   qk_scale = scale * LOG2E
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   pad_seq = n_kt * KEYS
-  kp = jnp.pad(k, ((0, 0), (0, pad_seq - seq), (0, 0), (0, 0))) if pad_seq != seq else k
-  vp = jnp.pad(v, ((0, 0), (0, pad_seq - seq), (0, 0), (0, 0))) if pad_seq != seq else v
+  kp, vp = _pad_keys(k, pad_seq), _pad_keys(v, pad_seq)
   r0, _, r1, g0, g1 = items[1:]
   chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
   order = balanced_order((chunks + 1).reshape(-1), n_ctas)
@@ -643,7 +665,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
       plgpu.barrier_wait(kv_free)
 
-  def moba_mgpu_dkdv(*refs):  # the kernel's name in profiles
+  def body(*refs):
     scratch = (
         _tiled((2, WG_ROWS, dim), dtype),
         _tiled((2, WG_ROWS, dim), dtype),
@@ -656,9 +678,6 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     frees = (plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
-  kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
-      "compiler_params": plgpu.CompilerParams(approx_math=True)}
   shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
-  return plgpu.kernel(moba_mgpu_dkdv, out_type=(shape, shape), grid=(n_ctas,), grid_names=("cta",),
-                      num_threads=3, thread_name="wg", **kwargs)(
-                          order, *items[1:], q_rows, do_rows, lse2, delta, lo, hi, kp, vp)
+  return _kernel(body, "moba_mgpu_dkdv", (shape, shape), n_ctas, interpret)(
+      order, *items[1:], q_rows, do_rows, lse2, delta, lo, hi, kp, vp)

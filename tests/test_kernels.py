@@ -195,6 +195,26 @@ def test_jax_triton_module_imports_and_checks_padding_without_a_gpu():
     mt.forward_rows(None, dims, jnp.ones((2, 200, 32)), k, k, 0.1)
 
 
+@pytest.mark.parametrize("seq, block, topk, groups", [(300, 128, 3, 2), (1000, 64, 5, 1),
+                                                     (64, 16, 8, 4), (130, 128, 3, 1)])
+def test_one_document_rows_are_sized_to_the_past_blocks_there_are(seq, block, topk, groups):
+  """Without segment ids a query of block i chooses min(S - 1, i) past blocks: the routing's
+  valid sparse rows are exactly that many (none dropped by a too small sparse section), and the
+  section holds them with room for each group's padding."""
+  from moba_jax.kernels import _routing as rt
+  q, k, _ = random_qkv(4, 2, seq, 2 * groups, 2, 32)
+  routing, dims = rt.route(q, k, None, block_size=block, topk=topk, block_q=16)
+  n_sel = min(topk, -(-seq // block))
+  want = groups * sum(min(n_sel - 1, t // block) for t in range(seq))
+  assert dims.one_doc and dims.n_sel == n_sel
+  got = np.asarray((routing.pos[:, :, 1:] >= 0).sum(axis=(1, 2)))
+  np.testing.assert_array_equal(got, want)  # per (batch, kv head)
+  assert dims.sparse_rows >= want + dims.max_groups * 15 if n_sel > 1 else dims.sparse_rows == 0
+  seg = jnp.zeros((2, seq), jnp.int32)  # zeros are data: sized for S - 1 past blocks a query
+  assert rt.route(q, k, seg, block_size=block, topk=topk, block_q=16)[1].sparse_rows >= \
+      dims.sparse_rows
+
+
 def _random_case(rng):
   groups, kv_heads = int(rng.choice([1, 2, 4])), int(rng.choice([1, 2]))
   seq = int(rng.integers(40, 300))
@@ -248,16 +268,23 @@ def _primitives(jaxpr) -> set:
 @pytest.mark.parametrize("impl", moba_impls())
 def test_no_segment_ids_is_one_document_without_a_branch(impl, dtype):
   """segment_ids=None is one document per row, known when tracing: the outputs and gradients of
-  explicit zeros, to the bit, and for the kernels no `lax.cond` in the fwd+bwd program (zeros
-  are data: their routing and backward branch on them; a GPU cond reads its predicate back to the
-  host, and XLA keeps the untaken branch's buffers)."""
-  q, k, v = random_qkv(2, 2, 300, 4, 2, 64, dtype)  # a ragged last block
+  explicit zeros, and for the kernels no `lax.cond` in the fwd+bwd program (zeros are data: their
+  routing and backward branch on them; a GPU cond reads its predicate back to the host, and XLA
+  keeps the untaken branch's buffers). The kernels' results are equal to the bit (the same
+  routing, the same kernels); reference and xla turn None into zeros that XLA sees as a constant
+  and may compile differently (on the H200 the xla path differed by 1-ulp roundings), so they are
+  held to the suite's bounds against the oracle. T = 300: a ragged last block, and a length off
+  the 8-key grid for the Mosaic kernels (compiled on a Hopper GPU)."""
+  q, k, v = random_qkv(2, 2, 300, 4, 2, 64, dtype)
   zeros = jnp.zeros((2, 300), jnp.int32)
   kw = dict(block_size=128, topk=3)
   cot = jax.random.normal(jax.random.key(8), q.shape, dtype)
   fn = lambda seg: lambda q, k, v: run(impl, q, k, v, seg, **kw)
   for a, b in zip(vjp_all(fn(None), q, k, v, cot), vjp_all(fn(zeros), q, k, v, cot)):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    if impl in KERNEL_PLATFORM:
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    else:
+      assert rel_err(a, b) < (1e-5 if dtype == jnp.float32 else 1e-2)
   if impl in KERNEL_PLATFORM:
     step = lambda seg: jax.make_jaxpr(lambda q, k, v: jax.vjp(fn(seg), q, k, v)[1](cot))(q, k, v)
     assert "cond" not in _primitives(step(None).jaxpr)

@@ -41,6 +41,8 @@ CASES = {
     "ragged_gqa_d128_dq_alone": ((600,), 4, 2, 128, 128, 3, 0, 1, 0),
     "ragged_gqa_d128_dkdv_alone": ((600,), 4, 2, 128, 128, 3, 0, 0, 1),
     "all_docs_d64": ((256, 384), 2, 1, 64, 128, 3, 64, 1, 1),
+    # a length off the 8-key grid: the TMA boxes of keys see zero keys appended (masked)
+    "all_length_off_8_gqa_d64": ((300,), 4, 2, 64, 128, 3, 128, 1, 1),
     # groups off the 128-key grid: dK/dV falls back to the Triton kernel (lax.cond)
     "all_unaligned_groups_d64": ((300, 212), 2, 1, 64, 96, 3, 64, 1, 1),
     # block 512: 8 key chunks a sparse tile and 2-4 ring slots (the rings wrap within a tile),
@@ -220,6 +222,25 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
   text = jax.jit(attn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text
+  assert "triton" not in text
+
+
+def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_with_rows_written_in_place():
+  """The fwd+bwd with all three Mosaic kernels lowers for CUDA at T = 300 (TMA boxes of keys need
+  a key axis a multiple of 8 long: the kernels see zero keys appended, masked; the forward and dQ
+  raised "dimension 2 must have size smaller or a multiple of its tiling 8" on the H200 before),
+  and the forward and dQ write their rows over the gathered Q rows: their custom calls alias an
+  output to an operand, the dK/dV's (which reads those rows first) does not."""
+  from moba_jax.attention import KernelOptions
+  q = jnp.zeros((2, 300, 4, 64), jnp.bfloat16)
+  k = jnp.zeros((2, 300, 2, 64), jnp.bfloat16)
+  opts = KernelOptions(tiles=tiles(128, 1, 1))
+  f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, None, block_size=128, topk=3, options=opts)
+  step = lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct)
+  text = jax.jit(step).trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+  assert len(calls) == 3
+  assert ["output_operand_alias" in c for c in calls] == [True, False, True]  # fwd, dK/dV, dQ
   assert "triton" not in text
 
 

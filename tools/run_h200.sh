@@ -37,6 +37,11 @@
 #   22: the default table (as phase 15), the peak buffers of XLA's plan (tools/memory_gpu.py) at
 #       8K b512 k3 and 16K b128 k8, 8K b512 k3 synced with XLA's command buffers on against off,
 #       then per-kernel profiles with idle gaps (as phase 20)
+#   23: the memory plans of pallas_gpu (tools/memory_gpu.py) at 8K b512 k3 and 16K b128 k8, the
+#       default table (as phase 15), then the back-to-back table (--pipeline 8) at 8K, 16K b128 k8
+#       and 32K
+#   24: the compiled test_mosaic.py (3 shards) beside the no-segment-ids, row-count and bf16
+#       gradient checks of test_kernels.py and test_moba.py
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -246,4 +251,21 @@ if [ "$phase" = 22 ]; then
     timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 12 2>&1 \
       | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
   done
+fi
+if [ "$phase" = 23 ]; then
+  for spec in "8192 512 3" "16384 128 8"; do set -- $spec
+    timeout 100 python3 tools/memory_gpu.py --seq $1 --block $2 --topk $3 --impls pallas_gpu \
+      --out /tmp/memdump/s$1_b$2 2>&1 | grep -v "^WARNING" | tee -a $OUT/memory.txt
+  done
+  STEP_S=${BENCH_S:-240} bench --impls pallas_gpu,cudnn --repeats 10 --json $OUT/table.json 2>&1 \
+    | grep -v "^WARNING" | tee $OUT/table.txt
+  STEP_S=100 bench --impls pallas_gpu,cudnn --seqs 8192,16384,32768 --configs 512:3,128:8 \
+    --repeats 10 --pipeline 8 2>&1 | grep -v "^WARNING" | tee $OUT/pipelined.txt
+fi
+if [ "$phase" = 24 ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout 400 python3 -m pytest -q -rfE --compiled -m "" \
+    -p no:cacheprovider -k "no_segment_ids or sized_to or bf16_gradients" tests/test_kernels.py \
+    tests/test_moba.py > $OUT/segs.txt 2>&1 &
+  bash tools/run_h200.sh 19 > /dev/null 2>&1
+  wait; tail -n 3 $OUT/segs.txt; tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
 fi
