@@ -263,7 +263,7 @@ if [ "$phase" = 23 ]; then
     --repeats 10 --pipeline 8 2>&1 | grep -v "^WARNING" | tee $OUT/pipelined.txt
 fi
 if [ "$phase" = 24 ]; then
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout 400 python3 -m pytest -q -rfE --compiled -m "" \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 timeout 400 python3 -m pytest -q -rfE --compiled -m "" \
     -p no:cacheprovider -k "no_segment_ids or sized_to or bf16_gradients" tests/test_kernels.py \
     tests/test_moba.py > $OUT/segs.txt 2>&1 &
   bash tools/run_h200.sh 19 > /dev/null 2>&1
