@@ -94,3 +94,23 @@ def train_tiny_text_model(root, corpus, *, context: int, block_size: int):
       "mesh.data=1"])
   train.run(cfg, progress=False)
   return root / "run"
+
+
+def primitives_outside_kernels(jaxpr) -> set:
+  """Every primitive's name in jaxpr and the jaxprs in its equations' params (cond branches,
+  loop bodies, custom_vjp rules), not inside kernels (`pl.when` in a kernel body is a cond):
+  pallas_call, and mpmd_map (`pl.kernel`, the Mosaic GPU kernels')."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    kernel = eqn.primitive.name in ("pallas_call", "mpmd_map")
+    subs = [] if kernel else list(eqn.params.values())
+    while subs:
+      x = subs.pop()
+      if isinstance(x, (tuple, list)):
+        subs.extend(x)
+      elif hasattr(x, "eqns"):
+        names |= primitives_outside_kernels(x)
+      elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+        names |= primitives_outside_kernels(x.jaxpr)
+  return names

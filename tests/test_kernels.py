@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from moba_jax import moba as moba_lib
-from tests.helpers import (KERNEL_PLATFORM, kernel_impls, moba_impls, packed_segments, random_qkv,
-                           rel_err, run, vjp_all)
+from tests.helpers import (KERNEL_PLATFORM, kernel_impls, moba_impls, packed_segments,
+                           primitives_outside_kernels, random_qkv, rel_err, run, vjp_all)
 
 
 def test_chunked_routing_is_the_oracles_choice(monkeypatch):
@@ -246,24 +246,6 @@ def test_random_layouts_match_the_reference(impl):
       assert rel_err(a, b) < 1e-5, (name, i, c)
 
 
-def _primitives(jaxpr) -> set:
-  """Every primitive's name in jaxpr and the jaxprs in its equations' params (cond branches,
-  loop bodies, custom_vjp rules), not inside kernels (`pl.when` in a kernel body is a cond)."""
-  names = set()
-  for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    subs = [] if eqn.primitive.name == "pallas_call" else list(eqn.params.values())
-    while subs:
-      x = subs.pop()
-      if isinstance(x, (tuple, list)):
-        subs.extend(x)
-      elif hasattr(x, "eqns"):
-        names |= _primitives(x)
-      elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
-        names |= _primitives(x.jaxpr)
-  return names
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("impl", moba_impls())
 def test_no_segment_ids_is_one_document_without_a_branch(impl, dtype):
@@ -287,5 +269,5 @@ def test_no_segment_ids_is_one_document_without_a_branch(impl, dtype):
       assert rel_err(a, b) < (1e-5 if dtype == jnp.float32 else 1e-2)
   if impl in KERNEL_PLATFORM:
     step = lambda seg: jax.make_jaxpr(lambda q, k, v: jax.vjp(fn(seg), q, k, v)[1](cot))(q, k, v)
-    assert "cond" not in _primitives(step(None).jaxpr)
-    assert "cond" in _primitives(step(zeros).jaxpr)
+    assert "cond" not in primitives_outside_kernels(step(None).jaxpr)
+    assert "cond" in primitives_outside_kernels(step(zeros).jaxpr)

@@ -230,7 +230,8 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_with_rows_written_in_place():
   a key axis a multiple of 8 long: the kernels see zero keys appended, masked; the forward and dQ
   raised "dimension 2 must have size smaller or a multiple of its tiling 8" on the H200 before),
   and the forward and dQ write their rows over the gathered Q rows: their custom calls alias an
-  output to an operand, the dK/dV's (which reads those rows first) does not."""
+  output to an operand, the dK/dV's (which reads those rows first) does not. segment_ids=None:
+  no `lax.cond` outside the kernels (the Mosaic dK/dV needs no Triton fallback)."""
   from moba_jax.attention import KernelOptions
   q = jnp.zeros((2, 300, 4, 64), jnp.bfloat16)
   k = jnp.zeros((2, 300, 2, 64), jnp.bfloat16)
@@ -242,6 +243,7 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_with_rows_written_in_place():
   assert len(calls) == 3
   assert ["output_operand_alias" in c for c in calls] == [True, False, True]  # fwd, dK/dV, dQ
   assert "triton" not in text
+  assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
 
 
 @pytest.mark.parametrize("hopper", [False, True])
