@@ -430,6 +430,11 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   [B, T, K, D] in k's dtype (T keys; rounded once from float32)."""
   batch, seq, kv_heads, dim = k.shape
   dp = padded_head_dim(dim)
+  if sizes.mosaic_dq or sizes.mosaic_dkdv:
+    # After the forward's residuals: else XLA merges the gather of Q rows below with the
+    # forward's (the same computation) and keeps them from the forward on, with a copy for the
+    # forward kernel that writes over its rows (at 8K: three 98 MiB row buffers live at once).
+    q, do, o, lse = jax.lax.optimization_barrier((q, do, o, lse))
   qf, dof = flat_rows(q, dp), flat_rows(do, dp)
   kf, vf = flat_rows(k.astype(q.dtype), dp), flat_rows(v.astype(q.dtype), dp)
   delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
