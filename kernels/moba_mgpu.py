@@ -12,8 +12,10 @@ cores the way FlashAttention-3 is (`_row_tiles` is the scaffold both share):
   into the second of two buffers; mbarriers only (no `__syncthreads`);
 * wgmma with SMEM operands (P and dS from registers), softmax in the exp2 domain;
 * the row matrices are contiguous: the caller gathers q (and dO) into the routing's row order
-  first (`gather_rows`; TMA on Hopper cannot gather rows); K and V are read in place from
-  [B, T, K, D] by strided TMA boxes (keys past T are zero-filled by TMA and masked);
+  first (`gather_rows`; TMA on Hopper cannot gather rows), and the forward and dQ write their
+  rows over the gathered Q rows (`jax.new_ref`: no output buffer of their own); K and V are read
+  in place from [B, T, K, D] by strided TMA boxes (keys past T are zero-filled by TMA and masked;
+  a key axis off the 8-key grid gets zero keys appended);
 * key chunks that every row of the tile sees whole (`free_chunks`: all of a sparse tile's block,
   a dense tile's chunks before the diagonal) skip the mask; the rest are masked per row by
   [lo, hi).
