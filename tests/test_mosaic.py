@@ -246,6 +246,24 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_with_rows_written_in_place():
   assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
 
 
+def test_mosaic_rows_in_place_lower_under_remat_and_scan():
+  """The in-place rows (`jax.new_ref` in the forward and the dQ) inside a model's layer loop: the
+  gradient of a scan over checkpointed layers lowers for CUDA (the refs stay inside the custom
+  VJP; interpreted runs cannot check this: the interpreter's callbacks are effects that remat's
+  AD refuses)."""
+  from moba_jax.attention import KernelOptions
+  opts = KernelOptions(tiles=tiles(128, 1, 1))
+  x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+
+  def layer(x, _):
+    attn = lambda x: mg.moba_attention_gpu(x, x, x, None, block_size=128, topk=3, options=opts)
+    return x + jax.checkpoint(attn)(x), None
+
+  loss = lambda x: jnp.sum(jax.lax.scan(layer, x, None, length=2)[0].astype(jnp.float32) ** 2)
+  text = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") >= 3
+
+
 @pytest.mark.parametrize("hopper", [False, True])
 def test_the_default_is_mosaic_on_hopper_in_16_bits_else_triton(hopper, monkeypatch):
   """Compiled on a Hopper GPU, 16-bit inputs with head_dim 64 or 128 take all three Mosaic kernels;
