@@ -237,7 +237,9 @@ def _dkdv_sparse_kernel(ks_ref, grp_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, d
 
 
 def _call(kernel, grid, n_prefetch, in_specs, out_specs, out_shape, scratch, interpret,
-          semantics):
+          semantics, aliases=None):
+  """aliases: {operand index (scalar prefetch operands counted): output index}; an output written
+  over an operand (same block index map: a block is read before it is written back)."""
   spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=n_prefetch, grid=grid,
                                       in_specs=in_specs, out_specs=out_specs,
                                       scratch_shapes=scratch)
@@ -245,7 +247,7 @@ def _call(kernel, grid, n_prefetch, in_specs, out_specs, out_shape, scratch, int
     interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
   return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, interpret=interpret,
                         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
-                        name=_kernel_name(kernel))
+                        input_output_aliases=aliases or {}, name=_kernel_name(kernel))
 
 
 def _kernel_name(kernel) -> str:
@@ -285,7 +287,8 @@ def _forward(q, k, v, routing, dims, sizes, scale, interpret):
                [jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
                 jax.ShapeDtypeStruct((batch_kv, dims.rows, 1), f32)],
                [pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, dp), f32)],
-               interpret, ("parallel", "parallel", "arbitrary"))
+               interpret, ("parallel", "parallel", "arbitrary"),
+               aliases={2: 0})  # o written over the gathered q rows (no buffer of its own)
   o_rows, lse_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1),
                           _rows(qr, routing), kr, vr, routing.lo[..., None],
                           routing.hi[..., None])
@@ -370,6 +373,9 @@ def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
 
 def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch, seq, _, dim = k.shape  # T keys (Tq = q.shape[1] queries with a query offset)
+  # After the forward's residuals: else XLA merges the gather of q rows below with the forward's
+  # (the same computation) and keeps the rows from the forward on (moba_gpu.backward's note)
+  q, do, o, lse = jax.lax.optimization_barrier((q, do, o, lse))
   qr, kr, vr = _prep(q, k, v, sizes)
   batch_kv, dp = qr.shape[0], qr.shape[-1]
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
@@ -378,6 +384,14 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   q_rows, do_rows = _rows(qr, routing), _rows(dor, routing)
   lse_rows, dl_rows = _rows(lse[..., None], routing), _rows(delta[..., None], routing)
   lo, hi = routing.lo[..., None], routing.hi[..., None]
+  args = (kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi)
+  parts = [_dkdv_dense(args, routing, dims, sizes, scale, interpret, seq)]
+  if dims.max_groups:
+    parts.append(_dkdv_sparse(args, routing, dims, sizes, scale, interpret))
+  # dK/dV first: the dQ kernel then writes its rows over the gathered q rows, their last use (the
+  # barrier orders it after the dK/dV; else XLA would copy them first)
+  q_rows, parts = jax.lax.optimization_barrier((q_rows, parts))
+
   nc = -(-(dims.block_size + bq) // bk)
   kernel = functools.partial(_dq_kernel, bk=bk, nt=nt, scale=scale)
   kv = _kv_spec(bk, dp, nt)
@@ -385,15 +399,10 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
                [_row_spec(bq, dp), kv, kv, _row_spec(bq, dp)] + [_row_spec(bq, 1)] * 4,
                _row_spec(bq, dp), jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
                [pltpu.VMEM((bq, dp), jnp.float32)], interpret,
-               ("parallel", "parallel", "arbitrary"))
+               ("parallel", "parallel", "arbitrary"), aliases={2: 0})
   dq_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1), q_rows, kr, vr,
                  do_rows, lse_rows, dl_rows, lo, hi)
   dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
-
-  args = (kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi)
-  parts = [_dkdv_dense(args, routing, dims, sizes, scale, interpret, seq)]
-  if dims.max_groups:
-    parts.append(_dkdv_sparse(args, routing, dims, sizes, scale, interpret))
   scatter = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
   dk = sum(scatter(p[0], p[2]) for p in parts)
   dv = sum(scatter(p[1], p[2]) for p in parts)

@@ -76,6 +76,20 @@ def test_pallas_tpu_lowers_for_tpu(case):
   _assert_lowered(*lower_for_tpu(shape, dtype, block_size, topk, tiles), expected)
 
 
+def test_pallas_tpu_writes_forward_and_dq_rows_over_the_gathered_q_rows():
+  """The forward's o and the dQ kernel's rows are aliased to their q-rows operand (no buffers of
+  their own), the dK/dV kernels' outputs are not; the dK/dV run before the dQ, which takes the q
+  rows after them (else XLA would copy the rows)."""
+  _, text = lower_for_tpu((1, 1024, 4, 2, 128), jnp.bfloat16, 256, 3)
+  calls = [line for line in text.splitlines() if "@tpu_custom_call" in line]
+  names = [next(n for n in ALL if n in line) for line in calls]
+  aliased = {n: "output_operand_alias" in line for n, line in zip(names, calls)}
+  assert aliased == {"moba_tpu_fwd": True, "moba_tpu_dq": True, "moba_tpu_dkdv_dense": False,
+                     "moba_tpu_dkdv_sparse": False}
+  assert names.index("moba_tpu_dq") > max(names.index("moba_tpu_dkdv_dense"),
+                                          names.index("moba_tpu_dkdv_sparse"))
+
+
 @pytest.mark.slow
 def test_pallas_tpu_lowers_for_tpu_at_32k():
   _assert_lowered(*lower_for_tpu((1, 32768, 16, 16, 128), jnp.bfloat16, 512, 3), ALL)
