@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -50,6 +51,12 @@ class BlockSizes:
   # 1: dK/dV runs the Mosaic GPU kernel (128-key tiles) where every past-block group is aligned to
   # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
   mosaic_dkdv: int = 0
+  # n > 1: the Mosaic backward (mosaic_dq=1, mosaic_dkdv=1) runs over n chunks of kv heads, one
+  # after another, so its gathered Q and dO rows exist for 1/n of the heads at a time (memory),
+  # in smaller kernel grids (time). It must divide the kv heads. It applies where every dK/dV
+  # item is a Mosaic one (one document per row: segment_ids None, block a multiple of 128, no
+  # query offset); elsewhere the backward runs unchunked, with a warning.
+  mosaic_bwd_chunks: int = 1
 
   def __post_init__(self):
     for name, accepted, off in (("mosaic_block_kv", (0, 64, 128), "the Triton forward"),
@@ -61,6 +68,11 @@ class BlockSizes:
       if value and self.block_q != moba_mgpu.ROWS:
         raise ValueError(f"{name}={value} needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 "
                          f"rows), got block_q={self.block_q}")
+    if self.mosaic_bwd_chunks < 1:
+      raise ValueError(f"mosaic_bwd_chunks={self.mosaic_bwd_chunks} must be at least 1")
+    if self.mosaic_bwd_chunks > 1 and not (self.mosaic_dq and self.mosaic_dkdv):
+      raise ValueError(f"mosaic_bwd_chunks={self.mosaic_bwd_chunks} needs mosaic_dq=1 and "
+                       f"mosaic_dkdv=1, got {self.mosaic_dq} and {self.mosaic_dkdv}")
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
@@ -362,13 +374,49 @@ def _mosaic_rows(q, do, routing, lse, delta, kv_heads, groups) -> _MosaicRows:
   return _MosaicRows(rows(q), rows(do.astype(q.dtype)), lse2, vec(delta))
 
 
-def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret):
+def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, kv_head0=0):
   """dQ partial rows [BK, R, D] in q's dtype from the Mosaic GPU kernel."""
   nfree = moba_mgpu.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
                                 routing.rq, MOSAIC_DQ_BLOCK_KV)
   return moba_mgpu.dq_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi,
                            rows.lse2, rows.delta, rows.q, rows.do, k, v, scale=scale,
-                           block_kv=MOSAIC_DQ_BLOCK_KV, interpret=interpret)
+                           block_kv=MOSAIC_DQ_BLOCK_KV, interpret=interpret, kv_head0=kv_head0)
+
+
+def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
+                                    interpret, chunks):
+  """(dq, dk, dv) of the Mosaic backward over `chunks` chunks of kv heads, one after another
+  (optimization barriers order them): each chunk gathers its own Q and dO rows, runs the dK/dV
+  and then the dQ (written over its Q rows) on its heads of k and v, in place (`kv_head0`)."""
+  batch, seq, kv_heads, dim = k.shape
+  per = kv_heads // chunks
+  hq = per * dims.groups  # query heads of a chunk (query head h = kv head * G + g)
+  lse3, delta3 = lse.reshape(q.shape[:3]), delta.reshape(q.shape[:3])
+
+  def part(x, c):  # [B * K, ...] -> chunk c's [B * per, ...]
+    x = x.reshape(batch, kv_heads, *x.shape[1:])[:, c * per:(c + 1) * per]
+    return x.reshape(batch * per, *x.shape[2:])
+
+  dqs, dks, dvs = [], [], []
+  for c in range(chunks):
+    heads = slice(c * hq, (c + 1) * hq)
+    r = routing._replace(**{f: part(getattr(routing, f), c)
+                            for f in ("rq", "lo", "hi", "tile_ks", "tile_ke", "pos")})
+    rows = _mosaic_rows(q[:, :, heads], do[:, :, heads], r, lse3[:, :, heads].reshape(batch, -1),
+                        delta3[:, :, heads].reshape(batch, -1), per, dims.groups)
+    dk, dv = moba_mgpu.dkdv_tiles(tuple(part(x, c) for x in items), rows.lse2, rows.delta, r.lo,
+                                  r.hi, rows.q, rows.do, k, v, scale=scale, interpret=interpret,
+                                  kv_head0=c * per)
+    q_rows, dk, dv = jax.lax.optimization_barrier((rows.q, dk, dv))  # dK/dV, then dQ over Q rows
+    dq_rows = _mosaic_dq_rows(rows._replace(q=q_rows), k, v, r, scale, interpret, c * per)
+    dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
+    dq = dq.reshape(batch, -1, hq, dim).astype(q.dtype)
+    # the next chunk's gathers after this chunk's kernels: its rows replace these
+    q, do, dq, dk, dv = jax.lax.optimization_barrier((q, do, dq, dk, dv))
+    dqs.append(dq)
+    dks.append(dk[:, :seq])
+    dvs.append(dv[:, :seq])
+  return tuple(jnp.concatenate(x, axis=2) for x in (dqs, dks, dvs))
 
 
 def _dkdv_items(routing, dims, sizes, seq):
@@ -441,6 +489,15 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
+  if sizes.mosaic_bwd_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
+    items, groups, _ = _dkdv_items(
+        routing, dims, dataclasses.replace(sizes, block_k_dkv=moba_mgpu.KEYS), seq)
+    if groups is None:
+      return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
+                                             interpret, sizes.mosaic_bwd_chunks)
+    warnings.warn(f"mosaic_bwd_chunks={sizes.mosaic_bwd_chunks} applies to one document per row "
+                  "(segment_ids None), a block size that is a multiple of 128 and no query "
+                  "offset; this backward runs unchunked", stacklevel=2)
   if sizes.mosaic_dq or mosaic_dkdv:
     m_rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
   bkd = sizes.block_k_dkv
@@ -538,6 +595,9 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:
       raise ValueError(f"tiles={list(options.tiles)}: {why}")
+  if k.shape[2] % sizes.mosaic_bwd_chunks:
+    raise ValueError(f"tiles={list(options.tiles)}: mosaic_bwd_chunks={sizes.mosaic_bwd_chunks} "
+                     f"must divide the kv heads ({k.shape[2]})")
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
                           softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
                           q_start=q_start)

@@ -211,7 +211,7 @@ def _kernel(body, name, out_type, n_ctas, interpret):
 
 
 def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
-               interpret, ctas):
+               interpret, ctas, kv_head0=0):
   """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
   round-robin (consecutive CTAs, consecutive tiles of one kv head: neighbours share key blocks in
   L2). Three warpgroups: two compute (64 rows each), one producer whose ring of K/V slots runs
@@ -229,12 +229,15 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   The first output (out_type[0], of the first row matrix's shape and dtype) is written over the
   first row matrix (`jax.new_ref`: no buffer of its own): a tile's rows are in SMEM before its
   outputs are stored, and no other tile reads them. The caller's array is unchanged (where it is
-  still used afterwards, XLA copies it first)."""
+  still used afterwards, XLA copies it first).
+
+  kv_head0: the rows are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
+  the heads; row matrix index bk = b * (BK / B) + local head)."""
   bk_n, rows, dim = mats[0].shape
   assert (out_type[0].shape, out_type[0].dtype) == (mats[0].shape, mats[0].dtype), out_type
   mats = (jax.new_ref(mats[0]),) + tuple(mats[1:])
   k, v = (_pad_keys(x, -(-x.shape[1] // 8) * 8) for x in (k, v))
-  kv_heads = k.shape[2]
+  kv_heads = bk_n // k.shape[0]  # of this call (a chunk of k's heads from kv_head0)
   n_tiles = rows // ROWS
   items = bk_n * n_tiles
   n_ctas = min(items, ctas or num_ctas(interpret))
@@ -301,7 +304,8 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
 
       def tile_loads(i, g):
         bk, tile, ks, n = item(i)
-        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
+        b = lax.div(bk, jnp.int32(kv_heads))
+        kvh = lax.rem(bk, jnp.int32(kv_heads)) + kv_head0
         buf = lax.rem(i, 2)
 
         @pl.when(i >= 2)
@@ -392,7 +396,7 @@ def _scores(q_w, slot):
 
 
 def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interpret=False,
-                 ctas=None):
+                 ctas=None, kv_head0=0):
   """Partial rows of every routing tile: o [BK, R, D] in q_rows' dtype (normalized, rounded
   once, as the official MoBA's partial outputs are) and lse [BK, R] float32.
 
@@ -441,11 +445,11 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
               jax.ShapeDtypeStruct((bk_n, rows), jnp.float32))
   return _row_tiles("moba_mgpu_fwd", ks=ks, ke=ke, nfree=nfree, mats=(q_rows,), vecs=(lo, hi),
                     k=k, v=v, block_kv=block_kv, init=init, step=step, finish=finish,
-                    out_type=out_type, interpret=interpret, ctas=ctas)
+                    out_type=out_type, interpret=interpret, ctas=ctas, kv_head0=kv_head0)
 
 
 def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale, block_kv,
-            interpret=False, ctas=None):
+            interpret=False, ctas=None, kv_head0=0):
   """dQ of every partial row: [BK, R, D] in q_rows' dtype (summed per query, in float32, by the
   caller; the official MoBA also adds 16-bit dQ parts).
 
@@ -490,7 +494,7 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
   (dq,) = _row_tiles("moba_mgpu_dq", ks=ks, ke=ke, nfree=nfree, mats=(q_rows, do_rows),
                      vecs=(lo, hi, lse2.astype(jnp.float32), delta.astype(jnp.float32)), k=k, v=v,
                      block_kv=block_kv, init=init, step=step, finish=finish, out_type=out_type,
-                     interpret=interpret, ctas=ctas)
+                     interpret=interpret, ctas=ctas, kv_head0=kv_head0)
   return dq
 
 
@@ -498,7 +502,7 @@ KEYS = 128  # dK/dV: keys per work item, 64 per compute warpgroup
 
 
 def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, interpret=False,
-               ctas=None, stages=None):
+               ctas=None, stages=None, kv_head0=0):
   """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
 
   items: (ks, r0, ru, r1, g0, g1), each [BK, NK] int32: key tile j of (batch, kv head) bk starts
@@ -515,10 +519,13 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma). Dense chunks
   that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1 belong to
   later blocks, which start after these keys); the rest, and the group's chunks, are not. One
-  rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM and stored by TMA."""
+  rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM and stored by TMA.
+  kv_head0: the items are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
+  the heads), whose dK and dV are the outputs' BK / B heads."""
   bk_n, n_kt = items[0].shape
   dim = q_rows.shape[-1]
-  batch, seq, kv_heads, _ = k.shape
+  batch, seq = k.shape[:2]
+  kv_heads = bk_n // batch  # of this call (a chunk of k's heads from kv_head0)
   n_items = bk_n * n_kt
   n_ctas = min(n_items, ctas or num_ctas(interpret))
   dtype = q_rows.dtype
@@ -631,7 +638,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
       def tile_loads(i, g):
         bk, j, a, ga, n_dense, n_mask, n_full, n_group = item(i)
-        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
+        b = lax.div(bk, jnp.int32(kv_heads))
+        kvh = lax.rem(bk, jnp.int32(kv_heads)) + kv_head0  # of k and v
 
         @pl.when(i >= 1)
         def _():
