@@ -387,7 +387,9 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
                                     interpret, chunks):
   """(dq, dk, dv) of the Mosaic backward over `chunks` chunks of kv heads, one after another
   (optimization barriers order them): each chunk gathers its own Q and dO rows, runs the dK/dV
-  and then the dQ (written over its Q rows) on its heads of k and v, in place (`kv_head0`)."""
+  and then the dQ (written over its Q rows) on its heads of k and v (`kv_head0`), and writes its
+  dq, dk and dv into the whole gradients (updates in place; a concatenation would hold every
+  chunk's pieces and the whole gradients at once)."""
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
   hq = per * dims.groups  # query heads of a chunk (query head h = kv head * G + g)
@@ -397,7 +399,7 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
     x = x.reshape(batch, kv_heads, *x.shape[1:])[:, c * per:(c + 1) * per]
     return x.reshape(batch * per, *x.shape[2:])
 
-  dqs, dks, dvs = [], [], []
+  dq_all, dk_all, dv_all = (jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
   for c in range(chunks):
     heads = slice(c * hq, (c + 1) * hq)
     r = routing._replace(**{f: part(getattr(routing, f), c)
@@ -410,13 +412,12 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
     q_rows, dk, dv = jax.lax.optimization_barrier((rows.q, dk, dv))  # dK/dV, then dQ over Q rows
     dq_rows = _mosaic_dq_rows(rows._replace(q=q_rows), k, v, r, scale, interpret, c * per)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
-    dq = dq.reshape(batch, -1, hq, dim).astype(q.dtype)
+    dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
+    dk_all = dk_all.at[:, :, c * per:(c + 1) * per].set(dk[:, :seq])
+    dv_all = dv_all.at[:, :, c * per:(c + 1) * per].set(dv[:, :seq])
     # the next chunk's gathers after this chunk's kernels: its rows replace these
-    q, do, dq, dk, dv = jax.lax.optimization_barrier((q, do, dq, dk, dv))
-    dqs.append(dq)
-    dks.append(dk[:, :seq])
-    dvs.append(dv[:, :seq])
-  return tuple(jnp.concatenate(x, axis=2) for x in (dqs, dks, dvs))
+    q, do, dq_all, dk_all, dv_all = jax.lax.optimization_barrier((q, do, dq_all, dk_all, dv_all))
+  return dq_all, dk_all, dv_all
 
 
 def _dkdv_items(routing, dims, sizes, seq):

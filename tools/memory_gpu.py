@@ -1,7 +1,7 @@
 """Where the fwd+bwd step's peak memory goes: XLA's plan for `moba-jax bench`'s jitted step.
 
 usage: python tools/memory_gpu.py --seq 8192 [--block 512 --topk 3] [--impls pallas_gpu,cudnn]
-         [--top 16] [--out DIR]
+         [--gpu-block-sizes 128,64,64,64,4,3,4,128,1,1,2] [--top 16] [--out DIR]
 
 Compiles the step of `moba-jax bench` (batch 1, 16 heads, head_dim 128, bf16; nothing runs) for
 each implementation with XLA's dumps on, prints `memory_analysis()` (arguments, outputs,
@@ -48,6 +48,8 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--impls", default="pallas_gpu,cudnn")
+  p.add_argument("--gpu-block-sizes", default=None,
+                 help="pallas_gpu's tiles, as `moba-jax bench --gpu-block-sizes`")
   p.add_argument("--top", type=int, default=16)
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
@@ -72,11 +74,12 @@ def report(impl, args, dump):
 
   ns = argparse.Namespace(batch=1, heads=args.heads, kv_heads=None, dim=args.dim)
   q, k, v, do = bench.inputs(1, ns, args.seq, jnp.bfloat16)
-  step = bench.make_fn(impl, args.block, args.topk, bwd=True)
+  step = bench.make_fn(impl, args.block, args.topk, bwd=True, gpu_sizes=args.gpu_block_sizes)
   m = step.lower(q, k, v, do).compile().memory_analysis()
   peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes \
       - m.alias_size_in_bytes
-  print(f"== {impl} seq {args.seq} block {args.block} topk {args.topk}: peak {peak / MiB:.1f} "
+  tiles = f" tiles {args.gpu_block_sizes}" if impl == "pallas_gpu" and args.gpu_block_sizes else ""
+  print(f"== {impl}{tiles} seq {args.seq} block {args.block} topk {args.topk}: peak {peak / MiB:.1f} "
         f"MiB = arguments {m.argument_size_in_bytes / MiB:.1f} + outputs "
         f"{m.output_size_in_bytes / MiB:.1f} + temporaries {m.temp_size_in_bytes / MiB:.1f} "
         f"- aliased {m.alias_size_in_bytes / MiB:.1f}")

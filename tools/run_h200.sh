@@ -42,6 +42,8 @@
 #       and 32K
 #   24: the compiled test_mosaic.py (3 shards) beside the no-segment-ids, row-count and bf16
 #       gradient checks of test_kernels.py and test_moba.py
+#   25: mosaic_bwd_chunks: memory plans (tools/memory_gpu.py) and fwd+bwd times, synced and back
+#       to back, with N = 1, 2, 4 at 8K b512 k3 and N = 1, 4, 8 at 16K b128 k8
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -264,4 +266,19 @@ if [ "$phase" = 24 ]; then
     tests/test_moba.py > $OUT/segs.txt 2>&1 &
   bash tools/run_h200.sh 19 > /dev/null 2>&1
   wait; tail -n 3 $OUT/segs.txt; tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
+fi
+if [ "$phase" = 25 ]; then
+  base=128,64,64,64,4,3,4,128,1,1
+  for spec in "8192 512 3 1 2 4" "16384 128 8 1 4 8"; do set -- $spec
+    for n in $4 $5 $6; do
+      timeout 100 python3 tools/memory_gpu.py --seq $1 --block $2 --topk $3 --impls pallas_gpu \
+        --gpu-block-sizes $base,$n --top 8 --out /tmp/memdump/s$1_b$2_n$n 2>&1 \
+        | grep -v "^WARNING" | tee -a $OUT/memory.txt
+      for pipe in 1 8; do
+        echo "== seq $1 block $2 topk $3 chunks $n pipeline $pipe" | tee -a $OUT/chunks.txt
+        STEP_S=100 bench --impls pallas_gpu --seqs $1 --configs $2:$3 --gpu-block-sizes $base,$n \
+          --repeats 20 --pipeline $pipe 2>&1 | grep -v "^WARNING" | tail -2 | tee -a $OUT/chunks.txt
+      done
+    done
+  done
 fi
