@@ -44,6 +44,9 @@
 #       gradient checks of test_kernels.py and test_moba.py
 #   25: mosaic_bwd_chunks: memory plans (tools/memory_gpu.py) and fwd+bwd times, synced and back
 #       to back, with N = 1, 2, 4 at 8K b512 k3 and N = 1, 4, 8 at 16K b128 k8
+#   26: head chunks two ways (tools/head_chunks_gpu.py: the whole attention under lax.map against
+#       mosaic_bwd_chunks) at 8K b512 k3 (1, 2, 4 chunks) and 16K b128 k8 (1, 4, 8), then
+#       per-kernel profiles at 8K b512 k3 with mosaic_bwd_chunks 1 and 2
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -280,5 +283,21 @@ if [ "$phase" = 25 ]; then
           --repeats 20 --pipeline $pipe 2>&1 | grep -v "^WARNING" | tail -2 | tee -a $OUT/chunks.txt
       done
     done
+  done
+fi
+if [ "$phase" = 26 ]; then
+  for spec in "8192 512 3 2 4" "16384 128 8 4 8"; do set -- $spec
+    timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way bwd --chunks 1 \
+      2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
+    for n in $4 $5; do for way in map bwd; do
+      timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way $way \
+        --chunks $n 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
+    done; done
+  done
+  for n in 1 2; do
+    echo "== seq 8192 block 512 topk 3 mosaic_bwd_chunks $n" | tee -a $OUT/profiles.txt
+    timeout 90 python3 tools/profile_gpu.py --seq 8192 --block 512 --topk 3 --top 16 \
+      --gpu-block-sizes 128,64,64,64,4,3,4,128,1,1,$n 2>&1 | grep -v "WARNING\|device lines" \
+      | tee -a $OUT/profiles.txt
   done
 fi
