@@ -51,12 +51,13 @@ class BlockSizes:
   # 1: dK/dV runs the Mosaic GPU kernel (128-key tiles) where every past-block group is aligned to
   # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
   mosaic_dkdv: int = 0
-  # n > 1: the Mosaic backward (mosaic_dq=1, mosaic_dkdv=1) runs over n chunks of kv heads, one
-  # after another, so its gathered Q and dO rows exist for 1/n of the heads at a time (memory),
-  # in smaller kernel grids (time). It must divide the kv heads. It applies where every dK/dV
-  # item is a Mosaic one (one document per row: segment_ids None, block a multiple of 128, no
-  # query offset); elsewhere the backward runs unchunked, with a warning.
-  mosaic_bwd_chunks: int = 1
+  # n > 1: the Mosaic forward and backward (mosaic_block_kv, mosaic_dq=1, mosaic_dkdv=1) run over
+  # n chunks of kv heads, one after another, so their gathered Q (and dO) rows exist for 1/n of
+  # the heads at a time (memory), in smaller kernel grids (time: docs/benchmarks.md). It must
+  # divide the kv heads. The backward's chunks apply where every dK/dV item is a Mosaic one (one
+  # document per row: segment_ids None, block a multiple of 128, no query offset); elsewhere the
+  # backward runs unchunked, with a warning.
+  mosaic_head_chunks: int = 1
 
   def __post_init__(self):
     for name, accepted, off in (("mosaic_block_kv", (0, 64, 128), "the Triton forward"),
@@ -68,11 +69,13 @@ class BlockSizes:
       if value and self.block_q != moba_mgpu.ROWS:
         raise ValueError(f"{name}={value} needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 "
                          f"rows), got block_q={self.block_q}")
-    if self.mosaic_bwd_chunks < 1:
-      raise ValueError(f"mosaic_bwd_chunks={self.mosaic_bwd_chunks} must be at least 1")
-    if self.mosaic_bwd_chunks > 1 and not (self.mosaic_dq and self.mosaic_dkdv):
-      raise ValueError(f"mosaic_bwd_chunks={self.mosaic_bwd_chunks} needs mosaic_dq=1 and "
-                       f"mosaic_dkdv=1, got {self.mosaic_dq} and {self.mosaic_dkdv}")
+    n = self.mosaic_head_chunks
+    if n < 1:
+      raise ValueError(f"mosaic_head_chunks={n} must be at least 1")
+    if n > 1 and not (self.mosaic_block_kv and self.mosaic_dq and self.mosaic_dkdv):
+      raise ValueError(f"mosaic_head_chunks={n} needs the Mosaic kernels (mosaic_block_kv 64 or "
+                       f"128, mosaic_dq=1, mosaic_dkdv=1), got {self.mosaic_block_kv}, "
+                       f"{self.mosaic_dq}, {self.mosaic_dkdv}")
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
@@ -337,6 +340,9 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
   q's dtype for the products; their gradients come back in their own dtype."""
   batch, seq, heads, dim = q.shape
   dp = padded_head_dim(dim)
+  if sizes.mosaic_head_chunks > 1:
+    o, lse = _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpret)
+    return o.reshape(batch, seq, heads, dp)[..., :dim], (o, lse)
   if sizes.mosaic_block_kv:
     kq, vq = k.astype(q.dtype), v.astype(q.dtype)
     q_rows = moba_mgpu.gather_rows(q, routing.rq, k.shape[2], dims.groups)
@@ -353,6 +359,56 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
   o, lse = rt.merge_rows(o_rows, lse_rows, pos)  # [B, T * H, Dp], [B, T * H]
   o = o.astype(q.dtype)
   return o.reshape(batch, seq, heads, dp)[..., :dim], (o, lse)
+
+
+class _HeadChunk(NamedTuple):
+  """Chunk c of `chunks` chunks of kv heads: its routing, its query heads (a slice of q's) and
+  its first kv head (the kernels' `kv_head0`)."""
+  routing: rt.Routing
+  heads: slice
+  kv_head0: int
+
+
+def _head_chunks(routing, batch, kv_heads, groups, chunks):
+  """The chunks of kv heads, in order (query head h = kv head * G + g: a chunk's query heads are
+  contiguous). The routing's per-(batch, kv head) fields are sliced to the chunk's heads."""
+  per = kv_heads // chunks
+
+  def part(x, c):  # [B * K, ...] -> chunk c's [B * per, ...]
+    x = x.reshape(batch, kv_heads, *x.shape[1:])[:, c * per:(c + 1) * per]
+    return x.reshape(batch * per, *x.shape[2:])
+
+  fields = ("rq", "lo", "hi", "tile_ks", "tile_ke", "pos")
+  return [_HeadChunk(routing._replace(**{f: part(getattr(routing, f), c) for f in fields}),
+                     slice(c * per * groups, (c + 1) * per * groups), c * per)
+          for c in range(chunks)]
+
+
+def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpret):
+  """The Mosaic forward over `mosaic_head_chunks` chunks of kv heads, one after another
+  (optimization barriers order them): each chunk gathers its Q rows, runs the kernel on its
+  heads of k and v (o written over its rows) and merges them into the whole o and lse (updates
+  in place). Returns o [B, T * H, Dp] in q's dtype and lse [B, T * H] float32, as `forward`'s
+  residuals."""
+  batch, seq, heads, _ = q.shape
+  kv_heads = k.shape[2]
+  kq, vq = k.astype(q.dtype), v.astype(q.dtype)
+  o_all = jnp.zeros((batch, seq, heads, padded_head_dim(q.shape[-1])), q.dtype)
+  lse_all = jnp.zeros((batch, seq, heads), jnp.float32)
+  for chunk in _head_chunks(routing, batch, kv_heads, dims.groups, sizes.mosaic_head_chunks):
+    r, hq = chunk.routing, chunk.heads.stop - chunk.heads.start
+    q_rows = moba_mgpu.gather_rows(q[:, :, chunk.heads], r.rq, hq // dims.groups, dims.groups)
+    nfree = moba_mgpu.free_chunks(r.tile_ks, r.tile_ke, r.lo, r.hi, r.rq, sizes.mosaic_block_kv)
+    o_rows, lse_rows = moba_mgpu.forward_rows(
+        r.tile_ks, r.tile_ke, nfree, r.lo, r.hi, q_rows, kq, vq, scale=scale,
+        block_kv=sizes.mosaic_block_kv, interpret=interpret, kv_head0=chunk.kv_head0)
+    o_rows, pos = _query_major(o_rows, r.pos, batch, dims)
+    o, lse = rt.merge_rows(o_rows, lse_rows.reshape(batch, -1), pos)  # [B, T * hq, Dp]
+    o_all = o_all.at[:, :, chunk.heads].set(o.astype(q.dtype).reshape(batch, seq, hq, -1))
+    lse_all = lse_all.at[:, :, chunk.heads].set(lse.reshape(batch, seq, hq))
+    # the next chunk's gather after this chunk's kernel: its rows replace these
+    q, o_all, lse_all = jax.lax.optimization_barrier((q, o_all, lse_all))
+  return o_all.reshape(batch, seq * heads, -1), lse_all.reshape(batch, -1)
 
 
 # two 16-bit row matrices (Q, dO), double-buffered, leave room for 64-key ring slots
@@ -392,29 +448,23 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
   chunk's pieces and the whole gradients at once)."""
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
-  hq = per * dims.groups  # query heads of a chunk (query head h = kv head * G + g)
   lse3, delta3 = lse.reshape(q.shape[:3]), delta.reshape(q.shape[:3])
-
-  def part(x, c):  # [B * K, ...] -> chunk c's [B * per, ...]
-    x = x.reshape(batch, kv_heads, *x.shape[1:])[:, c * per:(c + 1) * per]
-    return x.reshape(batch * per, *x.shape[2:])
-
+  part = lambda x, kvs: x.reshape(batch, kv_heads, -1)[:, kvs].reshape(batch * per, -1)
   dq_all, dk_all, dv_all = (jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
-  for c in range(chunks):
-    heads = slice(c * hq, (c + 1) * hq)
-    r = routing._replace(**{f: part(getattr(routing, f), c)
-                            for f in ("rq", "lo", "hi", "tile_ks", "tile_ke", "pos")})
+  for chunk in _head_chunks(routing, batch, kv_heads, dims.groups, chunks):
+    r, heads = chunk.routing, chunk.heads
+    hq, kvs = heads.stop - heads.start, slice(chunk.kv_head0, chunk.kv_head0 + per)
     rows = _mosaic_rows(q[:, :, heads], do[:, :, heads], r, lse3[:, :, heads].reshape(batch, -1),
                         delta3[:, :, heads].reshape(batch, -1), per, dims.groups)
-    dk, dv = moba_mgpu.dkdv_tiles(tuple(part(x, c) for x in items), rows.lse2, rows.delta, r.lo,
+    dk, dv = moba_mgpu.dkdv_tiles(tuple(part(x, kvs) for x in items), rows.lse2, rows.delta, r.lo,
                                   r.hi, rows.q, rows.do, k, v, scale=scale, interpret=interpret,
-                                  kv_head0=c * per)
+                                  kv_head0=chunk.kv_head0)
     q_rows, dk, dv = jax.lax.optimization_barrier((rows.q, dk, dv))  # dK/dV, then dQ over Q rows
-    dq_rows = _mosaic_dq_rows(rows._replace(q=q_rows), k, v, r, scale, interpret, c * per)
+    dq_rows = _mosaic_dq_rows(rows._replace(q=q_rows), k, v, r, scale, interpret, chunk.kv_head0)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
     dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
-    dk_all = dk_all.at[:, :, c * per:(c + 1) * per].set(dk[:, :seq])
-    dv_all = dv_all.at[:, :, c * per:(c + 1) * per].set(dv[:, :seq])
+    dk_all = dk_all.at[:, :, kvs].set(dk[:, :seq])
+    dv_all = dv_all.at[:, :, kvs].set(dv[:, :seq])
     # the next chunk's gathers after this chunk's kernels: its rows replace these
     q, do, dq_all, dk_all, dv_all = jax.lax.optimization_barrier((q, do, dq_all, dk_all, dv_all))
   return dq_all, dk_all, dv_all
@@ -490,15 +540,15 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
-  if sizes.mosaic_bwd_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
+  if sizes.mosaic_head_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
     items, groups, _ = _dkdv_items(
         routing, dims, dataclasses.replace(sizes, block_k_dkv=moba_mgpu.KEYS), seq)
     if groups is None:
       return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
-                                             interpret, sizes.mosaic_bwd_chunks)
-    warnings.warn(f"mosaic_bwd_chunks={sizes.mosaic_bwd_chunks} applies to one document per row "
-                  "(segment_ids None), a block size that is a multiple of 128 and no query "
-                  "offset; this backward runs unchunked", stacklevel=2)
+                                             interpret, sizes.mosaic_head_chunks)
+    warnings.warn(f"mosaic_head_chunks={sizes.mosaic_head_chunks}: the backward's chunks apply "
+                  "to one document per row (segment_ids None), a block size that is a multiple "
+                  "of 128 and no query offset; this backward runs unchunked", stacklevel=2)
   if sizes.mosaic_dq or mosaic_dkdv:
     m_rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
   bkd = sizes.block_k_dkv
@@ -596,8 +646,8 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:
       raise ValueError(f"tiles={list(options.tiles)}: {why}")
-  if k.shape[2] % sizes.mosaic_bwd_chunks:
-    raise ValueError(f"tiles={list(options.tiles)}: mosaic_bwd_chunks={sizes.mosaic_bwd_chunks} "
+  if k.shape[2] % sizes.mosaic_head_chunks:
+    raise ValueError(f"tiles={list(options.tiles)}: mosaic_head_chunks={sizes.mosaic_head_chunks} "
                      f"must divide the kv heads ({k.shape[2]})")
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
                           softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,

@@ -45,7 +45,8 @@ class KernelOptions:
   tiles: the first fields of the kernel's BlockSizes, in order (moba_gpu: block_q, block_k,
     block_q_dkv, block_k_dkv, num_warps, num_stages, num_warps_dkv, mosaic_block_kv, mosaic_dq,
     mosaic_dkdv (the Mosaic GPU kernels, kernels/moba_mgpu.py: the default on Hopper),
-    mosaic_bwd_chunks (their backward over that many chunks of kv heads: less memory);
+    mosaic_head_chunks (their forward and backward over that many chunks of kv heads, one
+    after another: less memory);
     moba_tpu: block_q, block_k, block_k_dkv; splash, for full attention: block_q, block_kv), the
     rest at their class defaults; () = the kernel's get_default().
   """

@@ -90,7 +90,7 @@ def parse_args(argv):
   p.add_argument("--gpu-block-sizes", default=None,
                  help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages"
                       "[,dK/dV warps[,mosaic_block_kv[,mosaic_dq[,mosaic_dkdv"
-                      "[,mosaic_bwd_chunks]]]]]")
+                      "[,mosaic_head_chunks]]]]]")
   p.add_argument("--breakdown", action="store_true",
                  help="pallas_gpu only: time routing, forward and backward separately")
   return p.parse_args(argv)

@@ -247,10 +247,10 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_with_rows_written_in_place():
 
 
 @needs_runner
-def test_mosaic_backward_by_kv_head_chunks_equals_one_pass():
-  """mosaic_bwd_chunks=2 (the backward over two chunks of kv heads, one after another): the same
-  outputs and gradients, to the bit, as one pass (each head's rows, keys and dK/dV items are the
-  same; only the grids are smaller). GQA 2:1 with a ragged end."""
+def test_mosaic_by_kv_head_chunks_equals_one_pass():
+  """mosaic_head_chunks=2 (the forward and the backward over two chunks of kv heads, one after
+  another): the same outputs and gradients, to the bit, as one pass (each head's rows, keys and
+  dK/dV items are the same; only the grids are smaller). GQA 2:1 with a ragged end."""
   q, k, v = random_qkv(5, 1, 600, 4, 2, 64, jnp.bfloat16)
   ct = jax.random.normal(jax.random.key(6), q.shape, jnp.bfloat16)
   fn = lambda n: lambda q, k, v: run("pallas_gpu", q, k, v, None, tiles=tiles(128, 1, 1) + (n,),
@@ -259,11 +259,12 @@ def test_mosaic_backward_by_kv_head_chunks_equals_one_pass():
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def test_mosaic_backward_by_kv_head_chunks_lowers_in_order():
-  """Two chunks of kv heads: a dK/dV and a dQ kernel per chunk on the CUDA lowering, each dQ after
-  its chunk's dK/dV and each chunk after the one before (the rows of one chunk at a time); a
-  chunk count that does not divide the kv heads is refused before tracing the kernels; with
-  packed documents (groups may fall off the 128-key grid) the backward warns and runs unchunked."""
+def test_mosaic_by_kv_head_chunks_lowers_in_order():
+  """Two chunks of kv heads: a forward kernel per chunk, then a dK/dV and a dQ kernel per chunk on
+  the CUDA lowering, each dQ after its chunk's dK/dV and each chunk after the one before (the
+  rows of one chunk at a time); a chunk count that does not divide the kv heads is refused
+  before tracing the kernels; with packed documents (groups may fall off the 128-key grid) the
+  forward still runs by chunks and the backward warns and runs unchunked."""
   from moba_jax.attention import KernelOptions
   q = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)
   k = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
@@ -276,9 +277,9 @@ def test_mosaic_backward_by_kv_head_chunks_lowers_in_order():
   lowered = lambda n: traced(n).lower(lowering_platforms=("cuda",)).as_text()
 
   calls = [line for line in lowered(2).splitlines() if "custom_call @mosaic_gpu" in line]
-  assert len(calls) == 5  # the forward, then (dK/dV, dQ) per chunk
-  assert ["output_operand_alias" in c for c in calls] == [True, False, True, False, True]
-  with pytest.raises(ValueError, match="mosaic_bwd_chunks=3 must divide the kv heads"):
+  assert len(calls) == 6  # a forward per chunk, then (dK/dV, dQ) per chunk
+  assert ["output_operand_alias" in c for c in calls] == [True, True, False, True, False, True]
+  with pytest.raises(ValueError, match="mosaic_head_chunks=3 must divide the kv heads"):
     lowered(3)
   with pytest.warns(UserWarning, match="runs unchunked"):  # traced only: the Triton fallback
     traced(2, jnp.zeros((1, 512), jnp.int32))  # lowers for a GPU it finds (jax 0.11)

@@ -5,7 +5,9 @@ usage: python tools/head_chunks_gpu.py --seq 8192 --block 512 --topk 3 --way map
 
 --way map: the whole attention (routing, forward, backward) over `chunks` chunks with `lax.map`
   (`_routing.over_kv_head_chunks`, forced by lowering `_routing.PARTIAL_BYTES` for this process);
---way bwd: the Mosaic backward alone over `chunks` chunks (BlockSizes.mosaic_bwd_chunks).
+--way kernels: the Mosaic kernels over `chunks` chunks (BlockSizes.mosaic_head_chunks: the
+  forward and the backward; the backward alone, as `mosaic_bwd_chunks`, before commit 6b1c0d2 of
+  2026-12-02: run 19b in docs/benchmarks.md).
 Prints the fwd+bwd step's median ms, each call synced and 8 back to back, and XLA's memory plan
 (arguments + outputs + temporaries, as `moba-jax bench` reports its peak).
 """
@@ -23,7 +25,7 @@ def main(argv=None):
   p.add_argument("--topk", type=int, default=3)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--way", choices=("map", "bwd"), default="map")
+  p.add_argument("--way", choices=("map", "kernels"), default="map")
   p.add_argument("--chunks", type=int, default=2)
   p.add_argument("--gpu-block-sizes", default="128,64,64,64,4,3,4,128,1,1")
   p.add_argument("--repeats", type=int, default=20)

@@ -47,6 +47,9 @@
 #   26: head chunks two ways (tools/head_chunks_gpu.py: the whole attention under lax.map against
 #       mosaic_bwd_chunks) at 8K b512 k3 (1, 2, 4 chunks) and 16K b128 k8 (1, 4, 8), then
 #       per-kernel profiles at 8K b512 k3 with mosaic_bwd_chunks 1 and 2
+#   27: the compiled test_mosaic.py (3 shards) beside the no-segment-ids, row-count and bf16
+#       gradient checks (as phase 24, shorter limits), then mosaic_head_chunks (forward and
+#       backward; tools/head_chunks_gpu.py) at 8K b512 k3 (2 chunks) and 16K b128 k8 (4, 8)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -287,9 +290,9 @@ if [ "$phase" = 25 ]; then
 fi
 if [ "$phase" = 26 ]; then
   for spec in "8192 512 3 2 4" "16384 128 8 4 8"; do set -- $spec
-    timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way bwd --chunks 1 \
+    timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way kernels --chunks 1 \
       2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
-    for n in $4 $5; do for way in map bwd; do
+    for n in $4 $5; do for way in map kernels; do
       timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way $way \
         --chunks $n 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
     done; done
@@ -299,5 +302,16 @@ if [ "$phase" = 26 ]; then
     timeout 90 python3 tools/profile_gpu.py --seq 8192 --block 512 --topk 3 --top 16 \
       --gpu-block-sizes 128,64,64,64,4,3,4,128,1,1,$n 2>&1 | grep -v "WARNING\|device lines" \
       | tee -a $OUT/profiles.txt
+  done
+fi
+if [ "$phase" = 27 ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 timeout 330 python3 -m pytest -q -rfE --compiled -m "" \
+    -p no:cacheprovider -k "no_segment_ids or sized_to or bf16_gradients" tests/test_kernels.py \
+    tests/test_moba.py > $OUT/segs.txt 2>&1 &
+  STEP_S=330 bash tools/run_h200.sh 19 > /dev/null 2>&1
+  wait; tail -n 3 $OUT/segs.txt; tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
+  for spec in "8192 512 3 2" "16384 128 8 4" "16384 128 8 8"; do set -- $spec
+    timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way kernels \
+      --chunks $4 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
   done
 fi
