@@ -6,7 +6,7 @@ usage: python tools/head_chunks_gpu.py --seq 8192 --block 512 --topk 3 --way map
 --way map: the whole attention (routing, forward, backward) over `chunks` chunks with `lax.map`
   (`_routing.over_kv_head_chunks`, forced by lowering `_routing.PARTIAL_BYTES` for this process);
 --way kernels: the Mosaic kernels over `chunks` chunks (BlockSizes.mosaic_head_chunks: the
-  forward and the backward; the backward alone, as `mosaic_bwd_chunks`, before commit 6b1c0d2 of
+  forward and the backward; the backward alone, as `mosaic_bwd_chunks`, before commit 92c013b of
   2026-12-02: run 19b in docs/benchmarks.md).
 Prints the fwd+bwd step's median ms, each call synced and 8 back to back, and XLA's memory plan
 (arguments + outputs + temporaries, as `moba-jax bench` reports its peak).
