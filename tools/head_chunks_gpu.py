@@ -6,7 +6,7 @@ usage: python tools/head_chunks_gpu.py --seq 8192 --block 512 --topk 3 --way map
 --way map: the whole attention (routing, forward, backward) over `chunks` chunks with `lax.map`
   (`_routing.over_kv_head_chunks`, forced by lowering `_routing.PARTIAL_BYTES` for this process);
 --way kernels: the Mosaic kernels over `chunks` chunks (BlockSizes.mosaic_head_chunks: the
-  forward and the backward; the backward alone, as `mosaic_bwd_chunks`, before commit 92c013b of
+  forward and the backward; `lax.map`'s chunks turned off; the backward alone, as `mosaic_bwd_chunks`, before commit 92c013b of
   2026-12-02: run 19b in docs/benchmarks.md).
 Prints the fwd+bwd step's median ms, each call synced and 8 back to back, and XLA's memory plan
 (arguments + outputs + temporaries, as `moba-jax bench` reports its peak).
@@ -41,7 +41,8 @@ def main(argv=None):
     n_sel = min(a.topk, math.ceil(a.seq / a.block))
     rt.PARTIAL_BYTES = 4 * a.seq * a.heads * a.dim * n_sel // a.chunks
     assert rt.kv_head_chunks((1, a.seq, a.heads, a.dim), a.heads, a.block, a.topk) == a.chunks
-  else:
+  else:  # one call for all heads (no lax.map) that chunks inside
+    rt.PARTIAL_BYTES = 1 << 62
     tiles = f"{tiles},{a.chunks}"
   ns = argparse.Namespace(batch=1, heads=a.heads, kv_heads=None, dim=a.dim)
   sets = [bench.inputs(s, ns, a.seq, jnp.bfloat16) for s in (1, 2)]

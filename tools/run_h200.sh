@@ -49,7 +49,8 @@
 #       per-kernel profiles at 8K b512 k3 with mosaic_bwd_chunks 1 and 2
 #   27: the compiled test_mosaic.py (3 shards) beside the no-segment-ids, row-count and bf16
 #       gradient checks (as phase 24, shorter limits), then mosaic_head_chunks (forward and
-#       backward; tools/head_chunks_gpu.py) at 8K b512 k3 (2 chunks) and 16K b128 k8 (4, 8)
+#       backward; tools/head_chunks_gpu.py) at 8K b512 k3 (2 chunks) and 16K b128 k8 (4, 8), and
+#       128K b4096 k12 in 4 chunks both ways
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -313,5 +314,9 @@ if [ "$phase" = 27 ]; then
   for spec in "8192 512 3 2" "16384 128 8 4" "16384 128 8 8"; do set -- $spec
     timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way kernels \
       --chunks $4 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
+  done
+  for way in map kernels; do  # the default splits 128K b4096 k12 into 4 lax.map chunks
+    timeout 100 python3 tools/head_chunks_gpu.py --seq 131072 --block 4096 --topk 12 --way $way \
+      --chunks 4 --repeats 5 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
   done
 fi
