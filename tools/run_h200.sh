@@ -48,9 +48,10 @@
 #       mosaic_bwd_chunks) at 8K b512 k3 (1, 2, 4 chunks) and 16K b128 k8 (1, 4, 8), then
 #       per-kernel profiles at 8K b512 k3 with mosaic_bwd_chunks 1 and 2
 #   27: the compiled test_mosaic.py (3 shards) beside the no-segment-ids, row-count and bf16
-#       gradient checks (as phase 24, shorter limits), then mosaic_head_chunks (forward and
-#       backward; tools/head_chunks_gpu.py) at 8K b512 k3 (2 chunks) and 16K b128 k8 (4, 8), and
-#       128K b4096 k12 in 4 chunks both ways
+#       gradient checks (as phase 24, shorter limits)
+#   28: mosaic_head_chunks (forward and backward; tools/head_chunks_gpu.py) at 8K b512 k3 (2
+#       chunks) and 16K b128 k8 (4, 8), 128K b4096 k12 in 4 chunks both ways, then the default
+#       rows at 32K and 128K b512 k3 (pallas_gpu)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -311,6 +312,8 @@ if [ "$phase" = 27 ]; then
     tests/test_moba.py > $OUT/segs.txt 2>&1 &
   STEP_S=330 bash tools/run_h200.sh 19 > /dev/null 2>&1
   wait; tail -n 3 $OUT/segs.txt; tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
+fi
+if [ "$phase" = 28 ]; then
   for spec in "8192 512 3 2" "16384 128 8 4" "16384 128 8 8"; do set -- $spec
     timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way kernels \
       --chunks $4 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
@@ -319,4 +322,6 @@ if [ "$phase" = 27 ]; then
     timeout 100 python3 tools/head_chunks_gpu.py --seq 131072 --block 4096 --topk 12 --way $way \
       --chunks 4 --repeats 5 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
   done
+  STEP_S=100 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 --repeats 10 2>&1 \
+    | grep -v "^WARNING" | tee $OUT/table.txt
 fi
