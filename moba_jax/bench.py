@@ -241,17 +241,19 @@ def print_table(rows):
 
 
 def breakdown(args, seq, block, topk):
-  """pallas_gpu stages timed apart: routing, forward with routing given, backward."""
+  """pallas_gpu stages timed apart: routing, forward with routing given, backward; one document
+  per row (segment_ids None), as the table's rows."""
   from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_gpu as mg
   dtype = jnp.dtype(args.dtype)
   sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
-  seg = jnp.zeros((args.batch, seq), jnp.int32)
   sizes = gpu_block_sizes(args.gpu_block_sizes, args.dim, dtype)
   scale = args.dim ** -0.5
-  route = jax.jit(lambda q, k: rt.route(q, k, seg, block_size=block, topk=topk,
-                                        block_q=sizes.block_q)[0])
-  dims = rt.make_dims(seq, args.heads // (args.kv_heads or args.heads), block, topk, sizes.block_q)
+  routing = functools.partial(rt.route, segment_ids=None, block_size=block, topk=topk,
+                              block_q=sizes.block_q)
+  route = jax.jit(lambda q, k: routing(q, k)[0])
+  dims = rt.make_dims(seq, args.heads // (args.kv_heads or args.heads), block, topk, sizes.block_q,
+                      one_doc=True)  # what `route` sizes for segment_ids None
   routed = [(*s, route(s[0], s[1])) for s in sets]
   fwd = jax.jit(lambda q, k, v, cot, r: mg.forward(q, k, v, r, dims, sizes, scale, False))
   res = [(q, k, v, cot, r, *fwd(q, k, v, cot, r)[1]) for q, k, v, cot, r in routed]
