@@ -561,9 +561,11 @@ def check_query_offset(q, k, v, segment_ids, q_start) -> None:
 
 
 def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, interpret, sizes,
-               q_start=None):
+               q_start=None, head_chunks=None):
   """Routes and runs a kernel family's `custom_vjp_attention` function over kv-head chunks.
-  q_start: q's first position in the sequence of k, v and segment_ids (module docstring)."""
+  q_start: q's first position in the sequence of k, v and segment_ids (module docstring).
+  head_chunks: the chunks `over_kv_head_chunks` runs (None: `kv_head_chunks`' count; 1 where the
+  kernels split the heads themselves)."""
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
   segment_ids = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
@@ -574,5 +576,6 @@ def run_kernel(moba, q, k, v, segment_ids, *, block_size, topk, softmax_scale, i
                           block_q=sizes.block_q, q_start=q_start)
     return moba(q, k, v, routing, dims, sizes, scale, interpret)
 
-  n = kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1])
+  n = kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1]) if head_chunks is None \
+      else head_chunks
   return over_kv_head_chunks(core, q, k, v, n)

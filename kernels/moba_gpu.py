@@ -619,6 +619,20 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 _moba_vjp = rt.custom_vjp_attention(forward, backward)
 
 
+def _split_heads(sizes, q, k, segment_ids, q_start, block_size, topk):
+  """Who splits the kv heads where the partial rows exceed `_routing.PARTIAL_BYTES`: (sizes, the
+  `lax.map` chunks for `run_kernel`, None: `kv_head_chunks`' count). The Mosaic kernels split
+  them themselves (mosaic_head_chunks, in one call: run 19) where their backward can (one
+  document per row, block a multiple of 128, no query offset) and no split was asked for;
+  elsewhere `lax.map` does (each chunk a whole call)."""
+  if (sizes.mosaic_head_chunks == 1 and sizes.mosaic_block_kv and sizes.mosaic_dq
+      and sizes.mosaic_dkdv and segment_ids is None and q_start is None
+      and block_size % moba_mgpu.KEYS == 0 and k.dtype == q.dtype):
+    chunks = rt.kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1])
+    return dataclasses.replace(sizes, mosaic_head_chunks=chunks), 1
+  return sizes, None
+
+
 def moba_attention_gpu(q, k, v, segment_ids, *, block_size, topk, softmax_scale=None,
                        options: KernelOptions | None = None, q_start=None):
   """Causal MoBA attention. q [B, T, H, D]; k, v [B, T, K, D]; segment_ids [B, T] int or None
@@ -649,7 +663,11 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
   if k.shape[2] % sizes.mosaic_head_chunks:
     raise ValueError(f"tiles={list(options.tiles)}: mosaic_head_chunks={sizes.mosaic_head_chunks} "
                      f"must divide the kv heads ({k.shape[2]})")
-  run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
-                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
-                          q_start=q_start)
+
+  def run(q, k, v, segment_ids):  # on each device's shard
+    s, n = _split_heads(sizes, q, k, segment_ids, q_start, block_size, topk)
+    return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
+                         softmax_scale=softmax_scale, interpret=options.interpret, sizes=s,
+                         q_start=q_start, head_chunks=n)
+
   return rt.over_mesh_shards(run, q, k, v, segment_ids)  # a custom call: XLA cannot split it

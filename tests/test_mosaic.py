@@ -285,6 +285,29 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
     traced(2, jnp.zeros((1, 512), jnp.int32))  # lowers for a GPU it finds (jax 0.11)
 
 
+def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(monkeypatch):
+  """Rows over `_routing.PARTIAL_BYTES`: with the Mosaic kernels and one document per row the
+  split into kv-head chunks is the kernels' own (mosaic_head_chunks, one call: each kernel once
+  per chunk); with packed documents (the backward may need the Triton dK/dV, which does not
+  split) it stays `lax.map`'s (the forward kernel once, in the loop's body)."""
+  from moba_jax.attention import KernelOptions
+  from moba_jax.kernels import _routing as rt
+  monkeypatch.setattr(rt, "PARTIAL_BYTES", 1)  # one kv head per chunk: 2 chunks
+  opts = KernelOptions(tiles=tiles(128, 1, 1))
+  q = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
+
+  def calls(seg, bwd):  # Mosaic kernel calls in the CUDA lowering
+    f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
+    step = jax.jit(lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct) if bwd else f(q, k, v))
+    text = step.trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
+    return sum("custom_call @mosaic_gpu" in line for line in text.splitlines())
+
+  assert calls(None, bwd=True) == 6  # fwd, fwd, (dK/dV, dQ) per chunk
+  # packed: the forward alone (the backward's Triton fallback lowers for a GPU it finds, jax 0.11)
+  assert calls(jnp.zeros((1, 512), jnp.int32), bwd=False) == 1  # in the loop's body
+
+
 def test_mosaic_rows_in_place_lower_under_remat_and_scan():
   """The in-place rows (`jax.new_ref` in the forward and the dQ) inside a model's layer loop: the
   gradient of a scan over checkpointed layers lowers for CUDA (the refs stay inside the custom

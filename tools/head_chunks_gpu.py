@@ -4,7 +4,8 @@ usage: python tools/head_chunks_gpu.py --seq 8192 --block 512 --topk 3 --way map
          [--gpu-block-sizes 128,64,64,64,4,3,4,128,1,1] [--repeats 20]
 
 --way map: the whole attention (routing, forward, backward) over `chunks` chunks with `lax.map`
-  (`_routing.over_kv_head_chunks`, forced by lowering `_routing.PARTIAL_BYTES` for this process);
+  (`_routing.over_kv_head_chunks`, forced by lowering `_routing.PARTIAL_BYTES` for this process,
+  and by turning off `moba_gpu._split_heads`' choice of the kernels' own chunks);
 --way kernels: the Mosaic kernels over `chunks` chunks (BlockSizes.mosaic_head_chunks: the
   forward and the backward; `lax.map`'s chunks turned off; the backward alone, as `mosaic_bwd_chunks`, before commit 92c013b of
   2026-12-02: run 19b in docs/benchmarks.md).
@@ -35,12 +36,14 @@ def main(argv=None):
 
   from moba_jax import bench
   from moba_jax.kernels import _routing as rt
+  from moba_jax.kernels import moba_gpu as mg
 
   tiles = a.gpu_block_sizes
   if a.way == "map":  # the budget that gives exactly `chunks` chunks (kv_head_chunks' count)
     n_sel = min(a.topk, math.ceil(a.seq / a.block))
     rt.PARTIAL_BYTES = 4 * a.seq * a.heads * a.dim * n_sel // a.chunks
     assert rt.kv_head_chunks((1, a.seq, a.heads, a.dim), a.heads, a.block, a.topk) == a.chunks
+    mg._split_heads = lambda sizes, *_: (sizes, None)  # lax.map's, not the kernels' own
   else:  # one call for all heads (no lax.map) that chunks inside
     rt.PARTIAL_BYTES = 1 << 62
     tiles = f"{tiles},{a.chunks}"

@@ -52,6 +52,11 @@
 #   28: mosaic_head_chunks (forward and backward; tools/head_chunks_gpu.py) at 8K b512 k3 (2
 #       chunks) and 16K b128 k8 (4, 8), 128K b4096 k12 in 4 chunks both ways, then the default
 #       rows at 32K and 128K b512 k3 (pallas_gpu)
+#   29: phase 28's head-chunk measurements without the default rows, then phase 27's compiled
+#       tests (limit TEST_S, default 300 s)
+#   30: a short compiled check (test_mosaic's head-chunk and in-place cases beside the
+#       no-segment-ids checks), then mosaic_head_chunks at 8K b512 k3 (2 chunks), 16K b128 k8 (4)
+#       and 128K b4096 k12 (4, both ways: lax.map's and the kernels' own)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -216,8 +221,8 @@ if [ "$phase" = 18 ]; then
     --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee $OUT/table.txt)
 fi
 if [ "$phase" = 19 ]; then
-  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${STEP_S:-500}" python3 -m pytest -q -rA \
-    --compiled -p no:cacheprovider "${@:2}" tests/test_mosaic.py 2>&1 \
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=${MOSAIC_FRAC:-0.3} timeout "${STEP_S:-500}" python3 -m \
+    pytest -q -rA --compiled -p no:cacheprovider "${@:2}" tests/test_mosaic.py 2>&1 \
     | grep -E "PASS|FAIL|SKIP|Error|passed|failed|assert" > $OUT/$1.txt; }
   t mosaic0 --shard 0/3 & t mosaic1 --shard 1/3 & t mosaic2 --shard 2/3 & wait
   tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
@@ -307,10 +312,10 @@ if [ "$phase" = 26 ]; then
   done
 fi
 if [ "$phase" = 27 ]; then
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 timeout 330 python3 -m pytest -q -rfE --compiled -m "" \
-    -p no:cacheprovider -k "no_segment_ids or sized_to or bf16_gradients" tests/test_kernels.py \
-    tests/test_moba.py > $OUT/segs.txt 2>&1 &
-  STEP_S=330 bash tools/run_h200.sh 19 > /dev/null 2>&1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 timeout ${TEST_S:-300} python3 -m pytest -q -rfE --compiled \
+    -m "" -p no:cacheprovider -k "no_segment_ids or sized_to or bf16_gradients" \
+    tests/test_kernels.py tests/test_moba.py > $OUT/segs.txt 2>&1 &
+  MOSAIC_FRAC=0.28 STEP_S=${TEST_S:-300} bash tools/run_h200.sh 19 > /dev/null 2>&1
   wait; tail -n 3 $OUT/segs.txt; tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
 fi
 if [ "$phase" = 28 ]; then
@@ -322,6 +327,26 @@ if [ "$phase" = 28 ]; then
     timeout 100 python3 tools/head_chunks_gpu.py --seq 131072 --block 4096 --topk 12 --way $way \
       --chunks 4 --repeats 5 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
   done
-  STEP_S=100 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 --repeats 10 2>&1 \
-    | grep -v "^WARNING" | tee $OUT/table.txt
+  [ "${NO_TABLE:-}" ] || STEP_S=100 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 \
+    --repeats 10 2>&1 | grep -v "^WARNING" | tee $OUT/table.txt
+fi
+if [ "$phase" = 29 ]; then
+  NO_TABLE=1 bash tools/run_h200.sh 28
+  bash tools/run_h200.sh 27
+fi
+if [ "$phase" = 30 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout ${TEST_S:-150} python3 -m pytest -q -rA \
+    --compiled -m "" -p no:cacheprovider "${@:2}" 2>&1 \
+    | grep -E "PASS|FAIL|SKIP|Error|passed|failed|assert" > $OUT/$1.txt; }
+  t check_chunks -k "chunks or budget or remat or in_place" tests/test_mosaic.py &
+  t check_segs -k "no_segment_ids" tests/test_kernels.py tests/test_moba.py &
+  wait; tail -qn 1 $OUT/check_*.txt; grep -h "^FAILED\|^ERROR" $OUT/check_*.txt
+  for spec in "8192 512 3 2" "16384 128 8 4"; do set -- $spec
+    timeout 90 python3 tools/head_chunks_gpu.py --seq $1 --block $2 --topk $3 --way kernels \
+      --chunks $4 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
+  done
+  for way in kernels map; do  # the default split 128K b4096 k12 into 4 lax.map chunks
+    timeout 100 python3 tools/head_chunks_gpu.py --seq 131072 --block 4096 --topk 12 --way $way \
+      --chunks 4 --repeats 5 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
+  done
 fi
