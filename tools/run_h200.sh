@@ -42,7 +42,8 @@
 #       and 32K
 #   24: the compiled test_mosaic.py (3 shards) beside the no-segment-ids, row-count and bf16
 #       gradient checks of test_kernels.py and test_moba.py
-#   25: mosaic_bwd_chunks: memory plans (tools/memory_gpu.py) and fwd+bwd times, synced and back
+#   25: mosaic_bwd_chunks (the 11th tiles field; since run 19c mosaic_head_chunks, which splits the
+#       forward too): memory plans (tools/memory_gpu.py) and fwd+bwd times, synced and back
 #       to back, with N = 1, 2, 4 at 8K b512 k3 and N = 1, 4, 8 at 16K b128 k8
 #   26: head chunks two ways (tools/head_chunks_gpu.py: the whole attention under lax.map against
 #       mosaic_bwd_chunks) at 8K b512 k3 (1, 2, 4 chunks) and 16K b128 k8 (1, 4, 8), then
