@@ -362,26 +362,28 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
 
 
 class _HeadChunk(NamedTuple):
-  """Chunk c of `chunks` chunks of kv heads: its routing, its query heads (a slice of q's) and
-  its first kv head (the kernels' `kv_head0`)."""
-  routing: rt.Routing
+  """A chunk of kv heads: its query heads (a slice of q's), its kv heads (a slice of k's; the
+  first is the kernels' `kv_head0`) and the batch and kv head counts of the whole call."""
   heads: slice
-  kv_head0: int
+  kv: slice
+  batch: int
+  kv_heads: int
+
+  def part(self, x):  # [B * K, ...] (per batch row and kv head) -> this chunk's [B * per, ...]
+    x = x.reshape(self.batch, self.kv_heads, *x.shape[1:])[:, self.kv]
+    return x.reshape(-1, *x.shape[2:])
+
+  def routing(self, routing):  # the routing's per-(batch, kv head) fields of this chunk
+    fields = ("rq", "lo", "hi", "tile_ks", "tile_ke", "pos")
+    return routing._replace(**{f: self.part(getattr(routing, f)) for f in fields})
 
 
-def _head_chunks(routing, batch, kv_heads, groups, chunks):
+def _head_chunks(batch, kv_heads, groups, chunks):
   """The chunks of kv heads, in order (query head h = kv head * G + g: a chunk's query heads are
-  contiguous). The routing's per-(batch, kv head) fields are sliced to the chunk's heads."""
+  contiguous); `chunks` divides kv_heads (checked on each shard by `_moba_attention_gpu`)."""
   per = kv_heads // chunks
-
-  def part(x, c):  # [B * K, ...] -> chunk c's [B * per, ...]
-    x = x.reshape(batch, kv_heads, *x.shape[1:])[:, c * per:(c + 1) * per]
-    return x.reshape(batch * per, *x.shape[2:])
-
-  fields = ("rq", "lo", "hi", "tile_ks", "tile_ke", "pos")
-  return [_HeadChunk(routing._replace(**{f: part(getattr(routing, f), c) for f in fields}),
-                     slice(c * per * groups, (c + 1) * per * groups), c * per)
-          for c in range(chunks)]
+  return [_HeadChunk(slice(c * per * groups, (c + 1) * per * groups),
+                     slice(c * per, (c + 1) * per), batch, kv_heads) for c in range(chunks)]
 
 
 def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpret):
@@ -395,13 +397,13 @@ def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpr
   kq, vq = k.astype(q.dtype), v.astype(q.dtype)
   o_all = jnp.zeros((batch, seq, heads, padded_head_dim(q.shape[-1])), q.dtype)
   lse_all = jnp.zeros((batch, seq, heads), jnp.float32)
-  for chunk in _head_chunks(routing, batch, kv_heads, dims.groups, sizes.mosaic_head_chunks):
-    r, hq = chunk.routing, chunk.heads.stop - chunk.heads.start
+  for chunk in _head_chunks(batch, kv_heads, dims.groups, sizes.mosaic_head_chunks):
+    r, hq = chunk.routing(routing), chunk.heads.stop - chunk.heads.start
     q_rows = moba_mgpu.gather_rows(q[:, :, chunk.heads], r.rq, hq // dims.groups, dims.groups)
     nfree = moba_mgpu.free_chunks(r.tile_ks, r.tile_ke, r.lo, r.hi, r.rq, sizes.mosaic_block_kv)
     o_rows, lse_rows = moba_mgpu.forward_rows(
         r.tile_ks, r.tile_ke, nfree, r.lo, r.hi, q_rows, kq, vq, scale=scale,
-        block_kv=sizes.mosaic_block_kv, interpret=interpret, kv_head0=chunk.kv_head0)
+        block_kv=sizes.mosaic_block_kv, interpret=interpret, kv_head0=chunk.kv.start)
     o_rows, pos = _query_major(o_rows, r.pos, batch, dims)
     o, lse = rt.merge_rows(o_rows, lse_rows.reshape(batch, -1), pos)  # [B, T * hq, Dp]
     o_all = o_all.at[:, :, chunk.heads].set(o.astype(q.dtype).reshape(batch, seq, hq, -1))
@@ -449,18 +451,17 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
   lse3, delta3 = lse.reshape(q.shape[:3]), delta.reshape(q.shape[:3])
-  part = lambda x, kvs: x.reshape(batch, kv_heads, -1)[:, kvs].reshape(batch * per, -1)
   dq_all, dk_all, dv_all = (jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
-  for chunk in _head_chunks(routing, batch, kv_heads, dims.groups, chunks):
-    r, heads = chunk.routing, chunk.heads
-    hq, kvs = heads.stop - heads.start, slice(chunk.kv_head0, chunk.kv_head0 + per)
+  for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
+    r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv
+    hq = heads.stop - heads.start
     rows = _mosaic_rows(q[:, :, heads], do[:, :, heads], r, lse3[:, :, heads].reshape(batch, -1),
                         delta3[:, :, heads].reshape(batch, -1), per, dims.groups)
-    dk, dv = moba_mgpu.dkdv_tiles(tuple(part(x, kvs) for x in items), rows.lse2, rows.delta, r.lo,
-                                  r.hi, rows.q, rows.do, k, v, scale=scale, interpret=interpret,
-                                  kv_head0=chunk.kv_head0)
+    dk, dv = moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta,
+                                  r.lo, r.hi, rows.q, rows.do, k, v, scale=scale,
+                                  interpret=interpret, kv_head0=kvs.start)
     q_rows, dk, dv = jax.lax.optimization_barrier((rows.q, dk, dv))  # dK/dV, then dQ over Q rows
-    dq_rows = _mosaic_dq_rows(rows._replace(q=q_rows), k, v, r, scale, interpret, chunk.kv_head0)
+    dq_rows = _mosaic_dq_rows(rows._replace(q=q_rows), k, v, r, scale, interpret, kvs.start)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
     dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
     dk_all = dk_all.at[:, :, kvs].set(dk[:, :seq])
@@ -660,11 +661,11 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
     why = moba_mgpu.refusal(q.dtype, q.shape[-1], sizes.block_q, options.interpret)
     if why:
       raise ValueError(f"tiles={list(options.tiles)}: {why}")
-  if k.shape[2] % sizes.mosaic_head_chunks:
-    raise ValueError(f"tiles={list(options.tiles)}: mosaic_head_chunks={sizes.mosaic_head_chunks} "
-                     f"must divide the kv heads ({k.shape[2]})")
-
   def run(q, k, v, segment_ids):  # on each device's shard
+    if k.shape[2] % sizes.mosaic_head_chunks:  # the shard's kv heads under a mesh
+      raise ValueError(f"tiles={list(options.tiles)}: mosaic_head_chunks="
+                       f"{sizes.mosaic_head_chunks} must divide the kv heads ({k.shape[2]}, "
+                       "on each device where a mesh splits them)")
     s, n = _split_heads(sizes, q, k, segment_ids, q_start, block_size, topk)
     return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=s,

@@ -4,6 +4,10 @@ Interpreted where JAX's Mosaic GPU interpreter runs TMA and barriers (jax >= 0.1
 Hopper GPU with `pytest --compiled`; lowered for CUDA everywhere (no GPU needed).
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,6 +287,37 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
     lowered(3)
   with pytest.warns(UserWarning, match="runs unchunked"):  # traced only: the Triton fallback
     traced(2, jnp.zeros((1, 512), jnp.int32))  # lowers for a GPU it finds (jax 0.11)
+
+
+_SHARDED_CHUNKS = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from moba_jax.attention import KernelOptions
+from moba_jax.kernels import moba_gpu as mg
+mesh = jax.make_mesh((1, 1, 1, 2), ("data", "fsdp", "context", "tensor"))
+opts = KernelOptions(tiles=(128, 64, 64, 64, 4, 2, 4, 128, 1, 1, 2))
+f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, None, block_size=128, topk=3, options=opts)
+with jax.set_mesh(mesh):
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, None, "tensor", None)))
+  q = put(jnp.zeros((1, 512, 4, 64), jnp.bfloat16))
+  k = put(jnp.zeros((1, 512, 2, 64), jnp.bfloat16))
+  try:
+    jax.jit(f).trace(q, k, k)
+  except ValueError as e:
+    print(e)
+"""
+
+
+def test_mosaic_head_chunks_must_divide_each_devices_kv_heads():
+  """Under a mesh that splits the kv heads (2 over tensor = 2: one a device), 2 chunks divide the
+  call's kv heads but not a shard's: refused when tracing, naming the shard's count (it would
+  otherwise run chunks of no heads)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _SHARDED_CHUNKS], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "mosaic_head_chunks=2 must divide the kv heads (1, on each device" in r.stdout
 
 
 def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(monkeypatch):
