@@ -58,6 +58,10 @@
 #   30: a short compiled check (test_mosaic's head-chunk and in-place cases beside the
 #       no-segment-ids checks), then mosaic_head_chunks at 8K b512 k3 (2 chunks), 16K b128 k8 (4)
 #       and 128K b4096 k12 (4, both ways: lax.map's and the kernels' own)
+#   31: A/B of the kernels' wgmma schedule (run 20): per-kernel profiles (8K b512 k3, 16K b128 k8,
+#       32K b512 k3) of the tree in $BASE, then of this tree (installed last), then the compiled
+#       test_mosaic.py as 6 shards side by side (limit TEST_S; in run 20a it ran as phase 19's 3
+#       shards, which did not finish in 230 s)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -350,4 +354,20 @@ if [ "$phase" = 30 ]; then
     timeout 100 python3 tools/head_chunks_gpu.py --seq 131072 --block 4096 --topk 12 --way $way \
       --chunks 4 --repeats 5 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
   done
+fi
+if [ "$phase" = 31 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 31 needs BASE=<the tree to compare against>"; exit 2; }
+  for tree in $BASE .; do
+    name=$(basename $(cd $tree && pwd))
+    (cd $tree && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .)
+    for spec in "8192 512 3" "16384 128 8" "32768 512 3"; do set -- $spec
+      echo "== $name seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+      (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 \
+        --top 8 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt)
+    done
+  done
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.14 timeout "${TEST_S:-330}" python3 -m pytest -q -rfEs \
+    -W ignore --compiled -p no:cacheprovider --shard $1/6 tests/test_mosaic.py > $OUT/mosaic$1.txt 2>&1; }
+  for i in 0 1 2 3 4 5; do t $i & done; wait
+  tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
 fi
