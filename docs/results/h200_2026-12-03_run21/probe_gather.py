@@ -1,5 +1,9 @@
-import functools, sys
-import jax, jax.numpy as jnp, numpy as np
+"""Run 21 probe (kept as run): 64 rows gathered into a swizzled SMEM tile by cp.async (inline PTX),
+stored back by TMA, compared with x[idx] (docs/kernel_notes.md "Run 21")."""
+import sys
+import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.mosaic.gpu import utils as mu
