@@ -61,7 +61,7 @@
 #   31: A/B of the kernels' wgmma schedule (run 20): per-kernel profiles (8K b512 k3, 16K b128 k8,
 #       32K b512 k3) of the tree in $BASE, then of this tree (installed last), then the compiled
 #       test_mosaic.py as 6 shards side by side (limit TEST_S; in run 20a it ran as phase 19's 3
-#       shards, which did not finish in 230 s)
+#       shards, which did not finish in 230 s); the shard logs come back as mosaic_logs.tgz
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -70,6 +70,17 @@ bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
 # correctness on this GPU: the behavioural suite with the kernels compiled, slow cases included
 check() { timeout "${STEP_S:-150}" python3 -m pytest -q --compiled -m "" -p no:cacheprovider \
   tests/test_moba.py tests/test_kernels.py ${CHECK_EXTRA:-} 2>&1 | tail -15 > "$OUT/check.txt"; cat "$OUT/check.txt"; }
+# per-kernel profiles (8K b512 k3, 16K b128 k8, 32K b512 k3) of each tree in turn, each installed
+# before its profiles (the last one stays installed): ab_profiles TOP TREE...
+ab_profiles() { local top=$1; shift; for tree in "$@"; do
+    name=$(basename $(cd $tree && pwd))
+    (cd $tree && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .)
+    for spec in "8192 512 3" "16384 128 8" "32768 512 3"; do set -- $spec
+      echo "== $name seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+      (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 \
+        --top $top 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt)
+    done
+  done; }
 log=$OUT/log.txt
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee -a $log
 python3 -c "import jax, jax_triton; print(jax.__version__, jax.devices())" 2>&1 | tee -a $log
@@ -213,15 +224,7 @@ if [ "$phase" = 17 ]; then
 fi
 if [ "$phase" = 18 ]; then
   [ -d "${BAL:-}" ] || { echo "phase 18 needs BAL=<a second tree>"; exit 2; }
-  for tree in . $BAL; do
-    name=$(basename $(cd $tree && pwd))
-    (cd $tree && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .)
-    for spec in "8192 512 3" "16384 128 8" "32768 512 3"; do set -- $spec
-      echo "== $name seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
-      (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 \
-        --top 12 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt)
-    done
-  done
+  ab_profiles 12 . $BAL
   (cd $BAL && STEP_S=${BENCH_S:-300} bench --impls pallas_gpu,cudnn --repeats 10 \
     --json $OUT/table.json 2>&1 | grep -v "^WARNING" | tee $OUT/table.txt)
 fi
@@ -357,17 +360,11 @@ if [ "$phase" = 30 ]; then
 fi
 if [ "$phase" = 31 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 31 needs BASE=<the tree to compare against>"; exit 2; }
-  for tree in $BASE .; do
-    name=$(basename $(cd $tree && pwd))
-    (cd $tree && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .)
-    for spec in "8192 512 3" "16384 128 8" "32768 512 3"; do set -- $spec
-      echo "== $name seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
-      (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 \
-        --top 8 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt)
-    done
-  done
+  ab_profiles 8 $BASE .
   t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.14 timeout "${TEST_S:-330}" python3 -m pytest -q -rfEs \
     -W ignore --compiled -p no:cacheprovider --shard $1/6 tests/test_mosaic.py > $OUT/mosaic$1.txt 2>&1; }
   for i in 0 1 2 3 4 5; do t $i & done; wait
   tail -qn 1 $OUT/mosaic*.txt; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt
+  # one file for the six logs: at most 8 files come back (run 21a lost profiles.txt to that)
+  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-5].txt && rm mosaic[0-5].txt)
 fi
