@@ -345,7 +345,7 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
     return o.reshape(batch, seq, heads, dp)[..., :dim], (o, lse)
   if sizes.mosaic_block_kv:
     kq, vq = k.astype(q.dtype), v.astype(q.dtype)
-    q_rows = moba_mgpu.gather_rows(q, routing.rq, k.shape[2], dims.groups)
+    q_rows = moba_mgpu.rows_of(q, routing.rq, k.shape[2], dims.groups)
     nfree = moba_mgpu.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
                                   routing.rq, sizes.mosaic_block_kv)
     o_rows, lse_rows = moba_mgpu.forward_rows(
@@ -388,9 +388,9 @@ def _head_chunks(batch, kv_heads, groups, chunks):
 
 def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpret):
   """The Mosaic forward over `mosaic_head_chunks` chunks of kv heads, one after another
-  (optimization barriers order them): each chunk gathers its Q rows, runs the kernel on its
-  heads of k and v (o written over its rows) and merges them into the whole o and lse (updates
-  in place). Returns o [B, T * H, Dp] in q's dtype and lse [B, T * H] float32, as `forward`'s
+  (optimization barriers order them, so that one chunk's partial rows are live at a time): each
+  chunk runs the kernel on its heads of q, k and v and merges its rows into the whole o and lse
+  (updates in place). Returns o [B, T * H, Dp] in q's dtype and lse [B, T * H] float32, as `forward`'s
   residuals."""
   batch, seq, heads, _ = q.shape
   kv_heads = k.shape[2]
@@ -399,7 +399,7 @@ def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpr
   lse_all = jnp.zeros((batch, seq, heads), jnp.float32)
   for chunk in _head_chunks(batch, kv_heads, dims.groups, sizes.mosaic_head_chunks):
     r, hq = chunk.routing(routing), chunk.heads.stop - chunk.heads.start
-    q_rows = moba_mgpu.gather_rows(q[:, :, chunk.heads], r.rq, hq // dims.groups, dims.groups)
+    q_rows = moba_mgpu.rows_of(q, r.rq, hq // dims.groups, dims.groups, chunk.kv.start)
     nfree = moba_mgpu.free_chunks(r.tile_ks, r.tile_ke, r.lo, r.hi, r.rq, sizes.mosaic_block_kv)
     o_rows, lse_rows = moba_mgpu.forward_rows(
         r.tile_ks, r.tile_ke, nfree, r.lo, r.hi, q_rows, kq, vq, scale=scale,
@@ -408,7 +408,7 @@ def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpr
     o, lse = rt.merge_rows(o_rows, lse_rows.reshape(batch, -1), pos)  # [B, T * hq, Dp]
     o_all = o_all.at[:, :, chunk.heads].set(o.astype(q.dtype).reshape(batch, seq, hq, -1))
     lse_all = lse_all.at[:, :, chunk.heads].set(lse.reshape(batch, seq, hq))
-    # the next chunk's gather after this chunk's kernel: its rows replace these
+    # the next chunk's kernel after this chunk's merge: its rows replace these
     q, o_all, lse_all = jax.lax.optimization_barrier((q, o_all, lse_all))
   return o_all.reshape(batch, seq * heads, -1), lse_all.reshape(batch, -1)
 
@@ -419,17 +419,19 @@ MOSAIC_DQ_BLOCK_KV = 64
 
 class _MosaicRows(NamedTuple):
   """The backward's operands in the routing's row order, for the Mosaic GPU kernels."""
-  q: jax.Array  # [BK, R, D]
-  do: jax.Array  # [BK, R, D]
+  q: moba_mgpu.Rows  # [BK, R, D], gathered by the kernels
+  do: moba_mgpu.Rows  # [BK, R, D]
   lse2: jax.Array  # [BK, R] base-2 log-sum-exp of each row's query (+inf: padding row, p = 0)
   delta: jax.Array  # [BK, R]
 
 
-def _mosaic_rows(q, do, routing, lse, delta, kv_heads, groups) -> _MosaicRows:
-  rows = lambda x: moba_mgpu.gather_rows(x, routing.rq, kv_heads, groups)
-  vec = lambda x: rows(x.reshape(q.shape[:3] + (1,)))[..., 0]  # [B, T * H] -> [BK, R]
+def _mosaic_rows(q, do, routing, lse, delta, kv_heads, groups, kv_head0=0) -> _MosaicRows:
+  """kv_heads: this call's, from kv head kv_head0 of q's (a chunk of them)."""
+  q_rows = moba_mgpu.rows_of(q, routing.rq, kv_heads, groups, kv_head0)
+  like = lambda x: moba_mgpu.Rows(x.reshape(-1, x.shape[-1]), q_rows.index)  # q's rows of x
+  vec = lambda x: like(x.reshape(q.shape[:3] + (1,))).gathered()[..., 0]  # [B, T * H] -> [BK, R]
   lse2 = jnp.where(routing.rq >= 0, vec(lse) * moba_mgpu.LOG2E, jnp.inf)
-  return _MosaicRows(rows(q), rows(do.astype(q.dtype)), lse2, vec(delta))
+  return _MosaicRows(q_rows, like(do.astype(q.dtype)), lse2, vec(delta))
 
 
 def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, kv_head0=0):
@@ -444,29 +446,26 @@ def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, kv_head0
 def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
                                     interpret, chunks):
   """(dq, dk, dv) of the Mosaic backward over `chunks` chunks of kv heads, one after another
-  (optimization barriers order them): each chunk gathers its own Q and dO rows, runs the dK/dV
-  and then the dQ (written over its Q rows) on its heads of k and v (`kv_head0`), and writes its
-  dq, dk and dv into the whole gradients (updates in place; a concatenation would hold every
+  (optimization barriers order them, so that one chunk's dQ rows are live at a time): each chunk
+  runs the dK/dV and the dQ on its heads of q, dO, k and v (`kv_head0`), and writes its dq, dk
+  and dv into the whole gradients (updates in place; a concatenation would hold every
   chunk's pieces and the whole gradients at once)."""
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
-  lse3, delta3 = lse.reshape(q.shape[:3]), delta.reshape(q.shape[:3])
   dq_all, dk_all, dv_all = (jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
   for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
     r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv
     hq = heads.stop - heads.start
-    rows = _mosaic_rows(q[:, :, heads], do[:, :, heads], r, lse3[:, :, heads].reshape(batch, -1),
-                        delta3[:, :, heads].reshape(batch, -1), per, dims.groups)
+    rows = _mosaic_rows(q, do, r, lse, delta, per, dims.groups, kvs.start)
     dk, dv = moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta,
                                   r.lo, r.hi, rows.q, rows.do, k, v, scale=scale,
                                   interpret=interpret, kv_head0=kvs.start)
-    q_rows, dk, dv = jax.lax.optimization_barrier((rows.q, dk, dv))  # dK/dV, then dQ over Q rows
-    dq_rows = _mosaic_dq_rows(rows._replace(q=q_rows), k, v, r, scale, interpret, kvs.start)
+    dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, kvs.start)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
     dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
     dk_all = dk_all.at[:, :, kvs].set(dk[:, :seq])
     dv_all = dv_all.at[:, :, kvs].set(dv[:, :seq])
-    # the next chunk's gathers after this chunk's kernels: its rows replace these
+    # the next chunk's kernels after this chunk's sums: its rows replace these
     q, do, dq_all, dk_all, dv_all = jax.lax.optimization_barrier((q, do, dq_all, dk_all, dv_all))
   return dq_all, dk_all, dv_all
 
@@ -530,11 +529,6 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   [B, T, K, D] in k's dtype (T keys; rounded once from float32)."""
   batch, seq, kv_heads, dim = k.shape
   dp = padded_head_dim(dim)
-  if sizes.mosaic_dq or sizes.mosaic_dkdv:
-    # After the forward's residuals: else XLA merges the gather of Q rows below with the
-    # forward's (the same computation) and keeps them from the forward on, with a copy for the
-    # forward kernel that writes over its rows (at 8K: three 98 MiB row buffers live at once).
-    q, do, o, lse = jax.lax.optimization_barrier((q, do, o, lse))
   qf, dof = flat_rows(q, dp), flat_rows(do, dp)
   kf, vf = flat_rows(k.astype(q.dtype), dp), flat_rows(v.astype(q.dtype), dp)
   delta = jnp.sum(o.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)  # [B, T * H]
@@ -600,11 +594,8 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
     dk, dv = triton_dkdv()
 
   if sizes.mosaic_dq:
-    # dK/dV first: the dQ kernel then writes its rows over the gathered Q rows, their last use
-    # (the barrier orders it after the dK/dV; else XLA would copy them first)
-    q_rows, dk, dv = jax.lax.optimization_barrier((m_rows.q, dk, dv))
-    dq_rows = _mosaic_dq_rows(m_rows._replace(q=q_rows), k.astype(q.dtype), v.astype(q.dtype),
-                              routing, scale, interpret)
+    dq_rows = _mosaic_dq_rows(m_rows, k.astype(q.dtype), v.astype(q.dtype), routing, scale,
+                              interpret)
   else:
     args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
             lse, delta)

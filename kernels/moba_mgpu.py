@@ -11,10 +11,12 @@ cores the way FlashAttention-3 is (`_row_tiles` is the scaffold both share):
   into a ring of SMEM slots by TMA (the ring runs on across tiles) and loads the next tile's rows
   into the second of two buffers; mbarriers only (no `__syncthreads`);
 * wgmma with SMEM operands (P and dS from registers), softmax in the exp2 domain;
-* the row matrices are contiguous: the caller gathers q (and dO) into the routing's row order
-  first (`gather_rows`; TMA on Hopper cannot gather rows), and the forward and dQ write their
-  rows over the gathered Q rows (`jax.new_ref`: no output buffer of their own); K and V are read
-  in place from [B, T, K, D] by strided TMA boxes (keys past T are zero-filled by TMA and masked;
+* the row matrices (Q, dO) are gathered by the producer itself, row by row from the caller's
+  [B, T, H, D] into the swizzled SMEM tiles by cp.async (`Rows`, `_gather_into_smem`: TMA on
+  Hopper cannot gather rows), so no [BK, R, D] copy of them exists in HBM (the caller's XLA
+  gathered them before 2026-12-03: 0.14 ms of 1.38 at 8K, 0.76 of 4.20 at 16K block 128 top-8,
+  and two such buffers in the backward's peak); K and V are read in place from [B, T, K, D] by
+  strided TMA boxes (keys past T are zero-filled by TMA and masked;
   a key axis off the 8-key grid gets zero keys appended);
 * key chunks that every row of the tile sees whole (`free_chunks`: all of a sparse tile's block,
   a dense tile's chunks before the diagonal) skip the mask; the rest are masked per row by
@@ -24,7 +26,7 @@ Limits (`refusal` says which, one line): 16-bit q/k/v, head_dim 64 or 128, a 128
 Interpret mode (`InterpretGPUParams`) needs JAX's Mosaic GPU interpreter with TMA and barriers
 (jax >= 0.11); it has no rule for `pl.run_state` accumulators nor for a wgmma whose left operand
 is in registers, so interpreted runs form P V and dS K with a dot of the same operands
-(`_mma_add`).
+(`_mma_add`), nor for inline PTX, so interpreted runs read rows that XLA gathered (`Rows`).
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm
 
 ROWS = 128  # the routing tile: two compute warpgroups of 64 rows
 WG_ROWS = 64
@@ -118,16 +124,124 @@ def _tiled(shape, dtype):
                                               plgpu.SwizzleTransform(128)))
 
 
-def gather_rows(x, rq, kv_heads, groups):
-  """The routing's rows of x [B, T, H, D] for every (batch, kv head): [B * K, R, D] in x's dtype
-  (row r is query row rq[bk, r] = t * G + g of kv head k; padding rows (-1) read row 0)."""
+class Rows(NamedTuple):
+  """A row matrix of the routing's order that the kernels gather themselves: row r of (batch,
+  kv head) bk is x[index[bk, r]]. Compiled, each tile's rows go from x straight into the
+  swizzled SMEM (`_gather_into_smem`): no [BK, R, D] copy in HBM. Interpreted (the interpreter
+  has no rule for the inline PTX), XLA gathers them first (`gathered`) and TMA loads the tiles."""
+  x: jax.Array  # [N, D] 16-bit: q or dO as [B * T * H, D]
+  index: jax.Array  # [BK, R] int32 rows of x
+
+  @property
+  def shape(self):
+    return self.index.shape + self.x.shape[-1:]
+
+  @property
+  def dtype(self):
+    return self.x.dtype
+
+  def gathered(self):  # [BK, R, D]
+    return self.x[self.index]
+
+
+def rows_of(x, rq, kv_heads, groups, kv_head0=0) -> Rows:
+  """The routing's rows of x [B, T, H, D]: row r of (batch, kv head) bk is query row rq[bk, r] =
+  t * G + g of kv head kv_head0 + bk % kv_heads (`kv_heads`: this call's, a chunk of x's from
+  kv_head0); padding rows (-1) read the head's row t = 0, g = 0 (they are masked)."""
   batch, seq, heads, dim = x.shape
-  xs = x.reshape(batch, seq, kv_heads, groups, dim)
   r = jnp.maximum(rq, 0).reshape(batch, kv_heads, -1)
   t, g = r // groups, r % groups
-  bi = jnp.arange(batch)[:, None, None]
-  ki = jnp.arange(kv_heads)[None, :, None]
-  return xs[bi, t, ki, g].reshape(batch * kv_heads, -1, dim)
+  bi = jnp.arange(batch, dtype=jnp.int32)[:, None, None]
+  ki = jnp.arange(kv_heads, dtype=jnp.int32)[None, :, None] + kv_head0
+  index = (bi * seq + t) * heads + ki * groups + g
+  return Rows(x.reshape(batch * seq * heads, dim), index.reshape(batch * kv_heads, -1))
+
+
+def gather_rows(x, rq, kv_heads, groups):
+  """The routing's rows of x [B, T, H, D], gathered by XLA: [B * K, R, D] in x's dtype."""
+  return rows_of(x, rq, kv_heads, groups).gathered()
+
+
+_SWIZZLE = 128  # bytes: the SMEM row matrices' swizzle (`_tiled`), 8 rows of 128 bytes an atom
+_CHUNK = 16  # bytes a cp.async moves
+
+
+def _gather_into_smem(srcs, index, dsts):
+  """Starts the copies of rows index[0:64] of each src [N, D] (GMEM, 16-bit) into its dst, a
+  [64, D] SMEM ref tiled (8, 64) and swizzled 128 bytes (`_tiled`), by cp.async from every
+  thread of the calling warpgroup (16 bytes each; a row is read by D / 8 consecutive threads,
+  its index read once for every src). index: a [64] int32 ref in GMEM or SMEM. The swizzle is
+  the hardware's (16-byte chunk c of a 128-byte row r lands at chunk c ^ (r % 8) of its
+  1024-byte atom), so wgmma and TMA read the tile as if TMA had written it. `_commit_gathers`
+  closes a group of these, `_gathers_done` waits for groups. Compiled only (inline PTX)."""
+  dim = srcs[0].shape[-1]
+  row_bytes = dim * jnp.dtype(srcs[0].dtype).itemsize
+  per_row = row_bytes // _CHUNK  # chunks in a row: 8 (D = 64) or 16 (D = 128)
+  tile_cols = row_bytes // _SWIZZLE  # [8, 64] tiles across a row
+  steps = WG_ROWS * per_row // 128  # chunks per thread and src
+  transforms = (plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.SwizzleTransform(_SWIZZLE))
+  n = len(srcs)
+  arg_types = (plgpu.RefType(),) * (n + 1) + (plgpu.RefType(transforms),) * n
+
+  @plgpu.inline_mgpu(arg_types=arg_types)
+  def copy(_, *refs):
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+    c = lambda v: arith.constant(i32, v)
+    tid = arith.remui(mgpu_utils.thread_idx(), c(128))
+    x_ptrs = [llvm.ptrtoint(i64, mgpu_utils.memref_ptr(x)) for x in refs[:n]]
+    index_ptr = mgpu_utils.memref_ptr(refs[n])
+    dst_ptrs = [llvm.ptrtoint(i32, mgpu_utils.memref_ptr(d)) for d in refs[n + 1:]]
+    row0, col = arith.divui(tid, c(per_row)), arith.remui(tid, c(per_row))
+    # a thread's rows are row0 + j * (128 / per_row): all of one residue mod 8, one swizzle
+    swizzled = arith.xori(arith.remui(col, c(8)), arith.remui(row0, c(8)))
+    in_atom = arith.addi(arith.muli(arith.remui(row0, c(8)), c(_SWIZZLE)),
+                         arith.muli(swizzled, c(_CHUNK)))
+    col_bytes = arith.extui(i64, arith.muli(col, c(_CHUNK)))
+    rows = []
+    for j in range(steps):  # every index first: their loads overlap
+      r = arith.addi(row0, c(j * (128 // per_row)))
+      at = llvm.getelementptr(index_ptr.type, index_ptr, [r], [-2147483648], i32,
+                              llvm.GEPNoWrapFlags.none)
+      rows.append((r, llvm.load(i32, at)))
+    for r, row in rows:
+      src = arith.addi(arith.muli(arith.extsi(i64, row), arith.constant(i64, row_bytes)),
+                       col_bytes)
+      atom = arith.addi(arith.muli(arith.divui(r, c(8)), c(tile_cols)), arith.divui(col, c(8)))
+      dst = arith.addi(arith.muli(atom, c(8 * _SWIZZLE)), in_atom)
+      for x_ptr, dst_ptr in zip(x_ptrs, dst_ptrs):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                        [arith.addi(dst_ptr, dst), arith.addi(x_ptr, src)],
+                        f"cp.async.cg.shared.global [$0], [$1], {_CHUNK};", "r,l",
+                        has_side_effects=True)
+
+  copy(*srcs, index, *dsts)
+
+
+def _commit_gathers():
+  """Closes the calling threads' open `_gather_into_smem` copies as one cp.async group."""
+
+  @plgpu.inline_mgpu()
+  def commit(_):
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "cp.async.commit_group;", "",
+                    has_side_effects=True)
+
+  commit()
+
+
+def _gathers_done(pending=0):
+  """Waits for the calling warpgroup's cp.async groups but the `pending` newest and makes them
+  visible to wgmma and TMA (the async proxy): each thread waits for its own copies, fences, and
+  the warpgroup meets (after which every thread's earlier reads of SMEM are done too). One
+  barrier arrival after this publishes the tiles."""
+
+  @plgpu.inline_mgpu()
+  def done(_):
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [],
+                    f"cp.async.wait_group {pending};\n\tfence.proxy.async.shared::cta;", "",
+                    has_side_effects=True)
+    mgpu_utils.warpgroup_barrier()
+
+  done()
 
 
 def free_chunks(ks, ke, lo, hi, rq, block_kv):
@@ -203,11 +317,42 @@ def _pad_keys(x, length):
 
 def _kernel(body, name, out_type, n_ctas, interpret):
   """A persistent Mosaic GPU kernel: n_ctas CTAs of three warpgroups ("cta", "wg"). `pl.kernel`
-  (not `plgpu.kernel`, whose batching wrapper takes no `jax.new_ref` operand under jax 0.10)."""
+  (not `plgpu.kernel`: under jax 0.10 its batching wrapper took no `jax.new_ref` operand, which
+  the forward and dQ used before their rows were gathered in the kernel)."""
   mesh = plgpu.Mesh(grid=(n_ctas,), grid_names=("cta",), num_threads=3, thread_name="wg")
   kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
       "compiler_params": plgpu.CompilerParams(approx_math=True)}
   return pl.kernel(body, out_type=out_type, mesh=mesh, name=name, **kwargs)
+
+
+def _mat_operands(mats, interpret):
+  """The kernel operands of row matrices (`Rows` of one routing, one index): compiled, each one's
+  source and then the shared index (the producer gathers the rows); interpreted, the rows
+  gathered by XLA."""
+  if interpret:
+    return tuple(m.gathered() for m in mats)
+  assert all(m.index is mats[0].index for m in mats), "row matrices must share their index"
+  return tuple(m.x for m in mats) + (mats[0].index,)
+
+
+def _issue_mats(refs, index, dsts, bars, interpret):
+  """The producer's load of one 64-row piece of every row matrix into dsts (SMEM, one a
+  matrix). Interpreted: refs are the gathered rows' [64, D] pieces, one TMA box each, which
+  arrives on its barrier in bars. Compiled: refs are the sources, index the piece's [64] rows
+  (GMEM or SMEM); the warpgroup starts the gathers (`_gather_into_smem`), and the caller
+  commits them and later publishes them (`_publish`)."""
+  if interpret:
+    for src, dst, bar in zip(refs, dsts, bars):
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+  else:
+    _gather_into_smem(refs, index, dsts)
+
+
+def _publish(bars, pending=0):
+  """Compiled: waits for the gathers but the `pending` newest groups and arrives on bars."""
+  _gathers_done(pending)
+  for bar in bars:
+    plgpu.barrier_arrive(bar)
 
 
 def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
@@ -218,24 +363,17 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   on across tiles and which loads the next tile's rows into the second of two buffers, so a
   tile's loads overlap the previous tile's compute.
 
-  mats: row matrices [BK, R, D] (16-bit) the compute warpgroups read from SMEM (wgmma operands);
-  vecs: row vectors [BK, R] (lo and hi first) they read into registers. Per tile and warpgroup:
+  mats: row matrices (`Rows`, 16-bit) the compute warpgroups read from SMEM (wgmma operands),
+  gathered by the producer from their sources (compiled) or loaded by TMA (interpreted); vecs: row vectors [BK, R] (lo and hi first) they read into registers. Per tile and warpgroup:
   carry = init(vecs); carry = step(carry, s, mats_smem, slot: _Slot, kpos, vecs, masked) for each
   key chunk s (kpos: the chunk's key positions, [64, Bk] int32, for the mask); then
   finish(carry, vecs, outs, bk, r0, stage, lse_smem) writes the outputs by TMA from staging
   buffers: stage, the warpgroup's [64, D] SMEM of the first row matrix (read by then), and
   lse_smem, a [64] float32 buffer.
 
-  The first output (out_type[0], of the first row matrix's shape and dtype) is written over the
-  first row matrix (`jax.new_ref`: no buffer of its own): a tile's rows are in SMEM before its
-  outputs are stored, and no other tile reads them. The caller's array is unchanged (where it is
-  still used afterwards, XLA copies it first).
-
   kv_head0: the rows are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
   the heads; row matrix index bk = b * (BK / B) + local head)."""
   bk_n, rows, dim = mats[0].shape
-  assert (out_type[0].shape, out_type[0].dtype) == (mats[0].shape, mats[0].dtype), out_type
-  mats = (jax.new_ref(mats[0]),) + tuple(mats[1:])
   k, v = (_pad_keys(x, -(-x.shape[1] // 8) * 8) for x in (k, v))
   kv_heads = bk_n // k.shape[0]  # of this call (a chunk of k's heads from kv_head0)
   n_tiles = rows // ROWS
@@ -245,14 +383,15 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   bkv = block_kv
   stages = stages_for(bkv, dim, jnp.dtype(dtype).itemsize, len(mats))
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  n_in, n_mats, n_vecs = 3 + len(mats) + len(vecs) + 2, len(mats), len(vecs)
+  mat_args = _mat_operands(mats, interpret)
+  n_in, n_mats, n_vecs = 3 + len(mat_args) + len(vecs) + 2, len(mats), len(vecs)
 
   def kernel(*refs):
     ks_ref, ke_ref, nf_ref = refs[:3]
-    mat_refs = refs[3:3 + n_mats]
-    vec_refs = refs[3 + n_mats:3 + n_mats + n_vecs]
+    mat_refs = refs[3:3 + len(mat_args)]
+    vec_refs = refs[3 + len(mat_args):n_in - 2]
     k_ref, v_ref = refs[n_in - 2:n_in]
-    outs = (mat_refs[0],) + tuple(refs[n_in:-1])
+    outs = refs[n_in:-1]
     (mat_smem, vec_smem, k_smem, v_smem, lse_smem), (mat_bars, vec_bars, kv_bars), frees = refs[-1]
     q_free, k_free, v_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
@@ -301,22 +440,45 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
+      src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
+
+      def issue_rows(i):
+        """Tile i's rows into buffer i % 2: row vectors by TMA; row matrices gathered (one
+        cp.async group, published by `publish_rows`) or, interpreted, by TMA."""
+        bk, tile, _, _ = item(i)
+        buf = lax.rem(i, 2)
+        for w in range(2):
+          at, r = buf * 2 + w, pl.ds(tile * ROWS + w * WG_ROWS, WG_ROWS)
+          for src, dst, bars in zip(vec_refs, vec_smem, vec_bars):
+            plgpu.copy_gmem_to_smem(src.at[bk, r], dst.at[at], bars.at[at])
+          srcs = [x.at[bk, r] for x in src_refs] if interpret else src_refs
+          _issue_mats(srcs, None if interpret else index_ref.at[bk, r],
+                      [m.at[at] for m in mat_smem], [b.at[at] for b in mat_bars], interpret)
+        if not interpret:
+          _commit_gathers()
+
+      def publish_rows(i):
+        if not interpret:  # tile i's gathers, the only ones in flight
+          buf = lax.rem(i, 2)
+          _publish([b.at[buf * 2 + w] for w in range(2) for b in mat_bars])
+
+      def next_rows(i):
+        """Tile i + 1's rows, as soon as tile i - 1 freed their buffer: they land while tile i
+        computes (the gather's latency, the index loads then the copies, stays off the ring)."""
+        @pl.when(i + 1 < my_items)
+        def _():
+          @pl.when(i >= 1)
+          def _():
+            plgpu.barrier_wait(q_free.at[lax.rem(i + 1, 2)])  # both warpgroups left tile i - 1
+
+          issue_rows(i + 1)
+
+      issue_rows(0)
 
       def tile_loads(i, g):
-        bk, tile, ks, n = item(i)
+        bk, _, ks, n = item(i)
         b = lax.div(bk, jnp.int32(kv_heads))
         kvh = lax.rem(bk, jnp.int32(kv_heads)) + kv_head0
-        buf = lax.rem(i, 2)
-
-        @pl.when(i >= 2)
-        def _():
-          plgpu.barrier_wait(q_free.at[buf])  # both warpgroups are done with tile i - 2
-
-        for w in range(2):
-          rows_w = pl.ds(tile * ROWS + w * WG_ROWS, WG_ROWS)
-          at = buf * 2 + w
-          for src, dst, bars in zip(mat_refs + vec_refs, mat_smem + vec_smem, mat_bars + vec_bars):
-            plgpu.copy_gmem_to_smem(src.at[bk, rows_w], dst.at[at], bars.at[at])
 
         def load(s, _):
           slot = lax.rem(g + s, jnp.int32(stages))
@@ -330,7 +492,23 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
           plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], kv_bars[0].at[slot])
           plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], kv_bars[1].at[slot])
 
+          @pl.when(s == 0)
+          def _():  # gathered while tile i - 1 computed
+            publish_rows(i)
+
+          # after the tile's second keys (its first if it has one chunk): by then tile i - 1's
+          # last keys were released, so its end is near and the wait for it short
+          @pl.when(s == jnp.minimum(1, n - 1))
+          def _():
+            next_rows(i)
+
         lax.fori_loop(0, n, load, None)
+
+        @pl.when(n == 0)
+        def _():  # a tile without keys
+          publish_rows(i)
+          next_rows(i)
+
         return g + n
 
       g_end = lax.fori_loop(0, my_items, tile_loads, jnp.int32(0))
@@ -365,9 +543,8 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
              plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
-  rest = _kernel(body, name, tuple(out_type[1:]), n_ctas, interpret)(
-      ks, ke, nfree, *mats, *vecs, k, v)
-  return (mats[0][...],) + tuple(rest)
+  return _kernel(body, name, tuple(out_type), n_ctas, interpret)(
+      ks, ke, nfree, *mat_args, *vecs, k, v)
 
 
 def _row_mask(kpos, lo, hi):
@@ -401,9 +578,8 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
   once, as the official MoBA's partial outputs are) and lse [BK, R] float32.
 
   ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
-  [BK, R] int32 (each row's visible keys); q_rows [BK, R, D] (`gather_rows`); k, v [B, T, K, D]
-  in q_rows' dtype. Online softmax in the exp2 domain; P V with P from registers. o is written
-  over q_rows' buffer where q_rows is not used afterwards (`_row_tiles`)."""
+  [BK, R] int32 (each row's visible keys); q_rows (`Rows`, `rows_of` q); k, v [B, T, K, D] in
+  q_rows' dtype. Online softmax in the exp2 domain; P V with P from registers."""
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
   qk_scale = scale * LOG2E
@@ -454,8 +630,7 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
   caller; the official MoBA also adds 16-bit dQ parts).
 
   lse2, delta [BK, R] float32: each row's query's merged log-sum-exp in base 2 (lse * log2(e);
-  +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows [BK, R, D] (`gather_rows`);
-  dQ is written over q_rows' buffer where q_rows is not used afterwards (`_row_tiles`).
+  +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows (`Rows` of q and dO).
   Per key chunk: S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K
   (three wgmma)."""
   bk_n, rows, dim = q_rows.shape
@@ -510,7 +685,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   which rows before ru may need the mask, and by the past-block group's rows [g0, g1), which
   see it whole (`moba_gpu._dkdv_items` with 128-key tiles, every group aligned to them).
   lse2 [BK, R] float32 is each row's log-sum-exp in base 2 (+inf for padding rows), delta
-  [BK, R] rowsum(dO * O); lo, hi [BK, R] int32; q_rows, do_rows [BK, R, D] (`gather_rows`).
+  [BK, R] rowsum(dO * O); lo, hi [BK, R] int32; q_rows, do_rows (`Rows` of q and dO).
 
   Key-tile-major, persistent like `_row_tiles` (items in `balanced_order`: a key tile's work
   falls steeply with its block): each compute warpgroup holds 64 keys (and values)
@@ -533,6 +708,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   per_slot = 2 * WG_ROWS * dim * itemsize + 4 * WG_ROWS * 4
   fixed = 2 * KEYS * dim * itemsize
   stages = stages or max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
+  lag = min(2, stages - 1)  # chunks whose row gathers stay in flight (compiled)
   qk_scale = scale * LOG2E
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   pad_seq = n_kt * KEYS
@@ -541,10 +717,16 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
   order = balanced_order((chunks + 1).reshape(-1), n_ctas)
 
+  mat_args = _mat_operands((q_rows, do_rows), interpret)
+  n_mat = len(mat_args)
+
   def kernel(*refs):
-    (order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
-     hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped) = refs
-    (k_smem, v_smem, mat_smem, vec_smem), (kv_bars, mat_bars, vec_bars), frees = scoped
+    order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref = refs[:6]
+    mat_refs = refs[6:6 + n_mat]
+    lse_ref, dl_ref, lo_ref, hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped = refs[6 + n_mat:]
+    (k_smem, v_smem, mat_smem, vec_smem, *idx_smem), (kv_bars, mat_bars, vec_bars, *idx_bars), \
+        frees = scoped
+    idx_smem, idx_bars = (None, None) if interpret else (idx_smem[0], idx_bars[0])
     kv_free, row_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
@@ -633,13 +815,23 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      srcs = (q_ref, do_ref)
       vsrcs = (lse_ref, dl_ref, lo_ref, hi_ref)
+      src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
+
+      def fetch_index(bk, row, gc):  # chunk gc's 64 row indices into the index ring, by TMA
+        at = lax.rem(gc, 2)
+        plgpu.copy_gmem_to_smem(index_ref.at[bk, pl.ds(row, WG_ROWS)], idx_smem.at[at],
+                                idx_bars.at[at])
 
       def tile_loads(i, g):
         bk, j, a, ga, n_dense, n_mask, n_full, n_group = item(i)
         b = lax.div(bk, jnp.int32(kv_heads))
         kvh = lax.rem(bk, jnp.int32(kv_heads)) + kv_head0  # of k and v
+        n = n_dense + n_group
+        if not interpret:
+          @pl.when(n >= 1)
+          def _():  # lands while the last item's end is awaited
+            fetch_index(bk, chunk_row(0, a, ga, n_dense), g)
 
         @pl.when(i >= 1)
         def _():
@@ -658,11 +850,41 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
             plgpu.barrier_wait(row_free.at[slot])
 
           rows_c = pl.ds(chunk_row(c, a, ga, n_dense), WG_ROWS)
-          for src, dst, bars in zip(srcs + vsrcs, mat_smem + vec_smem, mat_bars + vec_bars):
+          for src, dst, bars in zip(vsrcs, vec_smem, vec_bars):
             plgpu.copy_gmem_to_smem(src.at[bk, rows_c], dst.at[slot], bars.at[slot])
+          dsts, bars = [m.at[slot] for m in mat_smem], [x.at[slot] for x in mat_bars]
+          if interpret:
+            _issue_mats([x.at[bk, rows_c] for x in src_refs], None, dsts, bars, interpret)
+            return
 
-        n = n_dense + n_group
+          @pl.when(c + 1 < n)
+          def _():  # the next chunk's indices, one chunk ahead
+            fetch_index(bk, chunk_row(c + 1, a, ga, n_dense), g + c + 1)
+
+          at = lax.rem(g + c, 2)
+          plgpu.barrier_wait(idx_bars.at[at])
+          _issue_mats(src_refs, idx_smem.at[at], dsts, bars, interpret)
+          _commit_gathers()
+          # Chunk c - lag's gathers have landed (lag chunks stay in flight); the warpgroup's
+          # reads of this chunk's indices are done before their slot is refilled.
+          _gathers_done(lag)
+
+          @pl.when(c >= lag)
+          def _():
+            for x in mat_bars:
+              plgpu.barrier_arrive(x.at[lax.rem(g + c - lag, jnp.int32(stages))])
+
         lax.fori_loop(0, n, load, None)
+        if not interpret:
+          @pl.when(n >= 1)
+          def _():  # the item's last chunks, before the producer awaits the item's end
+            _gathers_done(0)
+            for d in range(lag):
+              @pl.when(n - lag + d >= 0)
+              def _():
+                for x in mat_bars:
+                  plgpu.barrier_arrive(x.at[lax.rem(g + n - lag + d, jnp.int32(stages))])
+
         return g + n
 
       g_end = lax.fori_loop(0, my_items, tile_loads, jnp.int32(0))
@@ -682,12 +904,13 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         tuple(_tiled((stages, WG_ROWS, dim), dtype) for _ in range(2)),
         tuple(plgpu.SMEM((stages, WG_ROWS), dt)
               for dt in (jnp.float32, jnp.float32, jnp.int32, jnp.int32)),
-    )
+    ) + (() if interpret else (plgpu.SMEM((2, WG_ROWS), jnp.int32),))  # the index ring
     bars = ((plgpu.Barrier(num_barriers=2),) * 2, (plgpu.Barrier(num_barriers=stages),) * 2,
-            (plgpu.Barrier(num_barriers=stages),) * 4)
+            (plgpu.Barrier(num_barriers=stages),) * 4) + (
+                () if interpret else (plgpu.Barrier(num_barriers=2),))
     frees = (plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
   shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
   return _kernel(body, "moba_mgpu_dkdv", (shape, shape), n_ctas, interpret)(
-      order, *items[1:], q_rows, do_rows, lse2, delta, lo, hi, kp, vp)
+      order, *items[1:], *mat_args, lse2, delta, lo, hi, kp, vp)

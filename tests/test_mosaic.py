@@ -5,12 +5,14 @@ Hopper GPU with `pytest --compiled`; lowered for CUDA everywhere (no GPU needed)
 """
 
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 
 from moba_jax import moba as moba_lib
@@ -136,7 +138,7 @@ def test_mosaic_rows_equal_the_triton_rows():
 
   @jax.jit
   def both(q, k, v, do):
-    q_rows = mm.gather_rows(q, routing.rq, kv_heads, heads // kv_heads)
+    q_rows = mm.rows_of(q, routing.rq, kv_heads, heads // kv_heads)
     nfree = mm.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi, routing.rq,
                            64)
     got = mm.forward_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, q_rows,
@@ -181,6 +183,80 @@ def test_free_chunks_cover_only_whole_visible_chunks():
     assert nf.sum() > 0  # sparse tiles of whole blocks exist here
 
 
+
+@pytest.mark.parametrize("kv_head0, per", [(0, 3), (1, 2)])
+def test_rows_of_index_the_routing_rows_of_q(kv_head0, per):
+  """`rows_of`: row r of (batch, kv head) bk is query row rq = t * G + g of kv head
+  kv_head0 + bk % per, i.e. q[b, t, (kv_head0 + k) * G + g] (padding rows, -1: t = 0, g = 0),
+  checked element by element against a loop over the routing rows (GQA 2:1, two batch rows, a
+  chunk of the kv heads from kv_head0)."""
+  batch, seq, kv_heads, groups, dim = 2, 5, 3, 2, 8
+  x = jax.random.normal(jax.random.key(0), (batch, seq, kv_heads * groups, dim))
+  rq = jax.random.randint(jax.random.key(1), (batch * per, 7), -1, seq * groups)
+  got = np.asarray(mm.rows_of(x, rq, per, groups, kv_head0).gathered())
+  xs, rqs = np.asarray(x), np.asarray(rq)
+  for bk in range(batch * per):
+    b, kvh = bk // per, kv_head0 + bk % per
+    for r, row in enumerate(rqs[bk]):
+      t, g = divmod(max(row, 0), groups)
+      np.testing.assert_array_equal(got[bk, r], xs[b, t, kvh * groups + g])
+
+
+def _gather_kernel(xs, index, tiles_n, index_in_smem):
+  """xs[i][index] [64 * tiles_n, D] for each x in xs through `_gather_into_smem` (one index for
+  all, read from GMEM or, as the dK/dV reads it, from SMEM where TMA put it): each CTA gathers 64
+  rows of every x into swizzled SMEM tiles and stores them back by TMA (which reads the swizzle
+  as wgmma does)."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  n, dim = len(xs), xs[0].shape[-1]
+  mesh = plgpu.Mesh(grid=(tiles_n,), grid_names=("cta",), num_threads=1, thread_name="wg")
+
+  def body(*refs):
+    x_refs, index_ref, out_refs = refs[:n], refs[n], refs[n + 1:]
+
+    def scoped(smems, idx_smem, bar):
+      rows = pl.ds(jax.lax.axis_index("cta") * mm.WG_ROWS, mm.WG_ROWS)
+      index = index_ref.at[rows]
+      if index_in_smem:
+        plgpu.copy_gmem_to_smem(index, idx_smem, bar)
+        plgpu.barrier_wait(bar)
+        index = idx_smem
+      mm._gather_into_smem(x_refs, index, smems)
+      mm._commit_gathers()
+      mm._gathers_done()
+      for smem, out_ref in zip(smems, out_refs):
+        plgpu.copy_smem_to_gmem(smem, out_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(scoped, [mm._tiled((mm.WG_ROWS, dim), x.dtype) for x in xs],
+                  plgpu.SMEM((mm.WG_ROWS,), jnp.int32), plgpu.Barrier(num_barriers=1),
+                  collective_axes="wg")
+
+  out = tuple(jax.ShapeDtypeStruct((tiles_n * mm.WG_ROWS, dim), x.dtype) for x in xs)
+  return pl.kernel(body, out_type=out, mesh=mesh, name="moba_mgpu_gather_check")(*xs, index)
+
+
+@pytest.mark.parametrize("dim, dtype, index_in_smem", [
+    (64, jnp.bfloat16, False), (128, jnp.bfloat16, True), (128, jnp.float16, False)])
+def test_in_kernel_row_gather_equals_xla_gather(dim, dtype, index_in_smem):
+  """The producer's row gather (cp.async of 16-byte pieces into the hardware's 128-byte swizzle,
+  inline PTX; two matrices through one index, read from GMEM or SMEM): rows in any order,
+  repeated, first and last, equal x[index] to the bit (compiled on a Hopper GPU; on other
+  machines the kernel is lowered for CUDA only: the interpreter has no rule for inline PTX)."""
+  n, tiles_n = 1000, 3
+  xs = tuple(jax.random.normal(jax.random.key(s), (n, dim), dtype) for s in (2, 4))
+  index = jax.random.randint(jax.random.key(3), (tiles_n * mm.WG_ROWS,), 0, n, jnp.int32)
+  index = index.at[:3].set(jnp.array([0, n - 1, 0], jnp.int32))
+  fn = jax.jit(lambda xs, i: _gather_kernel(xs, i, tiles_n, index_in_smem))
+  if not (helpers.COMPILED and mm.on_hopper()):
+    text = fn.trace(xs, index).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @mosaic_gpu" in text
+    return
+  for got, x in zip(fn(xs, index), xs):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x[index]))
+
+
 @pytest.mark.parametrize("dim", [64, 128])
 def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
   """The dQ kernel's lowering (two double-buffered row matrices and its K/V ring fit the shared
@@ -188,11 +264,11 @@ def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
   bk, rows, seq = 2, 512, 256
   i32 = lambda *s: jnp.zeros(s, jnp.int32)
   f32 = lambda *s: jnp.zeros(s, jnp.float32)
-  mat = jnp.zeros((bk, rows, dim), jnp.bfloat16)
+  mat = mm.Rows(jnp.zeros((seq * 4, dim), jnp.bfloat16), i32(bk, rows))  # gathered in the kernel
   kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
-  fn = lambda *a: mm.dq_rows(*a, scale=0.1, block_kv=mg.MOSAIC_DQ_BLOCK_KV)
+  fn = lambda *a: mm.dq_rows(*a[:8], a[7], *a[8:], scale=0.1, block_kv=mg.MOSAIC_DQ_BLOCK_KV)
   args = (i32(bk, 4), i32(bk, 4), i32(bk, 4), i32(bk, rows), i32(bk, rows), f32(bk, rows),
-          f32(bk, rows), mat, mat, kv, kv)
+          f32(bk, rows), mat, kv, kv)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text
 
@@ -204,11 +280,11 @@ def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim):
   bk, rows, seq = 2, 512, 200
   i32 = lambda *s: jnp.zeros(s, jnp.int32)
   f32 = lambda *s: jnp.zeros(s, jnp.float32)
-  mat = jnp.zeros((bk, rows, dim), jnp.bfloat16)
+  mat = mm.Rows(jnp.zeros((seq * 4, dim), jnp.bfloat16), i32(bk, rows))  # gathered in the kernel
   kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
   items = tuple(i32(bk, 2) for _ in range(6))
-  fn = lambda *a: mm.dkdv_tiles(a[:6], *a[6:], scale=0.1)
-  args = items + (f32(bk, rows), f32(bk, rows), i32(bk, rows), i32(bk, rows), mat, mat, kv, kv)
+  fn = lambda *a: mm.dkdv_tiles(a[:6], *a[6:11], a[10], *a[11:], scale=0.1)
+  args = items + (f32(bk, rows), f32(bk, rows), i32(bk, rows), i32(bk, rows), mat, kv, kv)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text
 
@@ -229,13 +305,14 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   assert "triton" not in text
 
 
-def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_with_rows_written_in_place():
+def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows():
   """The fwd+bwd with all three Mosaic kernels lowers for CUDA at T = 300 (TMA boxes of keys need
   a key axis a multiple of 8 long: the kernels see zero keys appended, masked; the forward and dQ
   raised "dimension 2 must have size smaller or a multiple of its tiling 8" on the H200 before),
-  and the forward and dQ write their rows over the gathered Q rows: their custom calls alias an
-  output to an operand, the dK/dV's (which reads those rows first) does not. segment_ids=None:
-  no `lax.cond` outside the kernels (the Mosaic dK/dV needs no Triton fallback)."""
+  and the kernels gather their Q and dO rows themselves: each takes q (and dO) in the caller's
+  layout, [B * T * H, D], and no operand of the routing's [BK, R, D] rows (XLA's gathered copies,
+  before 2026-12-03); only the forward's and dQ's outputs have that shape. segment_ids=None: no
+  `lax.cond` outside the kernels (the Mosaic dK/dV needs no Triton fallback)."""
   from moba_jax.attention import KernelOptions
   q = jnp.zeros((2, 300, 4, 64), jnp.bfloat16)
   k = jnp.zeros((2, 300, 2, 64), jnp.bfloat16)
@@ -245,7 +322,13 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_with_rows_written_in_place():
   text = jax.jit(step).trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
   calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
   assert len(calls) == 3
-  assert ["output_operand_alias" in c for c in calls] == [True, False, True]  # fwd, dK/dV, dQ
+  operands = [c.rsplit(" : (", 1)[1].split(") -> ")[0] for c in calls]
+  results = [c.rsplit(") -> ", 1)[1] for c in calls]
+  flat_q = "tensor<2400x64xbf16>"  # [B * T * H, D]
+  assert [o.count(flat_q) for o in operands] == [1, 2, 2]  # fwd: q; dK/dV and dQ: q and dO
+  rows = re.compile(r"tensor<4x\d+x64xbf16>")  # [BK, R, D] (BK = 2 batch rows x 2 kv heads)
+  assert [len(rows.findall(o)) for o in operands] == [0, 0, 0]
+  assert [len(rows.findall(r)) for r in results] == [1, 0, 1]  # fwd's o rows, dQ's rows
   assert "triton" not in text
   assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
 
@@ -265,8 +348,8 @@ def test_mosaic_by_kv_head_chunks_equals_one_pass():
 
 def test_mosaic_by_kv_head_chunks_lowers_in_order():
   """Two chunks of kv heads: a forward kernel per chunk, then a dK/dV and a dQ kernel per chunk on
-  the CUDA lowering, each dQ after its chunk's dK/dV and each chunk after the one before (the
-  rows of one chunk at a time); a chunk count that does not divide the kv heads is refused
+  the CUDA lowering, each chunk after the one before (the partial rows of one chunk at a time);
+  a chunk count that does not divide the kv heads is refused
   before tracing the kernels; with packed documents (groups may fall off the 128-key grid) the
   forward still runs by chunks and the backward warns and runs unchunked."""
   from moba_jax.attention import KernelOptions
@@ -281,8 +364,14 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
   lowered = lambda n: traced(n).lower(lowering_platforms=("cuda",)).as_text()
 
   calls = [line for line in lowered(2).splitlines() if "custom_call @mosaic_gpu" in line]
-  assert len(calls) == 6  # a forward per chunk, then (dK/dV, dQ) per chunk
-  assert ["output_operand_alias" in c for c in calls] == [True, True, False, True, False, True]
+
+  def kind(call):  # by the results: (o rows, lse rows), (dK, dV) of one kv head, dQ rows
+    results = call.rsplit(") -> ", 1)[1]
+    return "dkdv" if "1x512x1x64" in results else "fwd" if "xf32>" in results else "dq"
+
+  assert [kind(c) for c in calls] == ["fwd", "fwd", "dkdv", "dq", "dkdv", "dq"]
+  # every kernel reads q (and dO) whole, [B * T * H, D], its rows chosen by index
+  assert all("tensor<2048x64xbf16>" in c.rsplit(" : (", 1)[1] for c in calls)
   with pytest.raises(ValueError, match="mosaic_head_chunks=3 must divide the kv heads"):
     lowered(3)
   with pytest.warns(UserWarning, match="runs unchunked"):  # traced only: the Triton fallback
@@ -343,11 +432,10 @@ def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(monk
   assert calls(jnp.zeros((1, 512), jnp.int32), bwd=False) == 1  # in the loop's body
 
 
-def test_mosaic_rows_in_place_lower_under_remat_and_scan():
-  """The in-place rows (`jax.new_ref` in the forward and the dQ) inside a model's layer loop: the
-  gradient of a scan over checkpointed layers lowers for CUDA (the refs stay inside the custom
-  VJP; interpreted runs cannot check this: the interpreter's callbacks are effects that remat's
-  AD refuses)."""
+def test_mosaic_kernels_lower_under_remat_and_scan():
+  """The kernels (their in-kernel row gathers: inline PTX with memory effects) inside a model's
+  layer loop: the gradient of a scan over checkpointed layers lowers for CUDA (interpreted runs
+  cannot check this: the interpreter's callbacks are effects that remat's AD refuses)."""
   from moba_jax.attention import KernelOptions
   opts = KernelOptions(tiles=tiles(128, 1, 1))
   x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)

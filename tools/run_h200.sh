@@ -62,6 +62,9 @@
 #       32K b512 k3) of the tree in $BASE, then of this tree (installed last), then the compiled
 #       test_mosaic.py as 6 shards side by side (limit TEST_S; in run 20a it ran as phase 19's 3
 #       shards, which did not finish in 230 s); the shard logs come back as mosaic_logs.tgz
+#   32: phase 31 behind a first check: the row-gather test and each kernel alone (the ragged GQA
+#       cases, compiled, side by side, limit FIRST_S, default 150 s: a hang names its kernel);
+#       the A/B and the shards run only if all four passed
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -357,6 +360,18 @@ if [ "$phase" = 30 ]; then
     timeout 100 python3 tools/head_chunks_gpu.py --seq 131072 --block 4096 --topk 12 --way $way \
       --chunks 4 --repeats 5 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
   done
+fi
+if [ "$phase" = 32 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
+  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${FIRST_S:-150}" python3 -m pytest -q \
+    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" tests/test_mosaic.py \
+    > $OUT/first_$1.txt 2>&1; echo "exit $?" >> $OUT/first_$1.txt; }
+  first gather row_gather & first fwd fwd128_alone & first dq dq_alone & first dkdv dkdv_alone &
+  wait; for f in gather fwd dq dkdv; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
+    | tee -a $log
+  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  grep -q "exit [1-9]" $log && { echo "first check failed: no A/B" | tee -a $log; exit 1; }
+  phase=31
 fi
 if [ "$phase" = 31 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 31 needs BASE=<the tree to compare against>"; exit 2; }
