@@ -157,11 +157,6 @@ def rows_of(x, rq, kv_heads, groups, kv_head0=0) -> Rows:
   return Rows(x.reshape(batch * seq * heads, dim), index.reshape(batch * kv_heads, -1))
 
 
-def gather_rows(x, rq, kv_heads, groups):
-  """The routing's rows of x [B, T, H, D], gathered by XLA: [B * K, R, D] in x's dtype."""
-  return rows_of(x, rq, kv_heads, groups).gathered()
-
-
 _SWIZZLE = 128  # bytes: the SMEM row matrices' swizzle (`_tiled`), 8 rows of 128 bytes an atom
 _CHUNK = 16  # bytes a cp.async moves
 
@@ -360,11 +355,15 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
   round-robin (consecutive CTAs, consecutive tiles of one kv head: neighbours share key blocks in
   L2). Three warpgroups: two compute (64 rows each), one producer whose ring of K/V slots runs
-  on across tiles and which loads the next tile's rows into the second of two buffers, so a
-  tile's loads overlap the previous tile's compute.
+  on across tiles and which loads tile i + 1's rows into the second of two buffers while tile i
+  computes: after tile i's second keys are issued (its first, if it has one chunk) it waits for
+  tile i - 1's end, starts tile i + 1's gathers, and publishes them after tile i + 1's first
+  keys, so the gathers' latency (index loads, then the copies) stays off the key ring.
 
-  mats: row matrices (`Rows`, 16-bit) the compute warpgroups read from SMEM (wgmma operands),
-  gathered by the producer from their sources (compiled) or loaded by TMA (interpreted); vecs: row vectors [BK, R] (lo and hi first) they read into registers. Per tile and warpgroup:
+  mats: row matrices (`Rows` of one index, 16-bit) the compute warpgroups read from SMEM (wgmma
+  operands): gathered by the producer from their sources (compiled) or gathered by XLA and
+  loaded by TMA (interpreted); vecs: row vectors [BK, R] (lo and hi first) they read into
+  registers. Per tile and warpgroup:
   carry = init(vecs); carry = step(carry, s, mats_smem, slot: _Slot, kpos, vecs, masked) for each
   key chunk s (kpos: the chunk's key positions, [64, Bk] int32, for the mask); then
   finish(carry, vecs, outs, bk, r0, stage, lse_smem) writes the outputs by TMA from staging
@@ -685,12 +684,16 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   which rows before ru may need the mask, and by the past-block group's rows [g0, g1), which
   see it whole (`moba_gpu._dkdv_items` with 128-key tiles, every group aligned to them).
   lse2 [BK, R] float32 is each row's log-sum-exp in base 2 (+inf for padding rows), delta
-  [BK, R] rowsum(dO * O); lo, hi [BK, R] int32; q_rows, do_rows (`Rows` of q and dO).
+  [BK, R] rowsum(dO * O); lo, hi [BK, R] int32; q_rows, do_rows (`Rows` of q and dO, one
+  index).
 
   Key-tile-major, persistent like `_row_tiles` (items in `balanced_order`: a key tile's work
   falls steeply with its block): each compute warpgroup holds 64 keys (and values)
   in SMEM and their dK, dV accumulators in registers; the producer streams 64-row chunks of Q,
-  dO and the row vectors through a ring of slots. Per chunk: S^T = K Q^T, P^T = exp2(S^T - lse),
+  dO and the row vectors through a ring of slots. Compiled, it gathers each chunk's Q and dO
+  rows itself (`_gather_into_smem`, the chunk's indices brought into SMEM by TMA one chunk
+  ahead) and publishes a chunk `lag` chunks later (two; the ring's other slots hide the
+  gathers' latency), the item's last ones before it awaits the item's end. Per chunk: S^T = K Q^T, P^T = exp2(S^T - lse),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma). Dense chunks
   that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1 belong to
   later blocks, which start after these keys); the rest, and the group's chunks, are not. One

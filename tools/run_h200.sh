@@ -37,7 +37,8 @@
 #   22: the default table (as phase 15), the peak buffers of XLA's plan (tools/memory_gpu.py) at
 #       8K b512 k3 and 16K b128 k8, 8K b512 k3 synced with XLA's command buffers on against off,
 #       then per-kernel profiles with idle gaps (as phase 20)
-#   23: the memory plans of pallas_gpu (tools/memory_gpu.py) at 8K b512 k3 and 16K b128 k8, the
+#   23: the memory plans of pallas_gpu (tools/memory_gpu.py) at 8K b512 k3 and 16K b128 k8 (or
+#       MEM_SPECS, e.g. "8192:512:3 131072:4096:12"), the
 #       default table (as phase 15), then the back-to-back table (--pipeline 8) at 8K, 16K b128 k8
 #       and 32K
 #   24: the compiled test_mosaic.py (3 shards) beside the no-segment-ids, row-count and bf16
@@ -275,7 +276,7 @@ if [ "$phase" = 22 ]; then
   bash tools/run_h200.sh 20 > /dev/null 2>&1; cat $OUT/profiles.txt  # the profiles, as phase 20
 fi
 if [ "$phase" = 23 ]; then
-  for spec in "8192 512 3" "16384 128 8"; do set -- $spec
+  for spec in ${MEM_SPECS:-8192:512:3 16384:128:8}; do set -- ${spec//:/ }
     timeout 100 python3 tools/memory_gpu.py --seq $1 --block $2 --topk $3 --impls pallas_gpu \
       --out /tmp/memdump/s$1_b$2 2>&1 | grep -v "^WARNING" | tee -a $OUT/memory.txt
   done
