@@ -91,8 +91,8 @@ def refusal(dtype, head_dim, block_q, interpret=False) -> str | None:
 
 def stages_for(block_kv: int, head_dim: int, itemsize: int = 2, mats: int = 1) -> int:
   """Slots of the K/V ring that fit beside `mats` double-buffered row matrices (Q; Q and dO for
-  dQ: 128 rows each) and the row vectors."""
-  fixed = 2 * mats * ROWS * head_dim * itemsize + 10 * ROWS * 4
+  dQ: 128 rows each), the row vectors and the row index ring (two tiles of int32)."""
+  fixed = 2 * mats * ROWS * head_dim * itemsize + 10 * ROWS * 4 + 2 * ROWS * 4
   per_slot = 2 * block_kv * head_dim * itemsize
   return max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
 
@@ -391,7 +391,9 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
     vec_refs = refs[3 + len(mat_args):n_in - 2]
     k_ref, v_ref = refs[n_in - 2:n_in]
     outs = refs[n_in:-1]
-    (mat_smem, vec_smem, k_smem, v_smem, lse_smem), (mat_bars, vec_bars, kv_bars), frees = refs[-1]
+    (mat_smem, vec_smem, k_smem, v_smem, lse_smem, *idx_smem), \
+        (mat_bars, vec_bars, kv_bars, *idx_bars), frees = refs[-1]
+    idx_smem, idx_bars = (None, None) if interpret else (idx_smem[0], idx_bars[0])
     q_free, k_free, v_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     my_items = lax.div(jnp.int32(items - 1) - cta, jnp.int32(n_ctas)) + 1
@@ -441,29 +443,44 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
       plgpu.set_max_registers(40, action="decrease")
       src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
 
+      def fetch_index(i):  # compiled: tile i's 128 row indices into index slot i % 2, by TMA
+        @pl.when(i < my_items)
+        def _():
+          bk, tile, _, _ = item(i)
+          at = lax.rem(i, 2)
+          plgpu.copy_gmem_to_smem(index_ref.at[bk, pl.ds(tile * ROWS, ROWS)], idx_smem.at[at],
+                                  idx_bars.at[at])
+
       def issue_rows(i):
-        """Tile i's rows into buffer i % 2: row vectors by TMA; row matrices gathered (one
-        cp.async group, published by `publish_rows`) or, interpreted, by TMA."""
+        """Tile i's rows into buffer i % 2: row vectors by TMA; row matrices gathered through
+        the indices `fetch_index` brought (one cp.async group, published by `publish_rows`) or,
+        interpreted, by TMA."""
         bk, tile, _, _ = item(i)
         buf = lax.rem(i, 2)
+        if not interpret:
+          plgpu.barrier_wait(idx_bars.at[buf])
         for w in range(2):
           at, r = buf * 2 + w, pl.ds(tile * ROWS + w * WG_ROWS, WG_ROWS)
           for src, dst, bars in zip(vec_refs, vec_smem, vec_bars):
             plgpu.copy_gmem_to_smem(src.at[bk, r], dst.at[at], bars.at[at])
           srcs = [x.at[bk, r] for x in src_refs] if interpret else src_refs
-          _issue_mats(srcs, None if interpret else index_ref.at[bk, r],
-                      [m.at[at] for m in mat_smem], [b.at[at] for b in mat_bars], interpret)
+          index = None if interpret else idx_smem.at[buf, pl.ds(w * WG_ROWS, WG_ROWS)]
+          _issue_mats(srcs, index, [m.at[at] for m in mat_smem], [b.at[at] for b in mat_bars],
+                      interpret)
         if not interpret:
           _commit_gathers()
 
       def publish_rows(i):
-        if not interpret:  # tile i's gathers, the only ones in flight
+        """Compiled: tile i's gathers (the only ones in flight), then tile i + 2's indices into
+        the slot those gathers read (the publication's barrier ordered the reads first)."""
+        if not interpret:
           buf = lax.rem(i, 2)
           _publish([b.at[buf * 2 + w] for w in range(2) for b in mat_bars])
+          fetch_index(i + 2)
 
       def next_rows(i):
         """Tile i + 1's rows, as soon as tile i - 1 freed their buffer: they land while tile i
-        computes (the gather's latency, the index loads then the copies, stays off the ring)."""
+        computes (their indices are in SMEM already: only the copies' latency is left)."""
         @pl.when(i + 1 < my_items)
         def _():
           @pl.when(i >= 1)
@@ -472,6 +489,9 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
 
           issue_rows(i + 1)
 
+      if not interpret:
+        fetch_index(0)
+        fetch_index(1)
       issue_rows(0)
 
       def tile_loads(i, g):
@@ -534,9 +554,10 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         _tiled((stages, bkv, dim), dtype),
         _tiled((stages, bkv, dim), dtype),
         plgpu.SMEM((2, WG_ROWS), jnp.float32),
-    )
+    ) + (() if interpret else (plgpu.SMEM((2, ROWS), jnp.int32),))  # the index ring
     four = plgpu.Barrier(num_barriers=4)
-    bars = ((four,) * n_mats, (four,) * n_vecs, (plgpu.Barrier(num_barriers=stages),) * 2)
+    bars = ((four,) * n_mats, (four,) * n_vecs, (plgpu.Barrier(num_barriers=stages),) * 2) + (
+        () if interpret else (plgpu.Barrier(num_barriers=2),))
     frees = (plgpu.Barrier(num_arrivals=2, num_barriers=2),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages))
