@@ -66,6 +66,9 @@
 #   32: phase 31 behind a first check: the row-gather test and each kernel alone (the ragged GQA
 #       cases, compiled, side by side, limit FIRST_S, default 150 s: a hang names its kernel);
 #       the A/B and the shards run only if all four passed
+#   33: dQ added by the dK/dV kernel (run 23): the fused-dQ tests first (each case alone,
+#       compiled, side by side, limit FIRST_S), then the per-kernel A/B of phase 31 against $BASE
+#       (no shards: SHARDS=1 runs them too)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -373,6 +376,20 @@ if [ "$phase" = 32 ]; then
   (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
   grep -q "exit [1-9]" $log && { echo "first check failed: no A/B" | tee -a $log; exit 1; }
   phase=31
+fi
+if [ "$phase" = 33 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 33 needs BASE=<the tree to compare against>"; exit 2; }
+  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${FIRST_S:-150}" python3 -m pytest -q \
+    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" tests/test_mosaic.py \
+    > $OUT/first_$1.txt 2>&1; echo "exit $?" >> $OUT/first_$1.txt; }
+  first d64 "matches_the_oracle and d64" & first d128 "matches_the_oracle and d128_block256" &
+  first ring "matches_the_oracle and ring_wrap" & first chunks "dkdv_kernel_by_kv_head_chunks" &
+  wait; for f in d64 d128 ring chunks; do
+    echo "$f: $(grep -h "^FAILED\|Error\|assert" $OUT/first_$f.txt | head -3) $(tail -n 2 \
+      $OUT/first_$f.txt | tr '\n' ' ')"; done | tee -a $log
+  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  grep -q "exit [1-9]" $log && { echo "first check failed: no A/B" | tee -a $log; exit 1; }
+  if [ "${SHARDS:-}" ]; then phase=31; else ab_profiles 8 $BASE .; fi
 fi
 if [ "$phase" = 31 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 31 needs BASE=<the tree to compare against>"; exit 2; }
