@@ -467,8 +467,8 @@ def _dq_acc(q, dims, batch_kv, interpret):
   """The float32 zeros a fused dK/dV (mosaic_dq=2) adds dQ onto (`moba_mgpu.DqSink`): q's rows
   [B * T * H, D] compiled; interpreted, [BK, sub tiles * parts, R, D] partial rows."""
   dim = q.shape[-1]
-  if interpret:
-    parts = dims.block_size // moba_mgpu.KEYS * moba_mgpu.dq_parts(dim)
+  if interpret or moba_mgpu.EXPERIMENT == "rows":
+    parts = dims.block_size // moba_mgpu.KEYS * moba_mgpu.dq_parts(dim) if interpret else 1
     shape = (batch_kv, parts, dims.rows, dim)
   else:
     shape = (math.prod(q.shape[:3]), dim)
@@ -498,7 +498,8 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
   dq_all, dk_all, dv_all = (jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
-  shared = _dq_acc(q, dims, batch * per, interpret) if fused_dq and not interpret else None
+  shared = _dq_acc(q, dims, batch * per, interpret) if fused_dq and not (
+      interpret or moba_mgpu.EXPERIMENT == "rows") else None
   for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
     r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv
     hq = heads.stop - heads.start
@@ -650,7 +651,7 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
     if fused_dq and m_groups is None:  # dQ added by the dK/dV kernel: no dQ kernel
       acc = _dq_acc(q, dims, batch_kv, interpret)
       dk, dv = mosaic(acc)
-      if interpret:
+      if interpret or moba_mgpu.EXPERIMENT == "rows":
         dq = _dq_of_rows(acc, scale, routing, batch, dims).reshape(q.shape)
       else:
         dq = (acc[...] * scale).reshape(q.shape)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -51,6 +52,7 @@ NEG = -1e30  # finite: a row that has seen no visible key yet keeps alpha = exp2
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SMEM_BYTES = 227 * 1024  # the H100/H200's dynamic shared memory per CTA
+EXPERIMENT = os.environ.get("MOBA_FUSED_EXPERIMENT", "")  # run 23 only: "", noadd, rows, nodq
 
 
 def interpreter_available() -> bool:
@@ -833,6 +835,9 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   vec_args = (lse2, delta, lo, hi) + ((dq.index,) if fused else ())
   n_vec = len(vec_args)
 
+  def _keys_of(k_smem, w):  # warpgroup w's 64 keys
+    return k_smem.at[pl.ds(w * WG_ROWS, WG_ROWS)] if split_cols else k_smem.at[w]
+
   def kernel(*refs):
     order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref = refs[:6]
     mat_refs = refs[6:6 + n_mat]
@@ -870,10 +875,15 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      k_w, v_w = k_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)], v_smem.at[wg]
+      k_w, v_w = _keys_of(k_smem, wg), v_smem.at[wg]
 
       def add_dq(slot, bk, j, row):
         """Fused: dQ of the chunk's rows, [64, dq_cols] = dS K, onto dq.acc (`DqSink`)."""
+        if EXPERIMENT == "nodq":
+          if split_cols:
+            plgpu.barrier_wait(ds_full)
+            plgpu.barrier_arrive(ds_free)
+          return
         if split_cols:  # dS of both warpgroups' keys times this warpgroup's columns of K
           plgpu.barrier_wait(ds_full)
           a, b = _transpose(ds_smem), k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)]
@@ -888,12 +898,19 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         if split_cols:
           plgpu.barrier_arrive(ds_free)  # this warpgroup read the other's dS
         stage = dq_stage.at[wg]
-        if interpret:
+        if interpret or EXPERIMENT == "rows":
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         else:
           _adds_read()  # the last chunk's adds have read the stage
         stage[...] = dq_c
         plgpu.commit_smem()
+        if EXPERIMENT == "noadd" and not interpret:
+          return
+        if EXPERIMENT == "rows" and not interpret:
+          col = wg * dq_cols if split_cols else 0
+          plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, 0, pl.ds(row, WG_ROWS), pl.ds(col, dq_cols)],
+                                  reduction_op="add")
+          return
         if interpret:
           part = lax.rem(j, jnp.int32(dq.sub_tiles)) * parts + (0 if split_cols else wg)
           col = wg * dq_cols if split_cols else 0
@@ -1005,8 +1022,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
         for w in range(2):
           at = (b, pl.ds(j * KEYS + w * WG_ROWS, WG_ROWS), kvh)
-          plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[pl.ds(w * WG_ROWS, WG_ROWS)],
-                                  kv_bars[0].at[w])
+          plgpu.copy_gmem_to_smem(k_ref.at[at], _keys_of(k_smem, w), kv_bars[0].at[w])
           plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[w], kv_bars[1].at[w])
 
         def load(c, _):
@@ -1067,7 +1083,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   def body(*refs):
     vec_types = (jnp.float32, jnp.float32, jnp.int32, jnp.int32, jnp.int32)[:n_vec]
     scratch = (
-        _tiled((KEYS, dim), dtype),
+        # fused with split columns: one [128, D] matrix (dQ's wgmma reads all keys' columns)
+        _tiled((KEYS, dim) if split_cols else (2, WG_ROWS, dim), dtype),
         _tiled((2, WG_ROWS, dim), dtype),
         tuple(_tiled((stages, WG_ROWS, dim), dtype) for _ in range(2)),
         tuple(plgpu.SMEM((stages, WG_ROWS), dt) for dt in vec_types),
