@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import re
 import warnings
 from typing import NamedTuple
 
@@ -50,10 +48,11 @@ class BlockSizes:
   # producer warpgroup) with key chunks of this size; it needs block_q=128. 0: the Triton one.
   mosaic_block_kv: int = 0
   # 1: dQ runs the Mosaic GPU kernel (key chunks of 64; it needs block_q=128). 0: the Triton one.
-  # 2: the Mosaic dK/dV (mosaic_dkdv=1) computes dQ too and adds it in float32 onto q's rows in
-  # the kernel (`moba_mgpu.DqSink`: no dQ kernel, no dQ partial rows; the adds' order varies, so
-  # dQ varies in its float32 rounding between runs) where every dK/dV item is a Mosaic one (one
-  # document per row, a block a multiple of 128, no query offset); elsewhere the Mosaic dQ.
+  # 2 (opt-in): the Mosaic dK/dV (mosaic_dkdv=1) computes dQ too and adds it in float32 onto q's
+  # rows in the kernel (`moba_mgpu.DqSink`: no dQ kernel, no dQ partial rows, so less memory;
+  # the adds' order varies, so dQ varies in its float32 rounding between runs) where every dK/dV
+  # item is a Mosaic one (one document per row, a block a multiple of 128, no query offset);
+  # elsewhere the Mosaic dQ. Slower than 1 on the H200 (run 23, docs/kernel_notes.md).
   mosaic_dq: int = 0
   # 1: dK/dV runs the Mosaic GPU kernel (128-key tiles) where every past-block group is aligned to
   # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
@@ -90,26 +89,17 @@ class BlockSizes:
   @classmethod
   def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
     """Compiled on a Hopper GPU (jax >= 0.11) with 16-bit inputs and head_dim 64 or 128: the
-    Mosaic GPU kernels (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16), dQ
-    added by the dK/dV kernel (mosaic_dq=2, run 23) unless XLA_FLAGS asks for deterministic ops
-    (`--xla_gpu_deterministic_ops=true`: then the dQ kernel, whose sums have one order). Else,
+    Mosaic GPU kernels (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16; dQ by
+    its own kernel: mosaic_dq=2 measured slower in run 23, kernel_notes.md). Else,
     and interpreted (CI's jax cannot interpret them), the Triton kernels (head_dim 128 in 16
     bits: 3 stages, the run-2 sweep's best; the Triton dK/dV keeps them for groups off the
     128-key grid)."""
     stages = 3 if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2 else 2
     if (not interpret and moba_mgpu.is_default_here()
         and moba_mgpu.refusal(dtype, head_dim, moba_mgpu.ROWS) is None):
-      dq = 1 if deterministic_requested() else 2
-      return cls(block_q=moba_mgpu.ROWS, num_stages=stages, mosaic_block_kv=128, mosaic_dq=dq,
+      return cls(block_q=moba_mgpu.ROWS, num_stages=stages, mosaic_block_kv=128, mosaic_dq=1,
                  mosaic_dkdv=1)
     return cls(num_stages=stages)
-
-
-def deterministic_requested() -> bool:
-  """Whether XLA_FLAGS sets `--xla_gpu_deterministic_ops` (true): run-to-run identical results
-  asked for, so no kernel whose float32 adds land in varying order (mosaic_dq=2)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  return re.search(r"--xla_gpu_deterministic_ops(=(true|True|1))?(\s|$)", flags) is not None
 
 
 def _dot(a, b, trans_b=False):  # [M, K] x [K, N] (or [N, K] when trans_b) -> [M, N] float32
@@ -467,8 +457,8 @@ def _dq_acc(q, dims, batch_kv, interpret):
   """The float32 zeros a fused dK/dV (mosaic_dq=2) adds dQ onto (`moba_mgpu.DqSink`): q's rows
   [B * T * H, D] compiled; interpreted, [BK, sub tiles * parts, R, D] partial rows."""
   dim = q.shape[-1]
-  if interpret or moba_mgpu.EXPERIMENT == "rows":
-    parts = dims.block_size // moba_mgpu.KEYS * moba_mgpu.dq_parts(dim) if interpret else 1
+  if interpret:
+    parts = dims.block_size // moba_mgpu.KEYS * moba_mgpu.dq_parts(dim)
     shape = (batch_kv, parts, dims.rows, dim)
   else:
     shape = (math.prod(q.shape[:3]), dim)
@@ -498,8 +488,7 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
   dq_all, dk_all, dv_all = (jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
-  shared = _dq_acc(q, dims, batch * per, interpret) if fused_dq and not (
-      interpret or moba_mgpu.EXPERIMENT == "rows") else None
+  shared = _dq_acc(q, dims, batch * per, interpret) if fused_dq and not interpret else None
   for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
     r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv
     hq = heads.stop - heads.start
@@ -651,7 +640,7 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
     if fused_dq and m_groups is None:  # dQ added by the dK/dV kernel: no dQ kernel
       acc = _dq_acc(q, dims, batch_kv, interpret)
       dk, dv = mosaic(acc)
-      if interpret or moba_mgpu.EXPERIMENT == "rows":
+      if interpret:
         dq = _dq_of_rows(acc, scale, routing, batch, dims).reshape(q.shape)
       else:
         dq = (acc[...] * scale).reshape(q.shape)

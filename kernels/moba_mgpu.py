@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 from typing import NamedTuple
 
 import jax
@@ -52,7 +51,6 @@ NEG = -1e30  # finite: a row that has seen no visible key yet keeps alpha = exp2
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SMEM_BYTES = 227 * 1024  # the H100/H200's dynamic shared memory per CTA
-EXPERIMENT = os.environ.get("MOBA_FUSED_EXPERIMENT", "")  # run 23 only: "", noadd, rows, nodq
 
 
 def interpreter_available() -> bool:
@@ -879,11 +877,6 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
       def add_dq(slot, bk, j, row):
         """Fused: dQ of the chunk's rows, [64, dq_cols] = dS K, onto dq.acc (`DqSink`)."""
-        if EXPERIMENT == "nodq":
-          if split_cols:
-            plgpu.barrier_wait(ds_full)
-            plgpu.barrier_arrive(ds_free)
-          return
         if split_cols:  # dS of both warpgroups' keys times this warpgroup's columns of K
           plgpu.barrier_wait(ds_full)
           a, b = _transpose(ds_smem), k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)]
@@ -898,19 +891,12 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         if split_cols:
           plgpu.barrier_arrive(ds_free)  # this warpgroup read the other's dS
         stage = dq_stage.at[wg]
-        if interpret or EXPERIMENT == "rows":
+        if interpret:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         else:
           _adds_read()  # the last chunk's adds have read the stage
         stage[...] = dq_c
         plgpu.commit_smem()
-        if EXPERIMENT == "noadd" and not interpret:
-          return
-        if EXPERIMENT == "rows" and not interpret:
-          col = wg * dq_cols if split_cols else 0
-          plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, 0, pl.ds(row, WG_ROWS), pl.ds(col, dq_cols)],
-                                  reduction_op="add")
-          return
         if interpret:
           part = lax.rem(j, jnp.int32(dq.sub_tiles)) * parts + (0 if split_cols else wg)
           col = wg * dq_cols if split_cols else 0

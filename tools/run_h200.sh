@@ -69,6 +69,8 @@
 #   33: dQ added by the dK/dV kernel (run 23): the fused-dQ tests first (each case alone,
 #       compiled, side by side, limit FIRST_S), then the per-kernel A/B of phase 31 against $BASE
 #       (no shards: SHARDS=1 runs them too)
+#   34: the fused dQ (mosaic_dq=2, opt-in) against the default: XLA's memory plans and synced fwd+bwd
+#       at 8K b512 k3 and 16K b128 k8, then phase 23 (the default's table and plans)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -277,6 +279,16 @@ if [ "$phase" = 22 ]; then
       --repeats 20 2>&1 | grep -v "^WARNING" | tail -3 | tee -a $OUT/cmdbuf.txt
   done
   bash tools/run_h200.sh 20 > /dev/null 2>&1; cat $OUT/profiles.txt  # the profiles, as phase 20
+fi
+if [ "$phase" = 34 ]; then
+  fused=128,64,64,64,4,3,4,128,2,1
+  for spec in 8192:512:3 16384:128:8; do set -- ${spec//:/ }
+    timeout 100 python3 tools/memory_gpu.py --seq $1 --block $2 --topk $3 --impls pallas_gpu \
+      --gpu-block-sizes $fused 2>&1 | grep -v "^WARNING" | tee -a $OUT/fused_memory.txt
+  done
+  STEP_S=120 bench --impls pallas_gpu --seqs 8192,16384 --configs 512:3,128:8 --repeats 10 \
+    --gpu-block-sizes $fused 2>&1 | grep -v "^WARNING" | tee $OUT/fused_table.txt
+  phase=23
 fi
 if [ "$phase" = 23 ]; then
   for spec in ${MEM_SPECS:-8192:512:3 16384:128:8}; do set -- ${spec//:/ }
