@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import NamedTuple
 
@@ -48,11 +47,6 @@ class BlockSizes:
   # producer warpgroup) with key chunks of this size; it needs block_q=128. 0: the Triton one.
   mosaic_block_kv: int = 0
   # 1: dQ runs the Mosaic GPU kernel (key chunks of 64; it needs block_q=128). 0: the Triton one.
-  # 2 (opt-in): the Mosaic dK/dV (mosaic_dkdv=1) computes dQ too and adds it in float32 onto q's
-  # rows in the kernel (`moba_mgpu.DqSink`: no dQ kernel, no dQ partial rows, so less memory;
-  # the adds' order varies, so dQ varies in its float32 rounding between runs) where every dK/dV
-  # item is a Mosaic one (one document per row, a block a multiple of 128, no query offset);
-  # elsewhere the Mosaic dQ. Slower than 1 on the H200 (run 23, docs/kernel_notes.md).
   mosaic_dq: int = 0
   # 1: dK/dV runs the Mosaic GPU kernel (128-key tiles) where every past-block group is aligned to
   # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
@@ -67,7 +61,7 @@ class BlockSizes:
 
   def __post_init__(self):
     for name, accepted, off in (("mosaic_block_kv", (0, 64, 128), "the Triton forward"),
-                                ("mosaic_dq", (0, 1, 2), "the Triton dQ"),
+                                ("mosaic_dq", (0, 1), "the Triton dQ"),
                                 ("mosaic_dkdv", (0, 1), "the Triton dK/dV")):
       value = getattr(self, name)
       if value not in accepted:
@@ -75,9 +69,6 @@ class BlockSizes:
       if value and self.block_q != moba_mgpu.ROWS:
         raise ValueError(f"{name}={value} needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 "
                          f"rows), got block_q={self.block_q}")
-    if self.mosaic_dq == 2 and not self.mosaic_dkdv:
-      raise ValueError("mosaic_dq=2 (dQ in the dK/dV kernel) needs mosaic_dkdv=1, got "
-                       f"mosaic_dkdv={self.mosaic_dkdv}")
     n = self.mosaic_head_chunks
     if n < 1:
       raise ValueError(f"mosaic_head_chunks={n} must be at least 1")
@@ -89,8 +80,7 @@ class BlockSizes:
   @classmethod
   def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
     """Compiled on a Hopper GPU (jax >= 0.11) with 16-bit inputs and head_dim 64 or 128: the
-    Mosaic GPU kernels (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16; dQ by
-    its own kernel: mosaic_dq=2 measured slower in run 23, kernel_notes.md). Else,
+    Mosaic GPU kernels (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16). Else,
     and interpreted (CI's jax cannot interpret them), the Triton kernels (head_dim 128 in 16
     bits: 3 stages, the run-2 sweep's best; the Triton dK/dV keeps them for groups off the
     128-key grid)."""
@@ -453,65 +443,30 @@ def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, kv_head0
                            block_kv=MOSAIC_DQ_BLOCK_KV, interpret=interpret, kv_head0=kv_head0)
 
 
-def _dq_acc(q, dims, batch_kv, interpret):
-  """The float32 zeros a fused dK/dV (mosaic_dq=2) adds dQ onto (`moba_mgpu.DqSink`): q's rows
-  [B * T * H, D] compiled; interpreted, [BK, sub tiles * parts, R, D] partial rows."""
-  dim = q.shape[-1]
-  if interpret:
-    parts = dims.block_size // moba_mgpu.KEYS * moba_mgpu.dq_parts(dim)
-    shape = (batch_kv, parts, dims.rows, dim)
-  else:
-    shape = (math.prod(q.shape[:3]), dim)
-  return jax.new_ref(jnp.zeros(shape, jnp.float32))
-
-
-def _dq_sink(acc, rows: _MosaicRows, routing, dims) -> moba_mgpu.DqSink:
-  index = jnp.where(routing.rq >= 0, rows.q.index, -1)
-  return moba_mgpu.DqSink(acc, index, dims.block_size // moba_mgpu.KEYS)
-
-
-def _dq_of_rows(acc, scale, routing, batch, dims):
-  """Interpreted fused dK/dV: dQ [B, T * H', D] float32 (H': the routing's heads) of its partial
-  rows (`_dq_acc`), summed per query."""
-  rows = jnp.sum(acc[...], axis=1) * scale
-  return rt.gather_rows_sum(*_query_major(rows, routing.pos, batch, dims))
-
-
 def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
-                                    interpret, chunks, fused_dq=False):
+                                    interpret, chunks):
   """(dq, dk, dv) of the Mosaic backward over `chunks` chunks of kv heads, one after another
   (optimization barriers order them, so that one chunk's dQ rows are live at a time): each chunk
   runs the dK/dV and the dQ on its heads of q, dO, k and v (`kv_head0`), and writes its dq, dk
   and dv into the whole gradients (updates in place; a concatenation would hold every
-  chunk's pieces and the whole gradients at once). fused_dq (mosaic_dq=2, compiled): every
-  chunk's dK/dV adds its heads' dQ onto one float32 buffer of q's rows."""
+  chunk's pieces and the whole gradients at once)."""
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
   dq_all, dk_all, dv_all = (jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
-  shared = _dq_acc(q, dims, batch * per, interpret) if fused_dq and not interpret else None
   for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
     r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv
     hq = heads.stop - heads.start
     rows = _mosaic_rows(q, do, r, lse, delta, per, dims.groups, kvs.start)
-    acc = shared if shared is not None else (
-        _dq_acc(q, dims, batch * per, interpret) if fused_dq else None)
     dk, dv = moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta,
                                   r.lo, r.hi, rows.q, rows.do, k, v, scale=scale,
-                                  interpret=interpret, kv_head0=kvs.start,
-                                  dq=None if acc is None else _dq_sink(acc, rows, r, dims))
-    if shared is None:
-      if fused_dq:
-        dq = _dq_of_rows(acc, scale, r, batch, dims)
-      else:
-        dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, kvs.start)
-        dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
-      dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
+                                  interpret=interpret, kv_head0=kvs.start)
+    dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, kvs.start)
+    dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
+    dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
     dk_all = dk_all.at[:, :, kvs].set(dk[:, :seq])
     dv_all = dv_all.at[:, :, kvs].set(dv[:, :seq])
     # the next chunk's kernels after this chunk's sums: its rows replace these
     q, do, dq_all, dk_all, dv_all = jax.lax.optimization_barrier((q, do, dq_all, dk_all, dv_all))
-  if shared is not None:
-    dq_all = (shared[...] * scale).reshape(q.shape).astype(q.dtype)
   return dq_all, dk_all, dv_all
 
 
@@ -580,13 +535,12 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
-  fused_dq = sizes.mosaic_dq == 2 and mosaic_dkdv
   if sizes.mosaic_head_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
     items, groups, _ = _dkdv_items(
         routing, dims, dataclasses.replace(sizes, block_k_dkv=moba_mgpu.KEYS), seq)
     if groups is None:
       return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
-                                             interpret, sizes.mosaic_head_chunks, fused_dq)
+                                             interpret, sizes.mosaic_head_chunks)
     warnings.warn(f"mosaic_head_chunks={sizes.mosaic_head_chunks}: the backward's chunks apply "
                   "to one document per row (segment_ids None), a block size that is a multiple "
                   "of 128 and no query offset; this backward runs unchunked", stacklevel=2)
@@ -630,21 +584,11 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
     m_tiles, m_groups, m_any = _dkdv_items(
         routing, dims, dataclasses.replace(sizes, block_k_dkv=moba_mgpu.KEYS), seq)
 
-    def mosaic(acc=None):  # every group aligned to the 128-key tiles: one owner per key
+    def mosaic():  # every group aligned to the 128-key tiles: one owner per key, no scatter
       dk, dv = moba_mgpu.dkdv_tiles(m_tiles, m_rows.lse2, m_rows.delta, routing.lo, routing.hi,
-                                    m_rows.q, m_rows.do, k, v, scale=scale, interpret=interpret,
-                                    dq=None if acc is None else _dq_sink(acc, m_rows, routing,
-                                                                         dims))
+                                    m_rows.q, m_rows.do, k, v, scale=scale, interpret=interpret)
       return dk[:, :seq], dv[:, :seq]
 
-    if fused_dq and m_groups is None:  # dQ added by the dK/dV kernel: no dQ kernel
-      acc = _dq_acc(q, dims, batch_kv, interpret)
-      dk, dv = mosaic(acc)
-      if interpret:
-        dq = _dq_of_rows(acc, scale, routing, batch, dims).reshape(q.shape)
-      else:
-        dq = (acc[...] * scale).reshape(q.shape)
-      return dq.astype(q.dtype), dk, dv
     dk, dv = mosaic() if m_groups is None else jax.lax.cond(m_any, triton_dkdv, mosaic)
   else:
     dk, dv = triton_dkdv()

@@ -239,59 +239,6 @@ def _gathers_done(pending=0):
   done()
 
 
-def _add_rows_into(stage, index, acc, col0):
-  """Starts the float32 adds of stage's rows into acc's: row r of stage [64, C] (SMEM, float32,
-  unswizzled) onto acc[index[r], col0 : col0 + C] (acc [N, D] float32 in GMEM) for each index[r]
-  >= 0 (index: a [64] int32 SMEM ref; -1 skips a row). Thread r < 64 of the calling warpgroup
-  issues row r as one bulk reduce-add (`cp.reduce.async.bulk ... .add.f32`: the TMA unit adds
-  in L2, atomically per element), closed as the thread's bulk group. col0: a Python int, or
-  `"wg"` for C times the calling warpgroup's index. The caller has made stage visible to the
-  async proxy (`commit_smem`); `_adds_read` waits until the stage may be written again.
-  Compiled only (inline PTX)."""
-  cols = stage.shape[-1]
-  row_bytes = cols * 4
-  dim = acc.shape[-1]
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
-  def add(_, stage, index, acc):
-    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-    c = lambda v: arith.constant(i32, v)
-    thread = mgpu_utils.thread_idx()
-    tid = arith.remui(thread, c(128))
-    live = arith.cmpi(arith.CmpIPredicate.ult, tid, c(WG_ROWS))
-    r = arith.select(live, tid, c(0))
-    index_ptr = mgpu_utils.memref_ptr(index)
-    at = llvm.getelementptr(index_ptr.type, index_ptr, [r], [-2147483648], i32,
-                            llvm.GEPNoWrapFlags.none)
-    row = arith.select(live, llvm.load(i32, at), c(-1))
-    first = c(0) if col0 != "wg" else arith.muli(arith.divui(thread, c(128)), c(cols))
-    col = arith.extsi(i64, arith.addi(arith.muli(arith.maxsi(row, c(0)), c(dim)), first))
-    dst = arith.addi(llvm.ptrtoint(i64, mgpu_utils.memref_ptr(acc)),
-                     arith.muli(col, arith.constant(i64, 4)))
-    src = arith.addi(llvm.ptrtoint(i32, mgpu_utils.memref_ptr(stage)), arith.muli(r, c(row_bytes)))
-    llvm.inline_asm(
-        ir.Type.parse("!llvm.void"), [dst, src, row],
-        "{\n\t.reg .pred p;\n\tsetp.ge.s32 p, $2, 0;\n\t"
-        f"@p cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], {row_bytes};"
-        "\n\tcp.async.bulk.commit_group;\n\t}", "l,r,r", has_side_effects=True)
-
-  add(stage, index, acc)
-
-
-def _adds_read(all_done=False):
-  """Waits until the calling warpgroup's `_add_rows_into` have read their stage (all_done: until
-  their adds are done), and the warpgroup meets: its stage may be written again."""
-
-  @plgpu.inline_mgpu()
-  def wait(_):
-    read = "" if all_done else ".read"
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"cp.async.bulk.wait_group{read} 0;", "",
-                    has_side_effects=True)
-    mgpu_utils.warpgroup_barrier()
-
-  wait()
-
-
 def free_chunks(ks, ke, lo, hi, rq, block_kv):
   """[BK, NT] leading key chunks of each tile that every live row sees whole (no mask); the
   chunks start at the tile's first key rounded down to a multiple of 8, as the kernel's do."""
@@ -749,36 +696,9 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
 KEYS = 128  # dK/dV: keys per work item, 64 per compute warpgroup
 
 
-class DqSink(NamedTuple):
-  """Where the dK/dV kernel adds dQ (`dkdv_tiles(dq=)`, the fused backward: no dQ kernel).
-
-  Compiled, acc is a float32 ref [B * T * H, D] of q's rows (zeros first, `jax.new_ref`): each
-  64-row chunk's dQ, [64, D] = dS [64, 128] K [128, D] of the item's keys, is added onto its
-  queries' rows by bulk reduce-adds (`_add_rows_into`; the order of the float32 adds varies
-  between runs, as cuDNN's and FlashAttention-3's dQ does). Interpreted (no interpreter rule for
-  the inline PTX), acc is [BK, sub_tiles * parts, R, D] float32: slot (bk, sub * parts + part, r)
-  holds routing row r's dQ from its block's key tile sub (`sub_tiles` = block / 128: in a
-  one-document routing with blocks on the 128-key grid each row sees the key tiles of one block)
-  and, at head_dim 64, compute warpgroup `part` (parts = 2; 1 at head_dim 128), summed by the
-  caller. index [BK, R] int32: each routing row's row of q (-1: padding)."""
-  acc: jax.Array  # a ref
-  index: jax.Array
-  sub_tiles: int = 1
-
-
-def dq_parts(dim: int) -> int:
-  """Partial dQ rows per routing row and key tile in a fused dK/dV: at head_dim 128 the two
-  compute warpgroups split dQ's columns (each adds dS of all 128 keys times its 64 columns of K,
-  after both have stored their dS); at head_dim 64 each adds dS K of its own 64 keys (a 32-column
-  split would cut the 128-byte swizzle atom)."""
-  return 1 if dim == 128 else 2
-
-
 def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, interpret=False,
-               ctas=None, stages=None, kv_head0=0, dq: DqSink | None = None):
-  """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop); with
-  `dq` (a `DqSink`), dQ too, added in float32 onto dq.acc (unscaled: the caller multiplies by
-  `scale` once).
+               ctas=None, stages=None, kv_head0=0):
+  """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
 
   items: (ks, r0, ru, r1, g0, g1), each [BK, NK] int32: key tile j of (batch, kv head) bk starts
   at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows [r0, r1), of
@@ -795,8 +715,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   rows itself (`_gather_into_smem`, the chunk's indices brought into SMEM by TMA one chunk
   ahead) and publishes a chunk `lag` chunks later (two; the ring's other slots hide the
   gathers' latency), the item's last ones before it awaits the item's end. Per chunk: S^T = K Q^T, P^T = exp2(S^T - lse),
-  dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma); fused, dS^T
-  goes to SMEM too and dQ = dS K (a fifth) is added onto dq.acc (`DqSink`). Dense chunks
+  dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma). Dense chunks
   that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1 belong to
   later blocks, which start after these keys); the rest, and the group's chunks, are not. One
   rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM and stored by TMA.
@@ -810,14 +729,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   n_ctas = min(n_items, ctas or num_ctas(interpret))
   dtype = q_rows.dtype
   itemsize = jnp.dtype(dtype).itemsize
-  fused = dq is not None
-  parts = dq_parts(dim)
-  split_cols = fused and parts == 1  # the warpgroups share dS: they meet twice a chunk
-  dq_cols = dim // 2 if split_cols else dim
-  per_slot = 2 * WG_ROWS * dim * itemsize + (5 if fused else 4) * WG_ROWS * 4
+  per_slot = 2 * WG_ROWS * dim * itemsize + 4 * WG_ROWS * 4
   fixed = 2 * KEYS * dim * itemsize
-  if fused:  # dS^T of the item's 128 keys; each warpgroup's float32 dQ stage
-    fixed += KEYS * WG_ROWS * itemsize + 2 * WG_ROWS * dq_cols * 4
   stages = stages or max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
   lag = min(2, stages - 1)  # chunks whose row gathers stay in flight (compiled)
   qk_scale = scale * LOG2E
@@ -830,25 +743,15 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
   mat_args = _mat_operands((q_rows, do_rows), interpret)
   n_mat = len(mat_args)
-  vec_args = (lse2, delta, lo, hi) + ((dq.index,) if fused else ())
-  n_vec = len(vec_args)
-
-  def _keys_of(k_smem, w):  # warpgroup w's 64 keys
-    return k_smem.at[pl.ds(w * WG_ROWS, WG_ROWS)] if split_cols else k_smem.at[w]
 
   def kernel(*refs):
     order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref = refs[:6]
     mat_refs = refs[6:6 + n_mat]
-    vec_refs = refs[6 + n_mat:6 + n_mat + n_vec]
-    k_ref, v_ref, *rest = refs[6 + n_mat + n_vec:]
-    dq_ref = rest.pop(0) if fused else None
-    dk_ref, dv_ref, scoped = rest
-    (k_smem, v_smem, mat_smem, vec_smem, *extra_smem), (kv_bars, mat_bars, vec_bars, *idx_bars), \
-        (kv_free, row_free, *meets) = scoped
-    idx_smem = None if interpret else extra_smem.pop(0)
-    idx_bars = None if interpret else idx_bars[0]
-    ds_smem, dq_stage = extra_smem if fused else (None, None)
-    ds_full, ds_free = meets if split_cols else (None, None)
+    lse_ref, dl_ref, lo_ref, hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped = refs[6 + n_mat:]
+    (k_smem, v_smem, mat_smem, vec_smem, *idx_smem), (kv_bars, mat_bars, vec_bars, *idx_bars), \
+        frees = scoped
+    idx_smem, idx_bars = (None, None) if interpret else (idx_smem[0], idx_bars[0])
+    kv_free, row_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
 
@@ -873,37 +776,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      k_w, v_w = _keys_of(k_smem, wg), v_smem.at[wg]
-
-      def add_dq(slot, bk, j, row):
-        """Fused: dQ of the chunk's rows, [64, dq_cols] = dS K, onto dq.acc (`DqSink`)."""
-        if split_cols:  # dS of both warpgroups' keys times this warpgroup's columns of K
-          plgpu.barrier_wait(ds_full)
-          a, b = _transpose(ds_smem), k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)]
-        else:  # dS of this warpgroup's keys times their rows of K
-          a, b = _transpose(ds_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)]), k_w
-
-        def dq_fn(acc_ref):
-          plgpu.wgmma(acc_ref, a, b)
-          return acc_ref[...]
-
-        dq_c = pl.run_scoped(dq_fn, plgpu.ACC((WG_ROWS, dq_cols), jnp.float32))
-        if split_cols:
-          plgpu.barrier_arrive(ds_free)  # this warpgroup read the other's dS
-        stage = dq_stage.at[wg]
-        if interpret:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        else:
-          _adds_read()  # the last chunk's adds have read the stage
-        stage[...] = dq_c
-        plgpu.commit_smem()
-        if interpret:
-          part = lax.rem(j, jnp.int32(dq.sub_tiles)) * parts + (0 if split_cols else wg)
-          col = wg * dq_cols if split_cols else 0
-          plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, part, pl.ds(row, WG_ROWS),
-                                                   pl.ds(col, dq_cols)])
-        else:
-          _add_rows_into(stage, vec_smem[4].at[slot], dq_ref, "wg" if split_cols else 0)
+      k_w, v_w = k_smem.at[wg], v_smem.at[wg]
 
       def tile_keys(i, g):
         bk, j, a, ga, n_dense, n_mask, n_full, n_group = item(i)
@@ -917,7 +790,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
           for bars in mat_bars + vec_bars:
             plgpu.barrier_wait(bars.at[slot])
           q_s, do_s = mat_smem[0].at[slot], mat_smem[1].at[slot]
-          lse2_c, delta_c, lo_c, hi_c = (_load(x.at[slot], col_layout) for x in vec_smem[:4])
+          lse2_c, delta_c, lo_c, hi_c = (_load(x.at[slot], col_layout) for x in vec_smem)
           row = lambda x: lax.broadcast_in_dim(x, (WG_ROWS, WG_ROWS), [1])
 
           def st_fn(acc_ref):
@@ -937,20 +810,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
             return acc_ref[...]
 
           dpt = pl.run_scoped(dpt_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
-          dst = (pt * (dpt - row(delta_c))).astype(dtype)
-          if fused:
-            if split_cols:
-              @pl.when(c > 0)
-              def _():  # the other warpgroup read the last chunk's dS
-                plgpu.barrier_wait(ds_free)
-
-            ds_smem[pl.ds(wg * WG_ROWS, WG_ROWS), :] = dst
-            plgpu.commit_smem()
-            if split_cols:
-              plgpu.barrier_arrive(ds_full)
-          dk = _mma_add(dk, dst, q_s, interpret)
-          if fused:
-            add_dq(slot, bk, j, chunk_row(c, a, ga, n_dense))
+          dst = pt * (dpt - row(delta_c))
+          dk = _mma_add(dk, dst.astype(dtype), q_s, interpret)
           plgpu.barrier_arrive(row_free.at[slot])
           return dk, dv
 
@@ -961,11 +822,6 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         acc = lax.fori_loop(n_mask, n_full, free, acc)
         acc = lax.fori_loop(n_full, n_dense, masked, acc)
         dk, dv = lax.fori_loop(n_dense, n_dense + n_group, free, acc)
-        if split_cols:
-          @pl.when(n_dense + n_group > 0)
-          def _():  # the other warpgroup's last dQ has read these keys
-            plgpu.barrier_wait(ds_free)
-
         b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
         k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in their SMEM
         v_w[...] = dv.astype(v_w.dtype)
@@ -979,12 +835,11 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
       lax.fori_loop(0, my_items, tile_keys, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
-      if fused and not interpret:
-        _adds_read(all_done=True)
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
+      vsrcs = (lse_ref, dl_ref, lo_ref, hi_ref)
       src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
 
       def fetch_index(bk, row, gc):  # chunk gc's 64 row indices into the index ring, by TMA
@@ -1008,7 +863,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
         for w in range(2):
           at = (b, pl.ds(j * KEYS + w * WG_ROWS, WG_ROWS), kvh)
-          plgpu.copy_gmem_to_smem(k_ref.at[at], _keys_of(k_smem, w), kv_bars[0].at[w])
+          plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[w], kv_bars[0].at[w])
           plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[w], kv_bars[1].at[w])
 
         def load(c, _):
@@ -1019,7 +874,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
             plgpu.barrier_wait(row_free.at[slot])
 
           rows_c = pl.ds(chunk_row(c, a, ga, n_dense), WG_ROWS)
-          for src, dst, bars in zip(vec_refs, vec_smem, vec_bars):
+          for src, dst, bars in zip(vsrcs, vec_smem, vec_bars):
             plgpu.copy_gmem_to_smem(src.at[bk, rows_c], dst.at[slot], bars.at[slot])
           dsts, bars = [m.at[slot] for m in mat_smem], [x.at[slot] for x in mat_bars]
           if interpret:
@@ -1067,23 +922,19 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
       plgpu.barrier_wait(kv_free)
 
   def body(*refs):
-    vec_types = (jnp.float32, jnp.float32, jnp.int32, jnp.int32, jnp.int32)[:n_vec]
     scratch = (
-        # fused with split columns: one [128, D] matrix (dQ's wgmma reads all keys' columns)
-        _tiled((KEYS, dim) if split_cols else (2, WG_ROWS, dim), dtype),
+        _tiled((2, WG_ROWS, dim), dtype),
         _tiled((2, WG_ROWS, dim), dtype),
         tuple(_tiled((stages, WG_ROWS, dim), dtype) for _ in range(2)),
-        tuple(plgpu.SMEM((stages, WG_ROWS), dt) for dt in vec_types),
-    ) + (() if interpret else (plgpu.SMEM((2, WG_ROWS), jnp.int32),)) + (  # the index ring
-        (_tiled((KEYS, WG_ROWS), dtype), plgpu.SMEM((2, WG_ROWS, dq_cols), jnp.float32))
-        if fused else ())  # dS^T of the item's keys; the warpgroups' dQ stages
+        tuple(plgpu.SMEM((stages, WG_ROWS), dt)
+              for dt in (jnp.float32, jnp.float32, jnp.int32, jnp.int32)),
+    ) + (() if interpret else (plgpu.SMEM((2, WG_ROWS), jnp.int32),))  # the index ring
     bars = ((plgpu.Barrier(num_barriers=2),) * 2, (plgpu.Barrier(num_barriers=stages),) * 2,
-            (plgpu.Barrier(num_barriers=stages),) * n_vec) + (
+            (plgpu.Barrier(num_barriers=stages),) * 4) + (
                 () if interpret else (plgpu.Barrier(num_barriers=2),))
-    frees = (plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages)) + (
-        (plgpu.Barrier(num_arrivals=2),) * 2 if split_cols else ())  # ds_full, ds_free
+    frees = (plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
   shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
   return _kernel(body, "moba_mgpu_dkdv", (shape, shape), n_ctas, interpret)(
-      order, *items[1:], *mat_args, *vec_args, kp, vp, *((dq.acc,) if fused else ()))
+      order, *items[1:], *mat_args, lse2, delta, lo, hi, kp, vp)

@@ -273,30 +273,20 @@ def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
   assert "custom_call @mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("dim, fused", [(64, False), (128, False), (64, True), (128, True)])
-def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim, fused):
+@pytest.mark.parametrize("dim", [64, 128])
+def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim):
   """The dK/dV kernel's lowering (its keys, their SMEM staging of dK/dV, and the row ring fit the
-  shared memory) on a CPU-only machine; fused: with dS in SMEM, the dQ stages and the bulk
-  reduce-adds of dQ onto q's rows (one float32 buffer, written in place: no third output)."""
+  shared memory) on a CPU-only machine."""
   bk, rows, seq = 2, 512, 200
   i32 = lambda *s: jnp.zeros(s, jnp.int32)
   f32 = lambda *s: jnp.zeros(s, jnp.float32)
   mat = mm.Rows(jnp.zeros((seq * 4, dim), jnp.bfloat16), i32(bk, rows))  # gathered in the kernel
-
-  def fn(*a):
-    sink = mm.DqSink(jax.new_ref(jnp.zeros((seq * 4, dim), jnp.float32)), a[-1]) if fused else None
-    out = mm.dkdv_tiles(a[:6], *a[6:11], a[10], *a[11:13], scale=0.1, dq=sink)
-    return out + ((sink.acc[...],) if fused else ())
-
   kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
   items = tuple(i32(bk, 2) for _ in range(6))
-  args = items + (f32(bk, rows), f32(bk, rows), i32(bk, rows), i32(bk, rows), mat, kv, kv,
-                  i32(bk, rows))
+  fn = lambda *a: mm.dkdv_tiles(a[:6], *a[6:11], a[10], *a[11:], scale=0.1)
+  args = items + (f32(bk, rows), f32(bk, rows), i32(bk, rows), i32(bk, rows), mat, kv, kv)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
-  assert len(calls) == 1
-  assert calls[0].rsplit(") -> ", 1)[1].count(f"x{dim}xbf16>") == 2  # dK, dV
-  assert (f"tensor<{seq * 4}x{dim}xf32>" in calls[0]) == fused
+  assert "custom_call @mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("dim, block_kv", [(128, 64), (128, 128), (64, 128)])
@@ -315,34 +305,30 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   assert "triton" not in text
 
 
-@pytest.mark.parametrize("dq", [1, 2])
-def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows(dq):
+def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows():
   """The fwd+bwd with all three Mosaic kernels lowers for CUDA at T = 300 (TMA boxes of keys need
   a key axis a multiple of 8 long: the kernels see zero keys appended, masked; the forward and dQ
   raised "dimension 2 must have size smaller or a multiple of its tiling 8" on the H200 before),
   and the kernels gather their Q and dO rows themselves: each takes q (and dO) in the caller's
   layout, [B * T * H, D], and no operand of the routing's [BK, R, D] rows (XLA's gathered copies,
   before 2026-12-03); only the forward's and dQ's outputs have that shape. segment_ids=None: no
-  `lax.cond` outside the kernels (the Mosaic dK/dV needs no Triton fallback). dq=2: no dQ
-  kernel; the dK/dV kernel takes a float32 buffer of q's rows, which it adds dQ onto."""
+  `lax.cond` outside the kernels (the Mosaic dK/dV needs no Triton fallback)."""
   from moba_jax.attention import KernelOptions
   q = jnp.zeros((2, 300, 4, 64), jnp.bfloat16)
   k = jnp.zeros((2, 300, 2, 64), jnp.bfloat16)
-  opts = KernelOptions(tiles=tiles(128, dq, 1))
+  opts = KernelOptions(tiles=tiles(128, 1, 1))
   f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, None, block_size=128, topk=3, options=opts)
   step = lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct)
   text = jax.jit(step).trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
   calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
-  assert len(calls) == 4 - dq
+  assert len(calls) == 3
   operands = [c.rsplit(" : (", 1)[1].split(") -> ")[0] for c in calls]
   results = [c.rsplit(") -> ", 1)[1] for c in calls]
   flat_q = "tensor<2400x64xbf16>"  # [B * T * H, D]
-  assert [o.count(flat_q) for o in operands] == [1, 2, 2][:4 - dq]  # fwd: q; bwd: q and dO
+  assert [o.count(flat_q) for o in operands] == [1, 2, 2]  # fwd: q; dK/dV and dQ: q and dO
   rows = re.compile(r"tensor<4x\d+x64xbf16>")  # [BK, R, D] (BK = 2 batch rows x 2 kv heads)
-  assert [len(rows.findall(o)) for o in operands] == [0, 0, 0][:4 - dq]
-  assert [len(rows.findall(r)) for r in results] == [1, 0, 1][:4 - dq]  # fwd's o, dQ's rows
-  f32_rows = [o.count("tensor<2400x64xf32>") for o in operands]  # dQ's float32 buffer
-  assert f32_rows == ([0, 0, 0] if dq == 1 else [0, 1])
+  assert [len(rows.findall(o)) for o in operands] == [0, 0, 0]
+  assert [len(rows.findall(r)) for r in results] == [1, 0, 1]  # fwd's o rows, dQ's rows
   assert "triton" not in text
   assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
 
@@ -465,8 +451,7 @@ def test_mosaic_kernels_lower_under_remat_and_scan():
 
 @pytest.mark.parametrize("hopper", [False, True])
 def test_the_default_is_mosaic_on_hopper_in_16_bits_else_triton(hopper, monkeypatch):
-  """Compiled on a Hopper GPU, 16-bit inputs with head_dim 64 or 128 take all three Mosaic kernels
-  (the dQ kernel: dQ added by the dK/dV kernel, mosaic_dq=2, is opt-in);
+  """Compiled on a Hopper GPU, 16-bit inputs with head_dim 64 or 128 take all three Mosaic kernels;
   float32, other head_dims, other GPUs and every interpreted run take the Triton kernels."""
   monkeypatch.setattr(mm, "on_hopper", lambda: hopper)
   monkeypatch.setattr(mm, "CHECKED_JAX", (0, 0))  # this JAX counts as checked
@@ -580,79 +565,3 @@ def test_mosaic_kernels_without_segment_ids_equal_zeros():
   for what, a, b in zip(("out", "dq", "dk", "dv"), grads(None),
                         grads(jnp.zeros((1, 600), jnp.int32))):
     np.testing.assert_array_equal(a, b, err_msg=what)
-
-
-# name: (length, heads, kv_heads, dim, block, topk): one document per row (segment_ids None),
-# where the dK/dV kernel adds dQ itself (mosaic_dq=2)
-FUSED_CASES = {
-    "ragged_gqa_d64": (600, 4, 2, 64, 128, 3),  # each warpgroup adds dS K of its own keys
-    "ragged_gqa_d128_block256": (600, 4, 2, 128, 256, 2),  # warpgroups split dQ's columns
-    "ring_wrap_4_ctas_d128": (1024, 2, 1, 128, 512, 2),  # rings wrap, many items per CTA
-}
-
-
-@needs_runner
-@pytest.mark.parametrize("name", list(FUSED_CASES))
-def test_dq_added_by_the_dkdv_kernel_matches_the_oracle_and_the_dq_kernel(name, monkeypatch):
-  """mosaic_dq=2: no dQ kernel; the dK/dV kernel's dQ of each 64-row chunk and 128-key tile
-  (dS of the tile's keys in SMEM times K) is added onto q's rows in float32 (compiled: bulk
-  reduce-adds in L2; interpreted: partial rows summed by XLA). Against the float32 oracle at the
-  bf16 bound of the other cases, and against the dQ kernel (mosaic_dq=1: bf16 partial rows
-  summed in float32) to the bf16 rounding of one dQ element; out, dK and dV equal to the bit."""
-  seq, heads, kv_heads, dim, block, topk = FUSED_CASES[name]
-  if name in FEW_CTAS:
-    monkeypatch.setattr(mm, "num_ctas", lambda interpret: FEW_CTAS[name])
-    helpers._jitted_run.clear_cache()
-  q, k, v = random_qkv(11, 1, seq, heads, kv_heads, dim, jnp.bfloat16)
-  ct = jax.random.normal(jax.random.key(12), q.shape, jnp.bfloat16)
-  up = lambda x: np.asarray(x, np.float32)
-  kw = dict(block_size=block, topk=topk)
-  with jax.default_matmul_precision("highest"):
-    out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, None, **kw),
-                       *(x.astype(jnp.float32) for x in (q, k, v)))
-    want = (out, *vjp(ct.astype(jnp.float32)))
-  fn = lambda dq: lambda q, k, v: run("pallas_gpu", q, k, v, None, tiles=tiles(128, dq, 1), **kw)
-  fused, kernel = helpers.vjp_all(fn(2), q, k, v, ct), helpers.vjp_all(fn(1), q, k, v, ct)
-  errors = {w: rel_err(jnp.asarray(up(a)), b) for w, a, b in zip(("out", "dq", "dk", "dv"),
-                                                                   fused, want)}
-  assert max(errors.values()) < 1e-2, errors
-  for what, a, b in zip(("out", "dk", "dv"), (fused[0], *fused[2:]), (kernel[0], *kernel[2:])):
-    np.testing.assert_array_equal(up(a), up(b), err_msg=what)
-  dq_f, dq_k = up(fused[1]), up(kernel[1])
-  assert np.abs(dq_f - dq_k).max() <= 2 ** -6 * np.abs(dq_k).max(), name
-
-
-@needs_runner
-def test_dq_added_by_the_dkdv_kernel_by_kv_head_chunks():
-  """mosaic_dq=2 with mosaic_head_chunks=2: each chunk's dK/dV adds its heads' dQ (compiled:
-  onto one float32 buffer of q's rows); the gradients of one pass, dK and dV to the bit, dQ to
-  the order of its float32 adds (bf16 rounding of one element). head_dim 64, as the test of
-  chunks above (at 128 the interpreted chunks differ from one pass in 1-ulp of 14 dK elements
-  with the dQ kernel too: the XLA glue around the kernels, not the kernels)."""
-  q, k, v = random_qkv(5, 1, 600, 4, 2, 64, jnp.bfloat16)
-  ct = jax.random.normal(jax.random.key(6), q.shape, jnp.bfloat16)
-  fn = lambda n: lambda q, k, v: run("pallas_gpu", q, k, v, None, tiles=tiles(128, 2, 1) + (n,),
-                                     block_size=128, topk=3)
-  (o2, dq2, dk2, dv2), (o1, dq1, dk1, dv1) = (
-      [np.asarray(x, np.float32) for x in helpers.vjp_all(fn(n), q, k, v, ct)] for n in (2, 1))
-  for what, a, b in (("out", o2, o1), ("dk", dk2, dk1), ("dv", dv2, dv1)):
-    np.testing.assert_array_equal(a, b, err_msg=what)
-  assert np.abs(dq2 - dq1).max() <= 2 ** -7 * np.abs(dq1).max()
-
-
-@pytest.mark.skipif(not (helpers.COMPILED and mm.on_hopper()),
-                    reason="compiled on a Hopper GPU only (interpreted, one case takes hours)")
-@pytest.mark.parametrize("name", ["8k_b512_k3", "16k_b128_k8", "32k_b4096_k12"])
-def test_dq_added_by_the_dkdv_kernel_at_benchmark_scale(name):
-  """The benchmark's shapes without segment ids (the fused path): dQ of mosaic_dq=2 against the
-  dQ kernel's (mosaic_dq=1) on the same bf16 inputs; dK and dV equal to the bit."""
-  lengths, heads, kv_heads, dim, block, topk = SCALE[name]
-  q, k, v = random_qkv(1, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
-  ct = jax.random.normal(jax.random.key(2), q.shape, jnp.bfloat16)
-  fn = lambda dq: lambda q, k, v: run("pallas_gpu", q, k, v, None, tiles=tiles(128, dq, 1),
-                                      block_size=block, topk=topk)
-  fused, kernel = ([np.asarray(x, np.float32) for x in helpers.vjp_all(fn(dq), q, k, v, ct)]
-                   for dq in (2, 1))
-  for what, i in (("dk", 2), ("dv", 3)):
-    np.testing.assert_array_equal(fused[i], kernel[i], err_msg=what)
-  assert np.abs(fused[1] - kernel[1]).max() <= 2 ** -6 * np.abs(kernel[1]).max()

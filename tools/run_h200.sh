@@ -66,6 +66,8 @@
 #   32: phase 31 behind a first check: the row-gather test and each kernel alone (the ragged GQA
 #       cases, compiled, side by side, limit FIRST_S, default 150 s: a hang names its kernel);
 #       the A/B and the shards run only if all four passed
+#   33 and 34 (run 23) need docs/results/h200_2026-12-03_run23/fused_dq.patch applied (the fused
+#       dQ was measured and not landed; `git apply` it onto the tree first)
 #   33: dQ added by the dK/dV kernel (run 23): the fused-dQ tests first (each case alone,
 #       compiled, side by side, limit FIRST_S), then the per-kernel A/B of phase 31 against $BASE
 #       (no shards: SHARDS=1 runs them too)
