@@ -6,6 +6,8 @@
 #      default tiles, cudnn)
 #   2: check + breakdown + tile sweep at 32K, then the full table with the fastest tiles
 #   4: (removed: the fused-dQ backward it timed is gone, see docs/kernel_notes.md)
+#   33, 34: (run 23: the fused dQ, measured and not landed; these phases are in
+#       docs/results/h200_2026-12-03_run23/fused_dq.patch with the code they ran)
 #   6: check, 8K/32K/128K b512 k3 table (default tiles), 32K tile sweep over TILES, profiles at
 #      PROFILE_SEQS (default 32768)
 #   5: per-kernel profiles of the fwd+bwd step (tools/profile_gpu.py), default tiles [and TILES]
@@ -66,13 +68,6 @@
 #   32: phase 31 behind a first check: the row-gather test and each kernel alone (the ragged GQA
 #       cases, compiled, side by side, limit FIRST_S, default 150 s: a hang names its kernel);
 #       the A/B and the shards run only if all four passed
-#   33 and 34 (run 23) need docs/results/h200_2026-12-03_run23/fused_dq.patch applied (the fused
-#       dQ was measured and not landed; `git apply` it onto the tree first)
-#   33: dQ added by the dK/dV kernel (run 23): the fused-dQ tests first (each case alone,
-#       compiled, side by side, limit FIRST_S), then the per-kernel A/B of phase 31 against $BASE
-#       (no shards: SHARDS=1 runs them too)
-#   34: the fused dQ (mosaic_dq=2, opt-in) against the default: XLA's memory plans and synced fwd+bwd
-#       at 8K b512 k3 and 16K b128 k8, then phase 23 (the default's table and plans)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -282,16 +277,6 @@ if [ "$phase" = 22 ]; then
   done
   bash tools/run_h200.sh 20 > /dev/null 2>&1; cat $OUT/profiles.txt  # the profiles, as phase 20
 fi
-if [ "$phase" = 34 ]; then
-  fused=128,64,64,64,4,3,4,128,2,1
-  for spec in 8192:512:3 16384:128:8; do set -- ${spec//:/ }
-    timeout 100 python3 tools/memory_gpu.py --seq $1 --block $2 --topk $3 --impls pallas_gpu \
-      --gpu-block-sizes $fused 2>&1 | grep -v "^WARNING" | tee -a $OUT/fused_memory.txt
-  done
-  STEP_S=120 bench --impls pallas_gpu --seqs 8192,16384 --configs 512:3,128:8 --repeats 10 \
-    --gpu-block-sizes $fused 2>&1 | grep -v "^WARNING" | tee $OUT/fused_table.txt
-  phase=23
-fi
 if [ "$phase" = 23 ]; then
   for spec in ${MEM_SPECS:-8192:512:3 16384:128:8}; do set -- ${spec//:/ }
     timeout 100 python3 tools/memory_gpu.py --seq $1 --block $2 --topk $3 --impls pallas_gpu \
@@ -390,20 +375,6 @@ if [ "$phase" = 32 ]; then
   (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
   grep -q "exit [1-9]" $log && { echo "first check failed: no A/B" | tee -a $log; exit 1; }
   phase=31
-fi
-if [ "$phase" = 33 ]; then
-  [ -d "${BASE:-}" ] || { echo "phase 33 needs BASE=<the tree to compare against>"; exit 2; }
-  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${FIRST_S:-150}" python3 -m pytest -q \
-    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" tests/test_mosaic.py \
-    > $OUT/first_$1.txt 2>&1; echo "exit $?" >> $OUT/first_$1.txt; }
-  first d64 "matches_the_oracle and d64" & first d128 "matches_the_oracle and d128_block256" &
-  first ring "matches_the_oracle and ring_wrap" & first chunks "dkdv_kernel_by_kv_head_chunks" &
-  wait; for f in d64 d128 ring chunks; do
-    echo "$f: $(grep -h "^FAILED\|Error\|assert" $OUT/first_$f.txt | head -3) $(tail -n 2 \
-      $OUT/first_$f.txt | tr '\n' ' ')"; done | tee -a $log
-  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
-  grep -q "exit [1-9]" $log && { echo "first check failed: no A/B" | tee -a $log; exit 1; }
-  if [ "${SHARDS:-}" ]; then phase=31; else ab_profiles 8 $BASE .; fi
 fi
 if [ "$phase" = 31 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 31 needs BASE=<the tree to compare against>"; exit 2; }
