@@ -454,15 +454,18 @@ def gather_rows_sum(x_rows, pos):
 PARTIAL_BYTES = 4 << 30  # largest partial-row buffer ([BK, R, D], counted in float32) per call
 
 
-def kv_head_chunks(q_shape, kv_heads, block_size, topk, keys=None) -> int:
+def kv_head_chunks(q_shape, kv_heads, block_size, topk, keys=None, max_selected=None) -> int:
   """How many sequential kv-head chunks keep the [BK, R, D] partial rows in budget, counted at
   4 bytes an element (the rows are in q's dtype: half that for 16-bit inputs, so the split is
-  conservative; keys: the key sequence length when it is not q's, a query offset)."""
+  conservative; keys: the key sequence length when it is not q's, a query offset). max_selected:
+  also at most that many selected blocks (rows) per query in a chunk, i.e. a chunk's rows at
+  most about max_selected times its share of q (a budget relative to the inputs)."""
   batch, seq, heads, dim = q_shape
   n_sel = min(topk, math.ceil((seq if keys is None else keys) / block_size))
   total = 4 * batch * seq * heads * dim * n_sel
   for n in range(1, kv_heads + 1):
-    if kv_heads % n == 0 and total // n <= PARTIAL_BYTES:
+    if (kv_heads % n == 0 and total // n <= PARTIAL_BYTES
+        and (max_selected is None or n_sel <= max_selected * n)):
       return n
   return kv_heads
 

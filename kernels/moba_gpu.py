@@ -52,11 +52,13 @@ class BlockSizes:
   # them (else the Triton one; float32 K/V of the context-parallel path too). Needs block_q=128.
   mosaic_dkdv: int = 0
   # n > 1: the Mosaic forward and backward (mosaic_block_kv, mosaic_dq=1, mosaic_dkdv=1) run over
-  # n chunks of kv heads, one after another, so their gathered Q (and dO) rows exist for 1/n of
-  # the heads at a time (memory), in smaller kernel grids (time: docs/benchmarks.md). It must
-  # divide the kv heads. The backward's chunks apply where every dK/dV item is a Mosaic one (one
-  # document per row: segment_ids None, block a multiple of 128, no query offset); elsewhere the
-  # backward runs unchunked, with a warning.
+  # n chunks of kv heads, one after another, so their partial rows (the forward's o rows, the
+  # dQ rows) exist for 1/n of the heads at a time (memory), in smaller kernel grids (time:
+  # docs/benchmarks.md). It must divide the kv heads. The backward's chunks apply where every
+  # dK/dV item is a Mosaic one (one document per row: segment_ids None, block a multiple of 128,
+  # no query offset); elsewhere the backward runs unchunked, with a warning. 1 (the default):
+  # the kernels choose n themselves there (`_split_heads`: more than MOSAIC_SELECTED_PER_CHUNK
+  # selected blocks a query, e.g. block 128 top-8, or rows over `_routing.PARTIAL_BYTES`).
   mosaic_head_chunks: int = 1
 
   def __post_init__(self):
@@ -611,16 +613,26 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 _moba_vjp = rt.custom_vjp_attention(forward, backward)
 
 
+# The Mosaic kernels' own split of the kv heads also keeps a chunk's partial rows within this many
+# selected blocks per query (the forward's rows, then the dQ's, each about that many times the
+# chunk's share of q). Measured on the H200 (run 24, docs/kernel_notes.md): 16K block 128 top-8
+# plans 1.67x cuDNN's memory in one pass and 1.24x in two chunks, for 2% more time (4.371 ->
+# 4.460 ms); top-3 (at most 3 rows a query) stays one pass: 1.03-1.06x at every block size.
+MOSAIC_SELECTED_PER_CHUNK = 4
+
+
 def _split_heads(sizes, q, k, segment_ids, q_start, block_size, topk):
-  """Who splits the kv heads where the partial rows exceed `_routing.PARTIAL_BYTES`: (sizes, the
-  `lax.map` chunks for `run_kernel`, None: `kv_head_chunks`' count). The Mosaic kernels split
-  them themselves (mosaic_head_chunks, in one call: run 19) where their backward can (one
-  document per row, block a multiple of 128, no query offset) and no split was asked for;
-  elsewhere `lax.map` does (each chunk a whole call)."""
+  """Who splits the kv heads where the partial rows exceed their budget: (sizes, the `lax.map`
+  chunks for `run_kernel`, None: `kv_head_chunks`' count). The Mosaic kernels split them
+  themselves (mosaic_head_chunks, in one call: run 19) where their backward can (one document
+  per row, block a multiple of 128, no query offset) and no split was asked for, over
+  `_routing.PARTIAL_BYTES` or `MOSAIC_SELECTED_PER_CHUNK`; elsewhere `lax.map` does, over
+  `PARTIAL_BYTES` (each chunk a whole call)."""
   if (sizes.mosaic_head_chunks == 1 and sizes.mosaic_block_kv and sizes.mosaic_dq
       and sizes.mosaic_dkdv and segment_ids is None and q_start is None
       and block_size % moba_mgpu.KEYS == 0 and k.dtype == q.dtype):
-    chunks = rt.kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1])
+    chunks = rt.kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1],
+                               max_selected=MOSAIC_SELECTED_PER_CHUNK)
     return dataclasses.replace(sizes, mosaic_head_chunks=chunks), 1
   return sizes, None
 

@@ -432,6 +432,27 @@ def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(monk
   assert calls(jnp.zeros((1, 512), jnp.int32), bwd=False) == 1  # in the loop's body
 
 
+@pytest.mark.parametrize("topk, kv_heads, chunks", [(4, 2, 1), (5, 2, 2), (8, 2, 2), (9, 4, 4),
+                                                    (8, 1, 1)])
+def test_mosaic_kernels_split_heads_past_four_selected_blocks_a_query(topk, kv_heads, chunks):
+  """Far under `PARTIAL_BYTES`, more than `MOSAIC_SELECTED_PER_CHUNK` (4) selected blocks a query
+  (block 128 top-8: partial rows about 8x q's size, 1.67x cuDNN's memory plan at 16K on the
+  H200) split the kv heads into the fewest chunks (dividing them) with at most 4 a query each:
+  a forward, then a dK/dV and a dQ, per chunk on the CUDA lowering. One kv head cannot split."""
+  from moba_jax.attention import KernelOptions
+  assert mg.MOSAIC_SELECTED_PER_CHUNK == 4
+  seq = 2048  # 16 blocks: every topk here is reachable
+  q = jnp.zeros((1, seq, 2 * kv_heads, 64), jnp.bfloat16)
+  k = jnp.zeros((1, seq, kv_heads, 64), jnp.bfloat16)
+  assert rt.kv_head_chunks(q.shape, kv_heads, 128, topk, max_selected=4) == chunks
+  assert rt.kv_head_chunks(q.shape, kv_heads, 128, topk) == 1  # the byte budget alone
+  opts = KernelOptions(tiles=tiles(128, 1, 1))
+  f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, None, block_size=128, topk=topk, options=opts)
+  step = jax.jit(lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct))
+  text = step.trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
+  assert sum("custom_call @mosaic_gpu" in line for line in text.splitlines()) == 3 * chunks
+
+
 def test_mosaic_kernels_lower_under_remat_and_scan():
   """The kernels (their in-kernel row gathers: inline PTX with memory effects) inside a model's
   layer loop: the gradient of a scan over checkpointed layers lowers for CUDA (interpreted runs

@@ -68,6 +68,14 @@
 #   32: phase 31 behind a first check: the row-gather test and each kernel alone (the ragged GQA
 #       cases, compiled, side by side, limit FIRST_S, default 150 s: a hang names its kernel);
 #       the A/B and the shards run only if all four passed
+#   35: (run 24: dQ added by the dQ kernel, measured and not landed; the phase is in
+#       docs/results/h200_2026-12-03_run24/dq_add.patch with the code it ran)
+#   36: per tiles spec in TILES ("-": the default), the memory plan (tools/memory_gpu.py) and
+#       the synced fwd+bwd (moba-jax bench, pallas_gpu) at SPEC (default 16384:128:8)
+#   37: the default after run 24 (kv heads split past 4 selected blocks a query): per-kernel
+#       profiles with the top 40 kernels at PROFILE_SPECS (default "16384:128:8 8192:512:3"),
+#       phase 36 at 16K b128 k8 (memory plan, synced fwd+bwd), then the back-to-back table
+#       (--pipeline 8) at 8K, 16K and 32K, blocks 512 top-3 and 128 top-8
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -363,6 +371,27 @@ if [ "$phase" = 30 ]; then
     timeout 100 python3 tools/head_chunks_gpu.py --seq 131072 --block 4096 --topk 12 --way $way \
       --chunks 4 --repeats 5 2>&1 | grep "^seq" | tee -a $OUT/chunks.txt
   done
+fi
+if [ "$phase" = 36 ]; then
+  IFS=: read -r sq bl tk <<< "${SPEC:-16384:128:8}"
+  for t in ${TILES:--}; do
+    opt=(); [ "$t" != - ] && opt=(--gpu-block-sizes $t)
+    echo "== tiles $t" | tee -a $OUT/memory.txt $OUT/table.txt
+    timeout 100 python3 tools/memory_gpu.py --seq $sq --block $bl --topk $tk --impls pallas_gpu \
+      --top 4 "${opt[@]}" 2>&1 | grep -v "^WARNING" | tee -a $OUT/memory.txt
+    STEP_S=${BENCH_S:-60} bench --impls pallas_gpu --seqs $sq --configs $bl:$tk --repeats 10 \
+      "${opt[@]}" 2>&1 | grep -v "^WARNING" | tee -a $OUT/table.txt
+  done
+fi
+if [ "$phase" = 37 ]; then
+  for spec in ${PROFILE_SPECS:-16384:128:8 8192:512:3}; do set -- ${spec//:/ }
+    echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+    timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 40 2>&1 \
+      | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done
+  bash tools/run_h200.sh 36
+  STEP_S=120 bench --impls pallas_gpu --seqs 8192,16384,32768 --configs 512:3,128:8 \
+    --repeats 10 --pipeline 8 2>&1 | grep -v "^WARNING" | tee $OUT/pipelined.txt
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
