@@ -616,8 +616,8 @@ _moba_vjp = rt.custom_vjp_attention(forward, backward)
 # The Mosaic kernels' own split of the kv heads also keeps a chunk's partial rows within this many
 # selected blocks per query (the forward's rows, then the dQ's, each about that many times the
 # chunk's share of q). Measured on the H200 (run 24, docs/kernel_notes.md): 16K block 128 top-8
-# plans 1.67x cuDNN's memory in one pass and 1.24x in two chunks, for 2% more time (4.371 ->
-# 4.460 ms); top-3 (at most 3 rows a query) stays one pass: 1.03-1.06x at every block size.
+# plans 1.67x cuDNN's memory in one pass and 1.24x in two chunks, the synced step 4.371 -> 4.389
+# and 4.460 ms (two calls); top-3 (3 rows a query) stays one pass: 1.03-1.06x at every block.
 MOSAIC_SELECTED_PER_CHUNK = 4
 
 
