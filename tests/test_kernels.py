@@ -127,6 +127,84 @@ def test_profile_counts_device_stream_kernels_once(tmp_path):
   assert times["loop_fusion"][:2] == (0.05, 0.5)
 
 
+def test_profile_splits_each_synced_call_into_host_and_device_time(tmp_path, capsys):
+  """tools/profile_gpu.py --host: per annotated call, the host's time before the first kernel,
+  the kernels' span and the wait after the last one; host events outside the calls and the
+  device's lines are not counted."""
+  import gzip
+  import json
+  from tools import profile_gpu
+  meta = lambda ph_name, pid, tid, name: dict(ph="M", name=ph_name, pid=pid, tid=tid,
+                                              args=dict(name=name))
+  x = lambda pid, tid, name, ts, dur: dict(ph="X", pid=pid, tid=tid, name=name, ts=ts, dur=dur)
+  events = [meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
+            meta("thread_name", 1, 7, "Stream #14(Compute)"), meta("thread_name", 2, 3, "python3"),
+            x(2, 3, "setup", 0, 50)]
+  for t0 in (100, 1100):  # two calls of 800 us: kernels from +200 to +700
+    events += [x(2, 3, profile_gpu.STEP, t0, 800), x(2, 3, "cuGraphLaunch", t0 + 10, 150),
+               x(1, 7, "k1", t0 + 200, 300), x(1, 7, "k2", t0 + 550, 150)]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  profile_gpu.host_events(str(path), top=5)
+  out = capsys.readouterr().out
+  assert ("wall 0.800 ms, before the first kernel 0.200 ms, first to last kernel 0.500 ms, "
+          "after the last kernel 0.100 ms") in out
+  assert "   0.150    1.0  cuGraphLaunch (python3)" in out and "setup" not in out
+
+
+def test_profile_names_the_source_line_of_each_instruction():
+  """tools/profile_gpu.py --sources: an XLA instruction's metadata (through the module's
+  stack-frame tables) names the line that made it, and its caller's."""
+  from tools import profile_gpu
+
+  def inner(x):
+    return jnp.sort(x)  # the line the sort instruction should name
+
+  def outer(x):
+    return inner(x) * 2
+  line = inner.__code__.co_firstlineno + 1
+  text = jax.jit(outer).lower(jnp.arange(8.0)).compile().as_text()
+  sources = profile_gpu.hlo_sources(text)
+  sort = [s for name, s in sources.items() if name.startswith("sort")]
+  assert sort and sort[0].startswith(f"test_kernels.py:{line} "), sort
+  if "StackFrames" in text:  # the function names and callers come from the stack-frame tables
+    first, caller = sort[0].split(" < ")[:2]
+    assert first.endswith("instruction.inner") and caller.startswith(f"test_kernels.py:{line + 3} ")
+  assert profile_gpu.source_of(sources, "sort__2") == sources.get("sort", "")
+
+
+def test_routing_sorts_every_rows_pairs_in_one_sort_with_each_rows_order():
+  """`_routing._pair_order`: one flat sort (CUB's radix sort on a GPU) gives each row's stable
+  argsort, ties (many pairs per block) in index order; past int32 offsets, the batched sort."""
+  from moba_jax.kernels import _routing as rt
+  seq = 64
+  key = jax.random.randint(jax.random.key(3), (5, 300), 0, seq // 16 + 1) * 16  # 0..64: ties
+  want = np.stack([np.argsort(np.asarray(r), kind="stable") for r in key])
+  got = jax.jit(rt._pair_order, static_argnums=1)(key, seq)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  text = jax.jit(rt._pair_order, static_argnums=1).lower(key, seq).as_text()
+  assert text.count("stablehlo.sort") == 1  # of 5 * 300 keys (and their indices):
+  assert "}) : (tensor<1500xi32>, tensor<1500xi32>) -> (tensor<1500xi32>" in text
+  np.testing.assert_array_equal(np.asarray(rt._pair_order(key, 2 ** 30)), want)  # batched
+
+
+def test_routing_at_scale_equals_the_routing_of_per_row_sorts(monkeypatch):
+  """114688 sparse pairs (4K tokens, GQA 4/2, block 128 top-8): the flat sort is past CUB's
+  threshold on a GPU (a batch of 1 above 22000 keys; the small cases elsewhere stay under it).
+  Every routing array equals the one built from each row's own stable argsort."""
+  from moba_jax.kernels import _routing as rt
+  q, k, _ = random_qkv(4, 1, 4096, 4, 2, 64, jnp.bfloat16)
+  route = jax.jit(lambda q, k: rt.route(q, k, None, block_size=128, topk=8, block_q=128)[0])
+  got = route(q, k)
+  monkeypatch.setattr(rt, "_pair_order",
+                      lambda key, seq: jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32))
+  want = jax.jit(lambda q, k: rt.route(q, k, None, block_size=128, topk=8, block_q=128)[0])(q, k)
+  for name, a, b in zip(want._fields, got, want):
+    if a is not None:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
 def test_kv_head_chunking_keeps_results(monkeypatch):
   from moba_jax.kernels import _routing as rt
   monkeypatch.setattr(rt, "PARTIAL_BYTES", 1)  # one kv head per chunk

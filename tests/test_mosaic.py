@@ -453,6 +453,35 @@ def test_mosaic_kernels_split_heads_past_four_selected_blocks_a_query(topk, kv_h
   assert sum("custom_call @mosaic_gpu" in line for line in text.splitlines()) == 3 * chunks
 
 
+@pytest.mark.parametrize("seq, block, topk", [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3)])
+def test_mosaic_step_at_benchmark_shapes_has_no_loop(monkeypatch, seq, block, topk):
+  """The Hopper default's fwd+bwd at the benchmark shapes (16 heads, head_dim 128) lowers for
+  CUDA without a `while` or a `case` outside the kernels: on a GPU each is host-driven and
+  splits XLA's command buffer in two (run 25: the routing's one-step `lax.map`s and the dK/dV
+  items' binary search were such loops)."""
+  monkeypatch.setattr(mm, "on_hopper", lambda: True)
+  monkeypatch.setattr(mm, "CHECKED_JAX", (0, 0))  # this JAX counts as checked
+  from moba_jax import attention as attn
+  q = jax.ShapeDtypeStruct((1, seq, 16, 128), jnp.bfloat16)
+  f = lambda q, k, v: attn.moba_attention(q, k, v, block_size=block, topk=topk,
+                                          implementation="pallas_gpu")
+  step = jax.jit(lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct))
+  text = step.trace(q, q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+  assert sum("custom_call @mosaic_gpu" in line for line in text.splitlines()) >= 3
+  assert "stablehlo.while" not in text and "stablehlo.case" not in text
+
+
+def test_routing_maps_of_one_step_are_calls_with_the_same_result():
+  """`_routing.map_steps`: `lax.map`'s result, with no loop in the program for one step."""
+  f = lambda xs: (jnp.sin(xs[0]) * xs[1], xs[0].sum())
+  for n in (1, 3):
+    xs = (jnp.arange(n * 6.0).reshape(n, 2, 3), jnp.ones((n, 2, 3)))
+    got, want = rt.map_steps(f, xs), jax.lax.map(f, xs)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    loops = "stablehlo.while" in jax.jit(lambda x: rt.map_steps(f, x)).lower(xs).as_text()
+    assert loops == (n > 1)
+
+
 def test_mosaic_kernels_lower_under_remat_and_scan():
   """The kernels (their in-kernel row gathers: inline PTX with memory effects) inside a model's
   layer loop: the gradient of a scan over checkpointed layers lowers for CUDA (interpreted runs

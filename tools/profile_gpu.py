@@ -1,12 +1,15 @@
 """Per-kernel time of one `pallas_gpu` fwd+bwd step on a GPU, from a JAX profiler trace.
 
 usage: python tools/profile_gpu.py --seq 32768 [--block 512 --topk 3]
-         [--gpu-block-sizes 64,64,64,64,4,3[,1]] [--out DIR]
+         [--gpu-block-sizes 64,64,64,64,4,3[,1]] [--impl cudnn] [--host 30] [--out DIR]
 
 Runs the jitted step of `moba-jax bench` (batch 1, 16 heads, head_dim 128, bf16), traces a few
 steps with `jax.profiler.trace(create_perfetto_trace=True)` and prints the device kernels grouped
 by name, in ms per step, largest first: where the fwd+bwd time goes (routing ops, the Pallas
-kernels, the XLA glue). The raw trace stays in DIR (default: a temporary directory).
+kernels, the XLA glue). `--host N` adds where a synced call's wall time goes on the host: per
+call, the wall time, the host time before the first kernel, the kernels' span and the wait after
+the last one, then the N host events (the runtime's trace annotations and the CUDA API calls)
+with the most time per call. The raw trace stays in DIR (default: a temporary directory).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 
 import jax
@@ -27,9 +31,7 @@ from moba_jax import bench
 
 def kernel_times(trace_path, steps):
   """{kernel name: (ms per step, launches per step, one hlo op name)} from a perfetto trace."""
-  with gzip.open(trace_path, "rt") as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  events = _load(trace_path)
   names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   device = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
@@ -57,9 +59,7 @@ def idle_gaps(trace_path, steps, top=8):
   first kernel's start to its last one's end, the union of kernel time in it, and the longest
   gaps inside steps (us, with the kernels on either side). A gap is host work the device waits
   for: a launch, a conditional's predicate read back, a while loop's trip."""
-  with gzip.open(trace_path, "rt") as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  events = _load(trace_path)
   names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   device = {pid for pid, n in names.items() if "gpu" in n.lower()}
@@ -89,6 +89,111 @@ def idle_gaps(trace_path, steps, top=8):
     print(f"  gap {g:8.1f} us  after {a[:50]}  before {b[:50]}")
 
 
+def hlo_sources(text):
+  """{instruction name: "file:line function < caller"} from a compiled HLO module's text (each
+  instruction's metadata: source_file/source_line, or stack_frame_id through the module's
+  FileNames / FunctionNames / FileLocations / StackFrames tables). A fusion's entry is its
+  root's: where the kernels of the trace, named after their instruction, come from."""
+  tables, current = {}, None
+  for line in text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+      continue
+    m = re.match(r"(\d+) (.*)$", line) if current is not None else None
+    if m:
+      current[int(m.group(1))] = m.group(2)
+    else:
+      current = None
+  fields = lambda x: {a: int(b) for a, b in re.findall(r"(\w+)=(\d+)", x)}
+  name_of = lambda table, i: tables.get(table, {}).get(i, "?").strip('"').replace(".<locals>", "")
+
+  def frames(fid, depth=3):
+    out = []
+    while fid in tables.get("StackFrames", {}) and len(out) < depth:
+      frame = fields(tables["StackFrames"][fid])
+      loc = fields(tables.get("FileLocations", {}).get(frame.get("file_location_id"), ""))
+      out.append(f"{os.path.basename(name_of('FileNames', loc.get('file_name_id')))}:"
+                 f"{loc.get('line', '?')} {name_of('FunctionNames', loc.get('function_name_id'))}")
+      # parent_frame_id counts from 1 (0: none) where the table's ids are one more: checked on
+      # jax 0.10's CPU modules (a frame's caller is at parent_frame_id - 1)
+      parent = frame.get("parent_frame_id", 0) - 1
+      fid = parent if 0 < parent != fid else None
+    return " < ".join(out)
+
+  out = {}
+  for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}", line)
+    if not m:
+      continue
+    meta = m.group(2)
+    src = re.search(r'source_file="([^"]*)" source_line=(\d+)', meta)
+    fid = re.search(r"stack_frame_id=(\d+)", meta)
+    if src:
+      out[m.group(1)] = f"{os.path.basename(src.group(1))}:{src.group(2)}"
+    elif fid:
+      out[m.group(1)] = frames(int(fid.group(1)))
+  return out
+
+
+def source_of(sources, kernel):
+  """The source of a trace's kernel name (XLA fusions and their split parts, e.g. sort_3__2)."""
+  return sources.get(kernel) or sources.get(re.sub(r"__\d+$", "", kernel), "")
+
+
+STEP = "profile_gpu_step"  # the trace annotation around each synced call
+
+
+def _load(trace_path):
+  with gzip.open(trace_path, "rt") as f:
+    events = json.load(f)
+  return events["traceEvents"] if isinstance(events, dict) else events
+
+
+def host_events(trace_path, top=30):
+  """Where each synced call's wall time goes on the host (see the module's docstring)."""
+  events = _load(trace_path)
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  device = {pid for pid, n in names.items() if "gpu" in n.lower()}
+  spans = [e for e in events if e.get("ph") == "X"]
+  steps = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in spans
+                 if e.get("name") == STEP)
+  if not steps:
+    print(f"host events: no {STEP} annotations in the trace")
+    return
+  kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in spans
+             if e.get("pid") in device
+             and threads.get((e["pid"], e["tid"]), "").lower().startswith("stream")]
+  total, count, where = collections.Counter(), collections.Counter(), {}
+  parts = collections.Counter()
+  for a, b in steps:
+    inside = [(s, t) for s, t in kernels if a <= s <= b]
+    if inside:
+      first, last = min(s for s, _ in inside), max(t for _, t in inside)
+      parts["before the first kernel"] += first - a
+      parts["first to last kernel"] += last - first
+      parts["after the last kernel"] += b - last
+    parts["wall"] += b - a
+  for e in spans:
+    if e.get("pid") in device or e.get("name") == STEP:
+      continue
+    ts = float(e["ts"])
+    if any(a <= ts <= b for a, b in steps):
+      n = e.get("name", "?")
+      total[n] += float(e.get("dur", 0))
+      count[n] += 1
+      where.setdefault(n, threads.get((e["pid"], e["tid"]), "?"))
+  k = len(steps)
+  print(f"host, per synced call (mean of {k}): " + ", ".join(
+    f"{n} {parts[n] / k / 1e3:.3f} ms" for n in
+    ("wall", "before the first kernel", "first to last kernel", "after the last kernel")))
+  print(f"{'ms/call':>8} {'calls':>6}  host event (thread); nested events count in each")
+  for n, t in total.most_common(top):
+    print(f"{t / k / 1e3:8.3f} {count[n] / k:6.1f}  {n[:80]} ({where[n][:30]})")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--seq", type=int, default=32768)
@@ -98,27 +203,37 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--out", default=None)
   p.add_argument("--top", type=int, default=40)
+  p.add_argument("--impl", default="pallas_gpu", choices=("pallas_gpu", "cudnn", "full_xla"))
+  p.add_argument("--host", type=int, default=0, metavar="N",
+                 help="also the N host events with the most time per synced call")
+  p.add_argument("--sources", action="store_true",
+                 help="name each kernel's source line (its instruction's metadata in the HLO)")
   a = p.parse_args(argv)
   args = bench.parse_args(["--seqs", str(a.seq)])
-  fn = bench.make_fn("pallas_gpu", a.block, a.topk, True, a.gpu_block_sizes)
+  fn = bench.make_fn(a.impl, a.block, a.topk, True, a.gpu_block_sizes)
   sets = [bench.inputs(s, args, a.seq, jnp.bfloat16) for s in range(1, a.steps + 3)]
   for s in sets[:2]:
     jax.block_until_ready(fn(*s))
   out = a.out or tempfile.mkdtemp()
   with jax.profiler.trace(out, create_perfetto_trace=True):
     for s in sets[2:]:
-      jax.block_until_ready(fn(*s))
+      with jax.profiler.TraceAnnotation(STEP):
+        jax.block_until_ready(fn(*s))
   traces = glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True)
   if not traces:
     raise SystemExit(f"no trace written under {out}")
   times = kernel_times(max(traces, key=os.path.getmtime), a.steps)
   total = sum(t for t, _, _ in times.values())
-  print(f"seq {a.seq} block {a.block} topk {a.topk} sizes {a.gpu_block_sizes}: "
+  print(f"{a.impl} seq {a.seq} block {a.block} topk {a.topk} sizes {a.gpu_block_sizes}: "
         f"device kernels {total:.3f} ms per step")
-  print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel (hlo op)")
+  sources = hlo_sources(fn.lower(*sets[0]).compile().as_text()) if a.sources else {}
+  print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel (hlo op)" + "  source" * a.sources)
   for name, (t, c, o) in sorted(times.items(), key=lambda x: -x[1][0])[:a.top]:
-    print(f"{t:8.3f} {100 * t / total:5.1f}% {c:6.1f}  {name[:70]} ({o[:60]})")
+    src = f"  {source_of(sources, name)}" if a.sources else ""
+    print(f"{t:8.3f} {100 * t / total:5.1f}% {c:6.1f}  {name[:70]} ({o[:60]}){src}")
   idle_gaps(max(traces, key=os.path.getmtime), a.steps)
+  if a.host:
+    host_events(max(traces, key=os.path.getmtime), a.host)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,20 @@
 #       profiles with the top 40 kernels at PROFILE_SPECS (default "16384:128:8 8192:512:3"),
 #       phase 36 at 16K b128 k8 (memory plan, synced fwd+bwd), then the back-to-back table
 #       (--pipeline 8) at 8K, 16K and 32K, blocks 512 top-3 and 128 top-8
+#   38: A/B of the loop-free step (run 25: no `while` outside the kernels): the synced table
+#       (pallas_gpu, 8K and 16K, blocks 512 top-3 and 128 top-8) of the tree in $BASE, then of
+#       this tree; then per-kernel profiles with the host's share of each synced call
+#       (tools/profile_gpu.py --host) at PROFILE_SPECS (default "8192:512:3 16384:128:8") of
+#       BASE, this tree and cuDNN, and at 32K b512 k3 of this tree and cuDNN
+#   39: phase 38's A/B table with REPEATS (default 30) synced calls a row, then per-kernel
+#       profiles naming each kernel's source line (tools/profile_gpu.py --sources --host) of this
+#       tree at SOURCE_SPECS (default "8192:512:3 16384:128:8 32768:512:3"), top 60
+#   40: A/B of the routing's one flat sort (run 25): a compiled check first (the flat sort
+#       against per-row sorts at scale, the oracle cases of every Mosaic kernel, the 8K and 16K
+#       benchmark-scale cases; side by side, limit FIRST_S, default 150 s), then per-kernel
+#       profiles with the host's share (8K b512 k3, 16K b128 k8 of BASE and this tree, 32K of
+#       this tree), then the synced rows (REPEATS, default 30) at 8K b512 k3 and 16K b128 k8 and
+#       the back-to-back row at 16K b128 k8, BASE and this tree
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -392,6 +406,59 @@ if [ "$phase" = 37 ]; then
   bash tools/run_h200.sh 36
   STEP_S=120 bench --impls pallas_gpu --seqs 8192,16384,32768 --configs 512:3,128:8 \
     --repeats 10 --pipeline 8 2>&1 | grep -v "^WARNING" | tee $OUT/pipelined.txt
+fi
+if [ "$phase" = 38 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 38 needs BASE=<the tree to compare against>"; exit 2; }
+  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
+  table() { echo "== $1" | tee -a $OUT/table.txt; install $1
+    (cd $1 && STEP_S=${BENCH_S:-100} bench --impls pallas_gpu --seqs 8192,16384 \
+      --configs 512:3,128:8 --repeats 10 2>&1 | grep -v "^WARNING" | tee -a $OUT/table.txt); }
+  table $BASE; table .
+  prof() { echo "== $1 $2 seq $3 block $4 topk $5" | tee -a $OUT/profiles.txt
+    (cd $1 && timeout 100 python3 tools/profile_gpu.py --impl $2 --seq $3 --block $4 --topk $5 \
+      --top 12 --host 25 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt); }
+  for tree in $BASE .; do install $tree
+    for spec in ${PROFILE_SPECS:-8192:512:3 16384:128:8}; do prof $tree pallas_gpu ${spec//:/ }; done
+  done
+  prof . cudnn 8192 512 3; prof . pallas_gpu 32768 512 3; prof . cudnn 32768 512 3
+fi
+if [ "$phase" = 39 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 39 needs BASE=<the tree to compare against>"; exit 2; }
+  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
+  for tree in $BASE .; do echo "== $tree" | tee -a $OUT/table.txt; install $tree
+    (cd $tree && STEP_S=${BENCH_S:-100} bench --impls pallas_gpu --seqs 8192,16384 \
+      --configs 512:3,128:8 --repeats ${REPEATS:-30} 2>&1 | grep -v "^WARNING" | tee -a $OUT/table.txt)
+  done
+  for spec in ${SOURCE_SPECS:-8192:512:3 16384:128:8 32768:512:3}; do set -- ${spec//:/ }
+    echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+    timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 60 --sources \
+      --host 12 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done
+fi
+if [ "$phase" = 40 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 40 needs BASE=<the tree to compare against>"; exit 2; }
+  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 timeout "${FIRST_S:-150}" python3 -m pytest -q \
+    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
+    echo "exit $?" >> $OUT/first_$1.txt; }
+  first sort "at_scale or sorts_every" tests/test_kernels.py &
+  first oracle "float32_reference and (all_ragged or batch2 or ring_wrap or unaligned)" \
+    tests/test_mosaic.py &
+  first scale "benchmark_scale and (8k or 16k)" tests/test_mosaic.py &
+  wait; for f in sort oracle scale; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
+    | tee -a $log
+  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
+  prof() { echo "== $1 seq $2 block $3 topk $4" | tee -a $OUT/profiles.txt
+    (cd $1 && timeout 100 python3 tools/profile_gpu.py --seq $2 --block $3 --topk $4 --top 20 \
+      --host 12 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt); }
+  row() { (cd $1 && STEP_S=100 bench --impls pallas_gpu --seqs $2 --configs $3 --repeats \
+    ${REPEATS:-30} --pipeline $4 2>&1 | grep "^pallas_gpu" | sed "s|^|$1 pipeline $4 |" \
+    | tee -a $OUT/table.txt); }
+  for tree in $BASE .; do install $tree
+    prof $tree 8192 512 3; prof $tree 16384 128 8
+    row $tree 8192 512:3 1; row $tree 16384 128:8 1; row $tree 16384 128:8 8
+  done
+  prof . 32768 512 3
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
