@@ -90,6 +90,9 @@
 #       profiles with the host's share (8K b512 k3, 16K b128 k8 of BASE and this tree, 32K of
 #       this tree), then the synced rows (REPEATS, default 30) at 8K b512 k3 and 16K b128 k8 and
 #       the back-to-back row at 16K b128 k8, BASE and this tree
+#   41: four oracle cases of the three Mosaic kernels compiled (documents, two batch rows, wrapping
+#       rings, the Triton fallback; two processes side by side, limit TEST_S, default 200 s), then the synced rows at 32K and 128K b512 k3 and 128K b4096 k12
+#       and the back-to-back row at 8K b512 k3 (pallas_gpu)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -459,6 +462,19 @@ if [ "$phase" = 40 ]; then
     row $tree 8192 512:3 1; row $tree 16384 128:8 1; row $tree 16384 128:8 8
   done
   prof . 32768 512 3
+fi
+if [ "$phase" = 41 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${TEST_S:-200}" python3 -m pytest -q -rfEs \
+    -W ignore --compiled -p no:cacheprovider -k "float32_reference and ($2)" tests/test_mosaic.py \
+    > $OUT/oracle_$1.txt 2>&1; echo "exit $?" >> $OUT/oracle_$1.txt; }
+  t a "all_ragged_gqa or batch2" & t b "ring_wrap or unaligned" & wait
+  for f in a b; do echo "oracle $f: $(tail -n 2 $OUT/oracle_$f.txt | tr '\n' ' ')"; done | tee -a $log
+  STEP_S=150 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 --repeats 10 2>&1 \
+    | grep -v "^WARNING" | tee -a $OUT/table.txt
+  STEP_S=150 bench --impls pallas_gpu --seqs 131072 --configs 4096:12 --repeats 10 2>&1 \
+    | grep -v "^WARNING" | tee -a $OUT/table.txt
+  STEP_S=100 bench --impls pallas_gpu --seqs 8192 --configs 512:3 --repeats 10 --pipeline 8 2>&1 \
+    | grep -v "^WARNING" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
