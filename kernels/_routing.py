@@ -317,17 +317,30 @@ def _pair_keys(starts, valid, seq):
   return key.reshape(*key.shape[:-3], -1)
 
 
-def _pair_order(key, seq):
-  """Each row's stable argsort of key [BK, N] (values in [0, seq]) as one sort of BK * N entries
-  (row b's keys offset by b * (seq + 1)): on a GPU XLA gives one long sort of 32-bit keys to
-  CUB's radix sort (its Hopper heuristic: a batch of 1 above 22000 keys), where [BK, N] rows
-  (batch 16) run its own multi-pass sort, 0.27 ms of the step at 16K block 128 top-8 (run 25)."""
+def _row_order(key, seq):  # noqa: ARG001 - `_flat_order`'s signature
+  """Each row's stable argsort of key [BK, N]: a batched sort."""
+  return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+
+
+def _flat_order(key, seq):
+  """`_row_order` as one sort of BK * N entries (row b's keys, in [0, seq], offset by
+  b * (seq + 1)): on a GPU XLA gives one long sort of 32-bit keys to CUB's radix sort (its
+  Hopper heuristic: a batch of 1 above 22000 keys), where [BK, N] rows (batch 16) run its own
+  multi-pass sort, 0.27 ms of the step at 16K block 128 top-8 (run 25)."""
   bk, n = key.shape
   if bk * (seq + 1) >= 2 ** 31:  # the offsets would not fit in int32
-    return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+    return _row_order(key, seq)
   rows = jnp.arange(bk, dtype=jnp.int32)[:, None]
   order = jnp.argsort((key + rows * (seq + 1)).reshape(-1), stable=True).astype(jnp.int32)
   return order.reshape(bk, n) - rows * n
+
+
+def _pair_order(key, seq):
+  """The sparse pairs' order in each row of key [BK, N]: the flat sort where the program runs on
+  a GPU (CUB's), the batched one elsewhere (TPU and CPU sorts have no such switch; the flat one
+  is unmeasured there). Chosen when tracing, as the kernels' default is (`moba_mgpu.on_hopper`;
+  `lax.platform_dependent` would leave a `case` on a constant in the step for XLA to fold)."""
+  return (_flat_order if jax.default_backend() == "gpu" else _row_order)(key, seq)
 
 
 def _sparse_section(starts, valid, order, dims: Dims) -> SparseSection:

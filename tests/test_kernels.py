@@ -175,31 +175,39 @@ def test_profile_names_the_source_line_of_each_instruction():
 
 
 def test_routing_sorts_every_rows_pairs_in_one_sort_with_each_rows_order():
-  """`_routing._pair_order`: one flat sort (CUB's radix sort on a GPU) gives each row's stable
-  argsort, ties (many pairs per block) in index order; past int32 offsets, the batched sort."""
+  """`_routing._flat_order`: one flat sort (CUB's radix sort on a GPU) gives each row's stable
+  argsort, ties (many pairs per block) in index order; past int32 offsets, the batched sort.
+  `_pair_order` takes it on a GPU only."""
   from moba_jax.kernels import _routing as rt
   seq = 64
   key = jax.random.randint(jax.random.key(3), (5, 300), 0, seq // 16 + 1) * 16  # 0..64: ties
   want = np.stack([np.argsort(np.asarray(r), kind="stable") for r in key])
-  got = jax.jit(rt._pair_order, static_argnums=1)(key, seq)
-  np.testing.assert_array_equal(np.asarray(got), want)
-  text = jax.jit(rt._pair_order, static_argnums=1).lower(key, seq).as_text()
-  assert text.count("stablehlo.sort") == 1  # of 5 * 300 keys (and their indices):
-  assert "}) : (tensor<1500xi32>, tensor<1500xi32>) -> (tensor<1500xi32>" in text
-  np.testing.assert_array_equal(np.asarray(rt._pair_order(key, 2 ** 30)), want)  # batched
+  for order in (rt._flat_order, rt._row_order, rt._pair_order):
+    got = jax.jit(order, static_argnums=1)(key, seq)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=order.__name__)
+  np.testing.assert_array_equal(np.asarray(rt._flat_order(key, 2 ** 30)), want)  # batched
+  for order, shape in ((rt._flat_order, "1500"), (rt._row_order, "5x300")):  # one sort each
+    text = jax.jit(order, static_argnums=1).lower(key, seq).as_text()
+    assert text.count("stablehlo.sort") == 1, order.__name__
+    assert f"}}) : (tensor<{shape}xi32>, tensor<{shape}xi32>) -> (" in text, order.__name__
+  on_gpu = jax.default_backend() == "gpu"
+  jaxpr = lambda f: str(jax.make_jaxpr(f, static_argnums=1)(key, seq))
+  assert jaxpr(rt._pair_order) == jaxpr(rt._flat_order if on_gpu else rt._row_order)
 
 
 def test_routing_at_scale_equals_the_routing_of_per_row_sorts(monkeypatch):
   """114688 sparse pairs (4K tokens, GQA 4/2, block 128 top-8): the flat sort is past CUB's
   threshold on a GPU (a batch of 1 above 22000 keys; the small cases elsewhere stay under it).
-  Every routing array equals the one built from each row's own stable argsort."""
+  Every routing array equals the one built from each row's own stable argsort (the batched
+  sort, which is the CPU's and TPU's)."""
   from moba_jax.kernels import _routing as rt
   q, k, _ = random_qkv(4, 1, 4096, 4, 2, 64, jnp.bfloat16)
-  route = jax.jit(lambda q, k: rt.route(q, k, None, block_size=128, topk=8, block_q=128)[0])
-  got = route(q, k)
-  monkeypatch.setattr(rt, "_pair_order",
-                      lambda key, seq: jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32))
-  want = jax.jit(lambda q, k: rt.route(q, k, None, block_size=128, topk=8, block_q=128)[0])(q, k)
+
+  def routing(order):
+    monkeypatch.setattr(rt, "_pair_order", order)
+    return jax.jit(lambda q, k: rt.route(q, k, None, block_size=128, topk=8, block_q=128)[0])(
+        q, k)
+  got, want = routing(rt._flat_order), routing(rt._row_order)
   for name, a, b in zip(want._fields, got, want):
     if a is not None:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
