@@ -114,8 +114,8 @@ def hlo_sources(text):
       loc = fields(tables.get("FileLocations", {}).get(frame.get("file_location_id"), ""))
       out.append(f"{os.path.basename(name_of('FileNames', loc.get('file_name_id')))}:"
                  f"{loc.get('line', '?')} {name_of('FunctionNames', loc.get('function_name_id'))}")
-      # parent_frame_id counts from 1 (0: none) where the table's ids are one more: checked on
-      # jax 0.10's CPU modules (a frame's caller is at parent_frame_id - 1)
+      # a frame's caller is the table's entry parent_frame_id - 1 (0: none), as checked against
+      # the Python stack on jax 0.10's CPU modules (tests/test_kernels.py)
       parent = frame.get("parent_frame_id", 0) - 1
       fid = parent if 0 < parent != fid else None
     return " < ".join(out)
@@ -128,16 +128,23 @@ def hlo_sources(text):
     meta = m.group(2)
     src = re.search(r'source_file="([^"]*)" source_line=(\d+)', meta)
     fid = re.search(r"stack_frame_id=(\d+)", meta)
-    if src:
-      out[m.group(1)] = f"{os.path.basename(src.group(1))}:{src.group(2)}"
-    elif fid:
-      out[m.group(1)] = frames(int(fid.group(1)))
+    op = re.search(r'op_name="([^"]*)"', meta)
+    where = (f"{os.path.basename(src.group(1))}:{src.group(2)}" if src
+             else frames(int(fid.group(1))) if fid else "")
+    if op:  # the op's path in the program (transformations, then the primitive), its tail
+      where += f" [{'/'.join(op.group(1).split('/')[-3:])}]"
+    name = re.sub(r"[.\-]", "_", m.group(1))  # as GPU kernels are named
+    if where and not (":" in out.get(name, "") and ":" not in where):  # a line beats none
+      out[name] = where.strip()
   return out
 
 
 def source_of(sources, kernel):
-  """The source of a trace's kernel name (XLA fusions and their split parts, e.g. sort_3__2)."""
-  return sources.get(kernel) or sources.get(re.sub(r"__\d+$", "", kernel), "")
+  """The source of a trace's kernel name: XLA names a fusion's kernel after its instruction
+  with '.' and '-' as '_' (loop_fusion.1 -> loop_fusion_1), a sort's passes with a suffix
+  (sort.3 -> sort_3_1, sort_3_1__2)."""
+  base = re.sub(r"__\d+$", "", kernel)
+  return sources.get(kernel) or sources.get(base) or sources.get(re.sub(r"_\d+$", "", base), "")
 
 
 STEP = "profile_gpu_step"  # the trace annotation around each synced call
