@@ -317,7 +317,7 @@ def _pair_keys(starts, valid, seq):
   return key.reshape(*key.shape[:-3], -1)
 
 
-def _row_order(key, seq):  # noqa: ARG001 - `_flat_order`'s signature
+def _row_order(key, seq):  # seq: `_flat_order`'s signature
   """Each row's stable argsort of key [BK, N]: a batched sort."""
   return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
 
