@@ -176,6 +176,8 @@ def test_profile_names_the_source_line_of_each_instruction():
     assert first.endswith("instruction.inner") and caller.startswith(f"test_kernels.py:{line + 3} ")
   for kernel in (f"{names[0]}_1", f"{names[0]}_1__2", f"{names[0]}__2"):  # a sort's passes
     assert profile_gpu.source_of(sources, kernel) == sort, kernel
+  # a fusion without a line of its own does not borrow one from a fusion named like it
+  assert profile_gpu.source_of({"loop_fusion": "a.py:1"}, "loop_fusion_1") == ""
 
 
 def test_routing_sorts_every_rows_pairs_in_one_sort_with_each_rows_order():

@@ -1,7 +1,7 @@
 """Per-kernel time of one `pallas_gpu` fwd+bwd step on a GPU, from a JAX profiler trace.
 
 usage: python tools/profile_gpu.py --seq 32768 [--block 512 --topk 3]
-         [--gpu-block-sizes 64,64,64,64,4,3[,1]] [--impl cudnn] [--host 30] [--out DIR]
+         [--gpu-block-sizes 64,64,64,64,4,3[,1]] [--impl cudnn] [--host 30] [--sources] [--out DIR]
 
 Runs the jitted step of `moba-jax bench` (batch 1, 16 heads, head_dim 128, bf16), traces a few
 steps with `jax.profiler.trace(create_perfetto_trace=True)` and prints the device kernels grouped
@@ -22,6 +22,7 @@ import json
 import os
 import re
 import tempfile
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,20 +30,39 @@ import jax.numpy as jnp
 from moba_jax import bench
 
 
+class Trace(NamedTuple):
+  """A perfetto trace's events and lines: the GPU's processes, every thread's name, and the
+  GPU's "Stream #..." lines, where kernels run ("XLA Ops"/"XLA Modules" lines would count them
+  twice)."""
+  events: list
+  processes: dict  # pid -> name
+  device: set  # GPU pids
+  threads: dict  # (pid, tid) -> name
+  streams: set  # (pid, tid) of the GPU's stream lines
+
+
+def load(trace_path) -> Trace:
+  with gzip.open(trace_path, "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  meta = lambda kind: {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
+                       for e in events if e.get("ph") == "M" and e.get("name") == kind}
+  processes = {pid: n for (pid, _), n in meta("process_name").items()}
+  device = {pid for pid, n in processes.items() if "gpu" in n.lower()}
+  threads = meta("thread_name")
+  streams = {key for key, n in threads.items()
+             if key[0] in device and n.lower().startswith("stream")}
+  return Trace(events, processes, device, threads, streams)
+
+
 def kernel_times(trace_path, steps):
   """{kernel name: (ms per step, launches per step, one hlo op name)} from a perfetto trace."""
-  events = _load(trace_path)
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
-  threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device}
-  # kernels run on "Stream #..." lines; "XLA Ops"/"XLA Modules" lines would count them twice
-  streams = {key for key, n in threads.items() if n.lower().startswith("stream")}
-  print("device lines:", sorted(set(threads.values())) or sorted(names.values()))
+  tr = load(trace_path)
+  print("device lines:", sorted({n for (pid, _), n in tr.threads.items() if pid in tr.device})
+        or sorted(tr.processes.values()))
   total, count, op = collections.Counter(), collections.Counter(), {}
-  for e in events:
-    if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in streams:
+  for e in tr.events:
+    if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in tr.streams:
       continue
     name = e.get("name", "?")
     total[name] += float(e.get("dur", 0.0)) / 1e3  # us -> ms
@@ -59,15 +79,10 @@ def idle_gaps(trace_path, steps, top=8):
   first kernel's start to its last one's end, the union of kernel time in it, and the longest
   gaps inside steps (us, with the kernels on either side). A gap is host work the device waits
   for: a launch, a conditional's predicate read back, a while loop's trip."""
-  events = _load(trace_path)
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, n in names.items() if "gpu" in n.lower()}
-  streams = {(e["pid"], e["tid"]) for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device
-             and e.get("args", {}).get("name", "").lower().startswith("stream")}
+  tr = load(trace_path)
   kernels = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", "?"))
-                   for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+                   for e in tr.events
+                   if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in tr.streams)
   if len(kernels) < steps:
     print("idle gaps: too few kernels on the stream lines")
     return
@@ -141,38 +156,28 @@ def hlo_sources(text):
 
 def source_of(sources, kernel):
   """The source of a trace's kernel name: XLA names a fusion's kernel after its instruction
-  with '.' and '-' as '_' (loop_fusion.1 -> loop_fusion_1), a sort's passes with a suffix
-  (sort.3 -> sort_3_1, sort_3_1__2)."""
+  with '.' and '-' as '_' (loop_fusion.1 -> loop_fusion_1), a sort's kernels with suffixes
+  (sort.3 -> sort_3_1, sort_3_1__2). Only a sort's name loses its last suffix: a fusion's
+  (loop_fusion_1 -> loop_fusion) would name another fusion's line."""
   base = re.sub(r"__\d+$", "", kernel)
-  return sources.get(kernel) or sources.get(base) or sources.get(re.sub(r"_\d+$", "", base), "")
+  sort = re.sub(r"_\d+$", "", base) if base.startswith("sort") else base
+  return sources.get(kernel) or sources.get(base) or sources.get(sort, "")
 
 
 STEP = "profile_gpu_step"  # the trace annotation around each synced call
 
 
-def _load(trace_path):
-  with gzip.open(trace_path, "rt") as f:
-    events = json.load(f)
-  return events["traceEvents"] if isinstance(events, dict) else events
-
-
 def host_events(trace_path, top=30):
   """Where each synced call's wall time goes on the host (see the module's docstring)."""
-  events = _load(trace_path)
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  device = {pid for pid, n in names.items() if "gpu" in n.lower()}
-  spans = [e for e in events if e.get("ph") == "X"]
+  tr = load(trace_path)
+  spans = [e for e in tr.events if e.get("ph") == "X"]
   steps = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in spans
                  if e.get("name") == STEP)
   if not steps:
     print(f"host events: no {STEP} annotations in the trace")
     return
   kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in spans
-             if e.get("pid") in device
-             and threads.get((e["pid"], e["tid"]), "").lower().startswith("stream")]
+             if (e.get("pid"), e.get("tid")) in tr.streams]
   total, count, where = collections.Counter(), collections.Counter(), {}
   parts = collections.Counter()
   for a, b in steps:
@@ -184,14 +189,14 @@ def host_events(trace_path, top=30):
       parts["after the last kernel"] += b - last
     parts["wall"] += b - a
   for e in spans:
-    if e.get("pid") in device or e.get("name") == STEP:
+    if e.get("pid") in tr.device or e.get("name") == STEP:
       continue
     ts = float(e["ts"])
     if any(a <= ts <= b for a, b in steps):
       n = e.get("name", "?")
       total[n] += float(e.get("dur", 0))
       count[n] += 1
-      where.setdefault(n, threads.get((e["pid"], e["tid"]), "?"))
+      where.setdefault(n, tr.threads.get((e["pid"], e.get("tid")), "?"))
   k = len(steps)
   print(f"host, per synced call (mean of {k}): " + ", ".join(
     f"{n} {parts[n] / k / 1e3:.3f} ms" for n in
