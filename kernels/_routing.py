@@ -335,12 +335,17 @@ def _flat_order(key, seq):
   return order.reshape(bk, n) - rows * n
 
 
+FLAT_SORT_MIN_KEYS = 0  # on a GPU, the fewest pairs (all rows') that `_pair_order` sorts flat
+
+
 def _pair_order(key, seq):
   """The sparse pairs' order in each row of key [BK, N]: the flat sort where the program runs on
-  a GPU (CUB's), the batched one elsewhere (TPU and CPU sorts have no such switch; the flat one
-  is unmeasured there). Chosen when tracing, as the kernels' default is (`moba_mgpu.on_hopper`;
-  `lax.platform_dependent` would leave a `case` on a constant in the step for XLA to fold)."""
-  return (_flat_order if jax.default_backend() == "gpu" else _row_order)(key, seq)
+  a GPU (CUB's) with at least `FLAT_SORT_MIN_KEYS` pairs, the batched one elsewhere (TPU and CPU
+  sorts have no such switch; the flat one is unmeasured there). Chosen when tracing, as the
+  kernels' default is (`moba_mgpu.on_hopper`; `lax.platform_dependent` would leave a `case` on a
+  constant in the step for XLA to fold)."""
+  flat = jax.default_backend() == "gpu" and key.size >= FLAT_SORT_MIN_KEYS
+  return (_flat_order if flat else _row_order)(key, seq)
 
 
 def _sparse_section(starts, valid, order, dims: Dims) -> SparseSection:

@@ -93,6 +93,11 @@
 #   41: four oracle cases of the three Mosaic kernels compiled (documents, two batch rows, wrapping
 #       rings, the Triton fallback; two processes side by side, limit TEST_S, default 200 s), then the synced rows at 32K and 128K b512 k3 and 128K b4096 k12
 #       and the back-to-back row at 8K b512 k3 (pallas_gpu)
+#   42: per-kernel profiles naming each kernel's source line at 8K b512 k3, 16K b128 k8 and
+#       32K b512 k3 (this tree); the synced rows (REPEATS, default 30) at 8K/16K/32K x 512:3,
+#       128:8 of this tree with `_routing.FLAT_SORT_MIN_KEYS` at each of FLAT_MINS (default
+#       "0 off": 0 sorts flat always, off never); then 8K b512 k3 back to back and 128K b4096 k12
+#       synced (this tree as it is)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -471,9 +476,30 @@ if [ "$phase" = 41 ]; then
   for f in a b; do echo "oracle $f: $(tail -n 2 $OUT/oracle_$f.txt | tr '\n' ' ')"; done | tee -a $log
   STEP_S=150 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 --repeats 10 2>&1 \
     | grep -v "^WARNING" | tee -a $OUT/table.txt
+  STEP_S=100 bench --impls pallas_gpu --seqs 8192 --configs 512:3 --repeats 10 --pipeline 8 2>&1 \
+    | grep -v "^WARNING" | tee -a $OUT/table.txt
   STEP_S=150 bench --impls pallas_gpu --seqs 131072 --configs 4096:12 --repeats 10 2>&1 \
     | grep -v "^WARNING" | tee -a $OUT/table.txt
+fi
+if [ "$phase" = 42 ]; then
+  for spec in ${SOURCE_SPECS:-8192:512:3 16384:128:8 32768:512:3}; do set -- ${spec//:/ }
+    echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+    timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 60 --sources \
+      --host 12 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done
+  for m in ${FLAT_MINS:-0 off}; do v=$m; [ "$m" = off ] && v="1 << 62"
+    rm -rf _flat_$m && mkdir _flat_$m && tar -c --exclude=./.whl --exclude="./_flat_*" \
+      --exclude=./.git . | tar -x -C _flat_$m && sed -i "s/^FLAT_SORT_MIN_KEYS = .*/FLAT_SORT_MIN_KEYS = $v/" \
+      _flat_$m/kernels/_routing.py && grep "^FLAT_SORT_MIN_KEYS" _flat_$m/kernels/_routing.py
+    (cd _flat_$m && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && \
+      for sc in 8192,16384,32768:512:3 8192,16384:128:8; do STEP_S=${BENCH_S:-120} bench \
+        --impls pallas_gpu --seqs ${sc%%:*} --configs ${sc#*:} --repeats ${REPEATS:-30} 2>&1 \
+        | grep "^pallas_gpu" | sed "s|^|flat_min $m |" | tee -a $OUT/table.txt; done)
+  done
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
   STEP_S=100 bench --impls pallas_gpu --seqs 8192 --configs 512:3 --repeats 10 --pipeline 8 2>&1 \
+    | grep -v "^WARNING" | tee -a $OUT/table.txt
+  STEP_S=150 bench --impls pallas_gpu --seqs 131072 --configs 4096:12 --repeats 10 2>&1 \
     | grep -v "^WARNING" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 32 ]; then
