@@ -93,9 +93,9 @@
 #   41: four oracle cases of the three Mosaic kernels compiled (documents, two batch rows, wrapping
 #       rings, the Triton fallback; two processes side by side, limit TEST_S, default 200 s), then the synced rows at 32K and 128K b512 k3 and 128K b4096 k12
 #       and the back-to-back row at 8K b512 k3 (pallas_gpu)
-#   42: per-kernel profiles naming each kernel's source line at 8K b512 k3, 16K b128 k8 and
-#       32K b512 k3 (this tree); the synced rows (REPEATS, default 30) at 8K/16K/32K x 512:3,
-#       128:8 of this tree with `_routing.FLAT_SORT_MIN_KEYS` at each of FLAT_MINS (default
+#   42: per-kernel profiles naming each kernel's source line at 8K, 32K and 128K b512 k3 (this
+#       tree, SOURCE_SPECS); the synced rows (REPEATS, default 30) at 8K/32K b512 k3 and 8K/16K
+#       b128 k8 of this tree with `_routing.FLAT_SORT_MIN_KEYS` at each of FLAT_MINS (default
 #       "0 off": 0 sorts flat always, off never); then 8K b512 k3 back to back and 128K b4096 k12
 #       synced (this tree as it is)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
@@ -482,7 +482,7 @@ if [ "$phase" = 41 ]; then
     | grep -v "^WARNING" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 42 ]; then
-  for spec in ${SOURCE_SPECS:-8192:512:3 16384:128:8 32768:512:3}; do set -- ${spec//:/ }
+  for spec in ${SOURCE_SPECS:-8192:512:3 32768:512:3 131072:512:3}; do set -- ${spec//:/ }
     echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
     timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 60 --sources \
       --host 12 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
@@ -492,7 +492,7 @@ if [ "$phase" = 42 ]; then
       --exclude=./.git . | tar -x -C _flat_$m && sed -i "s/^FLAT_SORT_MIN_KEYS = .*/FLAT_SORT_MIN_KEYS = $v/" \
       _flat_$m/kernels/_routing.py && grep "^FLAT_SORT_MIN_KEYS" _flat_$m/kernels/_routing.py
     (cd _flat_$m && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && \
-      for sc in 8192,16384,32768:512:3 8192,16384:128:8; do STEP_S=${BENCH_S:-120} bench \
+      for sc in 8192,32768:512:3 8192,16384:128:8; do STEP_S=${BENCH_S:-120} bench \
         --impls pallas_gpu --seqs ${sc%%:*} --configs ${sc#*:} --repeats ${REPEATS:-30} 2>&1 \
         | grep "^pallas_gpu" | sed "s|^|flat_min $m |" | tee -a $OUT/table.txt; done)
   done
