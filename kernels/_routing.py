@@ -335,7 +335,12 @@ def _flat_order(key, seq):
   return order.reshape(bk, n) - rows * n
 
 
-FLAT_SORT_MIN_KEYS = 0  # on a GPU, the fewest pairs (all rows') that `_pair_order` sorts flat
+# On a GPU, the fewest pairs (all rows') that `_pair_order` sorts flat. CUB's sort is a thunk
+# outside XLA's command buffers: the GPU idles 0.18-0.37 ms after it while the host launches the
+# rest of the step. Synced fwd+bwd on the H200 (run 26, flat / batched): 8K b512 k3 (2^18 pairs)
+# 1.686 / 1.616 ms; 8K b128 k8 (917504) 2.263 / 2.756; 32K b512 k3 (2^20) 5.386 / 5.671; 16K
+# b128 k8 4.050 / 4.571.
+FLAT_SORT_MIN_KEYS = 1 << 19
 
 
 def _pair_order(key, seq):
@@ -373,12 +378,15 @@ def _sparse_section(starts, valid, order, dims: Dims) -> SparseSection:
   pos = jnp.zeros((n_pairs,), jnp.int32).at[order].set(
       jnp.where(ok, dest + dims.dense_rows, -1)).reshape(n_q * g, dims.n_sel - 1)
   nonempty = counts > 0
-  (group_p,) = jnp.nonzero(nonempty, size=dims.max_groups, fill_value=seq)
+  rank = jnp.cumsum(nonempty) - 1
+  # the nonempty groups' block starts in order (`jnp.nonzero`'s result, whose bincount is a
+  # scatter-add of all seq positions into max_groups bins: 0.08 ms at 32K, 0.22 at 128K, run 26)
+  group_p = jnp.full((dims.max_groups,), seq, jnp.int32).at[
+      jnp.where(nonempty, rank, dims.max_groups)].set(jnp.arange(seq, dtype=jnp.int32), mode="drop")
   gpc = jnp.minimum(group_p, seq - 1)
   has = group_p < seq
   group_r0 = jnp.where(has, pstart[gpc] + dims.dense_rows, 0)
   group_r1 = jnp.where(has, group_r0 + pcounts[gpc], 0)
-  rank = jnp.cumsum(nonempty) - 1
   tile_group = tput(dims.max_groups, rank[kc])
   return SparseSection(rq, lo, hi, tile_ks, tile_ke, pos, group_p.astype(jnp.int32), group_r0,
                        group_r1, tile_group)

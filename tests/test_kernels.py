@@ -196,9 +196,31 @@ def test_routing_sorts_every_rows_pairs_in_one_sort_with_each_rows_order():
     text = jax.jit(order, static_argnums=1).lower(key, seq).as_text()
     assert text.count("stablehlo.sort") == 1, order.__name__
     assert f"}}) : (tensor<{shape}xi32>, tensor<{shape}xi32>) -> (" in text, order.__name__
-  on_gpu = jax.default_backend() == "gpu"
+  flat = jax.default_backend() == "gpu" and key.size >= rt.FLAT_SORT_MIN_KEYS
   jaxpr = lambda f: str(jax.make_jaxpr(f, static_argnums=1)(key, seq))
-  assert jaxpr(rt._pair_order) == jaxpr(rt._flat_order if on_gpu else rt._row_order)
+  assert jaxpr(rt._pair_order) == jaxpr(rt._flat_order if flat else rt._row_order)
+
+
+@pytest.mark.parametrize("docs", [None, [70, 3, 60, 59]])
+def test_routing_groups_are_the_sparse_rows_blocks_in_order(docs):
+  """The routing's past-block groups (`group_p`, `group_r0`, `group_r1`): the distinct block
+  starts of the sparse rows in ascending order, each with the row range its rows fill, padded
+  with seq (no group) and empty ranges; rebuilt here from the rows' own `lo` and `rq`."""
+  from moba_jax.kernels import _routing as rt
+  q, k, _ = random_qkv(9, 2, 192, 4, 2, 16, jnp.bfloat16)
+  seg = None if docs is None else packed_segments(2, docs)
+  routing, dims = jax.jit(lambda q, k: rt.route(q, k, seg, block_size=16, topk=4, block_q=16))(
+      q, k)
+  for b in range(routing.rq.shape[0]):
+    rq, lo = np.asarray(routing.rq[b]), np.asarray(routing.lo[b])
+    sparse = np.arange(len(rq)) >= dims.dense_rows
+    starts = np.unique(lo[sparse & (rq >= 0)])
+    gp, r0, r1 = (np.asarray(x[b]) for x in (routing.group_p, routing.group_r0, routing.group_r1))
+    np.testing.assert_array_equal(gp[:len(starts)], starts)
+    assert (gp[len(starts):] == dims.seq).all() and (r0[len(starts):] == r1[len(starts):]).all()
+    for p, a, z in zip(starts, r0, r1):
+      rows = np.flatnonzero(sparse & (rq >= 0) & (lo == p))
+      assert a <= rows.min() and rows.max() < z and (z - a) % dims.block_q == 0
 
 
 def test_routing_at_scale_equals_the_routing_of_per_row_sorts(monkeypatch):
