@@ -282,7 +282,10 @@ def select_chunked(q, k, layout, *, block_size, topk, layout_q=None, one_doc=Fal
   def one_doc_path():  # causal: chunks of early queries score only the slots they can reach
     slot_kbar = _moba.slot_means(k, block_size)
     if layout_q is not None:
-      return map_steps(shared(slot_kbar), chunks)
+      return merged(map_steps(shared(slot_kbar), chunks))
+    kernel = _gate_kernel(q.dtype, q.shape[-1], topk)
+    if kernel is not None:  # the scores never in memory (kernels/moba_gate.py)
+      return kernel(q, jnp.stack(_bf16_pieces(slot_kbar, 3)), block_size=block_size, topk=topk)
     n_sel = min(topk, n_slots)
     bounds = sorted({round(i * n / min(n, CAUSAL_GROUPS)) for i in range(CAUSAL_GROUPS + 1)})
     outs = []
@@ -290,7 +293,7 @@ def select_chunked(q, k, layout, *, block_size, topk, layout_q=None, one_doc=Fal
       slots = max(n_sel, min(n_slots, (min(b * chunk, seq) - 1) // block_size + 1))
       part = jax.tree.map(lambda x, a=a, b=b: x[a:b], chunks)
       outs.append(map_steps(shared(slot_kbar[:, :slots]), part))
-    return tuple(jnp.concatenate(x, axis=0) for x in zip(*outs))
+    return merged(tuple(jnp.concatenate(x, axis=0) for x in zip(*outs)))
 
   def packed():
     kbar = _moba.block_key_means(k, layout, block_size=block_size)  # [B, T, K, D] float32
@@ -302,12 +305,21 @@ def select_chunked(q, k, layout, *, block_size, topk, layout_q=None, one_doc=Fal
           shared, lambda: _select_shared(q_c, _slot_kbar(kbar, lay, block_size), lay, **kw),
           lambda: _select_mixed(q_c, kbar, lay, **kw))
 
-    return map_steps(body, chunks)
+    return merged(map_steps(body, chunks))
 
+  merged = lambda out: tuple(_merge(x, n_q) for x in out)
   with jax.default_matmul_precision("highest"):  # float32 scores (no TF32) on every backend
-    out = one_doc_path() if one_doc else jax.lax.cond(_moba.one_document(layout), one_doc_path,
-                                                       packed)
-  return tuple(_merge(x, n_q) for x in out)
+    return one_doc_path() if one_doc else jax.lax.cond(_moba.one_document(layout), one_doc_path,
+                                                        packed)
+
+
+def _gate_kernel(q_dtype, head_dim, topk):
+  """`moba_gate.gate_topk` where the program runs on a GPU and the kernel takes the case
+  (`moba_gate.supports`), else None (XLA's gate). Chosen when tracing, as `_pair_order` is."""
+  if jax.default_backend() != "gpu":
+    return None
+  from moba_jax.kernels import moba_gate
+  return moba_gate.gate_topk if moba_gate.supports(q_dtype, head_dim, topk) else None
 
 
 def _pair_keys(starts, valid, seq):

@@ -4,6 +4,8 @@ The behavioural suite (golden cases, NumPy oracle, bf16 bounds, properties) runs
 through the implementation parametrization of tests/test_moba.py (interpreted, or `--compiled`).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,6 +295,23 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu():
   assert text.count("__gpu$xla.gpu.triton") == 5
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gate_kernel_lowers_for_cuda_without_a_gpu(dtype):
+  """The gate kernel's Pallas-to-Triton lowering (its ops: bitcasts, integer reductions, the
+  chunk loop, the rank merge) on a CPU-only machine: one Triton call, 130 slots (three chunks),
+  top-8, GQA."""
+  from moba_jax.kernels import moba_gate
+  q = jnp.zeros((1, 8320, 4, 64), dtype)
+  pieces = jnp.zeros((3, 1, 130, 2, 64), jnp.bfloat16)
+  fn = functools.partial(moba_gate.gate_topk, block_size=64, topk=8)
+  hopper = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                abstract_device=hopper)):
+    text = jax.jit(fn).trace(q, pieces).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1
+
+
 def test_jax_triton_module_imports_and_checks_padding_without_a_gpu():
   """kernels/moba_triton.py (the jax-triton side-by-side) must import where Triton is missing;
   its k/v padding and the check that guards the kernel's unmasked key loads work anywhere."""
@@ -385,3 +404,134 @@ def test_no_segment_ids_is_one_document_without_a_branch(impl, dtype):
     step = lambda seg: jax.make_jaxpr(lambda q, k, v: jax.vjp(fn(seg), q, k, v)[1](cot))(q, k, v)
     assert "cond" not in primitives_outside_kernels(step(None).jaxpr)
     assert "cond" in primitives_outside_kernels(step(zeros).jaxpr)
+
+
+def _gate_interpret():
+  """The gate kernel interpreted on the CPU, compiled under `--compiled` (a GPU's)."""
+  from tests import helpers
+  if helpers.COMPILED and jax.default_backend() != "gpu":
+    pytest.skip("the gate kernel compiles for GPUs only")
+  return not helpers.COMPILED
+
+
+def _gate_case(case):
+  """(q, k, block, topk) of one gate case: integer-valued keys give exact score ties."""
+  kq, kk = jax.random.split(jax.random.key(len(case)))
+  if case == "ties":  # small integer scores: exact ties, also between chunks (80 slots), lower
+    q = jax.random.randint(kq, (2, 320, 4, 64), -1, 2).astype(jnp.bfloat16)  # block first
+    k = (jax.random.randint(kk, (2, 320, 2, 64), -1, 2) * 4).astype(jnp.bfloat16)
+    return q, k, 4, 6
+  if case == "zeros":  # every score is 0.0: all ties
+    q = jnp.zeros((1, 256, 2, 32), jnp.bfloat16)
+    return q, jax.random.normal(kk, (1, 256, 2, 32), jnp.bfloat16), 16, 3
+  if case == "nan":  # a NaN key: its block ranks above every number (`moba.nan_ranks_high`)
+    q, k, _ = random_qkv(11, 1, 300, 4, 2, 64, jnp.bfloat16)
+    return q, k.at[0, 40, 1, 3].set(jnp.nan), 32, 3
+  if case == "many_slots":  # 125 block slots: two chunks of 64, top-17 (16 argmax passes)
+    q, k, _ = random_qkv(12, 2, 1000, 4, 4, 16, jnp.bfloat16)
+    return q, k, 8, 17
+  if case == "f16":  # two bf16 pieces of each float16 query
+    q, k, _ = random_qkv(13, 2, 256, 4, 1, 32, jnp.float16)
+    return q * 3.7, k, 8, 8
+  if case == "top1":  # the current block only: no past block passes
+    q, k, _ = random_qkv(14, 1, 130, 2, 2, 16, jnp.bfloat16)
+    return q, k, 16, 1
+  q, k, _ = random_qkv(15, 1, 200, 2, 2, 64, jnp.bfloat16)  # "wide": topk past the blocks (4)
+  return q, k, 64, 6
+
+
+@pytest.mark.parametrize("case", ["ties", "zeros", "nan", "many_slots", "f16", "top1", "wide"])
+def test_gate_kernel_is_the_oracles_choice(case):
+  """kernels/moba_gate.py (scores and top-k in one kernel, the GPU's gate for single documents)
+  chooses as `moba.select_blocks`: the current block first, ties to the lower block, NaN scores
+  high, the lowest free blocks (invalid) where too few past blocks exist; blocks as their starts."""
+  from moba_jax.kernels import _routing as rt
+  from moba_jax.kernels import moba_gate
+  q, k, block, topk = _gate_case(case)
+  assert moba_gate.supports(q.dtype, q.shape[-1], topk)
+  layout = moba_lib.doc_layout(jnp.zeros(q.shape[:2], jnp.int32), block)
+  kbar = moba_lib.block_key_means(k, layout, block_size=block)
+  want = jax.jit(functools.partial(moba_lib.select_blocks, block_size=block, topk=topk))(
+      q, kbar, layout)
+  pieces = jnp.stack(rt._bf16_pieces(moba_lib.slot_means(k, block), 3))
+  got = moba_gate.gate_topk(q, pieces, block_size=block, topk=topk, interpret=_gate_interpret())
+  for name, a, b in zip(("starts", "valid"), got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  if case == "nan":
+    assert bool(jnp.any(got[0] == 32)), "the NaN block was not chosen"
+
+
+def test_gate_kernel_compares_scores_as_ordered_integers():
+  """`moba_gate._order_key` orders float32 as `<` does (-inf lowest, -0.0 equal to 0.0, +inf
+  highest; subnormals, which XLA's CPU flushes, left out); the merge of sorted lists keeps the earlier list's entry on a tie."""
+  from moba_jax.kernels import moba_gate as mg
+  x = np.array([-np.inf, -3e38, -2.5, -1e-30, -0.0, 0.0, 1e-30, 2.5, 3e38, np.inf],
+               np.float32)
+  key = np.asarray(mg._order_key(jnp.asarray(x)))
+  for i in range(len(x)):
+    for j in range(len(x)):
+      assert (key[i] < key[j]) == (x[i] < x[j]) and (key[i] == key[j]) == (x[i] == x[j]), (i, j)
+  assert int(mg._order_key(jnp.float32(-np.inf))) == mg._NINF > mg._LOWEST
+  vec = lambda *v: jnp.array(v, jnp.int32)
+  run = [(vec(5, 7), vec(0, 1)), (vec(3, 7), vec(2, 3))]  # 2 rows, best first
+  new = [(vec(5, 9), vec(8, 9)), (vec(4, 1), vec(10, 11))]
+  got = [(np.asarray(k).tolist(), np.asarray(s).tolist()) for k, s in mg._merge(run, new)]
+  assert got == [([5, 9], [0, 9]), ([5, 7], [8, 1])]  # row 0: the tie at 5 goes to slot 0 first
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled on a GPU only (interpreted, "
+                    "a benchmark-scale gate takes hours)")
+@pytest.mark.parametrize("seq,block,topk", [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3)])
+def test_gate_kernel_at_benchmark_scale_is_xlas_gate(seq, block, topk):
+  """The gate kernel against XLA's gate at the benchmark shapes (bf16, 16 heads, head_dim 128):
+  both sum exact bf16 products in float32, in different orders, so a choice may differ only at
+  a near tie: where they differ, the two blocks' float64 scores are within 1e-5 of each other
+  (relative to the query's largest), and such queries are rare."""
+  from moba_jax.kernels import _routing as rt
+  from moba_jax.kernels import moba_gate
+  q, k, _ = random_qkv(17, 1, seq, 16, 16, 128, jnp.bfloat16)
+  kbar = moba_lib.slot_means(k, block)
+  layout = moba_lib.doc_layout(jnp.zeros((1, seq), jnp.int32), block)
+  got = moba_gate.gate_topk(q, jnp.stack(rt._bf16_pieces(kbar, 3)), block_size=block, topk=topk)
+  xla = jax.jit(lambda q, k: rt.select_chunked(q, k, layout, block_size=block, topk=topk,
+                                               one_doc=True))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(rt, "_gate_kernel", lambda *_: None)
+    want = xla(q, k)
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  g, w = np.asarray(got[0]), np.asarray(want[0])
+  diff = np.argwhere((g != w).any(-1))  # [n, 3]: (batch, query, head)
+  assert len(diff) <= 1e-4 * g[..., 0].size, len(diff)
+  qn, kn = np.asarray(q, np.float64), np.asarray(kbar, np.float64)
+  for b, t, h in diff:
+    scores = kn[b, :, h] @ qn[b, t, h]  # [N] (kv head h: groups of 1)
+    top = np.abs(scores).max()
+    for sg, sw in zip(g[b, t, h], w[b, t, h]):
+      assert abs(scores[sg // block] - scores[sw // block]) <= 1e-5 * top, (t, h, sg, sw)
+
+
+@pytest.mark.parametrize("docs", [None, [300, 84]])
+def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, docs):
+  """`_routing.route` with the gate kernel (a GPU's choice; here forced, interpreted) builds the
+  same routing as with XLA's gate: single documents take the kernel (segment ids or none), packed
+  rows XLA's gate under the same `lax.cond`. Off a GPU, and for float32 queries, the choice is
+  XLA's gate."""
+  from moba_jax.kernels import _routing as rt
+  from moba_jax.kernels import moba_gate
+  q, k, _ = random_qkv(16, 2, 384, 4, 2, 64, jnp.bfloat16)
+  seg = None if docs is None else packed_segments(2, docs).at[1].set(0)  # row 1: one document
+
+  def routing(gate):
+    monkeypatch.setattr(rt, "_gate_kernel", gate)
+    return jax.jit(lambda q, k: rt.route(q, k, seg, block_size=32, topk=4, block_q=32)[0])(q, k)
+  kernel = functools.partial(moba_gate.gate_topk, interpret=_gate_interpret())
+  got, want = routing(lambda *_: kernel), routing(lambda *_: None)
+  for name, a, b in zip(want._fields, got, want):
+    if a is not None:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  monkeypatch.undo()
+  on_gpu = jax.default_backend() == "gpu"
+  assert (rt._gate_kernel(jnp.bfloat16, 64, 4) is not None) == on_gpu
+  assert rt._gate_kernel(jnp.float32, 64, 4) is None
+  assert not moba_gate.supports(jnp.bfloat16, 64, moba_gate.MAX_TOPK + 1)
+  assert not moba_gate.supports(jnp.bfloat16, 96, 3)

@@ -98,6 +98,12 @@
 #       b128 k8 of this tree with `_routing.FLAT_SORT_MIN_KEYS` at each of FLAT_MINS (default
 #       "0 off": 0 sorts flat always, off never); then 8K b512 k3 back to back and 128K b4096 k12
 #       synced (this tree as it is)
+#   43: the gate kernel (run 26, kernels/moba_gate.py): a compiled check first (the gate and
+#       routing tests of test_kernels.py, the Mosaic benchmark-scale cases at 8K and 16K, two
+#       float32-oracle cases; side by side, limit FIRST_S, default 170 s), per-kernel profiles of
+#       this tree at PROFILE_SPECS (default 8K, 32K, 128K b512 k3 and 16K b128 k8), then the
+#       synced rows (REPEATS, default 30) of _nogate (this tree with XLA's gate) and this tree at
+#       8K/32K b512 k3 and 16K b128 k8, and 128K b512 k3 (10 repeats) of this tree
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -501,6 +507,33 @@ if [ "$phase" = 42 ]; then
     | grep -v "^WARNING" | tee -a $OUT/table.txt
   STEP_S=150 bench --impls pallas_gpu --seqs 131072 --configs 4096:12 --repeats 10 2>&1 \
     | grep -v "^WARNING" | tee -a $OUT/table.txt
+fi
+if [ "$phase" = 43 ]; then
+  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.22 timeout "${FIRST_S:-170}" python3 -m pytest -q \
+    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
+    echo "exit $?" >> $OUT/first_$1.txt; }
+  first gate "gate or groups_are or sorts_every" tests/test_kernels.py &
+  first scale "benchmark_scale and (8k or 16k)" tests/test_mosaic.py &
+  first oracle "float32_reference and (all_ragged_gqa or batch2)" tests/test_mosaic.py &
+  wait; for f in gate scale oracle; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
+    | tee -a $log
+  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  for spec in ${PROFILE_SPECS:-8192:512:3 32768:512:3 131072:512:3 16384:128:8}; do
+    set -- ${spec//:/ }; echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
+    timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 30 --host 8 \
+      2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done
+  rm -rf _nogate && mkdir _nogate && tar -c --exclude=./.whl --exclude="./_*" --exclude=./.git . \
+    | tar -x -C _nogate && sed -i 's/^  if jax.default_backend() != "gpu":$/  if True:  # XLA gate/' \
+    _nogate/kernels/_routing.py && grep -c "if True:  # XLA gate" _nogate/kernels/_routing.py
+  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
+  for tree in _nogate .; do install $tree
+    for sc in 8192,32768:512:3 16384:128:8; do (cd $tree && STEP_S=${BENCH_S:-120} bench \
+      --impls pallas_gpu --seqs ${sc%%:*} --configs ${sc#*:} --repeats ${REPEATS:-30} 2>&1 \
+      | grep "^pallas_gpu" | sed "s|^|$tree |" | tee -a $OUT/table.txt); done
+  done
+  STEP_S=150 bench --impls pallas_gpu --seqs 131072 --configs 512:3 --repeats 10 2>&1 \
+    | grep "^pallas_gpu" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
