@@ -130,6 +130,9 @@ def gate_topk(q, k_pieces, *, block_size, topk, interpret=False):
   of the float32 block-mean keys (`moba.slot_means`, `_routing._bf16_pieces`). Returns starts
   [B, T, H, S] int32 (block starts, the current block first) and valid [B, T, H, S] bool, S =
   min(topk, N): the oracle's result (scores equal up to float32 summation order)."""
+  # no gradient (the oracle's choice is stop_gradient'ed too); a tangent would reach the Pallas
+  # call's own JVP, which traces the kernel outside its grid
+  q, k_pieces = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_pieces)
   batch, seq, heads, dim = q.shape
   n_pieces, _, n_slots, kv_heads, _ = k_pieces.shape
   groups = heads // kv_heads

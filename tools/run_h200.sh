@@ -512,7 +512,7 @@ if [ "$phase" = 43 ]; then
   first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.22 timeout "${FIRST_S:-170}" python3 -m pytest -q \
     -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
     echo "exit $?" >> $OUT/first_$1.txt; }
-  first gate "gate or groups_are or sorts_every" tests/test_kernels.py &
+  first gate "routing_with_the_gate or gate_kernel_is" tests/test_kernels.py &
   first scale "benchmark_scale and (8k or 16k)" tests/test_mosaic.py &
   first oracle "float32_reference and (all_ragged_gqa or batch2)" tests/test_mosaic.py &
   wait; for f in gate scale oracle; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
