@@ -104,6 +104,8 @@
 #       this tree at PROFILE_SPECS (default 8K, 32K, 128K b512 k3 and 16K b128 k8), then the
 #       synced rows (REPEATS, default 30) of _nogate (this tree with XLA's gate) and this tree at
 #       8K/32K b512 k3 and 16K b128 k8, and 128K b512 k3 (10 repeats) of this tree
+#   44: the back-to-back rows (--pipeline 8) at 8K and 32K b512 k3 and 16K b128 k8, then 128K
+#       b4096 k12 synced (pallas_gpu, this tree)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -533,6 +535,13 @@ if [ "$phase" = 43 ]; then
       | grep "^pallas_gpu" | sed "s|^|$tree |" | tee -a $OUT/table.txt); done
   done
   STEP_S=150 bench --impls pallas_gpu --seqs 131072 --configs 512:3 --repeats 10 2>&1 \
+    | grep "^pallas_gpu" | tee -a $OUT/table.txt
+fi
+if [ "$phase" = 44 ]; then
+  for sc in 8192,32768:512:3 16384:128:8; do STEP_S=100 bench --impls pallas_gpu --seqs ${sc%%:*} \
+    --configs ${sc#*:} --repeats 10 --pipeline 8 2>&1 | grep "^pallas_gpu" | tee -a $OUT/table.txt
+  done
+  STEP_S=200 bench --impls pallas_gpu --seqs 131072 --configs 4096:12 --repeats 10 2>&1 \
     | grep "^pallas_gpu" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 32 ]; then
