@@ -258,17 +258,19 @@ def _select_mixed(q_c, kbar, lay, *, block_size, topk):
   return tuple(_merge(x, chunk) for x in out)
 
 
-def select_chunked(q, k, layout, *, block_size, topk, layout_q=None, one_doc=False):
+def select_chunked(q, k, layout, *, block_size, topk, q_start=None, one_doc=False):
   """The oracle's block choice over query chunks: memory O(chunk * T / block_size), not T^2.
 
   Batches of single documents score every chunk against one set of gate keys
-  (`moba.slot_means`); otherwise chunks inside one document (the common case) take the shared
-  path with their document's gate keys and chunks that span documents the oracle's own
-  `select_blocks`. layout: every key position's Layout ([B, T] each). layout_q: the queries'
-  entries ([B, Tq] each) when q [B, Tq, H, D] are not the T positions in order (a query offset);
-  their positions are then data, so every chunk scores all slots (no causal groups). one_doc:
-  single documents known when tracing: the single-document path without a `lax.cond`.
+  (`moba.slot_means`; on a GPU, 16-bit queries: the gate kernel, no chunks, `_gate_kernel`);
+  otherwise chunks inside one document (the common case) take the shared path with their
+  document's gate keys and chunks that span documents the oracle's own `select_blocks`.
+  layout: every key position's Layout ([B, T] each). q_start: q [B, Tq, H, D] are positions
+  [q_start, q_start + Tq) (a query offset, may be traced); their positions are then data, so
+  every chunk scores all slots (no causal groups). one_doc: single documents known when
+  tracing: the single-document path without a `lax.cond`.
   """
+  layout_q = None if q_start is None else query_layout(layout, q_start, q.shape[1])
   batch, n_q, heads, _ = q.shape
   seq = k.shape[1]
   n_slots = math.ceil(seq / block_size)
@@ -281,11 +283,12 @@ def select_chunked(q, k, layout, *, block_size, topk, layout_q=None, one_doc=Fal
 
   def one_doc_path():  # causal: chunks of early queries score only the slots they can reach
     slot_kbar = _moba.slot_means(k, block_size)
-    if layout_q is not None:
-      return merged(map_steps(shared(slot_kbar), chunks))
     kernel = _gate_kernel(q.dtype, q.shape[-1], topk)
     if kernel is not None:  # the scores never in memory (kernels/moba_gate.py)
-      return kernel(q, jnp.stack(_bf16_pieces(slot_kbar, 3)), block_size=block_size, topk=topk)
+      return kernel(q, jnp.stack(_bf16_pieces(slot_kbar, 3)), block_size=block_size, topk=topk,
+                    q_start=q_start)
+    if layout_q is not None:
+      return merged(map_steps(shared(slot_kbar), chunks))
     n_sel = min(topk, n_slots)
     bounds = sorted({round(i * n / min(n, CAUSAL_GROUPS)) for i in range(CAUSAL_GROUPS + 1)})
     outs = []
@@ -461,7 +464,7 @@ def route(q, k, segment_ids, *, block_size, topk, block_q, q_start=None) -> tupl
     q_start = jnp.asarray(q_start, jnp.int32)
   layout_q = None if q_start is None else query_layout(layout, q_start, n_q)
   starts, valid = select_chunked(q, k, layout, block_size=block_size, topk=topk,
-                                 layout_q=layout_q, one_doc=dims.one_doc)  # [B, Tq, H, S]
+                                 q_start=q_start, one_doc=dims.one_doc)  # [B, Tq, H, S]
 
   def per_bk(x):  # [B, Tq, H, S] -> [B * K, Tq, G, S]
     x = x.reshape(batch, n_q, kv_heads, groups, dims.n_sel)

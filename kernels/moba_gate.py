@@ -73,11 +73,13 @@ def _merge(run, new):
   return out
 
 
-def _gate_kernel(q_ref, k_ref, slot_ref, valid_ref, *, block_size, n_slots, n_sel, q_pieces):
+def _gate_kernel(start_ref, q_ref, k_ref, slot_ref, valid_ref, *, block_size, n_slots, n_sel,
+                 n_q, q_pieces):
   i = pl.program_id(0)
   m = n_sel - 1
-  t = i * BT + jax.lax.broadcasted_iota(jnp.int32, (BT,), 0)
-  current = jnp.minimum(t // block_size, n_slots - 1)  # [BT] (rows past T: any slot)
+  start = start_ref[0]  # the first query's position (a query offset; 0 without)
+  t = start + i * BT + jax.lax.broadcasted_iota(jnp.int32, (BT,), 0)  # positions
+  current = jnp.minimum(t // block_size, n_slots - 1)  # [BT] (rows past the queries: any slot)
   q = q_ref[...]  # [BT, D] bf16 or f16
   if q_pieces == 1:
     qs = [q]
@@ -86,7 +88,8 @@ def _gate_kernel(q_ref, k_ref, slot_ref, valid_ref, *, block_size, n_slots, n_se
     hi = _top16(q32)
     qs = [hi.astype(jnp.bfloat16), (q32 - hi).astype(jnp.bfloat16)]
   dims = (((1,), (1,)), ((), ()))
-  last = jnp.minimum((i + 1) * BT - 1, n_slots * block_size - 1) // block_size  # tile's last block
+  last = jnp.minimum((start + jnp.minimum((i + 1) * BT, n_q) - 1) // block_size,
+                     n_slots - 1)  # the tile's last block
   n_chunks = jnp.maximum(pl.cdiv(last, BN), 1)  # slots [0, last) at least, one chunk at least
 
   def chunk(c, run):
@@ -123,13 +126,15 @@ def _gate_kernel(q_ref, k_ref, slot_ref, valid_ref, *, block_size, n_slots, n_se
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "topk", "interpret"))
-def gate_topk(q, k_pieces, *, block_size, topk, interpret=False):
+def gate_topk(q, k_pieces, *, block_size, topk, q_start=None, interpret=False):
   """`moba.select_blocks` for batches of single documents, without the scores in memory.
 
-  q [B, T, H, D] bf16 or f16 (`supports`); k_pieces [P, B, N, K, D] bf16: the P = 3 bf16 pieces
-  of the float32 block-mean keys (`moba.slot_means`, `_routing._bf16_pieces`). Returns starts
-  [B, T, H, S] int32 (block starts, the current block first) and valid [B, T, H, S] bool, S =
-  min(topk, N): the oracle's result (scores equal up to float32 summation order)."""
+  q [B, Tq, H, D] bf16 or f16 (`supports`), positions [q_start, q_start + Tq) of the sequence
+  (q_start: an int32 scalar, may be traced: context parallelism; None: 0); k_pieces [P, B, N, K,
+  D] bf16: the P = 3 bf16 pieces of the float32 block-mean keys of the whole sequence
+  (`moba.slot_means`, `_routing._bf16_pieces`). Returns starts [B, Tq, H, S] int32 (block
+  starts, the current block first) and valid [B, Tq, H, S] bool, S = min(topk, N): the oracle's
+  result (scores equal up to float32 summation order)."""
   # no gradient (the oracle's choice is stop_gradient'ed too); a tangent would reach the Pallas
   # call's own JVP, which traces the kernel outside its grid
   q, k_pieces = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_pieces)
@@ -143,17 +148,20 @@ def gate_topk(q, k_pieces, *, block_size, topk, interpret=False):
   k_pieces = jnp.pad(k_pieces, ((0, 0), (0, 0), (0, n_pad - n_slots), (0, 0), (0, 0)))
   s_pad = max(2, pl.next_power_of_2(n_sel))
   kernel = functools.partial(_gate_kernel, block_size=block_size, n_slots=n_slots, n_sel=n_sel,
-                             q_pieces=1 if q.dtype == jnp.bfloat16 else 2)
+                             n_q=seq, q_pieces=1 if q.dtype == jnp.bfloat16 else 2)
+  start = jnp.zeros((1,), jnp.int32) if q_start is None else jnp.reshape(q_start, (1,)).astype(
+      jnp.int32)
   out = jax.ShapeDtypeStruct((batch, t_pad, heads, s_pad), jnp.int32)
   out_spec = pl.BlockSpec((pl.squeezed, BT, pl.squeezed, s_pad), lambda i, b, h: (b, i, h, 0))
   kwargs = {} if interpret else {
       "compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
   slots, valid = pl.pallas_call(
       kernel, grid=(t_pad // BT, batch, heads),
-      in_specs=[pl.BlockSpec((pl.squeezed, BT, pl.squeezed, dim), lambda i, b, h: (b, i, h, 0)),
+      in_specs=[pl.BlockSpec((1,), lambda i, b, h: (0,)),
+                pl.BlockSpec((pl.squeezed, BT, pl.squeezed, dim), lambda i, b, h: (b, i, h, 0)),
                 pl.BlockSpec((n_pieces, pl.squeezed, n_pad, pl.squeezed, dim),
                              lambda i, b, h: (0, b, 0, h // groups, 0))],
       out_specs=[out_spec, out_spec], out_shape=[out, out], interpret=interpret,
-      name="moba_gate", **kwargs)(q, k_pieces)
+      name="moba_gate", **kwargs)(start, q, k_pieces)
   slots, valid = slots[:, :seq, :, :n_sel], valid[:, :seq, :, :n_sel]
   return slots * block_size, valid.astype(bool)

@@ -299,16 +299,18 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu():
 def test_gate_kernel_lowers_for_cuda_without_a_gpu(dtype):
   """The gate kernel's Pallas-to-Triton lowering (its ops: bitcasts, integer reductions, the
   chunk loop, the rank merge) on a CPU-only machine: one Triton call, 130 slots (three chunks),
-  top-8, GQA."""
+  top-8, GQA, a traced query offset."""
   from moba_jax.kernels import moba_gate
   q = jnp.zeros((1, 8320, 4, 64), dtype)
   pieces = jnp.zeros((3, 1, 130, 2, 64), jnp.bfloat16)
   fn = functools.partial(moba_gate.gate_topk, block_size=64, topk=8)
+  start = jax.ShapeDtypeStruct((), jnp.int32)
   hopper = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                 abstract_device=hopper)):
-    text = jax.jit(fn).trace(q, pieces).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(fn).trace(q, pieces, q_start=start).lower(
+        lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
 
 
@@ -510,20 +512,24 @@ def test_gate_kernel_at_benchmark_scale_is_xlas_gate(seq, block, topk):
       assert abs(scores[sg // block] - scores[sw // block]) <= 1e-5 * top, (t, h, sg, sw)
 
 
-@pytest.mark.parametrize("docs", [None, [300, 84]])
-def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, docs):
+@pytest.mark.parametrize("docs,q_start", [(None, None), ([300, 84], None), (None, 100),
+                                          ([384], 0)])
+def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, docs, q_start):
   """`_routing.route` with the gate kernel (a GPU's choice; here forced, interpreted) builds the
-  same routing as with XLA's gate: single documents take the kernel (segment ids or none), packed
-  rows XLA's gate under the same `lax.cond`. Off a GPU, and for float32 queries, the choice is
-  XLA's gate."""
+  same routing as with XLA's gate: single documents take the kernel (segment ids or none, with
+  a query offset or without), packed rows XLA's gate under the same `lax.cond`. Off a GPU, and
+  for float32 queries, the choice is XLA's gate."""
   from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_gate
   q, k, _ = random_qkv(16, 2, 384, 4, 2, 64, jnp.bfloat16)
   seg = None if docs is None else packed_segments(2, docs).at[1].set(0)  # row 1: one document
+  if q_start is not None:  # queries [q_start, q_start + 160) of the 384 keys (a traced offset)
+    q = q[:, q_start:q_start + 160]
+  kw = dict(block_size=32, topk=4, block_q=32)
 
   def routing(gate):
     monkeypatch.setattr(rt, "_gate_kernel", gate)
-    return jax.jit(lambda q, k: rt.route(q, k, seg, block_size=32, topk=4, block_q=32)[0])(q, k)
+    return jax.jit(lambda q, k, s: rt.route(q, k, seg, q_start=s, **kw)[0])(q, k, q_start)
   kernel = functools.partial(moba_gate.gate_topk, interpret=_gate_interpret())
   got, want = routing(lambda *_: kernel), routing(lambda *_: None)
   for name, a, b in zip(want._fields, got, want):
@@ -532,7 +538,7 @@ def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, d
   # under differentiation (the training step's vjp) the gate has no tangent (a Pallas call's own
   # JVP would trace the kernel outside its grid: run 26's first compiled try)
   monkeypatch.setattr(rt, "_gate_kernel", lambda *_: kernel)
-  lo = lambda q: rt.route(q, k, seg, block_size=32, topk=4, block_q=32)[0].lo
+  lo = lambda q: rt.route(q, k, seg, q_start=q_start, **kw)[0].lo
   primal, tangent = jax.jit(lambda q: jax.jvp(lo, (q,), (q,)))(q)
   np.testing.assert_array_equal(np.asarray(primal), np.asarray(want.lo))
   assert tangent.dtype == jax.dtypes.float0 or not np.asarray(tangent).any()
