@@ -283,7 +283,7 @@ def select_chunked(q, k, layout, *, block_size, topk, q_start=None, one_doc=Fals
 
   def one_doc_path():  # causal: chunks of early queries score only the slots they can reach
     slot_kbar = _moba.slot_means(k, block_size)
-    kernel = _gate_kernel(q.dtype, q.shape[-1], topk)
+    kernel = _gate_kernel(q.dtype, q.shape[-1], topk, n_slots)
     if kernel is not None:  # the scores never in memory (kernels/moba_gate.py)
       return kernel(q, jnp.stack(_bf16_pieces(slot_kbar, 3)), block_size=block_size, topk=topk,
                     q_start=q_start)
@@ -316,13 +316,19 @@ def select_chunked(q, k, layout, *, block_size, topk, q_start=None, one_doc=Fals
                                                         packed)
 
 
-def _gate_kernel(q_dtype, head_dim, topk):
-  """`moba_gate.gate_topk` where the program runs on a GPU and the kernel takes the case
-  (`moba_gate.supports`), else None (XLA's gate). Chosen when tracing, as `_pair_order` is."""
-  if jax.default_backend() != "gpu":
+def _gate_kernel(q_dtype, head_dim, topk, n_slots):
+  """The gate kernel of the backend the program runs on where it takes the case: on a GPU
+  `moba_gate.gate_topk` (`moba_gate.supports`), on a TPU `moba_gate.gate_topk_tpu`
+  (`supports_tpu`); else None (XLA's gate, the CPU's). Chosen when tracing, as `_pair_order`
+  is."""
+  backend = jax.default_backend()
+  if backend not in ("gpu", "tpu"):
     return None
   from moba_jax.kernels import moba_gate
-  return moba_gate.gate_topk if moba_gate.supports(q_dtype, head_dim, topk) else None
+  if backend == "gpu":
+    return moba_gate.gate_topk if moba_gate.supports(q_dtype, head_dim, topk) else None
+  ok = moba_gate.supports_tpu(q_dtype, head_dim, topk, n_slots)
+  return moba_gate.gate_topk_tpu if ok else None
 
 
 def _pair_keys(starts, valid, seq):

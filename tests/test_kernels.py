@@ -408,12 +408,15 @@ def test_no_segment_ids_is_one_document_without_a_branch(impl, dtype):
     assert "cond" in primitives_outside_kernels(step(zeros).jaxpr)
 
 
-def _gate_interpret():
-  """The gate kernel interpreted on the CPU, compiled under `--compiled` (a GPU's)."""
+def _gate(platform):
+  """The gate kernel of `platform` ("gpu": Triton, "tpu": Mosaic TPU), interpreted on the CPU,
+  compiled under `--compiled` on its own platform (skipped on others)."""
+  from moba_jax.kernels import moba_gate
   from tests import helpers
-  if helpers.COMPILED and jax.default_backend() != "gpu":
-    pytest.skip("the gate kernel compiles for GPUs only")
-  return not helpers.COMPILED
+  if helpers.COMPILED and jax.default_backend() != platform:
+    pytest.skip(f"the {platform} gate kernel compiles on a {platform} only")
+  fn = moba_gate.gate_topk if platform == "gpu" else moba_gate.gate_topk_tpu
+  return functools.partial(fn, interpret=not helpers.COMPILED)
 
 
 def _gate_case(case):
@@ -438,25 +441,36 @@ def _gate_case(case):
   if case == "top1":  # the current block only: no past block passes
     q, k, _ = random_qkv(14, 1, 130, 2, 2, 16, jnp.bfloat16)
     return q, k, 16, 1
+  if case == "tpu_chunks":  # ties again, 264 slots: three chunks of the TPU kernel's 128
+    q = jax.random.randint(kq, (1, 1056, 2, 16), -1, 2).astype(jnp.bfloat16)
+    k = (jax.random.randint(kk, (1, 1056, 1, 16), -1, 2) * 4).astype(jnp.bfloat16)
+    return q, k, 4, 6
   q, k, _ = random_qkv(15, 1, 200, 2, 2, 64, jnp.bfloat16)  # "wide": topk past the blocks (4)
   return q, k, 64, 6
 
 
-@pytest.mark.parametrize("case", ["ties", "zeros", "nan", "many_slots", "f16", "top1", "wide"])
-def test_gate_kernel_is_the_oracles_choice(case):
-  """kernels/moba_gate.py (scores and top-k in one kernel, the GPU's gate for single documents)
-  chooses as `moba.select_blocks`: the current block first, ties to the lower block, NaN scores
-  high, the lowest free blocks (invalid) where too few past blocks exist; blocks as their starts."""
+_GATE_CASES = ["ties", "zeros", "nan", "many_slots", "f16", "top1", "wide"]
+
+
+@pytest.mark.parametrize("platform,case", [("gpu", c) for c in _GATE_CASES] + [
+    ("tpu", c) for c in ("ties", "nan", "f16", "top1", "tpu_chunks")])
+def test_gate_kernel_is_the_oracles_choice(platform, case):
+  """kernels/moba_gate.py (scores and top-k in one kernel, the gate of GPUs and TPUs for single
+  documents) chooses as `moba.select_blocks`: the current block first, ties to the lower block
+  (within a chunk of slots and between chunks), NaN scores high, the lowest free blocks
+  (invalid) where too few past blocks exist; blocks as their starts."""
   from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_gate
   q, k, block, topk = _gate_case(case)
-  assert moba_gate.supports(q.dtype, q.shape[-1], topk)
+  n_slots = -(-q.shape[1] // block)
+  assert (moba_gate.supports(q.dtype, q.shape[-1], topk) if platform == "gpu" else
+          moba_gate.supports_tpu(q.dtype, q.shape[-1], topk, n_slots))
   layout = moba_lib.doc_layout(jnp.zeros(q.shape[:2], jnp.int32), block)
   kbar = moba_lib.block_key_means(k, layout, block_size=block)
   want = jax.jit(functools.partial(moba_lib.select_blocks, block_size=block, topk=topk))(
       q, kbar, layout)
   pieces = jnp.stack(rt._bf16_pieces(moba_lib.slot_means(k, block), 3))
-  got = moba_gate.gate_topk(q, pieces, block_size=block, topk=topk, interpret=_gate_interpret())
+  got = _gate(platform)(q, pieces, block_size=block, topk=topk)
   for name, a, b in zip(("starts", "valid"), got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
   if case == "nan":
@@ -512,9 +526,11 @@ def test_gate_kernel_at_benchmark_scale_is_xlas_gate(seq, block, topk):
       assert abs(scores[sg // block] - scores[sw // block]) <= 1e-5 * top, (t, h, sg, sw)
 
 
-@pytest.mark.parametrize("docs,q_start", [(None, None), ([300, 84], None), (None, 100),
-                                          ([384], 0)])
-def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, docs, q_start):
+@pytest.mark.parametrize("platform,docs,q_start", [
+    ("gpu", None, None), ("gpu", [300, 84], None), ("gpu", None, 100), ("gpu", [384], 0),
+    ("tpu", None, 100)])
+def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, platform, docs,
+                                                                  q_start):
   """`_routing.route` with the gate kernel (a GPU's choice; here forced, interpreted) builds the
   same routing as with XLA's gate: single documents take the kernel (segment ids or none, with
   a query offset or without), packed rows XLA's gate under the same `lax.cond`. Off a GPU, and
@@ -530,7 +546,7 @@ def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, d
   def routing(gate):
     monkeypatch.setattr(rt, "_gate_kernel", gate)
     return jax.jit(lambda q, k, s: rt.route(q, k, seg, q_start=s, **kw)[0])(q, k, q_start)
-  kernel = functools.partial(moba_gate.gate_topk, interpret=_gate_interpret())
+  kernel = _gate(platform)
   got, want = routing(lambda *_: kernel), routing(lambda *_: None)
   for name, a, b in zip(want._fields, got, want):
     if a is not None:
@@ -543,8 +559,10 @@ def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, d
   np.testing.assert_array_equal(np.asarray(primal), np.asarray(want.lo))
   assert tangent.dtype == jax.dtypes.float0 or not np.asarray(tangent).any()
   monkeypatch.undo()
-  on_gpu = jax.default_backend() == "gpu"
-  assert (rt._gate_kernel(jnp.bfloat16, 64, 4) is not None) == on_gpu
-  assert rt._gate_kernel(jnp.float32, 64, 4) is None
+  on_device = jax.default_backend() in ("gpu", "tpu")
+  assert (rt._gate_kernel(jnp.bfloat16, 64, 4, 12) is not None) == on_device
+  assert rt._gate_kernel(jnp.float32, 64, 4, 12) is None
   assert not moba_gate.supports(jnp.bfloat16, 64, moba_gate.MAX_TOPK + 1)
   assert not moba_gate.supports(jnp.bfloat16, 96, 3)
+  assert moba_gate.supports_tpu(jnp.bfloat16, 96, 3, 2048)  # head_dim padded to 128
+  assert not moba_gate.supports_tpu(jnp.bfloat16, 128, 3, 8192)  # the keys' block past VMEM

@@ -6,6 +6,7 @@ tracing. The interpret suite (tests/test_kernels.py, tests/test_moba.py) checks 
 What needs a TPU (Mosaic's compiler passes, VMEM limits, speed) is listed in docs/tpu.md.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -93,6 +94,24 @@ def test_pallas_tpu_writes_forward_and_dq_rows_over_the_gathered_q_rows():
 @pytest.mark.slow
 def test_pallas_tpu_lowers_for_tpu_at_32k():
   _assert_lowered(*lower_for_tpu((1, 32768, 16, 16, 128), jnp.bfloat16, 512, 3), ALL)
+
+
+@pytest.mark.parametrize("dtype,dim,topk,slots", [(jnp.bfloat16, 128, 3, 256),
+                                                   (jnp.float16, 64, 8, 512),
+                                                   (jnp.bfloat16, 128, 12, 32)])
+def test_gate_kernel_lowers_for_tpu(dtype, dim, topk, slots):
+  """The TPU gate kernel (kernels/moba_gate.py, `gate_topk_tpu`) lowers for Mosaic TPU at 8K
+  with GQA 16/4 and a traced query offset: head_dim 128, or 64 padded; two, four and one
+  chunks of 128 slots; top-3, 8, 12. Integer index maps and divisions avoid `//`, whose sign op
+  needs a TPU's generation to lower. The interpret tests (tests/test_kernels.py) check its
+  choice."""
+  from moba_jax.kernels import moba_gate
+  q = jax.ShapeDtypeStruct((1, 8192, 16, dim), dtype)
+  pieces = jax.ShapeDtypeStruct((3, 1, slots, 4, dim), jnp.bfloat16)
+  start = jax.ShapeDtypeStruct((), jnp.int32)
+  fn = functools.partial(moba_gate.gate_topk_tpu, block_size=8192 // slots, topk=topk)
+  text = jax.jit(fn).trace(q, pieces, q_start=start).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("@tpu_custom_call") == 1 and "moba_gate_tpu" in text
 
 
 @pytest.mark.parametrize("block, array, dtype, ok", [
