@@ -106,6 +106,9 @@
 #       8K/32K b512 k3 and 16K b128 k8, and 128K b512 k3 (10 repeats) of this tree
 #   44: the back-to-back rows (--pipeline 8) at 8K and 32K b512 k3 and 16K b128 k8, then 128K
 #       b4096 k12 synced (pallas_gpu, this tree)
+#   45: the compiled gate checks after run 26's shared kernel body (test_kernels.py -k gate,
+#       test_mosaic's 8K benchmark-scale case; side by side, limit FIRST_S, default 120 s), then
+#       the synced rows at 32K and 128K b512 k3 (pallas_gpu)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -542,6 +545,16 @@ if [ "$phase" = 44 ]; then
     --configs ${sc#*:} --repeats 10 --pipeline 8 2>&1 | grep "^pallas_gpu" | tee -a $OUT/table.txt
   done
   STEP_S=200 bench --impls pallas_gpu --seqs 131072 --configs 4096:12 --repeats 10 2>&1 \
+    | grep "^pallas_gpu" | tee -a $OUT/table.txt
+fi
+if [ "$phase" = 45 ]; then
+  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${FIRST_S:-120}" python3 -m pytest -q \
+    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
+    echo "exit $?" >> $OUT/first_$1.txt; }
+  first gate "gate" tests/test_kernels.py & first scale "benchmark_scale and 8k" tests/test_mosaic.py &
+  wait; for f in gate scale; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
+    | tee -a $log
+  STEP_S=100 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 --repeats 10 2>&1 \
     | grep "^pallas_gpu" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 32 ]; then
