@@ -1,10 +1,12 @@
-"""The MoBA gate on GPUs in one Pallas kernel (Triton lowering): scores and top-k per query tile.
+"""The MoBA gate in one Pallas kernel (GPU: Triton lowering; TPU: Mosaic): scores and top-k per
+query tile.
 
 For batches of single documents (`_routing.select_chunked`'s one-document path), XLA's gate
 writes the float32 scores [B, T, H, N] of every query against every block's mean key (three
 matmuls, one per bf16 piece of the gate keys, and their sums), then reads them once per top-k
 pass: at 128K tokens, block 512, about 5 ms of a 24 ms fwd+bwd step on an H200 (run 26,
-docs/kernel_notes.md). Here one program takes BT queries of one query head, computes their scores
+docs/kernel_notes.md; 0.995 ms with this kernel). Here one program takes BT queries of one query
+head, computes their scores
 chunk by chunk of BN block slots (the same bf16 pieces and products, float32 accumulation) and
 keeps each query's top-k in registers: the scores never reach memory, and a tile reads only the
 slots its queries can reach (causal).
@@ -27,6 +29,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
+
+from moba_jax.kernels import _routing as rt
 
 BT = 64  # queries a program (GPU)
 BN = 64  # block slots a chunk (GPU)
@@ -55,13 +59,6 @@ def supports_tpu(q_dtype, head_dim, topk, n_slots) -> bool:
           and topk <= MAX_TOPK and 2 * 3 * n_pad * d_pad * 2 <= TPU_KEY_BYTES)
 
 
-def _top16(x):
-  """The float32 whose bits are x's top 16 (x's leading bfloat16, by truncation): a mask, which
-  no compiler rewrites away (`_routing._bf16_pieces`)."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-65536)  # 0xFFFF0000
-  return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def _order_key(x):
   """int32 keys ordered as the float32 x (-inf lowest, +inf highest; -0.0 == +0.0; no NaN)."""
   bits = jax.lax.bitcast_convert_type(jnp.where(x == 0.0, 0.0, x), jnp.int32)
@@ -69,9 +66,9 @@ def _order_key(x):
 
 
 def _merge(run, new):
-  """The m best of two lists of m (key, slot) vectors [BT], each sorted best first, every slot of
-  `run` below every slot of `new` (so `run` wins a tie). Each entry's rank in the union is its
-  rank in its list plus the entries of the other list that beat it."""
+  """The m best of two lists of m (key, slot) columns [bt, 1], each sorted best first, every
+  slot of `run` below every slot of `new` (so `run` wins a tie). Each entry's rank in the union
+  is its rank in its list plus the entries of the other list that beat it."""
   m = len(run)
   rank_r = [i + sum((nk > rk).astype(jnp.int32) for nk, _ in new) for i, (rk, _) in
             enumerate(run)]
@@ -96,12 +93,8 @@ def _choose(start, i, q, load_k, n_pieces, *, block_size, n_slots, n_sel, n_q, q
   t = start + i * bt + jax.lax.broadcasted_iota(jnp.int32, (bt, 1), 0)  # positions
   div = jax.lax.div  # non-negative operands: truncation is floor, with no sign op for Mosaic TPU
   current = jnp.minimum(div(t, block_size), n_slots - 1)  # [bt, 1] (rows past the queries: any)
-  if q_pieces == 1:
-    qs = [q]
-  else:  # float16: two bf16 pieces (8 + 3 significant bits), exact
-    q32 = q.astype(jnp.float32)
-    hi = _top16(q32)
-    qs = [hi.astype(jnp.bfloat16), (q32 - hi).astype(jnp.bfloat16)]
+  # float16: two bf16 pieces (8 + 3 significant bits), exact; bfloat16: itself
+  qs = [q] if q_pieces == 1 else rt._bf16_pieces(q.astype(jnp.float32), 2)
   dims = (((1,), (1,)), ((), ()))
   last = jnp.minimum(div(start + jnp.minimum((i + 1) * bt, n_q) - 1, block_size),
                      n_slots - 1)  # the tile's last block

@@ -479,7 +479,8 @@ def test_gate_kernel_is_the_oracles_choice(platform, case):
 
 def test_gate_kernel_compares_scores_as_ordered_integers():
   """`moba_gate._order_key` orders float32 as `<` does (-inf lowest, -0.0 equal to 0.0, +inf
-  highest; subnormals, which XLA's CPU flushes, left out); the merge of sorted lists keeps the earlier list's entry on a tie."""
+  highest; subnormals, which XLA's CPU flushes, left out); the merge of sorted lists keeps the
+  earlier list's entry on a tie."""
   from moba_jax.kernels import moba_gate as mg
   x = np.array([-np.inf, -3e38, -2.5, -1e-30, -0.0, 0.0, 1e-30, 2.5, 3e38, np.inf],
                np.float32)
