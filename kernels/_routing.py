@@ -262,7 +262,8 @@ def select_chunked(q, k, layout, *, block_size, topk, q_start=None, one_doc=Fals
   """The oracle's block choice over query chunks: memory O(chunk * T / block_size), not T^2.
 
   Batches of single documents score every chunk against one set of gate keys
-  (`moba.slot_means`; on a GPU, 16-bit queries: the gate kernel, no chunks, `_gate_kernel`);
+  (`moba.slot_means`; on a GPU or TPU, 16-bit queries: the gate kernel, no chunks,
+  `_gate_kernel`);
   otherwise chunks inside one document (the common case) take the shared path with their
   document's gate keys and chunks that span documents the oracle's own `select_blocks`.
   layout: every key position's Layout ([B, T] each). q_start: q [B, Tq, H, D] are positions

@@ -106,7 +106,8 @@ def _choose(start, i, q, load_k, n_pieces, *, block_size, n_slots, n_sel, n_q, q
     scores = None
     for qp in qs:
       for p in range(n_pieces):  # the XLA gate's order: ((q1 k1 + q1 k2) + q1 k3) + ...
-        s = jax.lax.dot_general(qp, load_k(p, c), dims, preferred_element_type=jnp.float32)
+        s = jax.lax.dot_general(qp, load_k(p, c), dims, preferred_element_type=jnp.float32,
+                                precision=jax.lax.Precision.DEFAULT)  # bf16 x bf16: exact
         scores = s if scores is None else scores + s
     scores = jnp.where(scores != scores, float(np.finfo(np.float32).max), scores)  # NaN ranks high
     key = jnp.where(j < current, _order_key(scores), _NINF)

@@ -110,7 +110,9 @@ def test_gate_kernel_lowers_for_tpu(dtype, dim, topk, slots):
   pieces = jax.ShapeDtypeStruct((3, 1, slots, 4, dim), jnp.bfloat16)
   start = jax.ShapeDtypeStruct((), jnp.int32)
   fn = functools.partial(moba_gate.gate_topk_tpu, block_size=8192 // slots, topk=topk)
-  text = jax.jit(fn).trace(q, pieces, q_start=start).lower(lowering_platforms=("tpu",)).as_text()
+  with jax.default_matmul_precision("highest"):  # as `_routing.select_chunked` calls it
+    traced = jax.jit(fn).trace(q, pieces, q_start=start)
+  text = traced.lower(lowering_platforms=("tpu",)).as_text()
   assert text.count("@tpu_custom_call") == 1 and "moba_gate_tpu" in text
 
 
