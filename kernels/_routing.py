@@ -186,6 +186,34 @@ def _slot_kbar(kbar, layout, block_size):
   return jax.vmap(lambda kb, idx: kb[jnp.clip(idx, 0, seq - 1)])(kbar, slot_start)
 
 
+def full_block_table(k, layout, block_size, one_doc=False):
+  """The gate keys of each row's full blocks in order, float32 [B, NF, K, D] (NF = T //
+  block_size, the most full blocks a row can hold; a row's unused slots are zero and never
+  read), and each position's document's first slot in it, [B, T] int32. Only full blocks are
+  past blocks (a document's ragged last block is always its queries' current one), so a query
+  of block index i chooses among slots [first, first + i). Single documents (one_doc, known
+  when tracing): `moba.slot_means`' first NF slots, first = 0. Packed rows: each full block's
+  keys gathered and summed in block order (no scatter: the sums are deterministic)."""
+  batch, seq, kv_heads, dim = k.shape
+  n_full = seq // block_size
+  if one_doc:
+    table = _moba.slot_means(k, block_size)[:, :n_full]
+    return table, jnp.zeros((batch, seq), jnp.int32)
+  t = jnp.arange(seq, dtype=jnp.int32)
+  is_full = (t == layout.block_start) & (layout.block_end - t == block_size)  # [B, T]
+  count = jnp.cumsum(is_full, axis=1, dtype=jnp.int32)
+  rows = jnp.arange(batch)[:, None]
+  slot = jnp.where(is_full, count - 1, n_full)
+  start = jnp.zeros((batch, n_full), jnp.int32).at[rows, slot].set(
+      jnp.broadcast_to(t, (batch, seq)), mode="drop")  # [B, NF] each full block's first key
+  keys = jax.vmap(lambda kr, idx: kr[idx])(
+      k, start[:, :, None] + jnp.arange(block_size, dtype=jnp.int32))  # [B, NF, L, K, D]
+  table = keys.astype(jnp.float32).sum(axis=2) / block_size
+  before = count - is_full  # full blocks before each position
+  first = jnp.take_along_axis(before, layout.doc_start, axis=1)
+  return table, first
+
+
 def _top_k(scores, k, first=None):
   """`lax.top_k` over the last axis by argmax passes (ties: lower index first, as top_k).
 
@@ -261,10 +289,10 @@ def _select_mixed(q_c, kbar, lay, *, block_size, topk):
 def select_chunked(q, k, layout, *, block_size, topk, q_start=None, one_doc=False):
   """The oracle's block choice over query chunks: memory O(chunk * T / block_size), not T^2.
 
-  Batches of single documents score every chunk against one set of gate keys
-  (`moba.slot_means`; on a GPU or TPU, 16-bit queries: the gate kernel, no chunks,
-  `_gate_kernel`);
-  otherwise chunks inside one document (the common case) take the shared path with their
+  On a GPU or TPU with 16-bit queries the gate kernel chooses for any documents, without
+  chunks or branches (`_gate_kernel`, `full_block_table`). Otherwise (XLA's gate) batches of
+  single documents score every chunk against one set of gate keys (`moba.slot_means`); packed
+  rows' chunks inside one document (the common case) take the shared path with their
   document's gate keys and chunks that span documents the oracle's own `select_blocks`.
   layout: every key position's Layout ([B, T] each). q_start: q [B, Tq, H, D] are positions
   [q_start, q_start + Tq) (a query offset, may be traced); their positions are then data, so
@@ -275,19 +303,24 @@ def select_chunked(q, k, layout, *, block_size, topk, q_start=None, one_doc=Fals
   batch, n_q, heads, _ = q.shape
   seq = k.shape[1]
   n_slots = math.ceil(seq / block_size)
+  lay_q = layout if layout_q is None else layout_q
+  kernel = _gate_kernel(q.dtype, q.shape[-1], topk, max(seq // block_size, 1))
+  if kernel is not None:  # any documents, the scores never in memory (kernels/moba_gate.py)
+    table, first = full_block_table(k, layout, block_size, one_doc)
+    if layout_q is not None:
+      first = jax.lax.dynamic_slice_in_dim(first, q_start, n_q, axis=1)
+    blocks, valid = kernel(q, jnp.stack(_bf16_pieces(table, 3)), first, lay_q.block_index,
+                           n_sel=min(topk, n_slots))
+    return lay_q.doc_start[..., None, None] + blocks * block_size, valid
+
   chunk = _pow2_chunk(ROUTING_BYTES, 4 * batch * heads * n_slots, n_q)
   n = -(-n_q // chunk)
   kw = dict(block_size=block_size, topk=topk)
-  lay_q = layout if layout_q is None else layout_q
   chunks = (_split(q, n, chunk), tuple(_split(a, n, chunk) for a in lay_q))
   shared = lambda kb: lambda xs: _select_shared(xs[0], kb, _moba.Layout(*xs[1]), **kw)
 
   def one_doc_path():  # causal: chunks of early queries score only the slots they can reach
     slot_kbar = _moba.slot_means(k, block_size)
-    kernel = _gate_kernel(q.dtype, q.shape[-1], topk, n_slots)
-    if kernel is not None:  # the scores never in memory (kernels/moba_gate.py)
-      return kernel(q, jnp.stack(_bf16_pieces(slot_kbar, 3)), block_size=block_size, topk=topk,
-                    q_start=q_start)
     if layout_q is not None:
       return merged(map_steps(shared(slot_kbar), chunks))
     n_sel = min(topk, n_slots)

@@ -1,15 +1,19 @@
 """The MoBA gate in one Pallas kernel (GPU: Triton lowering; TPU: Mosaic): scores and top-k per
 query tile.
 
-For batches of single documents (`_routing.select_chunked`'s one-document path), XLA's gate
-writes the float32 scores [B, T, H, N] of every query against every block's mean key (three
-matmuls, one per bf16 piece of the gate keys, and their sums), then reads them once per top-k
-pass: at 128K tokens, block 512, about 5 ms of a 24 ms fwd+bwd step on an H200 (run 26,
+XLA's gate writes the float32 scores [B, T, H, N] of every query against every block's mean key
+(three matmuls, one per bf16 piece of the gate keys, and their sums), then reads them once per
+top-k pass: at 128K tokens, block 512, about 5 ms of a 24 ms fwd+bwd step on an H200 (run 26,
 docs/kernel_notes.md; 0.995 ms with this kernel). Here one program takes BT queries of one query
-head, computes their scores
-chunk by chunk of BN block slots (the same bf16 pieces and products, float32 accumulation) and
-keeps each query's top-k in registers: the scores never reach memory, and a tile reads only the
-slots its queries can reach (causal).
+head, computes their scores chunk by chunk of BN table slots (the same bf16 pieces and
+products, float32 accumulation) and keeps each query's top-k in registers: the scores never
+reach memory, and a tile reads only the slots its queries can choose.
+
+The table holds the mean keys of each row's *full* blocks in order (`_routing.full_block_table`;
+a document's ragged last block is never a past block), so packed documents take the same kernel
+as single ones: a query's past blocks are the slots [first, first + cur) of its document
+(single documents: first = 0, cur = t // block_size), and the tile scans the chunks its
+queries' ranges cover (its chunk range comes precomputed, `_prepare`).
 
 The choice is `moba.select_blocks`': the current block first, then the top `topk - 1` past blocks
 by score, ties to the lower block, a NaN score ranking above every number, and where fewer past
@@ -17,6 +21,8 @@ blocks exist the lowest blocks not yet taken (invalid). Scores are compared as i
 (`_order_key`: an order-preserving map of float32, -0.0 as +0.0) so that a tie and its lower index
 are one comparison. Each chunk's top entries (argmax passes over the chunk) are merged into the
 running list by rank: the running list's blocks all precede the chunk's, so on a tie they win.
+Entries no past block fills take the lowest free blocks after the current one, as the oracle's
+top-k does.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ TPU_BT = 128  # queries a program (TPU: a [128, 128] score tile on the MXU)
 TPU_BN = 128  # block slots a chunk (TPU)
 TPU_KEY_BYTES = 8 << 20  # the gate keys' VMEM block (three pieces, double-buffered) at most
 MAX_TOPK = 17  # the argmax passes a chunk makes (topk - 1); larger top-k stays with XLA's gate
-_LOWEST = int(np.iinfo(np.int32).min)  # a slot never chosen: the current block, padding, taken
+_LOWEST = int(np.iinfo(np.int32).min)  # a slot never chosen: not a past block of the query, taken
 _NINF = int(np.float32(-np.inf).view(np.int32) ^ np.int32(0x7FFFFFFF))  # `_order_key(-inf)`
 
 
@@ -52,8 +58,8 @@ def supports(q_dtype, head_dim, topk) -> bool:
 
 def supports_tpu(q_dtype, head_dim, topk, n_slots) -> bool:
   """`supports` for `gate_topk_tpu`: 16-bit queries, topk <= MAX_TOPK, and the gate keys' VMEM
-  block (three bf16 pieces of [N, D], D padded to the 128 lanes, double-buffered) within
-  TPU_KEY_BYTES (N <= 2048 at head_dim 128)."""
+  block (three bf16 pieces of [N, D], N table slots, D padded to the 128 lanes,
+  double-buffered) within TPU_KEY_BYTES (N <= 2048 at head_dim 128)."""
   n_pad, d_pad = -(-n_slots // TPU_BN) * TPU_BN, -(-head_dim // 128) * 128
   return (jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
           and topk <= MAX_TOPK and 2 * 3 * n_pad * d_pad * 2 <= TPU_KEY_BYTES)
@@ -83,26 +89,23 @@ def _merge(run, new):
   return out
 
 
-def _choose(start, i, q, load_k, n_pieces, *, block_size, n_slots, n_sel, n_q, q_pieces, bt, bn,
-            s_pad):
-  """One program's choice: queries [i * bt, (i + 1) * bt) of q [bt, D] at positions start + t;
-  load_k(p, c) -> [bn, D], piece p of the gate keys of slots [c * bn, (c + 1) * bn). Returns
-  slots and valid [bt, s_pad] int32 (column 0: the current block). Per-query values are [bt, 1]
-  (Mosaic TPU keeps no 1-D vectors)."""
+def _choose(q, first, cur, c_lo, c_hi, load_k, n_pieces, *, n_sel, q_pieces, bt, bn, s_pad):
+  """One program's choice for the queries q [bt, D]. A query's past blocks are the table slots
+  [first, first + cur) (first, cur [bt, 1] int32: its document's first full block in the table,
+  its block's index in its document); the program scans chunks [c_lo, c_hi) of bn slots, which
+  hold every query's past blocks. load_k(p, c) -> [bn, D], piece p of the gate keys of slots
+  [c * bn, (c + 1) * bn). Returns blocks (indices in the query's document) and valid [bt, s_pad]
+  int32 (column 0: the current block). Per-query values are [bt, 1] columns (Mosaic TPU keeps
+  no 1-D vectors)."""
   m = n_sel - 1
-  t = start + i * bt + jax.lax.broadcasted_iota(jnp.int32, (bt, 1), 0)  # positions
-  div = jax.lax.div  # non-negative operands: truncation is floor, with no sign op for Mosaic TPU
-  current = jnp.minimum(div(t, block_size), n_slots - 1)  # [bt, 1] (rows past the queries: any)
+  end = first + cur
   # float16: two bf16 pieces (8 + 3 significant bits), exact; bfloat16: itself
   qs = [q] if q_pieces == 1 else rt._bf16_pieces(q.astype(jnp.float32), 2)
   dims = (((1,), (1,)), ((), ()))
-  last = jnp.minimum(div(start + jnp.minimum((i + 1) * bt, n_q) - 1, block_size),
-                     n_slots - 1)  # the tile's last block
-  n_chunks = jnp.maximum(div(last + bn - 1, bn), 1)  # slots [0, last) at least, one chunk at least
   col = jax.lax.broadcasted_iota(jnp.int32, (bt, bn), 1)
 
   def chunk(c, run):
-    j = c * bn + col  # [bt, bn] block slots
+    j = c * bn + col  # [bt, bn] table slots
     scores = None
     for qp in qs:
       for p in range(n_pieces):  # the XLA gate's order: ((q1 k1 + q1 k2) + q1 k3) + ...
@@ -110,127 +113,142 @@ def _choose(start, i, q, load_k, n_pieces, *, block_size, n_slots, n_sel, n_q, q
                                 precision=jax.lax.Precision.DEFAULT)  # bf16 x bf16: exact
         scores = s if scores is None else scores + s
     scores = jnp.where(scores != scores, float(np.finfo(np.float32).max), scores)  # NaN ranks high
-    key = jnp.where(j < current, _order_key(scores), _NINF)
-    key = jnp.where((j == current) | (j >= n_slots), _LOWEST, key)
+    key = jnp.where((j >= first) & (j < end), _order_key(scores), _LOWEST)
     new = []
     for _ in range(m):  # argmax passes, ties to the lower slot
       best = jnp.max(key, axis=1, keepdims=True)
-      first = jnp.min(jnp.where(key == best, col, bn), axis=1, keepdims=True)
-      new.append((best, c * bn + first))
-      key = jnp.where(col == first, _LOWEST, key)
+      first_col = jnp.min(jnp.where(key == best, col, bn), axis=1, keepdims=True)
+      new.append((best, c * bn + first_col))
+      key = jnp.where(col == first_col, _LOWEST, key)
     return _merge(run, new)
 
   init = [(jnp.full((bt, 1), _LOWEST, jnp.int32), jnp.zeros((bt, 1), jnp.int32))] * m
-  run = jax.lax.fori_loop(0, n_chunks, chunk, init) if m else []
+  run = jax.lax.fori_loop(c_lo, c_hi, chunk, init) if m else []
+  # Entries no past block filled (fewer than topk - 1 of them) are the oracle's lowest free
+  # blocks: cur + 1, cur + 2, ... (every past block is taken by then), invalid.
+  filled = sum(((k > _LOWEST).astype(jnp.int32) for k, _ in run), jnp.zeros_like(cur))
   out_col = jax.lax.broadcasted_iota(jnp.int32, (bt, s_pad), 1)
-  slots = jnp.where(out_col == 0, current, 0)
+  blocks = jnp.where(out_col == 0, cur, 0)
   valid = (out_col == 0).astype(jnp.int32)
   for p, (k, s) in enumerate(run):
-    slots = jnp.where(out_col == p + 1, s, slots)
+    block = jnp.where(k > _LOWEST, s - first, cur + 1 + p - filled)
+    blocks = jnp.where(out_col == p + 1, block, blocks)
     valid = jnp.where(out_col == p + 1, (k > _NINF).astype(jnp.int32), valid)
-  return slots, valid
+  return blocks, valid
 
 
-def _gpu_kernel(start_ref, q_ref, k_ref, slot_ref, valid_ref, **kw):
+def _gpu_kernel(lo_ref, hi_ref, q_ref, first_ref, cur_ref, k_ref, block_ref, valid_ref, **kw):
   load_k = lambda p, c: k_ref[p, pl.ds(c * BN, BN), :]  # [BN, D] bf16
-  slot_ref[...], valid_ref[...] = _choose(start_ref[0], pl.program_id(0), q_ref[...], load_k,
-                                          k_ref.shape[0], bt=BT, bn=BN, s_pad=slot_ref.shape[1],
-                                          **kw)
+  block_ref[...], valid_ref[...] = _choose(
+      q_ref[...], first_ref[...], cur_ref[...], lo_ref[0], hi_ref[0], load_k, k_ref.shape[0],
+      bt=BT, bn=BN, s_pad=block_ref.shape[1], **kw)
 
 
-def _tpu_kernel(start_ref, q_ref, k_ref, slot_ref, valid_ref, **kw):
+def _tpu_kernel(lo_ref, hi_ref, q_ref, first_ref, cur_ref, k_ref, block_ref, valid_ref, **kw):
+  b, i = pl.program_id(0), pl.program_id(2)
   load_k = lambda p, c: k_ref[p, pl.ds(pl.multiple_of(c * TPU_BN, TPU_BN), TPU_BN), :]
-  slot_ref[...], valid_ref[...] = _choose(start_ref[0], pl.program_id(2), q_ref[...], load_k,
-                                          k_ref.shape[0], bt=TPU_BT, bn=TPU_BN,
-                                          s_pad=slot_ref.shape[1], **kw)
+  block_ref[...], valid_ref[...] = _choose(
+      q_ref[...], first_ref[...], cur_ref[...], lo_ref[b, i], hi_ref[b, i], load_k,
+      k_ref.shape[0], bt=TPU_BT, bn=TPU_BN, s_pad=block_ref.shape[1], **kw)
 
 
-def _prepare(q, k_pieces, q_start, block_size, topk, bt, bn):
-  """What both wrappers do first: (q, k_pieces padded to bt queries and bn slots, the offset as
-  an int32 [1], the padded lengths, the kernel body's static arguments)."""
+def _prepare(q, k_pieces, first, cur, n_sel, bt, bn):
+  """What both wrappers do first: q and the per-query columns padded to bt queries (by their
+  last entry), the table to bn slots, each tile's chunk range [lo, hi) ([B, tiles] int32: the
+  chunks of its queries' past blocks), the kernel body's static arguments."""
   # no gradient (the oracle's choice is stop_gradient'ed too); a tangent would reach the Pallas
   # call's own JVP, which traces the kernel outside its grid
   q, k_pieces = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_pieces)
-  seq, n_slots = q.shape[1], k_pieces.shape[2]
-  t_pad, n_pad = pl.cdiv(seq, bt) * bt, pl.cdiv(n_slots, bn) * bn
-  if t_pad != seq:
-    q = jnp.pad(q, ((0, 0), (0, t_pad - seq), (0, 0), (0, 0)))
-  k_pieces = jnp.pad(k_pieces, ((0, 0), (0, 0), (0, n_pad - n_slots), (0, 0), (0, 0)))
-  start = jnp.zeros((1,), jnp.int32) if q_start is None else jnp.reshape(q_start, (1,)).astype(
-      jnp.int32)
-  kw = dict(block_size=block_size, n_slots=n_slots, n_sel=min(topk, n_slots), n_q=seq,
-            q_pieces=1 if q.dtype == jnp.bfloat16 else 2)
-  return q, k_pieces, start, t_pad, n_pad, kw
+  batch, seq = q.shape[:2]
+  n_full = k_pieces.shape[2]
+  t_pad, n_pad = pl.cdiv(seq, bt) * bt, max(pl.cdiv(n_full, bn), 1) * bn
+  pad = lambda x, mode: jnp.pad(x, [(0, 0), (0, t_pad - seq)] + [(0, 0)] * (x.ndim - 2),
+                                mode=mode)
+  q = pad(q, "constant")
+  first, cur = (pad(x.astype(jnp.int32), "edge")[..., None] for x in (first, cur))  # [B, T, 1]
+  k_pieces = jnp.pad(k_pieces, ((0, 0), (0, 0), (0, n_pad - n_full), (0, 0), (0, 0)))
+  tiles = lambda x: x.reshape(batch, t_pad // bt, bt)
+  lo = jax.lax.div(jnp.min(tiles(first), axis=-1), bn)
+  hi = jax.lax.div(jnp.max(tiles(first + cur), axis=-1) + bn - 1, bn)
+  kw = dict(n_sel=n_sel, q_pieces=1 if q.dtype == jnp.bfloat16 else 2)
+  return q, k_pieces, first, cur, lo, hi, t_pad, n_pad, kw
 
 
-def _finish(slots, valid, seq, n_sel, block_size):
-  slots, valid = slots[:, :seq, :, :n_sel], valid[:, :seq, :, :n_sel]
-  return slots * block_size, valid.astype(bool)
+def _finish(blocks, valid, seq, n_sel):
+  return blocks[:, :seq, :, :n_sel], valid[:, :seq, :, :n_sel].astype(bool)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "topk", "interpret"))
-def gate_topk(q, k_pieces, *, block_size, topk, q_start=None, interpret=False):
-  """`moba.select_blocks` for batches of single documents, without the scores in memory (GPU:
-  the Triton lowering).
+@functools.partial(jax.jit, static_argnames=("n_sel", "interpret"))
+def gate_topk(q, k_pieces, first, cur, *, n_sel, interpret=False):
+  """`moba.select_blocks` without the scores in memory (GPU: the Triton lowering), for any
+  documents.
 
-  q [B, Tq, H, D] bf16 or f16 (`supports`), positions [q_start, q_start + Tq) of the sequence
-  (q_start: an int32 scalar, may be traced: context parallelism; None: 0); k_pieces [P, B, N, K,
-  D] bf16: the P = 3 bf16 pieces of the float32 block-mean keys of the whole sequence
-  (`moba.slot_means`, `_routing._bf16_pieces`). Returns starts [B, Tq, H, S] int32 (block
-  starts, the current block first) and valid [B, Tq, H, S] bool, S = min(topk, N): the oracle's
-  result (scores equal up to float32 summation order)."""
+  q [B, Tq, H, D] bf16 or f16 (`supports`); k_pieces [P, B, N, K, D] bf16: the P = 3 bf16 pieces
+  (`_routing._bf16_pieces`) of the float32 mean keys of each row's full blocks, in order
+  (`_routing.full_block_table`: only full blocks are ever past blocks); first [B, Tq] int32: the
+  table slot of the first block of each query's document; cur [B, Tq] int32: the index of the
+  query's block in its document. A query's past blocks are slots [first, first + cur). n_sel:
+  blocks a query takes, min(topk, ceil(T / block_size)). Returns blocks [B, Tq, H, n_sel] int32
+  (indices in the query's document, the current block first; start = document start + index x
+  block_size) and valid [B, Tq, H, n_sel] bool: the oracle's choice (scores equal up to float32
+  summation order)."""
   batch, seq, heads, dim = q.shape
   n_pieces, _, _, kv_heads, _ = k_pieces.shape
   groups = heads // kv_heads
-  q, k_pieces, start, t_pad, n_pad, kw = _prepare(q, k_pieces, q_start, block_size, topk, BT, BN)
-  s_pad = max(2, pl.next_power_of_2(kw["n_sel"]))
+  q, k_pieces, first, cur, lo, hi, t_pad, n_pad, kw = _prepare(q, k_pieces, first, cur, n_sel,
+                                                               BT, BN)
+  s_pad = max(2, pl.next_power_of_2(n_sel))
   out = jax.ShapeDtypeStruct((batch, t_pad, heads, s_pad), jnp.int32)
   out_spec = pl.BlockSpec((pl.squeezed, BT, pl.squeezed, s_pad), lambda i, b, h: (b, i, h, 0))
+  tile_spec = pl.BlockSpec((pl.squeezed, 1), lambda i, b, h: (b, i))
+  col_spec = pl.BlockSpec((pl.squeezed, BT, 1), lambda i, b, h: (b, i, 0))
   kwargs = {} if interpret else {
       "compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
-  slots, valid = pl.pallas_call(
+  blocks, valid = pl.pallas_call(
       functools.partial(_gpu_kernel, **kw), grid=(t_pad // BT, batch, heads),
-      in_specs=[pl.BlockSpec((1,), lambda i, b, h: (0,)),
+      in_specs=[tile_spec, tile_spec,
                 pl.BlockSpec((pl.squeezed, BT, pl.squeezed, dim), lambda i, b, h: (b, i, h, 0)),
+                col_spec, col_spec,
                 pl.BlockSpec((n_pieces, pl.squeezed, n_pad, pl.squeezed, dim),
                              lambda i, b, h: (0, b, 0, h // groups, 0))],
       out_specs=[out_spec, out_spec], out_shape=[out, out], interpret=interpret,
-      name="moba_gate", **kwargs)(start, q, k_pieces)
-  return _finish(slots, valid, seq, kw["n_sel"], block_size)
+      name="moba_gate", **kwargs)(lo, hi, q, first, cur, k_pieces)
+  return _finish(blocks, valid, seq, n_sel)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "topk", "interpret"))
-def gate_topk_tpu(q, k_pieces, *, block_size, topk, q_start=None, interpret=False):
+@functools.partial(jax.jit, static_argnames=("n_sel", "interpret"))
+def gate_topk_tpu(q, k_pieces, first, cur, *, n_sel, interpret=False):
   """`gate_topk` on TPUs (Mosaic TPU): the same choice, the same kernel body (`_choose`), with
   heads-major query tiles (Mosaic tiles the last two dims of a block), head_dim zero-padded to
-  the 128 lanes and the query offset as a scalar-prefetch operand. Arguments and result as
-  `gate_topk`'s (`supports_tpu`). Interpreted and lowered on the CPU only: not yet run on a
+  the 128 lanes and the tiles' chunk ranges as scalar-prefetch operands. Arguments and result
+  as `gate_topk`'s (`supports_tpu`). Interpreted and lowered on the CPU only: not yet run on a
   TPU."""
   batch, seq, heads, dim = q.shape
   n_pieces, _, _, kv_heads, _ = k_pieces.shape
   groups = heads // kv_heads
-  q, k_pieces, start, t_pad, n_pad, kw = _prepare(q, k_pieces, q_start, block_size, topk,
-                                                  TPU_BT, TPU_BN)
+  q, k_pieces, first, cur, lo, hi, t_pad, n_pad, kw = _prepare(q, k_pieces, first, cur, n_sel,
+                                                               TPU_BT, TPU_BN)
   extra = -dim % 128
   pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])  # zero products
   dim += extra
   q = jnp.moveaxis(pad_d(q), 2, 1)  # [B, H, T, D]
   k_pieces = jnp.moveaxis(pad_d(k_pieces), 3, 2)  # [P, B, K, N, D]
-  s_pad = kw["n_sel"]
-  out = jax.ShapeDtypeStruct((batch, heads, t_pad, s_pad), jnp.int32)
-  out_spec = pl.BlockSpec((None, None, TPU_BT, s_pad), lambda b, h, i, s: (b, h, i, 0))
+  out = jax.ShapeDtypeStruct((batch, heads, t_pad, n_sel), jnp.int32)
+  out_spec = pl.BlockSpec((None, None, TPU_BT, n_sel), lambda b, h, i, lo, hi: (b, h, i, 0))
+  col_spec = pl.BlockSpec((None, TPU_BT, 1), lambda b, h, i, lo, hi: (b, i, 0))
   spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(batch, heads, t_pad // TPU_BT),
-      in_specs=[pl.BlockSpec((None, None, TPU_BT, dim), lambda b, h, i, s: (b, h, i, 0)),
+      num_scalar_prefetch=2, grid=(batch, heads, t_pad // TPU_BT),
+      in_specs=[pl.BlockSpec((None, None, TPU_BT, dim), lambda b, h, i, lo, hi: (b, h, i, 0)),
+                col_spec, col_spec,
                 pl.BlockSpec((n_pieces, None, None, n_pad, dim),
-                             lambda b, h, i, s: (0, b, jax.lax.div(h, groups), 0, 0))],
+                             lambda b, h, i, lo, hi: (0, b, jax.lax.div(h, groups), 0, 0))],
       out_specs=[out_spec, out_spec])
   if interpret:
     interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
-  slots, valid = pl.pallas_call(
+  blocks, valid = pl.pallas_call(
       functools.partial(_tpu_kernel, **kw), grid_spec=spec, out_shape=[out, out],
       interpret=interpret, name="moba_gate_tpu",
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel")))(start, q, k_pieces)
-  return _finish(jnp.moveaxis(slots, 1, 2), jnp.moveaxis(valid, 1, 2), seq, kw["n_sel"],
-                 block_size)
+          dimension_semantics=("parallel", "parallel", "parallel")))(lo, hi, q, first, cur,
+                                                                     k_pieces)
+  return _finish(jnp.moveaxis(blocks, 1, 2), jnp.moveaxis(valid, 1, 2), seq, n_sel)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -472,20 +471,14 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
   return dq_all, dk_all, dv_all
 
 
-def _dkdv_items(routing, dims, sizes, seq):
-  """dK/dV work items, each (first key, r0, ru, r1, g0, g1) per program (see `_dkdv_kernel`).
-
-  Tile items: one per key tile c of [0, seq): its rows in the current block ([c*Bk*G, block
-  end*G), masked only up to the diagonal when the tile lies in one block) and, when the tile's
-  block is a past-block group aligned to the tile size, that group's rows: each key then has one
-  owner and dK/dV come out in key order. Group items: the key tiles of groups that are not
-  aligned (documents starting off the tile grid, or block_size % Bk != 0), all rows masked;
-  their outputs are added by scatter. Returns (tile items, group items or None, any group item).
-  With a query offset the dense rows are the local queries' (positions q_start + t): a key
-  tile's row range is clipped to them (empty for tiles outside [block start of q_start,
-  q_start + Tq)); key tiles still cover all seq keys (past-block groups lie anywhere before).
-  """
-  bkd, g, blk = sizes.block_k_dkv, dims.groups, dims.block_size
+def _dense_items(routing, dims, bkd, seq):
+  """The dense part of the dK/dV items of key tiles of bkd keys: (first key, r0, ru, r1), each
+  [BK, tiles], and (each tile's first key's block start, whether the tile lies in one block).
+  Dense rows [r0, r1) are the queries from the tile's first key to the end of the block of its
+  last key, masked only up to the diagonal (ru) when the tile lies in one block. With a query
+  offset the rows are the local queries' (positions q_start + t): clipped to them (empty for
+  tiles outside [block start of q_start, q_start + Tq))."""
+  g = dims.groups
   first = jnp.arange(0, seq, bkd, dtype=jnp.int32)
   last = jnp.minimum(first + bkd, seq) - 1
   if routing.q_start is None:
@@ -500,6 +493,57 @@ def _dkdv_items(routing, dims, sizes, seq):
   t_r0 = rows(t_ks)
   t_r1 = rows(routing.block_end[:, last])
   t_ru = jnp.where(clean, rows(first + bkd - 1), t_r1)
+  return (t_ks, t_r0, t_ru, t_r1), bs_first, clean
+
+
+def mosaic_dkdv_items(routing, dims, seq):
+  """The Mosaic dK/dV's items for any documents, block size and query offset: per key tile of
+  `moba_mgpu.KEYS` keys, (first key, r0, ru, r1, g0, g1, gmask) [BK, tiles] int32: its dense
+  rows (`_dense_items`) and the rows [g0, g1) of every past-block group whose block meets the
+  tile (groups are laid out in block order, so these rows are contiguous), masked by each row's
+  [lo, hi) unless one group's block covers the whole tile (gmask 0: single documents with
+  blocks a multiple of 128, where each tile has one group and no mask). A group meets every
+  tile its block overlaps, so each key has one owner and dK/dV come out in key order: no
+  group items, no scatter and no branch."""
+  bkd, blk = moba_mgpu.KEYS, dims.block_size
+  (t_ks, t_r0, t_ru, t_r1), _, _ = _dense_items(routing, dims, bkd, seq)
+  # the kernel's chunks start on multiples of 8 rows (TMA boxes); with a query offset r0 may
+  # not: the rows before it are queries before the tile's keys, which its first (masked) chunk
+  # sees as zeros
+  dense = (t_ks, t_r0 - t_r0 % 8, t_ru, t_r1)
+  zero = jnp.zeros_like(t_ks)
+  if dims.max_groups == 0:
+    return dense + (zero, zero, zero)
+  gp = routing.group_p  # [BK, Gm] sorted block starts of the non-empty groups (seq: none)
+  n_g = gp.shape[1]
+  search = functools.partial(jnp.searchsorted, method="compare_all"
+                             if t_ks.shape[1] * n_g <= 1 << 22 else "sort")
+  # groups with a block [p, p + blk) meeting the tile [ks, ks + bkd): ks - blk < p < ks + bkd
+  i0 = jax.vmap(search)(gp, t_ks - blk + 1)
+  i1 = jax.vmap(search)(gp, jnp.minimum(t_ks + bkd, seq))
+  take = lambda x, i: jnp.take_along_axis(x, jnp.clip(i, 0, n_g - 1), axis=1)
+  has = i1 > i0
+  g0 = jnp.where(has, take(routing.group_r0, i0), 0)
+  g1 = jnp.where(has, take(routing.group_r1, i1 - 1), 0)
+  p0 = take(gp, i0)
+  whole = (i1 - i0 == 1) & (p0 <= t_ks) & (p0 + blk >= t_ks + bkd)
+  return dense + (g0, g1, (has & ~whole).astype(jnp.int32))
+
+
+def _dkdv_items(routing, dims, sizes, seq):
+  """dK/dV work items of the Triton kernel, each (first key, r0, ru, r1, g0, g1) per program
+  (see `_dkdv_kernel`).
+
+  Tile items: one per key tile c of [0, seq): its dense rows (`_dense_items`) and, when the
+  tile's block is a past-block group aligned to the tile size, that group's rows: each key then
+  has one owner and dK/dV come out in key order. Group items: the key tiles of groups that are
+  not aligned (documents starting off the tile grid, or block_size % Bk != 0), all rows
+  masked; their outputs are added by scatter. Returns (tile items, group items or None, any
+  group item). With a query offset key tiles still cover all seq keys (past-block groups lie
+  anywhere before).
+  """
+  bkd, blk = sizes.block_k_dkv, dims.block_size
+  (t_ks, t_r0, t_ru, t_r1), bs_first, clean = _dense_items(routing, dims, bkd, seq)
   zero = jnp.zeros_like(t_ks)
   if dims.max_groups == 0:
     return (t_ks, t_r0, t_ru, t_r1, zero, zero), None, False
@@ -542,14 +586,9 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   bq = sizes.block_q
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
   if sizes.mosaic_head_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
-    items, groups, _ = _dkdv_items(
-        routing, dims, dataclasses.replace(sizes, block_k_dkv=moba_mgpu.KEYS), seq)
-    if groups is None:
-      return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
-                                             interpret, sizes.mosaic_head_chunks)
-    warnings.warn(f"mosaic_head_chunks={sizes.mosaic_head_chunks}: the backward's chunks apply "
-                  "to one document per row (segment_ids None), a block size that is a multiple "
-                  "of 128 and no query offset; this backward runs unchunked", stacklevel=2)
+    return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta,
+                                           mosaic_dkdv_items(routing, dims, seq), dims, scale,
+                                           interpret, sizes.mosaic_head_chunks)
   if sizes.mosaic_dq or mosaic_dkdv:
     m_rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
   bkd = sizes.block_k_dkv
@@ -586,16 +625,11 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
       return tile_items()
     return jax.lax.cond(any_group, with_groups, tile_items)
 
-  if mosaic_dkdv:
-    m_tiles, m_groups, m_any = _dkdv_items(
-        routing, dims, dataclasses.replace(sizes, block_k_dkv=moba_mgpu.KEYS), seq)
-
-    def mosaic():  # every group aligned to the 128-key tiles: one owner per key, no scatter
-      dk, dv = moba_mgpu.dkdv_tiles(m_tiles, m_rows.lse2, m_rows.delta, routing.lo, routing.hi,
-                                    m_rows.q, m_rows.do, k, v, scale=scale, interpret=interpret)
-      return dk[:, :seq], dv[:, :seq]
-
-    dk, dv = mosaic() if m_groups is None else jax.lax.cond(m_any, triton_dkdv, mosaic)
+  if mosaic_dkdv:  # any layout: one owner per key, no scatter, no branch
+    dk, dv = moba_mgpu.dkdv_tiles(mosaic_dkdv_items(routing, dims, seq), m_rows.lse2,
+                                  m_rows.delta, routing.lo, routing.hi, m_rows.q, m_rows.do, k, v,
+                                  scale=scale, interpret=interpret)
+    dk, dv = dk[:, :seq], dv[:, :seq]
   else:
     dk, dv = triton_dkdv()
 

@@ -700,10 +700,11 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
                ctas=None, stages=None, kv_head0=0):
   """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
 
-  items: (ks, r0, ru, r1, g0, g1), each [BK, NK] int32: key tile j of (batch, kv head) bk starts
-  at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows [r0, r1), of
-  which rows before ru may need the mask, and by the past-block group's rows [g0, g1), which
-  see it whole (`moba_gpu._dkdv_items` with 128-key tiles, every group aligned to them).
+  items: (ks, r0, ru, r1, g0, g1, gmask), each [BK, NK] int32: key tile j of (batch, kv head)
+  bk starts at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows
+  [r0, r1), of which rows before ru may need the mask, and by the past-block groups' rows
+  [g0, g1), masked where gmask is 1 (groups whose blocks cover only part of the tile:
+  documents or blocks off the 128-key grid; `moba_gpu.mosaic_dkdv_items`).
   lse2 [BK, R] float32 is each row's log-sum-exp in base 2 (+inf for padding rows), delta
   [BK, R] rowsum(dO * O); lo, hi [BK, R] int32; q_rows, do_rows (`Rows` of q and dO, one
   index).
@@ -717,7 +718,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   gathers' latency), the item's last ones before it awaits the item's end. Per chunk: S^T = K Q^T, P^T = exp2(S^T - lse),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma). Dense chunks
   that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1 belong to
-  later blocks, which start after these keys); the rest, and the group's chunks, are not. One
+  later blocks, which start after these keys), and the groups' chunks where gmask is 1; the
+  rest are not. One
   rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM and stored by TMA.
   kv_head0: the items are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
   the heads), whose dK and dV are the outputs' BK / B heads."""
@@ -737,7 +739,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   pad_seq = n_kt * KEYS
   kp, vp = _pad_keys(k, pad_seq), _pad_keys(v, pad_seq)
-  r0, _, r1, g0, g1 = items[1:]
+  r0, _, r1, g0, g1, _ = items[1:]
   chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
   order = balanced_order((chunks + 1).reshape(-1), n_ctas)
 
@@ -745,9 +747,9 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   n_mat = len(mat_args)
 
   def kernel(*refs):
-    order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref = refs[:6]
-    mat_refs = refs[6:6 + n_mat]
-    lse_ref, dl_ref, lo_ref, hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped = refs[6 + n_mat:]
+    order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, gm_ref = refs[:7]
+    mat_refs = refs[7:7 + n_mat]
+    lse_ref, dl_ref, lo_ref, hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped = refs[7 + n_mat:]
     (k_smem, v_smem, mat_smem, vec_smem, *idx_smem), (kv_bars, mat_bars, vec_bars, *idx_bars), \
         frees = scoped
     idx_smem, idx_bars = (None, None) if interpret else (idx_smem[0], idx_bars[0])
@@ -765,12 +767,13 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
       n_full = jnp.maximum(lax.div(jnp.maximum(e - a, 0), jnp.int32(WG_ROWS)), n_mask)
       ga, gb = g0_ref[bk, j], g1_ref[bk, j]
       n_group = lax.div(jnp.maximum(gb - ga, 0), jnp.int32(WG_ROWS))
-      return bk, j, a, ga, n_dense, n_mask, n_full, n_group
+      n_gfree = jnp.where(gm_ref[bk, j] > 0, 0, n_group)  # the group chunks seen unmasked
+      return bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree
 
     def chunk_row(c, a, ga, n_dense):  # first row of chunk c: dense chunks, then the group's
       row = jnp.where(c < n_dense, a + c * WG_ROWS, ga + (c - n_dense) * WG_ROWS)
-      # A multiple of 8 by construction (r0 = 128 j G, g0 a multiple of 128); written so that
-      # the TMA lowering can see it (boxes into 8-row-tiled SMEM start on multiples of 8).
+      # A multiple of 8 by construction (r0 rounded down to 8, g0 a multiple of 128), written so
+      # that the TMA lowering sees it (boxes into 8-row-tiled SMEM start on multiples of 8).
       return lax.div(row, jnp.int32(8)) * 8
 
     @pl.when(wg < 2)
@@ -779,7 +782,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
 
       def tile_keys(i, g):
-        bk, j, a, ga, n_dense, n_mask, n_full, n_group = item(i)
+        bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree = item(i)
         k0 = j * KEYS + wg * WG_ROWS  # = ks[bk, j] + 64 wg
         plgpu.barrier_wait(kv_bars[0].at[wg])
         plgpu.barrier_wait(kv_bars[1].at[wg])
@@ -821,7 +824,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         acc = lax.fori_loop(0, n_mask, masked, acc)
         acc = lax.fori_loop(n_mask, n_full, free, acc)
         acc = lax.fori_loop(n_full, n_dense, masked, acc)
-        dk, dv = lax.fori_loop(n_dense, n_dense + n_group, free, acc)
+        acc = lax.fori_loop(n_dense, n_dense + n_gfree, free, acc)
+        dk, dv = lax.fori_loop(n_dense + n_gfree, n_dense + n_group, masked, acc)
         b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
         k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in their SMEM
         v_w[...] = dv.astype(v_w.dtype)
@@ -848,7 +852,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
                                 idx_bars.at[at])
 
       def tile_loads(i, g):
-        bk, j, a, ga, n_dense, n_mask, n_full, n_group = item(i)
+        bk, j, a, ga, n_dense, n_mask, n_full, n_group, _ = item(i)
         b = lax.div(bk, jnp.int32(kv_heads))
         kvh = lax.rem(bk, jnp.int32(kv_heads)) + kv_head0  # of k and v
         n = n_dense + n_group

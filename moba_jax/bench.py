@@ -25,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moba_jax.cli import OneLineParser
 from moba_jax import attention as attn
@@ -60,6 +61,13 @@ def _configs(text: str) -> str:
   return text
 
 
+def _positive(text: str) -> int:
+  values = int_list(text)
+  if len(values) != 1:
+    raise argparse.ArgumentTypeError(f"{text!r} must be one integer >= 1")
+  return values[0]
+
+
 def _impls(text: str) -> str:
   valid = set(attn.implementations("moba")) - {"auto"} | {"cudnn", "full_xla"}
   bad = [x for x in text.split(",") if x not in valid]
@@ -76,6 +84,10 @@ def parse_args(argv):
                  help="comma-separated block:topk (default: 512:3, and 2048:3, 4096:12 at 128K)")
   p.add_argument("--impls", default="pallas_gpu,xla,cudnn", type=_impls,
                  help="MoBA implementations and/or 'cudnn'/'full_xla' for full attention")
+  p.add_argument("--docs", type=_positive, default=1,
+                 help="documents packed in each row of the MoBA rows (lengths drawn once from "
+                      "a fixed seed; 1: one document, segment_ids None); cuDNN's row stays one "
+                      "causal document, the per-pair rate of the floor")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
@@ -105,11 +117,6 @@ def cases(args):
   return [(s, b, k) for s in (seqs or sorted({c[0] for c in DEFAULT_CASES})) for b, k in configs]
 
 
-def attended_pairs(seq, block, topk, moba):
-  """Attended (query, key) pairs of one head, one sequence (causal, no packing)."""
-  return flops.attended_pairs([seq], "moba" if moba else "full", block, topk)
-
-
 def gpu_options(spec: str | None) -> attn.KernelOptions:
   """--gpu-block-sizes "64,64,64,64,4,3[,4]" -> the options that give pallas_gpu those tiles."""
   return attn.KernelOptions(tiles=tuple(int(x) for x in spec.split(",")) if spec else ())
@@ -123,33 +130,51 @@ def gpu_block_sizes(spec: str | None, dim: int = 128, dtype=jnp.bfloat16):
 
 
 def make_fn(impl, block, topk, bwd, gpu_sizes=None):
+  """The jitted forward fn(q, k, v, segment_ids) or fwd+bwd step fn(q, k, v, cot, segment_ids)
+  (segment_ids: an argument, as a training step's data; None: one document per row)."""
   if impl == "pallas_gpu" and gpu_sizes:
-    fwd = lambda q, k, v: attn.moba_attention(q, k, v, block_size=block, topk=topk,
-                                              implementation="pallas_gpu",
-                                              options=gpu_options(gpu_sizes))
+    fwd = lambda q, k, v, seg: attn.moba_attention(q, k, v, block_size=block, topk=topk,
+                                                   segment_ids=seg, implementation="pallas_gpu",
+                                                   options=gpu_options(gpu_sizes))
   elif impl in ("cudnn", "full_xla"):
     name = "xla" if impl == "full_xla" else impl
-    fwd = lambda q, k, v: attn.full_attention(q, k, v, implementation=name)
+    fwd = lambda q, k, v, seg: attn.full_attention(q, k, v, segment_ids=seg, implementation=name)
   else:
-    fwd = lambda q, k, v: attn.moba_attention(q, k, v, block_size=block, topk=topk,
-                                              implementation=impl)
+    fwd = lambda q, k, v, seg: attn.moba_attention(q, k, v, block_size=block, topk=topk,
+                                                   segment_ids=seg, implementation=impl)
   if not bwd:
     return jax.jit(fwd)
 
-  def step(q, k, v, cot):
-    out, vjp = jax.vjp(fwd, q, k, v)
+  def step(q, k, v, cot, seg):
+    out, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, seg), q, k, v)
     return vjp(cot)
 
   return jax.jit(step)
 
 
-def inputs(seed, args, seq, dtype):
+def doc_lengths(seq: int, docs: int) -> list[int]:
+  """`docs` document lengths (each >= 1) summing to seq: cuts drawn once from a fixed seed, so
+  every run and implementation packs the same documents."""
+  if not 1 <= docs <= seq:
+    raise ValueError(f"--docs={docs} must be in [1, seq={seq}]")
+  rng = np.random.default_rng(docs)
+  cuts = np.sort(rng.choice(np.arange(1, seq), docs - 1, replace=False))
+  return np.diff(np.concatenate([[0], cuts, [seq]])).astype(int).tolist()
+
+
+def inputs(seed, args, seq, dtype, lengths=None):
+  """(q, k, v, cot, segment_ids): fresh normals; segment_ids [B, T] for packed documents of
+  these lengths in every row, None for one document per row."""
   kv_heads = args.kv_heads or args.heads
   ks = jax.random.split(jax.random.key(seed), 4)
   shape_q = (args.batch, seq, args.heads, args.dim)
   shape_k = (args.batch, seq, kv_heads, args.dim)
+  seg = None
+  if lengths is not None and len(lengths) > 1:
+    ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    seg = jnp.asarray(np.broadcast_to(ids, (args.batch, seq)))
   return (jax.random.normal(ks[0], shape_q, dtype), jax.random.normal(ks[1], shape_k, dtype),
-          jax.random.normal(ks[2], shape_k, dtype), jax.random.normal(ks[3], shape_q, dtype))
+          jax.random.normal(ks[2], shape_k, dtype), jax.random.normal(ks[3], shape_q, dtype), seg)
 
 
 def peak_bytes(fn, arg_sets):
@@ -178,23 +203,29 @@ def time_ms(fn, arg_sets, warmup, repeats, pipeline=1):
 
 def bench_one(args, impl, seq, block, topk):
   dtype = jnp.dtype(args.dtype)
-  sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
   moba = impl not in ("cudnn", "full_xla")
-  pairs = attended_pairs(seq, block, topk, moba)
-  flops = 4 * pairs * args.dim * args.heads * args.batch
-  row = dict(impl=impl, pairs=pairs, seq=seq,
+  # full attention stays one causal document: the per-pair rate the floor is measured at
+  lengths = doc_lengths(seq, args.docs) if moba else [seq]
+  sets = [inputs(s, args, seq, dtype, lengths) for s in (1, 2)]
+  pairs = flops.attended_pairs(lengths, "moba" if moba else "full", block, topk)
+  flop = 4 * pairs * args.dim * args.heads * args.batch
+  row = dict(impl=impl, pairs=pairs, seq=seq, docs=len(lengths),
              sizes=args.gpu_block_sizes if impl == "pallas_gpu" else None,
              block=block if moba else None, topk=topk if moba else None, heads=args.heads,
              dim=args.dim, dtype=args.dtype, pipeline=args.pipeline)
+  if len(lengths) > 1:
+    row["doc_lengths"] = lengths
   fwd = make_fn(impl, block, topk, bwd=False, gpu_sizes=args.gpu_block_sizes)
-  row["fwd_ms"] = time_ms(fwd, [s[:3] for s in sets], args.warmup, args.repeats, args.pipeline)
-  row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+  row["fwd_ms"] = time_ms(fwd, [s[:3] + s[4:] for s in sets], args.warmup, args.repeats,
+                          args.pipeline)
+  row["fwd_tflops"] = flop / row["fwd_ms"] / 1e9
   if not args.no_bwd:
     step = make_fn(impl, block, topk, bwd=True, gpu_sizes=args.gpu_block_sizes)
     row["fwdbwd_ms"] = time_ms(step, sets, args.warmup, args.repeats, args.pipeline)
-    row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+    row["fwdbwd_tflops"] = 3.5 * flop / row["fwdbwd_ms"] / 1e9
     row["peak_gib"] = (lambda b: None if b is None else b / 2**30)(peak_bytes(step, sets[0]))
-  row["target_fwdbwd_ms"] = TARGETS_MS.get((seq, block, topk)) if impl == "pallas_gpu" else None
+  row["target_fwdbwd_ms"] = (TARGETS_MS.get((seq, block, topk))
+                             if impl == "pallas_gpu" and len(lengths) == 1 else None)
   return row
 
 
@@ -221,7 +252,8 @@ def add_ratios(rows) -> list[dict]:
 
 
 def print_table(rows):
-  head = (f"{'impl':11s} {'seq':>7s} {'blk':>5s} {'topk':>4s} {'fwd ms':>9s} {'TF/s':>6s} "
+  head = (f"{'impl':11s} {'seq':>7s} {'blk':>5s} {'topk':>4s} {'docs':>4s} {'fwd ms':>9s} "
+          f"{'TF/s':>6s} "
           f"{'f+b ms':>9s} {'TF/s':>6s} {'peak GiB':>8s} {'target':>6s} {'/cuDNN':>6s} "
           f"{'eff':>5s} {'mem':>5s} {'floor ms':>8s} {'x floor':>7s}")
   print(head)
@@ -232,7 +264,8 @@ def print_table(rows):
             f"error: {r['error'][:60]}")
       continue
     print(f"{r['impl']:11s} {r['seq']:7d} {fmt(r['block'], '5d')} {fmt(r['topk'], '4d')} "
-          f"{r['fwd_ms']:9.3f} {r['fwd_tflops']:6.1f} {fmt(r.get('fwdbwd_ms'), '9.3f')} "
+          f"{fmt(r.get('docs'), '4d')} {r['fwd_ms']:9.3f} {r['fwd_tflops']:6.1f} "
+          f"{fmt(r.get('fwdbwd_ms'), '9.3f')} "
           f"{fmt(r.get('fwdbwd_tflops'), '6.1f')} {fmt(r.get('peak_gib'), '8.2f')} "
           f"{fmt(r['target_fwdbwd_ms'], '6.1f')} {fmt(r.get('vs_cudnn'), '6.2f')} "
           f"{fmt(r.get('eff_vs_cudnn'), '5.2f')} {fmt(r.get('mem_vs_cudnn'), '5.2f')} "
@@ -246,7 +279,7 @@ def breakdown(args, seq, block, topk):
   from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_gpu as mg
   dtype = jnp.dtype(args.dtype)
-  sets = [inputs(s, args, seq, dtype) for s in (1, 2)]
+  sets = [inputs(s, args, seq, dtype)[:4] for s in (1, 2)]
   sizes = gpu_block_sizes(args.gpu_block_sizes, args.dim, dtype)
   scale = args.dim ** -0.5
   routing = functools.partial(rt.route, segment_ids=None, block_size=block, topk=topk,

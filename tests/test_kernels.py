@@ -5,12 +5,14 @@ through the implementation parametrization of tests/test_moba.py (interpreted, o
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moba_jax import flops
 from moba_jax import moba as moba_lib
 from tests.helpers import (KERNEL_PLATFORM, kernel_impls, moba_impls, packed_segments,
                            primitives_outside_kernels, random_qkv, rel_err, run, vjp_all)
@@ -75,11 +77,31 @@ def test_bench_prints_a_table_on_cpu(capsys, pipeline):
   assert "f+b ms" in out and "full_xla" in out
 
 
+def test_bench_packs_documents_into_the_moba_rows(tmp_path, capsys):
+  """--docs N: the MoBA rows take N packed documents (segment ids as an argument of the step,
+  lengths drawn once: the same for every implementation and run) and count their attended
+  pairs; full attention's row stays one causal document (the floor's per-pair rate)."""
+  from moba_jax import bench
+  lengths = bench.doc_lengths(256, 5)
+  assert len(lengths) == 5 and sum(lengths) == 256 and min(lengths) >= 1
+  assert bench.doc_lengths(256, 5) == lengths and bench.doc_lengths(256, 1) == [256]
+  out = tmp_path / "rows.json"
+  assert bench.main(["--seqs", "256", "--configs", "32:2", "--heads", "2", "--dim", "16",
+                     "--impls", "xla,full_xla", "--repeats", "1", "--warmup", "1", "--docs", "5",
+                     "--json", str(out)]) == 0
+  moba, full = json.loads(out.read_text())
+  assert moba["docs"] == 5 and moba["doc_lengths"] == lengths
+  assert moba["pairs"] == flops.attended_pairs(lengths, "moba", 32, 2)
+  assert moba["pairs"] < flops.attended_pairs([256], "moba", 32, 2)
+  assert full["docs"] == 1 and full["pairs"] == flops.attended_pairs([256], "full")
+  assert capsys.readouterr().out.count(" 5 ") >= 1
+
+
 def test_bench_ratios_to_cudnn_and_the_floor():
   """The floor is the MoBA row's attended pairs at cuDNN's measured time per pair."""
   from moba_jax import bench
-  full = bench.attended_pairs(1024, None, None, False)
-  sparse = bench.attended_pairs(1024, 128, 2, True)
+  full = flops.attended_pairs([1024], "full")
+  sparse = flops.attended_pairs([1024], "moba", 128, 2)
   rows = bench.add_ratios([
       dict(impl="cudnn", seq=1024, pairs=full, fwdbwd_ms=2.0, fwdbwd_tflops=100.0, peak_gib=1.0),
       dict(impl="pallas_gpu", seq=1024, pairs=sparse, fwdbwd_ms=1.0, fwdbwd_tflops=40.0,
@@ -98,6 +120,7 @@ def test_bench_ratios_to_cudnn_and_the_floor():
     (["--configs", "512"], "'512' must look like BLOCK:TOPK"),
     (["--impls", "flash"], "'flash' is not one of"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--docs", "0"], "every value must be >= 1"),
 ])
 def test_bench_arguments_are_one_line_errors(argv, match, capsys):
   from moba_jax import cli
@@ -298,18 +321,18 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gate_kernel_lowers_for_cuda_without_a_gpu(dtype):
   """The gate kernel's Pallas-to-Triton lowering (its ops: bitcasts, integer reductions, the
-  chunk loop, the rank merge) on a CPU-only machine: one Triton call, 130 slots (three chunks),
-  top-8, GQA, a traced query offset."""
+  chunk loop over a tile's precomputed range, the rank merge) on a CPU-only machine: one Triton
+  call, 130 table slots (three chunks), top-8, GQA."""
   from moba_jax.kernels import moba_gate
   q = jnp.zeros((1, 8320, 4, 64), dtype)
   pieces = jnp.zeros((3, 1, 130, 2, 64), jnp.bfloat16)
-  fn = functools.partial(moba_gate.gate_topk, block_size=64, topk=8)
-  start = jax.ShapeDtypeStruct((), jnp.int32)
+  col = jax.ShapeDtypeStruct((1, 8320), jnp.int32)
+  fn = functools.partial(moba_gate.gate_topk, n_sel=8)
   hopper = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                 abstract_device=hopper)):
-    text = jax.jit(fn).trace(q, pieces, q_start=start).lower(
+    text = jax.jit(fn).trace(q, pieces, col, col).lower(
         lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
 
@@ -420,61 +443,88 @@ def _gate(platform):
 
 
 def _gate_case(case):
-  """(q, k, block, topk) of one gate case: integer-valued keys give exact score ties."""
+  """(q, k, segment ids or None, block, topk) of one gate case: integer-valued keys give exact
+  score ties."""
   kq, kk = jax.random.split(jax.random.key(len(case)))
   if case == "ties":  # small integer scores: exact ties, also between chunks (80 slots), lower
     q = jax.random.randint(kq, (2, 320, 4, 64), -1, 2).astype(jnp.bfloat16)  # block first
     k = (jax.random.randint(kk, (2, 320, 2, 64), -1, 2) * 4).astype(jnp.bfloat16)
-    return q, k, 4, 6
+    return q, k, None, 4, 6
   if case == "zeros":  # every score is 0.0: all ties
     q = jnp.zeros((1, 256, 2, 32), jnp.bfloat16)
-    return q, jax.random.normal(kk, (1, 256, 2, 32), jnp.bfloat16), 16, 3
+    return q, jax.random.normal(kk, (1, 256, 2, 32), jnp.bfloat16), None, 16, 3
   if case == "nan":  # a NaN key: its block ranks above every number (`moba.nan_ranks_high`)
     q, k, _ = random_qkv(11, 1, 300, 4, 2, 64, jnp.bfloat16)
-    return q, k.at[0, 40, 1, 3].set(jnp.nan), 32, 3
+    return q, k.at[0, 40, 1, 3].set(jnp.nan), None, 32, 3
   if case == "many_slots":  # 125 block slots: two chunks of 64, top-17 (16 argmax passes)
     q, k, _ = random_qkv(12, 2, 1000, 4, 4, 16, jnp.bfloat16)
-    return q, k, 8, 17
+    return q, k, None, 8, 17
   if case == "f16":  # two bf16 pieces of each float16 query
     q, k, _ = random_qkv(13, 2, 256, 4, 1, 32, jnp.float16)
-    return q * 3.7, k, 8, 8
+    return q * 3.7, k, None, 8, 8
   if case == "top1":  # the current block only: no past block passes
     q, k, _ = random_qkv(14, 1, 130, 2, 2, 16, jnp.bfloat16)
-    return q, k, 16, 1
+    return q, k, None, 16, 1
   if case == "tpu_chunks":  # ties again, 264 slots: three chunks of the TPU kernel's 128
     q = jax.random.randint(kq, (1, 1056, 2, 16), -1, 2).astype(jnp.bfloat16)
     k = (jax.random.randint(kk, (1, 1056, 1, 16), -1, 2) * 4).astype(jnp.bfloat16)
-    return q, k, 4, 6
+    return q, k, None, 4, 6
+  if case == "packed":  # documents with ragged last blocks, one shorter than a block, one of
+    q, k, _ = random_qkv(18, 2, 530, 4, 2, 32, jnp.bfloat16)  # one token; tiles across them
+    return q, k, packed_segments(2, [100, 7, 1, 250, 3, 169]).at[1].set(0), 16, 4
+  if case == "packed_ties":  # ties across documents and chunks: 3 documents over 150 full
+    q = jax.random.randint(kq, (1, 1210, 2, 16), -1, 2).astype(jnp.bfloat16)  # blocks, a
+    k = (jax.random.randint(kk, (1, 1210, 1, 16), -1, 2) * 4).astype(jnp.bfloat16)  # tile's
+    return q, k, packed_segments(1, [517, 13, 680]), 8, 6  # chunk range spans two of them
   q, k, _ = random_qkv(15, 1, 200, 2, 2, 64, jnp.bfloat16)  # "wide": topk past the blocks (4)
-  return q, k, 64, 6
+  return q, k, None, 64, 6
 
 
-_GATE_CASES = ["ties", "zeros", "nan", "many_slots", "f16", "top1", "wide"]
+def _kernel_choice(kernel, q, k, seg, block, topk):
+  """(starts, valid) of the gate kernel `kernel` for segment ids `seg` (None: one document per
+  row), as `_routing.select_chunked` calls it."""
+  from moba_jax.kernels import _routing as rt
+  layout = moba_lib.doc_layout(moba_lib.segments(seg, k), block)
+  table, first = rt.full_block_table(k, layout, block, one_doc=seg is None)
+  n_sel = min(topk, -(-k.shape[1] // block))
+  blocks, valid = kernel(q, jnp.stack(rt._bf16_pieces(table, 3)), first, layout.block_index,
+                         n_sel=n_sel)
+  return layout.doc_start[..., None, None] + blocks * block, valid
+
+
+_GATE_CASES = ["ties", "zeros", "nan", "many_slots", "f16", "top1", "wide", "packed",
+               "packed_ties"]
 
 
 @pytest.mark.parametrize("platform,case", [("gpu", c) for c in _GATE_CASES] + [
-    ("tpu", c) for c in ("ties", "nan", "f16", "top1", "tpu_chunks")])
+    ("tpu", c) for c in ("ties", "nan", "f16", "top1", "tpu_chunks", "packed", "packed_ties")])
 def test_gate_kernel_is_the_oracles_choice(platform, case):
-  """kernels/moba_gate.py (scores and top-k in one kernel, the gate of GPUs and TPUs for single
-  documents) chooses as `moba.select_blocks`: the current block first, ties to the lower block
-  (within a chunk of slots and between chunks), NaN scores high, the lowest free blocks
-  (invalid) where too few past blocks exist; blocks as their starts."""
-  from moba_jax.kernels import _routing as rt
+  """kernels/moba_gate.py (scores and top-k in one kernel, the gate of GPUs and TPUs) chooses as
+  `moba.select_blocks`: the current block first, ties to the lower block (within a chunk of
+  slots and between chunks), NaN scores high, the lowest free blocks (invalid) where too few
+  past blocks exist; blocks as their starts. Packed documents: a query chooses among its own
+  document's full blocks only (tiles and chunks spanning documents, documents without a full
+  block)."""
   from moba_jax.kernels import moba_gate
-  q, k, block, topk = _gate_case(case)
-  n_slots = -(-q.shape[1] // block)
+  q, k, seg, block, topk = _gate_case(case)
+  n_full = max(q.shape[1] // block, 1)
   assert (moba_gate.supports(q.dtype, q.shape[-1], topk) if platform == "gpu" else
-          moba_gate.supports_tpu(q.dtype, q.shape[-1], topk, n_slots))
-  layout = moba_lib.doc_layout(jnp.zeros(q.shape[:2], jnp.int32), block)
+          moba_gate.supports_tpu(q.dtype, q.shape[-1], topk, n_full))
+  layout = moba_lib.doc_layout(moba_lib.segments(seg, k), block)
   kbar = moba_lib.block_key_means(k, layout, block_size=block)
   want = jax.jit(functools.partial(moba_lib.select_blocks, block_size=block, topk=topk))(
       q, kbar, layout)
-  pieces = jnp.stack(rt._bf16_pieces(moba_lib.slot_means(k, block), 3))
-  got = _gate(platform)(q, pieces, block_size=block, topk=topk)
+  got = _kernel_choice(_gate(platform), q, k, seg, block, topk)
   for name, a, b in zip(("starts", "valid"), got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
   if case == "nan":
     assert bool(jnp.any(got[0] == 32)), "the NaN block was not chosen"
+  if seg is not None:  # every valid past block lies in the query's document, whole
+    starts, valid = np.asarray(got[0])[..., 1:], np.asarray(got[1])[..., 1:]
+    doc_start = np.asarray(layout.doc_start)[..., None, None]
+    doc_end = np.asarray(layout.doc_end)[..., None, None]
+    assert ((starts >= doc_start) & (starts + block <= doc_end))[valid].all()
+    assert valid.any()
 
 
 def test_gate_kernel_compares_scores_as_ordered_integers():
@@ -509,7 +559,7 @@ def test_gate_kernel_at_benchmark_scale_is_xlas_gate(seq, block, topk):
   q, k, _ = random_qkv(17, 1, seq, 16, 16, 128, jnp.bfloat16)
   kbar = moba_lib.slot_means(k, block)
   layout = moba_lib.doc_layout(jnp.zeros((1, seq), jnp.int32), block)
-  got = moba_gate.gate_topk(q, jnp.stack(rt._bf16_pieces(kbar, 3)), block_size=block, topk=topk)
+  got = _kernel_choice(moba_gate.gate_topk, q, k, None, block, topk)
   xla = jax.jit(lambda q, k: rt.select_chunked(q, k, layout, block_size=block, topk=topk,
                                                one_doc=True))
   with pytest.MonkeyPatch.context() as mp:
@@ -529,13 +579,13 @@ def test_gate_kernel_at_benchmark_scale_is_xlas_gate(seq, block, topk):
 
 @pytest.mark.parametrize("platform,docs,q_start", [
     ("gpu", None, None), ("gpu", [300, 84], None), ("gpu", None, 100), ("gpu", [384], 0),
-    ("tpu", None, 100)])
+    ("gpu", [70, 5, 200, 109], 100), ("tpu", None, 100), ("tpu", [70, 5, 200, 109], None)])
 def test_routing_with_the_gate_kernel_is_the_routing_of_xlas_gate(monkeypatch, platform, docs,
                                                                   q_start):
   """`_routing.route` with the gate kernel (a GPU's choice; here forced, interpreted) builds the
-  same routing as with XLA's gate: single documents take the kernel (segment ids or none, with
-  a query offset or without), packed rows XLA's gate under the same `lax.cond`. Off a GPU, and
-  for float32 queries, the choice is XLA's gate."""
+  same routing as with XLA's gate, for single documents (segment ids or none) and packed rows,
+  with a query offset or without. Off a GPU or TPU, and for float32 queries, the choice is
+  XLA's gate."""
   from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_gate
   q, k, _ = random_qkv(16, 2, 384, 4, 2, 64, jnp.bfloat16)

@@ -49,8 +49,13 @@ CASES = {
     "all_docs_d64": ((256, 384), 2, 1, 64, 128, 3, 64, 1, 1),
     # a length off the 8-key grid: the TMA boxes of keys see zero keys appended (masked)
     "all_length_off_8_gqa_d64": ((300,), 4, 2, 64, 128, 3, 128, 1, 1),
-    # groups off the 128-key grid: dK/dV falls back to the Triton kernel (lax.cond)
+    # groups off the 128-key grid: the Mosaic dK/dV masks the groups a key tile meets
     "all_unaligned_groups_d64": ((300, 212), 2, 1, 64, 96, 3, 64, 1, 1),
+    # packed documents as SFT batches hold them (starts off every grid, one shorter than a
+    # block, one of a single token), block 128: key tiles meeting two or three blocks' groups
+    "all_packed_gqa_d128": ((200, 5, 1, 333, 130, 99), 4, 2, 128, 128, 3, 128, 1, 1),
+    # block 64 (two blocks a key tile) in one document: groups masked without documents
+    "all_block64_one_doc_d64": ((384,), 2, 1, 64, 64, 4, 64, 1, 1),
     # block 512: 8 key chunks a sparse tile and 2-4 ring slots (the rings wrap within a tile),
     # dK/dV items of many row chunks; run with 4 CTAs (many tiles each), as at benchmark scale
     "ring_wrap_4_ctas_d128": ((1024,), 2, 1, 128, 512, 2, 128, 1, 1),
@@ -282,8 +287,8 @@ def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim):
   f32 = lambda *s: jnp.zeros(s, jnp.float32)
   mat = mm.Rows(jnp.zeros((seq * 4, dim), jnp.bfloat16), i32(bk, rows))  # gathered in the kernel
   kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
-  items = tuple(i32(bk, 2) for _ in range(6))
-  fn = lambda *a: mm.dkdv_tiles(a[:6], *a[6:11], a[10], *a[11:], scale=0.1)
+  items = tuple(i32(bk, 2) for _ in range(7))
+  fn = lambda *a: mm.dkdv_tiles(a[:7], *a[7:12], a[11], *a[12:], scale=0.1)
   args = items + (f32(bk, rows), f32(bk, rows), i32(bk, rows), i32(bk, rows), mat, kv, kv)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text
@@ -333,6 +338,30 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows():
   assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
 
 
+def test_packed_documents_step_has_no_branch_and_no_triton_backward(monkeypatch):
+  """Packed documents on a Hopper GPU (the gate kernel chosen as on a GPU): the fwd+bwd lowers
+  for CUDA with the three Mosaic kernels and the gate kernel (the only Triton call), no
+  `lax.cond` outside the kernels (a GPU cond reads its predicate back to the host): the Mosaic
+  dK/dV takes groups off its 128-key grid itself, with no Triton fallback."""
+  from moba_jax.attention import KernelOptions
+  from moba_jax.kernels import moba_gate
+  monkeypatch.setattr(rt, "_gate_kernel", lambda *_: moba_gate.gate_topk)
+  q = jnp.zeros((2, 600, 4, 64), jnp.bfloat16)
+  k = jnp.zeros((2, 600, 2, 64), jnp.bfloat16)
+  seg = packed_segments(2, [250, 7, 343])
+  opts = KernelOptions(tiles=tiles(128, 1, 1))
+  f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
+  step = lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct)
+  hopper = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="gpu")  # the Triton gate lowers for it (jax 0.11)
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                abstract_device=hopper)):
+    text = jax.jit(step).trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 3
+  assert text.count("__gpu$xla.gpu.triton") == 1 and "moba_gate" in text
+  assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
+
+
 @needs_runner
 def test_mosaic_by_kv_head_chunks_equals_one_pass():
   """mosaic_head_chunks=2 (the forward and the backward over two chunks of kv heads, one after
@@ -350,8 +379,8 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
   """Two chunks of kv heads: a forward kernel per chunk, then a dK/dV and a dQ kernel per chunk on
   the CUDA lowering, each chunk after the one before (the partial rows of one chunk at a time);
   a chunk count that does not divide the kv heads is refused
-  before tracing the kernels; with packed documents (groups may fall off the 128-key grid) the
-  forward still runs by chunks and the backward warns and runs unchunked."""
+  before tracing the kernels; packed documents (groups off the 128-key grid, which the Mosaic
+  dK/dV masks) run by chunks the same way."""
   from moba_jax.attention import KernelOptions
   q = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)
   k = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
@@ -361,21 +390,21 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
     f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
     return jax.jit(lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct)).trace(q, k, k, q)
 
-  lowered = lambda n: traced(n).lower(lowering_platforms=("cuda",)).as_text()
-
-  calls = [line for line in lowered(2).splitlines() if "custom_call @mosaic_gpu" in line]
+  lowered = lambda n, seg=None: traced(n, seg).lower(lowering_platforms=("cuda",)).as_text()
 
   def kind(call):  # by the results: (o rows, lse rows), (dK, dV) of one kv head, dQ rows
     results = call.rsplit(") -> ", 1)[1]
     return "dkdv" if "1x512x1x64" in results else "fwd" if "xf32>" in results else "dq"
 
-  assert [kind(c) for c in calls] == ["fwd", "fwd", "dkdv", "dq", "dkdv", "dq"]
-  # every kernel reads q (and dO) whole, [B * T * H, D], its rows chosen by index
-  assert all("tensor<2048x64xbf16>" in c.rsplit(" : (", 1)[1] for c in calls)
+  for seg in (None, packed_segments(1, [200, 7, 305])):
+    text = lowered(2, seg)
+    calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert [kind(c) for c in calls] == ["fwd", "fwd", "dkdv", "dq", "dkdv", "dq"]
+    # every kernel reads q (and dO) whole, [B * T * H, D], its rows chosen by index
+    assert all("tensor<2048x64xbf16>" in c.rsplit(" : (", 1)[1] for c in calls)
+    assert "triton" not in text
   with pytest.raises(ValueError, match="mosaic_head_chunks=3 must divide the kv heads"):
     lowered(3)
-  with pytest.warns(UserWarning, match="runs unchunked"):  # traced only: the Triton fallback
-    traced(2, jnp.zeros((1, 512), jnp.int32))  # lowers for a GPU it finds (jax 0.11)
 
 
 _SHARDED_CHUNKS = """
@@ -547,8 +576,10 @@ def test_mosaic_refusals_are_one_line_errors():
 
 
 OFFSET_CASES = {  # name: (lengths, block, q_start, Tq, kv dtype)
-    # groups off the 128-key grid: the Mosaic forward and dQ, the Triton dK/dV (lax.cond)
+    # groups off the 128-key grid: all three Mosaic kernels (the dK/dV's groups masked)
     "docs_block32": ((230, 154), 32, 160, 128, jnp.bfloat16),
+    # an odd offset (G = 2: rows off the 8-row grid): the dK/dV's dense rows start rounded down
+    "docs_offset_off_8": ((230, 154), 64, 101, 200, jnp.bfloat16),
     # one document, block 128: all three Mosaic kernels; the shard's rows start mid-sequence
     "block128_mosaic_dkdv": ((512,), 128, 192, 192, jnp.bfloat16),
     # float32 K/V (the context-parallel path gathers them so): the Triton dK/dV
@@ -601,9 +632,9 @@ def test_balanced_order_is_a_permutation_that_evens_the_ctas_work(n, ctas):
 
 @needs_runner
 def test_mosaic_kernels_without_segment_ids_equal_zeros():
-  """segment_ids=None (one document per row, a static fact: no lax.cond in the backward, no group
-  items) gives the outputs and gradients of explicit zeros (data: the cond path, checked against
-  the oracle by the all_ragged case), with all three Mosaic kernels, a ragged end, GQA."""
+  """segment_ids=None (one document per row, a static fact: no lax.cond in the routing) gives the
+  outputs and gradients of explicit zeros (data: the packed-documents path, checked against the
+  oracle by the all_ragged case), with all three Mosaic kernels, a ragged end, GQA."""
   q, k, v = random_qkv(7, 1, 600, 4, 2, 128, jnp.bfloat16)
   ct = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
 

@@ -101,17 +101,17 @@ def test_pallas_tpu_lowers_for_tpu_at_32k():
                                                    (jnp.bfloat16, 128, 12, 32)])
 def test_gate_kernel_lowers_for_tpu(dtype, dim, topk, slots):
   """The TPU gate kernel (kernels/moba_gate.py, `gate_topk_tpu`) lowers for Mosaic TPU at 8K
-  with GQA 16/4 and a traced query offset: head_dim 128, or 64 padded; two, four and one
-  chunks of 128 slots; top-3, 8, 12. Integer index maps and divisions avoid `//`, whose sign op
-  needs a TPU's generation to lower. The interpret tests (tests/test_kernels.py) check its
-  choice."""
+  with GQA 16/4: head_dim 128, or 64 padded; two, four and one chunks of 128 table slots;
+  top-3, 8, 12; the tiles' chunk ranges as scalar-prefetch operands. Integer index maps and
+  divisions avoid `//`, whose sign op needs a TPU's generation to lower. The interpret tests
+  (tests/test_kernels.py) check its choice."""
   from moba_jax.kernels import moba_gate
   q = jax.ShapeDtypeStruct((1, 8192, 16, dim), dtype)
   pieces = jax.ShapeDtypeStruct((3, 1, slots, 4, dim), jnp.bfloat16)
-  start = jax.ShapeDtypeStruct((), jnp.int32)
-  fn = functools.partial(moba_gate.gate_topk_tpu, block_size=8192 // slots, topk=topk)
-  with jax.default_matmul_precision("highest"):  # as `_routing.select_chunked` calls it
-    traced = jax.jit(fn).trace(q, pieces, q_start=start)
+  col = jax.ShapeDtypeStruct((1, 8192), jnp.int32)
+  fn = functools.partial(moba_gate.gate_topk_tpu, n_sel=topk)
+  with jax.default_matmul_precision("highest"):  # the kernel's products name their precision
+    traced = jax.jit(fn).trace(q, pieces, col, col)
   text = traced.lower(lowering_platforms=("tpu",)).as_text()
   assert text.count("@tpu_custom_call") == 1 and "moba_gate_tpu" in text
 
