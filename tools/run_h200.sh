@@ -109,6 +109,14 @@
 #   45: the compiled gate checks after run 26's shared kernel body (test_kernels.py -k gate,
 #       test_mosaic's 8K benchmark-scale case; side by side, limit FIRST_S, default 120 s), then
 #       the synced rows at 32K and 128K b512 k3 (pallas_gpu)
+#   46: packed documents on the fast path (run 27: the gate kernel for any documents, the Mosaic
+#       dK/dV's masked groups): a compiled check first (the gate tests of test_kernels.py, the
+#       Mosaic float32-oracle and query-offset cases with documents, the 32K GQA d64 documents
+#       benchmark-scale case; side by side, limit FIRST_S, default 170 s), then the synced rows
+#       (REPEATS, default 20) of the tree in $BASE (its bench.py replaced by this tree's, for
+#       --docs) and of this tree: DOCS_SPECS (default 8K and 32K b512 k3 with 8 and 16
+#       documents, 16K b128 k8 with 8, 32K GQA 16/2 head_dim 64 with 16) and the one-document
+#       rows at 8K and 32K b512 k3
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -556,6 +564,31 @@ if [ "$phase" = 45 ]; then
     | tee -a $log
   STEP_S=100 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 --repeats 10 2>&1 \
     | grep "^pallas_gpu" | tee -a $OUT/table.txt
+fi
+if [ "$phase" = 46 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 46 needs BASE=<the tree to compare against>"; exit 2; }
+  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${FIRST_S:-170}" python3 -m pytest -q \
+    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
+    echo "exit $?" >> $OUT/first_$1.txt; }
+  first gate "gate" tests/test_kernels.py &
+  first oracle "(float32_reference and (unaligned or packed or block64 or all_docs)) or query_offset" \
+    tests/test_mosaic.py &
+  first scale "benchmark_scale and docs" tests/test_mosaic.py &
+  wait; for f in gate oracle scale; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
+    | tee -a $log
+  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  cp moba_jax/bench.py $BASE/moba_jax/bench.py
+  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
+  for tree in $BASE .; do install $tree
+    for spec in ${DOCS_SPECS:-8192,32768:512:3:8 8192,32768:512:3:16 16384:128:8:8 32768:512:3:16:2:64} \
+        8192,32768:512:3:1; do
+      IFS=: read seqs blk k docs kvh dim <<< "$spec"
+      (cd $tree && STEP_S=${BENCH_S:-120} bench --impls pallas_gpu --seqs $seqs --configs $blk:$k \
+        --docs $docs ${kvh:+--kv-heads $kvh} ${dim:+--dim $dim} --repeats ${REPEATS:-20} 2>&1 \
+        | grep "^pallas_gpu" | sed "s|^|$(basename $tree) kv ${kvh:-16} d ${dim:-128} |" \
+        | tee -a $OUT/table.txt)
+    done
+  done
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
