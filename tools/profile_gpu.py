@@ -215,6 +215,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--out", default=None)
   p.add_argument("--top", type=int, default=40)
+  p.add_argument("--docs", type=int, default=1,
+                 help="documents packed in the row (bench.doc_lengths; 1: segment_ids None)")
   p.add_argument("--impl", default="pallas_gpu", choices=("pallas_gpu", "cudnn", "full_xla"))
   p.add_argument("--host", type=int, default=0, metavar="N",
                  help="also the N host events with the most time per synced call")
@@ -223,7 +225,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   args = bench.parse_args(["--seqs", str(a.seq)])
   fn = bench.make_fn(a.impl, a.block, a.topk, True, a.gpu_block_sizes)
-  sets = [bench.inputs(s, args, a.seq, jnp.bfloat16) for s in range(1, a.steps + 3)]
+  lengths = bench.doc_lengths(a.seq, a.docs)
+  sets = [bench.inputs(s, args, a.seq, jnp.bfloat16, lengths) for s in range(1, a.steps + 3)]
   for s in sets[:2]:
     jax.block_until_ready(fn(*s))
   out = a.out or tempfile.mkdtemp()
@@ -236,7 +239,8 @@ def main(argv=None):
     raise SystemExit(f"no trace written under {out}")
   times = kernel_times(max(traces, key=os.path.getmtime), a.steps)
   total = sum(t for t, _, _ in times.values())
-  print(f"{a.impl} seq {a.seq} block {a.block} topk {a.topk} sizes {a.gpu_block_sizes}: "
+  print(f"{a.impl} seq {a.seq} block {a.block} topk {a.topk} docs {a.docs} "
+        f"sizes {a.gpu_block_sizes}: "
         f"device kernels {total:.3f} ms per step")
   sources = hlo_sources(fn.lower(*sets[0]).compile().as_text()) if a.sources else {}
   print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel (hlo op)" + "  source" * a.sources)

@@ -117,6 +117,9 @@
 #       --docs) and of this tree: DOCS_SPECS (default 8K and 32K b512 k3 with 8 and 16
 #       documents, 16K b128 k8 with 8, 32K GQA 16/2 head_dim 64 with 16) and the one-document
 #       rows at 8K and 32K b512 k3
+#   47: the compiled test_mosaic.py as 3 shards side by side (limit TEST_S, default 220 s; logs
+#       in mosaic_logs.tgz), then per-kernel profiles naming source lines of packed documents at
+#       DOCS_PROFILES (default 32K b512 k3 and 16K b128 k8, 16 and 8 documents)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -588,6 +591,18 @@ if [ "$phase" = 46 ]; then
         | grep "^pallas_gpu" | sed "s|^|$(basename $tree) kv ${kvh:-16} d ${dim:-128} |" \
         | tee -a $OUT/table.txt)
     done
+  done
+fi
+if [ "$phase" = 47 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 timeout "${TEST_S:-220}" python3 -m pytest -q -rfEs \
+    -W ignore --compiled -p no:cacheprovider --shard $1/3 tests/test_mosaic.py > $OUT/mosaic$1.txt 2>&1; }
+  for i in 0 1 2; do t $i & done; wait
+  tail -qn 1 $OUT/mosaic*.txt | tee -a $log; grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
+  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-2].txt && rm mosaic[0-2].txt)
+  for spec in ${DOCS_PROFILES:-32768:512:3:16 16384:128:8:8}; do
+    set -- ${spec//:/ }; echo "== seq $1 block $2 topk $3 docs $4" | tee -a $OUT/profiles.txt
+    timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --docs $4 --top 30 \
+      --sources 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
   done
 fi
 if [ "$phase" = 32 ]; then
