@@ -120,6 +120,8 @@
 #   47: the compiled test_mosaic.py as 3 shards side by side (limit TEST_S, default 220 s; logs
 #       in mosaic_logs.tgz), then per-kernel profiles naming source lines of packed documents at
 #       DOCS_PROFILES (default 32K b512 k3 and 16K b128 k8, 16 and 8 documents)
+#   48: the compiled test_mosaic.py as 7 shards beside test_kernels.py's no-segment-ids checks
+#       (limit TEST_S, default 300 s; logs in mosaic_logs.tgz)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -604,6 +606,15 @@ if [ "$phase" = 47 ]; then
     timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --docs $4 --top 30 \
       --sources 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
   done
+fi
+if [ "$phase" = 48 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.11 timeout "${TEST_S:-300}" python3 -m pytest -q -rfEs \
+    -W ignore --compiled -p no:cacheprovider "$@"; }
+  for i in 0 1 2 3 4 5 6; do t --shard $i/7 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
+  t -k no_segment_ids tests/test_kernels.py > $OUT/mosaic7.txt 2>&1 & wait
+  for i in 0 1 2 3 4 5 6 7; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
+  grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
+  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-7].txt && rm mosaic[0-7].txt)
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
