@@ -278,6 +278,13 @@ def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
   assert "custom_call @mosaic_gpu" in text
 
 
+def triton_calls_but_the_gate(text):
+  """The Triton custom calls of a lowered program other than the gate kernel's (`moba_gate`,
+  which the routing takes when tracing on a GPU: lowered on the H200, these programs hold it)."""
+  return [line for line in text.splitlines()
+          if "xla.gpu.triton" in line and "moba_gate" not in line]
+
+
 @pytest.mark.parametrize("dim", [64, 128])
 def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim):
   """The dK/dV kernel's lowering (its keys, their SMEM staging of dK/dV, and the row ring fit the
@@ -307,7 +314,7 @@ def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
   attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
   text = jax.jit(attn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text
-  assert "triton" not in text
+  assert not triton_calls_but_the_gate(text)
 
 
 def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows():
@@ -334,7 +341,7 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows():
   rows = re.compile(r"tensor<4x\d+x64xbf16>")  # [BK, R, D] (BK = 2 batch rows x 2 kv heads)
   assert [len(rows.findall(o)) for o in operands] == [0, 0, 0]
   assert [len(rows.findall(r)) for r in results] == [1, 0, 1]  # fwd's o rows, dQ's rows
-  assert "triton" not in text
+  assert not triton_calls_but_the_gate(text)
   assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
 
 
@@ -402,7 +409,7 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
     assert [kind(c) for c in calls] == ["fwd", "fwd", "dkdv", "dq", "dkdv", "dq"]
     # every kernel reads q (and dO) whole, [B * T * H, D], its rows chosen by index
     assert all("tensor<2048x64xbf16>" in c.rsplit(" : (", 1)[1] for c in calls)
-    assert "triton" not in text
+    assert not triton_calls_but_the_gate(text)
   with pytest.raises(ValueError, match="mosaic_head_chunks=3 must divide the kv heads"):
     lowered(3)
 
