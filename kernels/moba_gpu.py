@@ -662,13 +662,13 @@ MOSAIC_SELECTED_PER_CHUNK = 4
 def _split_heads(sizes, q, k, segment_ids, q_start, block_size, topk):
   """Who splits the kv heads where the partial rows exceed their budget: (sizes, the `lax.map`
   chunks for `run_kernel`, None: `kv_head_chunks`' count). The Mosaic kernels split them
-  themselves (mosaic_head_chunks, in one call: run 19) where their backward can (one document
-  per row, block a multiple of 128, no query offset) and no split was asked for, over
+  themselves (mosaic_head_chunks, in one call: run 19) where all three run (any documents and
+  block size since run 27; no query offset) and no split was asked for, over
   `_routing.PARTIAL_BYTES` or `MOSAIC_SELECTED_PER_CHUNK`; elsewhere `lax.map` does, over
   `PARTIAL_BYTES` (each chunk a whole call)."""
+  del segment_ids  # packed documents split as single ones
   if (sizes.mosaic_head_chunks == 1 and sizes.mosaic_block_kv and sizes.mosaic_dq
-      and sizes.mosaic_dkdv and segment_ids is None and q_start is None
-      and block_size % moba_mgpu.KEYS == 0 and k.dtype == q.dtype):
+      and sizes.mosaic_dkdv and q_start is None and k.dtype == q.dtype):
     chunks = rt.kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1],
                                max_selected=MOSAIC_SELECTED_PER_CHUNK)
     return dataclasses.replace(sizes, mosaic_head_chunks=chunks), 1
