@@ -122,9 +122,9 @@
 #       DOCS_PROFILES (default 32K b512 k3 and 16K b128 k8, 16 and 8 documents)
 #   48: the compiled test_mosaic.py as 7 shards beside test_kernels.py's no-segment-ids checks
 #       (limit TEST_S, default 300 s; logs in mosaic_logs.tgz)
-#   49: packed documents split by kv-head chunks like single ones (run 27): the compiled chunk
-#       and split tests of test_mosaic.py beside the synced rows with memory (REPEATS, default
-#       20) at 16K b128 k8 with 8 documents, 8K and 32K b512 k3 with 8 and 16 (this tree)
+#   49: packed documents split by kv-head chunks like single ones (run 27): the synced rows with
+#       memory (REPEATS, default 20) at 16K b128 k8 with 8 documents, 8K and 32K b512 k3 with 8
+#       and 32K with 16 (this tree), then the compiled chunk and split tests of test_mosaic.py
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -620,16 +620,14 @@ if [ "$phase" = 48 ]; then
   (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-7].txt && rm mosaic[0-7].txt)
 fi
 if [ "$phase" = 49 ]; then
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${TEST_S:-200}" python3 -m pytest -q -rfEs -W ignore \
-    --compiled -p no:cacheprovider -k "chunks_equals_one_pass or split_heads" tests/test_mosaic.py \
-    > $OUT/chunks.txt 2>&1 &
   for spec in 16384:128:8:8 8192,32768:512:3:8 32768:512:3:16; do
     IFS=: read seqs blk k docs <<< "$spec"
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.7 STEP_S=${BENCH_S:-120} bench --impls pallas_gpu --seqs $seqs \
-      --configs $blk:$k --docs $docs --repeats ${REPEATS:-20} 2>&1 | grep "^pallas_gpu" \
-      | tee -a $OUT/table.txt
+    STEP_S=${BENCH_S:-120} bench --impls pallas_gpu --seqs $seqs --configs $blk:$k --docs $docs \
+      --repeats ${REPEATS:-20} 2>&1 | grep "^pallas_gpu" | tee -a $OUT/table.txt
   done
-  wait; tail -n 3 $OUT/chunks.txt | tee -a $log
+  timeout "${TEST_S:-150}" python3 -m pytest -q -rfEs -W ignore --compiled -p no:cacheprovider \
+    -k "chunks_equals_one_pass or split_heads" tests/test_mosaic.py > $OUT/chunks.txt 2>&1
+  tail -n 3 $OUT/chunks.txt | tee -a $log
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
