@@ -133,6 +133,16 @@ bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
 # correctness on this GPU: the behavioural suite with the kernels compiled, slow cases included
 check() { timeout "${STEP_S:-150}" python3 -m pytest -q --compiled -m "" -p no:cacheprovider \
   tests/test_moba.py tests/test_kernels.py ${CHECK_EXTRA:-} 2>&1 | tail -15 > "$OUT/check.txt"; cat "$OUT/check.txt"; }
+# installs the tree $1 (editable, no dependencies): the one `moba_jax` the next commands import
+install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
+# a compiled check started in the background: first NAME LIMIT MEM_FRACTION K TEST_FILE... (FIRST_S
+# overrides LIMIT); first_report NAME... waits for them, logs each one's last lines, tars the logs
+first() { local name=$1 limit=${FIRST_S:-$2} mem=$3 k=$4; shift 4
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout "$limit" python3 -m pytest -q -rfEs -W ignore \
+    --compiled -p no:cacheprovider -k "$k" "$@" > $OUT/first_$name.txt 2>&1
+  echo "exit $?" >> $OUT/first_$name.txt; }
+first_report() { wait; for f in "$@"; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
+    | tee -a $log; (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt); }
 # per-kernel profiles (8K b512 k3, 16K b128 k8, 32K b512 k3) of each tree in turn, each installed
 # before its profiles (the last one stays installed): ab_profiles TOP TREE...
 ab_profiles() { local top=$1; shift; for tree in "$@"; do
@@ -444,7 +454,6 @@ if [ "$phase" = 37 ]; then
 fi
 if [ "$phase" = 38 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 38 needs BASE=<the tree to compare against>"; exit 2; }
-  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
   table() { echo "== $1" | tee -a $OUT/table.txt; install $1
     (cd $1 && STEP_S=${BENCH_S:-100} bench --impls pallas_gpu --seqs 8192,16384 \
       --configs 512:3,128:8 --repeats 10 2>&1 | grep -v "^WARNING" | tee -a $OUT/table.txt); }
@@ -459,7 +468,6 @@ if [ "$phase" = 38 ]; then
 fi
 if [ "$phase" = 39 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 39 needs BASE=<the tree to compare against>"; exit 2; }
-  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
   for tree in $BASE .; do echo "== $tree" | tee -a $OUT/table.txt; install $tree
     (cd $tree && STEP_S=${BENCH_S:-100} bench --impls pallas_gpu --seqs 8192,16384 \
       --configs 512:3,128:8 --repeats ${REPEATS:-30} 2>&1 | grep -v "^WARNING" | tee -a $OUT/table.txt)
@@ -472,17 +480,11 @@ if [ "$phase" = 39 ]; then
 fi
 if [ "$phase" = 40 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 40 needs BASE=<the tree to compare against>"; exit 2; }
-  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 timeout "${FIRST_S:-150}" python3 -m pytest -q \
-    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
-    echo "exit $?" >> $OUT/first_$1.txt; }
-  first sort "at_scale or sorts_every" tests/test_kernels.py &
-  first oracle "float32_reference and (all_ragged or batch2 or ring_wrap or unaligned)" \
+  first sort 150 0.25 "at_scale or sorts_every" tests/test_kernels.py &
+  first oracle 150 0.25 "float32_reference and (all_ragged or batch2 or ring_wrap or unaligned)" \
     tests/test_mosaic.py &
-  first scale "benchmark_scale and (8k or 16k)" tests/test_mosaic.py &
-  wait; for f in sort oracle scale; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
-    | tee -a $log
-  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
-  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
+  first scale 150 0.25 "benchmark_scale and (8k or 16k)" tests/test_mosaic.py &
+  first_report sort oracle scale
   prof() { echo "== $1 seq $2 block $3 topk $4" | tee -a $OUT/profiles.txt
     (cd $1 && timeout 100 python3 tools/profile_gpu.py --seq $2 --block $3 --topk $4 --top 20 \
       --host 12 2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt); }
@@ -530,15 +532,10 @@ if [ "$phase" = 42 ]; then
     | grep -v "^WARNING" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 43 ]; then
-  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.22 timeout "${FIRST_S:-170}" python3 -m pytest -q \
-    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
-    echo "exit $?" >> $OUT/first_$1.txt; }
-  first gate "routing_with_the_gate or gate_kernel_is" tests/test_kernels.py &
-  first scale "benchmark_scale and (8k or 16k)" tests/test_mosaic.py &
-  first oracle "float32_reference and (all_ragged_gqa or batch2)" tests/test_mosaic.py &
-  wait; for f in gate scale oracle; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
-    | tee -a $log
-  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  first gate 170 0.22 "routing_with_the_gate or gate_kernel_is" tests/test_kernels.py &
+  first scale 170 0.22 "benchmark_scale and (8k or 16k)" tests/test_mosaic.py &
+  first oracle 170 0.22 "float32_reference and (all_ragged_gqa or batch2)" tests/test_mosaic.py &
+  first_report gate scale oracle
   for spec in ${PROFILE_SPECS:-8192:512:3 32768:512:3 131072:512:3 16384:128:8}; do
     set -- ${spec//:/ }; echo "== seq $1 block $2 topk $3" | tee -a $OUT/profiles.txt
     timeout 100 python3 tools/profile_gpu.py --seq $1 --block $2 --topk $3 --top 30 --host 8 \
@@ -547,7 +544,6 @@ if [ "$phase" = 43 ]; then
   rm -rf _nogate && mkdir _nogate && tar -c --exclude=./.whl --exclude="./_*" --exclude=./.git . \
     | tar -x -C _nogate && sed -i 's/^  if jax.default_backend() != "gpu":$/  if True:  # XLA gate/' \
     _nogate/kernels/_routing.py && grep -c "if True:  # XLA gate" _nogate/kernels/_routing.py
-  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
   for tree in _nogate .; do install $tree
     for sc in 8192,32768:512:3 16384:128:8; do (cd $tree && STEP_S=${BENCH_S:-120} bench \
       --impls pallas_gpu --seqs ${sc%%:*} --configs ${sc#*:} --repeats ${REPEATS:-30} 2>&1 \
@@ -564,29 +560,20 @@ if [ "$phase" = 44 ]; then
     | grep "^pallas_gpu" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 45 ]; then
-  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${FIRST_S:-120}" python3 -m pytest -q \
-    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
-    echo "exit $?" >> $OUT/first_$1.txt; }
-  first gate "gate" tests/test_kernels.py & first scale "benchmark_scale and 8k" tests/test_mosaic.py &
-  wait; for f in gate scale; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
-    | tee -a $log
+  first gate 120 0.3 "gate" tests/test_kernels.py &
+  first scale 120 0.3 "benchmark_scale and 8k" tests/test_mosaic.py &
+  first_report gate scale
   STEP_S=100 bench --impls pallas_gpu --seqs 32768,131072 --configs 512:3 --repeats 10 2>&1 \
     | grep "^pallas_gpu" | tee -a $OUT/table.txt
 fi
 if [ "$phase" = 46 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 46 needs BASE=<the tree to compare against>"; exit 2; }
-  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout "${FIRST_S:-170}" python3 -m pytest -q \
-    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" $3 > $OUT/first_$1.txt 2>&1
-    echo "exit $?" >> $OUT/first_$1.txt; }
-  first gate "gate" tests/test_kernels.py &
-  first oracle "(float32_reference and (unaligned or packed or block64 or all_docs)) or query_offset" \
+  first gate 170 0.3 "gate" tests/test_kernels.py &
+  first oracle 170 0.3 "(float32_reference and (unaligned or packed or block64 or all_docs)) or query_offset" \
     tests/test_mosaic.py &
-  first scale "benchmark_scale and docs" tests/test_mosaic.py &
-  wait; for f in gate oracle scale; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
-    | tee -a $log
-  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  first scale 170 0.3 "benchmark_scale and docs" tests/test_mosaic.py &
+  first_report gate oracle scale
   cp moba_jax/bench.py $BASE/moba_jax/bench.py
-  install() { (cd $1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .); }
   for tree in $BASE .; do install $tree
     for spec in ${DOCS_SPECS:-8192,32768:512:3:8 8192,32768:512:3:16 16384:128:8:8 32768:512:3:16:2:64} \
         8192,32768:512:3:1; do
@@ -631,13 +618,9 @@ if [ "$phase" = 49 ]; then
 fi
 if [ "$phase" = 32 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 32 needs BASE=<the tree to compare against>"; exit 2; }
-  first() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${FIRST_S:-150}" python3 -m pytest -q \
-    -rfEs -W ignore --compiled -p no:cacheprovider -k "$2" tests/test_mosaic.py \
-    > $OUT/first_$1.txt 2>&1; echo "exit $?" >> $OUT/first_$1.txt; }
-  first gather row_gather & first fwd fwd128_alone & first dq dq_alone & first dkdv dkdv_alone &
-  wait; for f in gather fwd dq dkdv; do echo "$f: $(tail -n 2 $OUT/first_$f.txt | tr '\n' ' ')"; done \
-    | tee -a $log
-  (cd $OUT && tar czf first_logs.tgz first_*.txt && rm first_*.txt)
+  for c in gather:row_gather fwd:fwd128_alone dq:dq_alone dkdv:dkdv_alone; do
+    first ${c%%:*} 150 0.2 ${c#*:} tests/test_mosaic.py & done
+  first_report gather fwd dq dkdv
   grep -q "exit [1-9]" $log && { echo "first check failed: no A/B" | tee -a $log; exit 1; }
   phase=31
 fi
