@@ -7,6 +7,9 @@ platforms (pallas_tpu on a GPU, pallas_gpu on a TPU; both on a CPU).
 """
 
 import functools
+import importlib
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,22 @@ import pytest
 from moba_jax import attention, moba_attention
 
 COMPILED = False  # set by tests/conftest.py from --compiled
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_installed(name: str):
+  """Imports the installed distribution `name` where the checkout's own top-level directory of
+  that name would shadow it (pytest puts the checkout first on sys.path): `kernels/` is
+  moba_jax.kernels once installed, and transformers >= 5.25 requires Hugging Face's `kernels`
+  package, which it imports as `kernels`. Returns the module, or None where none is installed."""
+  saved = sys.path[:]
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != CHECKOUT]
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    return None
+  finally:
+    sys.path[:] = saved
 KERNEL_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 
 

@@ -9,7 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from tests import helpers
+
 torch = pytest.importorskip("torch")
+helpers.import_installed("kernels")  # before transformers, which imports Hugging Face's `kernels`
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
