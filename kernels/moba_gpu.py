@@ -53,9 +53,8 @@ class BlockSizes:
   # n > 1: the Mosaic forward and backward (mosaic_block_kv, mosaic_dq=1, mosaic_dkdv=1) run over
   # n chunks of kv heads, one after another, so their partial rows (the forward's o rows, the
   # dQ rows) exist for 1/n of the heads at a time (memory), in smaller kernel grids (time:
-  # docs/benchmarks.md). It must divide the kv heads. The backward's chunks apply where every
-  # dK/dV item is a Mosaic one (one document per row: segment_ids None, block a multiple of 128,
-  # no query offset); elsewhere the backward runs unchunked, with a warning. 1 (the default):
+  # docs/benchmarks.md). It must divide the kv heads. The backward's chunks apply wherever the
+  # Mosaic dQ and dK/dV run (any documents and block size since run 27). 1 (the default):
   # the kernels choose n themselves there (`_split_heads`: more than MOSAIC_SELECTED_PER_CHUNK
   # selected blocks a query, e.g. block 128 top-8, or rows over `_routing.PARTIAL_BYTES`).
   mosaic_head_chunks: int = 1
@@ -659,14 +658,13 @@ _moba_vjp = rt.custom_vjp_attention(forward, backward)
 MOSAIC_SELECTED_PER_CHUNK = 4
 
 
-def _split_heads(sizes, q, k, segment_ids, q_start, block_size, topk):
+def _split_heads(sizes, q, k, q_start, block_size, topk):
   """Who splits the kv heads where the partial rows exceed their budget: (sizes, the `lax.map`
   chunks for `run_kernel`, None: `kv_head_chunks`' count). The Mosaic kernels split them
   themselves (mosaic_head_chunks, in one call: run 19) where all three run (any documents and
   block size since run 27; no query offset) and no split was asked for, over
   `_routing.PARTIAL_BYTES` or `MOSAIC_SELECTED_PER_CHUNK`; elsewhere `lax.map` does, over
   `PARTIAL_BYTES` (each chunk a whole call)."""
-  del segment_ids  # packed documents split as single ones
   if (sizes.mosaic_head_chunks == 1 and sizes.mosaic_block_kv and sizes.mosaic_dq
       and sizes.mosaic_dkdv and q_start is None and k.dtype == q.dtype):
     chunks = rt.kv_head_chunks(q.shape, k.shape[2], block_size, topk, k.shape[1],
@@ -707,7 +705,7 @@ def _moba_attention_gpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
       raise ValueError(f"tiles={list(options.tiles)}: mosaic_head_chunks="
                        f"{sizes.mosaic_head_chunks} must divide the kv heads ({k.shape[2]}, "
                        "on each device where a mesh splits them)")
-    s, n = _split_heads(sizes, q, k, segment_ids, q_start, block_size, topk)
+    s, n = _split_heads(sizes, q, k, q_start, block_size, topk)
     return rt.run_kernel(_moba_vjp, q, k, v, segment_ids, block_size=block_size, topk=topk,
                          softmax_scale=softmax_scale, interpret=options.interpret, sizes=s,
                          q_start=q_start, head_chunks=n)
