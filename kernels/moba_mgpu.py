@@ -47,7 +47,7 @@ from jax._src.lib.mlir.dialects import arith, llvm
 
 ROWS = 128  # the routing tile: two compute warpgroups of 64 rows
 WG_ROWS = 64
-NEG = -1e30  # finite: a row that has seen no visible key yet keeps alpha = exp2(0) = 1 and p = 0
+NEG = -1e30  # finite: a row that has seen no visible key yet keeps l = 0 and acc = 0 (p = 0)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SMEM_BYTES = 227 * 1024  # the H100/H200's dynamic shared memory per CTA
@@ -582,7 +582,7 @@ def _row_vector(fill):
 
 
 def _scores(q_w, slot):
-  """S = Q K^T [64, Bk] float32 on wgmma; the keys are released once read."""
+  """S = Q K^T [64, Bk] float32 on wgmma (the caller releases the keys once read)."""
   slot.wait_k()
 
   def qk_fn(acc_ref):
@@ -599,7 +599,8 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
 
   ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
   [BK, R] int32 (each row's visible keys); q_rows (`Rows`, `rows_of` q); k, v [B, T, K, D] in
-  q_rows' dtype. Online softmax in the exp2 domain; P V with P from registers."""
+  q_rows' dtype. Online softmax in the exp2 domain (the running max m in units of S x scale x
+  log2(e): each probability is one fused multiply-add and an exp2); P V with P from registers."""
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
   qk_scale = scale * LOG2E
@@ -609,14 +610,14 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
 
   def step(carry, s, mats, slot, kpos, vecs, masked):
     acc, m, l = carry
-    x = _scores(mats[0], slot) * qk_scale
+    x = _scores(mats[0], slot)
     slot.free_k()
     if masked:
       vis = _row_mask(kpos, *vecs)
       x = jnp.where(vis, x, NEG)
-    m_new = jnp.maximum(m, x.max(axis=1))
+    m_new = jnp.maximum(m, x.max(axis=1) * qk_scale)  # max(S) c = max(S c) for c > 0
     alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(x - lax.broadcast_in_dim(m_new, x.shape, [0]))
+    p = jnp.exp2(x * qk_scale - lax.broadcast_in_dim(m_new, x.shape, [0]))
     if masked:
       p = jnp.where(vis, p, 0.0)
     l = l * alpha + p.sum(axis=1)
@@ -631,7 +632,8 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
     o_ref, lse_ref = outs
     ok = l > 0
     l_safe = jnp.where(ok, l, 1.0)
-    stage[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+    inv = 1.0 / l_safe  # one division a row, then products
+    stage[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
     lse_smem[...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(stage, o_ref.at[bk, pl.ds(r0, WG_ROWS)])

@@ -125,6 +125,16 @@
 #   49: packed documents split by kv-head chunks like single ones (run 27): the synced rows with
 #       memory (REPEATS, default 20) at 16K b128 k8 with 8 documents, 8K and 32K b512 k3 with 8
 #       and 32K with 16 (this tree), then the compiled chunk and split tests of test_mosaic.py
+#   50: A/B of the Mosaic forward's softmax (run 28: the scale folded into each probability's
+#       fused multiply-add, one division a row in the epilogue): a compiled check (oracle and
+#       benchmark-scale cases of test_mosaic.py, limit FIRST_S, default 170 s), then per-kernel
+#       profiles at PROFILE_SPECS (default 32K b512 k3 and 128K b4096 k12) of BASE and this tree.
+#       (Run 28 also timed FA3's ping-pong of the forward's warpgroups here, with the tree of
+#       docs/results/h200_2026-12-04_run28/forward_turns.patch: not landed.)
+#   51: the compiled test_mosaic.py as 6 shards beside test_kernels.py's gate and
+#       no-segment-ids checks (limit TEST_S, default 270 s; logs in mosaic_logs.tgz), then the
+#       synced rows (pallas_gpu, REPEATS, default 20) at the issue's shapes: 8K, 32K, 128K b512 k3,
+#       16K b128 k8, 128K b4096 k12 (5 repeats at 128K)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -605,6 +615,32 @@ if [ "$phase" = 48 ]; then
   for i in 0 1 2 3 4 5 6 7; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
   grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
   (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-7].txt && rm mosaic[0-7].txt)
+fi
+if [ "$phase" = 50 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 50 needs BASE=<the tree to compare against>"; exit 2; }
+  k="(float32_reference and (fwd128_alone or all_packed or ring_wrap or one_doc_d64 or off_8))"
+  first plain 170 0.4 "$k or (benchmark_scale and (8k or b4096))" tests/test_mosaic.py &
+  first_report plain
+  prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read s b t <<< "$spec"
+      echo "== $1 seq $s block $b topk $t" | tee -a $OUT/profiles.txt
+      timeout 150 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 3 --top 14 \
+        2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+    done; }
+  install $BASE; (cd $BASE && prof base); install .; prof new
+fi
+if [ "$phase" = 51 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${TEST_S:-270}" python3 -m pytest -q -rfEs \
+    -W ignore --compiled -p no:cacheprovider "$@"; }
+  for i in 0 1 2 3 4 5; do t --shard $i/6 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
+  t -k "gate or no_segment_ids" tests/test_kernels.py > $OUT/mosaic6.txt 2>&1 & wait
+  for i in 0 1 2 3 4 5 6; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
+  grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
+  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-6].txt && rm mosaic[0-6].txt)
+  for spec in 8192,32768:512:3:${REPEATS:-20} 16384:128:8:${REPEATS:-20} 131072:512:3:5 \
+      131072:4096:12:5; do IFS=: read seqs cfg1 cfg2 reps <<< "$spec"
+    STEP_S=${BENCH_S:-120} bench --impls pallas_gpu --seqs $seqs --configs $cfg1:$cfg2 \
+      --repeats $reps 2>&1 | grep "^pallas_gpu" | tee -a $OUT/table.txt
+  done
 fi
 if [ "$phase" = 49 ]; then
   for spec in 16384:128:8:8 8192,32768:512:3:8 32768:512:3:16; do
