@@ -159,8 +159,9 @@ def _fwd_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_
   def _():
     l = l_sc[...]
     ok = l > 0
-    o_ref[...] = (acc_sc[...] / jnp.where(ok, l, 1.0)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(ok, m_sc[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
+    l_safe = jnp.where(ok, l, 1.0)
+    o_ref[...] = (acc_sc[...] * (1.0 / l_safe)).astype(o_ref.dtype)  # one division a row
+    lse_ref[...] = jnp.where(ok, m_sc[...] + jnp.log(l_safe), -jnp.inf)
 
 
 def _dq_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref,
