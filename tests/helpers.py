@@ -74,6 +74,21 @@ def _jitted_run(q, k, v, segment_ids, *, impl, tiles, kw):
                         options=options(impl, tiles), **dict(kw))
 
 
+def route(q, k, segment_ids, *, run=True, **kw):
+  """The kernels' routing (`_routing.route`) under jit, as the kernels call it: (routing, dims).
+  Eagerly every op of the routing dispatches alone (~6-15 s a call on 2 cores). run=False only
+  traces it (for dims: the routing's arrays are then tracers)."""
+  from moba_jax.kernels import _routing
+  box = {}
+
+  def f(q, k, segment_ids):
+    routing, box["dims"] = _routing.route(q, k, segment_ids, **kw)
+    return routing
+
+  routing = jax.jit(f)(q, k, segment_ids) if run else jax.make_jaxpr(f)(q, k, segment_ids)
+  return routing, box["dims"]
+
+
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))

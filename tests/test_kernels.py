@@ -14,6 +14,7 @@ import pytest
 
 from moba_jax import flops
 from moba_jax import moba as moba_lib
+from tests import helpers
 from tests.helpers import (KERNEL_PLATFORM, kernel_impls, moba_impls, packed_segments,
                            primitives_outside_kernels, random_qkv, rel_err, run, vjp_all)
 
@@ -359,9 +360,9 @@ def test_one_document_rows_are_sized_to_the_past_blocks_there_are(seq, block, to
   """Without segment ids a query of block i chooses min(S - 1, i) past blocks: the routing's
   valid sparse rows are exactly that many (none dropped by a too small sparse section), and the
   section holds them with room for each group's padding."""
-  from moba_jax.kernels import _routing as rt
   q, k, _ = random_qkv(4, 2, seq, 2 * groups, 2, 32)
-  routing, dims = rt.route(q, k, None, block_size=block, topk=topk, block_q=16)
+  kw = dict(block_size=block, topk=topk, block_q=16)
+  routing, dims = helpers.route(q, k, None, **kw)
   n_sel = min(topk, -(-seq // block))
   want = groups * sum(min(n_sel - 1, t // block) for t in range(seq))
   assert dims.one_doc and dims.n_sel == n_sel
@@ -369,8 +370,7 @@ def test_one_document_rows_are_sized_to_the_past_blocks_there_are(seq, block, to
   np.testing.assert_array_equal(got, want)  # per (batch, kv head)
   assert dims.sparse_rows >= want + dims.max_groups * 15 if n_sel > 1 else dims.sparse_rows == 0
   seg = jnp.zeros((2, seq), jnp.int32)  # zeros are data: sized for S - 1 past blocks a query
-  assert rt.route(q, k, seg, block_size=block, topk=topk, block_q=16)[1].sparse_rows >= \
-      dims.sparse_rows
+  assert helpers.route(q, k, seg, run=False, **kw)[1].sparse_rows >= dims.sparse_rows
 
 
 def _random_case(rng):

@@ -137,7 +137,7 @@ def test_mosaic_rows_equal_the_triton_rows():
   q, k, v = random_qkv(9, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
   do = jax.random.normal(jax.random.key(5), q.shape, jnp.bfloat16)
   seg = packed_segments(1, lengths)
-  routing, dims = rt.route(q, k, seg, block_size=block, topk=3, block_q=mm.ROWS)
+  routing, dims = helpers.route(q, k, seg, block_size=block, topk=3, block_q=mm.ROWS)
   scale = dim ** -0.5
   interpret = not helpers.COMPILED
 
@@ -174,7 +174,7 @@ def test_free_chunks_cover_only_whole_visible_chunks():
   mask); chunks start at the tile's first key rounded down to a multiple of 8."""
   q, k, _ = random_qkv(4, 1, 600, 2, 1, 16)
   seg = packed_segments(1, [300, 300])  # the second document starts off the 8-key grid
-  routing, _ = rt.route(q, k, seg, block_size=128, topk=3, block_q=mm.ROWS)
+  routing, _ = helpers.route(q, k, seg, block_size=128, topk=3, block_q=mm.ROWS)
   for bkv in (64, 128):
     nf = np.asarray(mm.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
                                    routing.rq, bkv))
