@@ -58,6 +58,11 @@ class BlockSizes:
   # the kernels choose n themselves there (`_split_heads`: more than MOSAIC_SELECTED_PER_CHUNK
   # selected blocks a query, e.g. block 128 top-8, or rows over `_routing.PARTIAL_BYTES`).
   mosaic_head_chunks: int = 1
+  # The Mosaic forward overlaps each key chunk's softmax with the previous chunk's P V
+  # (FlashAttention-3's intra-warpgroup overlap) where routing blocks have at least this many
+  # keys (0: at every block size). Run 29 on the H200: the forward -9% at block 4096, -7% at
+  # 2048, -6% at 1024, +3% at 512 (docs/kernel_notes.md).
+  mosaic_overlap_block: int = 1024
 
   def __post_init__(self):
     for name, accepted, off in (("mosaic_block_kv", (0, 64, 128), "the Triton forward"),
@@ -69,6 +74,9 @@ class BlockSizes:
       if value and self.block_q != moba_mgpu.ROWS:
         raise ValueError(f"{name}={value} needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 "
                          f"rows), got block_q={self.block_q}")
+    if self.mosaic_overlap_block < 0:
+      raise ValueError(f"mosaic_overlap_block={self.mosaic_overlap_block} must be at least 0 (0: "
+                       "the forward overlaps at every block size)")
     n = self.mosaic_head_chunks
     if n < 1:
       raise ValueError(f"mosaic_head_chunks={n} must be at least 1")
@@ -350,7 +358,8 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
                                   routing.rq, sizes.mosaic_block_kv)
     o_rows, lse_rows = moba_mgpu.forward_rows(
         routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, q_rows, kq, vq,
-        scale=scale, block_kv=sizes.mosaic_block_kv, interpret=interpret)
+        scale=scale, block_kv=sizes.mosaic_block_kv, interpret=interpret,
+        overlap=dims.block_size >= sizes.mosaic_overlap_block)
   else:
     qf, kf, vf = (flat_rows(x.astype(q.dtype), dp) for x in (q, k, v))
     o_rows, lse_rows = forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret)
@@ -403,7 +412,8 @@ def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpr
     nfree = moba_mgpu.free_chunks(r.tile_ks, r.tile_ke, r.lo, r.hi, r.rq, sizes.mosaic_block_kv)
     o_rows, lse_rows = moba_mgpu.forward_rows(
         r.tile_ks, r.tile_ke, nfree, r.lo, r.hi, q_rows, kq, vq, scale=scale,
-        block_kv=sizes.mosaic_block_kv, interpret=interpret, kv_head0=chunk.kv.start)
+        block_kv=sizes.mosaic_block_kv, interpret=interpret, kv_head0=chunk.kv.start,
+        overlap=dims.block_size >= sizes.mosaic_overlap_block)
     o_rows, pos = _query_major(o_rows, r.pos, batch, dims)
     o, lse = rt.merge_rows(o_rows, lse_rows.reshape(batch, -1), pos)  # [B, T * hq, Dp]
     o_all = o_all.at[:, :, chunk.heads].set(o.astype(q.dtype).reshape(batch, seq, hq, -1))

@@ -286,9 +286,16 @@ class _Slot:
   """One step's K/V ring slot, as the consumer's step function sees it: wait for its keys or
   values, and release them once read (both compute warpgroups must release a slot)."""
 
-  def __init__(self, slot, k_smem, v_smem, bars, frees):
+  def __init__(self, count, stages, k_smem, v_smem, bars, frees):
+    slot = lax.rem(count, jnp.int32(stages))
     self.k, self.v = k_smem.at[slot], v_smem.at[slot]
     self._bars, self._frees, self._slot = bars, frees, slot
+    self._ring = (count, stages, k_smem, v_smem, bars, frees)
+
+  def shifted(self, d):
+    """The slot of the chunk d chunks later (earlier for d < 0) in the ring's order."""
+    count, *rest = self._ring
+    return _Slot(count + d, *rest)
 
   def wait_k(self):
     plgpu.barrier_wait(self._bars[0].at[self._slot])
@@ -351,7 +358,7 @@ def _publish(bars, pending=0):
 
 
 def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
-               interpret, ctas, kv_head0=0):
+               interpret, ctas, kv_head0=0, first=None, last=None):
   """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
   round-robin (consecutive CTAs, consecutive tiles of one kv head: neighbours share key blocks in
   L2). Three warpgroups: two compute (64 rows each), one producer whose ring of K/V slots runs
@@ -368,7 +375,10 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   key chunk s (kpos: the chunk's key positions, [64, Bk] int32, for the mask); then
   finish(carry, vecs, outs, bk, r0, stage, lse_smem) writes the outputs by TMA from staging
   buffers: stage, the warpgroup's [64, D] SMEM of the first row matrix (read by then), and
-  lse_smem, a [64] float32 buffer.
+  lse_smem, a [64] float32 buffer. With `first` (a step function) chunk 0 runs through it,
+  masked, and `last(carry, slot)` runs after a tile's last chunk with that chunk's slot (neither
+  runs in a tile without keys): for steps that finish the previous chunk's work (the
+  forward's P V one chunk behind its S = Q K^T).
 
   kv_head0: the rows are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
   the heads; row matrix index bk = b * (BK / B) + local head)."""
@@ -420,14 +430,25 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         mats_w = [m.at[mine] for m in mat_smem]
         vecs_w = [_load(x.at[mine], row_layout) for x in vec_smem]
 
-        def chunk(s, carry, masked):
-          slot = _Slot(lax.rem(g + s, jnp.int32(stages)), k_smem, v_smem, kv_bars, (k_free, v_free))
+        def chunk(s, carry, masked, fn=step):
+          slot = _Slot(g + s, stages, k_smem, v_smem, kv_bars, (k_free, v_free))
           kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
-          return step(carry, s, mats_w, slot, kpos + (ks + s * bkv), vecs_w, masked)
+          return fn(carry, s, mats_w, slot, kpos + (ks + s * bkv), vecs_w, masked)
 
         nf = jnp.minimum(nf_ref[bk, tile], n)
-        carry = lax.fori_loop(0, nf, functools.partial(chunk, masked=False), init(vecs_w))
-        carry = lax.fori_loop(nf, n, functools.partial(chunk, masked=True), carry)
+        if first is None:
+          carry = lax.fori_loop(0, nf, functools.partial(chunk, masked=False), init(vecs_w))
+          carry = lax.fori_loop(nf, n, functools.partial(chunk, masked=True), carry)
+        else:  # loops of 0 or 1 step, not branches: no wgmma under an scf.if
+          one = jnp.minimum(n, 1)
+          carry = lax.fori_loop(0, one, functools.partial(chunk, masked=True, fn=first),
+                                init(vecs_w))
+          carry = lax.fori_loop(one, jnp.maximum(nf, one), functools.partial(chunk, masked=False),
+                                carry)
+          carry = lax.fori_loop(jnp.maximum(nf, one), n, functools.partial(chunk, masked=True),
+                                carry)
+          end = _Slot(g + n - 1, stages, k_smem, v_smem, kv_bars, (k_free, v_free))
+          carry = lax.fori_loop(0, one, lambda _, c: last(c, end), carry)
         # The rows are read: their first matrix's SMEM stages the outputs for a TMA store, which
         # must have left it (and lse_smem) before the producer may refill this buffer.
         finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, mats_w[0], lse_smem.at[wg])
@@ -502,14 +523,13 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         def load(s, _):
           slot = lax.rem(g + s, jnp.int32(stages))
 
-          @pl.when(g + s >= stages)
-          def _():  # the slot's previous keys are consumed by both warpgroups
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-
           at = (b, pl.ds(ks + s * bkv, bkv), kvh)
-          plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], kv_bars[0].at[slot])
-          plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], kv_bars[1].at[slot])
+          # the slot's previous keys, then values, consumed by both warpgroups (apart: the
+          # forward releases a chunk's values one chunk after its keys)
+          for free, src, dst, bar in ((k_free, k_ref, k_smem, kv_bars[0]),
+                                      (v_free, v_ref, v_smem, kv_bars[1])):
+            pl.when(g + s >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+            plgpu.copy_gmem_to_smem(src.at[at], dst.at[slot], bar.at[slot])
 
           @pl.when(s == 0)
           def _():  # gathered while tile i - 1 computed
@@ -593,25 +613,28 @@ def _scores(q_w, slot):
 
 
 def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interpret=False,
-                 ctas=None, kv_head0=0):
+                 ctas=None, kv_head0=0, overlap=False):
   """Partial rows of every routing tile: o [BK, R, D] in q_rows' dtype (normalized, rounded
   once, as the official MoBA's partial outputs are) and lse [BK, R] float32.
 
   ks, ke, nfree [BK, NT] int32 (tile key ranges and their unmasked leading chunks); lo, hi
   [BK, R] int32 (each row's visible keys); q_rows (`Rows`, `rows_of` q); k, v [B, T, K, D] in
   q_rows' dtype. Online softmax in the exp2 domain (the running max m in units of S x scale x
-  log2(e): each probability is one fused multiply-add and an exp2); P V with P from registers."""
+  log2(e): each probability is one fused multiply-add and an exp2); P V with P from registers.
+
+  overlap (compiled only; interpreted runs take the plain step): FlashAttention-3's
+  intra-warpgroup overlap, each chunk's S = Q K^T issued with the previous chunk's P V and its
+  softmax run while P V is in flight. Measured on the H200 (run 29): the forward -9% at block
+  4096 (32 key chunks a tile), -7% at 2048, -6% at 1024, +3% at 512 (4 chunks: the peeled first
+  and last chunks cost more than the overlap gives); `BlockSizes.mosaic_overlap_block` is the
+  callers' switch."""
+  overlap = overlap and not interpret
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
   qk_scale = scale * LOG2E
 
-  def init(_):
-    return _zeros_rows(dim), _row_vector(NEG), _row_vector(0.0)
-
-  def step(carry, s, mats, slot, kpos, vecs, masked):
-    acc, m, l = carry
-    x = _scores(mats[0], slot)
-    slot.free_k()
+  def softmax(x, m, l, kpos, vecs, masked):
+    """One chunk's online softmax on S (x): the new max, alpha, row sums and P (float32)."""
     if masked:
       vis = _row_mask(kpos, *vecs)
       x = jnp.where(vis, x, NEG)
@@ -620,15 +643,73 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
     p = jnp.exp2(x * qk_scale - lax.broadcast_in_dim(m_new, x.shape, [0]))
     if masked:
       p = jnp.where(vis, p, 0.0)
-    l = l * alpha + p.sum(axis=1)
+    return m_new, alpha, l * alpha + p.sum(axis=1), p
+
+  def init(_):  # acc, m, l (and, overlapped, the P that the next chunk's P V takes)
+    carry = _zeros_rows(dim), _row_vector(NEG), _row_vector(0.0)
+    if overlap:
+      carry += (plgpu.layout_cast(jnp.zeros((WG_ROWS, block_kv), dtype), plgpu.Layout.WGMMA),)
+    return carry
+
+  def step(carry, s, mats, slot, kpos, vecs, masked):
+    """S, its softmax and P V in turn."""
+    acc, m, l = carry
+    x = _scores(mats[0], slot)
+    slot.free_k()
+    m, alpha, l, p = softmax(x, m, l, kpos, vecs, masked)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
     slot.wait_v()
     acc = _mma_add(acc, p.astype(dtype), slot.v, interpret)
     slot.free_v()
-    return acc, m_new, l
+    return acc, m, l
+
+  def first(carry, s, mats, slot, kpos, vecs, masked):
+    """Compiled, a tile's chunk 0: S and its softmax (acc is still zero); P V in the next step."""
+    acc, m, l, _ = carry
+    x = _scores(mats[0], slot)
+    slot.free_k()
+    m, _, l, p = softmax(x, m, l, kpos, vecs, masked)
+    return acc, m, l, p.astype(dtype)
+
+  def overlapped(carry, s, mats, slot, kpos, vecs, masked):
+    """Compiled, chunks 1..: S of this chunk and the last chunk's P V issued together; this
+    chunk's softmax runs while the tensor cores do P V (FlashAttention-3's intra-warpgroup
+    overlap), then acc is rescaled once P V is done."""
+    acc, m, l, p_prev = carry
+    prev = slot.shifted(-1)
+    slot.wait_k()
+    prev.wait_v()
+
+    def body(refs):
+      acc_ref, m_ref, l_ref, p_ref, alpha_ref = refs
+
+      def scores(s_ref):
+        plgpu.wgmma(s_ref, mats[0], _transpose(slot.k))
+        plgpu.wgmma(acc_ref, p_prev, prev.v)
+        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, P V in flight
+
+      x = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, slot.k.shape[0]), jnp.float32))
+      slot.free_k()
+      m_ref[...], alpha_ref[...], l_ref[...], p_ref[...] = softmax(x, m, l, kpos, vecs, masked)
+
+    p0 = plgpu.layout_cast(jnp.zeros(p_prev.shape, jnp.float32), plgpu.Layout.WGMMA)
+    acc, m, l, p, alpha = pl.run_state(body)((plgpu.ACC.init(acc), m, l, p0, m))
+    prev.free_v()
+    # P V is done: the next P V's 16-bit operand is made here, outside the wgmma pipeline stage
+    # (ptxas serializes the kernel's wgmmas when a non-wgmma instruction defines a wgmma input
+    # register inside a stage: its C7513 report, run 29)
+    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p.astype(dtype)
+
+  def last(carry, slot):
+    """Compiled: the tile's last P V."""
+    acc, m, l, p16 = carry
+    slot.wait_v()
+    acc = _mma_add(acc, p16, slot.v, interpret)
+    slot.free_v()
+    return acc, m, l, p16
 
   def finish(carry, vecs, outs, bk, r0, stage, lse_smem):
-    acc, m, l = carry
+    acc, m, l = carry[:3]
     o_ref, lse_ref = outs
     ok = l > 0
     l_safe = jnp.where(ok, l, 1.0)
@@ -641,9 +722,10 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
 
   out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), dtype),
               jax.ShapeDtypeStruct((bk_n, rows), jnp.float32))
+  hooks = dict(step=overlapped, first=first, last=last) if overlap else dict(step=step)
   return _row_tiles("moba_mgpu_fwd", ks=ks, ke=ke, nfree=nfree, mats=(q_rows,), vecs=(lo, hi),
-                    k=k, v=v, block_kv=block_kv, init=init, step=step, finish=finish,
-                    out_type=out_type, interpret=interpret, ctas=ctas, kv_head0=kv_head0)
+                    k=k, v=v, block_kv=block_kv, init=init, finish=finish, out_type=out_type,
+                    interpret=interpret, ctas=ctas, kv_head0=kv_head0, **hooks)
 
 
 def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale, block_kv,

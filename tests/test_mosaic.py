@@ -28,10 +28,11 @@ needs_runner = pytest.mark.skipif(
     "and barriers (jax >= 0.11 can); compiled runs need a Hopper GPU")
 
 
-def tiles(block_kv, dq=1, dkdv=0):
+def tiles(block_kv, dq=1, dkdv=0, head_chunks=1, *, overlap_block=1024):
   """pallas_gpu's BlockSizes fields in order: the Mosaic forward with key chunks of block_kv (0:
-  the Triton forward), the Mosaic dQ when dq, the Mosaic dK/dV when dkdv."""
-  return (128, 64, 64, 64, 4, 2, 4, block_kv, dq, dkdv)
+  the Triton forward), the Mosaic dQ when dq, the Mosaic dK/dV when dkdv, head_chunks (1: the
+  kernels' choice), the forward's overlap from overlap_block keys a block (0: always)."""
+  return (128, 64, 64, 64, 4, 2, 4, block_kv, dq, dkdv, head_chunks, overlap_block)
 
 
 # name: (lengths (of one batch row, or a tuple per row), heads, kv_heads, dim, block, topk,
@@ -74,6 +75,25 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name, dtype, m
   """bf16 (and once f16) q, k, v; the oracle runs in float32 on the same (rounded) inputs; the
   bound is the bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the
   rounded-down TMA starts; kernels a case does not take are the Triton ones."""
+  _check_against_the_float32_reference(name, dtype, monkeypatch)
+
+
+OVERLAP_CASES = ["ragged_gqa_d128_fwd128_alone", "all_packed_gqa_d128", "ring_wrap_4_ctas_d128",
+                 "all_length_off_8_gqa_d64", "gqa_docs_d128_block_off_8"]
+
+
+@pytest.mark.skipif(not (helpers.COMPILED and mm.on_hopper()),
+                    reason="the forward's overlap is a compiled schedule (interpreted runs take "
+                    "the plain step, which the float32-reference cases check)")
+@pytest.mark.parametrize("name", OVERLAP_CASES)
+def test_mosaic_forward_overlap_matches_the_float32_reference(name, monkeypatch):
+  """The forward's intra-warpgroup overlap (`forward_rows(overlap=True)`, the default from
+  `BlockSizes.mosaic_overlap_block` keys a block) at the small blocks of these cases: first and
+  last chunks peeled, tiles of one chunk, masked chunks, the rings wrapping within a tile."""
+  _check_against_the_float32_reference(name, jnp.bfloat16, monkeypatch, overlap_block=0)
+
+
+def _check_against_the_float32_reference(name, dtype, monkeypatch, overlap_block=1024):
   lengths, heads, kv_heads, dim, block, topk, bkv, dq, dkdv = CASES[name]
   if name in FEW_CTAS:
     monkeypatch.setattr(mm, "num_ctas", lambda interpret: FEW_CTAS[name])
@@ -88,7 +108,8 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name, dtype, m
     out, vjp = jax.vjp(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
                        up(q), up(k), up(v))
     want = (out, *vjp(up(ct)))
-  mosaic = lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(bkv, dq, dkdv), **kw)
+  mosaic = lambda q, k, v: run("pallas_gpu", q, k, v, seg,
+                               tiles=tiles(bkv, dq, dkdv, overlap_block=overlap_block), **kw)
   out, vjp = jax.vjp(mosaic, q, k, v)
   errors = {what: rel_err(up(a), b)
             for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *vjp(ct)), want)}
@@ -301,20 +322,30 @@ def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim):
   assert "custom_call @mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("dim, block_kv", [(128, 64), (128, 128), (64, 128)])
-def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv):
+@pytest.mark.parametrize("dim, block_kv, overlap", [(128, 64, False), (128, 128, False),
+                                                    (64, 128, False), (128, 128, True),
+                                                    (64, 64, True)])
+def test_mosaic_forward_lowers_for_cuda_without_a_gpu(dim, block_kv, overlap):
   """The Pallas-to-Mosaic-GPU lowering of the forward runs on a CPU-only machine (it checks the
-  shared memory budget too): one Mosaic GPU custom call, no Triton one."""
+  shared memory budget too): one Mosaic GPU custom call, no Triton one; with and without the
+  intra-warpgroup overlap (on from `mosaic_overlap_block` keys a block)."""
   seq = 512
   seg = jnp.zeros((1, seq), jnp.int32)
   q = jnp.zeros((1, seq, 4, dim), jnp.bfloat16)
   k = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
   from moba_jax.attention import KernelOptions
-  opts = KernelOptions(tiles=tiles(block_kv, 0))
-  attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
-  text = jax.jit(attn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+
+  def lowered(overlap_block):
+    opts = KernelOptions(tiles=tiles(block_kv, 0, overlap_block=overlap_block))
+    attn = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3,
+                                                 options=opts)
+    return jax.jit(attn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+
+  text = lowered(128 if overlap else 256)  # blocks of 128 keys: overlapped from 128, not 256
   assert "custom_call @mosaic_gpu" in text
   assert not triton_calls_but_the_gate(text)
+  if overlap:  # another kernel than the plain step's
+    assert text != lowered(256)
 
 
 def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows():
@@ -383,7 +414,7 @@ def test_mosaic_by_kv_head_chunks_equals_one_pass(seg):
   each output."""
   q, k, v = random_qkv(5, 1, 600, 4, 2, 64, jnp.bfloat16)
   ct = jax.random.normal(jax.random.key(6), q.shape, jnp.bfloat16)
-  fn = lambda n: lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(128, 1, 1) + (n,),
+  fn = lambda n: lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(128, 1, 1, n),
                                      block_size=128, topk=3)
   for a, b in zip(helpers.vjp_all(fn(2), q, k, v, ct), helpers.vjp_all(fn(1), q, k, v, ct)):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -404,7 +435,7 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
   k = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
 
   def traced(n, seg=None):
-    opts = KernelOptions(tiles=tiles(128, 1, 1) + (n,))
+    opts = KernelOptions(tiles=tiles(128, 1, 1, n))
     f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, seg, block_size=128, topk=3, options=opts)
     return jax.jit(lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct)).trace(q, k, k, q)
 
@@ -593,6 +624,8 @@ def test_mosaic_refusals_are_one_line_errors():
     mg.BlockSizes(64, 64, 64, 64, 4, 2, 4, 0, 1)
   with pytest.raises(ValueError, match=r"mosaic_dkdv=2 must be one of \[0, 1\]"):
     mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 0, 0, 2)
+  with pytest.raises(ValueError, match="mosaic_overlap_block=-1 must be at least 0"):
+    mg.BlockSizes(*tiles(128, overlap_block=-1))
 
 
 OFFSET_CASES = {  # name: (lengths, block, q_start, Tq, kv dtype)

@@ -222,6 +222,8 @@ def main(argv=None):
                  help="also the N host events with the most time per synced call")
   p.add_argument("--sources", action="store_true",
                  help="name each kernel's source line (its instruction's metadata in the HLO)")
+  p.add_argument("--hlo", default=None, metavar="PATH",
+                 help="also write the step's optimized HLO (the compiled module's text) to PATH")
   a = p.parse_args(argv)
   args = bench.parse_args(["--seqs", str(a.seq)])
   fn = bench.make_fn(a.impl, a.block, a.topk, True, a.gpu_block_sizes)
@@ -242,7 +244,11 @@ def main(argv=None):
   print(f"{a.impl} seq {a.seq} block {a.block} topk {a.topk} docs {a.docs} "
         f"sizes {a.gpu_block_sizes}: "
         f"device kernels {total:.3f} ms per step")
-  sources = hlo_sources(fn.lower(*sets[0]).compile().as_text()) if a.sources else {}
+  hlo = fn.lower(*sets[0]).compile().as_text() if a.sources or a.hlo else ""
+  if a.hlo:
+    with open(a.hlo, "w") as f:
+      f.write(hlo)
+  sources = hlo_sources(hlo) if a.sources else {}
   print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel (hlo op)" + "  source" * a.sources)
   for name, (t, c, o) in sorted(times.items(), key=lambda x: -x[1][0])[:a.top]:
     src = f"  {source_of(sources, name)}" if a.sources else ""

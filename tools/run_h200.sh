@@ -135,6 +135,18 @@
 #       no-segment-ids checks (limit TEST_S, default 270 s; logs in mosaic_logs.tgz), then the
 #       synced rows (pallas_gpu, REPEATS, default 20) at the issue's shapes: 8K, 32K, 128K b512 k3,
 #       16K b128 k8, 128K b4096 k12 (5 repeats at 128K)
+#   52: run 29: the ptxas report (registers, spills, wgmma serialization) of the Mosaic kernels of
+#       BASE, this tree and OVL (a third tree, optional), each from one compiled oracle case
+#       (all_ragged_gqa_d128: forward, dQ and dK/dV at head_dim 128) side by side with a compiled
+#       check of this tree (limit FIRST_S, default 170 s), then per-kernel profiles of BASE and
+#       this tree at PROFILE_SPECS (default 32K b512 k3 and 128K b4096 k12), then (unless NO_GLUE)
+#       this tree's 128K b4096 k12 step by source line (GLUE_TOP, default 45 rows) and its
+#       optimized HLO (step_hlo.txt.gz)
+#   53: run 29: the compiled test_mosaic.py as 6 shards beside test_kernels.py's gate and
+#       no-segment-ids checks (limit TEST_S, default 240 s; logs in mosaic_logs.tgz), the synced
+#       128K b4096 k12 row (REPEATS, default 5), then per-kernel profiles of this tree at
+#       OVERLAP_SPECS (default 16K b1024 k2 and b2048 k3) with the forward's overlap at every
+#       block size and at none (BlockSizes.mosaic_overlap_block 0 and 1<<20)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -627,6 +639,53 @@ if [ "$phase" = 50 ]; then
         2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
     done; }
   install $BASE; (cd $BASE && prof base); install .; prof new
+fi
+if [ "$phase" = 52 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 52 needs BASE=<the tree to compare against>"; exit 2; }
+  # each tree's own moba_jax: the working directory comes first on sys.path, its kernels linked
+  # in as the editable install maps them
+  ptxas() { [ "$1" = . ] || ln -sfn ../kernels $1/moba_jax/kernels
+    (cd $1 && MOSAIC_GPU_DUMP_PTXAS=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 \
+    timeout ${FIRST_S:-170} python3 -m pytest -q -s -W ignore --compiled -p no:cacheprovider \
+    -k "float32_reference and all_ragged_gqa_d128" tests/test_mosaic.py > $OUT/ptxas_$2.txt 2>&1
+    python3 -c "import moba_jax.kernels as k; print('kernels of', k.__file__)" >> $OUT/ptxas_$2.txt)
+    [ "$1" = . ] || rm -f $1/moba_jax/kernels; }
+  ptxas $BASE base & ptxas . new &
+  [ -d "${OVL:-}" ] && { ptxas $OVL ovl & }
+  k="(float32_reference and (all_ragged or all_packed or ring_wrap or one_doc_d64 or off_8 or dkdv_alone))"
+  first plain 170 0.4 "$k or (benchmark_scale and (8k or b4096))" tests/test_mosaic.py &
+  first_report plain
+  for f in $OUT/ptxas_*.txt; do echo "== $f: $(tail -n 1 $f)"
+    grep -iE "spill|registers|serializ|Performance|warning" $f | sort | uniq -c | head -30; done \
+    | tee -a $log
+  (cd $OUT && tar czf ptxas_logs.tgz ptxas_*.txt && rm ptxas_*.txt)
+  prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read s b t <<< "$spec"
+      echo "== $1 seq $s block $b topk $t" | tee -a $OUT/profiles.txt
+      timeout 150 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 3 --top 14 \
+        2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+    done; }
+  install $BASE; (cd $BASE && prof base); install .; prof new
+  [ -n "${NO_GLUE:-}" ] || { timeout 150 python3 tools/profile_gpu.py --seq 131072 --block 4096 \
+    --topk 12 --steps 3 --top ${GLUE_TOP:-45} --sources --hlo $OUT/step_hlo.txt 2>&1 \
+    | grep -v "WARNING" > $OUT/glue.txt; head -n 60 $OUT/glue.txt; gzip -f $OUT/step_hlo.txt; }
+fi
+if [ "$phase" = 53 ]; then
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${TEST_S:-240}" python3 -m pytest -q -rfEs \
+    -W ignore --compiled -p no:cacheprovider "$@"; }
+  for i in 0 1 2 3 4 5; do t --shard $i/6 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
+  t -k "gate or no_segment_ids" tests/test_kernels.py > $OUT/mosaic6.txt 2>&1 & wait
+  for i in 0 1 2 3 4 5 6; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
+  grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
+  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-6].txt && rm mosaic[0-6].txt)
+  STEP_S=${BENCH_S:-150} bench --impls pallas_gpu --seqs 131072 --configs 4096:12 \
+    --repeats ${REPEATS:-5} 2>&1 | grep "^pallas_gpu" | tee -a $OUT/table.txt
+  for spec in ${OVERLAP_SPECS:-16384:1024:2 16384:2048:3}; do IFS=: read s b t <<< "$spec"
+    for ob in 0 1048576; do echo "== overlap_block $ob seq $s block $b topk $t" | tee -a $OUT/profiles.txt
+      timeout 100 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 5 --top 6 \
+        --gpu-block-sizes 128,64,64,64,4,3,4,128,1,1,1,$ob 2>&1 \
+        | grep -v "WARNING\|device lines\|^  gap" | tee -a $OUT/profiles.txt
+    done
+  done
 fi
 if [ "$phase" = 51 ]; then
   t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${TEST_S:-270}" python3 -m pytest -q -rfEs \
