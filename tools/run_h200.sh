@@ -177,6 +177,23 @@ ab_profiles() { local top=$1; shift; for tree in "$@"; do
     done
   done; }
 log=$OUT/log.txt
+# per-kernel profiles named NAME at PROFILE_SPECS (seq:block:topk, default 32K b512 k3 and 128K
+# b4096 k12) of the installed tree: prof NAME
+prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read s b t <<< "$spec"
+    echo "== $1 seq $s block $b topk $t" | tee -a $OUT/profiles.txt
+    timeout 150 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 3 --top 14 \
+      2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+  done; }
+# the compiled test_mosaic.py as 6 shards beside test_kernels.py's gate and no-segment-ids checks,
+# each limited to TEST_S (default: $1 s); logs in mosaic_logs.tgz
+mosaic_suite() {
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${TEST_S:-$1}" python3 -m pytest -q -rfEs \
+    -W ignore --compiled -p no:cacheprovider "${@:2}"; }
+  for i in 0 1 2 3 4 5; do t $1 --shard $i/6 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
+  t $1 -k "gate or no_segment_ids" tests/test_kernels.py > $OUT/mosaic6.txt 2>&1 & wait
+  for i in 0 1 2 3 4 5 6; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
+  grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
+  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-6].txt && rm mosaic[0-6].txt); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee -a $log
 python3 -c "import jax, jax_triton; print(jax.__version__, jax.devices())" 2>&1 | tee -a $log
 if [ "$phase" = 1 ]; then
@@ -633,11 +650,6 @@ if [ "$phase" = 50 ]; then
   k="(float32_reference and (fwd128_alone or all_packed or ring_wrap or one_doc_d64 or off_8))"
   first plain 170 0.4 "$k or (benchmark_scale and (8k or b4096))" tests/test_mosaic.py &
   first_report plain
-  prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read s b t <<< "$spec"
-      echo "== $1 seq $s block $b topk $t" | tee -a $OUT/profiles.txt
-      timeout 150 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 3 --top 14 \
-        2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
-    done; }
   install $BASE; (cd $BASE && prof base); install .; prof new
 fi
 if [ "$phase" = 52 ]; then
@@ -659,24 +671,13 @@ if [ "$phase" = 52 ]; then
     grep -iE "spill|registers|serializ|Performance|warning" $f | sort | uniq -c | head -30; done \
     | tee -a $log
   (cd $OUT && tar czf ptxas_logs.tgz ptxas_*.txt && rm ptxas_*.txt)
-  prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read s b t <<< "$spec"
-      echo "== $1 seq $s block $b topk $t" | tee -a $OUT/profiles.txt
-      timeout 150 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 3 --top 14 \
-        2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
-    done; }
   install $BASE; (cd $BASE && prof base); install .; prof new
   [ -n "${NO_GLUE:-}" ] || { timeout 150 python3 tools/profile_gpu.py --seq 131072 --block 4096 \
     --topk 12 --steps 3 --top ${GLUE_TOP:-45} --sources --hlo $OUT/step_hlo.txt 2>&1 \
     | grep -v "WARNING" > $OUT/glue.txt; head -n 60 $OUT/glue.txt; gzip -f $OUT/step_hlo.txt; }
 fi
 if [ "$phase" = 53 ]; then
-  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${TEST_S:-240}" python3 -m pytest -q -rfEs \
-    -W ignore --compiled -p no:cacheprovider "$@"; }
-  for i in 0 1 2 3 4 5; do t --shard $i/6 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
-  t -k "gate or no_segment_ids" tests/test_kernels.py > $OUT/mosaic6.txt 2>&1 & wait
-  for i in 0 1 2 3 4 5 6; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
-  grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
-  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-6].txt && rm mosaic[0-6].txt)
+  mosaic_suite 240
   STEP_S=${BENCH_S:-150} bench --impls pallas_gpu --seqs 131072 --configs 4096:12 \
     --repeats ${REPEATS:-5} 2>&1 | grep "^pallas_gpu" | tee -a $OUT/table.txt
   for spec in ${OVERLAP_SPECS:-16384:1024:2 16384:2048:3}; do IFS=: read s b t <<< "$spec"
@@ -688,13 +689,7 @@ if [ "$phase" = 53 ]; then
   done
 fi
 if [ "$phase" = 51 ]; then
-  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${TEST_S:-270}" python3 -m pytest -q -rfEs \
-    -W ignore --compiled -p no:cacheprovider "$@"; }
-  for i in 0 1 2 3 4 5; do t --shard $i/6 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
-  t -k "gate or no_segment_ids" tests/test_kernels.py > $OUT/mosaic6.txt 2>&1 & wait
-  for i in 0 1 2 3 4 5 6; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
-  grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
-  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-6].txt && rm mosaic[0-6].txt)
+  mosaic_suite 270
   for spec in 8192,32768:512:3:${REPEATS:-20} 16384:128:8:${REPEATS:-20} 131072:512:3:5 \
       131072:4096:12:5; do IFS=: read seqs cfg1 cfg2 reps <<< "$spec"
     STEP_S=${BENCH_S:-120} bench --impls pallas_gpu --seqs $seqs --configs $cfg1:$cfg2 \
