@@ -58,10 +58,11 @@ class BlockSizes:
   # the kernels choose n themselves there (`_split_heads`: more than MOSAIC_SELECTED_PER_CHUNK
   # selected blocks a query, e.g. block 128 top-8, or rows over `_routing.PARTIAL_BYTES`).
   mosaic_head_chunks: int = 1
-  # The Mosaic forward overlaps each key chunk's softmax with the previous chunk's P V
-  # (FlashAttention-3's intra-warpgroup overlap) where routing blocks have at least this many
-  # keys (0: at every block size). Run 29 on the H200: the forward -9% at block 4096, -7% at
-  # 2048, -6% at 1024, +3% at 512 (docs/kernel_notes.md).
+  # The Mosaic forward and dQ overlap each key chunk's elementwise work with the previous
+  # chunk's last product (FlashAttention-3's intra-warpgroup overlap: the forward's softmax
+  # under P V, the dQ's dS under dS K) where routing blocks have at least this many keys (0: at
+  # every block size). Run 29 on the H200, the forward: -9% at block 4096, -7% at 2048, -6% at
+  # 1024, +3% at 512 (docs/kernel_notes.md).
   mosaic_overlap_block: int = 1024
 
   def __post_init__(self):
@@ -76,7 +77,7 @@ class BlockSizes:
                          f"rows), got block_q={self.block_q}")
     if self.mosaic_overlap_block < 0:
       raise ValueError(f"mosaic_overlap_block={self.mosaic_overlap_block} must be at least 0 (0: "
-                       "the forward overlaps at every block size)")
+                       "the forward and dQ overlap at every block size)")
     n = self.mosaic_head_chunks
     if n < 1:
       raise ValueError(f"mosaic_head_chunks={n} must be at least 1")
@@ -444,17 +445,19 @@ def _mosaic_rows(q, do, routing, lse, delta, kv_heads, groups, kv_head0=0) -> _M
   return _MosaicRows(q_rows, like(do.astype(q.dtype)), lse2, vec(delta))
 
 
-def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, kv_head0=0):
-  """dQ partial rows [BK, R, D] in q's dtype from the Mosaic GPU kernel."""
+def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, overlap, kv_head0=0):
+  """dQ partial rows [BK, R, D] in q's dtype from the Mosaic GPU kernel (overlapped: see
+  `moba_mgpu.dq_rows`)."""
   nfree = moba_mgpu.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
                                 routing.rq, MOSAIC_DQ_BLOCK_KV)
   return moba_mgpu.dq_rows(routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi,
                            rows.lse2, rows.delta, rows.q, rows.do, k, v, scale=scale,
-                           block_kv=MOSAIC_DQ_BLOCK_KV, interpret=interpret, kv_head0=kv_head0)
+                           block_kv=MOSAIC_DQ_BLOCK_KV, interpret=interpret, kv_head0=kv_head0,
+                           overlap=overlap)
 
 
 def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
-                                    interpret, chunks):
+                                    interpret, chunks, overlap):
   """(dq, dk, dv) of the Mosaic backward over `chunks` chunks of kv heads, one after another
   (optimization barriers order them, so that one chunk's dQ rows are live at a time): each chunk
   runs the dK/dV and the dQ on its heads of q, dO, k and v (`kv_head0`), and writes its dq, dk
@@ -470,7 +473,7 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
     dk, dv = moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta,
                                   r.lo, r.hi, rows.q, rows.do, k, v, scale=scale,
                                   interpret=interpret, kv_head0=kvs.start)
-    dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, kvs.start)
+    dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, overlap, kvs.start)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
     dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
     dk_all = dk_all.at[:, :, kvs].set(dk[:, :seq])
@@ -594,10 +597,11 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
+  overlap = dims.block_size >= sizes.mosaic_overlap_block  # the Mosaic dQ's schedule
   if sizes.mosaic_head_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
     return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta,
                                            mosaic_dkdv_items(routing, dims, seq), dims, scale,
-                                           interpret, sizes.mosaic_head_chunks)
+                                           interpret, sizes.mosaic_head_chunks, overlap)
   if sizes.mosaic_dq or mosaic_dkdv:
     m_rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
   bkd = sizes.block_k_dkv
@@ -644,7 +648,7 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 
   if sizes.mosaic_dq:
     dq_rows = _mosaic_dq_rows(m_rows, k.astype(q.dtype), v.astype(q.dtype), routing, scale,
-                              interpret)
+                              interpret, overlap)
   else:
     args = (routing.tile_ks, routing.tile_ke, routing.rq, routing.lo, routing.hi, qf, kf, vf, dof,
             lse, delta)

@@ -89,12 +89,18 @@ def refusal(dtype, head_dim, block_q, interpret=False) -> str | None:
   return None
 
 
-def stages_for(block_kv: int, head_dim: int, itemsize: int = 2, mats: int = 1) -> int:
-  """Slots of the K/V ring that fit beside `mats` double-buffered row matrices (Q; Q and dO for
-  dQ: 128 rows each), the row vectors and the row index ring (two tiles of int32)."""
+def ring_depths(block_kv: int, head_dim: int, itemsize: int = 2, mats: int = 1,
+                keys_held: bool = False) -> tuple[int, int]:
+  """Slots of the key ring and of the value ring that fit beside `mats` double-buffered row
+  matrices (Q; Q and dO for dQ: 128 rows each), the row vectors and the row index ring (two
+  tiles of int32): as many of each (2 to 4), and with keys_held (a step that releases each
+  chunk's keys one chunk after its values: the overlapped dQ, which holds two chunks' keys) one
+  key slot more where it fits, so that the next chunk's keys load while two are held."""
   fixed = 2 * mats * ROWS * head_dim * itemsize + 10 * ROWS * 4 + 2 * ROWS * 4
-  per_slot = 2 * block_kv * head_dim * itemsize
-  return max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
+  room = SMEM_BYTES - fixed - 4096
+  slot = block_kv * head_dim * itemsize  # one ring's slot
+  both = max(2, min(4, room // (2 * slot)))
+  return both + int(keys_held and room >= (2 * both + 1) * slot), both
 
 
 def _transpose(ref):
@@ -283,31 +289,32 @@ def balanced_order(work, n_ctas: int):
 
 
 class _Slot:
-  """One step's K/V ring slot, as the consumer's step function sees it: wait for its keys or
-  values, and release them once read (both compute warpgroups must release a slot)."""
+  """One step's K/V ring slots, as the consumer's step function sees them: wait for its keys or
+  values, and release them once read (both compute warpgroups must release a slot). The key and
+  value rings may differ in depth (`ring_depths`): chunk `count` has slot count % depth of each."""
 
-  def __init__(self, count, stages, k_smem, v_smem, bars, frees):
-    slot = lax.rem(count, jnp.int32(stages))
-    self.k, self.v = k_smem.at[slot], v_smem.at[slot]
-    self._bars, self._frees, self._slot = bars, frees, slot
-    self._ring = (count, stages, k_smem, v_smem, bars, frees)
+  def __init__(self, count, depths, k_smem, v_smem, bars, frees):
+    self._at = tuple(lax.rem(count, jnp.int32(d)) for d in depths)
+    self.k, self.v = k_smem.at[self._at[0]], v_smem.at[self._at[1]]
+    self._bars, self._frees = bars, frees
+    self._ring = (count, depths, k_smem, v_smem, bars, frees)
 
   def shifted(self, d):
-    """The slot of the chunk d chunks later (earlier for d < 0) in the ring's order."""
+    """The slots of the chunk d chunks later (earlier for d < 0) in the ring's order."""
     count, *rest = self._ring
     return _Slot(count + d, *rest)
 
   def wait_k(self):
-    plgpu.barrier_wait(self._bars[0].at[self._slot])
+    plgpu.barrier_wait(self._bars[0].at[self._at[0]])
 
   def wait_v(self):
-    plgpu.barrier_wait(self._bars[1].at[self._slot])
+    plgpu.barrier_wait(self._bars[1].at[self._at[1]])
 
   def free_k(self):
-    plgpu.barrier_arrive(self._frees[0].at[self._slot])
+    plgpu.barrier_arrive(self._frees[0].at[self._at[0]])
 
   def free_v(self):
-    plgpu.barrier_arrive(self._frees[1].at[self._slot])
+    plgpu.barrier_arrive(self._frees[1].at[self._at[1]])
 
 
 def _pad_keys(x, length):
@@ -358,7 +365,7 @@ def _publish(bars, pending=0):
 
 
 def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
-               interpret, ctas, kv_head0=0, first=None, last=None):
+               interpret, ctas, kv_head0=0, first=None, last=None, keys_held=False):
   """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
   round-robin (consecutive CTAs, consecutive tiles of one kv head: neighbours share key blocks in
   L2). Three warpgroups: two compute (64 rows each), one producer whose ring of K/V slots runs
@@ -390,7 +397,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   n_ctas = min(items, ctas or num_ctas(interpret))
   dtype = mats[0].dtype
   bkv = block_kv
-  stages = stages_for(bkv, dim, jnp.dtype(dtype).itemsize, len(mats))
+  depths = ring_depths(bkv, dim, jnp.dtype(dtype).itemsize, len(mats), keys_held)
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   mat_args = _mat_operands(mats, interpret)
   n_in, n_mats, n_vecs = 3 + len(mat_args) + len(vecs) + 2, len(mats), len(vecs)
@@ -431,7 +438,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         vecs_w = [_load(x.at[mine], row_layout) for x in vec_smem]
 
         def chunk(s, carry, masked, fn=step):
-          slot = _Slot(g + s, stages, k_smem, v_smem, kv_bars, (k_free, v_free))
+          slot = _Slot(g + s, depths, k_smem, v_smem, kv_bars, (k_free, v_free))
           kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
           return fn(carry, s, mats_w, slot, kpos + (ks + s * bkv), vecs_w, masked)
 
@@ -447,7 +454,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
                                 carry)
           carry = lax.fori_loop(jnp.maximum(nf, one), n, functools.partial(chunk, masked=True),
                                 carry)
-          end = _Slot(g + n - 1, stages, k_smem, v_smem, kv_bars, (k_free, v_free))
+          end = _Slot(g + n - 1, depths, k_smem, v_smem, kv_bars, (k_free, v_free))
           carry = lax.fori_loop(0, one, lambda _, c: last(c, end), carry)
         # The rows are read: their first matrix's SMEM stages the outputs for a TMA store, which
         # must have left it (and lse_smem) before the producer may refill this buffer.
@@ -521,14 +528,14 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         kvh = lax.rem(bk, jnp.int32(kv_heads)) + kv_head0
 
         def load(s, _):
-          slot = lax.rem(g + s, jnp.int32(stages))
-
           at = (b, pl.ds(ks + s * bkv, bkv), kvh)
           # the slot's previous keys, then values, consumed by both warpgroups (apart: the
-          # forward releases a chunk's values one chunk after its keys)
-          for free, src, dst, bar in ((k_free, k_ref, k_smem, kv_bars[0]),
-                                      (v_free, v_ref, v_smem, kv_bars[1])):
-            pl.when(g + s >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+          # overlapped forward releases a chunk's values one chunk after its keys, the
+          # overlapped dQ its keys one chunk after its values)
+          for free, src, dst, bar, d in ((k_free, k_ref, k_smem, kv_bars[0], depths[0]),
+                                         (v_free, v_ref, v_smem, kv_bars[1], depths[1])):
+            slot = lax.rem(g + s, jnp.int32(d))
+            pl.when(g + s >= d)(lambda free=free, slot=slot: plgpu.barrier_wait(free.at[slot]))
             plgpu.copy_gmem_to_smem(src.at[at], dst.at[slot], bar.at[slot])
 
           @pl.when(s == 0)
@@ -553,14 +560,11 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
       g_end = lax.fori_loop(0, my_items, tile_loads, jnp.int32(0))
       # Drain: observe the releases of the last keys and rows (no barrier phase left unseen when
       # the barriers go; the CTA ends after every SMEM read).
-      for j in range(stages):
-        gs = g_end - stages + j
-
-        @pl.when(gs >= 0)
-        def _():
-          slot = lax.rem(gs, jnp.int32(stages))
-          plgpu.barrier_wait(k_free.at[slot])
-          plgpu.barrier_wait(v_free.at[slot])
+      for free, d in ((k_free, depths[0]), (v_free, depths[1])):
+        for j in range(d):
+          gs = g_end - d + j
+          pl.when(gs >= 0)(lambda gs=gs, free=free, d=d:
+                           plgpu.barrier_wait(free.at[lax.rem(gs, jnp.int32(d))]))
 
       for j in (2, 1):
         @pl.when(my_items >= j)
@@ -571,16 +575,16 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
     scratch = (
         tuple(_tiled((4, WG_ROWS, dim), dtype) for _ in mats),  # (buffer, warpgroup) -> 64 rows
         tuple(plgpu.SMEM((4, WG_ROWS), x.dtype) for x in vecs),
-        _tiled((stages, bkv, dim), dtype),
-        _tiled((stages, bkv, dim), dtype),
+        _tiled((depths[0], bkv, dim), dtype),
+        _tiled((depths[1], bkv, dim), dtype),
         plgpu.SMEM((2, WG_ROWS), jnp.float32),
     ) + (() if interpret else (plgpu.SMEM((2, ROWS), jnp.int32),))  # the index ring
     four = plgpu.Barrier(num_barriers=4)
-    bars = ((four,) * n_mats, (four,) * n_vecs, (plgpu.Barrier(num_barriers=stages),) * 2) + (
+    rings = tuple(plgpu.Barrier(num_barriers=d) for d in depths)
+    bars = ((four,) * n_mats, (four,) * n_vecs, rings) + (
         () if interpret else (plgpu.Barrier(num_barriers=2),))
     frees = (plgpu.Barrier(num_arrivals=2, num_barriers=2),
-             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+             *(plgpu.Barrier(num_arrivals=2, num_barriers=d) for d in depths))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
   return _kernel(body, name, tuple(out_type), n_ctas, interpret)(
@@ -729,27 +733,42 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
 
 
 def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale, block_kv,
-            interpret=False, ctas=None, kv_head0=0):
+            interpret=False, ctas=None, kv_head0=0, overlap=False):
   """dQ of every partial row: [BK, R, D] in q_rows' dtype (summed per query, in float32, by the
   caller; the official MoBA also adds 16-bit dQ parts).
 
   lse2, delta [BK, R] float32: each row's query's merged log-sum-exp in base 2 (lse * log2(e);
   +inf for padding rows: p = 0) and rowsum(dO * O); q_rows, do_rows (`Rows` of q and dO).
   Per key chunk: S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K
-  (three wgmma)."""
+  (three wgmma).
+
+  overlap (compiled only; interpreted runs take the plain step): the forward's schedule carried
+  over to dQ. Each chunk's S and dP are issued with the previous chunk's dQ += dS K, and the
+  chunk's dS is formed while that product is in flight; each chunk's keys are released one chunk
+  after its values, so the key ring takes a slot more (`ring_depths`)."""
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
   qk_scale = scale * LOG2E
+  overlap = overlap and not interpret
 
-  def init(_):
+  def probs(x, kpos, vecs, masked):
+    """P = exp(S - lse) of one chunk (float32), from S (x)."""
+    lo, hi, lse2, _ = vecs
+    p = jnp.exp2(x * qk_scale - lax.broadcast_in_dim(lse2, x.shape, [0]))
+    return jnp.where(_row_mask(kpos, lo, hi), p, 0.0) if masked else p
+
+  def dscores(p, dp, vecs):
+    """dS = P (dP - delta) of one chunk (float32)."""
+    return p * (dp - lax.broadcast_in_dim(vecs[3], dp.shape, [0]))
+
+  def init(_):  # dq (and, overlapped, the dS that the next chunk's dQ product takes)
+    if overlap:
+      return _zeros_rows(dim), plgpu.layout_cast(jnp.zeros((WG_ROWS, block_kv), dtype),
+                                                 plgpu.Layout.WGMMA)
     return _zeros_rows(dim)
 
   def step(dq, s, mats, slot, kpos, vecs, masked):
-    lo, hi, lse2, delta_r = vecs
-    x = _scores(mats[0], slot) * qk_scale
-    p = jnp.exp2(x - lax.broadcast_in_dim(lse2, x.shape, [0]))
-    if masked:
-      p = jnp.where(_row_mask(kpos, lo, hi), p, 0.0)
+    p = probs(_scores(mats[0], slot), kpos, vecs, masked)
     slot.wait_v()
 
     def dp_fn(acc_ref):
@@ -758,22 +777,75 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
 
     dp = pl.run_scoped(dp_fn, plgpu.ACC((WG_ROWS, slot.v.shape[0]), jnp.float32))
     slot.free_v()
-    ds = p * (dp - lax.broadcast_in_dim(delta_r, dp.shape, [0]))
+    ds = dscores(p, dp, vecs)
     dq = _mma_add(dq, ds.astype(dtype), slot.k, interpret)
     slot.free_k()
     return dq
 
-  def finish(dq, vecs, outs, bk, r0, stage, lse_smem):
+  def products(slot, mats, then=None):
+    """Compiled: S and dP of the slot's chunk issued (then `then`, another wgmma, after them);
+    returns S and dP once both are done (`then` may still be in flight)."""
+    slot.wait_k()
+    slot.wait_v()
+    chunk = (WG_ROWS, slot.k.shape[0])
+
+    def issue(s_ref, dp_ref):
+      plgpu.wgmma(s_ref, mats[0], _transpose(slot.k))
+      plgpu.wgmma(dp_ref, mats[1], _transpose(slot.v))
+      if then is not None:
+        then()
+      x = plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if then is None else 1)
+      return x, plgpu.wgmma_accumulator_load(dp_ref, wait_n=None)
+
+    x, dp = pl.run_scoped(issue, plgpu.ACC(chunk, jnp.float32), plgpu.ACC(chunk, jnp.float32))
+    slot.free_v()
+    return x, dp
+
+  def first(carry, s, mats, slot, kpos, vecs, masked):
+    """Compiled, a tile's chunk 0: S, dP and dS (dq is still zero); dS K in the next step."""
+    dq, _ = carry
+    x, dp = products(slot, mats)
+    return dq, dscores(probs(x, kpos, vecs, masked), dp, vecs).astype(dtype)
+
+  def overlapped(carry, s, mats, slot, kpos, vecs, masked):
+    """Compiled, chunks 1..: S and dP of this chunk and the last chunk's dQ += dS K issued
+    together; this chunk's dS is formed while the tensor cores do dS K."""
+    dq, ds_prev = carry
+    prev = slot.shifted(-1)
+
+    def body(refs):
+      dq_ref, ds_ref = refs
+      x, dp = products(slot, mats, then=lambda: plgpu.wgmma(dq_ref, ds_prev, prev.k))
+      ds_ref[...] = dscores(probs(x, kpos, vecs, masked), dp, vecs)
+
+    ds0 = plgpu.layout_cast(jnp.zeros(ds_prev.shape, jnp.float32), plgpu.Layout.WGMMA)
+    dq, ds = pl.run_state(body)((plgpu.ACC.init(dq), ds0))
+    prev.free_k()
+    # dS K is done: the next one's 16-bit operand is made here, outside the wgmma pipeline stage
+    # (as the forward's P: ptxas serializes every wgmma otherwise, run 29)
+    return dq, ds.astype(dtype)
+
+  def last(carry, slot):
+    """Compiled: the tile's last dQ += dS K (its keys were waited for by its own step)."""
+    dq, ds16 = carry
+    dq = _mma_add(dq, ds16, slot.k, interpret)
+    slot.free_k()
+    return dq, ds16
+
+  def finish(carry, vecs, outs, bk, r0, stage, lse_smem):
+    dq = carry[0] if overlap else carry
     (dq_ref,) = outs
     stage[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, pl.ds(r0, WG_ROWS)])
 
   out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), dtype),)
+  hooks = dict(step=overlapped, first=first, last=last, keys_held=True) if overlap else dict(
+      step=step)
   (dq,) = _row_tiles("moba_mgpu_dq", ks=ks, ke=ke, nfree=nfree, mats=(q_rows, do_rows),
                      vecs=(lo, hi, lse2.astype(jnp.float32), delta.astype(jnp.float32)), k=k, v=v,
-                     block_kv=block_kv, init=init, step=step, finish=finish, out_type=out_type,
-                     interpret=interpret, ctas=ctas, kv_head0=kv_head0)
+                     block_kv=block_kv, init=init, finish=finish, out_type=out_type,
+                     interpret=interpret, ctas=ctas, kv_head0=kv_head0, **hooks)
   return dq
 
 

@@ -31,7 +31,7 @@ needs_runner = pytest.mark.skipif(
 def tiles(block_kv, dq=1, dkdv=0, head_chunks=1, *, overlap_block=1024):
   """pallas_gpu's BlockSizes fields in order: the Mosaic forward with key chunks of block_kv (0:
   the Triton forward), the Mosaic dQ when dq, the Mosaic dK/dV when dkdv, head_chunks (1: the
-  kernels' choice), the forward's overlap from overlap_block keys a block (0: always)."""
+  kernels' choice), the forward's and dQ's overlap from overlap_block keys a block (0: always)."""
   return (128, 64, 64, 64, 4, 2, 4, block_kv, dq, dkdv, head_chunks, overlap_block)
 
 
@@ -78,18 +78,19 @@ def test_mosaic_forward_and_gradients_match_the_float32_reference(name, dtype, m
   _check_against_the_float32_reference(name, dtype, monkeypatch)
 
 
-OVERLAP_CASES = ["ragged_gqa_d128_fwd128_alone", "all_packed_gqa_d128", "ring_wrap_4_ctas_d128",
-                 "all_length_off_8_gqa_d64", "gqa_docs_d128_block_off_8"]
+OVERLAP_CASES = ["ragged_gqa_d128_fwd128_alone", "ragged_gqa_d128_dq_alone", "all_packed_gqa_d128",
+                 "ring_wrap_4_ctas_d128", "all_length_off_8_gqa_d64", "gqa_docs_d128_block_off_8"]
 
 
 @pytest.mark.skipif(not (helpers.COMPILED and mm.on_hopper()),
-                    reason="the forward's overlap is a compiled schedule (interpreted runs take "
-                    "the plain step, which the float32-reference cases check)")
+                    reason="the overlap is a compiled schedule (interpreted runs take the plain "
+                    "step, which the float32-reference cases check)")
 @pytest.mark.parametrize("name", OVERLAP_CASES)
-def test_mosaic_forward_overlap_matches_the_float32_reference(name, monkeypatch):
-  """The forward's intra-warpgroup overlap (`forward_rows(overlap=True)`, the default from
-  `BlockSizes.mosaic_overlap_block` keys a block) at the small blocks of these cases: first and
-  last chunks peeled, tiles of one chunk, masked chunks, the rings wrapping within a tile."""
+def test_mosaic_overlap_matches_the_float32_reference(name, monkeypatch):
+  """The forward's and dQ's intra-warpgroup overlap (`forward_rows(overlap=True)`,
+  `dq_rows(overlap=True)`: the default from `BlockSizes.mosaic_overlap_block` keys a block) at
+  the small blocks of these cases: first and last chunks peeled, tiles of one chunk, masked
+  chunks, the rings wrapping within a tile (the dQ's key ring a slot deeper than its values')."""
   _check_against_the_float32_reference(name, jnp.bfloat16, monkeypatch, overlap_block=0)
 
 
@@ -286,17 +287,26 @@ def test_in_kernel_row_gather_equals_xla_gather(dim, dtype, index_in_smem):
 @pytest.mark.parametrize("dim", [64, 128])
 def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
   """The dQ kernel's lowering (two double-buffered row matrices and its K/V ring fit the shared
-  memory) on a CPU-only machine."""
+  memory) on a CPU-only machine, plain and overlapped (another kernel, whose key ring is a slot
+  deeper than its value ring)."""
   bk, rows, seq = 2, 512, 256
   i32 = lambda *s: jnp.zeros(s, jnp.int32)
   f32 = lambda *s: jnp.zeros(s, jnp.float32)
   mat = mm.Rows(jnp.zeros((seq * 4, dim), jnp.bfloat16), i32(bk, rows))  # gathered in the kernel
   kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
-  fn = lambda *a: mm.dq_rows(*a[:8], a[7], *a[8:], scale=0.1, block_kv=mg.MOSAIC_DQ_BLOCK_KV)
   args = (i32(bk, 4), i32(bk, 4), i32(bk, 4), i32(bk, rows), i32(bk, rows), f32(bk, rows),
           f32(bk, rows), mat, kv, kv)
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "custom_call @mosaic_gpu" in text
+
+  def lowered(overlap):
+    fn = lambda *a: mm.dq_rows(*a[:8], a[7], *a[8:], scale=0.1, block_kv=mg.MOSAIC_DQ_BLOCK_KV,
+                               overlap=overlap)
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+  plain, overlapped = lowered(False), lowered(True)
+  assert "custom_call @mosaic_gpu" in plain and "custom_call @mosaic_gpu" in overlapped
+  assert plain != overlapped
+  assert mm.ring_depths(mg.MOSAIC_DQ_BLOCK_KV, dim, mats=2, keys_held=True) == (
+      (3, 2) if dim == 128 else (5, 4))
 
 
 def triton_calls_but_the_gate(text):

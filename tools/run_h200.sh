@@ -147,6 +147,12 @@
 #       128K b4096 k12 row (REPEATS, default 5), then per-kernel profiles of this tree at
 #       OVERLAP_SPECS (default 16K b1024 k2 and b2048 k3) with the forward's overlap at every
 #       block size and at none (BlockSizes.mosaic_overlap_block 0 and 1<<20)
+#   54: run 30: the compiled test_mosaic.py as SHARDS (default 10) shards (MEM, default 0.08 of
+#       the GPU's memory each) beside test_kernels.py's gate and no-segment-ids checks, and the
+#       ptxas report of the cases PTXAS_K selects (limit TEST_S, default 240 s; logs in
+#       mosaic_logs.tgz), then per-kernel profiles of BASE and this tree at PROFILE_SPECS, then
+#       this tree's at FORCED_SPECS with --gpu-block-sizes FORCED_SIZES (e.g. the overlap forced
+#       on at block 512)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -180,20 +186,33 @@ log=$OUT/log.txt
 # per-kernel profiles named NAME at PROFILE_SPECS (seq:block:topk, default 32K b512 k3 and 128K
 # b4096 k12) of the installed tree: prof NAME
 prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read s b t <<< "$spec"
-    echo "== $1 seq $s block $b topk $t" | tee -a $OUT/profiles.txt
+    echo "== $1 seq $s block $b topk $t ${PROF_SIZES:-}" | tee -a $OUT/profiles.txt
     timeout 150 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 3 --top 14 \
-      2>&1 | grep -v "WARNING\|device lines" | tee -a $OUT/profiles.txt
+      ${PROF_SIZES:+--gpu-block-sizes $PROF_SIZES} 2>&1 | grep -v "WARNING\|device lines" \
+      | tee -a $OUT/profiles.txt
   done; }
-# the compiled test_mosaic.py as 6 shards beside test_kernels.py's gate and no-segment-ids checks,
-# each limited to TEST_S (default: $1 s); logs in mosaic_logs.tgz
-mosaic_suite() {
-  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${TEST_S:-$1}" python3 -m pytest -q -rfEs \
+# the compiled test_mosaic.py as SHARDS (default 6) shards beside test_kernels.py's gate and
+# no-segment-ids checks, each limited to TEST_S (default: $1 s); with PTXAS_K, one more process
+# runs the test_mosaic.py cases it selects with MOSAIC_GPU_DUMP_PTXAS=1 (ptxas_new.txt, its
+# registers, spills and warnings in the log); logs in mosaic_logs.tgz
+mosaic_suite() { local n=${SHARDS:-6} mem=${MEM:-0.12}
+  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout "${TEST_S:-$1}" python3 -m pytest -q -rfEs \
     -W ignore --compiled -p no:cacheprovider "${@:2}"; }
-  for i in 0 1 2 3 4 5; do t $1 --shard $i/6 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
-  t $1 -k "gate or no_segment_ids" tests/test_kernels.py > $OUT/mosaic6.txt 2>&1 & wait
-  for i in 0 1 2 3 4 5 6; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
+  for ((i = 0; i < n; i++)); do t $1 --shard $i/$n tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 &
+  done
+  t $1 -k "gate or no_segment_ids" tests/test_kernels.py > $OUT/mosaic$n.txt 2>&1 &
+  [ -n "${PTXAS_K:-}" ] && { MOSAIC_GPU_DUMP_PTXAS=1 t $1 -s -k "$PTXAS_K" tests/test_mosaic.py \
+    > $OUT/ptxas_new.txt 2>&1 & }
+  wait
+  for ((i = 0; i <= n; i++)); do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
   grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
-  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-6].txt && rm mosaic[0-6].txt); }
+  [ -f $OUT/ptxas_new.txt ] && { echo "== ptxas: $(tail -n 1 $OUT/ptxas_new.txt)"
+    grep -iE "spill|registers|serializ|Performance|warning" $OUT/ptxas_new.txt | sort | uniq -c \
+      | head -30; } | tee -a $log
+  # one file for the logs (at most 8 files come back; run 30's third call lost its table to
+  # a tar that failed on a missing ptxas log and left the logs in place)
+  (cd $OUT && logs=$(ls mosaic[0-9]*.txt ptxas_*.txt 2>/dev/null) && tar czf mosaic_logs.tgz \
+    $logs && rm -f $logs); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee -a $log
 python3 -c "import jax, jax_triton; print(jax.__version__, jax.devices())" 2>&1 | tee -a $log
 if [ "$phase" = 1 ]; then
@@ -675,6 +694,12 @@ if [ "$phase" = 52 ]; then
   [ -n "${NO_GLUE:-}" ] || { timeout 150 python3 tools/profile_gpu.py --seq 131072 --block 4096 \
     --topk 12 --steps 3 --top ${GLUE_TOP:-45} --sources --hlo $OUT/step_hlo.txt 2>&1 \
     | grep -v "WARNING" > $OUT/glue.txt; head -n 60 $OUT/glue.txt; gzip -f $OUT/step_hlo.txt; }
+fi
+if [ "$phase" = 54 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 54 needs BASE=<the tree to compare against>"; exit 2; }
+  SHARDS=${SHARDS:-10} MEM=${MEM:-0.08} mosaic_suite 240
+  install $BASE; (cd $BASE && prof base); install .; prof new
+  [ -n "${FORCED_SPECS:-}" ] && PROFILE_SPECS=$FORCED_SPECS PROF_SIZES=${FORCED_SIZES:-} prof forced
 fi
 if [ "$phase" = 53 ]; then
   mosaic_suite 240
