@@ -211,7 +211,7 @@ mosaic_suite() { local n=${SHARDS:-6} mem=${MEM:-0.12}
       | head -30; } | tee -a $log
   # one file for the logs (at most 8 files come back; run 30's third call lost its table to
   # a tar that failed on a missing ptxas log and left the logs in place)
-  (cd $OUT && logs=$(ls mosaic[0-9]*.txt ptxas_*.txt 2>/dev/null) && tar czf mosaic_logs.tgz \
+  (cd $OUT && logs=$(ls mosaic[0-9]*.txt ptxas_*.txt 2>/dev/null); tar czf mosaic_logs.tgz \
     $logs && rm -f $logs); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee -a $log
 python3 -c "import jax, jax_triton; print(jax.__version__, jax.devices())" 2>&1 | tee -a $log
