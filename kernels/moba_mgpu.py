@@ -385,7 +385,9 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
   lse_smem, a [64] float32 buffer. With `first` (a step function) chunk 0 runs through it,
   masked, and `last(carry, slot)` runs after a tile's last chunk with that chunk's slot (neither
   runs in a tile without keys): for steps that finish the previous chunk's work (the
-  forward's P V one chunk behind its S = Q K^T).
+  forward's P V one chunk behind its S = Q K^T, the dQ's dS K one chunk behind its S and dP).
+  keys_held: the steps release each chunk's keys one chunk after its values (the overlapped
+  dQ): the key ring takes a slot more where it fits (`ring_depths`).
 
   kv_head0: the rows are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
   the heads; row matrix index bk = b * (BK / B) + local head)."""
