@@ -196,6 +196,12 @@ prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read
 # runs the test_mosaic.py cases it selects with MOSAIC_GPU_DUMP_PTXAS=1 (ptxas_new.txt, its
 # registers, spills and warnings in the log); logs in mosaic_logs.tgz
 mosaic_suite() { local n=${SHARDS:-6} mem=${MEM:-0.12}
+  # each process preallocates MEM of the GPU; CUDA contexts, cuBLAS and XLA's autotuning need
+  # the rest (run 30: 9 processes at 0.1 ran, 12 at 0.08 ran out of memory outside the kernels)
+  local procs=$((n + 1)); [ -n "${PTXAS_K:-}" ] && procs=$((procs + 1))
+  python3 -c "import sys; sys.exit(int(sys.argv[1]) * float(sys.argv[2]) > 0.92)" $procs $mem \
+    || { echo "mosaic_suite: $procs processes x MEM=$mem exceed 0.92 of the GPU" | tee -a $log
+         return 2; }
   t() { XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout "${TEST_S:-$1}" python3 -m pytest -q -rfEs \
     -W ignore --compiled -p no:cacheprovider "${@:2}"; }
   for ((i = 0; i < n; i++)); do t $1 --shard $i/$n tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 &
