@@ -147,8 +147,8 @@
 #       128K b4096 k12 row (REPEATS, default 5), then per-kernel profiles of this tree at
 #       OVERLAP_SPECS (default 16K b1024 k2 and b2048 k3) with the forward's overlap at every
 #       block size and at none (BlockSizes.mosaic_overlap_block 0 and 1<<20)
-#   54: run 30: the compiled test_mosaic.py as SHARDS (default 10) shards (MEM, default 0.08 of
-#       the GPU's memory each) beside test_kernels.py's gate and no-segment-ids checks, and the
+#   54: run 30: the compiled test_mosaic.py as SHARDS (default 8) shards (MEM, default 0.09 of
+#       the GPU's memory each; run 30 ran 10 at 0.08 and ran out of memory) beside test_kernels.py's gate and no-segment-ids checks, and the
 #       ptxas report of the cases PTXAS_K selects (limit TEST_S, default 240 s; logs in
 #       mosaic_logs.tgz), then per-kernel profiles of BASE and this tree at PROFILE_SPECS, then
 #       this tree's at FORCED_SPECS with --gpu-block-sizes FORCED_SIZES (e.g. the overlap forced
@@ -703,7 +703,7 @@ if [ "$phase" = 52 ]; then
 fi
 if [ "$phase" = 54 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 54 needs BASE=<the tree to compare against>"; exit 2; }
-  SHARDS=${SHARDS:-10} MEM=${MEM:-0.08} mosaic_suite 240
+  SHARDS=${SHARDS:-8} MEM=${MEM:-0.09} mosaic_suite 240
   install $BASE; (cd $BASE && prof base); install .; prof new
   [ -n "${FORCED_SPECS:-}" ] && PROFILE_SPECS=$FORCED_SPECS PROF_SIZES=${FORCED_SIZES:-} prof forced
 fi
