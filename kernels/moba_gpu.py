@@ -61,8 +61,9 @@ class BlockSizes:
   # The Mosaic forward and dQ overlap each key chunk's elementwise work with the previous
   # chunk's last product (FlashAttention-3's intra-warpgroup overlap: the forward's softmax
   # under P V, the dQ's dS under dS K) where routing blocks have at least this many keys (0: at
-  # every block size). Run 29 on the H200, the forward: -9% at block 4096, -7% at 2048, -6% at
-  # 1024, +3% at 512 (docs/kernel_notes.md).
+  # every block size). On the H200, the forward (run 29): -9% at block 4096, -7% at 2048, -6% at
+  # 1024, +3% at 512; the dQ (run 30): -1.4% at 4096, -0.3% at 2048, -1.4% at 1024, +1.5% at
+  # 512 (docs/kernel_notes.md).
   mosaic_overlap_block: int = 1024
 
   def __post_init__(self):
@@ -85,6 +86,10 @@ class BlockSizes:
       raise ValueError(f"mosaic_head_chunks={n} needs the Mosaic kernels (mosaic_block_kv 64 or "
                        f"128, mosaic_dq=1, mosaic_dkdv=1), got {self.mosaic_block_kv}, "
                        f"{self.mosaic_dq}, {self.mosaic_dkdv}")
+
+  def overlaps(self, block_size: int) -> bool:
+    """Whether the Mosaic forward and dQ run their overlapped schedule at this routing block."""
+    return block_size >= self.mosaic_overlap_block
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, interpret: bool = False) -> "BlockSizes":
@@ -360,7 +365,7 @@ def forward(q, k, v, routing, dims, sizes, scale, interpret):
     o_rows, lse_rows = moba_mgpu.forward_rows(
         routing.tile_ks, routing.tile_ke, nfree, routing.lo, routing.hi, q_rows, kq, vq,
         scale=scale, block_kv=sizes.mosaic_block_kv, interpret=interpret,
-        overlap=dims.block_size >= sizes.mosaic_overlap_block)
+        overlap=sizes.overlaps(dims.block_size))
   else:
     qf, kf, vf = (flat_rows(x.astype(q.dtype), dp) for x in (q, k, v))
     o_rows, lse_rows = forward_rows(routing, dims, qf, kf, vf, sizes, scale, interpret)
@@ -414,7 +419,7 @@ def _mosaic_forward_by_head_chunks(q, k, v, routing, dims, sizes, scale, interpr
     o_rows, lse_rows = moba_mgpu.forward_rows(
         r.tile_ks, r.tile_ke, nfree, r.lo, r.hi, q_rows, kq, vq, scale=scale,
         block_kv=sizes.mosaic_block_kv, interpret=interpret, kv_head0=chunk.kv.start,
-        overlap=dims.block_size >= sizes.mosaic_overlap_block)
+        overlap=sizes.overlaps(dims.block_size))
     o_rows, pos = _query_major(o_rows, r.pos, batch, dims)
     o, lse = rt.merge_rows(o_rows, lse_rows.reshape(batch, -1), pos)  # [B, T * hq, Dp]
     o_all = o_all.at[:, :, chunk.heads].set(o.astype(q.dtype).reshape(batch, seq, hq, -1))
@@ -597,7 +602,7 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
-  overlap = dims.block_size >= sizes.mosaic_overlap_block  # the Mosaic dQ's schedule
+  overlap = sizes.overlaps(dims.block_size)  # the Mosaic dQ's schedule
   if sizes.mosaic_head_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
     return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta,
                                            mosaic_dkdv_items(routing, dims, seq), dims, scale,

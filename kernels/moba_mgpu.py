@@ -747,7 +747,10 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
   overlap (compiled only; interpreted runs take the plain step): the forward's schedule carried
   over to dQ. Each chunk's S and dP are issued with the previous chunk's dQ += dS K, and the
   chunk's dS is formed while that product is in flight; each chunk's keys are released one chunk
-  after its values, so the key ring takes a slot more (`ring_depths`)."""
+  after its values, so the key ring takes a slot more (`ring_depths`). Measured on the H200 (run
+  30): the dQ -1.4% at block 4096 and 1024, -0.3% at 2048, +1.5% at 512 (its three products of
+  64 keys, not its exponentials, bound it); `BlockSizes.mosaic_overlap_block` is the callers'
+  switch, as for the forward."""
   bk_n, rows, dim = q_rows.shape
   dtype = q_rows.dtype
   qk_scale = scale * LOG2E
