@@ -58,10 +58,10 @@ class BlockSizes:
   # the kernels choose n themselves there (`_split_heads`: more than MOSAIC_SELECTED_PER_CHUNK
   # selected blocks a query, e.g. block 128 top-8, or rows over `_routing.PARTIAL_BYTES`).
   mosaic_head_chunks: int = 1
-  # The Mosaic forward, dQ and dK/dV overlap each chunk's elementwise work with the previous
+  # The Mosaic forward and dQ overlap each key chunk's elementwise work with the previous
   # chunk's last product (FlashAttention-3's intra-warpgroup overlap: the forward's softmax
-  # under P V, the dQ's dS under dS K, the dK/dV's P^T and dS^T under dK += dS^T Q) where
-  # routing blocks have at least this many keys (0: at every block size). On the H200, the forward (run 29): -9% at block 4096, -7% at 2048, -6% at
+  # under P V, the dQ's dS under dS K) where routing blocks have at least this many keys (0: at
+  # every block size). On the H200, the forward (run 29): -9% at block 4096, -7% at 2048, -6% at
   # 1024, +3% at 512; the dQ (run 30): -1.4% at 4096, -0.3% at 2048, -1.4% at 1024, +1.5% at
   # 512 (docs/kernel_notes.md).
   mosaic_overlap_block: int = 1024
@@ -78,7 +78,7 @@ class BlockSizes:
                          f"rows), got block_q={self.block_q}")
     if self.mosaic_overlap_block < 0:
       raise ValueError(f"mosaic_overlap_block={self.mosaic_overlap_block} must be at least 0 (0: "
-                       "the Mosaic kernels overlap at every block size)")
+                       "the forward and dQ overlap at every block size)")
     n = self.mosaic_head_chunks
     if n < 1:
       raise ValueError(f"mosaic_head_chunks={n} must be at least 1")
@@ -88,7 +88,7 @@ class BlockSizes:
                        f"{self.mosaic_dq}, {self.mosaic_dkdv}")
 
   def overlaps(self, block_size: int) -> bool:
-    """Whether the Mosaic kernels run their overlapped schedules at this routing block."""
+    """Whether the Mosaic forward and dQ run their overlapped schedule at this routing block."""
     return block_size >= self.mosaic_overlap_block
 
   @classmethod
@@ -477,7 +477,7 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
     rows = _mosaic_rows(q, do, r, lse, delta, per, dims.groups, kvs.start)
     dk, dv = moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta,
                                   r.lo, r.hi, rows.q, rows.do, k, v, scale=scale,
-                                  interpret=interpret, kv_head0=kvs.start, overlap=overlap)
+                                  interpret=interpret, kv_head0=kvs.start)
     dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, overlap, kvs.start)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
     dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
@@ -602,7 +602,7 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch_kv, lay = batch * kv_heads, _RowLayout(seq, kv_heads, dims.groups)
   bq = sizes.block_q
   mosaic_dkdv = sizes.mosaic_dkdv and k.dtype == q.dtype
-  overlap = sizes.overlaps(dims.block_size)  # the Mosaic dQ's and dK/dV's schedule
+  overlap = sizes.overlaps(dims.block_size)  # the Mosaic dQ's schedule
   if sizes.mosaic_head_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
     return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta,
                                            mosaic_dkdv_items(routing, dims, seq), dims, scale,
@@ -646,7 +646,7 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   if mosaic_dkdv:  # any layout: one owner per key, no scatter, no branch
     dk, dv = moba_mgpu.dkdv_tiles(mosaic_dkdv_items(routing, dims, seq), m_rows.lse2,
                                   m_rows.delta, routing.lo, routing.hi, m_rows.q, m_rows.do, k, v,
-                                  scale=scale, interpret=interpret, overlap=overlap)
+                                  scale=scale, interpret=interpret)
     dk, dv = dk[:, :seq], dv[:, :seq]
   else:
     dk, dv = triton_dkdv()

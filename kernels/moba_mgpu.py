@@ -858,7 +858,7 @@ KEYS = 128  # dK/dV: keys per work item, 64 per compute warpgroup
 
 
 def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, interpret=False,
-               ctas=None, stages=None, kv_head0=0, overlap=False):
+               ctas=None, stages=None, kv_head0=0):
   """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
 
   items: (ks, r0, ru, r1, g0, g1, gmask), each [BK, NK] int32: key tile j of (batch, kv head)
@@ -883,14 +883,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   rest are not. One
   rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM and stored by TMA.
   kv_head0: the items are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
-  the heads), whose dK and dV are the outputs' BK / B heads.
-
-  overlap (compiled only; interpreted runs take the plain chunk): the forward's and dQ's
-  intra-warpgroup overlap carried over. Each chunk's S^T and dP^T are issued with the previous
-  chunk's dK += dS^T Q; P^T is formed while dP^T and that product run, dS^T while the product
-  runs; then dV += P^T dO. A chunk's rows are released one chunk later (after its dK product),
-  the 16-bit dS^T made outside the wgmma pipeline stage (run 29's C7513 lesson). A tile's first
-  chunk issues dK += 0 Q instead of a peeled step (no wgmma under a branch)."""
+  the heads), whose dK and dV are the outputs' BK / B heads."""
   bk_n, n_kt = items[0].shape
   dim = q_rows.shape[-1]
   batch, seq = k.shape[:2]
@@ -899,18 +892,10 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   n_ctas = min(n_items, ctas or num_ctas(interpret))
   dtype = q_rows.dtype
   itemsize = jnp.dtype(dtype).itemsize
-  overlap = overlap and not interpret
   per_slot = 2 * WG_ROWS * dim * itemsize + 4 * WG_ROWS * 4
   fixed = 2 * KEYS * dim * itemsize
   stages = stages or max(2, min(4, (SMEM_BYTES - fixed - 4096) // per_slot))
-  # Chunks whose row gathers stay in flight (compiled). The producer publishes chunk c after
-  # starting chunk c + lag's gathers, into the slot of chunk c + lag - stages; overlapped, that
-  # chunk is released during chunk c + lag - stages + 1, which must come before c: one slot
-  # fewer in flight.
-  lag = min(2, stages - 1 - int(overlap))
-  if lag < 1:
-    raise ValueError(f"stages={stages}: the dK/dV's row ring needs at least {2 + int(overlap)} "
-                     f"slots{' overlapped' if overlap else ''}")
+  lag = min(2, stages - 1)  # chunks whose row gathers stay in flight (compiled)
   qk_scale = scale * LOG2E
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   pad_seq = n_kt * KEYS
@@ -963,35 +948,25 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         plgpu.barrier_wait(kv_bars[0].at[wg])
         plgpu.barrier_wait(kv_bars[1].at[wg])
 
-        def operands(c):  # chunk c's slot (its rows awaited), Q, dO and row vectors
+        def chunk(c, carry, masked):
+          dk, dv = carry
           slot = lax.rem(g + c, jnp.int32(stages))
           for bars in mat_bars + vec_bars:
             plgpu.barrier_wait(bars.at[slot])
-          vecs = tuple(_load(x.at[slot], col_layout) for x in vec_smem)
-          return slot, mat_smem[0].at[slot], mat_smem[1].at[slot], vecs
-
-        def row(x):
-          return lax.broadcast_in_dim(x, (WG_ROWS, WG_ROWS), [1])
-
-        def probs(st, vecs, masked):  # P^T = exp2(S^T - lse) (float32), masked by [lo, hi)
-          lse2_c, _, lo_c, hi_c = vecs
-          pt = jnp.exp2(st * qk_scale - row(lse2_c))
-          if masked:
-            kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, WG_ROWS), 0,
-                                          layout=plgpu.Layout.WGMMA) + k0
-            pt = jnp.where((kpos >= row(lo_c)) & (kpos < row(hi_c)), pt, 0.0)
-          return pt
-
-        def chunk(c, carry, masked):
-          dk, dv = carry
-          slot, q_s, do_s, vecs = operands(c)
+          q_s, do_s = mat_smem[0].at[slot], mat_smem[1].at[slot]
+          lse2_c, delta_c, lo_c, hi_c = (_load(x.at[slot], col_layout) for x in vec_smem)
+          row = lambda x: lax.broadcast_in_dim(x, (WG_ROWS, WG_ROWS), [1])
 
           def st_fn(acc_ref):
             plgpu.wgmma(acc_ref, k_w, _transpose(q_s))
             return acc_ref[...]
 
           st = pl.run_scoped(st_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
-          pt = probs(st, vecs, masked)
+          pt = jnp.exp2(st * qk_scale - row(lse2_c))
+          if masked:
+            kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, WG_ROWS), 0,
+                                          layout=plgpu.Layout.WGMMA) + k0
+            pt = jnp.where((kpos >= row(lo_c)) & (kpos < row(hi_c)), pt, 0.0)
           dv = _mma_add(dv, pt.astype(dtype), do_s, interpret)
 
           def dpt_fn(acc_ref):
@@ -999,67 +974,19 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
             return acc_ref[...]
 
           dpt = pl.run_scoped(dpt_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
-          dst = pt * (dpt - row(vecs[1]))
+          dst = pt * (dpt - row(delta_c))
           dk = _mma_add(dk, dst.astype(dtype), q_s, interpret)
           plgpu.barrier_arrive(row_free.at[slot])
           return dk, dv
 
-        def chunk_overlapped(c, carry, masked):
-          """Compiled: S^T and dP^T of chunk c issued with chunk c - 1's dK += dS^T Q (at c = 0,
-          dK += 0 Q of this chunk's rows); P^T and dS^T formed under them, then dV += P^T dO."""
-          dk, dv, dst_prev = carry
-          slot, q_s, do_s, vecs = operands(c)
-          prev = jnp.where(c > 0, lax.rem(g + c - 1, jnp.int32(stages)), slot)
-
-          def body(refs):
-            dk_ref, pt_ref, dst_ref = refs
-
-            def issue(st_ref, dpt_ref):
-              plgpu.wgmma(st_ref, k_w, _transpose(q_s))
-              plgpu.wgmma(dpt_ref, v_w, _transpose(do_s))
-              plgpu.wgmma(dk_ref, dst_prev, mat_smem[0].at[prev])
-              pt = probs(plgpu.wgmma_accumulator_load(st_ref, wait_n=2), vecs, masked)
-              dpt = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=1)  # dK's product in flight
-              pt_ref[...] = pt
-              dst_ref[...] = pt * (dpt - row(vecs[1]))
-
-            pl.run_scoped(issue, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32),
-                          plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
-
-          zero = plgpu.layout_cast(jnp.zeros((WG_ROWS, WG_ROWS), jnp.float32),
-                                   plgpu.Layout.WGMMA)
-          dk, pt, dst = pl.run_state(body)((plgpu.ACC.init(dk), zero, zero))
-
-          @pl.when(c > 0)
-          def _():  # chunk c - 1's Q was read by its dK product, now done
-            plgpu.barrier_arrive(row_free.at[prev])
-
-          # the 16-bit operands made here, with no wgmma in flight (ptxas's C7513, run 29)
-          dv = _mma_add(dv, pt.astype(dtype), do_s, interpret)
-          return dk, dv, dst.astype(dtype)
-
-        def flush(_, carry):  # compiled: the tile's last dK += dS^T Q; its rows released
-          dk, dv, dst = carry
-          last = lax.rem(g + n_dense + n_group - 1, jnp.int32(stages))
-          dk = _mma_add(dk, dst, mat_smem[0].at[last], interpret)
-          plgpu.barrier_arrive(row_free.at[last])
-          return dk, dv, dst
-
         acc = (_zeros_rows(dim), _zeros_rows(dim))
-        step = chunk
-        if overlap:
-          acc += (plgpu.layout_cast(jnp.zeros((WG_ROWS, WG_ROWS), dtype), plgpu.Layout.WGMMA),)
-          step = chunk_overlapped
-        masked = functools.partial(step, masked=True)
-        free = functools.partial(step, masked=False)
+        masked = functools.partial(chunk, masked=True)
+        free = functools.partial(chunk, masked=False)
         acc = lax.fori_loop(0, n_mask, masked, acc)
         acc = lax.fori_loop(n_mask, n_full, free, acc)
         acc = lax.fori_loop(n_full, n_dense, masked, acc)
         acc = lax.fori_loop(n_dense, n_dense + n_gfree, free, acc)
-        acc = lax.fori_loop(n_dense + n_gfree, n_dense + n_group, masked, acc)
-        if overlap:  # a loop of 0 or 1 step, not a branch: no wgmma under an scf.if
-          acc = lax.fori_loop(0, jnp.minimum(n_dense + n_group, 1), flush, acc)
-        dk, dv = acc[:2]
+        dk, dv = lax.fori_loop(n_dense + n_gfree, n_dense + n_group, masked, acc)
         b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
         k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in their SMEM
         v_w[...] = dv.astype(v_w.dtype)
