@@ -51,6 +51,12 @@ NEG = -1e30  # finite: a row that has seen no visible key yet keeps l = 0 and ac
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SMEM_BYTES = 227 * 1024  # the H100/H200's dynamic shared memory per CTA
+# Registers a thread of each warpgroup holds after `setmaxnreg` (multiples of 8; the two compute
+# warpgroups' and the producer's, 2 x 240 + 24 = 504, within the 512 that 65,536 registers give
+# a thread of each of three warpgroups: FlashAttention-3's split). ptxas allocates each side
+# within its count: 232 and 40 (runs 15-30) left the dK/dV 348 bytes of spill stores at 32K
+# block 512, 240 and 24 left 196 (run 31, docs/kernel_notes.md).
+COMPUTE_REGISTERS, PRODUCER_REGISTERS = 240, 24
 
 
 def interpreter_available() -> bool:
@@ -428,7 +434,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
       def tile_rows(i, g):
         bk, tile, ks, n = item(i)
@@ -470,7 +476,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
 
     @pl.when(wg == 2)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
       src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
 
       def fetch_index(i):  # compiled: tile i's 128 row indices into index slot i % 2, by TMA
@@ -939,7 +945,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
 
       def tile_keys(i, g):
@@ -1003,7 +1009,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
     @pl.when(wg == 2)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
       vsrcs = (lse_ref, dl_ref, lo_ref, hi_ref)
       src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
 

@@ -153,6 +153,14 @@
 #       mosaic_logs.tgz), then per-kernel profiles of BASE and this tree at PROFILE_SPECS, then
 #       this tree's at FORCED_SPECS with --gpu-block-sizes FORCED_SIZES (e.g. the overlap forced
 #       on at block 512)
+#   55: run 31: for each tree of TREES (default "."), installed in turn: the ptxas report of its
+#       kernels (registers, spills, serialized wgmma) compiled at the first of PROFILE_SPECS, and
+#       its per-kernel profiles at PROFILE_SPECS (default 32K b512 k3 and 128K b4096 k12); this
+#       tree installed last
+#   56: run 31's landing: the compiled test_mosaic.py as SHARDS (default 8) shards at MEM (default
+#       0.09; limit TEST_S, default 200 s) beside test_kernels.py's gate and no-segment-ids checks,
+#       then phase 55 (TREES, PROFILE_SPECS), then the synced 32K b512 k3 (REPEATS, default 20) and
+#       128K b4096 k12 (5) rows of this tree
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -191,6 +199,24 @@ prof() { for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read
       ${PROF_SIZES:+--gpu-block-sizes $PROF_SIZES} 2>&1 | grep -v "WARNING\|device lines" \
       | tee -a $OUT/profiles.txt
   done; }
+# for each tree of TREES (default "."), installed in turn: the ptxas report of its kernels
+# compiled at the first of PROFILE_SPECS (ptxas.txt) and its per-kernel profiles at PROFILE_SPECS
+# (default 32K b512 k3 and 128K b4096 k12); this tree installed last: tree_profiles
+tree_profiles() { for tree in ${TREES:-.}; do local name=$(basename $(cd $tree && pwd)) dump=1
+    install $tree
+    for spec in ${PROFILE_SPECS:-32768:512:3 131072:4096:12}; do IFS=: read s b t <<< "$spec"
+      echo "== $name seq $s block $b topk $t" | tee -a $OUT/profiles.txt
+      (cd $tree && ${dump:+env MOSAIC_GPU_DUMP_PTXAS=1} timeout 150 python3 tools/profile_gpu.py \
+        --seq $s --block $b --topk $t --steps 3 --top 8 > $OUT/one.txt 2>&1)
+      [ -n "$dump" ] && { echo "== $name ptxas at seq $s block $b topk $t"
+        grep -iE "Function properties for|spill|Used [0-9]+ registers|serializ" $OUT/one.txt
+        } | tee -a $OUT/ptxas.txt
+      grep -v "WARNING\|device lines\|ptxas\|^  gap\|bytes stack\|^Compiling\|^Function" \
+        $OUT/one.txt | tail -n 12 | tee -a $OUT/profiles.txt
+      dump=""
+    done
+  done
+  rm -f $OUT/one.txt; install .; }
 # the compiled test_mosaic.py as SHARDS (default 6) shards beside test_kernels.py's gate and
 # no-segment-ids checks, each limited to TEST_S (default: $1 s); with PTXAS_K, one more process
 # runs the test_mosaic.py cases it selects with MOSAIC_GPU_DUMP_PTXAS=1 (ptxas_new.txt, its
@@ -706,6 +732,15 @@ if [ "$phase" = 54 ]; then
   SHARDS=${SHARDS:-8} MEM=${MEM:-0.09} mosaic_suite 240
   install $BASE; (cd $BASE && prof base); install .; prof new
   [ -n "${FORCED_SPECS:-}" ] && PROFILE_SPECS=$FORCED_SPECS PROF_SIZES=${FORCED_SIZES:-} prof forced
+fi
+if [ "$phase" = 55 ]; then tree_profiles; fi
+if [ "$phase" = 56 ]; then
+  SHARDS=${SHARDS:-8} MEM=${MEM:-0.09} mosaic_suite 200
+  tree_profiles
+  for spec in 32768:512:3:${REPEATS:-20} 131072:4096:12:5; do IFS=: read s b t reps <<< "$spec"
+    STEP_S=${BENCH_S:-100} bench --impls pallas_gpu --seqs $s --configs $b:$t --repeats $reps 2>&1 \
+      | grep "^pallas_gpu" | tee -a $OUT/table.txt
+  done
 fi
 if [ "$phase" = 53 ]; then
   mosaic_suite 240
