@@ -51,12 +51,16 @@ NEG = -1e30  # finite: a row that has seen no visible key yet keeps l = 0 and ac
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SMEM_BYTES = 227 * 1024  # the H100/H200's dynamic shared memory per CTA
-# Registers a thread of each warpgroup holds after `setmaxnreg` (multiples of 8; the two compute
-# warpgroups' and the producer's, 2 x 240 + 24 = 504, within the 512 that 65,536 registers give
-# a thread of each of three warpgroups: FlashAttention-3's split). ptxas allocates each side
-# within its count: 232 and 40 (runs 15-30) left the dK/dV 348 bytes of spill stores at 32K
-# block 512, 240 and 24 left 196 (run 31, docs/kernel_notes.md).
-COMPUTE_REGISTERS, PRODUCER_REGISTERS = 240, 24
+# Registers a thread of a compute warpgroup and of the producer holds after `setmaxnreg`
+# (multiples of 8; 2 x compute + producer <= 512, the 65,536 registers of a CTA of three
+# warpgroups over 128 threads); ptxas allocates each side within its count. Measured on the H200
+# (run 31, docs/kernel_notes.md): the dK/dV at 240 and 24 (FlashAttention-3's split) spills 196
+# bytes where 232 and 40 spilled 348, and runs 5% faster at 32K block 512, 3% at 128K block
+# 4096. The row-tile kernels' producer (two tiles' indices, row vectors, the K/V rings, the row
+# gathers) does not fit 24: at 240 and 24 the dQ spilled 300 bytes (88 at 232 and 40) and ran
+# 26% slower, the forward 60 (0) and 2% slower, so they keep 232 and 40.
+ROW_TILE_REGISTERS = (232, 40)
+DKDV_REGISTERS = (240, 24)
 
 
 def interpreter_available() -> bool:
@@ -434,7 +438,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+      plgpu.set_max_registers(ROW_TILE_REGISTERS[0], action="increase")
 
       def tile_rows(i, g):
         bk, tile, ks, n = item(i)
@@ -476,7 +480,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
 
     @pl.when(wg == 2)
     def _producer():
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+      plgpu.set_max_registers(ROW_TILE_REGISTERS[1], action="decrease")
       src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
 
       def fetch_index(i):  # compiled: tile i's 128 row indices into index slot i % 2, by TMA
@@ -945,7 +949,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+      plgpu.set_max_registers(DKDV_REGISTERS[0], action="increase")
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
 
       def tile_keys(i, g):
@@ -1009,7 +1013,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
     @pl.when(wg == 2)
     def _producer():
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+      plgpu.set_max_registers(DKDV_REGISTERS[1], action="decrease")
       vsrcs = (lse_ref, dl_ref, lo_ref, hi_ref)
       src_refs, index_ref = (mat_refs, None) if interpret else (mat_refs[:-1], mat_refs[-1])
 

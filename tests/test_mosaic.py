@@ -309,6 +309,14 @@ def test_mosaic_dq_lowers_for_cuda_without_a_gpu(dim):
       (3, 2) if dim == 128 else (5, 4))
 
 
+def test_mosaic_register_split_fits_a_cta():
+  """`setmaxnreg` counts are multiples of 8 in [24, 256], and two compute warpgroups and the
+  producer hold at most the 65,536 registers of a CTA (512 a thread over 128 threads each)."""
+  for compute, producer in (mm.ROW_TILE_REGISTERS, mm.DKDV_REGISTERS):
+    assert all(r % 8 == 0 and 24 <= r <= 256 for r in (compute, producer)), (compute, producer)
+    assert 2 * compute + producer <= 65536 // 128, (compute, producer)
+
+
 def triton_calls_but_the_gate(text):
   """The Triton custom calls of a lowered program other than the gate kernel's (`moba_gate`,
   which the routing takes when tracing on a GPU: lowered on the H200, these programs hold it)."""
