@@ -161,6 +161,11 @@
 #       0.09; limit TEST_S, default 200 s) beside test_kernels.py's gate and no-segment-ids checks,
 #       then phase 55 (TREES, PROFILE_SPECS), then the synced 32K b512 k3 (REPEATS, default 20) and
 #       128K b4096 k12 (5) rows of this tree
+#   57: Nsight Compute on the three Mosaic kernels of one fwd+bwd step at each of NCU_SPECS
+#       (seq:block:topk, default 32K b512 k3): speed of light, warp states (stall reasons: local
+#       memory of spills, waits on wgmma, barriers), scheduler and instruction statistics, with
+#       --clock-control none (METHOD.md); reports as ncu_*.txt (KINDS.md: the counters read on
+#       Firecracker machines, not on gVisor)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -741,6 +746,24 @@ if [ "$phase" = 56 ]; then
     STEP_S=${BENCH_S:-100} bench --impls pallas_gpu --seqs $s --configs $b:$t --repeats $reps 2>&1 \
       | grep "^pallas_gpu" | tee -a $OUT/table.txt
   done
+fi
+if [ "$phase" = 57 ]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  [ -n "$NCU" ] || { echo "phase 57: no ncu on this machine" | tee -a $log; exit 2; }
+  for spec in ${NCU_SPECS:-32768:512:3}; do IFS=: read s b t <<< "$spec"
+    echo "== ncu seq $s block $b topk $t" | tee -a $log
+    timeout ${NCU_S:-400} $NCU --clock-control none --target-processes all -k regex:moba_mgpu \
+      --launch-count 3 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+      --section InstructionStats --section LaunchStats --section Occupancy \
+      --section MemoryWorkloadAnalysis -f -o $OUT/ncu_${s}_${b} python3 -m moba_jax.cli bench \
+      --impls pallas_gpu --seqs $s --configs $b:$t --repeats 1 --warmup 1 > $OUT/ncu_run.txt 2>&1
+    tail -n 5 $OUT/ncu_run.txt | tee -a $log
+    $NCU -i $OUT/ncu_${s}_${b}.ncu-rep --page details > $OUT/ncu_${s}_${b}.txt 2>&1
+    grep -E "moba_mgpu|Duration|Stall|Issued Warp|Registers|Local|Compute \(SM\)|Memory Thr" \
+      $OUT/ncu_${s}_${b}.txt | head -n 80 | tee -a $log
+    rm -f $OUT/ncu_${s}_${b}.ncu-rep
+  done
+  rm -f $OUT/ncu_run.txt
 fi
 if [ "$phase" = 53 ]; then
   mosaic_suite 240
