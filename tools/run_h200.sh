@@ -166,6 +166,10 @@
 #       memory of spills, waits on wgmma, barriers), scheduler and instruction statistics, with
 #       --clock-control none (METHOD.md); reports as ncu_*.txt (KINDS.md: the counters read on
 #       Firecracker machines, not on gVisor)
+#   58: power and clocks during the 128K b4096 k12 step: `nvidia-smi dmon -s pc` (1 s samples of
+#       the power draw and the SM and memory clocks; read only) beside the synced bench (REPEATS,
+#       default 20) of each tree of TREES (default "."), installed in turn (dmon_<tree>.txt), after
+#       the card's power limits (`nvidia-smi -q -d POWER`)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -764,6 +768,16 @@ if [ "$phase" = 57 ]; then
     rm -f $OUT/ncu_${s}_${b}.ncu-rep
   done
   rm -f $OUT/ncu_run.txt
+fi
+if [ "$phase" = 58 ]; then
+  nvidia-smi -q -d POWER | grep -iE "limit|draw" | head -n 8 | tee -a $log
+  for tree in ${TREES:-.}; do name=$(basename $(cd $tree && pwd)); install $tree
+    nvidia-smi dmon -s pc -d 1 > $OUT/dmon_$name.txt 2>&1 & dmon=$!
+    STEP_S=${BENCH_S:-150} bench --impls pallas_gpu --seqs 131072 --configs 4096:12 \
+      --repeats ${REPEATS:-20} 2>&1 | grep "^pallas_gpu" | sed "s/^/$name /" | tee -a $OUT/table.txt
+    kill $dmon
+  done
+  install .
 fi
 if [ "$phase" = 53 ]; then
   mosaic_suite 240
