@@ -166,10 +166,11 @@
 #       memory of spills, waits on wgmma, barriers), scheduler and instruction statistics, with
 #       --clock-control none (METHOD.md); reports as ncu_*.txt (KINDS.md: the counters read on
 #       Firecracker machines, not on gVisor)
-#   58: power and clocks during the 128K b4096 k12 step: `nvidia-smi dmon -s pc` (1 s samples of
-#       the power draw and the SM and memory clocks; read only) beside the synced bench (REPEATS,
-#       default 20) of each tree of TREES (default "."), installed in turn (dmon_<tree>.txt), after
-#       the card's power limits (`nvidia-smi -q -d POWER`)
+#   58: power and clocks during the 128K b4096 k12 step: `nvidia-smi --query-gpu` every 100 ms
+#       (power draw, SM and memory clocks, temperature, the active clock-event reasons: power
+#       cap, thermal; read only) beside the synced bench (REPEATS, default 20) of each tree of
+#       TREES (default "."), installed in turn (power_<tree>.csv), after the card's power limits
+#       (`nvidia-smi -q -d POWER`)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -772,10 +773,30 @@ fi
 if [ "$phase" = 58 ]; then
   nvidia-smi -q -d POWER | grep -iE "limit|draw" | head -n 8 | tee -a $log
   for tree in ${TREES:-.}; do name=$(basename $(cd $tree && pwd)); install $tree
-    nvidia-smi dmon -s pc -d 1 > $OUT/dmon_$name.txt 2>&1 & dmon=$!
+    fields=timestamp,power.draw,clocks.sm,clocks.mem,temperature.gpu
+    reasons=clocks_event_reasons.active
+    nvidia-smi --query-gpu=$reasons --format=csv > /dev/null 2>&1 \
+      || reasons=clocks_throttle_reasons.active  # the older drivers' name
+    nvidia-smi --query-gpu=$fields,$reasons --format=csv -lms 100 > $OUT/power_$name.csv 2>&1 &
+    dmon=$!
     STEP_S=${BENCH_S:-150} bench --impls pallas_gpu --seqs 131072 --configs 4096:12 \
       --repeats ${REPEATS:-20} 2>&1 | grep "^pallas_gpu" | sed "s/^/$name /" | tee -a $OUT/table.txt
     kill $dmon
+    python3 - $OUT/power_$name.csv <<'PY' | tee -a $log
+import collections, csv, statistics, sys
+rows = [r for r in csv.reader(open(sys.argv[1]))][1:]
+num = lambda x: float(x.split()[0])
+vals = [(num(r[1]), num(r[2]), r[5].strip()) for r in rows
+        if len(r) >= 6 and r[1].strip()[:1].isdigit() and r[2].strip()[:1].isdigit()]
+busy = [v for v in vals if v[0] > 300]  # samples of the step (the compile draws far less)
+if busy:
+  print(f"{len(busy)} of {len(vals)} samples over 300 W: power median "
+        f"{statistics.median(v[0] for v in busy):.0f} W (max {max(v[0] for v in busy):.0f}), SM clock "
+        f"median {statistics.median(v[1] for v in busy):.0f} MHz (min {min(v[1] for v in busy):.0f}); "
+        f"reasons {dict(collections.Counter(v[2] for v in busy).most_common(4))}")
+else:
+  print(f"no sample over 300 W of {len(vals)}")
+PY
   done
   install .
 fi
