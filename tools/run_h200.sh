@@ -778,10 +778,10 @@ if [ "$phase" = 58 ]; then
     nvidia-smi --query-gpu=$reasons --format=csv > /dev/null 2>&1 \
       || reasons=clocks_throttle_reasons.active  # the older drivers' name
     nvidia-smi --query-gpu=$fields,$reasons --format=csv -lms 100 > $OUT/power_$name.csv 2>&1 &
-    dmon=$!
+    sampler=$!
     STEP_S=${BENCH_S:-150} bench --impls pallas_gpu --seqs 131072 --configs 4096:12 \
       --repeats ${REPEATS:-20} 2>&1 | grep "^pallas_gpu" | sed "s/^/$name /" | tee -a $OUT/table.txt
-    kill $dmon
+    kill $sampler
     python3 - $OUT/power_$name.csv <<'PY' | tee -a $log
 import collections, csv, statistics, sys
 rows = [r for r in csv.reader(open(sys.argv[1]))][1:]
