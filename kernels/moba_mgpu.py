@@ -924,6 +924,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     (k_smem, v_smem, mat_smem, vec_smem, *idx_smem), (kv_bars, mat_bars, vec_bars, *idx_bars), \
         frees = scoped
     idx_smem, idx_bars = (None, None) if interpret else (idx_smem[0], idx_bars[0])
+    lse_smem, dl_smem, lo_smem, hi_smem = vec_smem
     kv_free, row_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
@@ -964,7 +965,9 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
           for bars in mat_bars + vec_bars:
             plgpu.barrier_wait(bars.at[slot])
           q_s, do_s = mat_smem[0].at[slot], mat_smem[1].at[slot]
-          lse2_c, delta_c, lo_c, hi_c = (_load(x.at[slot], col_layout) for x in vec_smem)
+          # each row vector read where it is used (16 registers each in the column layout):
+          # none of them live across the chunk's register peak
+          vec = lambda x: _load(x.at[slot], col_layout)
           row = lambda x: lax.broadcast_in_dim(x, (WG_ROWS, WG_ROWS), [1])
 
           def st_fn(acc_ref):
@@ -972,19 +975,24 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
             return acc_ref[...]
 
           st = pl.run_scoped(st_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
-          pt = jnp.exp2(st * qk_scale - row(lse2_c))
+          pt = jnp.exp2(st * qk_scale - row(vec(lse_smem)))
           if masked:
             kpos = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, WG_ROWS), 0,
                                           layout=plgpu.Layout.WGMMA) + k0
-            pt = jnp.where((kpos >= row(lo_c)) & (kpos < row(hi_c)), pt, 0.0)
+            pt = jnp.where((kpos >= row(vec(lo_smem))) & (kpos < row(vec(hi_smem))), pt, 0.0)
           dv = _mma_add(dv, pt.astype(dtype), do_s, interpret)
 
           def dpt_fn(acc_ref):
             plgpu.wgmma(acc_ref, v_w, _transpose(do_s))
             return acc_ref[...]
 
-          dpt = pl.run_scoped(dpt_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
-          dst = pt * (dpt - row(delta_c))
+          if interpret:  # no interpreter rule for pl.run_state
+            dpt = pl.run_scoped(dpt_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
+            dpt = dpt - row(vec(dl_smem))
+          else:  # dP^T - delta: the accumulator starts at -delta (no subtraction, delta not live)
+            dpt = pl.run_state(lambda r: plgpu.wgmma(r, v_w, _transpose(do_s)))(
+                plgpu.ACC.init(-row(vec(dl_smem))))
+          dst = pt * dpt
           dk = _mma_add(dk, dst.astype(dtype), q_s, interpret)
           plgpu.barrier_arrive(row_free.at[slot])
           return dk, dv
