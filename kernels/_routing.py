@@ -417,9 +417,14 @@ def _sparse_section(starts, valid, order, dims: Dims) -> SparseSection:
   qrow = jnp.broadcast_to(jnp.arange(n_q * g, dtype=jnp.int32).reshape(n_q, g, 1), starts.shape)
   key = _pair_keys(starts, valid, seq)
   skey, sq = key[order], qrow.reshape(n_pairs)[order]
-  counts = jax.ops.segment_sum(jnp.ones_like(key), key, num_segments=seq + 1)[:seq]
+  # pairs per key position from the sorted keys: below[p] = #(keys < p), by a binary search per
+  # position (unrolled: no while loop) instead of a scatter-add whose few bins (the selected
+  # blocks' starts) every pair contends for (1.23 ms at 128K, block 4096 top-12, run 29)
+  below = jnp.searchsorted(skey, jnp.arange(seq + 1, dtype=skey.dtype), side="left",
+                           method="scan_unrolled").astype(jnp.int32)
+  ustart = below[:seq]
+  counts = below[1:] - ustart
   pcounts = _round_up(counts, mq)
-  ustart = jnp.cumsum(counts) - counts
   pstart = jnp.cumsum(pcounts) - pcounts
   kc = jnp.minimum(skey, seq - 1)
   ok = skey < seq
