@@ -54,11 +54,13 @@ SMEM_BYTES = 227 * 1024  # the H100/H200's dynamic shared memory per CTA
 # Registers a thread of a compute warpgroup and of the producer holds after `setmaxnreg`
 # (multiples of 8; 2 x compute + producer <= 512, the 65,536 registers of a CTA of three
 # warpgroups over 128 threads); ptxas allocates each side within its count. Measured on the H200
-# (run 31, docs/kernel_notes.md): the dK/dV at 240 and 24 (FlashAttention-3's split) spills 196
-# bytes where 232 and 40 spilled 348, and runs 5% faster at 32K block 512, 3% at 128K block
-# 4096. The row-tile kernels' producer (two tiles' indices, row vectors, the K/V rings, the row
-# gathers) does not fit 24: at 240 and 24 the dQ spilled 300 bytes (88 at 232 and 40) and ran
-# 26% slower, the forward 60 (0) and 2% slower, so they keep 232 and 40.
+# (run 31, docs/kernel_notes.md): the dK/dV at 240 and 24 (FlashAttention-3's split) spilled 196
+# bytes where 232 and 40 spilled 348, and ran 5% faster at 32K block 512, 3% at 128K block
+# 4096 (since run 32 it spills none: its row vectors are read where used). The row-tile
+# kernels' producer (two tiles' indices, row vectors, the K/V rings, the row gathers) does not
+# fit 24: at 240 and 24 the dQ spilled 300 bytes (88 at 232 and 40) and ran 26% slower, the
+# forward 60 (0) and 2% slower; at 240 and 32 (run 32) the dQ spilled 240, the forward 16. So
+# they keep 232 and 40.
 ROW_TILE_REGISTERS = (232, 40)
 DKDV_REGISTERS = (240, 24)
 
@@ -982,11 +984,11 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
             pt = jnp.where((kpos >= row(vec(lo_smem))) & (kpos < row(vec(hi_smem))), pt, 0.0)
           dv = _mma_add(dv, pt.astype(dtype), do_s, interpret)
 
-          def dpt_fn(acc_ref):
-            plgpu.wgmma(acc_ref, v_w, _transpose(do_s))
-            return acc_ref[...]
-
           if interpret:  # no interpreter rule for pl.run_state
+            def dpt_fn(acc_ref):
+              plgpu.wgmma(acc_ref, v_w, _transpose(do_s))
+              return acc_ref[...]
+
             dpt = pl.run_scoped(dpt_fn, plgpu.ACC((WG_ROWS, WG_ROWS), jnp.float32))
             dpt = dpt - row(vec(dl_smem))
           else:  # dP^T - delta: the accumulator starts at -delta (no subtraction, delta not live)
