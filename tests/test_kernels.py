@@ -227,6 +227,28 @@ def test_routing_sorts_every_rows_pairs_in_one_sort_with_each_rows_order():
   assert jaxpr(rt._pair_order) == jaxpr(rt._flat_order if flat else rt._row_order)
 
 
+def test_routing_keys_below_by_search_equal_the_scatter_adds_counts():
+  """`_routing.keys_below`: the unrolled binary search (off the CPU) and the scatter-add's
+  cumulative counts (the CPU's) both give #(keys < p) for every p in [0, seq], with ties (block
+  starts), empty positions, the padding key seq, and keys all 0 or all seq; the search lowers
+  without a while loop and without a scatter; the default is the search off the CPU only."""
+  from moba_jax.kernels import _routing as rt
+  seq = 64
+  tied = jax.random.randint(jax.random.key(4), (300,), 0, seq // 16 + 1) * 16
+  spread = jax.random.randint(jax.random.key(5), (200,), 0, seq + 1)
+  for key in (tied, spread, jnp.zeros((7,), jnp.int32), jnp.full((5,), seq, jnp.int32)):
+    key = jnp.sort(key.astype(jnp.int32))
+    want = np.array([(np.asarray(key) < p).sum() for p in range(seq + 1)], np.int32)
+    for search in (True, False):
+      got = jax.jit(rt.keys_below, static_argnums=(1, 2))(key, seq, search)
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"search={search}")
+  text = jax.jit(lambda k: rt.keys_below(k, seq, search=True)).lower(tied).as_text()
+  assert "stablehlo.while" not in text and "scatter" not in text
+  jaxpr = lambda **kw: str(jax.make_jaxpr(lambda k: rt.keys_below(k, seq, **kw))(tied))
+  assert jaxpr() == jaxpr(search=jax.default_backend() != "cpu")
+  assert jaxpr(search=True) != jaxpr(search=False)
+
+
 @pytest.mark.parametrize("docs", [None, [70, 3, 60, 59]])
 def test_routing_groups_are_the_sparse_rows_blocks_in_order(docs):
   """The routing's past-block groups (`group_p`, `group_r0`, `group_r1`): the distinct block
