@@ -433,7 +433,7 @@ def _sparse_section(starts, valid, order, dims: Dims) -> SparseSection:
   qrow = jnp.broadcast_to(jnp.arange(n_q * g, dtype=jnp.int32).reshape(n_q, g, 1), starts.shape)
   key = _pair_keys(starts, valid, seq)
   skey, sq = key[order], qrow.reshape(n_pairs)[order]
-  below = keys_below(skey, seq)  # [seq + 1]: the pairs before each key position's
+  below = keys_below(skey, seq)  # [seq + 1]: the pairs before each key position
   ustart = below[:seq]
   counts = below[1:] - ustart
   pcounts = _round_up(counts, mq)
