@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -336,13 +337,34 @@ def _pad_keys(x, length):
   return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
+TRACE_ENV = "MOBA_MGPU_TRACE"  # DIR[:RANGES]: tools/mgpu_trace.py
+
+
+def trace_params() -> dict:
+  """Mosaic GPU's on-device profiler, for tools/mgpu_trace.py: with MOBA_MGPU_TRACE=DIR[:RANGES]
+  set when a kernel is traced, each warpgroup records the clock at the start and end of the
+  kernels' `jax.named_scope` regions (up to RANGES, default 256, a warpgroup: 16 bytes of SMEM
+  each; past that the trace is cut) and every call writes a Perfetto trace into DIR. The
+  recording costs a few instructions a region; for measuring where a kernel's time goes, not
+  for timing it."""
+  spec = os.environ.get(TRACE_ENV, "")
+  if not spec:
+    return {}
+  path, _, ranges = spec.partition(":")
+  params = dict(profile_space=int(ranges or 256), profile_dir=path)
+  if "profile_bounds_check" in inspect.signature(plgpu.CompilerParams).parameters:  # jax >= 0.11
+    params["profile_bounds_check"] = True
+  return params
+
+
 def _kernel(body, name, out_type, n_ctas, interpret):
   """A persistent Mosaic GPU kernel: n_ctas CTAs of three warpgroups ("cta", "wg"). `pl.kernel`
   (not `plgpu.kernel`: under jax 0.10 its batching wrapper took no `jax.new_ref` operand, which
   the forward and dQ used before their rows were gathered in the kernel)."""
   mesh = plgpu.Mesh(grid=(n_ctas,), grid_names=("cta",), num_threads=3, thread_name="wg")
+  trace = {} if interpret else trace_params()
   kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {
-      "compiler_params": plgpu.CompilerParams(approx_math=True)}
+      "compiler_params": plgpu.CompilerParams(approx_math=True, **trace)}
   return pl.kernel(body, out_type=out_type, mesh=mesh, name=name, **kwargs)
 
 
@@ -446,8 +468,9 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         bk, tile, ks, n = item(i)
         buf = lax.rem(i, 2)
         mine = buf * 2 + wg
-        for bars in mat_bars + vec_bars:
-          plgpu.barrier_wait(bars.at[mine])
+        with jax.named_scope("rows"):
+          for bars in mat_bars + vec_bars:
+            plgpu.barrier_wait(bars.at[mine])
         mats_w = [m.at[mine] for m in mat_smem]
         vecs_w = [_load(x.at[mine], row_layout) for x in vec_smem]
 
@@ -458,8 +481,11 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
 
         nf = jnp.minimum(nf_ref[bk, tile], n)
         if first is None:
-          carry = lax.fori_loop(0, nf, functools.partial(chunk, masked=False), init(vecs_w))
-          carry = lax.fori_loop(nf, n, functools.partial(chunk, masked=True), carry)
+          carry = init(vecs_w)
+          with jax.named_scope("unmasked"):
+            carry = lax.fori_loop(0, nf, functools.partial(chunk, masked=False), carry)
+          with jax.named_scope("masked"):
+            carry = lax.fori_loop(nf, n, functools.partial(chunk, masked=True), carry)
         else:  # loops of 0 or 1 step, not branches: no wgmma under an scf.if
           one = jnp.minimum(n, 1)
           carry = lax.fori_loop(0, one, functools.partial(chunk, masked=True, fn=first),
@@ -472,9 +498,11 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
           carry = lax.fori_loop(0, one, lambda _, c: last(c, end), carry)
         # The rows are read: their first matrix's SMEM stages the outputs for a TMA store, which
         # must have left it (and lse_smem) before the producer may refill this buffer.
-        finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, mats_w[0], lse_smem.at[wg])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.barrier_arrive(q_free.at[buf])
+        with jax.named_scope("finish"):
+          finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, mats_w[0],
+                 lse_smem.at[wg])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          plgpu.barrier_arrive(q_free.at[buf])
         return g + n
 
       lax.fori_loop(0, my_items, tile_rows, jnp.int32(0))
@@ -512,6 +540,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         if not interpret:
           _commit_gathers()
 
+      @jax.named_scope("publish")
       def publish_rows(i):
         """Compiled: tile i's gathers (the only ones in flight), then tile i + 2's indices into
         the slot those gathers read (the publication's barrier ordered the reads first)."""
@@ -520,6 +549,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
           _publish([b.at[buf * 2 + w] for w in range(2) for b in mat_bars])
           fetch_index(i + 2)
 
+      @jax.named_scope("next_rows")
       def next_rows(i):
         """Tile i + 1's rows, as soon as tile i - 1 freed their buffer: they land while tile i
         computes (their indices are in SMEM already: only the copies' latency is left)."""
