@@ -153,6 +153,55 @@ def test_profile_counts_device_stream_kernels_once(tmp_path):
   assert times["loop_fusion"][:2] == (0.05, 0.5)
 
 
+def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch):
+  """tools/mgpu_trace.py over a trace in Mosaic GPU's dump format (ts = (start ns + clock
+  cycles) / 1e3; tid = 1 + warpgroup + 3 x block): per role, each region's count a CTA, median
+  length in cycles and share of the warpgroup's span, nested regions paired by a stack and
+  counted once in the time inside regions; a trace that used its --ranges is counted as cut. And
+  `trace_params`: the kernels record only when MOBA_MGPU_TRACE is set."""
+  import json
+  from tools import mgpu_trace
+  events = []
+
+  def region(tid, name, start, cycles):
+    events.extend([dict(name=name, ph="B", ts=(5e6 + start) / 1e3, pid=1, tid=tid),
+                   dict(name=name, ph="E", ts=(5e6 + start + cycles) / 1e3, pid=1, tid=tid)])
+
+  for block in range(2):
+    for wg in range(3):
+      tid, t = 1 + wg + 3 * block, 0
+      for _ in range(4):  # tiles; the second block's compute is 2x slower
+        if wg < 2:
+          region(tid, "rows", t, 100)
+          region(tid, "unmasked", t + 100, 1000 * (1 + block))
+          region(tid, "finish", t + 100 + 1000 * (1 + block), 200)
+          t += 400 + 1000 * (1 + block)  # 100 cycles a tile outside every region
+        else:
+          region(tid, "next_rows", t, 600)
+          region(tid, "publish", t + 100, 50)  # nested in next_rows
+          t += 1000
+  with open(tmp_path / "moba_mgpu_fwd-1-trace.json", "w") as f:
+    json.dump({"traceEvents": events}, f)
+  text = mgpu_trace.summarize(str(tmp_path), ranges=10)
+  rows = {tuple(line.split()[:2]): line.split()[2:] for line in text.splitlines()[2:]}
+  assert rows[("compute0", "unmasked")][:2] == ["4", "1500"]  # a CTA; median of 1000s and 2000s
+  # spans 4 x 1400 - 100 = 5500 (block 0) and 4 x 2400 - 100 = 9500 (block 1): shares 4000 / 5500
+  # and 8000 / 9500, median 0.78
+  assert rows[("compute0", "unmasked")][2] == f"{(4000 / 5500 + 8000 / 9500) / 2:.1%}"
+  assert rows[("compute1", "(outside)")][0] == f"{(300 / 5500 + 300 / 9500) / 2:.1%}"
+  assert rows[("producer2", "publish")][:2] == ["4", "50"]
+  assert rows[("producer2", "(outside)")][0] == f"{400 * 3 / 3600:.1%}"  # nested counted once
+  # 10 ranges: 4 x 10 - 3 entries, so a trace of 9 or more regions may have been cut (the compute
+  # warpgroups' 12), the producer's 8 not
+  assert "6 warpgroup traces, 4 cut at --ranges" in text
+  monkeypatch.delenv(mm_env := "MOBA_MGPU_TRACE", raising=False)
+  from moba_jax.kernels import moba_mgpu
+  assert moba_mgpu.TRACE_ENV == mm_env and moba_mgpu.trace_params() == {}
+  monkeypatch.setenv(mm_env, f"{tmp_path}:64")
+  params = moba_mgpu.trace_params()
+  assert params["profile_space"] == 64 and params["profile_dir"] == str(tmp_path)
+
+
 def test_profile_splits_each_synced_call_into_host_and_device_time(tmp_path, capsys):
   """tools/profile_gpu.py --host: per annotated call, the host's time before the first kernel,
   the kernels' span and the wait after the last one; host events outside the calls and the

@@ -78,7 +78,7 @@ def summarize(path, ranges=None) -> str:
       for name, lengths in by_name.items():
         per_role[role][name].append(lengths)
         counts[role][name].append(len(lengths))
-      if ranges and 2 * len(mine) >= 2 * ranges - 2:
+      if ranges and len(mine) >= ranges - 1:  # 4 entries a region, 4 x ranges - 3 in all
         cut += 1
     lines.append(f"== {kernel}: {len(files)} call(s), {len(tids)} warpgroup traces, "
                  f"{cut} cut at --ranges")
