@@ -344,9 +344,10 @@ def trace_params() -> dict:
   """Mosaic GPU's on-device profiler, for tools/mgpu_trace.py: with MOBA_MGPU_TRACE=DIR[:RANGES]
   set when a kernel is traced, each warpgroup records the clock at the start and end of the
   kernels' `jax.named_scope` regions (up to RANGES, default 256, a warpgroup: 16 bytes of SMEM
-  each; past that the trace is cut) and every call writes a Perfetto trace into DIR. The
-  recording costs a few instructions a region; for measuring where a kernel's time goes, not
-  for timing it."""
+  each; past that jax >= 0.11 cuts the trace, while jax 0.10, which has no bounds check, would
+  write past the buffer) and every call writes a Perfetto trace into DIR. The recording costs a
+  few instructions a region; for measuring where a kernel's time goes, not for timing it.
+  Without the variable the scopes lower to nothing."""
   spec = os.environ.get(TRACE_ENV, "")
   if not spec:
     return {}
