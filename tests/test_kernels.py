@@ -194,10 +194,10 @@ def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch):
   # 10 ranges: 4 x 10 - 3 entries, so a trace of 9 or more regions may have been cut (the compute
   # warpgroups' 12), the producer's 8 not
   assert "6 warpgroup traces, 4 cut at --ranges" in text
-  monkeypatch.delenv(mm_env := "MOBA_MGPU_TRACE", raising=False)
   from moba_jax.kernels import moba_mgpu
-  assert moba_mgpu.TRACE_ENV == mm_env and moba_mgpu.trace_params() == {}
-  monkeypatch.setenv(mm_env, f"{tmp_path}:64")
+  monkeypatch.delenv(moba_mgpu.TRACE_ENV, raising=False)
+  assert moba_mgpu.trace_params() == {}
+  monkeypatch.setenv(moba_mgpu.TRACE_ENV, f"{tmp_path}:64")
   params = moba_mgpu.trace_params()
   assert params["profile_space"] == 64 and params["profile_dir"] == str(tmp_path)
 

@@ -60,14 +60,14 @@ def summarize(path, ranges=None) -> str:
   for kernel, files in by_kernel.items():
     with open(files[-1]) as fh:  # the last call's (the first one compiled)
       events = json.load(fh)["traceEvents"]
-    regs = regions(events)
-    tids = sorted({r[0] for r in regs})
+    by_tid = collections.defaultdict(list)
+    for r in regions(events):
+      by_tid[r[0]].append(r)
     per_role = collections.defaultdict(lambda: collections.defaultdict(list))
     spans, inside = collections.defaultdict(list), collections.defaultdict(list)
     counts = collections.defaultdict(lambda: collections.defaultdict(list))
     cut = 0
-    for tid in tids:
-      mine = [r for r in regs if r[0] == tid]
+    for tid, mine in sorted(by_tid.items()):
       role = (tid - 1) % 3  # tid = 1 + warpgroup + 3 * block
       start, end = min(r[2] for r in mine), max(r[3] for r in mine)
       spans[role].append(end - start)
@@ -80,7 +80,7 @@ def summarize(path, ranges=None) -> str:
         counts[role][name].append(len(lengths))
       if ranges and len(mine) >= ranges - 1:  # 4 entries a region, 4 x ranges - 3 in all
         cut += 1
-    lines.append(f"== {kernel}: {len(files)} call(s), {len(tids)} warpgroup traces, "
+    lines.append(f"== {kernel}: {len(files)} call(s), {len(by_tid)} warpgroup traces, "
                  f"{cut} cut at --ranges")
     lines.append(f"{'role':>8} {'region':>12} {'a CTA':>7} {'median cyc':>11} {'share':>7}")
     for role in sorted(per_role):
