@@ -6,7 +6,7 @@ tile of the routing layout streams the one key range its rows share; partial row
 dtype, merged or summed per query in float32 by the caller), written for the H100/H200's tensor
 cores the way FlashAttention-3 is (`_row_tiles` is the scaffold both share):
 
-* persistent CTAs, one per SM, taking the routing's 128-row tiles round-robin; three warpgroups:
+* persistent CTAs, one per SM, taking the routing's 128-row tiles in snake rounds; three warpgroups:
   two compute warpgroups (64 rows each) and a producer that streams each tile's keys and values
   into a ring of SMEM slots by TMA (the ring runs on across tiles) and loads the next tile's rows
   into the second of two buffers; mbarriers only (no `__syncthreads`);
@@ -280,6 +280,28 @@ def num_ctas(interpret: bool) -> int:
   return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
+def snake_tile(i, cta, n_ctas: int):
+  """The tile a row-tile CTA takes i-th: round i's tiles [i * n_ctas, (i + 1) * n_ctas), dealt
+  forward in even rounds and backward in odd ones, the last, partial round included (so it
+  pairs with the full round before it; `snake_count` says which CTAs have a tile there). The
+  work a tile has repeats with its index (the dense tiles of a block of 512 keys have 1-4
+  chunks, in turn), and with 132 CTAs (a multiple of 4) the index order gave a CTA the same
+  place in that pattern every round: run 33's trace at 8K b512, CTAs c = 3 mod 4 ran 1.09-1.10x
+  the mean span, c = 0 mod 4 0.91-0.92x, and the kernel waits for the busiest. Each round's
+  tiles stay the index order's (neighbours share key blocks in L2); only their CTAs are
+  mirrored."""
+  return i * n_ctas + jnp.where(lax.rem(i, 2) == 1, n_ctas - 1 - cta, cta)
+
+
+def snake_count(cta, n_ctas: int, items: int):
+  """How many of `items` tiles CTA `cta` takes in `snake_tile`'s order: every full round's one,
+  and the partial round's if its place there holds a tile (the first items % n_ctas CTAs when
+  that round runs forward, the last ones when it runs backward)."""
+  full, rem = divmod(items, n_ctas)
+  there = (cta < rem) if full % 2 == 0 else (cta >= n_ctas - rem)
+  return jnp.int32(full) + there.astype(jnp.int32)
+
+
 def balanced_order(work, n_ctas: int):
   """The order the persistent CTAs take their items in: CTA c's i-th item is order[c + i n_ctas].
 
@@ -289,7 +311,8 @@ def balanced_order(work, n_ctas: int):
   partial round forward). In the index order CTA c took items c, c + C, ... of one stride, which
   for the dK/dV at 8K, block 512 gave the busiest CTA 1.68x the mean work (sorted snake: 1.04;
   measured 0.511 -> 0.352 ms on the H200, docs/kernel_notes.md). The row tiles of the forward
-  and dQ keep the index order: this order measured 2-10% slower there."""
+  and dQ keep the index order, in snake rounds (`_row_tiles`): this order measured 2-10% slower
+  there."""
   n = work.shape[0]
   order = jnp.argsort(-work, stable=True).astype(jnp.int32)
   full = n // n_ctas * n_ctas
@@ -401,13 +424,14 @@ def _publish(bars, pending=0):
 
 def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, finish, out_type,
                interpret, ctas, kv_head0=0, first=None, last=None, keys_held=False):
-  """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles
-  round-robin (consecutive CTAs, consecutive tiles of one kv head: neighbours share key blocks in
-  L2). Three warpgroups: two compute (64 rows each), one producer whose ring of K/V slots runs
-  on across tiles and which loads tile i + 1's rows into the second of two buffers while tile i
-  computes: after tile i's second keys are issued (its first, if it has one chunk) it waits for
-  tile i - 1's end, starts tile i + 1's gathers, and publishes them after tile i + 1's first
-  keys, so the gathers' latency (index loads, then the copies) stays off the key ring.
+  """A persistent row-tile kernel: `ctas` CTAs (default `num_ctas`) take the BK * NT tiles in
+  rounds of one tile each, dealt forward and backward in turn (consecutive CTAs, consecutive tiles
+  of one kv head: neighbours share key blocks in L2). Three warpgroups: two compute (64 rows
+  each), one producer whose ring of K/V slots runs on across tiles and which loads tile i + 1's
+  rows into the second of two buffers while tile i computes: after tile i's second keys are issued
+  (its first, if it has one chunk) it waits for tile i - 1's end, starts tile i + 1's gathers, and
+  publishes them after tile i + 1's first keys, so the gathers' latency (index loads, then the
+  copies) stays off the key ring.
 
   mats: row matrices (`Rows` of one index, 16-bit) the compute warpgroups read from SMEM (wgmma
   operands): gathered by the producer from their sources (compiled) or gathered by XLA and
@@ -450,10 +474,10 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
     idx_smem, idx_bars = (None, None) if interpret else (idx_smem[0], idx_bars[0])
     q_free, k_free, v_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
-    my_items = lax.div(jnp.int32(items - 1) - cta, jnp.int32(n_ctas)) + 1
+    my_items = snake_count(cta, n_ctas, items)
 
     def item(i):  # the i-th tile of this CTA: (bk, tile, first key (a multiple of 8), chunks)
-      w = cta + i * n_ctas
+      w = snake_tile(i, cta, n_ctas)
       bk, tile = lax.div(w, jnp.int32(n_tiles)), lax.rem(w, jnp.int32(n_tiles))
       # TMA boxes into the (8, x)-tiled SMEM start on a multiple of 8 rows: keys before the
       # tile's first one are masked like any other invisible key.
@@ -919,7 +943,8 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   dO and the row vectors through a ring of slots. Compiled, it gathers each chunk's Q and dO
   rows itself (`_gather_into_smem`, the chunk's indices brought into SMEM by TMA one chunk
   ahead) and publishes a chunk `lag` chunks later (two; the ring's other slots hide the
-  gathers' latency), the item's last ones before it awaits the item's end. Per chunk: S^T = K Q^T, P^T = exp2(S^T - lse),
+  gathers' latency), the item's last ones before it awaits the item's end. Per chunk: S^T =
+  K Q^T, P^T = exp2(S^T - lse),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmma). Dense chunks
   that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1 belong to
   later blocks, which start after these keys), and the groups' chunks where gmask is 1; the

@@ -701,6 +701,33 @@ def test_balanced_order_is_a_permutation_that_evens_the_ctas_work(n, ctas):
   assert list(work[order[:min(n, ctas)]]) == sorted(work, reverse=True)[:min(n, ctas)]
 
 
+@pytest.mark.parametrize("items, ctas", [(3136, 132), (3036, 132), (1000, 132), (100, 132),
+                                         (3200, 132), (23, 4), (13120, 132)])
+def test_snake_tiles_are_the_index_orders_rounds_with_the_pattern_evened(items, ctas):
+  """`snake_tile` and `snake_count`: every tile exactly once, round i's tiles the index order's
+  round i; and a work pattern of period 4 in the tile index (the dense tiles' 1-4 chunks) no
+  longer lands on the same CTAs: with 132 CTAs the index order gave CTA c the tiles of work
+  c % 4 + 1 (a spread growing with the rounds: 4x at 24), the snake rounds within two tiles'
+  work of each other at any number of rounds (even or odd full rounds, a partial one or none)."""
+  cta = np.arange(ctas)[:, None]
+  rounds = -(-items // ctas)
+  i = np.arange(rounds)[None, :]
+  count = np.asarray(mm.snake_count(jnp.asarray(cta), ctas, items))
+  mine = i < count
+  tile = np.asarray(jax.jit(mm.snake_tile, static_argnums=2)(jnp.asarray(i), jnp.asarray(cta),
+                                                              ctas))
+  taken = np.broadcast_to(tile, mine.shape)[mine]
+  assert sorted(taken.tolist()) == list(range(items))
+  assert all(set(tile[:, r][mine[:, r]]) == set(range(r * ctas, min(items, (r + 1) * ctas)))
+             for r in range(rounds))
+  work = np.arange(items) % 4 + 1
+  load = lambda t, m: np.where(m, work[np.minimum(t, items - 1)], 0).sum(axis=1)
+  index_mine = i < (items - 1 - cta) // ctas + 1
+  if items >= 8 * ctas:
+    assert load(i * ctas + cta, index_mine).max() >= 1.5 * load(i * ctas + cta, index_mine).min()
+    assert load(tile, mine).max() - load(tile, mine).min() <= 2 * work.max()
+
+
 @needs_runner
 def test_mosaic_kernels_without_segment_ids_equal_zeros():
   """segment_ids=None (one document per row, a static fact: no lax.cond in the routing) gives the
