@@ -526,7 +526,8 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         with jax.named_scope("finish"):
           finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, mats_w[0],
                  lse_smem.at[wg])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          with jax.named_scope("store_wait"):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(q_free.at[buf])
         return g + n
 
@@ -784,14 +785,16 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
   def finish(carry, vecs, outs, bk, r0, stage, lse_smem):
     acc, m, l = carry[:3]
     o_ref, lse_ref = outs
-    ok = l > 0
-    l_safe = jnp.where(ok, l, 1.0)
-    inv = 1.0 / l_safe  # one division a row, then products
-    stage[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-    lse_smem[...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(stage, o_ref.at[bk, pl.ds(r0, WG_ROWS)])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
+    with jax.named_scope("stage"):  # (traced regions: `trace_params`)
+      ok = l > 0
+      l_safe = jnp.where(ok, l, 1.0)
+      inv = 1.0 / l_safe  # one division a row, then products
+      stage[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      lse_smem[...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
+    with jax.named_scope("store"):
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(stage, o_ref.at[bk, pl.ds(r0, WG_ROWS)])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
 
   out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), dtype),
               jax.ShapeDtypeStruct((bk_n, rows), jnp.float32))
@@ -907,9 +910,11 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
   def finish(carry, vecs, outs, bk, r0, stage, lse_smem):
     dq = carry[0] if overlap else carry
     (dq_ref,) = outs
-    stage[...] = (dq * scale).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, pl.ds(r0, WG_ROWS)])
+    with jax.named_scope("stage"):
+      stage[...] = (dq * scale).astype(dtype)
+    with jax.named_scope("store"):
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, pl.ds(r0, WG_ROWS)])
 
   out_type = (jax.ShapeDtypeStruct((bk_n, rows, dim), dtype),)
   hooks = dict(step=overlapped, first=first, last=last, keys_held=True) if overlap else dict(
@@ -1014,8 +1019,9 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
       def tile_keys(i, g):
         bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree = item(i)
         k0 = j * KEYS + wg * WG_ROWS  # = ks[bk, j] + 64 wg
-        plgpu.barrier_wait(kv_bars[0].at[wg])
-        plgpu.barrier_wait(kv_bars[1].at[wg])
+        with jax.named_scope("keys"):  # (traced regions: `trace_params`)
+          plgpu.barrier_wait(kv_bars[0].at[wg])
+          plgpu.barrier_wait(kv_bars[1].at[wg])
 
         def chunk(c, carry, masked):
           dk, dv = carry
@@ -1058,19 +1064,21 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         acc = (_zeros_rows(dim), _zeros_rows(dim))
         masked = functools.partial(chunk, masked=True)
         free = functools.partial(chunk, masked=False)
-        acc = lax.fori_loop(0, n_mask, masked, acc)
-        acc = lax.fori_loop(n_mask, n_full, free, acc)
-        acc = lax.fori_loop(n_full, n_dense, masked, acc)
-        acc = lax.fori_loop(n_dense, n_dense + n_gfree, free, acc)
-        dk, dv = lax.fori_loop(n_dense + n_gfree, n_dense + n_group, masked, acc)
+        for lo_c, hi_c, fn in ((0, n_mask, masked), (n_mask, n_full, free),
+                               (n_full, n_dense, masked), (n_dense, n_dense + n_gfree, free),
+                               (n_dense + n_gfree, n_dense + n_group, masked)):
+          with jax.named_scope("masked" if fn is masked else "unmasked"):
+            acc = lax.fori_loop(lo_c, hi_c, fn, acc)
+        dk, dv = acc
         b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
-        k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in their SMEM
-        v_w[...] = dv.astype(v_w.dtype)
-        plgpu.commit_smem()
-        at = (b, pl.ds(k0, WG_ROWS), kvh)
-        plgpu.copy_smem_to_gmem(k_w, dk_ref.at[at])
-        plgpu.copy_smem_to_gmem(v_w, dv_ref.at[at])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        with jax.named_scope("finish"):
+          k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in SMEM
+          v_w[...] = dv.astype(v_w.dtype)
+          plgpu.commit_smem()
+          at = (b, pl.ds(k0, WG_ROWS), kvh)
+          plgpu.copy_smem_to_gmem(k_w, dk_ref.at[at])
+          plgpu.copy_smem_to_gmem(v_w, dv_ref.at[at])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.barrier_arrive(kv_free)  # the producer may load the next keys here
         return g + n_dense + n_group
 

@@ -189,6 +189,7 @@ def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch):
   # and 8000 / 9500, median 0.78
   assert rows[("compute0", "unmasked")][2] == f"{(4000 / 5500 + 8000 / 9500) / 2:.1%}"
   assert rows[("compute1", "(outside)")][0] == f"{(300 / 5500 + 300 / 9500) / 2:.1%}"
+  assert rows[("compute1", "(outside)")][-1] == f"{9500 / 7500:.3f}"  # busiest CTA / mean
   assert rows[("producer2", "publish")][:2] == ["4", "50"]
   assert rows[("producer2", "(outside)")][0] == f"{400 * 3 / 3600:.1%}"  # nested counted once
   # 10 ranges: 4 x 10 - 3 entries, so a trace of 9 or more regions may have been cut (the compute

@@ -8,8 +8,9 @@ fwd+bwd step of `moba-jax bench` (batch 1, 16 heads, head_dim 128, bf16), runs i
 first call compiles), and summarizes the Perfetto traces the kernels wrote: per kernel and
 warpgroup role (compute warpgroups 0 and 1, the producer 2), each `jax.named_scope` region's
 count a CTA, median length and share of the warpgroup's span (first region's start to the last
-one's end), and the time outside every region. Lengths are in the SM's clock cycles (the
-profiler reads `%clock`; at 1,980 MHz a microsecond is 1,980 cycles). A region's recording
+one's end), the time outside every region, and the busiest CTA's span over the mean (the kernel
+ends with its busiest CTA). Lengths are in the SM's clock cycles (the profiler reads `%clock`;
+at 1,980 MHz a microsecond is 1,980 cycles). A region's recording
 costs a few instructions, so the kernels run slightly slower than untraced: shares, not times.
 Regions past --ranges a warpgroup are cut (the trace of that warpgroup ends early); the summary
 counts the warpgroups whose trace was cut.
@@ -92,8 +93,9 @@ def summarize(path, ranges=None) -> str:
         lines.append(f"{name:>8} {region:>12} {statistics.median(counts[role][region]):>7.0f} "
                      f"{statistics.median(flat):>11.0f} {share:>7.1%}")
       outside = statistics.median(1 - i / s for i, s in zip(inside[role], spans[role]) if s)
+      spread = max(spans[role]) / statistics.mean(spans[role])  # the kernel waits for its busiest
       lines.append(f"{name:>8} {'(outside)':>12} {'':>7} {'':>11} {outside:>7.1%}"
-                   f"   span median {span:.0f} cyc")
+                   f"   span median {span:.0f} cyc, max / mean {spread:.3f}")
   return "\n".join(lines) if lines else f"no *-trace.json in {path}"
 
 
