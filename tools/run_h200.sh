@@ -171,6 +171,11 @@
 #       cap, thermal; read only) beside the synced bench (REPEATS, default 20) of each tree of
 #       TREES (default "."), installed in turn (power_<tree>.csv), after the card's power limits
 #       (`nvidia-smi -q -d POWER`)
+#   59: the table's rows after a kernel change: the synced fwd+bwd of every target shape (8K and
+#       32K b512 k3, 16K b128 k8, 128K b512 k3: REPEATS, default 20; 128K b4096 k12: 10) and 8K
+#       back to back (table.txt), a 32K b512 k3 profile with the host's share and every gap
+#       between kernels kept (prof32k.txt), then tools/mgpu_trace.py at TRACE_SPECS (default
+#       8K b512 k3 and 16K b128 k8; trace_<seq>.txt, the 8K traces in tr8k.tgz)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -769,6 +774,24 @@ if [ "$phase" = 57 ]; then
     rm -f $OUT/ncu_${s}_${b}.ncu-rep
   done
   rm -f $OUT/ncu_run.txt
+fi
+if [ "$phase" = 59 ]; then
+  for spec in 8192,32768:512:3:${REPEATS:-20} 16384:128:8:${REPEATS:-20} \
+      131072:512:3:${REPEATS:-20} 131072:4096:12:10; do IFS=: read seqs blk k reps <<< "$spec"
+    STEP_S=${BENCH_S:-150} bench --impls pallas_gpu --seqs $seqs --configs $blk:$k --repeats $reps \
+      2>&1 | grep "^pallas_gpu" | tee -a $OUT/table.txt
+  done
+  STEP_S=100 bench --impls pallas_gpu --seqs 8192 --configs 512:3 --repeats ${REPEATS:-20} \
+    --pipeline 8 2>&1 | grep "^pallas_gpu" | sed "s/^/back to back: /" | tee -a $OUT/table.txt
+  timeout 100 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 --steps 5 --top 20 \
+    --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k.txt
+  grep -v "^  gap" $OUT/prof32k.txt | tail -n 40 | tee -a $log
+  for spec in ${TRACE_SPECS:-8192:512:3 16384:128:8}; do IFS=: read s b t <<< "$spec"
+    timeout 120 python3 tools/mgpu_trace.py --seq $s --block $b --topk $t --out /tmp/tr$s 2>&1 \
+      | grep -v WARNING > $OUT/trace_$s.txt
+    grep -v "^ *compute1" $OUT/trace_$s.txt | tee -a $log
+  done
+  [ -d /tmp/tr8192 ] && tar czf $OUT/tr8k.tgz -C /tmp tr8192
 fi
 if [ "$phase" = 58 ]; then
   nvidia-smi -q -d POWER | grep -iE "limit|draw" | head -n 8 | tee -a $log
