@@ -10,10 +10,10 @@ warpgroup role (compute warpgroups 0 and 1, the producer 2), each `jax.named_sco
 count a CTA, median length and share of the warpgroup's span (first region's start to the last
 one's end), the time outside every region, and the busiest CTA's span over the mean (the kernel
 ends with its busiest CTA). Lengths are in the SM's clock cycles (the profiler reads `%clock`;
-at 1,980 MHz a microsecond is 1,980 cycles). A region's recording
-costs a few instructions, so the kernels run slightly slower than untraced: shares, not times.
-Regions past --ranges a warpgroup are cut (the trace of that warpgroup ends early); the summary
-counts the warpgroups whose trace was cut.
+at 1,980 MHz a microsecond is 1,980 cycles). A region's recording costs a few instructions, so
+the kernels run slightly slower than untraced: shares, not times. Regions past --ranges a
+warpgroup are cut (the trace of that warpgroup ends early); the summary counts the warpgroups
+whose trace was cut.
 """
 
 from __future__ import annotations
