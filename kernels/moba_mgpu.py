@@ -31,6 +31,7 @@ is in registers, so interpreted runs form P V and dS K with a dot of the same op
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -361,25 +362,51 @@ def _pad_keys(x, length):
   return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
-TRACE_ENV = "MOBA_MGPU_TRACE"  # DIR[:RANGES]: tools/mgpu_trace.py
+TRACE_ENV = "MOBA_MGPU_TRACE"  # DIR[:RANGES[:REGION,...]]: tools/mgpu_trace.py
+# the kernels' regions (`region`): the row tiles' compute warpgroups (rows, unmasked, masked,
+# finish, and in it stage, store, store_wait), their producer (next_rows, publish), the dK/dV's
+# compute warpgroups (keys, unmasked, masked, finish)
+REGIONS = ("rows", "unmasked", "masked", "finish", "stage", "store", "store_wait", "next_rows",
+           "publish", "keys")
+
+
+def _trace_spec():
+  """(DIR, RANGES, the named regions or None for all) of MOBA_MGPU_TRACE, or None unset."""
+  spec = os.environ.get(TRACE_ENV, "")
+  if not spec:
+    return None
+  path, ranges, names = (spec.split(":", 2) + ["", ""])[:3]
+  return path, int(ranges or 256), frozenset(names.split(",")) if names else None
 
 
 def trace_params() -> dict:
-  """Mosaic GPU's on-device profiler, for tools/mgpu_trace.py: with MOBA_MGPU_TRACE=DIR[:RANGES]
-  set when a kernel is traced, each warpgroup records the clock at the start and end of the
-  kernels' `jax.named_scope` regions (up to RANGES, default 256, a warpgroup: 16 bytes of SMEM
-  each; past that jax >= 0.11 cuts the trace, while jax 0.10, which has no bounds check, would
-  write past the buffer) and every call writes a Perfetto trace into DIR. The recording costs a
-  few instructions a region; for measuring where a kernel's time goes, not for timing it.
-  Without the variable the scopes lower to nothing."""
-  spec = os.environ.get(TRACE_ENV, "")
-  if not spec:
+  """Mosaic GPU's on-device profiler, for tools/mgpu_trace.py: with
+  MOBA_MGPU_TRACE=DIR[:RANGES[:REGION,...]] set when a kernel is traced, each warpgroup records
+  the clock at the start and end of the kernels' regions (`region`; only the named ones where
+  REGION,... is given) (up to RANGES, default 256, a warpgroup: 16 bytes of SMEM each; past
+  that jax >= 0.11 cuts the trace, while jax 0.10, which has no bounds check, would write past
+  the buffer) and every call writes a Perfetto trace into DIR. The recording costs a few
+  instructions a region; for measuring where a kernel's time goes, not for timing it. Without
+  the variable the regions lower to nothing."""
+  spec = _trace_spec()
+  if spec is None:
     return {}
-  path, _, ranges = spec.partition(":")
-  params = dict(profile_space=int(ranges or 256), profile_dir=path)
+  path, ranges, _ = spec
+  params = dict(profile_space=ranges, profile_dir=path)
   if "profile_bounds_check" in inspect.signature(plgpu.CompilerParams).parameters:  # jax >= 0.11
     params["profile_bounds_check"] = True
   return params
+
+
+def region(name: str):
+  """A named region of the kernels for the on-device trace (`trace_params`): `jax.named_scope`,
+  which lowers to nothing untraced, unless the trace names its regions and this is not one of
+  them (fewer regions a tile: a warpgroup's trace holds RANGES of them)."""
+  assert name in REGIONS, name
+  spec = _trace_spec()
+  if spec is not None and spec[2] is not None and name not in spec[2]:
+    return contextlib.nullcontext()
+  return jax.named_scope(name)
 
 
 def _kernel(body, name, out_type, n_ctas, interpret):
@@ -494,7 +521,7 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         bk, tile, ks, n = item(i)
         buf = lax.rem(i, 2)
         mine = buf * 2 + wg
-        with jax.named_scope("rows"):
+        with region("rows"):
           for bars in mat_bars + vec_bars:
             plgpu.barrier_wait(bars.at[mine])
         mats_w = [m.at[mine] for m in mat_smem]
@@ -508,9 +535,9 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         nf = jnp.minimum(nf_ref[bk, tile], n)
         if first is None:
           carry = init(vecs_w)
-          with jax.named_scope("unmasked"):
+          with region("unmasked"):
             carry = lax.fori_loop(0, nf, functools.partial(chunk, masked=False), carry)
-          with jax.named_scope("masked"):
+          with region("masked"):
             carry = lax.fori_loop(nf, n, functools.partial(chunk, masked=True), carry)
         else:  # loops of 0 or 1 step, not branches: no wgmma under an scf.if
           one = jnp.minimum(n, 1)
@@ -524,10 +551,10 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
           carry = lax.fori_loop(0, one, lambda _, c: last(c, end), carry)
         # The rows are read: their first matrix's SMEM stages the outputs for a TMA store, which
         # must have left it (and lse_smem) before the producer may refill this buffer.
-        with jax.named_scope("finish"):
+        with region("finish"):
           finish(carry, vecs_w, outs, bk, tile * ROWS + wg * WG_ROWS, mats_w[0],
                  lse_smem.at[wg])
-          with jax.named_scope("store_wait"):
+          with region("store_wait"):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(q_free.at[buf])
         return g + n
@@ -567,26 +594,26 @@ def _row_tiles(name, *, ks, ke, nfree, mats, vecs, k, v, block_kv, init, step, f
         if not interpret:
           _commit_gathers()
 
-      @jax.named_scope("publish")
       def publish_rows(i):
         """Compiled: tile i's gathers (the only ones in flight), then tile i + 2's indices into
         the slot those gathers read (the publication's barrier ordered the reads first)."""
         if not interpret:
-          buf = lax.rem(i, 2)
-          _publish([b.at[buf * 2 + w] for w in range(2) for b in mat_bars])
-          fetch_index(i + 2)
+          with region("publish"):
+            buf = lax.rem(i, 2)
+            _publish([b.at[buf * 2 + w] for w in range(2) for b in mat_bars])
+            fetch_index(i + 2)
 
-      @jax.named_scope("next_rows")
       def next_rows(i):
         """Tile i + 1's rows, as soon as tile i - 1 freed their buffer: they land while tile i
         computes (their indices are in SMEM already: only the copies' latency is left)."""
         @pl.when(i + 1 < my_items)
         def _():
-          @pl.when(i >= 1)
-          def _():
-            plgpu.barrier_wait(q_free.at[lax.rem(i + 1, 2)])  # both warpgroups left tile i - 1
+          with region("next_rows"):
+            @pl.when(i >= 1)
+            def _():
+              plgpu.barrier_wait(q_free.at[lax.rem(i + 1, 2)])  # both warpgroups left tile i - 1
 
-          issue_rows(i + 1)
+            issue_rows(i + 1)
 
       if not interpret:
         fetch_index(0)
@@ -786,13 +813,13 @@ def forward_rows(ks, ke, nfree, lo, hi, q_rows, k, v, *, scale, block_kv, interp
   def finish(carry, vecs, outs, bk, r0, stage, lse_smem):
     acc, m, l = carry[:3]
     o_ref, lse_ref = outs
-    with jax.named_scope("stage"):  # (traced regions: `trace_params`)
+    with region("stage"):
       ok = l > 0
       l_safe = jnp.where(ok, l, 1.0)
       inv = 1.0 / l_safe  # one division a row, then products
       stage[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
       lse_smem[...] = jnp.where(ok, m * LN2 + jnp.log(l_safe), -jnp.inf)
-    with jax.named_scope("store"):
+    with region("store"):
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(stage, o_ref.at[bk, pl.ds(r0, WG_ROWS)])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bk, pl.ds(r0, WG_ROWS)])
@@ -911,9 +938,9 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
   def finish(carry, vecs, outs, bk, r0, stage, lse_smem):
     dq = carry[0] if overlap else carry
     (dq_ref,) = outs
-    with jax.named_scope("stage"):
+    with region("stage"):
       stage[...] = (dq * scale).astype(dtype)
-    with jax.named_scope("store"):
+    with region("store"):
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(stage, dq_ref.at[bk, pl.ds(r0, WG_ROWS)])
 
@@ -1019,7 +1046,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
       def tile_keys(i, g):
         bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree = item(i)
         k0 = j * KEYS + wg * WG_ROWS  # = ks[bk, j] + 64 wg
-        with jax.named_scope("keys"):  # (traced regions: `trace_params`)
+        with region("keys"):
           plgpu.barrier_wait(kv_bars[0].at[wg])
           plgpu.barrier_wait(kv_bars[1].at[wg])
 
@@ -1067,11 +1094,11 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         for lo_c, hi_c, fn in ((0, n_mask, masked), (n_mask, n_full, free),
                                (n_full, n_dense, masked), (n_dense, n_dense + n_gfree, free),
                                (n_dense + n_gfree, n_dense + n_group, masked)):
-          with jax.named_scope("masked" if fn is masked else "unmasked"):
+          with region("masked" if fn is masked else "unmasked"):
             acc = lax.fori_loop(lo_c, hi_c, fn, acc)
         dk, dv = acc
         b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
-        with jax.named_scope("finish"):
+        with region("finish"):
           k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in SMEM
           v_w[...] = dv.astype(v_w.dtype)
           plgpu.commit_smem()

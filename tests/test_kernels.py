@@ -153,12 +153,14 @@ def test_profile_counts_device_stream_kernels_once(tmp_path):
   assert times["loop_fusion"][:2] == (0.05, 0.5)
 
 
-def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch):
+def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch, capsys):
   """tools/mgpu_trace.py over a trace in Mosaic GPU's dump format (ts = (start ns + clock
   cycles) / 1e3; tid = 1 + warpgroup + 3 x block): per role, each region's count a CTA, median
   length in cycles and share of the warpgroup's span, nested regions paired by a stack and
   counted once in the time inside regions; a trace that used its --ranges is counted as cut. And
-  `trace_params`: the kernels record only when MOBA_MGPU_TRACE is set."""
+  `trace_params` and `region`: the kernels record only when MOBA_MGPU_TRACE is set, and only the
+  regions it names where it names some."""
+  import contextlib
   import json
   from tools import mgpu_trace
   events = []
@@ -198,9 +200,23 @@ def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch):
   from moba_jax.kernels import moba_mgpu
   monkeypatch.delenv(moba_mgpu.TRACE_ENV, raising=False)
   assert moba_mgpu.trace_params() == {}
+  assert not isinstance(moba_mgpu.region("rows"), contextlib.nullcontext)  # lowers to nothing
   monkeypatch.setenv(moba_mgpu.TRACE_ENV, f"{tmp_path}:64")
   params = moba_mgpu.trace_params()
   assert params["profile_space"] == 64 and params["profile_dir"] == str(tmp_path)
+  assert not isinstance(moba_mgpu.region("rows"), contextlib.nullcontext)  # every region
+  # only the named regions: the others record nothing (more tiles fit in RANGES)
+  monkeypatch.setenv(moba_mgpu.TRACE_ENV, f"{tmp_path}:300:finish,store_wait")
+  assert moba_mgpu.trace_params()["profile_space"] == 300
+  assert isinstance(moba_mgpu.region("rows"), contextlib.nullcontext)
+  assert not isinstance(moba_mgpu.region("store_wait"), contextlib.nullcontext)
+  with pytest.raises(AssertionError):
+    moba_mgpu.region("epilogue")  # not a region of the kernels
+  with pytest.raises(SystemExit) as e:  # the tool names the bad region and the accepted ones
+    mgpu_trace.main(["--regions", "finish,epilogue"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "--regions: epilogue not among the kernels' regions (rows, unmasked" in err, err
 
 
 def test_profile_splits_each_synced_call_into_host_and_device_time(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Where the Mosaic GPU kernels' time goes inside a CTA: Mosaic GPU's on-device profiler.
 
-usage: python tools/mgpu_trace.py --seq 8192 [--block 512 --topk 3] [--ranges 256] [--out DIR]
+usage: python tools/mgpu_trace.py --seq 8192 [--block 512 --topk 3] [--ranges 256]
+           [--regions finish,stage,store,store_wait] [--out DIR]
        python tools/mgpu_trace.py --summarize DIR
 
 Sets `MOBA_MGPU_TRACE` (kernels/moba_mgpu.py, `trace_params`) before tracing one `pallas_gpu`
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
   p.add_argument("--block", type=int, default=512)
   p.add_argument("--topk", type=int, default=3)
   p.add_argument("--ranges", type=int, default=256, help="regions a warpgroup may record")
+  p.add_argument("--regions", default=None,
+                 help="record only these regions, comma-separated (default: every one; fewer a "
+                      "tile fit more tiles in --ranges)")
   p.add_argument("--gpu-block-sizes", default=None)
   p.add_argument("--out", default=None, help="where the traces go (default: a temporary dir)")
   p.add_argument("--summarize", default=None, help="only summarize the traces in this dir")
@@ -112,9 +116,14 @@ def main(argv=None) -> int:
   if a.summarize:
     print(summarize(a.summarize))
     return 0
+  from moba_jax.kernels import moba_mgpu
+  bad = sorted(set((a.regions or "").split(",")) - set(moba_mgpu.REGIONS) - {""})
+  if bad:
+    p.error(f"--regions: {', '.join(bad)} not among the kernels' regions "
+            f"({', '.join(moba_mgpu.REGIONS)})")
   out = a.out or tempfile.mkdtemp(prefix="mgpu_trace_")
   os.makedirs(out, exist_ok=True)
-  os.environ["MOBA_MGPU_TRACE"] = f"{out}:{a.ranges}"
+  os.environ[moba_mgpu.TRACE_ENV] = f"{out}:{a.ranges}" + (f":{a.regions}" if a.regions else "")
   import jax
   import jax.numpy as jnp
 

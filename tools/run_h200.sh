@@ -174,8 +174,10 @@
 #   59: the table's rows after a kernel change: the synced fwd+bwd of every target shape (8K and
 #       32K b512 k3, 16K b128 k8, 128K b512 k3: REPEATS, default 20; 128K b4096 k12: 10) and 8K
 #       back to back (table.txt), a 32K b512 k3 profile with the host's share and every gap
-#       between kernels kept (prof32k.txt), then tools/mgpu_trace.py at TRACE_SPECS (default
-#       8K b512 k3 and 16K b128 k8; trace_<seq>.txt, the 8K traces in tr8k.tgz)
+#       between kernels kept (prof32k.txt), then tools/mgpu_trace.py at TRACE_SPECS
+#       (seq:block:topk[:regions], default 8K b512 k3 with every region and 16K b128 k8 with the
+#       epilogue's parts only, which fit its 68 tiles a CTA in 256 ranges; trace_<seq>.txt, the
+#       8K traces in tr8k.tgz)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -786,9 +788,10 @@ if [ "$phase" = 59 ]; then
   timeout 100 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 --steps 5 --top 20 \
     --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k.txt
   grep -v "^  gap" $OUT/prof32k.txt | tail -n 40 | tee -a $log
-  for spec in ${TRACE_SPECS:-8192:512:3 16384:128:8}; do IFS=: read s b t <<< "$spec"
-    timeout 120 python3 tools/mgpu_trace.py --seq $s --block $b --topk $t --out /tmp/tr$s 2>&1 \
-      | grep -v WARNING > $OUT/trace_$s.txt
+  for spec in ${TRACE_SPECS:-8192:512:3 16384:128:8:stage,store,store_wait}; do
+    IFS=: read s b t regions <<< "$spec"
+    timeout 120 python3 tools/mgpu_trace.py --seq $s --block $b --topk $t --out /tmp/tr$s \
+      ${regions:+--regions $regions} 2>&1 | grep -v WARNING > $OUT/trace_$s.txt
     grep -v "^ *compute1" $OUT/trace_$s.txt | tee -a $log
   done
   [ -d /tmp/tr8192 ] && tar czf $OUT/tr8k.tgz -C /tmp tr8192
