@@ -206,10 +206,10 @@ def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch, ca
   assert params["profile_space"] == 64 and params["profile_dir"] == str(tmp_path)
   assert not isinstance(moba_mgpu.region("rows"), contextlib.nullcontext)  # every region
   # only the named regions: the others record nothing (more tiles fit in RANGES)
-  monkeypatch.setenv(moba_mgpu.TRACE_ENV, f"{tmp_path}:300:finish,store_wait")
+  monkeypatch.setenv(moba_mgpu.TRACE_ENV, f"{tmp_path}:300:finish,keys")
   assert moba_mgpu.trace_params()["profile_space"] == 300
   assert isinstance(moba_mgpu.region("rows"), contextlib.nullcontext)
-  assert not isinstance(moba_mgpu.region("store_wait"), contextlib.nullcontext)
+  assert not isinstance(moba_mgpu.region("keys"), contextlib.nullcontext)
   with pytest.raises(AssertionError):
     moba_mgpu.region("epilogue")  # not a region of the kernels
   with pytest.raises(SystemExit) as e:  # the tool names the bad region and the accepted ones
