@@ -6,8 +6,9 @@ padded per block to the row tile, like megablox groups). TPU specifics (docs/tpu
   * rows are gathered by XLA into tile order ([BK, R, Dp]); a kernel never gathers;
   * per-tile key ranges are scalar-prefetched (PrefetchScalarGridSpec) and drive the k/v
     BlockSpec index maps with element offsets (blocks restart at document starts, so key ranges
-    are not tile-aligned); chunks past a tile's range repeat the last block index (no new DMA)
-    and are skipped with pl.when;
+    are not tile-aligned); a forward or dQ grid step brings a window of keys (`kv_window`: the
+    tile's whole range up to a block of 2048 keys, so one step a tile) and walks it in 128-key
+    chunks; windows past a tile's range repeat the last index (no new DMA) and compute nothing;
   * tiles are (8, 128)-aligned: row tile 128, key tile 128, head_dim padded to 128 lanes;
   * no atomics: dQ is written per partial row and summed by XLA; dK/dV of the current blocks is
     a banded pass per key tile; dK/dV of past blocks accumulates in the resident output block
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -66,13 +69,26 @@ def tile_error(block, array, dtype) -> str | None:
           f"({sublane_tile(jnp.bfloat16)}, {LANES}))")
 
 
+# Bytes of one K (or V) window a grid step of the forward and dQ brings into VMEM (`kv_window`):
+# with both double-buffered, 4x this (2 MiB) of the v5p's default scoped VMEM; 2048 keys at
+# head_dim 128 in 16 bits, so a block of up to 2048 keys is one grid step.
+WINDOW_BYTES = 512 * 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes; block_k_dkv * groups must be a multiple of block_q (dense dK/dV row tiles)."""
+  """Tile sizes; block_k_dkv * groups must be a multiple of block_q (dense dK/dV row tiles).
+
+  block_k: the key chunk of one S = Q K^T product in the forward and dQ; block_kv_window: the
+  keys one of their grid steps brings into VMEM, a multiple of block_k that the step walks in
+  block_k chunks (0: `kv_window` sizes it to the routing block's keys, up to WINDOW_BYTES);
+  block_k_dkv and block_kv_window_dkv: the same for the dK/dV's key tiles (`dkdv_window`)."""
 
   block_q: int = 128
   block_k: int = 128
   block_k_dkv: int = 128
+  block_kv_window: int = 0
+  block_kv_window_dkv: int = 0
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
@@ -83,10 +99,16 @@ class BlockSizes:
     row dim of [tile, head_dim padded to 128] blocks in `dtype` (q, k, v, dO) and in float32."""
     for field in dataclasses.fields(self):
       size = getattr(self, field.name)
+      if field.name.startswith("block_kv_window") and size == 0:
+        continue
       for dt in dict.fromkeys((jnp.dtype(dtype), jnp.dtype(jnp.float32))):
         err = tile_error((size, LANES), None, dt)
         if err:
           raise ValueError(f"moba_tpu {field.name}={size}: {err}")
+    for name, chunk in (("block_kv_window", "block_k"), ("block_kv_window_dkv", "block_k_dkv")):
+      if getattr(self, name) % getattr(self, chunk):
+        raise ValueError(f"moba_tpu {name}={getattr(self, name)} must be a multiple of {chunk}="
+                         f"{getattr(self, chunk)} (a grid step walks its window in key chunks)")
     if (self.block_k_dkv * groups) % self.block_q:
       raise ValueError(f"moba_tpu block_k_dkv={self.block_k_dkv} * GQA groups {groups} must be a "
                        f"multiple of block_q={self.block_q} (dense dK/dV row tiles)")
@@ -104,14 +126,44 @@ def _n_chunks(ks, ke, bk):
   return jax.lax.div(jnp.maximum(ke - ks, 0) + bk - 1, bk)
 
 
-def _kv_spec(bk, dp, nt):
-  """k/v block at the tile's key range, element-offset along T; clamped past the range."""
+def row_key_span(dims, block_q, offset=False) -> int:
+  """The widest key range [tile_ks, tile_ke) of a forward or dQ row tile. A sparse tile's is one
+  block; a dense tile's runs from its first query's block start to its last query: within one
+  block for one document without a query offset (computed here from the tiles' queries), else at
+  most block_size + block_q - 1 keys (a tile across a block start: documents, an offset)."""
+  blk, g, n = dims.block_size, dims.groups, dims.queries * dims.groups
+  if not dims.one_doc or offset or dims.queries != dims.seq:
+    return blk + block_q
+  first_row = np.arange(0, n, block_q)
+  first, last = first_row // g, (np.minimum(first_row + block_q, n) - 1) // g
+  return max(blk, int(np.max(last + 1 - first // blk * blk)))
+
+
+def kv_window(sizes, dims, dp, itemsize, offset=False) -> tuple[int, int]:
+  """(W, steps): the keys each grid step of the forward and dQ brings into VMEM (a window at the
+  tile's key range, walked in block_k chunks inside the step) and the grid steps a row tile
+  takes. W covers the widest tile range (`row_key_span`), up to WINDOW_BYTES a window, so at
+  blocks of up to 2048 keys (16-bit, head_dim 128) a tile is one grid step: the grid's fixed cost
+  a step is paid once a tile, not once a 128-key chunk (docs/tpu_roofline.md)."""
+  span, bk = row_key_span(dims, sizes.block_q, offset), sizes.block_k
+  w = sizes.block_kv_window or min(-(-span // bk) * bk,
+                                   max(bk, WINDOW_BYTES // (dp * itemsize) // bk * bk))
+  return w, -(-span // w)
+
+
+def _kv_spec(w, dp, nt):
+  """k/v window of w keys at the tile's key range, element-offset along T; clamped past it."""
   def index(b, i, c, ks_ref, ke_ref, *_):
     t = b * nt + i
     ks, ke = ks_ref[t], ke_ref[t]
-    c = jnp.minimum(c, jnp.maximum(_n_chunks(ks, ke, bk) - 1, 0))
-    return b, ks + c * bk, 0
-  return pl.BlockSpec(_element_block(bk, dp), index)
+    c = jnp.minimum(c, jnp.maximum(_n_chunks(ks, ke, w) - 1, 0))
+    return b, ks + c * w, 0
+  return pl.BlockSpec(_element_block(w, dp), index)
+
+
+def _window_chunks(start, ke, bk, w):
+  """Key chunks of the window at `start` that hold keys of the tile's range [., ke)."""
+  return jnp.minimum(_n_chunks(start, ke, bk), w // bk)
 
 
 def _element_block(bk, dp):
@@ -139,6 +191,7 @@ def _fwd_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_
                 acc_sc, *, bk, nt, scale):
   b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   ks, ke = ks_ref[b * nt + i], ke_ref[b * nt + i]
+  w = k_ref.shape[0]
 
   @pl.when(c == 0)
   def _():
@@ -146,14 +199,16 @@ def _fwd_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  start = ks + c * bk
+  start = ks + c * w
 
-  @pl.when(start < ke)
-  def _():
-    kpos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  def chunk(j, _):  # keys [start + j * bk, + bk) of the window
+    at = pl.multiple_of(j * bk, bk)
+    kpos = start + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     mask = (kpos >= lo_ref[...]) & (kpos < hi_ref[...])  # [Mq, Bk]
-    s = _dot(q_ref[...], k_ref[...], trans_b=True) * scale
-    _softmax_step(s, mask, m_sc, l_sc, acc_sc, v_ref[...])
+    s = _dot(q_ref[...], k_ref[pl.ds(at, bk), :], trans_b=True) * scale
+    _softmax_step(s, mask, m_sc, l_sc, acc_sc, v_ref[pl.ds(at, bk), :])
+
+  jax.lax.fori_loop(0, _window_chunks(start, ke, bk, w), chunk, None)
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
@@ -168,22 +223,25 @@ def _dq_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_
                dq_ref, acc_sc, *, bk, nt, scale):
   b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   ks, ke = ks_ref[b * nt + i], ke_ref[b * nt + i]
+  w = k_ref.shape[0]
 
   @pl.when(c == 0)
   def _():
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  start = ks + c * bk
+  start = ks + c * w
 
-  @pl.when(start < ke)
-  def _():
-    kpos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  def chunk(j, _):  # keys [start + j * bk, + bk) of the window
+    at = pl.multiple_of(j * bk, bk)
+    kpos = start + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     mask = (kpos >= lo_ref[...]) & (kpos < hi_ref[...])
-    k, v = k_ref[...], v_ref[...]
+    k, v = k_ref[pl.ds(at, bk), :], v_ref[pl.ds(at, bk), :]
     s = _dot(q_ref[...], k, trans_b=True) * scale  # [Mq, Bk]
     p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
     ds = p * (_dot(do_ref[...], v, trans_b=True) - dl_ref[...])
     acc_sc[...] += _dot(ds.astype(k.dtype), k)
+
+  jax.lax.fori_loop(0, _window_chunks(start, ke, bk, w), chunk, None)
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
@@ -191,7 +249,7 @@ def _dq_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_
 
 
 def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale):
-  """One (key tile, row tile) step; lo/hi/lse/delta are [Mq, 1] columns."""
+  """One (key chunk, row tile) product; lo/hi/lse/delta are [Mq, 1] columns."""
   mask = (kpos >= lo) & (kpos < hi)  # [Mq, Bk]
   s = _dot(q, k, trans_b=True) * scale  # [Mq, Bk]
   p = jnp.where(mask, jnp.exp(s - lse), 0.0)
@@ -203,27 +261,45 @@ def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale):
   return dk, dv
 
 
-def _dkdv_dense_kernel(kt_ref, rt0_ref, nrt_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref,
-                       lo_ref, hi_ref, dk_ref, dv_ref, *, bk, nkt, scale):
+def _dkdv_window(k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, dk_ref, dv_ref,
+                 first_key, n, bk, scale):
+  """A row tile's products with the first n key chunks of bk keys of a window (keys from
+  first_key), each added into its rows of the window's dK/dV block."""
+  def chunk(j, _):
+    at = pl.multiple_of(j * bk, bk)
+    kpos = first_key + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    dk, dv = _dkdv_step(kpos, k_ref[pl.ds(at, bk), :], v_ref[pl.ds(at, bk), :], q_ref[...],
+                        do_ref[...], lse_ref[...], dl_ref[...], lo_ref[...], hi_ref[...],
+                        dk_ref[pl.ds(at, bk), :], dv_ref[pl.ds(at, bk), :], scale)
+    dk_ref[pl.ds(at, bk), :], dv_ref[pl.ds(at, bk), :] = dk, dv
+
+  jax.lax.fori_loop(0, n, chunk, None)
+
+
+def _dkdv_dense_kernel(kt_ref, rt0_ref, nrt_ref, q0_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
+                       dl_ref, lo_ref, hi_ref, dk_ref, dv_ref, *, bk, bq, groups, nkt, scale):
   b, c, m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  t, w = b * nkt + c, k_ref.shape[0]
 
   @pl.when(m == 0)
   def _():
     dk_ref[...] = jnp.zeros(dk_ref.shape, jnp.float32)
     dv_ref[...] = jnp.zeros(dv_ref.shape, jnp.float32)
 
-  @pl.when(m < nrt_ref[b * nkt + c])
-  def _():
-    kpos = kt_ref[b * nkt + c] * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    dk, dv = _dkdv_step(kpos, k_ref[...], v_ref[...], q_ref[...], do_ref[...], lse_ref[...],
-                        dl_ref[...], lo_ref[...], hi_ref[...], dk_ref[...], dv_ref[...], scale)
-    dk_ref[...], dv_ref[...] = dk, dv
+  # the window's key chunks up to the row tile's last query (dense rows t * G + g of the local
+  # queries, which start at position q0): causal, the later chunks are masked for every row
+  first_key = kt_ref[t] * w
+  last_q = q0_ref[0] + jax.lax.div((rt0_ref[t] + m + 1) * bq - 1, jnp.int32(groups))
+  n = jnp.minimum(_n_chunks(first_key, last_q + 1, bk), w // bk)
+  n = jnp.where(m < nrt_ref[t], n, 0)
+  _dkdv_window(k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, dk_ref, dv_ref,
+               first_key, n, bk, scale)
 
 
 def _dkdv_sparse_kernel(ks_ref, grp_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref,
-                        hi_ref, dk_ref, dv_ref, *, bk, nt, dt, scale):
+                        hi_ref, dk_ref, dv_ref, *, bk, nt, dt, block, scale):
   b, c, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  t = b * nt + dt + i
+  t, w = b * nt + dt + i, k_ref.shape[0]
   first = (i == 0) | (grp_ref[jnp.maximum(t - 1, 0)] != grp_ref[t])
 
   @pl.when(first)  # a new group: its output block is fresh
@@ -231,10 +307,10 @@ def _dkdv_sparse_kernel(ks_ref, grp_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, d
     dk_ref[...] = jnp.zeros(dk_ref.shape, jnp.float32)
     dv_ref[...] = jnp.zeros(dv_ref.shape, jnp.float32)
 
-  kpos = ks_ref[t] + c * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-  dk, dv = _dkdv_step(kpos, k_ref[...], v_ref[...], q_ref[...], do_ref[...], lse_ref[...],
-                      dl_ref[...], lo_ref[...], hi_ref[...], dk_ref[...], dv_ref[...], scale)
-  dk_ref[...], dv_ref[...] = dk, dv
+  # window c of the group's block [ks, ks + block): its chunks that hold keys of the block
+  n = jnp.minimum(_n_chunks(c * w, jnp.int32(block), bk), w // bk)
+  _dkdv_window(k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, dk_ref, dv_ref,
+               ks_ref[t] + c * w, n, bk, scale)
 
 
 def _call(kernel, grid, n_prefetch, in_specs, out_specs, out_shape, scratch, interpret,
@@ -256,12 +332,12 @@ def _kernel_name(kernel) -> str:
   return "moba_tpu_" + kernel.func.__name__.strip("_").removesuffix("_kernel")
 
 
-def _prep(q, k, v, sizes):
-  """Row layouts: q [BK, TqG, Dp], k/v [BK, T + pad, Dp] in q's dtype (k, v wider than q, the
-  context-parallel path's float32, are rounded to it); Dp a multiple of 128 lanes."""
+def _prep(q, k, v, pad_k):
+  """Row layouts: q [BK, TqG, Dp], k/v [BK, T + pad_k, Dp] in q's dtype (k, v wider than q, the
+  context-parallel path's float32, are rounded to it); Dp a multiple of 128 lanes. pad_k: the
+  widest window a kernel reads at a key position (windows start at keys < T)."""
   kv_heads, dim = k.shape[2], q.shape[-1]
   dp = rt._round_up(dim, 128)
-  pad_k = max(sizes.block_k, sizes.block_k_dkv)
   padd = lambda x, t=0: jnp.pad(x, ((0, 0), (0, t), (0, dp - dim)))
   kv = lambda x: padd(rt.heads_major(x.astype(q.dtype), kv_heads), pad_k)
   return padd(rt.heads_major(q, kv_heads)), kv(k), kv(v)
@@ -272,16 +348,22 @@ def _rows(x, routing):
   return jnp.take_along_axis(x, jnp.maximum(routing.rq, 0)[..., None], axis=1)
 
 
+def _window(q, routing, dims, sizes):
+  """`kv_window` of this call: (W, grid steps a row tile)."""
+  dp = rt._round_up(q.shape[-1], 128)
+  return kv_window(sizes, dims, dp, q.dtype.itemsize, routing.q_start is not None)
+
+
 def _forward(q, k, v, routing, dims, sizes, scale, interpret):
   batch, seq = q.shape[:2]
-  qr, kr, vr = _prep(q, k, v, sizes)
+  w, nw = _window(q, routing, dims, sizes)
+  qr, kr, vr = _prep(q, k, v, w)
   batch_kv, dp = qr.shape[0], qr.shape[-1]
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
-  nc = -(-(dims.block_size + bq) // bk)
   kernel = functools.partial(_fwd_kernel, bk=bk, nt=nt, scale=scale)
   f32 = jnp.float32
-  call = _call(kernel, (batch_kv, nt, nc), 2,
-               [_row_spec(bq, dp), _kv_spec(bk, dp, nt), _kv_spec(bk, dp, nt), _row_spec(bq, 1),
+  call = _call(kernel, (batch_kv, nt, nw), 2,
+               [_row_spec(bq, dp), _kv_spec(w, dp, nt), _kv_spec(w, dp, nt), _row_spec(bq, 1),
                 _row_spec(bq, 1)],
                [_row_spec(bq, dp), _row_spec(bq, 1)],
                # partial outputs in q's dtype (rounded once, as on the GPU); merged in float32
@@ -321,54 +403,81 @@ def _dense_key_tiles(routing, dims, bkd, seq):
   return kt, jnp.minimum(rt0, dims.dense_rows // bq - 1), nrt
 
 
+def dkdv_window(sizes, dims, dp) -> int:
+  """Keys of a dK/dV grid step's window (walked in block_k_dkv chunks, each added into its rows
+  of the window's float32 dK and dV blocks): the routing block rounded up to block_k_dkv, up to
+  WINDOW_BYTES of each float32 block (1024 keys at head_dim 128), or block_kv_window_dkv."""
+  bkd = sizes.block_k_dkv
+  return sizes.block_kv_window_dkv or min(-(-dims.block_size // bkd) * bkd,
+                                          max(bkd, WINDOW_BYTES // (dp * 4) // bkd * bkd))
+
+
+def _dense_row_tiles(dims, w, offset) -> int:
+  """Grid steps of a dense dK/dV window: the most row tiles a window of w keys sees (`_dense_key_
+  tiles`' count), computed for one document without an offset, else its bound."""
+  bq, g, blk, seq = dims.block_q, dims.groups, dims.block_size, dims.seq
+  if not dims.one_doc or offset or dims.queries != seq:
+    return -(-(blk + w) * g // bq) + 1
+  first = np.arange(0, seq, w)
+  last = np.minimum(first + w, seq) - 1
+  r1 = np.minimum((last // blk + 1) * blk, seq) * g
+  return int(np.max(-(-r1 // bq) - first * g // bq))
+
+
 def _dkdv_dense(args, routing, dims, sizes, scale, interpret, seq):
-  """dK/dV of the current blocks: key tile c sees the row tiles of queries [c * Bk, block end)."""
+  """dK/dV of the current blocks: key window c sees the row tiles of queries [c * W, block end)
+  (`dkdv_window`'s W keys)."""
   bq, bkd, g = sizes.block_q, sizes.block_k_dkv, dims.groups
   kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi = args
   batch_kv, dp = kr.shape[0], kr.shape[-1]
-  kt, rt0, nrt = _dense_key_tiles(routing, dims, bkd, seq)
+  w = dkdv_window(sizes, dims, dp)
+  kt, rt0, nrt = _dense_key_tiles(routing, dims, w, seq)
   nkt = kt.shape[1]
-  nrd = -(-(dims.block_size + bkd) * g // bq) + 1
+  nrd = _dense_row_tiles(dims, w, routing.q_start is not None)
+  q0 = jnp.zeros((1,), jnp.int32) if routing.q_start is None else routing.q_start.reshape(1)
 
-  def row_index(b, c, m, kt_ref, rt0_ref, nrt_ref):
+  def row_index(b, c, m, kt_ref, rt0_ref, nrt_ref, *_):
     t = b * nkt + c
     return b, rt0_ref[t] + jnp.minimum(m, jnp.maximum(nrt_ref[t] - 1, 0)), 0
 
-  row = lambda w: pl.BlockSpec((pl.squeezed, bq, w), row_index)
-  key = pl.BlockSpec((pl.squeezed, bkd, dp), lambda b, c, m, kt_ref, *_: (b, kt_ref[b * nkt + c],
-                                                                           0))
-  out = pl.BlockSpec((pl.squeezed, bkd, dp), lambda b, c, m, *_: (b, c, 0))
-  kernel = functools.partial(_dkdv_dense_kernel, bk=bkd, nkt=nkt, scale=scale)
-  shape = jax.ShapeDtypeStruct((batch_kv, nkt * bkd, dp), jnp.float32)
-  call = _call(kernel, (batch_kv, nkt, nrd), 3,
+  row = lambda width: pl.BlockSpec((pl.squeezed, bq, width), row_index)
+  key = pl.BlockSpec((pl.squeezed, w, dp), lambda b, c, m, kt_ref, *_: (b, kt_ref[b * nkt + c],
+                                                                         0))
+  out = pl.BlockSpec((pl.squeezed, w, dp), lambda b, c, m, *_: (b, c, 0))
+  kernel = functools.partial(_dkdv_dense_kernel, bk=bkd, bq=bq, groups=g, nkt=nkt, scale=scale)
+  shape = jax.ShapeDtypeStruct((batch_kv, nkt * w, dp), jnp.float32)
+  call = _call(kernel, (batch_kv, nkt, nrd), 4,
                [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [out, out],
                [shape, shape], [], interpret, ("parallel", "parallel", "arbitrary"))
-  dk, dv = call(kt.reshape(-1), rt0.reshape(-1), nrt.reshape(-1), *args)
-  pos = (kt[:, :, None] * bkd + jnp.arange(bkd, dtype=jnp.int32)).reshape(batch_kv, nkt * bkd)
+  dk, dv = call(kt.reshape(-1), rt0.reshape(-1), nrt.reshape(-1), q0, *args)
+  pos = (kt[:, :, None] * w + jnp.arange(w, dtype=jnp.int32)).reshape(batch_kv, nkt * w)
   return dk, dv, pos
 
 
 def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
-  """dK/dV of chosen past blocks: consecutive row tiles of one group share an output block."""
+  """dK/dV of chosen past blocks: consecutive row tiles of one group share an output block, a
+  window of `dkdv_window`'s W keys of the group's block a grid step."""
   bq, bkd, nt = sizes.block_q, sizes.block_k_dkv, dims.tiles
   kr = args[0]
   batch_kv, dp = kr.shape[0], kr.shape[-1]
   dt, nts = dims.dense_rows // bq, dims.sparse_rows // bq
-  nck = -(-dims.block_size // bkd)
-  key = pl.BlockSpec(_element_block(bkd, dp),
-                     lambda b, c, i, ks_ref, grp_ref: (b, ks_ref[b * nt + dt + i] + c * bkd, 0))
-  row = lambda w: pl.BlockSpec((pl.squeezed, bq, w), lambda b, c, i, *_: (b, dt + i, 0))
-  out = pl.BlockSpec((pl.squeezed, bkd, dp),
+  w = dkdv_window(sizes, dims, dp)
+  nck = -(-dims.block_size // w)
+  key = pl.BlockSpec(_element_block(w, dp),
+                     lambda b, c, i, ks_ref, grp_ref: (b, ks_ref[b * nt + dt + i] + c * w, 0))
+  row = lambda width: pl.BlockSpec((pl.squeezed, bq, width), lambda b, c, i, *_: (b, dt + i, 0))
+  out = pl.BlockSpec((pl.squeezed, w, dp),
                      lambda b, c, i, ks_ref, grp_ref: (b, grp_ref[b * nt + dt + i] * nck + c, 0))
-  kernel = functools.partial(_dkdv_sparse_kernel, bk=bkd, nt=nt, dt=dt, scale=scale)
-  n_out = (dims.max_groups + 1) * nck * bkd
+  kernel = functools.partial(_dkdv_sparse_kernel, bk=bkd, nt=nt, dt=dt, block=dims.block_size,
+                             scale=scale)
+  n_out = (dims.max_groups + 1) * nck * w
   shape = jax.ShapeDtypeStruct((batch_kv, n_out, dp), jnp.float32)
   call = _call(kernel, (batch_kv, nck, nts), 2,
                [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [out, out],
                [shape, shape], [], interpret, ("parallel", "arbitrary", "arbitrary"))
   dk, dv = call(routing.tile_ks.reshape(-1), routing.tile_group.reshape(-1), *args)
   gp = jnp.concatenate([routing.group_p, jnp.full((batch_kv, 1), dims.seq, jnp.int32)], axis=1)
-  offs = (jnp.arange(nck, dtype=jnp.int32)[:, None] * bkd + jnp.arange(bkd, dtype=jnp.int32))
+  offs = jnp.arange(nck * w, dtype=jnp.int32)
   return dk, dv, (gp[:, :, None, None] + offs).reshape(batch_kv, n_out)
 
 
@@ -377,7 +486,8 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   # After the forward's residuals: else XLA merges the gather of q rows below with the forward's
   # (the same computation) and keeps the rows from the forward on (moba_gpu.backward's note)
   q, do, o, lse = jax.lax.optimization_barrier((q, do, o, lse))
-  qr, kr, vr = _prep(q, k, v, sizes)
+  w, nw = _window(q, routing, dims, sizes)
+  qr, kr, vr = _prep(q, k, v, max(w, dkdv_window(sizes, dims, rt._round_up(dim, 128))))
   batch_kv, dp = qr.shape[0], qr.shape[-1]
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
   dor = jnp.pad(rt.heads_major(do, k.shape[2]), ((0, 0), (0, 0), (0, dp - dim)))
@@ -393,10 +503,9 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   # barrier orders it after the dK/dV; else XLA would copy them first)
   q_rows, parts = jax.lax.optimization_barrier((q_rows, parts))
 
-  nc = -(-(dims.block_size + bq) // bk)
   kernel = functools.partial(_dq_kernel, bk=bk, nt=nt, scale=scale)
-  kv = _kv_spec(bk, dp, nt)
-  call = _call(kernel, (batch_kv, nt, nc), 2,
+  kv = _kv_spec(w, dp, nt)
+  call = _call(kernel, (batch_kv, nt, nw), 2,
                [_row_spec(bq, dp), kv, kv, _row_spec(bq, dp)] + [_row_spec(bq, 1)] * 4,
                _row_spec(bq, dp), jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
                [pltpu.VMEM((bq, dp), jnp.float32)], interpret,
@@ -425,6 +534,16 @@ def pallas_calls(jaxpr) -> list:
         if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
           found += pallas_calls(sub)
   return found
+
+
+def grid_steps(jaxpr) -> dict[str, int]:
+  """Grid steps of each Pallas kernel in a traced program, by kernel name (summed over calls):
+  what the per-step fixed cost of a TPU grid is paid for (tools/tpu_steps.py)."""
+  steps = {}
+  for eqn in pallas_calls(jaxpr):
+    name = str(eqn.params.get("name") or eqn.params.get("name_and_src_info")).split()[0]
+    steps[name] = steps.get(name, 0) + math.prod(eqn.params["grid_mapping"].grid)
+  return steps
 
 
 def _block_dims(block_shape) -> tuple[int, ...]:

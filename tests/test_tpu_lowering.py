@@ -92,6 +92,28 @@ def test_pallas_tpu_writes_forward_and_dq_rows_over_the_gathered_q_rows():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seq, block, topk, packed, window, steps", [
+    (8192, 512, 3, False, 512, 1),  # the benchmark shape: a tile's block is one window
+    (8192, 512, 3, True, 640, 1),  # packed documents: a tile's range may cross a block start
+    (16384, 128, 8, False, 128, 1),
+    (32768, 4096, 12, False, 2048, 2),  # WINDOW_BYTES: 2048 keys of 16-bit head_dim 128
+])
+def test_forward_and_dq_take_one_grid_step_per_window_of_a_tiles_keys(seq, block, topk, packed,
+                                                                      window, steps):
+  """The TPU grid's fixed cost is paid once a step (docs/tpu_roofline.md): the forward and dQ
+  take a row tile's key range in windows of up to WINDOW_BYTES (`kv_window`), so blocks of up to
+  2048 keys are one grid step a tile (they were one a 128-key chunk, plus one past the block)."""
+  from moba_jax.kernels import _routing as rt
+  shape = (1, seq, 16, 16, 128)
+  specs = _specs(*shape, jnp.bfloat16)
+  traced = jax.jit(_grad_fn(block, topk)).trace(*specs[:3], specs[3] if packed else None)
+  dims = rt.make_dims(seq, 1, block, topk, 128, one_doc=not packed)
+  sizes = moba_tpu.BlockSizes()
+  assert moba_tpu.kv_window(sizes, dims, 128, 2) == (window, steps)
+  grid = moba_tpu.grid_steps(traced.jaxpr)
+  assert grid["moba_tpu_fwd"] == grid["moba_tpu_dq"] == 16 * dims.tiles * steps
+
+
 def test_pallas_tpu_lowers_for_tpu_at_32k():
   _assert_lowered(*lower_for_tpu((1, 32768, 16, 16, 128), jnp.bfloat16, 512, 3), ALL)
 
