@@ -91,7 +91,6 @@ def test_pallas_tpu_writes_forward_and_dq_rows_over_the_gathered_q_rows():
                                           names.index("moba_tpu_dkdv_sparse"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("seq, block, topk, packed, window, steps", [
     (8192, 512, 3, False, 512, 1),  # the benchmark shape: a tile's block is one window
     (8192, 512, 3, True, 640, 1),  # packed documents: a tile's range may cross a block start
@@ -114,6 +113,7 @@ def test_forward_and_dq_take_one_grid_step_per_window_of_a_tiles_keys(seq, block
   assert grid["moba_tpu_fwd"] == grid["moba_tpu_dq"] == 16 * dims.tiles * steps
 
 
+@pytest.mark.slow
 def test_pallas_tpu_lowers_for_tpu_at_32k():
   _assert_lowered(*lower_for_tpu((1, 32768, 16, 16, 128), jnp.bfloat16, 512, 3), ALL)
 
