@@ -47,8 +47,9 @@ class KernelOptions:
     mosaic_dkdv (the Mosaic GPU kernels, kernels/moba_mgpu.py: the default on Hopper),
     mosaic_head_chunks (their forward and backward over that many chunks of kv heads, one
     after another: less memory);
-    moba_tpu: block_q, block_k, block_k_dkv; splash, for full attention: block_q, block_kv), the
-    rest at their class defaults; () = the kernel's get_default().
+    moba_tpu: block_q, block_k, block_k_dkv, block_kv_window, block_kv_window_dkv; splash, for
+    full attention: block_q, block_kv), the rest at their class defaults; () = the kernel's
+    get_default().
   """
 
   interpret: bool = False
