@@ -7,6 +7,7 @@ included: a rectangular grid's steps past a tile's keys still pay the fixed cost
 of the attended pairs' nine products (fwd 2, dQ 3, dK/dV 4) per grid step.
 
   python tools/tpu_steps.py [--shapes 8192:512:3,16384:128:8,...] [--heads 16] [--dim 128]
+      [--tiles 256,128,256]  (moba_tpu.BlockSizes fields in order, as `moba.tiles`)
 
 Works on any tree with `moba_tpu.pallas_calls` (every tree since run 16): PYTHONPATH=OLD_TREE
 prints an older kernel's steps for the same shapes.
@@ -25,11 +26,12 @@ from moba_jax.kernels import moba_tpu
 SHAPES = "8192:512:3,16384:128:8,32768:512:3,131072:512:3,131072:4096:12"
 
 
-def steps_of(seq, block, topk, heads, dim, dtype=jnp.bfloat16):
+def steps_of(seq, block, topk, heads, dim, dtype=jnp.bfloat16, tiles=()):
   """{kernel name: grid steps} of one fwd+bwd step at [1, seq, heads, dim], one document."""
   def loss(q, k, v):
     out = attention.moba_attention(q, k, v, segment_ids=None, block_size=block, topk=topk,
-                                   implementation="pallas_tpu")
+                                   implementation="pallas_tpu",
+                                   options=attention.KernelOptions(tiles=tiles))
     return out.astype(jnp.float32).sum()
 
   spec = jax.ShapeDtypeStruct((1, seq, heads, dim), dtype)
@@ -54,14 +56,16 @@ def main():
   ap.add_argument("--shapes", default=SHAPES, help="SEQ:BLOCK:TOPK,... (16 heads, head_dim 128)")
   ap.add_argument("--heads", type=int, default=16)
   ap.add_argument("--dim", type=int, default=128)
+  ap.add_argument("--tiles", default="", help="moba_tpu.BlockSizes fields in order, e.g. 256,128,256")
   args = ap.parse_args()
+  tiles = tuple(int(x) for x in args.tiles.split(",") if x)
   print(f"pallas_tpu grid steps of one fwd+bwd step ({args.heads} heads, head_dim {args.dim}, "
-        "bf16, one document)")
+        f"bf16, one document, tiles {list(tiles) or 'default'})")
   print(f"{'shape':<18} {'fwd':>9} {'dq':>9} {'dkdv dense':>11} {'dkdv sparse':>12} "
         f"{'all':>10} {'MFLOP/step':>11}")
   for spec in args.shapes.split(","):
     seq, block, topk = (int(x) for x in spec.split(":"))
-    steps = steps_of(seq, block, topk, args.heads, args.dim)
+    steps = steps_of(seq, block, topk, args.heads, args.dim, tiles=tiles)
     total = sum(steps.values())
     # fwd 2 products, dQ 3, dK/dV 4: 9 of 2 x pairs x dim FLOPs each, over all grid steps
     flops = 9 * 2 * pairs(seq, block, topk, args.heads) * args.dim
