@@ -9,10 +9,11 @@ padded per block to the row tile, like megablox groups). TPU specifics (docs/tpu
     are not tile-aligned); a forward or dQ grid step brings a window of keys (`kv_window`: the
     tile's whole range up to a block of 2048 keys, so one step a tile) and walks it in 128-key
     chunks; windows past a tile's range repeat the last index (no new DMA) and compute nothing;
-  * tiles are (8, 128)-aligned: row tile 128, key tile 128, head_dim padded to 128 lanes;
+  * tiles are (8, 128)-aligned: row tile 128, key chunk 128, head_dim padded to 128 lanes;
   * no atomics: dQ is written per partial row and summed by XLA; dK/dV of the current blocks is
-    a banded pass per key tile; dK/dV of past blocks accumulates in the resident output block
-    over consecutive row tiles of one group (the row-tile axis is "arbitrary").
+    a banded pass per key window (`dkdv_window`: a block's keys, up to 1024); dK/dV of past
+    blocks accumulates in the resident output block over consecutive row tiles of one group
+    (the row-tile axis is "arbitrary"), a window of the block's keys a grid step.
 """
 
 from __future__ import annotations
