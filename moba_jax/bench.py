@@ -3,14 +3,16 @@
 Prints, per (seq, block, topk, implementation): fwd and fwd+bwd median ms, effective TFLOP/s
 (4 x attended (query, key) pairs x head_dim x heads / time; x3.5 for fwd+bwd) and the compiled
 peak device memory of the fwd+bwd step (arguments + outputs + temporaries, from XLA's memory
-analysis). With a cuDNN row at the same length, each MoBA row also gets its ratios to cuDNN (time,
-per-FLOP efficiency, memory) and to the physical floor: its attended pairs at cuDNN's measured
-time per pair (`floor ms`; `x floor` = time / floor). Inputs are fresh random normals (two sets,
+analysis). With a row of the platform's full-attention kernel at the same length (cuDNN on a GPU,
+`splash` on a TPU), each MoBA row also gets its ratios to it (time, per-FLOP efficiency, memory)
+and to the physical floor: its attended pairs at that kernel's measured time per pair (`floor
+ms`; `x floor` = time / floor). Inputs are fresh random normals (two sets,
 alternated), never zeros; warm-up first;
 each timing is the median of `--repeats` calls, each closed by block_until_ready.
 
   moba-jax bench                                # the default table (H200 sizes)
   moba-jax bench --seqs 256 --heads 2 --dim 16 --configs 64:2 --impls xla --repeats 3
+  moba-jax bench --impls pallas_tpu,splash --tiles 128,128,128,512  # on a TPU, set windows
   moba-jax bench --decode ...                   # decode steps over a KV cache (bench_decode.py)
 """
 
@@ -34,6 +36,8 @@ from moba_jax import moba as moba_lib
 
 DEFAULT_CASES = [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3), (131072, 512, 3),
                  (131072, 2048, 3), (131072, 4096, 12)]
+FULL_IMPLS = ("cudnn", "splash", "full_xla")  # full attention (`attention.full_attention`'s names
+# but "full_xla"); the first two are the platforms' kernels the ratios and floor are taken against
 # fwd+bwd targets of issue 14 (one H200, batch 1, 16 heads, head_dim 128, bf16, each call synced).
 TARGETS_MS = {(8192, 512, 3): 1.5, (16384, 128, 8): 2.5, (32768, 512, 3): 3.0,
               (131072, 512, 3): 12.0, (131072, 4096, 12): 320.0}
@@ -69,7 +73,7 @@ def _positive(text: str) -> int:
 
 
 def _impls(text: str) -> str:
-  valid = set(attn.implementations("moba")) - {"auto"} | {"cudnn", "full_xla"}
+  valid = set(attn.implementations("moba")) - {"auto"} | set(FULL_IMPLS)
   bad = [x for x in text.split(",") if x not in valid]
   if bad:
     raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {sorted(valid)}")
@@ -83,7 +87,8 @@ def parse_args(argv):
   p.add_argument("--configs", default=None, type=_configs,
                  help="comma-separated block:topk (default: 512:3, and 2048:3, 4096:12 at 128K)")
   p.add_argument("--impls", default="pallas_gpu,xla,cudnn", type=_impls,
-                 help="MoBA implementations and/or 'cudnn'/'full_xla' for full attention")
+                 help="MoBA implementations and/or 'cudnn' (GPU), 'splash' (TPU), 'full_xla' "
+                      "for full attention")
   p.add_argument("--docs", type=_positive, default=1,
                  help="documents packed in each row of the MoBA rows (lengths drawn once from "
                       "a fixed seed; 1: one document, segment_ids None); cuDNN's row stays one "
@@ -99,10 +104,13 @@ def parse_args(argv):
                  help="calls dispatched back to back per timed sample (1: each call synced)")
   p.add_argument("--json", default=None, help="write the rows to this JSON file")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
-  p.add_argument("--gpu-block-sizes", default=None,
-                 help="pallas_gpu tiles: block_q,block_k,block_q_dkv,block_k_dkv,warps,stages"
-                      "[,dK/dV warps[,mosaic_block_kv[,mosaic_dq[,mosaic_dkdv"
-                      "[,mosaic_head_chunks]]]]]")
+  p.add_argument("--tiles", "--gpu-block-sizes", dest="tiles", default=None,
+                 help="the pallas_gpu or pallas_tpu rows' tiles (their BlockSizes fields in "
+                      "order, as moba.tiles; --gpu-block-sizes is the older name): pallas_gpu "
+                      "block_q,block_k,block_q_dkv,block_k_dkv,warps,stages[,dK/dV warps"
+                      "[,mosaic_block_kv[,mosaic_dq[,mosaic_dkdv[,mosaic_head_chunks]]]]]; "
+                      "pallas_tpu block_q,block_k,block_k_dkv[,block_kv_window"
+                      "[,block_kv_window_dkv]]")
   p.add_argument("--breakdown", action="store_true",
                  help="pallas_gpu only: time routing, forward and backward separately")
   return p.parse_args(argv)
@@ -117,26 +125,30 @@ def cases(args):
   return [(s, b, k) for s in (seqs or sorted({c[0] for c in DEFAULT_CASES})) for b, k in configs]
 
 
-def gpu_options(spec: str | None) -> attn.KernelOptions:
-  """--gpu-block-sizes "64,64,64,64,4,3[,4]" -> the options that give pallas_gpu those tiles."""
+TILED = ("pallas_gpu", "pallas_tpu")  # the implementations --tiles applies to
+
+
+def tile_options(spec: str | None) -> attn.KernelOptions:
+  """--tiles "64,64,64,64,4,3[,4]" -> the options that give a Pallas kernel those tiles."""
   return attn.KernelOptions(tiles=tuple(int(x) for x in spec.split(",")) if spec else ())
 
 
 def gpu_block_sizes(spec: str | None, dim: int = 128, dtype=jnp.bfloat16):
-  """The moba_gpu.BlockSizes of --gpu-block-sizes (the kernel's default without one)."""
+  """The moba_gpu.BlockSizes of --tiles (the kernel's default without one)."""
   from moba_jax.kernels import moba_gpu
-  return gpu_options(spec).block_sizes(moba_gpu.BlockSizes,
-                                       moba_gpu.BlockSizes.get_default(dim, dtype))
+  return tile_options(spec).block_sizes(moba_gpu.BlockSizes,
+                                        moba_gpu.BlockSizes.get_default(dim, dtype))
 
 
-def make_fn(impl, block, topk, bwd, gpu_sizes=None):
+def make_fn(impl, block, topk, bwd, tiles=None):
   """The jitted forward fn(q, k, v, segment_ids) or fwd+bwd step fn(q, k, v, cot, segment_ids)
-  (segment_ids: an argument, as a training step's data; None: one document per row)."""
-  if impl == "pallas_gpu" and gpu_sizes:
+  (segment_ids: an argument, as a training step's data; None: one document per row). tiles:
+  --tiles, for pallas_gpu and pallas_tpu."""
+  if impl in TILED and tiles:
     fwd = lambda q, k, v, seg: attn.moba_attention(q, k, v, block_size=block, topk=topk,
-                                                   segment_ids=seg, implementation="pallas_gpu",
-                                                   options=gpu_options(gpu_sizes))
-  elif impl in ("cudnn", "full_xla"):
+                                                   segment_ids=seg, implementation=impl,
+                                                   options=tile_options(tiles))
+  elif impl in FULL_IMPLS:
     name = "xla" if impl == "full_xla" else impl
     fwd = lambda q, k, v, seg: attn.full_attention(q, k, v, segment_ids=seg, implementation=name)
   else:
@@ -203,24 +215,24 @@ def time_ms(fn, arg_sets, warmup, repeats, pipeline=1):
 
 def bench_one(args, impl, seq, block, topk):
   dtype = jnp.dtype(args.dtype)
-  moba = impl not in ("cudnn", "full_xla")
+  moba = impl not in FULL_IMPLS
   # full attention stays one causal document: the per-pair rate the floor is measured at
   lengths = doc_lengths(seq, args.docs) if moba else [seq]
   sets = [inputs(s, args, seq, dtype, lengths) for s in (1, 2)]
   pairs = flops.attended_pairs(lengths, "moba" if moba else "full", block, topk)
   flop = 4 * pairs * args.dim * args.heads * args.batch
   row = dict(impl=impl, pairs=pairs, seq=seq, docs=len(lengths),
-             sizes=args.gpu_block_sizes if impl == "pallas_gpu" else None,
+             sizes=args.tiles if impl in TILED else None,
              block=block if moba else None, topk=topk if moba else None, heads=args.heads,
              dim=args.dim, dtype=args.dtype, pipeline=args.pipeline)
   if len(lengths) > 1:
     row["doc_lengths"] = lengths
-  fwd = make_fn(impl, block, topk, bwd=False, gpu_sizes=args.gpu_block_sizes)
+  fwd = make_fn(impl, block, topk, bwd=False, tiles=args.tiles)
   row["fwd_ms"] = time_ms(fwd, [s[:3] + s[4:] for s in sets], args.warmup, args.repeats,
                           args.pipeline)
   row["fwd_tflops"] = flop / row["fwd_ms"] / 1e9
   if not args.no_bwd:
-    step = make_fn(impl, block, topk, bwd=True, gpu_sizes=args.gpu_block_sizes)
+    step = make_fn(impl, block, topk, bwd=True, tiles=args.tiles)
     row["fwdbwd_ms"] = time_ms(step, sets, args.warmup, args.repeats, args.pipeline)
     row["fwdbwd_tflops"] = 3.5 * flop / row["fwdbwd_ms"] / 1e9
     row["peak_gib"] = (lambda b: None if b is None else b / 2**30)(peak_bytes(step, sets[0]))
@@ -234,14 +246,18 @@ def fmt(x, spec):
 
 
 def add_ratios(rows) -> list[dict]:
-  """Adds to each MoBA row with a cuDNN row of the same length: vs_cudnn (fwd+bwd time ratio),
-  eff_vs_cudnn (effective TF/s ratio), mem_vs_cudnn (peak memory ratio), floor_ms (the row's
-  attended pairs at cuDNN's measured fwd+bwd time per pair) and x_floor (time / floor)."""
-  ref = {r["seq"]: r for r in rows if r.get("impl") == "cudnn" and r.get("fwdbwd_ms")}
+  """Adds to each MoBA row with a full-attention kernel's row of the same length (cuDNN's, else
+  splash's: the platform's; `full_ref` names it): vs_cudnn (fwd+bwd time ratio), eff_vs_cudnn
+  (effective TF/s ratio), mem_vs_cudnn (peak memory ratio), floor_ms (the row's attended pairs
+  at that kernel's measured fwd+bwd time per pair) and x_floor (time / floor)."""
+  ref = {}
+  for name in reversed(FULL_IMPLS[:2]):  # cuDNN's row wins where both are there
+    ref.update({r["seq"]: r for r in rows if r.get("impl") == name and r.get("fwdbwd_ms")})
   for r in rows:
     c = ref.get(r.get("seq"))
-    if c is None or r.get("impl") in ("cudnn", "full_xla") or not r.get("fwdbwd_ms"):
+    if c is None or r.get("impl") in FULL_IMPLS or not r.get("fwdbwd_ms"):
       continue
+    r["full_ref"] = c["impl"]
     r["vs_cudnn"] = r["fwdbwd_ms"] / c["fwdbwd_ms"]
     r["eff_vs_cudnn"] = r["fwdbwd_tflops"] / c["fwdbwd_tflops"]
     if r.get("peak_gib") and c.get("peak_gib"):
@@ -252,13 +268,16 @@ def add_ratios(rows) -> list[dict]:
 
 
 def print_table(rows):
+  rows = add_ratios(rows)
+  # the ratios' reference: cuDNN's rows on a GPU, splash's on a TPU (`add_ratios`)
+  ref = "/splash" if any(r.get("full_ref") == "splash" for r in rows) else "/cuDNN"
   head = (f"{'impl':11s} {'seq':>7s} {'blk':>5s} {'topk':>4s} {'docs':>4s} {'fwd ms':>9s} "
           f"{'TF/s':>6s} "
-          f"{'f+b ms':>9s} {'TF/s':>6s} {'peak GiB':>8s} {'target':>6s} {'/cuDNN':>6s} "
+          f"{'f+b ms':>9s} {'TF/s':>6s} {'peak GiB':>8s} {'target':>6s} {ref:>6s} "
           f"{'eff':>5s} {'mem':>5s} {'floor ms':>8s} {'x floor':>7s}")
   print(head)
   print("-" * len(head))
-  for r in add_ratios(rows):
+  for r in rows:
     if "error" in r:
       print(f"{r['impl']:11s} {r['seq']:7d} {fmt(r['block'], '5d')} {fmt(r['topk'], '4d')} "
             f"error: {r['error'][:60]}")
@@ -280,7 +299,7 @@ def breakdown(args, seq, block, topk):
   from moba_jax.kernels import moba_gpu as mg
   dtype = jnp.dtype(args.dtype)
   sets = [inputs(s, args, seq, dtype)[:4] for s in (1, 2)]
-  sizes = gpu_block_sizes(args.gpu_block_sizes, args.dim, dtype)
+  sizes = gpu_block_sizes(args.tiles, args.dim, dtype)
   scale = args.dim ** -0.5
   routing = functools.partial(rt.route, segment_ids=None, block_size=block, topk=topk,
                               block_q=sizes.block_q)
@@ -359,7 +378,7 @@ def main(argv=None) -> int:
     return 0
   for seq, block, topk in cases(args):
     for impl in args.impls.split(","):
-      if impl in ("cudnn", "full_xla") and any(r["impl"] == impl and r["seq"] == seq
+      if impl in FULL_IMPLS and any(r["impl"] == impl and r["seq"] == seq
                                                for r in rows):
         continue  # full attention does not depend on block/topk
       try:

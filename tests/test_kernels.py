@@ -115,6 +115,39 @@ def test_bench_ratios_to_cudnn_and_the_floor():
   assert "floor_ms" not in rows[0] and "floor_ms" not in rows[2]
 
 
+def test_bench_ratios_take_splash_where_there_is_no_cudnn_row(capsys):
+  """On a TPU the full-attention kernel is splash: its row is the ratios' and floor's reference
+  where no cuDNN row is (cuDNN's wins where both are), and the table names it."""
+  from moba_jax import bench
+  full = flops.attended_pairs([1024], "full")
+  sparse = flops.attended_pairs([1024], "moba", 128, 2)
+  row = lambda impl, seq, ms, pairs: dict(impl=impl, seq=seq, pairs=pairs, fwdbwd_ms=ms,
+                                          fwdbwd_tflops=1.0 / ms, block=128, topk=2, docs=1,
+                                          fwd_ms=ms, fwd_tflops=1.0, target_fwdbwd_ms=None)
+  rows = bench.add_ratios([row("splash", 1024, 4.0, full), row("pallas_tpu", 1024, 1.0, sparse),
+                           row("cudnn", 2048, 2.0, full), row("splash", 2048, 8.0, full),
+                           row("pallas_gpu", 2048, 1.0, sparse)])
+  assert rows[1]["full_ref"] == "splash" and rows[1]["vs_cudnn"] == 0.25
+  assert rows[1]["floor_ms"] == pytest.approx(4.0 * sparse / full)
+  assert rows[4]["full_ref"] == "cudnn" and rows[4]["vs_cudnn"] == 0.5
+  bench.print_table(rows[:2])
+  assert "/splash" in capsys.readouterr().out
+
+
+def test_bench_tiles_reach_the_tpu_kernel():
+  """--tiles (--gpu-block-sizes, its older name) gives pallas_tpu rows their BlockSizes: key
+  windows of 128 make the forward take a grid step per 128 keys of a 512-key block."""
+  from moba_jax import bench
+  from moba_jax.kernels import moba_tpu
+  assert bench.parse_args(["--gpu-block-sizes", "1,2"]).tiles == "1,2"
+  spec = jax.ShapeDtypeStruct((1, 1024, 2, 64), jnp.bfloat16)
+  steps = {}
+  for tiles in (None, "128,128,128,128,128"):
+    fn = bench.make_fn("pallas_tpu", 512, 2, bwd=False, tiles=tiles)
+    steps[tiles] = moba_tpu.grid_steps(fn.trace(spec, spec, spec, None).jaxpr)["moba_tpu_fwd"]
+  assert steps["128,128,128,128,128"] == 4 * steps[None]
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--seqs", "abc"], "argument --seqs: 'abc' must be integers"),
     (["--seqs", "0"], "every value must be >= 1"),

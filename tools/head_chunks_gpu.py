@@ -49,7 +49,7 @@ def main(argv=None):
     tiles = f"{tiles},{a.chunks}"
   ns = argparse.Namespace(batch=1, heads=a.heads, kv_heads=None, dim=a.dim)
   sets = [bench.inputs(s, ns, a.seq, jnp.bfloat16) for s in (1, 2)]
-  step = bench.make_fn("pallas_gpu", a.block, a.topk, bwd=True, gpu_sizes=tiles)
+  step = bench.make_fn("pallas_gpu", a.block, a.topk, bwd=True, tiles=tiles)
   peak = bench.peak_bytes(step, sets[0]) / 2 ** 20
   synced = bench.time_ms(step, sets, 3, a.repeats)
   piped = bench.time_ms(step, sets, 3, a.repeats, pipeline=8)

@@ -74,7 +74,7 @@ def report(impl, args, dump):
 
   ns = argparse.Namespace(batch=1, heads=args.heads, kv_heads=None, dim=args.dim)
   q, k, v, do = bench.inputs(1, ns, args.seq, jnp.bfloat16)
-  step = bench.make_fn(impl, args.block, args.topk, bwd=True, gpu_sizes=args.gpu_block_sizes)
+  step = bench.make_fn(impl, args.block, args.topk, bwd=True, tiles=args.gpu_block_sizes)
   m = step.lower(q, k, v, do).compile().memory_analysis()
   peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes \
       - m.alias_size_in_bytes
