@@ -173,8 +173,9 @@
 #       (`nvidia-smi -q -d POWER`)
 #   59: the table's rows after a kernel change: the synced fwd+bwd of every target shape (8K and
 #       32K b512 k3, 16K b128 k8, 128K b512 k3: REPEATS, default 20; 128K b4096 k12: 10) and 8K
-#       back to back (table.txt), a 32K b512 k3 profile with the host's share and every gap
-#       between kernels kept (prof32k.txt), then tools/mgpu_trace.py at TRACE_SPECS
+#       back to back (table.txt), 32K b512 k3 and 16K b128 k8 profiles with the host's share
+#       and every gap between kernels kept (prof32k.txt, prof16k.txt), then tools/mgpu_trace.py
+#       at TRACE_SPECS
 #       (seq:block:topk[:regions], default 8K b512 k3 with every region and 16K b128 k8 with the
 #       epilogue's parts only, which fit its 68 tiles a CTA in 256 ranges; trace_<seq>.txt, the
 #       8K traces in tr8k.tgz)
@@ -788,6 +789,10 @@ if [ "$phase" = 59 ]; then
   timeout 100 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 --steps 5 --top 20 \
     --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k.txt
   grep -v "^  gap" $OUT/prof32k.txt | tail -n 40 | tee -a $log
+  # 16K b128 k8: 0.54 ms of idle GPU in ~92 gaps inside the step (run 33), 17% of its span
+  timeout 100 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 --steps 5 --top 30 \
+    --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k.txt
+  grep -v "^  gap" $OUT/prof16k.txt | tail -n 40 | tee -a $log
   for spec in ${TRACE_SPECS:-8192:512:3 16384:128:8:stage,store,store_wait}; do
     IFS=: read s b t regions <<< "$spec"
     timeout 120 python3 tools/mgpu_trace.py --seq $s --block $b --topk $t --out /tmp/tr$s \
