@@ -78,7 +78,10 @@ WINDOW_BYTES = 512 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes; block_k_dkv * groups must be a multiple of block_q (dense dK/dV row tiles).
+  """Tile sizes (each a multiple of Mosaic's tile: `validate`).
+
+  block_q: the routing's row tile (each sparse group padded to it); any multiple of the tile:
+  a dense dK/dV window's row tiles may start before its first query (masked, causal).
 
   block_k: the key chunk of one S = Q K^T product in the forward and dQ; block_kv_window: the
   keys one of their grid steps brings into VMEM, a multiple of block_k that the step walks in
@@ -95,7 +98,7 @@ class BlockSizes:
   def get_default(cls) -> "BlockSizes":
     return cls()
 
-  def validate(self, dtype, groups: int = 1) -> "BlockSizes":
+  def validate(self, dtype) -> "BlockSizes":
     """Raises ValueError (one line, naming the tile) for tiles Mosaic refuses: each tile is the
     row dim of [tile, head_dim padded to 128] blocks in `dtype` (q, k, v, dO) and in float32."""
     for field in dataclasses.fields(self):
@@ -110,9 +113,6 @@ class BlockSizes:
       if getattr(self, name) % getattr(self, chunk):
         raise ValueError(f"moba_tpu {name}={getattr(self, name)} must be a multiple of {chunk}="
                          f"{getattr(self, chunk)} (a grid step walks its window in key chunks)")
-    if (self.block_k_dkv * groups) % self.block_q:
-      raise ValueError(f"moba_tpu block_k_dkv={self.block_k_dkv} * GQA groups {groups} must be a "
-                       f"multiple of block_q={self.block_q} (dense dK/dV row tiles)")
     return self
 
 
@@ -587,7 +587,7 @@ def _moba_attention_tpu(q, k, v, segment_ids, q_start, *, block_size, topk, soft
                         options):
   options = options or KernelOptions()
   sizes = options.block_sizes(BlockSizes, BlockSizes.get_default())
-  sizes.validate(q.dtype, q.shape[2] // k.shape[2])
+  sizes.validate(q.dtype)
   run = functools.partial(rt.run_kernel, _moba_vjp, block_size=block_size, topk=topk,
                           softmax_scale=softmax_scale, interpret=options.interpret, sizes=sizes,
                           q_start=q_start)

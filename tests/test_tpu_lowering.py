@@ -160,7 +160,8 @@ def test_tile_rule(block, array, dtype, ok):
     (jnp.bfloat16, (8,), "block_q=8"),
     (jnp.bfloat16, (128, 24), "block_k=24"),
     (jnp.float32, (128, 128, 100), "block_k_dkv=100"),
-    (jnp.float32, (128, 128, 8), "block_k_dkv=8 * GQA groups 2"),
+    (jnp.float32, (128, 128, 128, 192), "block_kv_window=192 must be a multiple of block_k=128"),
+    (jnp.bfloat16, (128, 128, 128, 0, 200), "block_kv_window_dkv=200: bfloat16 block"),
 ])
 def test_bad_tiles_fail_before_compile(dtype, tiles, msg):
   """A tile Mosaic would refuse is a one-line ValueError naming it, raised while tracing (on the

@@ -7,7 +7,7 @@ included: a rectangular grid's steps past a tile's keys still pay the fixed cost
 of the attended pairs' nine products (fwd 2, dQ 3, dK/dV 4) per grid step.
 
   python tools/tpu_steps.py [--shapes 8192:512:3,16384:128:8,...] [--heads 16] [--dim 128]
-      [--tiles 256,128,256]  (moba_tpu.BlockSizes fields in order, as `moba.tiles`)
+      [--tiles 256]  (moba_tpu.BlockSizes fields in order, as `moba.tiles`)
 
 Works on any tree with `moba_tpu.pallas_calls` (every tree since run 16): PYTHONPATH=OLD_TREE
 prints an older kernel's steps for the same shapes.
@@ -56,7 +56,7 @@ def main():
   ap.add_argument("--shapes", default=SHAPES, help="SEQ:BLOCK:TOPK,... (16 heads, head_dim 128)")
   ap.add_argument("--heads", type=int, default=16)
   ap.add_argument("--dim", type=int, default=128)
-  ap.add_argument("--tiles", default="", help="moba_tpu.BlockSizes fields in order, e.g. 256,128,256")
+  ap.add_argument("--tiles", default="", help="moba_tpu.BlockSizes fields in order, e.g. 256")
   args = ap.parse_args()
   tiles = tuple(int(x) for x in args.tiles.split(",") if x)
   print(f"pallas_tpu grid steps of one fwd+bwd step ({args.heads} heads, head_dim {args.dim}, "
