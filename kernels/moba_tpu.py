@@ -140,15 +140,23 @@ def row_key_span(dims, block_q, offset=False) -> int:
   return max(blk, int(np.max(last + 1 - first // blk * blk)))
 
 
+def _even_window(span, chunk, cap):
+  """The window of the fewest windows of at most `cap` keys (a multiple of `chunk`, at least
+  one chunk) that cover `span` keys, evened out: 1536 keys at a cap of 1024 are two windows of
+  768, not 1024 and a half-empty 1024."""
+  cap = max(chunk, cap // chunk * chunk)
+  n = -(-span // cap)
+  return -(-(-(-span // n)) // chunk) * chunk
+
+
 def kv_window(sizes, dims, dp, itemsize, offset=False) -> tuple[int, int]:
   """(W, steps): the keys each grid step of the forward and dQ brings into VMEM (a window at the
   tile's key range, walked in block_k chunks inside the step) and the grid steps a row tile
-  takes. W covers the widest tile range (`row_key_span`), up to WINDOW_BYTES a window, so at
+  takes. W covers the widest tile range (`row_key_span`) in even windows of up to WINDOW_BYTES, so at
   blocks of up to 2048 keys (16-bit, head_dim 128) a tile is one grid step: the grid's fixed cost
   a step is paid once a tile, not once a 128-key chunk (docs/tpu_roofline.md)."""
   span, bk = row_key_span(dims, sizes.block_q, offset), sizes.block_k
-  w = sizes.block_kv_window or min(-(-span // bk) * bk,
-                                   max(bk, WINDOW_BYTES // (dp * itemsize) // bk * bk))
+  w = sizes.block_kv_window or _even_window(span, bk, WINDOW_BYTES // (dp * itemsize))
   return w, -(-span // w)
 
 
@@ -406,11 +414,11 @@ def _dense_key_tiles(routing, dims, bkd, seq):
 
 def dkdv_window(sizes, dims, dp) -> int:
   """Keys of a dK/dV grid step's window (walked in block_k_dkv chunks, each added into its rows
-  of the window's float32 dK and dV blocks): the routing block rounded up to block_k_dkv, up to
-  WINDOW_BYTES of each float32 block (1024 keys at head_dim 128), or block_kv_window_dkv."""
-  bkd = sizes.block_k_dkv
-  return sizes.block_kv_window_dkv or min(-(-dims.block_size // bkd) * bkd,
-                                          max(bkd, WINDOW_BYTES // (dp * 4) // bkd * bkd))
+  of the window's float32 dK and dV blocks): the routing block rounded up to block_k_dkv, in
+  even windows of up to WINDOW_BYTES of each float32 block (1024 keys at head_dim 128), or
+  block_kv_window_dkv."""
+  return sizes.block_kv_window_dkv or _even_window(dims.block_size, sizes.block_k_dkv,
+                                                    WINDOW_BYTES // (dp * 4))
 
 
 def _dense_row_tiles(dims, w, offset) -> int:

@@ -537,15 +537,15 @@ def test_random_layouts_match_the_reference(impl, i):
     assert rel_err(a, b) < 1e-5, (name, i, c)
 
 
-@pytest.mark.parametrize("seg, tiles", [(None, (256, 128, 128, 256, 256)),
+@pytest.mark.parametrize("seg, tiles", [(None, (512, 128, 128, 256, 128)),
                                         ([300, 212, 500], (128, 128, 128, 128, 384))])
 def test_tpu_key_windows_smaller_than_a_block_match_the_reference(seg, tiles):
   """pallas_tpu's forward and dQ walk a window of a tile's keys a grid step, and the dK/dV a
   window of a block's (`moba_tpu.kv_window`, `dkdv_window`): windows of less than the block
   (several a tile, a window's chunks up to the tile's or block's last key), one document and
-  packed documents whose tiles cross block starts, GQA 2:1; row tiles of 256 in the first case
-  (the dense dK/dV's rows of a window then start before its first query), against the
-  reference."""
+  packed documents whose tiles cross block starts, GQA 2:1; row tiles of 512 in the first case
+  (a dense dK/dV window of 128 keys starts at row 256 c: in a row tile that starts before its
+  first query where c is odd), against the reference."""
   seg = None if seg is None else packed_segments(1, seg)
   q, k, v = random_qkv(7, 1, 1012, 4, 2, 64)
   cot = jax.random.normal(jax.random.key(1), q.shape)
