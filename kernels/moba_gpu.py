@@ -67,6 +67,11 @@ class BlockSizes:
   mosaic_overlap_block: int = 1024
 
   def __post_init__(self):
+    for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", "num_stages",
+                 "num_warps_dkv"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"{name}={value} must be at least 1")
     for name, accepted, off in (("mosaic_block_kv", (0, 64, 128), "the Triton forward"),
                                 ("mosaic_dq", (0, 1), "the Triton dQ"),
                                 ("mosaic_dkdv", (0, 1), "the Triton dK/dV")):

@@ -105,6 +105,9 @@ class BlockSizes:
       size = getattr(self, field.name)
       if field.name.startswith("block_kv_window") and size == 0:
         continue
+      if size < 1:
+        raise ValueError(f"moba_tpu {field.name}={size} must be at least 1 (0 only for the "
+                         "windows: sized by the kernel)")
       for dt in dict.fromkeys((jnp.dtype(dtype), jnp.dtype(jnp.float32))):
         err = tile_error((size, LANES), None, dt)
         if err:

@@ -113,7 +113,10 @@ class MobaConfig:
   implementation: str = "auto"
   full_implementation: str = "auto"
   interpret: bool = False  # run Pallas kernels in interpret mode (CPU testing)
-  tiles: tuple[int, ...] = ()  # the kernel's BlockSizes fields in order; () = its defaults
+  # the kernel's BlockSizes fields in order; () = its defaults. Entries >= 0: 0 is a value of
+  # some fields (pallas_gpu's Mosaic switches and overlap block, pallas_tpu's windows: auto);
+  # each kernel's BlockSizes checks its own fields
+  tiles: tuple[int, ...] = ()
   # The data-level hybrid (the paper's Figure 5a): from training step full_from_step on (steps
   # counted from 1, as in metrics.jsonl) every layer is full attention; 0 = never.
   full_from_step: int = 0
@@ -126,7 +129,7 @@ class MobaConfig:
     if not (hfl == "all" or (isinstance(hfl, int) and not isinstance(hfl, bool) and hfl >= 0)):
       raise ValueError(f"moba.hybrid_full_layers={hfl!r} must be an integer >= 0 or 'all'")
     for t in self.tiles:
-      _int("moba", "tiles[]", t, 1)
+      _int("moba", "tiles[]", t, 0)
 
 
 def layer_kinds(n_layers: int, hybrid_full_layers: HybridFull) -> tuple[str, ...]:

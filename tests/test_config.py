@@ -80,6 +80,8 @@ def test_experiment_errors_name_the_key(override, needle):
     ("train=3", "train=3 is a section"),
     ("eval.trailing_tokens=9999", "eval.trailing_tokens=9999 must be <= train.seq_len=256"),
     ("train.batch_size=3", None),  # fine on its own
+    ("moba.tiles=[128, 128, 128, 0, 256]", None),  # 0: a field's own value (a TPU window: auto)
+    ("moba.tiles=[128, -1]", "moba.tiles[]=-1 must be an integer >= 0"),
 ])
 def test_errors_name_the_key_and_range(override, needle):
   if needle is None:

@@ -644,6 +644,8 @@ def test_mosaic_refusals_are_one_line_errors():
     mg.BlockSizes(128, 64, 64, 64, 4, 2, 4, 0, 0, 2)
   with pytest.raises(ValueError, match="mosaic_overlap_block=-1 must be at least 0"):
     mg.BlockSizes(*tiles(128, overlap_block=-1))
+  with pytest.raises(ValueError, match="block_k_dkv=0 must be at least 1"):  # moba.tiles takes 0s
+    mg.BlockSizes(64, 64, 64, 0)
 
 
 OFFSET_CASES = {  # name: (lengths, block, q_start, Tq, kv dtype)

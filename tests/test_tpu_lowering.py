@@ -158,6 +158,7 @@ def test_tile_rule(block, array, dtype, ok):
 
 @pytest.mark.parametrize("dtype, tiles, msg", [
     (jnp.bfloat16, (8,), "block_q=8"),
+    (jnp.bfloat16, (128, 0), "block_k=0 must be at least 1"),
     (jnp.bfloat16, (128, 24), "block_k=24"),
     (jnp.float32, (128, 128, 100), "block_k_dkv=100"),
     (jnp.float32, (128, 128, 128, 192), "block_kv_window=192 must be a multiple of block_k=128"),
