@@ -9,18 +9,13 @@ of the attended pairs' nine products (fwd 2, dQ 3, dK/dV 4) per grid step.
   python tools/tpu_steps.py [--shapes 8192:512:3,16384:128:8,...] [--heads 16] [--dim 128]
       [--tiles 256]  (moba_tpu.BlockSizes fields in order, as `moba.tiles`)
 
-Works on any tree with `moba_tpu.pallas_calls` (every tree since run 16): PYTHONPATH=OLD_TREE
-prints an older kernel's steps for the same shapes.
+The counts of the kernel before run 35's windows are in docs/tpu_roofline.md.
 """
 
 import argparse
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from moba_jax import attention
+from moba_jax import attention, flops
 from moba_jax.kernels import moba_tpu
 
 SHAPES = "8192:512:3,16384:128:8,32768:512:3,131072:512:3,131072:4096:12"
@@ -36,19 +31,7 @@ def steps_of(seq, block, topk, heads, dim, dtype=jnp.bfloat16, tiles=()):
 
   spec = jax.ShapeDtypeStruct((1, seq, heads, dim), dtype)
   traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec, spec, spec)
-  steps = {}
-  for eqn in moba_tpu.pallas_calls(traced.jaxpr):
-    name = str(eqn.params.get("name") or eqn.params.get("name_and_src_info")).split()[0]
-    steps[name] = steps.get(name, 0) + math.prod(eqn.params["grid_mapping"].grid)
-  return steps
-
-
-def pairs(seq, block, topk, heads):
-  """Attended (query, key) pairs of one document (each query: its own block up to itself and
-  topk - 1 whole past blocks where there are that many)."""
-  t = np.arange(seq)
-  past = np.minimum(t // block, topk - 1)
-  return int(heads * np.sum(t % block + 1 + past * block))
+  return moba_tpu.grid_steps(traced.jaxpr)
 
 
 def main():
@@ -68,11 +51,11 @@ def main():
     steps = steps_of(seq, block, topk, args.heads, args.dim, tiles=tiles)
     total = sum(steps.values())
     # fwd 2 products, dQ 3, dK/dV 4: 9 of 2 x pairs x dim FLOPs each, over all grid steps
-    flops = 9 * 2 * pairs(seq, block, topk, args.heads) * args.dim
+    flop = 9 * 2 * args.heads * flops.attended_pairs([seq], "moba", block, topk) * args.dim
     get = lambda n: steps.get(f"moba_tpu_{n}", 0)
     print(f"{seq // 1024}K b{block} k{topk}".ljust(18)
           + f" {get('fwd'):>9} {get('dq'):>9} {get('dkdv_dense'):>11} {get('dkdv_sparse'):>12}"
-          f" {total:>10} {flops / total / 1e6:>11.1f}")
+          f" {total:>10} {flop / total / 1e6:>11.1f}")
 
 
 if __name__ == "__main__":
