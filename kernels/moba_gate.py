@@ -27,6 +27,7 @@ top-k does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,14 +39,36 @@ from jax.experimental.pallas import triton as plgpu
 
 from moba_jax.kernels import _routing as rt
 
-BT = 64  # queries a program (GPU)
-BN = 64  # block slots a chunk (GPU)
+BT = 64  # queries a program (GPU: `GateTiles`' default)
+BN = 64  # block slots a chunk (GPU: `GateTiles`' default)
 TPU_BT = 128  # queries a program (TPU: a [128, 128] score tile on the MXU)
 TPU_BN = 128  # block slots a chunk (TPU)
 TPU_KEY_BYTES = 8 << 20  # the gate keys' VMEM block (three pieces, double-buffered) at most
 MAX_TOPK = 17  # the argmax passes a chunk makes (topk - 1); larger top-k stays with XLA's gate
 _LOWEST = int(np.iinfo(np.int32).min)  # a slot never chosen: not a past block of the query, taken
 _NINF = int(np.float32(-np.inf).view(np.int32) ^ np.int32(0x7FFFFFFF))  # `_order_key(-inf)`
+
+
+@dataclasses.dataclass(frozen=True)
+class GateTiles:
+  """The GPU gate's program: bt queries of one head, scanning their table slots in chunks of
+  bn (powers of two, 16-256: each chunk's products are [bt, D] x [D, bn]), compiled by Triton
+  with num_warps warps and num_stages stages. The default is run 26's, never swept
+  (tools/gate_sweep.py times others on a GPU)."""
+  bt: int = BT
+  bn: int = BN
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("bt", "bn"):
+      value = getattr(self, name)
+      if not (16 <= value <= 256 and value & (value - 1) == 0):
+        raise ValueError(f"GateTiles {name}={value}: a power of two from 16 to 256")
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"GateTiles num_warps={self.num_warps}: one of 1, 2, 4, 8, 16")
+    if self.num_stages < 1:
+      raise ValueError(f"GateTiles num_stages={self.num_stages}: at least 1")
 
 
 def supports(q_dtype, head_dim, topk) -> bool:
@@ -137,11 +160,12 @@ def _choose(q, first, cur, c_lo, c_hi, load_k, n_pieces, *, n_sel, q_pieces, bt,
   return blocks, valid
 
 
-def _gpu_kernel(lo_ref, hi_ref, q_ref, first_ref, cur_ref, k_ref, block_ref, valid_ref, **kw):
-  load_k = lambda p, c: k_ref[p, pl.ds(c * BN, BN), :]  # [BN, D] bf16
+def _gpu_kernel(lo_ref, hi_ref, q_ref, first_ref, cur_ref, k_ref, block_ref, valid_ref, *, bt,
+                bn, **kw):
+  load_k = lambda p, c: k_ref[p, pl.ds(c * bn, bn), :]  # [bn, D] bf16
   block_ref[...], valid_ref[...] = _choose(
       q_ref[...], first_ref[...], cur_ref[...], lo_ref[0], hi_ref[0], load_k, k_ref.shape[0],
-      bt=BT, bn=BN, s_pad=block_ref.shape[1], **kw)
+      bt=bt, bn=bn, s_pad=block_ref.shape[1], **kw)
 
 
 def _tpu_kernel(lo_ref, hi_ref, q_ref, first_ref, cur_ref, k_ref, block_ref, valid_ref, **kw):
@@ -178,8 +202,8 @@ def _finish(blocks, valid, seq, n_sel):
   return blocks[:, :seq, :, :n_sel], valid[:, :seq, :, :n_sel].astype(bool)
 
 
-@functools.partial(jax.jit, static_argnames=("n_sel", "interpret"))
-def gate_topk(q, k_pieces, first, cur, *, n_sel, interpret=False):
+@functools.partial(jax.jit, static_argnames=("n_sel", "interpret", "tiles"))
+def gate_topk(q, k_pieces, first, cur, *, n_sel, interpret=False, tiles: GateTiles = GateTiles()):
   """`moba.select_blocks` without the scores in memory (GPU: the Triton lowering), for any
   documents.
 
@@ -191,23 +215,24 @@ def gate_topk(q, k_pieces, first, cur, *, n_sel, interpret=False):
   blocks a query takes, min(topk, ceil(T / block_size)). Returns blocks [B, Tq, H, n_sel] int32
   (indices in the query's document, the current block first; start = document start + index x
   block_size) and valid [B, Tq, H, n_sel] bool: the oracle's choice (scores equal up to float32
-  summation order)."""
+  summation order). tiles: the programs' shape (`GateTiles`; the choice is the same at any)."""
   batch, seq, heads, dim = q.shape
   n_pieces, _, _, kv_heads, _ = k_pieces.shape
   groups = heads // kv_heads
+  bt, bn = tiles.bt, tiles.bn
   q, k_pieces, first, cur, lo, hi, t_pad, n_pad, kw = _prepare(q, k_pieces, first, cur, n_sel,
-                                                               BT, BN)
+                                                               bt, bn)
   s_pad = max(2, pl.next_power_of_2(n_sel))
   out = jax.ShapeDtypeStruct((batch, t_pad, heads, s_pad), jnp.int32)
-  out_spec = pl.BlockSpec((pl.squeezed, BT, pl.squeezed, s_pad), lambda i, b, h: (b, i, h, 0))
+  out_spec = pl.BlockSpec((pl.squeezed, bt, pl.squeezed, s_pad), lambda i, b, h: (b, i, h, 0))
   tile_spec = pl.BlockSpec((pl.squeezed, 1), lambda i, b, h: (b, i))
-  col_spec = pl.BlockSpec((pl.squeezed, BT, 1), lambda i, b, h: (b, i, 0))
-  kwargs = {} if interpret else {
-      "compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+  col_spec = pl.BlockSpec((pl.squeezed, bt, 1), lambda i, b, h: (b, i, 0))
+  kwargs = {} if interpret else {"compiler_params": plgpu.CompilerParams(
+      num_warps=tiles.num_warps, num_stages=tiles.num_stages)}
   blocks, valid = pl.pallas_call(
-      functools.partial(_gpu_kernel, **kw), grid=(t_pad // BT, batch, heads),
+      functools.partial(_gpu_kernel, bt=bt, bn=bn, **kw), grid=(t_pad // bt, batch, heads),
       in_specs=[tile_spec, tile_spec,
-                pl.BlockSpec((pl.squeezed, BT, pl.squeezed, dim), lambda i, b, h: (b, i, h, 0)),
+                pl.BlockSpec((pl.squeezed, bt, pl.squeezed, dim), lambda i, b, h: (b, i, h, 0)),
                 col_spec, col_spec,
                 pl.BlockSpec((n_pieces, pl.squeezed, n_pad, pl.squeezed, dim),
                              lambda i, b, h: (0, b, 0, h // groups, 0))],

@@ -440,16 +440,19 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu():
   assert text.count("__gpu$xla.gpu.triton") == 5
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_gate_kernel_lowers_for_cuda_without_a_gpu(dtype):
+@pytest.mark.parametrize("dtype,tiles", [(jnp.bfloat16, None), (jnp.float16, None),
+                                         (jnp.bfloat16, (256, 128, 8, 3))])
+def test_gate_kernel_lowers_for_cuda_without_a_gpu(dtype, tiles):
   """The gate kernel's Pallas-to-Triton lowering (its ops: bitcasts, integer reductions, the
   chunk loop over a tile's precomputed range, the rank merge) on a CPU-only machine: one Triton
-  call, 130 table slots (three chunks), top-8, GQA."""
+  call, 130 table slots (three chunks), top-8, GQA; at the default tiles and the sweep's
+  largest (tools/gate_sweep.py)."""
   from moba_jax.kernels import moba_gate
   q = jnp.zeros((1, 8320, 4, 64), dtype)
   pieces = jnp.zeros((3, 1, 130, 2, 64), jnp.bfloat16)
   col = jax.ShapeDtypeStruct((1, 8320), jnp.int32)
-  fn = functools.partial(moba_gate.gate_topk, n_sel=8)
+  fn = functools.partial(moba_gate.gate_topk, n_sel=8,
+                         tiles=moba_gate.GateTiles(*tiles) if tiles else moba_gate.GateTiles())
   hopper = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
@@ -684,6 +687,46 @@ def test_gate_kernel_is_the_oracles_choice(platform, case):
     doc_end = np.asarray(layout.doc_end)[..., None, None]
     assert ((starts >= doc_start) & (starts + block <= doc_end))[valid].all()
     assert valid.any()
+
+
+@pytest.mark.parametrize("case,bt,bn", [("ties", 128, 16), ("packed_ties", 16, 128),
+                                         ("many_slots", 32, 32)])
+def test_gate_kernel_chooses_alike_at_any_tiles(case, bt, bn):
+  """`moba_gate.GateTiles` (the GPU gate's queries a program and slots a chunk, which
+  tools/gate_sweep.py times) changes the programs, never the choice: the oracle's, with ties
+  across chunks of 16 slots and tiles of 16 to 128 queries spanning documents."""
+  from moba_jax.kernels import moba_gate
+  q, k, seg, block, topk = _gate_case(case)
+  layout = moba_lib.doc_layout(moba_lib.segments(seg, k), block)
+  kbar = moba_lib.block_key_means(k, layout, block_size=block)
+  want = jax.jit(functools.partial(moba_lib.select_blocks, block_size=block, topk=topk))(
+      q, kbar, layout)
+  kernel = functools.partial(_gate("gpu"), tiles=moba_gate.GateTiles(bt=bt, bn=bn))
+  got = _kernel_choice(kernel, q, k, seg, block, topk)
+  for name, a, b in zip(("starts", "valid"), got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_gate_sweep_times_each_tiles_and_counts_differing_choices(capsys):
+  """tools/gate_sweep.py, interpreted: a row per tiles, the first the ratios' reference, no
+  choice differing from its; a bad --tiles is one line naming it."""
+  from tools import gate_sweep
+  gate_sweep.main(["--interpret", "--specs", "256:32:3", "--tiles", "64:64:4:2", "16:32:4:2",
+                   "--repeats", "1"])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+  assert [r[3] for r in rows] == ["64:64:4:2", "16:32:4:2"] and rows[0][5] == "1.000"
+  assert all(r[-1] == "0" for r in rows), rows
+  with pytest.raises(SystemExit, match="--tiles '64:24:4:2': GateTiles bn=24"):
+    gate_sweep.main(["--interpret", "--tiles", "64:24:4:2"])
+
+
+@pytest.mark.parametrize("kw,match", [(dict(bt=48), "bt=48: a power of two from 16 to 256"),
+                                      (dict(bn=8), "bn=8"), (dict(num_warps=3), "num_warps=3"),
+                                      (dict(num_stages=0), "num_stages=0")])
+def test_gate_tiles_name_the_bad_value(kw, match):
+  from moba_jax.kernels import moba_gate
+  with pytest.raises(ValueError, match=match):
+    moba_gate.GateTiles(**kw)
 
 
 def test_gate_kernel_compares_scores_as_ordered_integers():
