@@ -91,6 +91,30 @@ _AUTO = {
 }
 
 
+# The platform each kernel compiles for (the others run anywhere); the Pallas ones also run
+# interpreted on any platform (KernelOptions.interpret: slow, for tests).
+KERNEL_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "cudnn": "gpu", "splash": "tpu"}
+_INTERPRETABLE = ("pallas_gpu", "pallas_tpu", "splash")
+
+
+def check_runs_here(kind: str, name: str, interpret: bool = False,
+                    platform: str | None = None) -> None:
+  """Raises ValueError naming the config key where the implementation `name` (resolved) cannot
+  run on `platform` (default: this process's backend): a kernel of another platform, not
+  interpreted. A run calls it before building its model; a lowering for another platform
+  (`moba-jax plan`, tests) does not."""
+  want = KERNEL_PLATFORM.get(name)
+  platform = platform or jax.default_backend()
+  if want is None or want == platform or (interpret and name in _INTERPRETABLE):
+    return
+  key = "implementation" if kind == "moba" else "full_implementation"
+  fix = ("set moba.interpret=true (Pallas interpret mode: slow, for tests), or "
+         if name in _INTERPRETABLE else "")
+  here = [n for n in implementations(kind) if KERNEL_PLATFORM.get(n, platform) == platform]
+  raise ValueError(f"moba.{key}={name!r} compiles for {want} and this process runs on "
+                   f"{platform}: {fix}name one that runs here: {', '.join(here)}")
+
+
 # Implementation names that run context parallel: for MoBA the Pallas kernels (each shard's queries
 # at their offset over the gathered keys) and the xla path's loop, for full dense xla per query
 # chunk; "auto" resolves among them when the sequence is split (`resolve_context_parallel`).

@@ -589,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = gen.checkpoint_config(ckpt_dir, run_dir, args.config, args.set)
     prompts = make_prompts(cfg, args, lambda msg: log(f"note: {msg}"))
     lengths = check_lengths(args.lengths, prompts.min_length(), cfg.train.seq_len)
+    from moba_jax.train import check_attention_runs_here
+    check_attention_runs_here(cfg)  # e.g. a GPU run's pallas_gpu, scored on a CPU
     model, step = gen.load_model(ckpt_dir, cfg)
   except (ValueError, OSError) as e:  # UsageError, CorpusError, FileNotFoundError included
     print(f"{PROG}: {e}", file=sys.stderr)

@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = tokenizer.load(args.tokenizer or cfg.data.tokenizer)
     check_text_model(cfg, tok)
     encoded = encode_all(prompts, cfg.train.seq_len, tok)
+    from moba_jax.train import check_attention_runs_here
+    check_attention_runs_here(cfg)  # e.g. a GPU run's pallas_gpu, decoded on a CPU
     model, step = load_model(ckpt_dir, cfg)
   except (ValueError, OSError) as e:  # UsageError, FileNotFoundError included
     print(f"moba-jax generate: {e}", file=sys.stderr)

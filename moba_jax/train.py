@@ -419,20 +419,32 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
       return _run(cfg, progress, pre)
 
 
-def attention_plan(cfg: Config) -> str:
-  """Which implementation each layer resolves to on this platform, e.g.
-  "layers 0-6: moba -> pallas_gpu; layers 7-11: full -> cudnn"."""
-  from moba_jax import attention
+def layer_implementations(cfg: Config) -> tuple[tuple[str, ...], list[str]]:
+  """(each layer's kind, the implementation it resolves to on this platform)."""
   from moba_jax.config import layer_kinds
 
   m, kinds = cfg.model, layer_kinds(cfg.model.n_layers, cfg.moba.hybrid_full_layers)
   dense = 4 * cfg.train.batch_size * m.n_heads * cfg.train.seq_len ** 2  # as attention() sizes it
   impl = {"moba": cfg.moba.implementation, "full": cfg.moba.full_implementation}
-  names = [attention.resolve(k, impl[k], dtype=m.dtype, dense_bytes=dense) for k in kinds]
+  if getattr(getattr(cfg, "mesh", None), "context", 1) > 1:  # attention()'s context-parallel path
+    return kinds, [attention.resolve_context_parallel(k, impl[k]) for k in kinds]
+  return kinds, [attention.resolve(k, impl[k], dtype=m.dtype, dense_bytes=dense) for k in kinds]
+
+
+def check_attention_runs_here(cfg: Config) -> None:
+  """ValueError naming the key where a layer's kernel compiles for another platform (e.g.
+  moba.implementation=pallas_gpu on a CPU without moba.interpret): before the model is built."""
+  for kind, name in sorted(set(zip(*layer_implementations(cfg)))):
+    attention.check_runs_here(kind, name, cfg.moba.interpret)
+
+
+def attention_plan(cfg: Config) -> str:
+  """Which implementation each layer resolves to on this platform, e.g.
+  "layers 0-6: moba -> pallas_gpu; layers 7-11: full -> cudnn"."""
+  kinds, names = layer_implementations(cfg)
   context = getattr(getattr(cfg, "mesh", None), "context", 1)
-  if context > 1:  # attention() runs the context-parallel path, which resolves on its own
-    names = [f"{attention.resolve_context_parallel(k, impl[k])}, context parallel over {context}"
-             for k in kinds]
+  if context > 1:
+    names = [f"{n}, context parallel over {context}" for n in names]
   runs, start = [], 0
   for i in range(1, len(kinds) + 1):
     if i == len(kinds) or (kinds[i], names[i]) != (kinds[start], names[start]):
@@ -445,6 +457,7 @@ def attention_plan(cfg: Config) -> str:
 def _run(cfg: Config, progress: bool, pre: Preemption) -> dict:
   t0 = time.time()
   mesh, rules = _setup(cfg)
+  check_attention_runs_here(cfg)
   _log0(f"attention: {attention_plan(cfg)}")
   source = data_lib.RowSource(cfg, "train")  # data errors surface before the model is built
   state = ts.init_state(cfg, mesh, rules)

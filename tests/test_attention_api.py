@@ -132,3 +132,40 @@ def test_the_attention_plan_names_each_layers_implementation():
   one = C.load_config(None, ["model.n_layers=2", "moba.hybrid_full_layers=1"])
   auto = {"cpu": "reference", "gpu": "pallas_gpu", "tpu": "pallas_tpu"}[jax.default_backend()]
   assert train.attention_plan(one) == f"layer 0: moba -> {auto}; layer 1: full -> xla"
+
+
+@pytest.mark.parametrize("kind,name,interpret,platform,match", [
+    ("moba", "pallas_gpu", False, "cpu", "moba.implementation='pallas_gpu' compiles for gpu and "
+     "this process runs on cpu: set moba.interpret=true"),
+    ("moba", "pallas_tpu", False, "gpu", "runs on gpu: set moba.interpret=true .* name one that "
+     "runs here: auto, reference, xla, pallas_gpu$"),
+    ("full", "cudnn", True, "tpu", "moba.full_implementation='cudnn' compiles for gpu and this "
+     "process runs on tpu: name one that runs here: auto, reference, xla, splash$"),
+    ("moba", "pallas_gpu", True, "cpu", None), ("full", "splash", True, "cpu", None),
+    ("moba", "pallas_tpu", False, "tpu", None), ("moba", "xla", False, "cpu", None)])
+def test_a_kernel_of_another_platform_is_refused_before_the_run(kind, name, interpret, platform,
+                                                                match):
+  """`attention.check_runs_here`: a kernel compiled for another platform runs only interpreted
+  (the Pallas ones; cuDNN never); the error names the key, the fix and what runs here."""
+  if match is None:
+    attn.check_runs_here(kind, name, interpret, platform)
+    return
+  with pytest.raises(ValueError, match=match):
+    attn.check_runs_here(kind, name, interpret, platform)
+
+
+def test_training_refuses_a_foreign_kernel_before_building_the_model(tmp_path, monkeypatch,
+                                                                    capsys):
+  """`moba-jax train` with moba.implementation=pallas_gpu on a CPU without moba.interpret: one
+  line naming the key, before any model is built or compiled."""
+  from moba_jax import cli
+  from moba_jax import train_step
+  if jax.default_backend() == "gpu":
+    pytest.skip("pallas_gpu runs here")
+  monkeypatch.setattr(train_step, "init_state", lambda *a: pytest.fail("the model was built"))
+  assert cli.main(["train", f"run_dir={tmp_path}/r", "train.steps=1",
+                   "moba.implementation=pallas_gpu"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("moba-jax train: moba.implementation='pallas_gpu' compiles for gpu")
+  assert err.count("\n") == 1, err
+

@@ -225,6 +225,7 @@ def test_full_attention_of_the_same_weights_in_decode_mode_goes_to_the_run_dir(r
     (["--mode", "beam"], "--mode: invalid choice: 'beam'"),
     (["--haystack", "/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--set", "moba.topk=0"], "moba.topk=0"),
+    (["--set", "moba.full_implementation=splash"], "moba.full_implementation='splash' compiles for"),
 ])
 def test_errors_are_one_line_and_exit_2(run_dir, capsys, args, message):
   assert evals.main([str(run_dir), *args]) == 2

@@ -76,6 +76,8 @@ def test_a_batch_of_prompts_prints_in_order_and_stops_at_the_context(run_dir, tm
     (["--prompt", "a" * CONTEXT], f"has {CONTEXT + 1} tokens"),
     (["--prompt", "a", "--set", "model.d_model=8"], "model.d_model=8: that key fixes the shapes"),
     (["--prompt", "a", "--set", "moba.topk=0"], "moba.topk=0"),
+    (["--prompt", "a", "--set", "moba.full_implementation=splash"],
+     "moba.full_implementation='splash' compiles for tpu"),
     ([], "give a prompt"),
 ])
 def test_errors_are_one_line_and_exit_2(run_dir, capsys, args, message):
