@@ -184,6 +184,11 @@
 #       default tools/gate_sweep.py's ten) and spec of GATE_SPECS (seq:block:topk, default the
 #       five target shapes): ms of a call back to back, ratio to the first tiles, choices
 #       differing from its (gate.txt; limit STEP_S, default 240 s)
+#   61: the host's share of a synced call: pallas_gpu and cuDNN at 8K b512 k3 and 16K b128 k8,
+#       synced and back to back, under XLA's default and with its command buffers off
+#       (XLA_FLAGS=--xla_gpu_enable_command_buffer=; run 18 saw no effect, with a cond in the
+#       step then; run 25's trace: 0.47-0.50 ms before the first kernel, command-buffer update
+#       and graph launch); hostshare.txt
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -813,6 +818,17 @@ fi
 if [ "$phase" = 60 ]; then
   timeout "${STEP_S:-240}" python3 tools/gate_sweep.py ${GATE_SPECS:+--specs $GATE_SPECS} \
     ${GATE_TILES:+--tiles $GATE_TILES} 2>&1 | grep -v WARNING | tee $OUT/gate.txt
+fi
+if [ "$phase" = 61 ]; then
+  for flags in "" "--xla_gpu_enable_command_buffer="; do
+    for spec in 8192:512:3 16384:128:8; do IFS=: read s b t <<< "$spec"
+      for pipe in 1 8; do
+        XLA_FLAGS="$flags" STEP_S=80 bench --impls pallas_gpu,cudnn --seqs $s --configs $b:$t \
+          --repeats ${REPEATS:-20} --pipeline $pipe 2>&1 | grep "^pallas_gpu\|^cudnn" \
+          | sed "s/^/XLA_FLAGS='$flags' pipeline $pipe: /" | tee -a $OUT/hostshare.txt
+      done
+    done
+  done
 fi
 if [ "$phase" = 58 ]; then
   nvidia-smi -q -d POWER | grep -iE "limit|draw" | head -n 8 | tee -a $log
