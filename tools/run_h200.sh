@@ -174,12 +174,11 @@
 #   59: the table's rows after a kernel change: the synced fwd+bwd of every target shape (8K and
 #       32K b512 k3, 16K b128 k8, 128K b512 k3: REPEATS, default 20; 128K b4096 k12: 10) and 8K
 #       back to back (table.txt), 32K b512 k3 and 16K b128 k8 profiles with the host's share
-#       and every gap between kernels kept (prof32k.txt, prof16k.txt; 128K b512 k3's 60 largest
-#       kernels appended to prof32k.txt), then tools/mgpu_trace.py
+#       and every gap between kernels kept (prof32k.txt, prof16k.txt), then tools/mgpu_trace.py
 #       at TRACE_SPECS
 #       (seq:block:topk[:regions], default 8K b512 k3 with every region and 16K b128 k8 with the
 #       epilogue's parts only, which fit its 68 tiles a CTA in 256 ranges; trace_<seq>.txt, the
-#       8K traces in tr8k.tgz)
+#       8K traces in tr8k.tgz), last 128K b512 k3's 60 largest kernels (appended to prof32k.txt)
 #   60: the gate kernel alone at each program shape of GATE_TILES (bt:bn:num_warps:num_stages,
 #       default tools/gate_sweep.py's ten) and spec of GATE_SPECS (seq:block:topk, default the
 #       five target shapes): ms of a call back to back, ratio to the first tiles, choices
@@ -799,10 +798,6 @@ if [ "$phase" = 59 ]; then
   timeout 100 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 --steps 5 --top 20 \
     --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k.txt
   grep -v "^  gap" $OUT/prof32k.txt | tail -n 40 | tee -a $log
-  # 128K b512 k3: ~0.97 ms a step in kernels past the top 8 (run 34), listed whole (same file)
-  echo "== 131072 512 3" >> $OUT/prof32k.txt
-  timeout 100 python3 tools/profile_gpu.py --seq 131072 --block 512 --topk 3 --steps 3 --top 60 \
-    2>&1 | grep -v "WARNING\|device lines\|^  gap" >> $OUT/prof32k.txt
   # 16K b128 k8: 0.54 ms of idle GPU in ~92 gaps inside the step (run 33), 17% of its span
   timeout 100 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 --steps 5 --top 30 \
     --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k.txt
@@ -814,6 +809,11 @@ if [ "$phase" = 59 ]; then
     grep -v "^ *compute1" $OUT/trace_$s.txt | tee -a $log
   done
   [ -d /tmp/tr8192 ] && tar czf $OUT/tr8k.tgz -C /tmp tr8192
+  # last (the first thing a call cut at its limit loses): 128K b512 k3's ~1.25 ms a step of
+  # kernels past the top 8 (run 34), listed whole, appended to prof32k.txt
+  echo "== 131072 512 3" >> $OUT/prof32k.txt
+  timeout 100 python3 tools/profile_gpu.py --seq 131072 --block 512 --topk 3 --steps 3 --top 60 \
+    2>&1 | grep -v "WARNING\|device lines\|^  gap" >> $OUT/prof32k.txt
 fi
 if [ "$phase" = 60 ]; then
   timeout "${STEP_S:-240}" python3 tools/gate_sweep.py ${GATE_SPECS:+--specs $GATE_SPECS} \
