@@ -5,13 +5,15 @@ usage: python tools/gate_sweep.py [--specs 131072:512:3 ...] [--tiles 64:64:4:2 
          [--repeats 20] [--interpret]
 
 The gate is 0.13 ms of a 3.8 ms fwd+bwd step at 32K block 512 top-3 on the H200, 1.02 ms of 15.6
-at 128K and 0.18 of 2.7 at 16K block 128 top-8 (run 34, docs/benchmarks.md), in the shape of run
-26, never swept. Per spec (seq:block:topk; 16 heads, head_dim 128, bf16, one document) and tiles
-(bt:bn:num_warps:num_stages) it prints the median ms of a call, 8 calls back to back on fresh
-inputs (the device's time, without a synced call's host share; tools/README.md), its ratio to
-the default's, and the queries whose choice differs from the default's (none expected: the
-same exact bf16 products, summed in float32 in an order the tiles may change only at a near
-tie). --interpret runs it on the CPU at a small shape (the tool's own check; times meaningless).
+at 128K (run 34) and 0.18 of 2.7 at 16K block 128 top-8 (run 33; docs/benchmarks.md), in the
+shape of run 26, never swept. Per spec (seq:block:topk; 16 heads, head_dim 128, bf16, one
+document) and tiles (bt:bn:num_warps:num_stages) it prints the median ms of a call, 8 calls back
+to back on fresh inputs (the device's time, without a synced call's host share;
+tools/README.md), its ratio to the first tiles', the queries whose choice differs from the first
+tiles' (none expected: the same exact bf16 products, summed in float32 in an order the tiles
+may change only at a near tie), and the TF/s of the products the queries need (three bf16
+pieces of each past block's mean key: 201 TF/s at 128K b512 in run 34's 1.02 ms). --interpret
+runs it on the CPU at a small shape (the tool's own check; times meaningless).
 """
 
 from __future__ import annotations
@@ -81,9 +83,12 @@ def main(argv=None):
   if not a.interpret and jax.default_backend() != "gpu":
     raise SystemExit(f"the gate kernel compiles on a GPU (this is {jax.default_backend()}); "
                      "--interpret runs it on the CPU")
-  print(f"{'shape':>16} {'bt:bn:warps:stages':>19} {'ms':>8} {'/first':>7} {'differ':>7}")
+  print(f"{'shape':>16} {'bt:bn:warps:stages':>19} {'ms':>8} {'/first':>7} {'differ':>7} "
+        f"{'TF/s':>6}")
   for seq, block, topk in parsed:
     n_sel = min(topk, -(-seq // block))
+    # the products a query needs: three bf16 pieces of each past block's mean key (bf16 q)
+    flops = 2 * 3 * a.dim * a.heads * sum(t // block for t in range(seq))
     sets = [gate_inputs(s, seq, block, a.heads, a.dim) for s in (1, 2, 3)]
     first_ms, first_out = None, None
     for t in tiles:
@@ -96,7 +101,7 @@ def main(argv=None):
       differ = int((out != first_out).any(-1).sum())
       name = f"{seq // 1024}K b{block} k{topk}" if seq >= 1024 else f"{seq} b{block} k{topk}"
       print(f"{name:>16} {t.bt}:{t.bn}:{t.num_warps}:{t.num_stages:<7} {ms:8.3f} "
-            f"{ms / first_ms:7.3f} {differ:7d}", flush=True)
+            f"{ms / first_ms:7.3f} {differ:7d} {flops / ms / 1e9:6.1f}", flush=True)
 
 
 if __name__ == "__main__":
