@@ -186,6 +186,22 @@ def test_profile_counts_device_stream_kernels_once(tmp_path):
   assert times["loop_fusion"][:2] == (0.05, 0.5)
 
 
+def test_profile_budget_sums_the_steps_kernels_by_part():
+  """tools/profile_gpu.py's budget line: the Mosaic kernels and the gate by their names, the rest
+  as "other" with its two largest named; the parts add up to the device total."""
+  from tools import profile_gpu
+  times = {"moba_mgpu_fwd_mosaic_gpu_kernel": (0.75, 1.0, ""),
+           "moba_mgpu_dq_mosaic_gpu_kernel": (0.5, 2.0, ""),
+           "moba_mgpu_dkdv_mosaic_gpu_kernel": (1.25, 1.0, ""), "moba_gate": (0.125, 1.0, ""),
+           "input_reduce_fusion": (0.25, 1.0, ""), "sort_10_1": (0.0625, 1.0, ""),
+           "loop_convert_fusion": (0.125, 1.0, "")}
+  parts = profile_gpu.budget(times)
+  assert parts == {"forward": 0.75, "dQ": 0.5, "dK/dV": 1.25, "gate": 0.125, "other": 0.4375}
+  line = profile_gpu.budget_line(times)
+  assert "other 0.438 (largest: input_reduce_fusion 0.250, loop_convert_fusion 0.125)" in line
+  assert line.endswith("total 3.062")
+
+
 def test_mgpu_trace_summarizes_each_warpgroups_regions(tmp_path, monkeypatch, capsys):
   """tools/mgpu_trace.py over a trace in Mosaic GPU's dump format (ts = (start ns + clock
   cycles) / 1e3; tid = 1 + warpgroup + 3 x block): per role, each region's count a CTA, median

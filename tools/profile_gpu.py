@@ -206,6 +206,34 @@ def host_events(trace_path, top=30):
     print(f"{t / k / 1e3:8.3f} {count[n] / k:6.1f}  {n[:80]} ({where[n][:30]})")
 
 
+# The step's own kernels by name (Mosaic GPU and Pallas Triton kernels carry their `name=`);
+# everything else is XLA's (the routing, the merges of partial rows, sorts, the Triton fallbacks'
+# kernels where they run).
+BUDGET_PARTS = (("forward", "moba_mgpu_fwd"), ("dQ", "moba_mgpu_dq"), ("dK/dV", "moba_mgpu_dkdv"),
+                ("gate", "moba_gate"))
+
+
+def _part(name: str) -> str:
+  return next((p for p, prefix in BUDGET_PARTS if name.startswith(prefix)), "other")
+
+
+def budget(times) -> dict:
+  """ms a step of each part of `BUDGET_PARTS` and "other" (the rest), from `kernel_times`."""
+  out = {part: 0.0 for part, _ in BUDGET_PARTS} | {"other": 0.0}
+  for name, (t, _, _) in times.items():
+    out[_part(name)] += t
+  return out
+
+
+def budget_line(times) -> str:
+  """One line: each part's ms a step, "other"'s two largest kernels named, the total."""
+  parts = budget(times)
+  others = sorted((n for n in times if _part(n) == "other"), key=lambda n: -times[n][0])
+  named = ", ".join(f"{n[:40]} {times[n][0]:.3f}" for n in others[:2])
+  body = ", ".join(f"{p} {t:.3f}" for p, t in parts.items())
+  return f"budget (ms a step): {body} (largest: {named}); total {sum(parts.values()):.3f}"
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--seq", type=int, default=32768)
@@ -253,6 +281,7 @@ def main(argv=None):
   for name, (t, c, o) in sorted(times.items(), key=lambda x: -x[1][0])[:a.top]:
     src = f"  {source_of(sources, name)}" if a.sources else ""
     print(f"{t:8.3f} {100 * t / total:5.1f}% {c:6.1f}  {name[:70]} ({o[:60]}){src}")
+  print(budget_line(times))
   idle_gaps(max(traces, key=os.path.getmtime), a.steps)
   if a.host:
     host_events(max(traces, key=os.path.getmtime), a.host)
