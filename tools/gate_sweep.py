@@ -94,7 +94,12 @@ def main(argv=None):
     for t in tiles:
       fn = jax.jit(functools.partial(moba_gate.gate_topk, n_sel=n_sel, interpret=a.interpret,
                                      tiles=t))
-      ms = bench.time_ms(fn, sets, 1 if a.interpret else 3, a.repeats, pipeline=8)
+      try:
+        ms = bench.time_ms(fn, sets, 1 if a.interpret else 3, a.repeats, pipeline=8)
+      except jax.errors.JaxRuntimeError as e:  # e.g. more shared memory than the GPU has
+        print(f"{t.bt}:{t.bn}:{t.num_warps}:{t.num_stages} at {seq}:{block}:{topk} does not run: "
+              f"{str(e).splitlines()[0][:120]}", flush=True)
+        continue
       out = np.asarray(fn(*sets[0])[0])
       if first_out is None:
         first_ms, first_out = ms, out
