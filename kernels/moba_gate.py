@@ -40,7 +40,11 @@ from jax.experimental.pallas import triton as plgpu
 from moba_jax.kernels import _routing as rt
 
 BT = 64  # queries a program (GPU: `GateTiles`' default)
-BN = 64  # block slots a chunk (GPU: `GateTiles`' default)
+# block slots a chunk (GPU: `GateTiles`' default). 32 since run 36's sweep on the H200
+# (tools/gate_sweep.py, the gate alone, 64 -> 32): 32K b512 k3 0.175 -> 0.148-0.153 ms, 128K b512
+# k3 1.099 -> 1.041, 16K b128 k8 0.219 -> 0.199, 128K b4096 k12 1.826 -> 1.237-1.261; 8K b512 k3
+# 0.053-0.073 either way (noise); 16 was faster at 32K (0.133) and slower at b4096 (1.373).
+BN = 32
 TPU_BT = 128  # queries a program (TPU: a [128, 128] score tile on the MXU)
 TPU_BN = 128  # block slots a chunk (TPU)
 TPU_KEY_BYTES = 8 << 20  # the gate keys' VMEM block (three pieces, double-buffered) at most
@@ -53,8 +57,8 @@ _NINF = int(np.float32(-np.inf).view(np.int32) ^ np.int32(0x7FFFFFFF))  # `_orde
 class GateTiles:
   """The GPU gate's program: bt queries of one head, scanning their table slots in chunks of
   bn (powers of two, 16-256: each chunk's products are [bt, D] x [D, bn]), compiled by Triton
-  with num_warps warps and num_stages stages. The default is run 26's, never swept
-  (tools/gate_sweep.py times others on a GPU)."""
+  with num_warps warps and num_stages stages. The default is run 26's with run 36's bn (`BN`;
+  tools/gate_sweep.py times others on a GPU)."""
   bt: int = BT
   bn: int = BN
   num_warps: int = 4

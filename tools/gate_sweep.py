@@ -5,8 +5,9 @@ usage: python tools/gate_sweep.py [--specs 131072:512:3 ...] [--tiles 64:64:4:2 
          [--repeats 20] [--interpret]
 
 The gate is 0.13 ms of a 3.8 ms fwd+bwd step at 32K block 512 top-3 on the H200, 1.02 ms of 15.6
-at 128K (run 34) and 0.18 of 2.7 at 16K block 128 top-8 (run 33; docs/benchmarks.md), in the
-shape of run 26, never swept. Per spec (seq:block:topk; 16 heads, head_dim 128, bf16, one
+at 128K (run 34) and 0.18 of 2.7 at 16K block 128 top-8 (run 33; docs/benchmarks.md) in the
+shape of run 26; run 36's sweep made 32 slots a chunk the default (e_gate.txt, d_gate.txt in
+docs/results/h200_2026-12-05_run36). Per spec (seq:block:topk; 16 heads, head_dim 128, bf16, one
 document) and tiles (bt:bn:num_warps:num_stages) it prints the median ms of a call, 8 calls back
 to back on fresh inputs (the device's time, without a synced call's host share;
 tools/README.md), its ratio to the first tiles', the queries whose choice differs from the first
@@ -21,8 +22,8 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_SPECS = ("8192:512:3", "16384:128:8", "32768:512:3", "131072:512:3", "131072:4096:12")
-DEFAULT_TILES = ("64:64:4:2", "128:64:4:2", "128:64:8:2", "64:128:4:2", "128:128:8:2",
-                 "64:32:4:2", "32:64:4:2", "64:64:4:3", "128:128:8:3", "256:64:8:2")
+DEFAULT_TILES = ("64:32:4:2", "64:64:4:2", "128:64:4:2", "128:64:8:2", "64:128:4:2",
+                 "128:128:8:2", "32:64:4:2", "64:64:4:3", "64:16:4:2", "256:64:8:2")
 
 
 def parse_tiles(text: str):
