@@ -120,8 +120,8 @@
 #   47: the compiled test_mosaic.py as 3 shards side by side (limit TEST_S, default 220 s; logs
 #       in mosaic_logs.tgz), then per-kernel profiles naming source lines of packed documents at
 #       DOCS_PROFILES (default 32K b512 k3 and 16K b128 k8, 16 and 8 documents)
-#   48: the compiled test_mosaic.py as 7 shards beside test_kernels.py's no-segment-ids checks
-#       (limit TEST_S, default 300 s; logs in mosaic_logs.tgz)
+#   48: the compiled test_mosaic.py as 7 shards beside test_kernels.py's no-segment-ids and gate
+#       checks, slow cases included (limit TEST_S, default 300 s; logs in mosaic_logs.tgz)
 #   49: packed documents split by kv-head chunks like single ones (run 27): the synced rows with
 #       memory (REPEATS, default 20) at 16K b128 k8 with 8 documents, 8K and 32K b512 k3 with 8
 #       and 32K with 16 (this tree), then the compiled chunk and split tests of test_mosaic.py
@@ -718,7 +718,7 @@ if [ "$phase" = 48 ]; then
   t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.11 timeout "${TEST_S:-300}" python3 -m pytest -q -rfEs \
     -W ignore --compiled -p no:cacheprovider "$@"; }
   for i in 0 1 2 3 4 5 6; do t --shard $i/7 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
-  t -k no_segment_ids tests/test_kernels.py > $OUT/mosaic7.txt 2>&1 & wait
+  t -m "" -k "no_segment_ids or gate" tests/test_kernels.py > $OUT/mosaic7.txt 2>&1 & wait
   for i in 0 1 2 3 4 5 6 7; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
   grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
   (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-7].txt && rm mosaic[0-7].txt)
