@@ -80,6 +80,27 @@ def _impls(text: str) -> str:
   return text
 
 
+def _xla_option(text: str) -> tuple[str, str]:
+  name, eq, value = text.partition("=")
+  if not eq or not name.startswith("xla_"):
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: NAME=VALUE with an XLA option's name (xla_...), e.g. "
+        "xla_gpu_enable_command_buffer= (an empty value clears a list option)")
+  return name, value
+
+
+def check_xla_options(options: dict[str, str]) -> str | None:
+  """Why XLA refuses these compiler options (an unknown name, a bad value), or None: one tiny
+  program compiled with them, before any row (XLA parses every platform's options anywhere)."""
+  if not options:
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options)(jnp.zeros(()))
+  except Exception as e:  # noqa: BLE001 - XLA's own message names the option
+    return str(e).splitlines()[0]
+  return None
+
+
 def parse_args(argv):
   p = OneLineParser(prog="moba-jax bench", description=__doc__.split("\n\n")[0])
   p.add_argument("--seqs", default=None, type=_seqs,
@@ -111,6 +132,12 @@ def parse_args(argv):
                       "[,mosaic_block_kv[,mosaic_dq[,mosaic_dkdv[,mosaic_head_chunks]]]]]; "
                       "pallas_tpu block_q,block_k,block_k_dkv[,block_kv_window"
                       "[,block_kv_window_dkv]]")
+  p.add_argument("--xla-option", dest="xla_options", action="append", default=[],
+                 type=_xla_option, metavar="NAME=VALUE",
+                 help="an XLA compiler option of every row's jitted functions (repeatable; "
+                      "`jax.jit(compiler_options=...)`: this program's, not the process's as "
+                      "XLA_FLAGS), e.g. xla_gpu_enable_command_buffer= (XLA's CUDA graphs off: "
+                      "docs/benchmarks.md, run 36's host share)")
   p.add_argument("--breakdown", action="store_true",
                  help="pallas_gpu only: time routing, forward and backward separately")
   return p.parse_args(argv)
@@ -140,10 +167,16 @@ def gpu_block_sizes(spec: str | None, dim: int = 128, dtype=jnp.bfloat16):
                                         moba_gpu.BlockSizes.get_default(dim, dtype))
 
 
-def make_fn(impl, block, topk, bwd, tiles=None):
+def xla_jit(xla_options=None):
+  """jax.jit with --xla-option's (name, value) pairs as its compile options."""
+  return functools.partial(jax.jit, compiler_options=dict(xla_options or {}) or None)
+
+
+def make_fn(impl, block, topk, bwd, tiles=None, xla_options=None):
   """The jitted forward fn(q, k, v, segment_ids) or fwd+bwd step fn(q, k, v, cot, segment_ids)
   (segment_ids: an argument, as a training step's data; None: one document per row). tiles:
-  --tiles, for pallas_gpu and pallas_tpu."""
+  --tiles, for pallas_gpu and pallas_tpu; xla_options: --xla-option's (name, value) pairs."""
+  jit = xla_jit(xla_options)
   if impl in TILED and tiles:
     fwd = lambda q, k, v, seg: attn.moba_attention(q, k, v, block_size=block, topk=topk,
                                                    segment_ids=seg, implementation=impl,
@@ -155,13 +188,13 @@ def make_fn(impl, block, topk, bwd, tiles=None):
     fwd = lambda q, k, v, seg: attn.moba_attention(q, k, v, block_size=block, topk=topk,
                                                    segment_ids=seg, implementation=impl)
   if not bwd:
-    return jax.jit(fwd)
+    return jit(fwd)
 
   def step(q, k, v, cot, seg):
     out, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, seg), q, k, v)
     return vjp(cot)
 
-  return jax.jit(step)
+  return jit(step)
 
 
 def doc_lengths(seq: int, docs: int) -> list[int]:
@@ -225,14 +258,16 @@ def bench_one(args, impl, seq, block, topk):
              sizes=args.tiles if impl in TILED else None,
              block=block if moba else None, topk=topk if moba else None, heads=args.heads,
              dim=args.dim, dtype=args.dtype, pipeline=args.pipeline)
+  if args.xla_options:
+    row["xla_options"] = dict(args.xla_options)
   if len(lengths) > 1:
     row["doc_lengths"] = lengths
-  fwd = make_fn(impl, block, topk, bwd=False, tiles=args.tiles)
+  fwd = make_fn(impl, block, topk, bwd=False, tiles=args.tiles, xla_options=args.xla_options)
   row["fwd_ms"] = time_ms(fwd, [s[:3] + s[4:] for s in sets], args.warmup, args.repeats,
                           args.pipeline)
   row["fwd_tflops"] = flop / row["fwd_ms"] / 1e9
   if not args.no_bwd:
-    step = make_fn(impl, block, topk, bwd=True, tiles=args.tiles)
+    step = make_fn(impl, block, topk, bwd=True, tiles=args.tiles, xla_options=args.xla_options)
     row["fwdbwd_ms"] = time_ms(step, sets, args.warmup, args.repeats, args.pipeline)
     row["fwdbwd_tflops"] = 3.5 * flop / row["fwdbwd_ms"] / 1e9
     row["peak_gib"] = (lambda b: None if b is None else b / 2**30)(peak_bytes(step, sets[0]))
@@ -301,17 +336,18 @@ def breakdown(args, seq, block, topk):
   sets = [inputs(s, args, seq, dtype)[:4] for s in (1, 2)]
   sizes = gpu_block_sizes(args.tiles, args.dim, dtype)
   scale = args.dim ** -0.5
+  jit = xla_jit(args.xla_options)
   routing = functools.partial(rt.route, segment_ids=None, block_size=block, topk=topk,
                               block_q=sizes.block_q)
-  route = jax.jit(lambda q, k: routing(q, k)[0])
+  route = jit(lambda q, k: routing(q, k)[0])
   dims = rt.make_dims(seq, args.heads // (args.kv_heads or args.heads), block, topk, sizes.block_q,
                       one_doc=True)  # what `route` sizes for segment_ids None
   routed = [(*s, route(s[0], s[1])) for s in sets]
-  fwd = jax.jit(lambda q, k, v, cot, r: mg.forward(q, k, v, r, dims, sizes, scale, False))
+  fwd = jit(lambda q, k, v, cot, r: mg.forward(q, k, v, r, dims, sizes, scale, False))
   res = [(q, k, v, cot, r, *fwd(q, k, v, cot, r)[1]) for q, k, v, cot, r in routed]
-  bwd = jax.jit(lambda q, k, v, cot, r, o, lse: mg.backward(q, k, v, r, o, lse, cot, dims,
+  bwd = jit(lambda q, k, v, cot, r, o, lse: mg.backward(q, k, v, r, o, lse, cot, dims,
                                                               sizes, scale, False))
-  kbar = jax.jit(lambda k: moba_lib.slot_means(k, block))  # the one-document routing's gate keys
+  kbar = jit(lambda k: moba_lib.slot_means(k, block))  # the one-document routing's gate keys
   row = dict(impl="pallas_gpu/breakdown", seq=seq, block=block, topk=topk, sizes=str(sizes),
              kbar_ms=time_ms(kbar, [s[1:2] for s in sets], args.warmup, args.repeats),
              route_ms=time_ms(route, [s[:2] for s in sets], args.warmup, args.repeats),
@@ -367,8 +403,13 @@ def main(argv=None) -> int:
     from moba_jax import bench_decode
     return bench_decode.main([a for a in argv if a != "--decode"])
   args = parse_args(argv)
+  refused = check_xla_options(dict(args.xla_options))
+  if refused:
+    print(f"moba-jax bench: --xla-option refused by XLA: {refused}", file=sys.stderr)
+    return 2
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, "
-        f"heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}")
+        f"heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}"
+        + "".join(f", {k}={v!r}" for k, v in args.xla_options))
   rows = []
   if args.breakdown:
     rows = [breakdown(args, *c) for c in cases(args)]

@@ -90,4 +90,7 @@ def _stop(signum, frame):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # `python -m moba_jax.cli`: run the package's module, not this __main__ copy, whose UsageError
+  # is not the one the commands raise (a mistake would print a traceback)
+  from moba_jax import cli as _cli
+  sys.exit(_cli.main())

@@ -78,6 +78,35 @@ def test_bench_prints_a_table_on_cpu(capsys, pipeline):
   assert "f+b ms" in out and "full_xla" in out
 
 
+def test_bench_compiles_every_row_with_its_xla_options(tmp_path, capsys, monkeypatch):
+  """--xla-option NAME=VALUE reaches every row's jitted functions as a compile option of their
+  own (jax.jit compiler_options, not XLA_FLAGS): a value XLA refuses fails the program that
+  carries it and no other; the rows record the options; XLA's refusal stops the command first,
+  in one line."""
+  from moba_jax import bench
+  bad = {"xla_gpu_enable_command_buffer": "BOGUS"}
+  q = jnp.ones((1, 64, 2, 16), jnp.bfloat16)
+  with pytest.raises(Exception, match="BOGUS"):
+    bench.make_fn("xla", 32, 2, bwd=False, xla_options=bad)(q, q, q, None)
+  bench.make_fn("xla", 32, 2, bwd=False)(q, q, q, None)  # the same program without them
+  assert bench.check_xla_options(bad) and "BOGUS" in bench.check_xla_options(bad)
+  assert bench.check_xla_options({"xla_gpu_enable_command_buffer": ""}) is None
+  seen = []
+  real = bench.make_fn
+  monkeypatch.setattr(bench, "make_fn", lambda *a, **kw: seen.append(kw["xla_options"])
+                      or real(*a, **kw))
+  out = tmp_path / "rows.json"
+  assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
+                     "--impls", "xla", "--repeats", "1", "--warmup", "1", "--json", str(out),
+                     "--xla-option", "xla_gpu_enable_command_buffer="]) == 0
+  assert seen == [[("xla_gpu_enable_command_buffer", "")]] * 2  # the forward and the step
+  assert json.loads(out.read_text())[0]["xla_options"] == {"xla_gpu_enable_command_buffer": ""}
+  assert "xla_gpu_enable_command_buffer=''" in capsys.readouterr().out
+  assert bench.main(["--xla-option", "xla_gpu_enable_command_buffer=BOGUS"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("moba-jax bench: --xla-option refused by XLA") and err.count("\n") == 1
+
+
 def test_bench_packs_documents_into_the_moba_rows(tmp_path, capsys):
   """--docs N: the MoBA rows take N packed documents (segment ids as an argument of the step,
   lengths drawn once: the same for every implementation and run) and count their attended

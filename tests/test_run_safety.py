@@ -219,6 +219,7 @@ def test_a_signal_while_jax_imports_is_one_line_not_a_traceback():
 @pytest.mark.parametrize("argv", [
     ["report"], ["grid", "--bogus"], ["inspect", "x", "--step", "y"], ["data"], ["generate"],
     ["eval"], ["convert"], ["plan"], ["bench", "--seqs", "x"], ["bench", "--decode", "--caches", "x"],
+    ["bench", "--xla-option", "gpu_enable_command_buffer"],
 ])
 def test_every_commands_argument_mistakes_are_one_line(argv, capsys):
   """Every subcommand's parser (cli.OneLineParser): a mistake is `moba-jax CMD: message` on one
@@ -228,6 +229,15 @@ def test_every_commands_argument_mistakes_are_one_line(argv, capsys):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"moba-jax {argv[0]}: ") and err.count("\n") == 1, err
+
+
+def test_python_dash_m_cli_prints_a_mistake_in_one_line():
+  """`python -m moba_jax.cli` (tools/run_h200.sh's way in) handles a command's mistake as the
+  `moba-jax` script does: the commands raise the package module's UsageError, not __main__'s."""
+  proc = subprocess.run([sys.executable, "-m", "moba_jax.cli", "bench", "--seqs", "x"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.startswith("moba-jax bench: "), proc.stderr
+  assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 def test_killed_at_random_points_the_run_still_ends_bit_for_bit(tmp_path):
