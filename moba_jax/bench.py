@@ -33,6 +33,7 @@ from moba_jax.cli import OneLineParser
 from moba_jax import attention as attn
 from moba_jax import flops
 from moba_jax import moba as moba_lib
+from moba_jax import rundir
 
 DEFAULT_CASES = [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3), (131072, 512, 3),
                  (131072, 2048, 3), (131072, 4096, 12)]
@@ -271,9 +272,28 @@ def bench_one(args, impl, seq, block, topk):
     row["fwdbwd_ms"] = time_ms(step, sets, args.warmup, args.repeats, args.pipeline)
     row["fwdbwd_tflops"] = 3.5 * flop / row["fwdbwd_ms"] / 1e9
     row["peak_gib"] = (lambda b: None if b is None else b / 2**30)(peak_bytes(step, sets[0]))
+  if args.xla_options:
+    row["xla_options_max_diff"] = options_max_diff(
+        impl, block, topk, args, sets, step if not args.no_bwd else fwd)
   row["target_fwdbwd_ms"] = (TARGETS_MS.get((seq, block, topk))
                              if impl == "pallas_gpu" and len(lengths) == 1 else None)
   return row
+
+
+def options_max_diff(impl, block, topk, args, sets, fn) -> float:
+  """The largest difference between fn's outputs (the row's program under --xla-option, run
+  again after its timing: its buffers have moved between calls many times by then) and the same
+  program compiled with XLA's defaults, on both input sets. An option about launching (command
+  buffers, their update modes) changes no number: anything but 0.0 is reported as a failure."""
+  bwd = not args.no_bwd
+  plain = make_fn(impl, block, topk, bwd=bwd, tiles=args.tiles)
+  diff = 0.0
+  for s in sets:
+    a = s if bwd else s[:3] + s[4:]
+    for x, y in zip(jax.tree.leaves(fn(*a)), jax.tree.leaves(plain(*a))):
+      d = jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+      diff = max(diff, float(jnp.nan_to_num(d, nan=jnp.inf)))
+  return diff
 
 
 def fmt(x, spec):
@@ -414,8 +434,7 @@ def main(argv=None) -> int:
   if args.breakdown:
     rows = [breakdown(args, *c) for c in cases(args)]
     if args.json:
-      with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
+      rundir.atomic_write(args.json, json.dumps(rows, indent=1))
     return 0
   for seq, block, topk in cases(args):
     for impl in args.impls.split(","):
@@ -428,7 +447,10 @@ def main(argv=None) -> int:
         rows.append(dict(impl=impl, seq=seq, block=block, topk=topk, error=repr(e)))
       print(json.dumps(rows[-1]), flush=True)
   print_table(rows)  # adds the ratios to the rows
+  changed = [r for r in rows if r.get("xla_options_max_diff")]
+  for r in changed:
+    print(f"--xla-option changed the results of {r['impl']} at seq {r['seq']}: up to "
+          f"{r['xla_options_max_diff']:.3g} from XLA's defaults", file=sys.stderr)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
-  return 0
+    rundir.atomic_write(args.json, json.dumps(rows, indent=1))
+  return 1 if changed else 0

@@ -93,18 +93,41 @@ def test_bench_compiles_every_row_with_its_xla_options(tmp_path, capsys, monkeyp
   assert bench.check_xla_options({"xla_gpu_enable_command_buffer": ""}) is None
   seen = []
   real = bench.make_fn
-  monkeypatch.setattr(bench, "make_fn", lambda *a, **kw: seen.append(kw["xla_options"])
+  monkeypatch.setattr(bench, "make_fn", lambda *a, **kw: seen.append(kw.get("xla_options"))
                       or real(*a, **kw))
   out = tmp_path / "rows.json"
   assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
                      "--impls", "xla", "--repeats", "1", "--warmup", "1", "--json", str(out),
                      "--xla-option", "xla_gpu_enable_command_buffer="]) == 0
-  assert seen == [[("xla_gpu_enable_command_buffer", "")]] * 2  # the forward and the step
-  assert json.loads(out.read_text())[0]["xla_options"] == {"xla_gpu_enable_command_buffer": ""}
+  # the forward and the step timed, then the step again beside its default-compiled twin
+  assert seen == [[("xla_gpu_enable_command_buffer", "")]] * 2 + [None]
+  row = json.loads(out.read_text())[0]
+  assert row["xla_options"] == {"xla_gpu_enable_command_buffer": ""}
+  assert row["xla_options_max_diff"] == 0.0
   assert "xla_gpu_enable_command_buffer=''" in capsys.readouterr().out
   assert bench.main(["--xla-option", "xla_gpu_enable_command_buffer=BOGUS"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("moba-jax bench: --xla-option refused by XLA") and err.count("\n") == 1
+
+
+def test_bench_reports_an_xla_option_that_changes_the_results(tmp_path, capsys, monkeypatch):
+  """The rows' programs under --xla-option are compared with XLA's defaults on both input sets
+  (the oracle: the same program, default options); a difference is named on stderr, kept in the
+  row, and the command exits 1."""
+  from moba_jax import bench
+  real = bench.make_fn
+
+  def drifting(*a, xla_options=None, **kw):  # an "option" that changes the outputs
+    fn = real(*a, xla_options=xla_options, **kw)
+    return (lambda *x: jax.tree.map(lambda y: y * 0 + 1, fn(*x))) if xla_options else fn
+
+  monkeypatch.setattr(bench, "make_fn", drifting)
+  out = tmp_path / "rows.json"
+  assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
+                     "--impls", "xla", "--repeats", "1", "--warmup", "1", "--json", str(out),
+                     "--xla-option", "xla_gpu_enable_command_buffer="]) == 1
+  assert json.loads(out.read_text())[0]["xla_options_max_diff"] > 0
+  assert "--xla-option changed the results of xla at seq 128" in capsys.readouterr().err
 
 
 def test_bench_packs_documents_into_the_moba_rows(tmp_path, capsys):

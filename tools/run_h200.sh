@@ -193,6 +193,14 @@
 #       without, in turn: synced 8K b512 k3 (pallas_gpu, cuDNN), 32K b512 k3, 16K b128 k8, with
 #       LONG set 128K b512 k3 (REPEATS, default 20; 10 at 128K), 8K back to back; then again the
 #       synced 8K rows (A B A B: the drift of one machine; cmdbuf.txt)
+#   63: XLA's command-buffer options per program (`--xla-option`; each row's outputs are also
+#       checked against XLA's defaults, bench exits 1 on a difference): synced fwd+bwd at 8K b512
+#       k3 and 16K b128 k8 (CB_SPECS, seq:block:topk; REPEATS, default 20) under each of
+#       CB_OPTIONS (';'-separated sets of space-separated NAME=VALUE, '-' for XLA's defaults;
+#       default: defaults, command buffers off, the update modes SKIP_TEMP and SKIP_PROFILED,
+#       scheduling CONCURRENT), PASSES times in turn (default 1; about 30 s a row: 5 sets x 2
+#       shapes ~5 min) (cbopts.txt; the names and values jax 0.11.2's XLA accepts, checked on
+#       the CPU in run 37)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -837,6 +845,19 @@ if [ "$phase" = 62 ]; then
         STEP_S=120 bench --impls $impls --seqs $s --configs $b:$t --repeats $reps \
           --pipeline $pipe $opt 2>&1 | grep "^pallas_gpu\|^cudnn" \
           | sed "s/^/$tag pipeline $pipe: /" | tee -a $OUT/cmdbuf.txt
+      done
+    done
+  done
+fi
+if [ "$phase" = 63 ]; then
+  IFS=';' read -ra sets <<< "${CB_OPTIONS:--;xla_gpu_enable_command_buffer=;xla_gpu_command_buffer_update_mode=SKIP_TEMP;xla_gpu_command_buffer_update_mode=SKIP_PROFILED;xla_gpu_command_buffer_scheduling_mode=CONCURRENT}"
+  for ((pass = 1; pass <= ${PASSES:-1}; pass++)); do
+    for set_ in "${sets[@]}"; do
+      opts=""; [ "$set_" != "-" ] && for o in $set_; do opts="$opts --xla-option $o"; done
+      for spec in ${CB_SPECS:-8192:512:3 16384:128:8}; do IFS=: read s b t <<< "$spec"
+        STEP_S=120 bench --impls pallas_gpu --seqs $s --configs $b:$t --repeats ${REPEATS:-20} \
+          $opts 2>&1 | grep "^pallas_gpu\|changed the results\|refused\|Error" \
+          | sed "s|^|pass $pass [$set_]: |" | tee -a $OUT/cbopts.txt
       done
     done
   done
