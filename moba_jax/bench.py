@@ -366,7 +366,7 @@ def breakdown(args, seq, block, topk):
   fwd = jit(lambda q, k, v, cot, r: mg.forward(q, k, v, r, dims, sizes, scale, False))
   res = [(q, k, v, cot, r, *fwd(q, k, v, cot, r)[1]) for q, k, v, cot, r in routed]
   bwd = jit(lambda q, k, v, cot, r, o, lse: mg.backward(q, k, v, r, o, lse, cot, dims,
-                                                              sizes, scale, False))
+                                                          sizes, scale, False))
   kbar = jit(lambda k: moba_lib.slot_means(k, block))  # the one-document routing's gate keys
   row = dict(impl="pallas_gpu/breakdown", seq=seq, block=block, topk=topk, sizes=str(sizes),
              kbar_ms=time_ms(kbar, [s[1:2] for s in sets], args.warmup, args.repeats),
