@@ -116,6 +116,23 @@ def make_dims(seq, groups, block_size, topk, block_q, queries=None, one_doc=Fals
               one_doc)
 
 
+def free_chunks(ks, ke, lo, hi, rq, chunk, align=1):
+  """[BK, NT]: the leading key chunks of each row tile that every live row sees whole, so a
+  kernel may skip their mask (all of a sparse tile's block; a dense tile's chunks before the
+  diagonal). The tile's chunks of `chunk` keys start at its first key ks rounded down to a
+  multiple of `align` (the Mosaic GPU kernels' TMA boxes: 8; the TPU kernel: 1). Padding rows
+  (rq < 0) are not looked at: a kernel's outputs for them are never read."""
+  bk_n, n_tiles = ks.shape
+  ks = ks // align * align
+  shape = (bk_n, n_tiles, -1)
+  live = (rq >= 0).reshape(shape)
+  lo_max = jnp.max(jnp.where(live, lo.reshape(shape), 0), axis=-1)
+  hi_min = jnp.min(jnp.where(live, hi.reshape(shape), 2 ** 30), axis=-1)
+  n_all = -(-(ke - ks) // chunk)
+  n = jnp.where(lo_max <= ks, jnp.maximum(hi_min - ks, 0) // chunk, 0)
+  return jnp.minimum(n, n_all).astype(jnp.int32)
+
+
 def _bf16_pieces(x, n):
   """n bfloat16 pieces of float32 x whose float32 sum is x: exact for n = 3 and |x| >= 2^-100
   (below, the last remainder is subnormal or flushed), for n = 2 on float16 values; NaN stays NaN

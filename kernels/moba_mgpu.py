@@ -47,6 +47,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, llvm
 
+from moba_jax.kernels import _routing as rt
+
 ROWS = 128  # the routing tile: two compute warpgroups of 64 rows
 WG_ROWS = 64
 NEG = -1e30  # finite: a row that has seen no visible key yet keeps l = 0 and acc = 0 (p = 0)
@@ -260,17 +262,9 @@ def _gathers_done(pending=0):
 
 
 def free_chunks(ks, ke, lo, hi, rq, block_kv):
-  """[BK, NT] leading key chunks of each tile that every live row sees whole (no mask); the
-  chunks start at the tile's first key rounded down to a multiple of 8, as the kernel's do."""
-  bk_n, n_tiles = ks.shape
-  ks = ks // 8 * 8
-  shape = (bk_n, n_tiles, -1)
-  live = (rq >= 0).reshape(shape)
-  lo_max = jnp.max(jnp.where(live, lo.reshape(shape), 0), axis=-1)
-  hi_min = jnp.min(jnp.where(live, hi.reshape(shape), 2 ** 30), axis=-1)
-  n_all = -(-(ke - ks) // block_kv)
-  n = jnp.where(lo_max <= ks, jnp.maximum(hi_min - ks, 0) // block_kv, 0)
-  return jnp.minimum(n, n_all).astype(jnp.int32)
+  """`_routing.free_chunks` for these kernels: chunks of block_kv keys from the tile's first key
+  rounded down to a multiple of 8, as the kernels' TMA boxes start."""
+  return rt.free_chunks(ks, ke, lo, hi, rq, block_kv, align=8)
 
 
 def num_ctas(interpret: bool) -> int:

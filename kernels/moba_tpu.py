@@ -188,21 +188,32 @@ def _row_spec(bq, width, tile_offset=0):
   return pl.BlockSpec((pl.squeezed, bq, width), lambda b, i, c, *_: (b, i + tile_offset, 0))
 
 
-def _softmax_step(s, mask, m_sc, l_sc, acc_sc, v):
-  s = jnp.where(mask, s, NEG)
+def _softmax_step(s, m_sc, l_sc, acc_sc, v):
+  """One chunk's online softmax on S (s, masked keys -inf): m starts at NEG, finite, so a masked
+  key's exp(-inf - m) is 0 and P needs no mask of its own (as the GPU kernels, run 34)."""
   m = m_sc[...]
   m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))  # [Mq, 1]
-  p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+  p = jnp.exp(s - m_new)
   alpha = jnp.exp(m - m_new)
   l_sc[...] = l_sc[...] * alpha + p.sum(axis=1, keepdims=True)
   acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v)
   m_sc[...] = m_new
 
 
-def _fwd_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, m_sc, l_sc,
-                acc_sc, *, bk, nt, scale):
+def _window_loops(chunk, start, ke, nfree, c, bk, w):
+  """Runs chunk(j, masked) over window c's key chunks (from key `start`): first those of the
+  tile's `nfree` leading chunks that every live row sees whole (`_routing.free_chunks`: no mask),
+  then the rest, masked per row."""
+  n = _window_chunks(start, ke, bk, w)
+  free = jnp.clip(nfree - c * (w // bk), 0, n)
+  jax.lax.fori_loop(0, free, lambda j, _: chunk(j, False), None)
+  jax.lax.fori_loop(free, n, lambda j, _: chunk(j, True), None)
+
+
+def _fwd_kernel(ks_ref, ke_ref, nf_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref,
+                m_sc, l_sc, acc_sc, *, bk, nt, scale):
   b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  ks, ke = ks_ref[b * nt + i], ke_ref[b * nt + i]
+  t = b * nt + i
   w = k_ref.shape[0]
 
   @pl.when(c == 0)
@@ -211,16 +222,17 @@ def _fwd_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  start = ks + c * w
+  start = ks_ref[t] + c * w
 
-  def chunk(j, _):  # keys [start + j * bk, + bk) of the window
+  def chunk(j, masked):  # keys [start + j * bk, + bk) of the window
     at = pl.multiple_of(j * bk, bk)
-    kpos = start + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = (kpos >= lo_ref[...]) & (kpos < hi_ref[...])  # [Mq, Bk]
     s = _dot(q_ref[...], k_ref[pl.ds(at, bk), :], trans_b=True) * scale
-    _softmax_step(s, mask, m_sc, l_sc, acc_sc, v_ref[pl.ds(at, bk), :])
+    if masked:
+      kpos = start + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+      s = jnp.where((kpos >= lo_ref[...]) & (kpos < hi_ref[...]), s, -jnp.inf)  # [Mq, Bk]
+    _softmax_step(s, m_sc, l_sc, acc_sc, v_ref[pl.ds(at, bk), :])
 
-  jax.lax.fori_loop(0, _window_chunks(start, ke, bk, w), chunk, None)
+  _window_loops(chunk, start, ke_ref[t], nf_ref[t], c, bk, w)
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
@@ -231,29 +243,30 @@ def _fwd_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_
     lse_ref[...] = jnp.where(ok, m_sc[...] + jnp.log(l_safe), -jnp.inf)
 
 
-def _dq_kernel(ks_ref, ke_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref,
-               dq_ref, acc_sc, *, bk, nt, scale):
+def _dq_kernel(ks_ref, ke_ref, nf_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref,
+               hi_ref, dq_ref, acc_sc, *, bk, nt, scale):
   b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  ks, ke = ks_ref[b * nt + i], ke_ref[b * nt + i]
+  t = b * nt + i
   w = k_ref.shape[0]
 
   @pl.when(c == 0)
   def _():
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  start = ks + c * w
+  start = ks_ref[t] + c * w
 
-  def chunk(j, _):  # keys [start + j * bk, + bk) of the window
+  def chunk(j, masked):  # keys [start + j * bk, + bk) of the window
     at = pl.multiple_of(j * bk, bk)
-    kpos = start + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = (kpos >= lo_ref[...]) & (kpos < hi_ref[...])
     k, v = k_ref[pl.ds(at, bk), :], v_ref[pl.ds(at, bk), :]
     s = _dot(q_ref[...], k, trans_b=True) * scale  # [Mq, Bk]
-    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
+    p = jnp.exp(s - lse_ref[...])
+    if masked:
+      kpos = start + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+      p = jnp.where((kpos >= lo_ref[...]) & (kpos < hi_ref[...]), p, 0.0)
     ds = p * (_dot(do_ref[...], v, trans_b=True) - dl_ref[...])
     acc_sc[...] += _dot(ds.astype(k.dtype), k)
 
-  jax.lax.fori_loop(0, _window_chunks(start, ke, bk, w), chunk, None)
+  _window_loops(chunk, start, ke_ref[t], nf_ref[t], c, bk, w)
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
@@ -355,6 +368,13 @@ def _prep(q, k, v, pad_k):
   return padd(rt.heads_major(q, kv_heads)), kv(k), kv(v)
 
 
+def _tile_ranges(routing, bk):
+  """The forward's and dQ's scalar-prefetch operands, flat [BK * NT] int32: each row tile's key
+  range [ks, ke) and its leading key chunks of bk keys that need no mask (`free_chunks`)."""
+  nfree = rt.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi, routing.rq, bk)
+  return routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1), nfree.reshape(-1)
+
+
 def _rows(x, routing):
   """Gathers per-query data into routed row order: [BK, TG, W] -> [BK, R, W]."""
   return jnp.take_along_axis(x, jnp.maximum(routing.rq, 0)[..., None], axis=1)
@@ -374,7 +394,7 @@ def _forward(q, k, v, routing, dims, sizes, scale, interpret):
   bq, bk, nt = sizes.block_q, sizes.block_k, dims.tiles
   kernel = functools.partial(_fwd_kernel, bk=bk, nt=nt, scale=scale)
   f32 = jnp.float32
-  call = _call(kernel, (batch_kv, nt, nw), 2,
+  call = _call(kernel, (batch_kv, nt, nw), 3,
                [_row_spec(bq, dp), _kv_spec(w, dp, nt), _kv_spec(w, dp, nt), _row_spec(bq, 1),
                 _row_spec(bq, 1)],
                [_row_spec(bq, dp), _row_spec(bq, 1)],
@@ -383,10 +403,9 @@ def _forward(q, k, v, routing, dims, sizes, scale, interpret):
                 jax.ShapeDtypeStruct((batch_kv, dims.rows, 1), f32)],
                [pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, dp), f32)],
                interpret, ("parallel", "parallel", "arbitrary"),
-               aliases={2: 0})  # o written over the gathered q rows (no buffer of its own)
-  o_rows, lse_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1),
-                          _rows(qr, routing), kr, vr, routing.lo[..., None],
-                          routing.hi[..., None])
+               aliases={3: 0})  # o written over the gathered q rows (no buffer of its own)
+  o_rows, lse_rows = call(*_tile_ranges(routing, bk), _rows(qr, routing), kr, vr,
+                          routing.lo[..., None], routing.hi[..., None])
   o, lse = rt.merge_rows(o_rows, lse_rows[..., 0], routing.pos)
   o = o.astype(q.dtype)
   return rt.heads_minor(o[..., :q.shape[-1]], batch, seq), (o, lse)
@@ -517,13 +536,12 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
 
   kernel = functools.partial(_dq_kernel, bk=bk, nt=nt, scale=scale)
   kv = _kv_spec(w, dp, nt)
-  call = _call(kernel, (batch_kv, nt, nw), 2,
+  call = _call(kernel, (batch_kv, nt, nw), 3,
                [_row_spec(bq, dp), kv, kv, _row_spec(bq, dp)] + [_row_spec(bq, 1)] * 4,
                _row_spec(bq, dp), jax.ShapeDtypeStruct((batch_kv, dims.rows, dp), q.dtype),
                [pltpu.VMEM((bq, dp), jnp.float32)], interpret,
-               ("parallel", "parallel", "arbitrary"), aliases={2: 0})
-  dq_rows = call(routing.tile_ks.reshape(-1), routing.tile_ke.reshape(-1), q_rows, kr, vr,
-                 do_rows, lse_rows, dl_rows, lo, hi)
+               ("parallel", "parallel", "arbitrary"), aliases={3: 0})
+  dq_rows = call(*_tile_ranges(routing, bk), q_rows, kr, vr, do_rows, lse_rows, dl_rows, lo, hi)
   dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
   scatter = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
   dk = sum(scatter(p[0], p[2]) for p in parts)

@@ -191,16 +191,20 @@ def test_mosaic_rows_equal_the_triton_rows():
     assert np.abs(a - b).max() < 2e-2 * np.abs(b).max()
 
 
-def test_free_chunks_cover_only_whole_visible_chunks():
-  """A chunk counted free must be seen whole by every live row of its tile (the kernel skips its
-  mask); chunks start at the tile's first key rounded down to a multiple of 8."""
+@pytest.mark.parametrize("align", [8, 1])
+def test_free_chunks_cover_only_whole_visible_chunks(align):
+  """A chunk counted free must be seen whole by every live row of its tile (the kernels skip its
+  mask); chunks start at the tile's first key rounded down to a multiple of `align` (8: the
+  Mosaic GPU kernels', `moba_mgpu.free_chunks`; 1: the TPU kernel's)."""
   q, k, _ = random_qkv(4, 1, 600, 2, 1, 16)
   seg = packed_segments(1, [300, 300])  # the second document starts off the 8-key grid
   routing, _ = helpers.route(q, k, seg, block_size=128, topk=3, block_q=mm.ROWS)
   for bkv in (64, 128):
-    nf = np.asarray(mm.free_chunks(routing.tile_ks, routing.tile_ke, routing.lo, routing.hi,
-                                   routing.rq, bkv))
-    ks = np.asarray(routing.tile_ks) // 8 * 8
+    args = (routing.tile_ks, routing.tile_ke, routing.lo, routing.hi, routing.rq, bkv)
+    nf = np.asarray(rt.free_chunks(*args, align=align))
+    if align == 8:  # the Mosaic kernels' own count
+      np.testing.assert_array_equal(np.asarray(mm.free_chunks(*args)), nf)
+    ks = np.asarray(routing.tile_ks) // align * align
     rq, lo, hi = (np.asarray(x).reshape(*nf.shape, mm.ROWS)
                   for x in (routing.rq, routing.lo, routing.hi))
     for b, t in zip(*np.nonzero(nf)):
