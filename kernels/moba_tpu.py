@@ -273,11 +273,14 @@ def _dq_kernel(ks_ref, ke_ref, nf_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_
     dq_ref[...] = (acc_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale):
-  """One (key chunk, row tile) product; lo/hi/lse/delta are [Mq, 1] columns."""
-  mask = (kpos >= lo) & (kpos < hi)  # [Mq, Bk]
+def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale, masked=True):
+  """One (key chunk, row tile) product; lo/hi/lse/delta are [Mq, 1] columns. Unmasked: every row
+  sees every key of the chunk, or is a padding row, whose q, dO and delta are zeros (`_rows`:
+  it adds nothing)."""
   s = _dot(q, k, trans_b=True) * scale  # [Mq, Bk]
-  p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+  p = jnp.exp(s - lse)
+  if masked:
+    p = jnp.where((kpos >= lo) & (kpos < hi), p, 0.0)  # [Mq, Bk]
   dv += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())), precision=_PREC,
                             preferred_element_type=jnp.float32)  # [Bk, D]
   ds = p * (_dot(do, v, trans_b=True) - delta)
@@ -287,18 +290,21 @@ def _dkdv_step(kpos, k, v, q, do, lse, delta, lo, hi, dk, dv, scale):
 
 
 def _dkdv_window(k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, dk_ref, dv_ref,
-                 first_key, n, bk, scale):
+                 first_key, n, bk, scale, free=0):
   """A row tile's products with the first n key chunks of bk keys of a window (keys from
-  first_key), each added into its rows of the window's dK/dV block."""
-  def chunk(j, _):
+  first_key), each added into its rows of the window's dK/dV block; the first `free` of them
+  without a mask (every live row sees them whole)."""
+  def chunk(j, masked):
     at = pl.multiple_of(j * bk, bk)
     kpos = first_key + at + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     dk, dv = _dkdv_step(kpos, k_ref[pl.ds(at, bk), :], v_ref[pl.ds(at, bk), :], q_ref[...],
                         do_ref[...], lse_ref[...], dl_ref[...], lo_ref[...], hi_ref[...],
-                        dk_ref[pl.ds(at, bk), :], dv_ref[pl.ds(at, bk), :], scale)
+                        dk_ref[pl.ds(at, bk), :], dv_ref[pl.ds(at, bk), :], scale, masked)
     dk_ref[pl.ds(at, bk), :], dv_ref[pl.ds(at, bk), :] = dk, dv
 
-  jax.lax.fori_loop(0, n, chunk, None)
+  free = jnp.clip(free, 0, n)
+  jax.lax.fori_loop(0, free, lambda j, _: chunk(j, False), None)
+  jax.lax.fori_loop(free, n, lambda j, _: chunk(j, True), None)
 
 
 def _dkdv_dense_kernel(kt_ref, rt0_ref, nrt_ref, q0_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
@@ -332,10 +338,12 @@ def _dkdv_sparse_kernel(ks_ref, grp_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, d
     dk_ref[...] = jnp.zeros(dk_ref.shape, jnp.float32)
     dv_ref[...] = jnp.zeros(dv_ref.shape, jnp.float32)
 
-  # window c of the group's block [ks, ks + block): its chunks that hold keys of the block
+  # window c of the group's block [ks, ks + block): its chunks that hold keys of the block;
+  # every row of the group chose the whole block (a past block is full), so the chunks inside
+  # it need no mask, only one that runs past the block's end (block not a multiple of bk)
   n = jnp.minimum(_n_chunks(c * w, jnp.int32(block), bk), w // bk)
   _dkdv_window(k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, dk_ref, dv_ref,
-               ks_ref[t] + c * w, n, bk, scale)
+               ks_ref[t] + c * w, n, bk, scale, free=jax.lax.div(block - c * w, bk))
 
 
 def _call(kernel, grid, n_prefetch, in_specs, out_specs, out_shape, scratch, interpret,
@@ -376,8 +384,12 @@ def _tile_ranges(routing, bk):
 
 
 def _rows(x, routing):
-  """Gathers per-query data into routed row order: [BK, TG, W] -> [BK, R, W]."""
-  return jnp.take_along_axis(x, jnp.maximum(routing.rq, 0)[..., None], axis=1)
+  """Gathers per-query data into routed row order: [BK, TG, W] -> [BK, R, W], zeros in the
+  padding rows (rq < 0): where a kernel skips the mask, they compute on zeros, never on a real
+  query's values (a NaN there would reach the dK/dV of every block)."""
+  live = routing.rq[..., None] >= 0
+  return jnp.where(live, jnp.take_along_axis(x, jnp.maximum(routing.rq, 0)[..., None], axis=1),
+                   jnp.zeros((), x.dtype))
 
 
 def _window(q, routing, dims, sizes):
