@@ -385,8 +385,8 @@ def _tile_ranges(routing, bk):
 
 def _rows(x, routing):
   """Gathers per-query data into routed row order: [BK, TG, W] -> [BK, R, W], zeros in the
-  padding rows (rq < 0): where a kernel skips the mask, they compute on zeros, never on a real
-  query's values (a NaN there would reach the dK/dV of every block)."""
+  padding rows (rq < 0): where a kernel skips the mask (the sparse dK/dV) they add nothing, where
+  a copy of a real query's rows would add to the dK/dV of every block it is padded into."""
   live = routing.rq[..., None] >= 0
   return jnp.where(live, jnp.take_along_axis(x, jnp.maximum(routing.rq, 0)[..., None], axis=1),
                    jnp.zeros((), x.dtype))

@@ -245,9 +245,10 @@ def _random_case(seed):
 @pytest.mark.parametrize("seed", range(12))
 def test_random_configurations_match_the_float32_reference(impl, seed):
   """Hidden-case sweep (slow; the cases above cover each behaviour): twelve configurations drawn
-  at random per implementation but the reference (the oracle), output and the three gradients against the float32 reference
-  on the same inputs, within 1e-4 (float32) or 3e-2 (bfloat16) of the largest value. A sweep of
-  44 such draws found no failure on the CPU (run 36, kernel_notes.md)."""
+  at random per implementation but the reference (the oracle), output and the three gradients
+  against the float32 reference on the same inputs, within 1e-4 (float32) or 3e-2 (bfloat16) of
+  the largest value. A sweep of 44 such draws found no failure on the CPU (run 36,
+  kernel_notes.md)."""
   c = _random_case(seed)
   q, k, v = random_qkv(100 + seed, c["batch"], c["seq"], c["heads"], c["kv_heads"], c["dim"],
                        c["dtype"])
