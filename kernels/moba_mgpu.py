@@ -959,8 +959,9 @@ KEYS = 128  # dK/dV: keys per work item, 64 per compute warpgroup
 
 
 def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, interpret=False,
-               ctas=None, stages=None, kv_head0=0):
-  """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
+               ctas=None, stages=None, kv_head0=0, into=None):
+  """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop); with
+  `into`, written there and nothing returned.
 
   items: (ks, r0, ru, r1, g0, g1, gmask), each [BK, NK] int32: key tile j of (batch, kv head)
   bk starts at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows
@@ -984,7 +985,9 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   the rest are not. One rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM
   and stored by TMA.
   kv_head0: the items are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
-  the heads), whose dK and dV are the outputs' BK / B heads."""
+  the heads), whose dK and dV are the outputs' BK / B heads; or, with `into` (two Refs [B,
+  NK * 128, K', D] in k's dtype: the whole gradients, in place), heads kv_head0 + h of those (the
+  chunks of a step's heads write their parts where they belong: no copy into the whole)."""
   bk_n, n_kt = items[0].shape
   dim = q_rows.shape[-1]
   batch, seq = k.shape[:2]
@@ -1004,6 +1007,11 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   r0, _, r1, g0, g1, _ = items[1:]
   chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
   order = balanced_order((chunks + 1).reshape(-1), n_ctas)
+  if into:
+    want = (batch, pad_seq, into[0].shape[2], dim)
+    assert all(r.shape == want and r.dtype == k.dtype for r in into), (want, into)
+    assert kv_head0 + kv_heads <= want[2], (kv_head0, kv_heads, want)
+  out_head0 = kv_head0 if into else 0  # of the outputs' heads
 
   mat_args = _mat_operands((q_rows, do_rows), interpret)
   n_mat = len(mat_args)
@@ -1097,7 +1105,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
           with region("masked" if fn is masked else "unmasked"):
             acc = lax.fori_loop(lo_c, hi_c, fn, acc)
         dk, dv = acc
-        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
+        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads)) + out_head0
         with region("finish"):
           k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in SMEM
           v_w[...] = dv.astype(v_w.dtype)
@@ -1212,5 +1220,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
   shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
-  return _kernel(body, "moba_mgpu_dkdv", (shape, shape), n_ctas, interpret)(
-      order, *items[1:], *mat_args, lse2, delta, lo, hi, kp, vp)
+  outs = () if into else (shape, shape)  # Refs operands are aliased in and out (`pl.kernel`)
+  result = _kernel(body, "moba_mgpu_dkdv", outs, n_ctas, interpret)(
+      order, *items[1:], *mat_args, lse2, delta, lo, hi, kp, vp, *(into or ()))
+  return None if into else result

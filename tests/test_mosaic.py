@@ -449,7 +449,9 @@ def test_mosaic_by_kv_head_chunks_equals_one_pass(seg):
 def test_mosaic_by_kv_head_chunks_lowers_in_order():
   """Two chunks of kv heads: a forward kernel per chunk, then a dK/dV and a dQ kernel per chunk on
   the CUDA lowering, each chunk after the one before (the partial rows of one chunk at a time);
-  a chunk count that does not divide the kv heads is refused
+  each chunk's dK/dV writes into the whole dK and dV in place (its results are both kv heads',
+  aliased to its operands, the second chunk's being the first's results: no pad, no update
+  assembles them); a chunk count that does not divide the kv heads is refused
   before tracing the kernels; packed documents (groups off the 128-key grid, which the Mosaic
   dK/dV masks) run by chunks the same way."""
   from moba_jax.attention import KernelOptions
@@ -463,14 +465,18 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
 
   lowered = lambda n, seg=None: traced(n, seg).lower(lowering_platforms=("cuda",)).as_text()
 
-  def kind(call):  # by the results: (o rows, lse rows), (dK, dV) of one kv head, dQ rows
+  def kind(call):  # by the results: (o rows, lse rows), (dK, dV) of both kv heads, dQ rows
     results = call.rsplit(") -> ", 1)[1]
-    return "dkdv" if "1x512x1x64" in results else "fwd" if "xf32>" in results else "dq"
+    return "dkdv" if "1x512x2x64" in results else "fwd" if "xf32>" in results else "dq"
 
   for seg in (None, packed_segments(1, [200, 7, 305])):
     text = lowered(2, seg)
     calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
     assert [kind(c) for c in calls] == ["fwd", "fwd", "dkdv", "dq", "dkdv", "dq"]
+    dkdv = [c for c in calls if kind(c) == "dkdv"]
+    assert all(c.count("stablehlo.output_operand_alias<") == 2 for c in dkdv)
+    first = dkdv[0].split(":", 1)[0].strip()  # %N of "%N:2 = ...": the first chunk's (dK, dV)
+    assert f"{first}#0, {first}#1)" in dkdv[1]  # the second chunk's last operands
     # every kernel reads q (and dO) whole, [B * T * H, D], its rows chosen by index
     assert all("tensor<2048x64xbf16>" in c.rsplit(" : (", 1)[1] for c in calls)
     assert not triton_calls_but_the_gate(text)

@@ -201,6 +201,13 @@
 #       scheduling CONCURRENT), PASSES times in turn (default 1; about 30 s a row: 5 sets x 2
 #       shapes ~5 min) (cbopts.txt; the names and values jax 0.11.2's XLA accepts, checked on
 #       the CPU in run 37)
+#   64: run 38's in-place dK/dV of the kv-head chunks (the dK/dV kernel writes each chunk's heads
+#       into the whole gradients: no pad or update assembles them): a compiled check first
+#       (test_mosaic.py's head-chunk cases, four float32-oracle cases, the benchmark-scale cases
+#       at 16K b128 k8 and 32K b4096 k12, which run by chunks; limit FIRST_S, default 240 s),
+#       then for BASE (the tree before it) and this tree, installed in turn: the 16K b128 k8
+#       step's kernels with the host's share (prof16k_<tree>.txt) and its synced row (REPEATS,
+#       default 20; table.txt)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -860,6 +867,20 @@ if [ "$phase" = 63 ]; then
           | sed "s|^|pass $pass [$set_]: |" | tee -a $OUT/cbopts.txt
       done
     done
+  done
+fi
+if [ "$phase" = 64 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 64 needs BASE=<the tree before the in-place dK/dV>"; exit 2; }
+  k="head_chunks or split_heads or (float32_reference and (all_packed or ring_wrap or one_doc_d64"
+  k="$k or all_ragged)) or (benchmark_scale and (16k or b4096))"
+  first chunks 240 0.5 "$k" tests/test_mosaic.py &
+  first_report chunks
+  for tree in $BASE .; do install $tree; name=$(basename $(cd $tree && pwd))
+    (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 \
+      --steps 5 --top 30 --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k_$name.txt)
+    grep -v "^  gap" $OUT/prof16k_$name.txt | head -n 12 | tee -a $log
+    STEP_S=100 bench --impls pallas_gpu --seqs 16384 --configs 128:8 --repeats ${REPEATS:-20} \
+      2>&1 | grep "^pallas_gpu" | sed "s/^/$name: /" | tee -a $OUT/table.txt
   done
 fi
 if [ "$phase" = 61 ]; then
