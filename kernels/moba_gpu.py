@@ -471,24 +471,23 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
   """(dq, dk, dv) of the Mosaic backward over `chunks` chunks of kv heads, one after another
   (optimization barriers order them, so that one chunk's dQ rows are live at a time): each chunk
   runs the dK/dV and the dQ on its heads of q, dO, k and v (`kv_head0`). The dK/dV kernel
-  writes its heads' tiles into the whole dk and dv (Refs, aliased in and out: no copy; run 37's
-  profile at 16K block 128 top-8 had 0.12 ms a step of pads and updates assembling them), the
-  dq sum its heads into the whole dq (an update in place; a concatenation would hold every
-  chunk's pieces and the whole gradients at once)."""
+  writes its heads' tiles into the whole dk and dv (the first chunk's outputs, whole, then Refs
+  of them, aliased in and out: no copy; run 37's profile at 16K block 128 top-8 had 0.12 ms a
+  step of pads and updates assembling them), the dq sum its heads into the whole dq (an update
+  in place; a concatenation would hold every chunk's pieces and the whole gradients at once)."""
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
   dq_all = jnp.zeros(q.shape, q.dtype)
-  # every key tile of every head is written by its chunk's kernel: no initial values
-  keys = pl.cdiv(seq, moba_mgpu.KEYS) * moba_mgpu.KEYS  # the key tiles' (`mosaic_dkdv_items`)
-  whole = jax.ShapeDtypeStruct((batch, keys, kv_heads, dim), k.dtype)
-  into = (jax.empty_ref(whole), jax.empty_ref(whole))
+  into = None  # (dk, dv) Refs [B, T rounded up to the key tiles, K, D] after the first chunk
   for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
     r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv
     hq = heads.stop - heads.start
     rows = _mosaic_rows(q, do, r, lse, delta, per, dims.groups, kvs.start)
-    moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta, r.lo, r.hi,
-                         rows.q, rows.do, k, v, scale=scale, interpret=interpret,
-                         kv_head0=kvs.start, into=into)
+    whole = moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta,
+                                 r.lo, r.hi, rows.q, rows.do, k, v, scale=scale,
+                                 interpret=interpret, kv_head0=kvs.start, heads=kv_heads,
+                                 into=into)
+    into = into or tuple(jax.new_ref(x) for x in whole)
     dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, overlap, kvs.start)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
     dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))

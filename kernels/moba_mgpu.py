@@ -959,9 +959,9 @@ KEYS = 128  # dK/dV: keys per work item, 64 per compute warpgroup
 
 
 def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, interpret=False,
-               ctas=None, stages=None, kv_head0=0, into=None):
+               ctas=None, stages=None, kv_head0=0, heads=None, into=None):
   """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop); with
-  `into`, written there and nothing returned.
+  `heads` [B, NK * 128, heads, D]; with `into`, written there and nothing returned.
 
   items: (ks, r0, ru, r1, g0, g1, gmask), each [BK, NK] int32: key tile j of (batch, kv head)
   bk starts at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows
@@ -985,9 +985,13 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   the rest are not. One rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM
   and stored by TMA.
   kv_head0: the items are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
-  the heads), whose dK and dV are the outputs' BK / B heads; or, with `into` (two Refs [B,
-  NK * 128, K', D] in k's dtype: the whole gradients, in place), heads kv_head0 + h of those (the
-  chunks of a step's heads write their parts where they belong: no copy into the whole)."""
+  the heads), whose dK and dV are the outputs' BK / B heads. The chunks of a step's heads can
+  write their parts where they belong, with no copy into the whole: `heads` (all of k's) makes
+  the outputs whole gradients of which this call writes heads kv_head0 + h (the others left
+  undefined, for the later chunks), and `into` (two Refs of such arrays, the first chunk's
+  outputs, aliased in and out) has this call write its heads there in place. (Not a first call
+  into fresh Refs: on the H200 a first call into `jax.new_ref` of zeros lost its writes, run
+  32, and two empty Refs of one shape are two identical buffer allocations XLA may merge.)"""
   bk_n, n_kt = items[0].shape
   dim = q_rows.shape[-1]
   batch, seq = k.shape[:2]
@@ -1007,11 +1011,11 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   r0, _, r1, g0, g1, _ = items[1:]
   chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
   order = balanced_order((chunks + 1).reshape(-1), n_ctas)
-  if into:
-    want = (batch, pad_seq, into[0].shape[2], dim)
-    assert all(r.shape == want and r.dtype == k.dtype for r in into), (want, into)
-    assert kv_head0 + kv_heads <= want[2], (kv_head0, kv_heads, want)
-  out_head0 = kv_head0 if into else 0  # of the outputs' heads
+  heads = heads or kv_heads  # of the outputs
+  assert kv_head0 + kv_heads <= heads or heads == kv_heads, (kv_head0, kv_heads, heads)
+  shape = jax.ShapeDtypeStruct((batch, pad_seq, heads, dim), k.dtype)
+  assert not into or all(r.shape == shape.shape and r.dtype == k.dtype for r in into), into
+  out_head0 = 0 if heads == kv_heads else kv_head0  # this call's first head in the outputs
 
   mat_args = _mat_operands((q_rows, do_rows), interpret)
   n_mat = len(mat_args)
@@ -1219,8 +1223,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     frees = (plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
-  shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
-  outs = () if into else (shape, shape)  # Refs operands are aliased in and out (`pl.kernel`)
+  outs = () if into else (shape, shape)  # Ref operands are aliased in and out (`pl.kernel`)
   result = _kernel(body, "moba_mgpu_dkdv", outs, n_ctas, interpret)(
       order, *items[1:], *mat_args, lse2, delta, lo, hi, kp, vp, *(into or ()))
   return None if into else result
