@@ -524,6 +524,37 @@ def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
   return dk, dv, (gp[:, :, None, None] + offs).reshape(batch_kv, n_out)
 
 
+def in_key_order(outs, dense_pos, routing, dims, seq):
+  """dK (or dV) [BK, seq, Dp] float32 from the dK/dV passes' outputs, by gathers (each key has
+  one row in each pass or none; this replaces scatter-adds of the rows, which TPUs are reported
+  to run far slower than gathers: docs/tpu_roofline.md): outs = [dense rows, sparse rows (when
+  there are past blocks)]. The dense pass's
+  rows are keys dense_pos[:, 0] onwards, in order (`_dkdv_dense`); the sparse pass's rows are,
+  group by group, a run of `span` rows over the keys from the group's block start, the first
+  block_size of them its block's keys (`_dkdv_sparse`: a window past the block's end sees no
+  row of its group; the groups' blocks are disjoint, ascending in `routing.group_p`)."""
+  batch_kv = dense_pos.shape[0]
+  keys = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch_kv, seq))
+
+  def take(x, row, ok):  # x's rows at row [BK, seq] where ok, else zeros
+    got = jnp.take_along_axis(x, jnp.clip(row, 0, x.shape[1] - 1)[..., None], axis=1)
+    return jnp.where(ok[..., None], got, jnp.zeros((), x.dtype))
+
+  row = keys - dense_pos[:, :1]
+  out = take(outs[0], row, (row >= 0) & (row < outs[0].shape[1]))
+  if len(outs) == 1:
+    return out
+  gp = routing.group_p  # [BK, Gm]: seq where no group
+  span = outs[1].shape[1] // (gp.shape[1] + 1)  # rows a group (the last group: padding tiles')
+  n_g = gp.shape[1]
+  at_start = jnp.full((batch_kv, seq), -1, jnp.int32).at[
+      jnp.arange(batch_kv)[:, None], gp].set(jnp.arange(n_g, dtype=jnp.int32), mode="drop")
+  group = jax.lax.cummax(at_start, axis=1)  # the last group starting at or before each key
+  offset = keys - jnp.take_along_axis(gp, jnp.maximum(group, 0), axis=1)
+  ok = (group >= 0) & (offset < dims.block_size)
+  return out + take(outs[1], group * span + offset, ok)
+
+
 def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   batch, seq, _, dim = k.shape  # T keys (Tq = q.shape[1] queries with a query offset)
   # After the forward's residuals: else XLA merges the gather of q rows below with the forward's
@@ -555,9 +586,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
                ("parallel", "parallel", "arbitrary"), aliases={3: 0})
   dq_rows = call(*_tile_ranges(routing, bk), q_rows, kr, vr, do_rows, lse_rows, dl_rows, lo, hi)
   dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
-  scatter = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
-  dk = sum(scatter(p[0], p[2]) for p in parts)
-  dv = sum(scatter(p[1], p[2]) for p in parts)
+  dk, dv = (in_key_order([p[i] for p in parts], parts[0][2], routing, dims, seq) for i in (0, 1))
   back = lambda x, like: rt.heads_minor(x[..., :dim], batch, like.shape[1]).astype(like.dtype)
   return back(dq, q), back(dk, k), back(dv, v)
 

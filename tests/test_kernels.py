@@ -627,6 +627,53 @@ def test_tpu_key_windows_smaller_than_a_block_match_the_reference(seg, tiles):
     assert rel_err(a, b) < 1e-5, name
 
 
+def _scatter_add_in_key_order(outs, dense_pos, routing, dims, seq):
+  """The oracle of `moba_tpu.in_key_order`: each pass's rows added onto their keys (rows past
+  the keys dropped), the sparse rows' keys from each group's block start as `_dkdv_sparse`
+  lays them out."""
+  add = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
+  out = add(outs[0], dense_pos)
+  if len(outs) > 1:
+    gp = jnp.concatenate([routing.group_p, jnp.full((dense_pos.shape[0], 1), seq, jnp.int32)], 1)
+    span = outs[1].shape[1] // gp.shape[1]
+    out = out + add(outs[1], (gp[:, :, None] + jnp.arange(span)).reshape(gp.shape[0], -1))
+  return out
+
+
+@pytest.mark.parametrize("seg, block, tiles, q_start", [
+    (None, 128, (), None),
+    ([300, 7, 212, 493], 96, (128, 128, 64), None),  # a group's rows run 32 keys past its block
+    ([40, 50], 8, (16, 16, 8), 21),  # queries [21, 33) of the keys: a band of dense key tiles
+])
+def test_tpu_dkdv_gathers_equal_the_scatter_add(monkeypatch, seg, block, tiles, q_start):
+  """pallas_tpu assembles dK and dV in key order by gathers (`moba_tpu.in_key_order`; a
+  scatter-add is a serial loop on a TPU): the gradients equal, to the bit, those of a
+  scatter-add of the same rows onto their keys. One document; packed documents with block 96
+  and dK/dV windows of 128 keys (each group's last 32 rows lie over the next keys, which its
+  rows do not see); and a query offset (the dense pass over a band of key tiles)."""
+  from moba_jax.attention import KernelOptions
+  from moba_jax.kernels import moba_tpu
+  n = 90 if q_start is not None else 1012
+  seg = None if seg is None else packed_segments(1, seg)
+  q, k, v = random_qkv(11, 1, n, 4, 2, 64)
+  if q_start is not None:
+    q = q[:, q_start:q_start + 12]
+  cot = jax.random.normal(jax.random.key(3), q.shape)
+  opts = KernelOptions(interpret=True, tiles=tiles)
+
+  def grads():
+    jax.clear_caches()  # the kernel entry is jitted: trace it again with the assembly set
+    f = lambda q, k, v: moba_tpu.moba_attention_tpu(q, k, v, seg, block_size=block, topk=3,
+                                                    options=opts, q_start=q_start)
+    return jax.vjp(f, q, k, v)[1](cot)
+
+  got = grads()
+  monkeypatch.setattr(moba_tpu, "in_key_order", _scatter_add_in_key_order)
+  want = grads()
+  for name, a, b in zip(("dq", "dk", "dv"), got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("impl", moba_impls())
 def test_no_segment_ids_is_one_document_without_a_branch(impl, dtype):

@@ -198,9 +198,10 @@
 #       k3 and 16K b128 k8 (CB_SPECS, seq:block:topk; REPEATS, default 20) under each of
 #       CB_OPTIONS (';'-separated sets of space-separated NAME=VALUE, '-' for XLA's defaults;
 #       default: defaults, command buffers off, the update modes SKIP_TEMP and SKIP_PROFILED,
-#       scheduling CONCURRENT), PASSES times in turn (default 1; about 30 s a row: 5 sets x 2
-#       shapes ~5 min) (cbopts.txt; the names and values jax 0.11.2's XLA accepts, checked on
-#       the CPU in run 37)
+#       scheduling CONCURRENT, and XLA's own sort kernels for the routing's flat sort instead of
+#       CUB's, which runs between the step's two graphs: run 38), PASSES times in turn (default
+#       1; about 30 s a row: 6 sets x 2 shapes ~6 min) (cbopts.txt; the names and values jax
+#       0.11.2's XLA accepts, checked on the CPU in runs 37 and 38)
 #   64: run 38's in-place dK/dV of the kv-head chunks (the dK/dV kernel writes each chunk's heads
 #       into the whole gradients: no pad or update assembles them): a compiled check first
 #       (test_mosaic.py's head-chunk cases, four float32-oracle cases, the benchmark-scale cases
@@ -857,7 +858,7 @@ if [ "$phase" = 62 ]; then
   done
 fi
 if [ "$phase" = 63 ]; then
-  IFS=';' read -ra sets <<< "${CB_OPTIONS:--;xla_gpu_enable_command_buffer=;xla_gpu_command_buffer_update_mode=SKIP_TEMP;xla_gpu_command_buffer_update_mode=SKIP_PROFILED;xla_gpu_command_buffer_scheduling_mode=CONCURRENT}"
+  IFS=';' read -ra sets <<< "${CB_OPTIONS:--;xla_gpu_enable_command_buffer=;xla_gpu_command_buffer_update_mode=SKIP_TEMP;xla_gpu_command_buffer_update_mode=SKIP_PROFILED;xla_gpu_command_buffer_scheduling_mode=CONCURRENT;xla_gpu_enable_cub_radix_sort=False}"
   for ((pass = 1; pass <= ${PASSES:-1}; pass++)); do
     for set_ in "${sets[@]}"; do
       opts=""; [ "$set_" != "-" ] && for o in $set_; do opts="$opts --xla-option $o"; done
