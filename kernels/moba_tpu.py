@@ -493,8 +493,7 @@ def _dkdv_dense(args, routing, dims, sizes, scale, interpret, seq):
                [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [out, out],
                [shape, shape], [], interpret, ("parallel", "parallel", "arbitrary"))
   dk, dv = call(kt.reshape(-1), rt0.reshape(-1), nrt.reshape(-1), q0, *args)
-  pos = (kt[:, :, None] * w + jnp.arange(w, dtype=jnp.int32)).reshape(batch_kv, nkt * w)
-  return dk, dv, pos
+  return dk, dv, kt[:, :1] * w  # rows in key order from the first window's first key
 
 
 def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
@@ -518,29 +517,26 @@ def _dkdv_sparse(args, routing, dims, sizes, scale, interpret):
   call = _call(kernel, (batch_kv, nck, nts), 2,
                [key, key, row(dp), row(dp), row(1), row(1), row(1), row(1)], [out, out],
                [shape, shape], [], interpret, ("parallel", "arbitrary", "arbitrary"))
-  dk, dv = call(routing.tile_ks.reshape(-1), routing.tile_group.reshape(-1), *args)
-  gp = jnp.concatenate([routing.group_p, jnp.full((batch_kv, 1), dims.seq, jnp.int32)], axis=1)
-  offs = jnp.arange(nck * w, dtype=jnp.int32)
-  return dk, dv, (gp[:, :, None, None] + offs).reshape(batch_kv, n_out)
+  return call(routing.tile_ks.reshape(-1), routing.tile_group.reshape(-1), *args)
 
 
-def in_key_order(outs, dense_pos, routing, dims, seq):
+def in_key_order(outs, first_key, routing, dims, seq):
   """dK (or dV) [BK, seq, Dp] float32 from the dK/dV passes' outputs, by gathers (each key has
   one row in each pass or none; this replaces scatter-adds of the rows, which TPUs are reported
-  to run far slower than gathers: docs/tpu_roofline.md): outs = [dense rows, sparse rows (when
-  there are past blocks)]. The dense pass's
-  rows are keys dense_pos[:, 0] onwards, in order (`_dkdv_dense`); the sparse pass's rows are,
-  group by group, a run of `span` rows over the keys from the group's block start, the first
-  block_size of them its block's keys (`_dkdv_sparse`: a window past the block's end sees no
-  row of its group; the groups' blocks are disjoint, ascending in `routing.group_p`)."""
-  batch_kv = dense_pos.shape[0]
+  to run far slower than gathers: docs/tpu_roofline.md). outs = [dense rows, sparse rows (when
+  there are past blocks)]: the dense pass's rows are keys first_key [BK, 1] onwards, in order
+  (`_dkdv_dense`); the sparse pass's rows are, group by group, a run of `span` rows over the
+  keys from the group's block start, the first block_size of them its block's keys
+  (`_dkdv_sparse`: a window past the block's end sees no row of its group; the groups' blocks
+  are disjoint, ascending in `routing.group_p`)."""
+  batch_kv = first_key.shape[0]
   keys = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch_kv, seq))
 
   def take(x, row, ok):  # x's rows at row [BK, seq] where ok, else zeros
     got = jnp.take_along_axis(x, jnp.clip(row, 0, x.shape[1] - 1)[..., None], axis=1)
     return jnp.where(ok[..., None], got, jnp.zeros((), x.dtype))
 
-  row = keys - dense_pos[:, :1]
+  row = keys - first_key
   out = take(outs[0], row, (row >= 0) & (row < outs[0].shape[1]))
   if len(outs) == 1:
     return out
@@ -570,7 +566,8 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   lse_rows, dl_rows = _rows(lse[..., None], routing), _rows(delta[..., None], routing)
   lo, hi = routing.lo[..., None], routing.hi[..., None]
   args = (kr, vr, q_rows, do_rows, lse_rows, dl_rows, lo, hi)
-  parts = [_dkdv_dense(args, routing, dims, sizes, scale, interpret, seq)]
+  *dense, first_key = _dkdv_dense(args, routing, dims, sizes, scale, interpret, seq)
+  parts = [dense]  # (dK, dV) rows of each pass
   if dims.max_groups:
     parts.append(_dkdv_sparse(args, routing, dims, sizes, scale, interpret))
   # dK/dV first: the dQ kernel then writes its rows over the gathered q rows, their last use (the
@@ -586,7 +583,7 @@ def _backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
                ("parallel", "parallel", "arbitrary"), aliases={3: 0})
   dq_rows = call(*_tile_ranges(routing, bk), q_rows, kr, vr, do_rows, lse_rows, dl_rows, lo, hi)
   dq = rt.gather_rows_sum(dq_rows, routing.pos)  # [BK, TG, Dp]
-  dk, dv = (in_key_order([p[i] for p in parts], parts[0][2], routing, dims, seq) for i in (0, 1))
+  dk, dv = (in_key_order([p[i] for p in parts], first_key, routing, dims, seq) for i in (0, 1))
   back = lambda x, like: rt.heads_minor(x[..., :dim], batch, like.shape[1]).astype(like.dtype)
   return back(dq, q), back(dk, k), back(dv, v)
 

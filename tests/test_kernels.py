@@ -627,14 +627,14 @@ def test_tpu_key_windows_smaller_than_a_block_match_the_reference(seg, tiles):
     assert rel_err(a, b) < 1e-5, name
 
 
-def _scatter_add_in_key_order(outs, dense_pos, routing, dims, seq):
+def _scatter_add_in_key_order(outs, first_key, routing, dims, seq):
   """The oracle of `moba_tpu.in_key_order`: each pass's rows added onto their keys (rows past
-  the keys dropped), the sparse rows' keys from each group's block start as `_dkdv_sparse`
-  lays them out."""
+  the keys dropped): the dense rows' keys from first_key on, the sparse rows' from each group's
+  block start on, as `_dkdv_dense` and `_dkdv_sparse` lay them out."""
   add = jax.vmap(lambda x, p: jax.ops.segment_sum(x, p, num_segments=seq))
-  out = add(outs[0], dense_pos)
+  out = add(outs[0], first_key + jnp.arange(outs[0].shape[1]))
   if len(outs) > 1:
-    gp = jnp.concatenate([routing.group_p, jnp.full((dense_pos.shape[0], 1), seq, jnp.int32)], 1)
+    gp = jnp.concatenate([routing.group_p, jnp.full((first_key.shape[0], 1), seq, jnp.int32)], 1)
     span = outs[1].shape[1] // gp.shape[1]
     out = out + add(outs[1], (gp[:, :, None] + jnp.arange(span)).reshape(gp.shape[0], -1))
   return out
