@@ -646,8 +646,8 @@ def _scatter_add_in_key_order(outs, first_key, routing, dims, seq):
     ([40, 50], 8, (16, 16, 8), 21),  # queries [21, 33) of the keys: a band of dense key tiles
 ])
 def test_tpu_dkdv_gathers_equal_the_scatter_add(monkeypatch, seg, block, tiles, q_start):
-  """pallas_tpu assembles dK and dV in key order by gathers (`moba_tpu.in_key_order`; a
-  scatter-add is a serial loop on a TPU): the gradients equal, to the bit, those of a
+  """pallas_tpu assembles dK and dV in key order by gathers (`moba_tpu.in_key_order`; TPUs are
+  reported to run scatter-adds far slower): the gradients equal, to the bit, those of a
   scatter-add of the same rows onto their keys. One document; packed documents with block 96
   and dK/dV windows of 128 keys (each group's last 32 rows lie over the next keys, which its
   rows do not see); and a query offset (the dense pass over a band of key tiles)."""
