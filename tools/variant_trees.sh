@@ -6,11 +6,10 @@
 # `_p_<file name without .patch>`, BASE with it applied; each without docs/results.
 # They are listed in .git/info/exclude here, so a device run carries them by name; the line to
 # pass as TREES and the carry list are printed last.
-# usage: tools/variant_trees.sh [-b BASE] COMMIT_OR_PATCH...
+# usage: tools/variant_trees.sh [-b BASE] [COMMIT_OR_PATCH...] (none: `_base` alone)
 set -euo pipefail
 base=HEAD
 if [ "${1:-}" = "-b" ]; then base=$2; shift 2; fi
-[ $# -ge 1 ] || { echo "usage: $0 [-b BASE] COMMIT_OR_PATCH..." >&2; exit 2; }
 cd "$(git rev-parse --show-toplevel)"
 tree() {  # tree DIR: BASE's files in DIR, docs/results left out, DIR excluded from git
   rm -rf "$1" && mkdir "$1" && git archive "$base" | tar -x -C "$1" && rm -rf "$1/docs/results"
