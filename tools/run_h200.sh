@@ -209,6 +209,13 @@
 #       then for BASE (the tree before it) and this tree, installed in turn: the 16K b128 k8
 #       step's kernels with the host's share (prof16k_<tree>.txt) and its synced row (REPEATS,
 #       default 20; table.txt)
+#   65: phase 64 and run 38's release_early variant (VARIANT: main with it) in one call: compiled
+#       checks side by side, each limited to FIRST_S (default 210 s) at a fifth of the GPU's
+#       memory (this tree's head-chunk cases; its float32-oracle and benchmark-scale subset; the
+#       variant's row-tile cases, in its own tree; the variant's 8K and 16K benchmark-scale
+#       cases), then the 16K b128 k8 profile with the host's share and synced row of BASE, this
+#       tree and VARIANT in turn (prof16k_<tree>.txt, table.txt), then, time left, 32K b512 k3
+#       profiles of this tree and VARIANT (prof32k_<tree>.txt)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -883,6 +890,36 @@ if [ "$phase" = 64 ]; then
     STEP_S=100 bench --impls pallas_gpu --seqs 16384 --configs 128:8 --repeats ${REPEATS:-20} \
       2>&1 | grep "^pallas_gpu" | sed "s/^/$name: /" | tee -a $OUT/table.txt
   done
+fi
+if [ "$phase" = 65 ]; then
+  [ -d "${BASE:-}" ] && [ -d "${VARIANT:-}" ] || { echo "phase 65 needs BASE= and VARIANT="; exit 2; }
+  ln -sfn ../kernels $VARIANT/moba_jax/kernels  # its own kernels when run from its directory
+  (cd $VARIANT && python3 -c "import moba_jax.kernels as k; print('variant kernels:', k.__file__)" \
+    | tee -a $log)
+  k="(float32_reference and (all_packed or ring_wrap or one_doc_d64 or all_ragged))"
+  first chunks 210 0.2 "head_chunks or split_heads" tests/test_mosaic.py &
+  first scale 210 0.2 "$k or (benchmark_scale and (16k or b4096))" tests/test_mosaic.py &
+  k="(float32_reference and (fwd128_alone or dq_alone or all_docs or all_packed or ring_wrap"
+  (cd $VARIANT && first variant 210 0.2 "$k or one_doc_d64)) or (overlap and ring_wrap)" \
+    tests/test_mosaic.py) &
+  (cd $VARIANT && first variant_scale 210 0.2 "benchmark_scale and (8k or 16k)" \
+    tests/test_mosaic.py) &
+  first_report chunks scale variant variant_scale
+  rm -f $VARIANT/moba_jax/kernels
+  for tree in $BASE . $VARIANT; do install $tree; name=$(basename $(cd $tree && pwd))
+    (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 \
+      --steps 5 --top 30 --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k_$name.txt)
+    grep -v "^  gap" $OUT/prof16k_$name.txt | head -n 8 | tee -a $log
+    STEP_S=100 bench --impls pallas_gpu --seqs 16384 --configs 128:8 --repeats ${REPEATS:-20} \
+      2>&1 | grep "^pallas_gpu" | sed "s/^/$name: /" | tee -a $OUT/table.txt
+  done
+  for tree in . $VARIANT; do [ $SECONDS -lt 500 ] || break
+    install $tree; name=$(basename $(cd $tree && pwd))
+    (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 \
+      --steps 5 --top 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k_$name.txt)
+    grep -v "^  gap" $OUT/prof32k_$name.txt | head -n 8 | tee -a $log
+  done
+  install .
 fi
 if [ "$phase" = 61 ]; then
   for flags in "" "--xla_gpu_enable_command_buffer="; do
