@@ -272,6 +272,15 @@ tree_profiles() { for tree in ${TREES:-.}; do local name=$(basename $(cd $tree &
     done
   done
   rm -f $OUT/one.txt; install .; }
+# each tree in turn, installed: its 16K b128 k8 step's kernels with the host's share
+# (prof16k_<tree>.txt) and its synced row (REPEATS, default 20; table.txt): rows16k TREE...
+rows16k() { for tree in "$@"; do install $tree; local name=$(basename $(cd $tree && pwd))
+    (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 \
+      --steps 5 --top 30 --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k_$name.txt)
+    grep -v "^  gap" $OUT/prof16k_$name.txt | head -n 12 | tee -a $log
+    STEP_S=100 bench --impls pallas_gpu --seqs 16384 --configs 128:8 --repeats ${REPEATS:-20} \
+      2>&1 | grep "^pallas_gpu" | sed "s/^/$name: /" | tee -a $OUT/table.txt
+  done; }
 # the compiled test_mosaic.py as SHARDS (default 6) shards beside test_kernels.py's gate and
 # no-segment-ids checks, each limited to TEST_S (default: $1 s); with PTXAS_K, one more process
 # runs the test_mosaic.py cases it selects with MOSAIC_GPU_DUMP_PTXAS=1 (ptxas_new.txt, its
@@ -883,13 +892,7 @@ if [ "$phase" = 64 ]; then
   k="$k or all_ragged)) or (benchmark_scale and (16k or b4096))"
   first chunks 240 0.5 "$k" tests/test_mosaic.py &
   first_report chunks
-  for tree in $BASE .; do install $tree; name=$(basename $(cd $tree && pwd))
-    (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 \
-      --steps 5 --top 30 --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k_$name.txt)
-    grep -v "^  gap" $OUT/prof16k_$name.txt | head -n 12 | tee -a $log
-    STEP_S=100 bench --impls pallas_gpu --seqs 16384 --configs 128:8 --repeats ${REPEATS:-20} \
-      2>&1 | grep "^pallas_gpu" | sed "s/^/$name: /" | tee -a $OUT/table.txt
-  done
+  rows16k $BASE .
 fi
 if [ "$phase" = 65 ]; then
   [ -d "${BASE:-}" ] && [ -d "${VARIANT:-}" ] || { echo "phase 65 needs BASE= and VARIANT="; exit 2; }
@@ -906,13 +909,7 @@ if [ "$phase" = 65 ]; then
     tests/test_mosaic.py) &
   first_report chunks scale variant variant_scale
   rm -f $VARIANT/moba_jax/kernels
-  for tree in $BASE . $VARIANT; do install $tree; name=$(basename $(cd $tree && pwd))
-    (cd $tree && timeout 100 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 \
-      --steps 5 --top 30 --host 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k_$name.txt)
-    grep -v "^  gap" $OUT/prof16k_$name.txt | head -n 8 | tee -a $log
-    STEP_S=100 bench --impls pallas_gpu --seqs 16384 --configs 128:8 --repeats ${REPEATS:-20} \
-      2>&1 | grep "^pallas_gpu" | sed "s/^/$name: /" | tee -a $OUT/table.txt
-  done
+  rows16k $BASE . $VARIANT
   for tree in . $VARIANT; do [ $SECONDS -lt 500 ] || break
     install $tree; name=$(basename $(cd $tree && pwd))
     (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 \
