@@ -2,6 +2,7 @@
 `--shard I/N` runs every N-th test from the I-th (0-based), so N processes can share one machine
 (compiling kernels is CPU-bound: tools/run_h200.sh runs the compiled suite as 6 shards)."""
 
+import jax
 import pytest
 
 from tests import helpers
@@ -30,3 +31,17 @@ def pytest_collection_modifyitems(config, items):
   keep = [item for i, item in enumerate(items) if i % count == index]
   config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
   items[:] = keep
+
+
+@pytest.fixture
+def retraced(monkeypatch):
+  """`monkeypatch` for module globals that jitted entries read while tracing (byte budgets, the
+  kernel or sort a backend chooses): JAX's caches are cleared before the test and again after
+  its patches are undone, so neither this test nor a later one reuses a trace made under the
+  other's values. (Run 40, compiled on an H100: an earlier test had traced the same shapes and
+  options with the default budget, and the lowering counted one pass's kernels, not two
+  chunks'.)"""
+  jax.clear_caches()
+  yield monkeypatch
+  monkeypatch.undo()
+  jax.clear_caches()

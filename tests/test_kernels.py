@@ -456,9 +456,9 @@ def test_routing_at_scale_equals_the_routing_of_per_row_sorts(monkeypatch):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
-def test_kv_head_chunking_keeps_results(monkeypatch):
+def test_kv_head_chunking_keeps_results(retraced):
   from moba_jax.kernels import _routing as rt
-  monkeypatch.setattr(rt, "PARTIAL_BYTES", 1)  # one kv head per chunk
+  retraced.setattr(rt, "PARTIAL_BYTES", 1)  # one kv head per chunk
   q, k, v = random_qkv(8, 1, 96, 4, 2, 16)
   seg = packed_segments(1, [60, 36])
   cot = jax.random.normal(jax.random.key(2), q.shape)
@@ -645,7 +645,7 @@ def _scatter_add_in_key_order(outs, first_key, routing, dims, seq):
     ([300, 7, 212, 493], 96, (128, 128, 64), None),  # a group's rows run 32 keys past its block
     ([40, 50], 8, (16, 16, 8), 21),  # queries [21, 33) of the keys: a band of dense key tiles
 ])
-def test_tpu_dkdv_gathers_equal_the_scatter_add(monkeypatch, seg, block, tiles, q_start):
+def test_tpu_dkdv_gathers_equal_the_scatter_add(retraced, seg, block, tiles, q_start):
   """pallas_tpu assembles dK and dV in key order by gathers (`moba_tpu.in_key_order`; TPUs are
   reported to run scatter-adds far slower): the gradients equal, to the bit, those of a
   scatter-add of the same rows onto their keys. One document; packed documents with block 96
@@ -668,7 +668,7 @@ def test_tpu_dkdv_gathers_equal_the_scatter_add(monkeypatch, seg, block, tiles, 
     return jax.vjp(f, q, k, v)[1](cot)
 
   got = grads()
-  monkeypatch.setattr(moba_tpu, "in_key_order", _scatter_add_in_key_order)
+  retraced.setattr(moba_tpu, "in_key_order", _scatter_add_in_key_order)
   want = grads()
   for name, a, b in zip(("dq", "dk", "dv"), got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

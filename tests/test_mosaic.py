@@ -71,11 +71,11 @@ DTYPE_CASES = [(n, jnp.bfloat16) for n in CASES] + [("batch2_docs_gqa_d64", jnp.
 
 @needs_runner
 @pytest.mark.parametrize("name, dtype", DTYPE_CASES, ids=lambda x: getattr(x, "__name__", x))
-def test_mosaic_forward_and_gradients_match_the_float32_reference(name, dtype, monkeypatch):
+def test_mosaic_forward_and_gradients_match_the_float32_reference(name, dtype, retraced):
   """bf16 (and once f16) q, k, v; the oracle runs in float32 on the same (rounded) inputs; the
   bound is the bf16 bound of the benchmark-shapes test. Documents off the 8-key grid exercise the
   rounded-down TMA starts; kernels a case does not take are the Triton ones."""
-  _check_against_the_float32_reference(name, dtype, monkeypatch)
+  _check_against_the_float32_reference(name, dtype, retraced)
 
 
 OVERLAP_CASES = ["ragged_gqa_d128_fwd128_alone", "ragged_gqa_d128_dq_alone", "all_packed_gqa_d128",
@@ -86,19 +86,20 @@ OVERLAP_CASES = ["ragged_gqa_d128_fwd128_alone", "ragged_gqa_d128_dq_alone", "al
                     reason="the overlap is a compiled schedule (interpreted runs take the plain "
                     "step, which the float32-reference cases check)")
 @pytest.mark.parametrize("name", OVERLAP_CASES)
-def test_mosaic_overlap_matches_the_float32_reference(name, monkeypatch):
+def test_mosaic_overlap_matches_the_float32_reference(name, retraced):
   """The forward's and dQ's intra-warpgroup overlap (`forward_rows(overlap=True)`,
   `dq_rows(overlap=True)`: the default from `BlockSizes.mosaic_overlap_block` keys a block) at
   the small blocks of these cases: first and last chunks peeled, tiles of one chunk, masked
   chunks, the rings wrapping within a tile (the dQ's key ring a slot deeper than its values')."""
-  _check_against_the_float32_reference(name, jnp.bfloat16, monkeypatch, overlap_block=0)
+  _check_against_the_float32_reference(name, jnp.bfloat16, retraced, overlap_block=0)
 
 
-def _check_against_the_float32_reference(name, dtype, monkeypatch, overlap_block=1024):
+def _check_against_the_float32_reference(name, dtype, retraced, overlap_block=1024):
+  """retraced: the `retraced` fixture (the kernels' entries are jitted: a case with few CTAs must
+  not reuse a trace made with the default count, nor leave its own to a later case)."""
   lengths, heads, kv_heads, dim, block, topk, bkv, dq, dkdv = CASES[name]
   if name in FEW_CTAS:
-    monkeypatch.setattr(mm, "num_ctas", lambda interpret: FEW_CTAS[name])
-    helpers._jitted_run.clear_cache()  # traced with the default CTA count otherwise
+    retraced.setattr(mm, "num_ctas", lambda interpret: FEW_CTAS[name])
   rows = lengths if isinstance(lengths[0], tuple) else (lengths,)  # documents of each batch row
   q, k, v = random_qkv(7, len(rows), sum(rows[0]), heads, kv_heads, dim, dtype)
   seg = jnp.concatenate([packed_segments(1, r) for r in rows])
@@ -398,14 +399,14 @@ def test_mosaic_fwd_bwd_lowers_off_the_8_key_grid_gathering_their_own_rows():
   assert "cond" not in helpers.primitives_outside_kernels(jax.make_jaxpr(step)(q, k, k, q).jaxpr)
 
 
-def test_packed_documents_step_has_no_branch_and_no_triton_backward(monkeypatch):
+def test_packed_documents_step_has_no_branch_and_no_triton_backward(retraced):
   """Packed documents on a Hopper GPU (the gate kernel chosen as on a GPU): the fwd+bwd lowers
   for CUDA with the three Mosaic kernels and the gate kernel (the only Triton call), no
   `lax.cond` outside the kernels (a GPU cond reads its predicate back to the host): the Mosaic
   dK/dV takes groups off its 128-key grid itself, with no Triton fallback."""
   from moba_jax.attention import KernelOptions
   from moba_jax.kernels import moba_gate
-  monkeypatch.setattr(rt, "_gate_kernel", lambda *_: moba_gate.gate_topk)
+  retraced.setattr(rt, "_gate_kernel", lambda *_: moba_gate.gate_topk)
   q = jnp.zeros((2, 600, 4, 64), jnp.bfloat16)
   k = jnp.zeros((2, 600, 2, 64), jnp.bfloat16)
   seg = packed_segments(2, [250, 7, 343])
@@ -521,14 +522,14 @@ def test_mosaic_head_chunks_must_divide_each_devices_kv_heads():
   assert "mosaic_head_chunks=2 must divide the kv heads (1, on each device" in r.stdout
 
 
-def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(monkeypatch):
+def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(retraced):
   """Rows over `_routing.PARTIAL_BYTES`: with the Mosaic kernels the split into kv-head chunks is
   the kernels' own (mosaic_head_chunks, one call: each kernel once per chunk), for one document
   per row and packed documents alike; with a Triton kernel in the step (here its dK/dV, which
   does not split) it is `lax.map`'s (each kernel once, in the loop's body)."""
   from moba_jax.attention import KernelOptions
   from moba_jax.kernels import _routing as rt
-  monkeypatch.setattr(rt, "PARTIAL_BYTES", 1)  # one kv head per chunk: 2 chunks
+  retraced.setattr(rt, "PARTIAL_BYTES", 1)  # one kv head per chunk: 2 chunks
   opts = KernelOptions(tiles=tiles(128, 1, 1))
   q = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)
   k = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
@@ -568,13 +569,13 @@ def test_mosaic_kernels_split_heads_past_four_selected_blocks_a_query(topk, kv_h
 
 
 @pytest.mark.parametrize("seq, block, topk", [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3)])
-def test_mosaic_step_at_benchmark_shapes_has_no_loop(monkeypatch, seq, block, topk):
+def test_mosaic_step_at_benchmark_shapes_has_no_loop(retraced, seq, block, topk):
   """The Hopper default's fwd+bwd at the benchmark shapes (16 heads, head_dim 128) lowers for
   CUDA without a `while` or a `case` outside the kernels: on a GPU each is host-driven and
   splits XLA's command buffer in two (run 25: the routing's one-step `lax.map`s and the dK/dV
   items' binary search were such loops)."""
-  monkeypatch.setattr(mm, "on_hopper", lambda: True)
-  monkeypatch.setattr(mm, "CHECKED_JAX", (0, 0))  # this JAX counts as checked
+  retraced.setattr(mm, "on_hopper", lambda: True)
+  retraced.setattr(mm, "CHECKED_JAX", (0, 0))  # this JAX counts as checked
   from moba_jax import attention as attn
   q = jax.ShapeDtypeStruct((1, seq, 16, 128), jnp.bfloat16)
   f = lambda q, k, v: attn.moba_attention(q, k, v, block_size=block, topk=topk,
