@@ -215,7 +215,8 @@
 #       variant's row-tile cases, in its own tree; the variant's 8K and 16K benchmark-scale
 #       cases), then the 16K b128 k8 profile with the host's share and synced row of BASE, this
 #       tree and VARIANT in turn (prof16k_<tree>.txt, table.txt), then, time left, 32K b512 k3
-#       profiles of this tree and VARIANT (prof32k_<tree>.txt)
+#       profiles of this tree and VARIANT (prof32k_<tree>.txt). Run 40 ran 64 and 65 on an H100:
+#       docs/results/h100_2026-12-05_run40/ (the in-place dK/dV landed, the variant did not)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
