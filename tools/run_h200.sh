@@ -217,6 +217,13 @@
 #       tree and VARIANT in turn (prof16k_<tree>.txt, table.txt), then, time left, 32K b512 k3
 #       profiles of this tree and VARIANT (prof32k_<tree>.txt). Run 40 ran 64 and 65 on an H100:
 #       docs/results/h100_2026-12-05_run40/ (the in-place dK/dV landed, the variant did not)
+#   66: a row-tile kernel variant (VARIANT: main with it) against this tree: its compiled checks
+#       side by side (every float32-oracle and overlap case of test_mosaic.py; the benchmark-scale
+#       cases at 8K, 16K and the d64 documents), each limited to FIRST_S (default 210 s), then
+#       the 16K b128 k8 profile with the host's share and synced row of this tree and VARIANT
+#       (prof16k_<tree>.txt, table.txt), 32K b512 k3 profiles (prof32k_<tree>.txt), then, time
+#       left, both trees' epilogue regions at 16K b128 k8 (tools/mgpu_trace.py; trace_<tree>.txt).
+#       Run 41: the forward and dQ storing their rows from registers (direct_store.patch)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -916,6 +923,32 @@ if [ "$phase" = 65 ]; then
     (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 \
       --steps 5 --top 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k_$name.txt)
     grep -v "^  gap" $OUT/prof32k_$name.txt | head -n 8 | tee -a $log
+  done
+  install .
+fi
+if [ "$phase" = 66 ]; then
+  [ -d "${VARIANT:-}" ] || { echo "phase 66 needs VARIANT="; exit 2; }
+  ln -sfn ../kernels $VARIANT/moba_jax/kernels  # its own kernels when run from its directory
+  (cd $VARIANT && python3 -c "import moba_jax.kernels as k; print('variant kernels:', k.__file__)" \
+    | tee -a $log)
+  (cd $VARIANT && first variant 210 0.3 "float32_reference or overlap" tests/test_mosaic.py) &
+  (cd $VARIANT && first variant_scale 210 0.3 "benchmark_scale and (8k or 16k or d64)" \
+    tests/test_mosaic.py) &
+  first_report variant variant_scale
+  rm -f $VARIANT/moba_jax/kernels
+  rows16k . $VARIANT
+  for tree in . $VARIANT; do [ $SECONDS -lt 480 ] || break
+    install $tree; name=$(basename $(cd $tree && pwd))
+    (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 \
+      --steps 5 --top 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k_$name.txt)
+    grep -v "^  gap" $OUT/prof32k_$name.txt | head -n 8 | tee -a $log
+  done
+  for tree in $VARIANT .; do [ $SECONDS -lt 500 ] || break
+    install $tree; name=$(basename $(cd $tree && pwd))
+    (cd $tree && timeout 60 python3 tools/mgpu_trace.py --seq 16384 --block 128 --topk 8 \
+      --regions stage,store,store_wait --out /tmp/tr_$name 2>&1 | grep -v WARNING \
+      > $OUT/trace_$name.txt)
+    grep -v "^ *compute1" $OUT/trace_$name.txt | tee -a $log
   done
   install .
 fi
