@@ -224,6 +224,10 @@
 #       (prof16k_<tree>.txt, table.txt), 32K b512 k3 profiles (prof32k_<tree>.txt), then, time
 #       left, both trees' epilogue regions at 16K b128 k8 (tools/mgpu_trace.py; trace_<tree>.txt).
 #       Run 41: the forward and dQ storing their rows from registers (direct_store.patch)
+#   67: the compiled behavioural suite apart from test_mosaic.py (phase 48 runs that): every
+#       test file that reads `--compiled`, slow cases included (`-m ""`), as SHARDS (default 8)
+#       processes side by side at MEM (default 0.1) of the GPU each, limit TEST_S (default 480 s);
+#       each shard's last line and every failure in the log, the logs in suite_logs.tgz
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -951,6 +955,20 @@ if [ "$phase" = 66 ]; then
     grep -v "^ *compute1" $OUT/trace_$name.txt | tee -a $log
   done
   install .
+fi
+if [ "$phase" = 67 ]; then
+  files=$(grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py")
+  echo "files: $(echo $files)" | tee -a $log
+  n=${SHARDS:-8}
+  for ((i = 0; i < n; i++)); do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM:-0.1} timeout "${TEST_S:-480}" python3 -m pytest -q \
+      -rfEs -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n $files \
+      > $OUT/suite$i.txt 2>&1 &
+  done
+  wait
+  for ((i = 0; i < n; i++)); do echo "$i: $(tail -n 1 $OUT/suite$i.txt)"; done | tee -a $log
+  grep -h "^FAILED\|^ERROR" $OUT/suite*.txt | tee -a $log
+  (cd $OUT && tar czf suite_logs.tgz suite*.txt && rm suite*.txt)
 fi
 if [ "$phase" = 61 ]; then
   for flags in "" "--xla_gpu_enable_command_buffer="; do
