@@ -293,6 +293,14 @@ rows16k() { for tree in "$@"; do install $tree; local name=$(basename $(cd $tree
     STEP_S=100 bench --impls pallas_gpu --seqs 16384 --configs 128:8 --repeats ${REPEATS:-20} \
       2>&1 | grep "^pallas_gpu" | sed "s/^/$name: /" | tee -a $OUT/table.txt
   done; }
+# 32K b512 k3 profiles of each tree in turn, each installed before its profile, while the call
+# is younger than LIMIT seconds (prof32k_<tree>.txt): prof32k_trees LIMIT TREE...
+prof32k_trees() { local limit=$1; shift; for tree in "$@"; do [ $SECONDS -lt $limit ] || break
+    install $tree; local name=$(basename $(cd $tree && pwd))
+    (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 \
+      --steps 5 --top 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k_$name.txt)
+    grep -v "^  gap" $OUT/prof32k_$name.txt | head -n 8 | tee -a $log
+  done; }
 # the compiled test_mosaic.py as SHARDS (default 6) shards beside test_kernels.py's gate and
 # no-segment-ids checks, each limited to TEST_S (default: $1 s); with PTXAS_K, one more process
 # runs the test_mosaic.py cases it selects with MOSAIC_GPU_DUMP_PTXAS=1 (ptxas_new.txt, its
@@ -922,12 +930,7 @@ if [ "$phase" = 65 ]; then
   first_report chunks scale variant variant_scale
   rm -f $VARIANT/moba_jax/kernels
   rows16k $BASE . $VARIANT
-  for tree in . $VARIANT; do [ $SECONDS -lt 500 ] || break
-    install $tree; name=$(basename $(cd $tree && pwd))
-    (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 \
-      --steps 5 --top 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k_$name.txt)
-    grep -v "^  gap" $OUT/prof32k_$name.txt | head -n 8 | tee -a $log
-  done
+  prof32k_trees 500 . $VARIANT
   install .
 fi
 if [ "$phase" = 66 ]; then
@@ -941,12 +944,7 @@ if [ "$phase" = 66 ]; then
   first_report variant variant_scale
   rm -f $VARIANT/moba_jax/kernels
   rows16k . $VARIANT
-  for tree in . $VARIANT; do [ $SECONDS -lt 480 ] || break
-    install $tree; name=$(basename $(cd $tree && pwd))
-    (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq 32768 --block 512 --topk 3 \
-      --steps 5 --top 12 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof32k_$name.txt)
-    grep -v "^  gap" $OUT/prof32k_$name.txt | head -n 8 | tee -a $log
-  done
+  prof32k_trees 480 . $VARIANT
   for tree in $VARIANT .; do [ $SECONDS -lt 500 ] || break
     install $tree; name=$(basename $(cd $tree && pwd))
     (cd $tree && timeout 60 python3 tools/mgpu_trace.py --seq 16384 --block 128 --topk 8 \
