@@ -74,9 +74,12 @@ def test_unusable_final_checkpoint_is_set_aside_and_the_run_finishes(tmp_path):
   for f in (run_dir / "checkpoints" / "3" / "params").rglob("*"):
     if f.is_file() and "METADATA" not in f.name:
       f.write_bytes(b"garbage")
-  with pytest.warns(ckpt.CheckpointWarning, match="moved the unusable checkpoint step 3"):
+  with pytest.warns(ckpt.CheckpointWarning) as caught:
     summary = train.run(tiny(run_dir, "train.steps=3", "checkpoint.every=0", "eval.batches=0"),
                         progress=False)
+  said = " | ".join(str(w.message) for w in caught)
+  assert "moved the unusable checkpoint step 3" in said, said
+  assert "could not be restored" in said and "falling back to a fresh start" in said, said
   assert summary["status"] == "done" and summary["step"] == 3
   assert (run_dir / "checkpoints" / "3").is_dir()  # saved again
   (aside,) = (run_dir / "checkpoints_unusable").iterdir()  # the bad one kept, not deleted
@@ -159,9 +162,11 @@ def test_flipped_bytes_are_caught_by_checksums_and_inspect_flags_them(tmp_path, 
   _flip_bytes(run_dir / "checkpoints" / "2")
   assert inspect.main([str(run_dir), "--step", "2", "--verify"]) == 1
   assert "verify: FAILED (1 arrays differ: params/" in capsys.readouterr().out
-  with pytest.warns(ckpt.CheckpointWarning, match="checksum mismatch in 1 arrays"):
+  with pytest.warns(ckpt.CheckpointWarning) as caught:
     summary = train.run(tiny(run_dir, "train.steps=3", "checkpoint.every=1",
                              "checkpoint.async_save=false", "eval.batches=0"), progress=False)
+  said = " | ".join(str(w.message) for w in caught)
+  assert "checksum mismatch in 1 arrays" in said and "moved the unusable checkpoint step 2" in said
   assert summary["status"] == "done" and sorted(losses(run_dir)) == [1, 2, 3]
 
 
