@@ -228,6 +228,10 @@
 #       test file that reads `--compiled`, slow cases included (`-m ""`), as SHARDS (default 8)
 #       processes side by side at MEM (default 0.1) of the GPU each, limit TEST_S (default 480 s);
 #       each shard's last line and every failure in the log, the logs in suite_logs.tgz
+#   68: phases 48 and 67 in one call: test_mosaic.py and the rest of the compiled suite (slow
+#       cases included), SHARDS (default 7) processes each side by side, each at MEM (default
+#       0.06: 8.4 GB of an H200's 141) of the GPU and limited to TEST_S (default 480 s; logs in
+#       mosaic_logs.tgz and suite_logs.tgz)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -954,19 +958,29 @@ if [ "$phase" = 66 ]; then
   done
   install .
 fi
-if [ "$phase" = 67 ]; then
-  files=$(grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py")
-  echo "files: $(echo $files)" | tee -a $log
-  n=${SHARDS:-8}
+# the compiled suite in shards side by side, each at MEM of the GPU and limited to TEST_S
+# (default 480 s): shards NAME N MEM PYTEST_ARGS... (logs $OUT/NAME<i>.txt, then NAME_logs.tgz;
+# each shard's last line and every failure in the log)
+shards() { local name=$1 n=$2 mem=$3; shift 3; local i
   for ((i = 0; i < n; i++)); do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM:-0.1} timeout "${TEST_S:-480}" python3 -m pytest -q \
-      -rfEs -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n $files \
-      > $OUT/suite$i.txt 2>&1 &
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout "${TEST_S:-480}" python3 -m pytest -q -rfEs \
+      -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n "$@" > $OUT/$name$i.txt 2>&1 &
   done
   wait
-  for ((i = 0; i < n; i++)); do echo "$i: $(tail -n 1 $OUT/suite$i.txt)"; done | tee -a $log
-  grep -h "^FAILED\|^ERROR" $OUT/suite*.txt | tee -a $log
-  (cd $OUT && tar czf suite_logs.tgz suite*.txt && rm suite*.txt)
+  for ((i = 0; i < n; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
+  grep -h "^FAILED\|^ERROR" $OUT/$name[0-9]*.txt | tee -a $log
+  (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt && rm $name[0-9]*.txt); }
+# every test file but test_mosaic.py that reads `--compiled`
+rest_files() { grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py"; }
+if [ "$phase" = 67 ]; then
+  echo "files: $(echo $(rest_files))" | tee -a $log
+  shards suite ${SHARDS:-8} ${MEM:-0.1} $(rest_files)
+fi
+if [ "$phase" = 68 ]; then
+  echo "files: tests/test_mosaic.py; $(echo $(rest_files))" | tee -a $log
+  shards mosaic ${SHARDS:-7} ${MEM:-0.06} tests/test_mosaic.py &
+  shards suite ${SHARDS:-7} ${MEM:-0.06} $(rest_files) &
+  wait
 fi
 if [ "$phase" = 61 ]; then
   for flags in "" "--xla_gpu_enable_command_buffer="; do
