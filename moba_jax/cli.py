@@ -71,10 +71,29 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(sig, _stop)
   module = importlib.import_module(SUBCOMMANDS[name][0])
   try:
-    return int(module.main(rest) or 0)
+    code = int(module.main(rest) or 0)
   except UsageError as e:  # a command-line mistake its main left to us: one line, exit 2
     print(f"moba-jax {name}: {e}", file=sys.stderr)
-    return 2
+    code = 2
+  _result_stands(code)
+  return code
+
+
+def _result_stands(code: int) -> None:
+  """After the command returned: a SIGTERM or SIGINT that lands while the interpreter exits
+  (JAX's and Orbax's clean-up can take a while) ends the process at once with the command's own
+  exit code, its output flushed. The command's files are written by then: a preempted run that
+  saved its checkpoint and summary still exits 0 when a second signal follows its last line."""
+  def finish(signum, frame):
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):  # closed or broken: nothing left to keep
+        pass
+    os._exit(code)
+
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, finish)
 
 
 def _stop(signum, frame):

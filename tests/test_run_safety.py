@@ -48,7 +48,9 @@ def _start(run_dir, *extra):
 
 def test_signals_on_a_checkpoint_step_and_during_the_final_save(tmp_path):
   """Every step saves (checkpoint.every=1), so the signal lands on a checkpoint step; a second
-  signal follows at once, while the final save runs. Nothing is lost and the rerun finishes."""
+  signal follows at once, while the final save runs, or, where the step's own save was the last,
+  after the run's last line (then the command's exit code stands: 1 run in 4 exited 130 before
+  `cli._result_stands`). Nothing is lost and the rerun finishes."""
   run_dir = tmp_path / "run"
   args, proc = _start(run_dir, "checkpoint.every=1", "checkpoint.async_save=false")
   proc.send_signal(signal.SIGTERM)
@@ -219,6 +221,24 @@ def test_a_signal_while_jax_imports_is_one_line_not_a_traceback():
                         timeout=120)
   assert proc.returncode == 130, proc.stderr[-2000:]
   assert proc.stderr == "moba-jax: stopped by SIGINT (exit 130)\n"
+
+
+def test_a_signal_after_the_command_returned_keeps_its_exit_code():
+  """A SIGINT that lands after the command returned (the interpreter's clean-up, stood in for by
+  a sleep) ends the process at once with the command's own code, not 130: the second signal that
+  follows a preempted run's last line (test_signals_on_a_checkpoint_step_...) leaves exit 0."""
+  code = ("import os, signal, sys, time\n"
+          "from moba_jax import cli\n"
+          "rc = cli.main(['inspect', '/nonexistent/run'])\n"
+          "print('returned', rc, flush=True)\n"
+          "os.kill(os.getpid(), signal.SIGINT)\n"
+          "time.sleep(30)\n"
+          "sys.exit(99)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.stdout.splitlines()[-1] == "returned 2", proc.stdout
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "stopped by" not in proc.stderr and proc.stderr.startswith("moba-jax inspect: ")
 
 
 @pytest.mark.parametrize("argv", [
