@@ -49,7 +49,7 @@ def _start(run_dir, *extra):
 def test_signals_on_a_checkpoint_step_and_during_the_final_save(tmp_path):
   """Every step saves (checkpoint.every=1), so the signal lands on a checkpoint step; a second
   signal follows at once, while the final save runs, or, where the step's own save was the last,
-  after the run's last line (then the command's exit code stands: 1 run in 4 exited 130 before
+  after the run's last line (then the command's exit code stands: 2 of 8 runs exited 130 before
   `cli._result_stands`). Nothing is lost and the rerun finishes."""
   run_dir = tmp_path / "run"
   args, proc = _start(run_dir, "checkpoint.every=1", "checkpoint.async_save=false")
