@@ -81,8 +81,10 @@ def run_pool(jobs: list[tuple[str, list[str], Path]], workers: int, on_done) -> 
 
 def worker_argv(experiment: str, overrides: list[str], stage: str, variant=None,
                 seed=None) -> list[str]:
-  """The command of one worker: the same experiment and overrides, one run selected."""
-  argv = [sys.executable, "-m", "moba_jax.grid", experiment, *overrides, "grid.workers=1",
+  """The command of one worker: the same experiment and overrides, one run selected, through
+  `moba-jax`'s entry point (its signal handling: a SIGTERM from the pool that lands after the
+  worker's run returned keeps the worker's exit code, so a finished run is not recorded failed)."""
+  argv = [sys.executable, "-m", "moba_jax.cli", "grid", experiment, *overrides, "grid.workers=1",
           f"--stage={stage}", "--worker", "--no-progress"]
   if variant is not None:
     argv += [f"--variant={variant}", f"--seed={seed}"]

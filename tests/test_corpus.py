@@ -622,7 +622,7 @@ def test_pool_runs_stage_one_alone_then_the_seeds_side_by_side(pool_grids):
 
 def test_worker_argv_selects_one_run():
   argv = grid_pool.worker_argv("exp.toml", ["out_dir=/o", "workers=2"], "sft", "all", 3)
-  assert argv[1:4] == ["-m", "moba_jax.grid", "exp.toml"]
+  assert argv[1:5] == ["-m", "moba_jax.cli", "grid", "exp.toml"]
   assert argv.index("workers=2") < argv.index("grid.workers=1")  # the worker runs one at a time
   assert {"--stage=sft", "--worker", "--variant=all", "--seed=3"} <= set(argv)
   assert "--variant=None" not in grid_pool.worker_argv("exp.toml", [], "pretrain")
