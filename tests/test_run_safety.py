@@ -200,6 +200,12 @@ def _final_params(run_dir):
   return step, [np.asarray(x) for x in jax.tree.leaves(params["params"])]
 
 
+def _python(*lines):
+  """A fresh interpreter running `lines` from the repository root (stdout and stderr captured)."""
+  return subprocess.run([sys.executable, "-c", "\n".join(lines) + "\n"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
 def test_a_signal_while_jax_imports_is_one_line_not_a_traceback():
   """`moba-jax` installs its signal handling before anything imports JAX (a slow import on a busy
   machine): the package's top level loads nothing heavy, and a SIGINT that lands inside the
@@ -209,16 +215,14 @@ def test_a_signal_while_jax_imports_is_one_line_not_a_traceback():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        check=True).stdout
   assert out.strip() == "[]"
-  code = ("import importlib, os, signal, sys\n"
-          "from moba_jax import cli\n"
-          "real = importlib.import_module\n"
-          "def interrupted(name, *a):\n"
-          "  os.kill(os.getpid(), signal.SIGINT)\n"
-          "  return real(name, *a)\n"
-          "cli.importlib.import_module = interrupted\n"
-          "sys.exit(cli.main(['train', 'train.steps=1']))\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
+  proc = _python("import importlib, os, signal, sys",
+                 "from moba_jax import cli",
+                 "real = importlib.import_module",
+                 "def interrupted(name, *a):",
+                 "  os.kill(os.getpid(), signal.SIGINT)",
+                 "  return real(name, *a)",
+                 "cli.importlib.import_module = interrupted",
+                 "sys.exit(cli.main(['train', 'train.steps=1']))")
   assert proc.returncode == 130, proc.stderr[-2000:]
   assert proc.stderr == "moba-jax: stopped by SIGINT (exit 130)\n"
 
@@ -227,15 +231,13 @@ def test_a_signal_after_the_command_returned_keeps_its_exit_code():
   """A SIGINT that lands after the command returned (the interpreter's clean-up, stood in for by
   a sleep) ends the process at once with the command's own code, not 130: the second signal that
   follows a preempted run's last line (test_signals_on_a_checkpoint_step_...) leaves exit 0."""
-  code = ("import os, signal, sys, time\n"
-          "from moba_jax import cli\n"
-          "rc = cli.main(['inspect', '/nonexistent/run'])\n"
-          "print('returned', rc, flush=True)\n"
-          "os.kill(os.getpid(), signal.SIGINT)\n"
-          "time.sleep(30)\n"
-          "sys.exit(99)\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
+  proc = _python("import os, signal, sys, time",
+                 "from moba_jax import cli",
+                 "rc = cli.main(['inspect', '/nonexistent/run'])",
+                 "print('returned', rc, flush=True)",
+                 "os.kill(os.getpid(), signal.SIGINT)",
+                 "time.sleep(30)",
+                 "sys.exit(99)")
   assert proc.stdout.splitlines()[-1] == "returned 2", proc.stdout
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "stopped by" not in proc.stderr and proc.stderr.startswith("moba-jax inspect: ")
