@@ -121,7 +121,8 @@
 #       in mosaic_logs.tgz), then per-kernel profiles naming source lines of packed documents at
 #       DOCS_PROFILES (default 32K b512 k3 and 16K b128 k8, 16 and 8 documents)
 #   48: the compiled test_mosaic.py as 7 shards beside test_kernels.py's no-segment-ids and gate
-#       checks, slow cases included (limit TEST_S, default 300 s; logs in mosaic_logs.tgz)
+#       checks, slow cases included (limit TEST_S, default 300 s; logs in mosaic_logs.tgz and
+#       kernels_logs.tgz)
 #   49: packed documents split by kv-head chunks like single ones (run 27): the synced rows with
 #       memory (REPEATS, default 20) at 16K b128 k8 with 8 documents, 8K and 32K b512 k3 with 8
 #       and 32K with 16 (this tree), then the compiled chunk and split tests of test_mosaic.py
@@ -379,14 +380,23 @@ if [ "$phase" = 6 ]; then
   done
   find $OUT -name '*.json.gz' ! -name 'perfetto_trace.json.gz' -delete
 fi
-# the compiled suite as SHARDS processes side by side (compilation is CPU-bound), durations kept
-shards() { local n=${SHARDS:-6}; for i in $(seq 0 $((n - 1))); do
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${STEP_S:-500}" python3 -m pytest -q --compiled \
-    -m "" -p no:cacheprovider --shard $i/$n --durations=5 tests/test_moba.py tests/test_kernels.py \
-    tests/test_attention_api.py tests/test_decode.py > "$OUT/shard$i.txt" 2>&1 &
-  done; wait; tail -n 3 "$OUT"/shard*.txt; }
+# the compiled suite in shards side by side (compilation is CPU-bound), each at MEM of the GPU and limited to TEST_S
+# (default 480 s): shards NAME N MEM PYTEST_ARGS... (logs $OUT/NAME<i>.txt, then NAME_logs.tgz;
+# each shard's last line and every failure in the log)
+shards() { local name=$1 n=$2 mem=$3; shift 3; local i
+  for ((i = 0; i < n; i++)); do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout "${TEST_S:-480}" python3 -m pytest -q -rfEs \
+      -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n "$@" > $OUT/$name$i.txt 2>&1 &
+  done
+  wait
+  for ((i = 0; i < n; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
+  grep -h "^FAILED\|^ERROR" $OUT/$name[0-9]*.txt | tee -a $log
+  (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt && rm $name[0-9]*.txt); }
+# every test file but test_mosaic.py that reads `--compiled`
+rest_files() { grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py"; }
 if [ "$phase" = 8 ]; then
-  STEP_S=540 shards 2>&1 | tee -a $log
+  TEST_S=${TEST_S:-540} shards shard ${SHARDS:-6} 0.12 --durations=5 tests/test_moba.py \
+    tests/test_kernels.py tests/test_attention_api.py tests/test_decode.py
 fi
 if [ "$phase" = 9 ]; then  # shard 0 of 6 as 3 shards of 18, and named tests ($@), side by side
   for i in 0 6 12; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "${STEP_S:-450}" python3 -m pytest \
@@ -776,13 +786,9 @@ if [ "$phase" = 47 ]; then
   done
 fi
 if [ "$phase" = 48 ]; then
-  t() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.11 timeout "${TEST_S:-300}" python3 -m pytest -q -rfEs \
-    -W ignore --compiled -p no:cacheprovider "$@"; }
-  for i in 0 1 2 3 4 5 6; do t --shard $i/7 tests/test_mosaic.py > $OUT/mosaic$i.txt 2>&1 & done
-  t -m "" -k "no_segment_ids or gate" tests/test_kernels.py > $OUT/mosaic7.txt 2>&1 & wait
-  for i in 0 1 2 3 4 5 6 7; do echo "$i: $(tail -n 1 $OUT/mosaic$i.txt)"; done | tee -a $log
-  grep -h "^FAILED\|^ERROR" $OUT/mosaic*.txt | tee -a $log
-  (cd $OUT && tar czf mosaic_logs.tgz mosaic[0-7].txt && rm mosaic[0-7].txt)
+  TEST_S=${TEST_S:-300} shards mosaic 7 0.11 tests/test_mosaic.py &
+  TEST_S=${TEST_S:-300} shards kernels 1 0.11 -k "no_segment_ids or gate" tests/test_kernels.py &
+  wait
 fi
 if [ "$phase" = 50 ]; then
   [ -d "${BASE:-}" ] || { echo "phase 50 needs BASE=<the tree to compare against>"; exit 2; }
@@ -958,20 +964,6 @@ if [ "$phase" = 66 ]; then
   done
   install .
 fi
-# the compiled suite in shards side by side, each at MEM of the GPU and limited to TEST_S
-# (default 480 s): shards NAME N MEM PYTEST_ARGS... (logs $OUT/NAME<i>.txt, then NAME_logs.tgz;
-# each shard's last line and every failure in the log)
-shards() { local name=$1 n=$2 mem=$3; shift 3; local i
-  for ((i = 0; i < n; i++)); do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout "${TEST_S:-480}" python3 -m pytest -q -rfEs \
-      -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n "$@" > $OUT/$name$i.txt 2>&1 &
-  done
-  wait
-  for ((i = 0; i < n; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
-  grep -h "^FAILED\|^ERROR" $OUT/$name[0-9]*.txt | tee -a $log
-  (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt && rm $name[0-9]*.txt); }
-# every test file but test_mosaic.py that reads `--compiled`
-rest_files() { grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py"; }
 if [ "$phase" = 67 ]; then
   echo "files: $(echo $(rest_files))" | tee -a $log
   shards suite ${SHARDS:-8} ${MEM:-0.1} $(rest_files)
