@@ -38,18 +38,19 @@ def import_installed(name: str):
 KERNEL_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 
 
+def runs_here(name: str):
+  """A skipif mark for a test that runs the implementation `name`: a kernel skips where
+  `--compiled` would compile it for another platform (pallas_tpu on a GPU)."""
+  platform = KERNEL_PLATFORM.get(name)
+  skip = COMPILED and platform is not None and jax.default_backend() != platform
+  return pytest.mark.skipif(skip, reason=f"{name} compiles for {platform} only")
+
+
 def moba_impls() -> list:
   """Every registered MoBA implementation, as pytest params (kernels skipped where they cannot
   run in this mode)."""
-  params = []
-  for name in attention.implementations("moba"):
-    if name == "auto":
-      continue
-    platform = KERNEL_PLATFORM.get(name)
-    skip = COMPILED and platform is not None and jax.default_backend() != platform
-    params.append(pytest.param(name, marks=pytest.mark.skipif(
-        skip, reason=f"{name} compiles for {platform} only")))
-  return params
+  return [pytest.param(name, marks=runs_here(name))
+          for name in attention.implementations("moba") if name != "auto"]
 
 
 def kernel_impls() -> list:

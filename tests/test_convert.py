@@ -89,9 +89,13 @@ def our_model(run_dir, overrides=()):
 
 
 def logits(model, tokens):
+  """Our float32 logits at float32 matmul precision, as transformers computes them on the CPU (a
+  GPU's default for float32 is TF32: 7e-4 off transformers' compiled on an H100, run 42)."""
+  import jax
   from flax import nnx
 
-  return np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -232,7 +232,9 @@
 #   68: phases 48 and 67 in one call: test_mosaic.py and the rest of the compiled suite (slow
 #       cases included), SHARDS (default 7) processes each side by side, each at MEM (default
 #       0.06: 8.4 GB of an H200's 141) of the GPU and limited to TEST_S (default 480 s; logs in
-#       mosaic_logs.tgz and suite_logs.tgz)
+#       mosaic_logs.tgz and suite_logs.tgz). Too much for one call: run 42 (an H100, TEST_S=480)
+#       finished 4 of the 7 test_mosaic.py shards and none of the rest's (about 37 of each
+#       shard's 54 tests had run); run 48 and 67 in two calls
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -385,8 +387,12 @@ fi
 # each shard's last line and every failure in the log)
 shards() { local name=$1 n=$2 mem=$3; shift 3; local i
   for ((i = 0; i < n; i++)); do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout "${TEST_S:-480}" python3 -m pytest -q -rfEs \
-      -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n "$@" > $OUT/$name$i.txt 2>&1 &
+    # SIGINT at the limit: pytest stops and prints its summary once the compile it is in returns
+    # (run 42: one shard of seven did within 30 s); --failures-now keeps each failure's report
+    # in the log as it happens
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout -s INT -k 30 "${TEST_S:-480}" python3 -m pytest -q -rfEs \
+      --failures-now -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n "$@" \
+      > $OUT/$name$i.txt 2>&1 &
   done
   wait
   for ((i = 0; i < n; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
