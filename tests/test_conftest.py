@@ -26,7 +26,7 @@ def test_3():
 def _pytest(tmp_path, *args):
   (tmp_path / "test_cases.py").write_text(CASES)
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
-         *args, str(tmp_path / "test_cases.py")]
+         "--rootdir", str(tmp_path), *args, str(tmp_path / "test_cases.py")]  # ids: test_cases.py::
   return subprocess.run(cmd, cwd=CHECKOUT, capture_output=True, text=True, timeout=120)
 
 
