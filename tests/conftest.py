@@ -34,6 +34,8 @@ def pytest_runtest_logreport(report):
   if not (report.failed and config and config.getoption("--failures-now")):
     return
   terminal = config.pluginmanager.get_plugin("terminalreporter")
+  if terminal is None:  # an xdist worker: its controller gets the report and prints it
+    return
   terminal.write_line("")
   terminal.write_sep("-", f"FAILED {report.nodeid} ({report.when})")
   terminal.write_line(report.longreprtext)

@@ -396,7 +396,7 @@ shards() { local name=$1 n=$2 mem=$3; shift 3; local i
   done
   wait
   for ((i = 0; i < n; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
-  grep -h "^FAILED\|^ERROR" $OUT/$name[0-9]*.txt | tee -a $log
+  grep -h "^FAILED\|^ERROR\|^-* FAILED " $OUT/$name[0-9]*.txt | tee -a $log
   (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt && rm $name[0-9]*.txt); }
 # every test file but test_mosaic.py that reads `--compiled`
 rest_files() { grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py"; }
