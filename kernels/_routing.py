@@ -22,6 +22,7 @@ routing is what it was (Tq = T).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -33,6 +34,27 @@ import numpy as np
 from moba_jax import moba as _moba
 
 ROUTING_BYTES = 64 << 20  # budget for one chunk of gate scores [B, C, H, N] float32
+_TRACING_FOR = [None]  # the platform `tracing_for` names, while its block runs
+
+
+@contextlib.contextmanager
+def tracing_for(platform: str):
+  """The routing's choices by platform (the gate kernel, the pairs' sort, the key counts'
+  search: `platform()`) made for `platform` instead of this process's backend while the block
+  traces: `moba-jax plan` lowering a TPU's train step on a CPU. JAX's caches are cleared on entry
+  and exit: a cached trace (the kernels' jitted entries) keeps the choices it was traced with."""
+  jax.clear_caches()
+  _TRACING_FOR[0] = platform
+  try:
+    yield
+  finally:
+    _TRACING_FOR[0] = None
+    jax.clear_caches()
+
+
+def platform() -> str:
+  """The platform the routing traces for: `tracing_for`'s, else this process's backend."""
+  return _TRACING_FOR[0] or jax.default_backend()
 CAUSAL_GROUPS = 8  # query chunks of a single-document batch score in up to 8 triangular steps
 
 
@@ -372,7 +394,7 @@ def _gate_kernel(q_dtype, head_dim, topk, n_slots):
   `moba_gate.gate_topk` (`moba_gate.supports`), on a TPU `moba_gate.gate_topk_tpu`
   (`supports_tpu`); else None (XLA's gate, the CPU's). Chosen when tracing, as `_pair_order`
   is."""
-  backend = jax.default_backend()
+  backend = platform()
   if backend not in ("gpu", "tpu"):
     return None
   from moba_jax.kernels import moba_gate
@@ -421,7 +443,7 @@ def _pair_order(key, seq):
   sorts have no such switch; the flat one is unmeasured there). Chosen when tracing, as the
   kernels' default is (`moba_mgpu.on_hopper`; `lax.platform_dependent` would leave a `case` on a
   constant in the step for XLA to fold)."""
-  flat = jax.default_backend() == "gpu" and key.size >= FLAT_SORT_MIN_KEYS
+  flat = platform() == "gpu" and key.size >= FLAT_SORT_MIN_KEYS
   return (_flat_order if flat else _row_order)(key, seq)
 
 
@@ -433,7 +455,7 @@ def keys_below(skey, seq, search=None):
   (run 32). The CPU keeps the scatter-add: XLA compiles it in 0.08 s where the unrolled search
   takes 0.58 s (a routing of 1K keys; the test suite compiles hundreds of routings)."""
   if search is None:
-    search = jax.default_backend() != "cpu"
+    search = platform() != "cpu"
   if search:
     return jnp.searchsorted(skey, jnp.arange(seq + 1, dtype=skey.dtype), side="left",
                             method="scan_unrolled").astype(jnp.int32)

@@ -212,6 +212,7 @@ def plan_run(cfg, n_devices: int, platform: str = "tpu", *, compile_memory: bool
 
   from moba_jax import sharding as shd
   from moba_jax import train
+  from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_tpu
 
   mesh = shd.make_mesh(cfg.mesh, jax.devices()[:n_devices])
@@ -221,7 +222,9 @@ def plan_run(cfg, n_devices: int, platform: str = "tpu", *, compile_memory: bool
   lines = [f"mesh: {_mesh_str(mesh)}; batch {cfg.train.batch_size} x {cfg.train.seq_len}",
            f"attention: {train.attention_plan(cfg)}"]
   t0 = time.perf_counter()
-  with shd.activate(mesh, rules):
+  # the kernels' routing chooses its gate kernel, sort and searches for `platform`, as a run
+  # there traces it (the TPU gate kernel where it takes the case), not for this CPU
+  with shd.activate(mesh, rules), rt.tracing_for(platform):
     state, traced = _trace(cfg, mesh, rules)
     kernels = moba_tpu.check_tiles(traced.jaxpr) if platform == "tpu" else []
     traced.lower(lowering_platforms=(platform,))

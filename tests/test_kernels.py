@@ -489,17 +489,17 @@ def test_dkdv_of_unaligned_groups_matches_the_reference():
 
 
 @pytest.mark.parametrize("routing_on", ["cpu", "gpu"])
-def test_gpu_kernels_lower_for_cuda_without_a_gpu(retraced, routing_on):
+def test_gpu_kernels_lower_for_cuda_without_a_gpu(routing_on):
   """Cross-platform lowering runs the Pallas-to-Triton lowering of every Triton GPU kernel
   (forward, dQ, dK/dV of key tiles with and without unaligned-group contributions, dK/dV of
   unaligned groups) on a CPU-only machine. The tiles pin the Triton kernels: on a Hopper GPU the
   default is the Mosaic ones (their lowering: tests/test_mosaic.py). The routing, traced where
   the process's backend is a GPU, takes the gate kernel, one Triton call more (run 42: the
-  compiled suite on an H100 counted it; `_routing._gate_kernel` chooses by the backend)."""
+  compiled suite on an H100 counted it; `_routing._gate_kernel` chooses by the platform traced
+  for, `_routing.tracing_for`)."""
   from moba_jax.attention import KernelOptions
+  from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_gpu as mg
-  if routing_on != jax.default_backend():  # the routing's choice only: nothing runs
-    retraced.setattr(jax, "default_backend", lambda: routing_on)
   seq = 256
   seg = jnp.zeros((1, seq), jnp.int32)
   q = jnp.zeros((1, seq, 4, 64), jnp.bfloat16)
@@ -512,7 +512,8 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu(retraced, routing_on):
                                        platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                 abstract_device=hopper)):
-    text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    with rt.tracing_for(routing_on):
+      text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
   calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
   names = sorted(re.search(r'name = "(\w+)"', line)[1] for line in calls)
   gate = ["moba_gate"] if routing_on == "gpu" else []

@@ -13,8 +13,11 @@ from moba_jax import config, plan
 
 # 2 layers (variant 1: layer 1 full), GQA 4:2; mesh 4 x 8 x 2 = 64 devices. The rules put embed
 # and vocab on no mesh axis, so the embedding and the head are held whole on every device.
+# bfloat16 activations (float32 parameters), as on a TPU: the routing's TPU gate kernel takes
+# 16-bit queries.
 TOML = """
 [model]
+dtype = "bfloat16"
 vocab_size = 256
 d_model = 64
 n_layers = 2
@@ -67,8 +70,9 @@ def test_plan_on_64_fake_devices(tmp_path):
   assert "on 64 fake cpu devices, lowered for tpu" in out
   assert "mesh: data=4 fsdp=8 context=1 tensor=2" in out
   assert "attention: layer 0: moba -> pallas_tpu; layer 1: full -> splash" in out
-  assert ("Pallas kernels: moba_tpu_dkdv_dense x1, moba_tpu_dkdv_sparse x1, moba_tpu_dq x1, "
-          "moba_tpu_fwd x1, splash_mha_dkv_segmented_no_residuals x1, "
+  # the routing traced as on a TPU (`_routing.tracing_for`): the TPU gate kernel, not XLA's gate
+  assert ("Pallas kernels: moba_gate_tpu x1, moba_tpu_dkdv_dense x1, moba_tpu_dkdv_sparse x1, "
+          "moba_tpu_dq x1, moba_tpu_fwd x1, splash_mha_dkv_segmented_no_residuals x1, "
           "splash_mha_dq_segmented_no_residuals x1, splash_mha_fwd_segmented_residuals x1 "
           "(blocks tile for Mosaic") in out
   # hand count: q/k/v/o and the MLP split over tensor (heads, kv_heads, mlp), norms, embedding
