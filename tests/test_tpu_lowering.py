@@ -21,6 +21,7 @@ from moba_jax.kernels import moba_tpu
 
 ALL = ["moba_tpu_fwd", "moba_tpu_dq", "moba_tpu_dkdv_dense", "moba_tpu_dkdv_sparse"]
 DENSE = ALL[:3]  # top-1 (or one block): no past blocks, no sparse dK/dV kernel
+GATED = ALL + ["moba_gate_tpu"]  # 16-bit queries: the routing's gate is the TPU gate kernel
 
 
 def _grad_fn(block_size, topk, tiles=()):
@@ -40,10 +41,14 @@ def _specs(batch, seq, heads, kv_heads, dim, dtype):
 
 
 def lower_for_tpu(shape, dtype, block_size, topk, tiles=()):
-  """Forward + backward traced, tiles checked, lowered for TPU -> (kernels, StableHLO text)."""
-  traced = jax.jit(_grad_fn(block_size, topk, tiles)).trace(*_specs(*shape, dtype))
-  kernels = moba_tpu.check_tiles(traced.jaxpr)
-  return kernels, traced.lower(lowering_platforms=("tpu",)).as_text()
+  """Forward + backward traced with the routing's TPU choices (`_routing.tracing_for`: the gate
+  kernel where it takes the case, the key counts' search), tiles checked, lowered for TPU ->
+  (kernels, StableHLO text)."""
+  from moba_jax.kernels import _routing as rt
+  with rt.tracing_for("tpu"):
+    traced = jax.jit(_grad_fn(block_size, topk, tiles)).trace(*_specs(*shape, dtype))
+    kernels = moba_tpu.check_tiles(traced.jaxpr)
+    return kernels, traced.lower(lowering_platforms=("tpu",)).as_text()
 
 
 def _assert_lowered(kernels, text, expected):
@@ -56,10 +61,10 @@ def _assert_lowered(kernels, text, expected):
 # (batch, seq, heads, kv_heads, head_dim), dtype, block_size, topk, tiles, kernels
 CASES = {
     # the benchmark shape (docs/benchmarks.md): 8K, 16 heads, head_dim 128, block 512 top-3
-    "bench_8k_bf16": ((1, 8192, 16, 16, 128), jnp.bfloat16, 512, 3, (), ALL),
+    "bench_8k_bf16": ((1, 8192, 16, 16, 128), jnp.bfloat16, 512, 3, (), GATED),
     # ragged: seq not a multiple of the block or the tiles; GQA 4:1; head_dim padded to 128
     "ragged_gqa_f32": ((2, 1000, 8, 2, 64), jnp.float32, 128, 3, (), ALL),
-    "ragged_gqa_bf16": ((1, 777, 4, 2, 64), jnp.bfloat16, 100, 2, (), ALL),
+    "ragged_gqa_bf16": ((1, 777, 4, 2, 64), jnp.bfloat16, 100, 2, (), GATED),
     # top-1, the smallest float32 tiles Mosaic takes, GQA 2:1
     "top1_f32_tiles8": ((1, 300, 2, 1, 32), jnp.float32, 64, 1, (8, 8, 8), DENSE),
 }
@@ -82,7 +87,8 @@ def test_pallas_tpu_writes_forward_and_dq_rows_over_the_gathered_q_rows():
   their own), the dK/dV kernels' outputs are not; the dK/dV run before the dQ, which takes the q
   rows after them (else XLA would copy the rows)."""
   _, text = lower_for_tpu((1, 1024, 4, 2, 128), jnp.bfloat16, 256, 3)
-  calls = [line for line in text.splitlines() if "@tpu_custom_call" in line]
+  calls = [line for line in text.splitlines() if "@tpu_custom_call" in line
+           and "moba_gate_tpu" not in line]
   names = [next(n for n in ALL if n in line) for line in calls]
   aliased = {n: "output_operand_alias" in line for n, line in zip(names, calls)}
   assert aliased == {"moba_tpu_fwd": True, "moba_tpu_dq": True, "moba_tpu_dkdv_dense": False,
@@ -115,7 +121,7 @@ def test_forward_and_dq_take_one_grid_step_per_window_of_a_tiles_keys(seq, block
 
 @pytest.mark.slow
 def test_pallas_tpu_lowers_for_tpu_at_32k():
-  _assert_lowered(*lower_for_tpu((1, 32768, 16, 16, 128), jnp.bfloat16, 512, 3), ALL)
+  _assert_lowered(*lower_for_tpu((1, 32768, 16, 16, 128), jnp.bfloat16, 512, 3), GATED)
 
 
 @pytest.mark.parametrize("dtype,dim,topk,slots", [(jnp.bfloat16, 128, 3, 256),
