@@ -34,6 +34,7 @@ import numpy as np
 from moba_jax import moba as _moba
 
 ROUTING_BYTES = 64 << 20  # budget for one chunk of gate scores [B, C, H, N] float32
+CAUSAL_GROUPS = 8  # query chunks of a single-document batch score in up to 8 triangular steps
 _TRACING_FOR = [None]  # the platform `tracing_for` names, while its block runs
 
 
@@ -55,7 +56,6 @@ def tracing_for(platform: str):
 def platform() -> str:
   """The platform the routing traces for: `tracing_for`'s, else this process's backend."""
   return _TRACING_FOR[0] or jax.default_backend()
-CAUSAL_GROUPS = 8  # query chunks of a single-document batch score in up to 8 triangular steps
 
 
 class Dims(NamedTuple):
@@ -392,8 +392,8 @@ def select_chunked(q, k, layout, *, block_size, topk, q_start=None, one_doc=Fals
 def _gate_kernel(q_dtype, head_dim, topk, n_slots):
   """The gate kernel of the backend the program runs on where it takes the case: on a GPU
   `moba_gate.gate_topk` (`moba_gate.supports`), on a TPU `moba_gate.gate_topk_tpu`
-  (`supports_tpu`); else None (XLA's gate, the CPU's). Chosen when tracing, as `_pair_order`
-  is."""
+  (`supports_tpu`); else None (XLA's gate, the CPU's). Chosen when tracing, for `platform()`,
+  as `_pair_order` is."""
   backend = platform()
   if backend not in ("gpu", "tpu"):
     return None
