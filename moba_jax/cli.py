@@ -56,7 +56,22 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+  """`moba-jax`. Without argv (the console script, `python -m moba_jax.cli`) it is the process's
+  entry point and keeps SIGTERM/SIGINT until the process exits (`_result_stands`); called with
+  argv from Python (tests, notebooks) it gives the caller's signal handlers back on return."""
+  if argv is not None:
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      return _main(argv)
+    finally:
+      for sig, handler in saved.items():
+        signal.signal(sig, handler)
+  code = _main(sys.argv[1:])
+  _result_stands(code)
+  return code
+
+
+def _main(argv: list[str]) -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(usage())
     return 0
@@ -71,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(sig, _stop)
   module = importlib.import_module(SUBCOMMANDS[name][0])
   try:
-    code = int(module.main(rest) or 0)
+    return int(module.main(rest) or 0)
   except UsageError as e:  # a command-line mistake its main left to us: one line, exit 2
     print(f"moba-jax {name}: {e}", file=sys.stderr)
-    code = 2
-  _result_stands(code)
-  return code
+    return 2
 
 
 def _result_stands(code: int) -> None:

@@ -233,7 +233,8 @@ def test_a_signal_after_the_command_returned_keeps_its_exit_code():
   follows a preempted run's last line (test_signals_on_a_checkpoint_step_...) leaves exit 0."""
   proc = _python("import os, signal, sys, time",
                  "from moba_jax import cli",
-                 "rc = cli.main(['inspect', '/nonexistent/run'])",
+                 "sys.argv = ['moba-jax', 'inspect', '/nonexistent/run']",
+                 "rc = cli.main()",  # the entry point's call, as the console script makes it
                  "print('returned', rc, flush=True)",
                  "os.kill(os.getpid(), signal.SIGINT)",
                  "time.sleep(30)",
@@ -253,7 +254,10 @@ def test_every_commands_argument_mistakes_are_one_line(argv, capsys):
   line and exit 2, never argparse's usage block or a traceback."""
   from moba_jax import cli
 
+  before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
   assert cli.main(argv) == 2
+  # called from Python, it gives the caller's handlers back (pytest's SIGINT among them)
+  assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before
   err = capsys.readouterr().err
   assert err.startswith(f"moba-jax {argv[0]}: ") and err.count("\n") == 1, err
 
