@@ -273,27 +273,46 @@ def bench_one(args, impl, seq, block, topk):
     row["fwdbwd_tflops"] = 3.5 * flop / row["fwdbwd_ms"] / 1e9
     row["peak_gib"] = (lambda b: None if b is None else b / 2**30)(peak_bytes(step, sets[0]))
   if args.xla_options:
-    row["xla_options_max_diff"] = options_max_diff(
-        impl, block, topk, args, sets, step if not args.no_bwd else fwd)
+    row.update(options_max_diff(impl, block, topk, args, sets,
+                                step if not args.no_bwd else fwd))
   row["target_fwdbwd_ms"] = (TARGETS_MS.get((seq, block, topk))
                              if impl == "pallas_gpu" and len(lengths) == 1 else None)
   return row
 
 
-def options_max_diff(impl, block, topk, args, sets, fn) -> float:
-  """The largest difference between fn's outputs (the row's program under --xla-option, run
-  again after its timing: its buffers have moved between calls many times by then) and the same
-  program compiled with XLA's defaults, on both input sets. An option about launching (command
-  buffers, their update modes) changes no number: anything but 0.0 is reported as a failure."""
+def options_max_diff(impl, block, topk, args, sets, fn) -> dict:
+  """The row's fields comparing fn (the row's program under --xla-option, run again after its
+  timing: its buffers have moved between calls many times by then) with the same program
+  compiled with XLA's defaults, on both input sets. An option about launching (command buffers,
+  their update modes) changes no number: `xla_options_max_diff` other than 0.0 is reported as a
+  failure. Where the two differ, the cause may be the program's own: on a GPU, XLA's
+  scatter-adds (the xla path's backward) add with atomics in an order that varies between calls.
+  Then both are compiled again with XLA's deterministic ops (train_step.DETERMINISTIC_GPU) and
+  these twins, each run through both input sets first, give the verdict; the timed program's
+  difference is kept beside it."""
+  from moba_jax.train_step import DETERMINISTIC_GPU
   bwd = not args.no_bwd
-  plain = make_fn(impl, block, topk, bwd=bwd, tiles=args.tiles)
-  diff = 0.0
-  for s in sets:
-    a = s if bwd else s[:3] + s[4:]
-    for x, y in zip(jax.tree.leaves(fn(*a)), jax.tree.leaves(plain(*a))):
-      d = jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-      diff = max(diff, float(jnp.nan_to_num(d, nan=jnp.inf)))
-  return diff
+  args_of = lambda s: s if bwd else s[:3] + s[4:]
+
+  def max_diff(f, g):
+    diff = 0.0
+    for s in sets:
+      for x, y in zip(jax.tree.leaves(f(*args_of(s))), jax.tree.leaves(g(*args_of(s)))):
+        d = jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+        diff = max(diff, float(jnp.nan_to_num(d, nan=jnp.inf)))
+    return diff
+
+  timed = max_diff(fn, make_fn(impl, block, topk, bwd=bwd, tiles=args.tiles))
+  if timed == 0.0:
+    return dict(xla_options_max_diff=0.0, xla_options_compared="timed program")
+  det = list(DETERMINISTIC_GPU.items())
+  twins = [make_fn(impl, block, topk, bwd=bwd, tiles=args.tiles, xla_options=options)
+           for options in (list(args.xla_options) + det, det)]
+  for twin in twins:
+    for s in sets:
+      jax.block_until_ready(twin(*args_of(s)))
+  return dict(xla_options_max_diff=max_diff(*twins), xla_options_compared="deterministic twins",
+              xla_options_timed_diff=timed)
 
 
 def fmt(x, spec):
@@ -450,7 +469,9 @@ def main(argv=None) -> int:
   changed = [r for r in rows if r.get("xla_options_max_diff")]
   for r in changed:
     print(f"--xla-option changed the results of {r['impl']} at seq {r['seq']}: up to "
-          f"{r['xla_options_max_diff']:.3g} from XLA's defaults", file=sys.stderr)
+          f"{r['xla_options_max_diff']:.3g} from XLA's defaults"
+          + (" (both with XLA's deterministic ops)"
+             if r["xla_options_compared"] == "deterministic twins" else ""), file=sys.stderr)
   if args.json:
     rundir.atomic_write(args.json, json.dumps(rows, indent=1))
   return 1 if changed else 0

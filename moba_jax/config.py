@@ -170,6 +170,9 @@ class TrainConfig:
   profile_steps: int = 0  # trace this many steps with jax.profiler (0 = off)
   profile_start: int = 3  # first traced step (after compilation)
   peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device kind
+  # on a GPU: compile the steps with XLA's deterministic ops (scatter-adds without atomics), so
+  # that a resumed or repeated run gives the same bits; the CPU and TPU are deterministic already
+  deterministic: bool = False
 
   def __post_init__(self):
     for key, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("warmup_steps", 0),

@@ -4,6 +4,8 @@ The state crossing the jit boundary is two nnx.State trees, `params` and `opt_st
 shardings derived from each parameter's logical axis names (moba_jax.sharding). Inside the step they
 are merged back into the Decoder and its nnx.Optimizer. A step whose loss or gradient norm is not
 finite returns the incoming params and optimizer state unchanged (and says so in its metrics).
+With `train.deterministic` on a GPU the steps are compiled with XLA's deterministic ops
+(`compile_options`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ def _make_tx(key) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip else adamw
 
 
+# XLA's GPU scatter-adds (the embedding's gradient, the xla attention path's gathers) add with
+# atomics whose order changes from call to call; this option makes XLA use ordered ones. The CPU
+# and TPU compilers run scatters in one order already.
+DETERMINISTIC_GPU = {"xla_gpu_deterministic_ops": True}
+
+
+def compile_options(deterministic: bool, platform: str) -> tuple:
+  """The (name, value) XLA compile options of the train and eval steps on `platform`."""
+  return tuple(DETERMINISTIC_GPU.items()) if deterministic and platform == "gpu" else ()
+
+
 # Compiled functions are reused by later runs in the same process (a grid) with the same model
 # graph, optimizer setting, mesh and rules: the key determines every sharding.
 _JIT_CACHE: dict = {}
@@ -77,6 +90,7 @@ class TrainState:
   opt_shardings: nnx.State
   mesh: jax.sharding.Mesh
   rules: tuple
+  compile_options: tuple = ()  # the steps' XLA options (name, value), see compile_options()
 
 
 def _build(cfg: Config, key):
@@ -94,7 +108,9 @@ def abstract_state(cfg: Config, mesh, rules) -> TrainState:
   opt_def, abs_opt_state = nnx.split(abs_opt)
   p_sh = shd.state_shardings(abs_params, mesh, rules)
   o_sh = shd.state_shardings(abs_opt_state, mesh, rules)
-  return TrainState(model_def, opt_def, abs_params, abs_opt_state, p_sh, o_sh, mesh, rules)
+  options = compile_options(cfg.train.deterministic, mesh.devices.flat[0].platform)
+  return TrainState(model_def, opt_def, abs_params, abs_opt_state, p_sh, o_sh, mesh, rules,
+                    options)
 
 
 def init_state(cfg: Config, mesh, rules) -> TrainState:
@@ -114,7 +130,7 @@ def init_state(cfg: Config, mesh, rules) -> TrainState:
   if cache_key not in _JIT_CACHE:
     _JIT_CACHE[cache_key] = jax.jit(init, out_shardings=(p_sh, o_sh))
   params, opt_state = _JIT_CACHE[cache_key](key)
-  return TrainState(model_def, opt_def, params, opt_state, p_sh, o_sh, mesh, rules)
+  return dataclasses.replace(abstract, params=params, opt_state=opt_state)
 
 
 def masked_nll(logits, targets, mask):
@@ -163,11 +179,12 @@ def _train_step(model_def, opt_def, params, opt_state, batch):
   return new_params, new_opt, metrics
 
 
-def _cached_jit(kind: str, state: TrainState, build):
+def _cached_jit(kind: str, state: TrainState, fn, **shardings):
   key = (kind, state.model_def, state.opt_def if kind == "train" else None, state.mesh,
-         state.rules)
+         state.rules, state.compile_options)
   if key not in _JIT_CACHE:
-    _JIT_CACHE[key] = build()
+    _JIT_CACHE[key] = jax.jit(fn, compiler_options=dict(state.compile_options) or None,
+                              **shardings)
   return _JIT_CACHE[key]
 
 
@@ -176,9 +193,9 @@ def make_train_step(state: TrainState):
   rep = shd.replicated(state.mesh)
   batch_sh = shd.batch_sharding(state.mesh, state.rules)
   fn = functools.partial(_train_step, state.model_def, state.opt_def)
-  jitted = _cached_jit("train", state, lambda: jax.jit(
-      fn, in_shardings=(state.param_shardings, state.opt_shardings, batch_sh),
-      out_shardings=(state.param_shardings, state.opt_shardings, rep), donate_argnums=(0, 1)))
+  jitted = _cached_jit(
+      "train", state, fn, in_shardings=(state.param_shardings, state.opt_shardings, batch_sh),
+      out_shardings=(state.param_shardings, state.opt_shardings, rep), donate_argnums=(0, 1))
 
   def step(params, opt_state, batch):
     with shd.activate(state.mesh, state.rules):
@@ -198,9 +215,9 @@ def make_eval_step(state: TrainState):
   """jit(eval)(params, batch) -> per-token nll, loss mask, real-token mask ([B, T], replicated)."""
   rep = shd.replicated(state.mesh)
   batch_sh = shd.batch_sharding(state.mesh, state.rules)
-  jitted = _cached_jit("eval", state, lambda: jax.jit(
-      functools.partial(_eval_step, state.model_def),
-      in_shardings=(state.param_shardings, batch_sh), out_shardings=(rep, rep, rep)))
+  jitted = _cached_jit("eval", state, functools.partial(_eval_step, state.model_def),
+                       in_shardings=(state.param_shardings, batch_sh),
+                       out_shardings=(rep, rep, rep))
 
   def step(params, batch):
     with shd.activate(state.mesh, state.rules):

@@ -5,6 +5,7 @@ through the implementation parametrization of tests/test_moba.py (interpreted, o
 """
 
 import functools
+import itertools
 import json
 import re
 
@@ -100,9 +101,15 @@ def test_bench_compiles_every_row_with_its_xla_options(tmp_path, capsys, monkeyp
   assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
                      "--impls", "xla", "--repeats", "1", "--warmup", "1", "--json", str(out),
                      "--xla-option", "xla_gpu_enable_command_buffer="]) == 0
-  # the forward and the step timed, then the step again beside its default-compiled twin
-  assert seen == [[("xla_gpu_enable_command_buffer", "")]] * 2 + [None]
+  # the forward and the step timed, then the step again beside its default-compiled twin (and,
+  # where those two differ, as on a GPU whose scatter-adds use atomics, both with XLA's
+  # deterministic ops)
+  opts = [("xla_gpu_enable_command_buffer", "")]
   row = json.loads(out.read_text())[0]
+  det = [("xla_gpu_deterministic_ops", True)]
+  assert seen == [opts] * 2 + [None] + {"timed program": [],
+                                        "deterministic twins": [opts + det, det]}[
+                                            row["xla_options_compared"]]
   assert row["xla_options"] == {"xla_gpu_enable_command_buffer": ""}
   assert row["xla_options_max_diff"] == 0.0
   assert "xla_gpu_enable_command_buffer=''" in capsys.readouterr().out
@@ -111,24 +118,41 @@ def test_bench_compiles_every_row_with_its_xla_options(tmp_path, capsys, monkeyp
   assert err.startswith("moba-jax bench: --xla-option refused by XLA") and err.count("\n") == 1
 
 
-def test_bench_reports_an_xla_option_that_changes_the_results(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("racy", [False, True], ids=["deterministic", "racy"])
+@pytest.mark.parametrize("drifts", [False, True], ids=["same", "drifting"])
+def test_bench_reports_an_xla_option_that_changes_the_results(tmp_path, capsys, monkeypatch,
+                                                              racy, drifts):
   """The rows' programs under --xla-option are compared with XLA's defaults on both input sets
   (the oracle: the same program, default options); a difference is named on stderr, kept in the
-  row, and the command exits 1."""
+  row, and the command exits 1. A default program that gives other bits on each call (a GPU's
+  atomic scatter-adds; here a fake that adds its call count) is no oracle: then both sides are
+  compiled again with XLA's deterministic ops and compared (wherever the timed program differs),
+  the timed difference kept."""
   from moba_jax import bench
-  real = bench.make_fn
+  real, calls = bench.make_fn, itertools.count(1)
 
-  def drifting(*a, xla_options=None, **kw):  # an "option" that changes the outputs
-    fn = real(*a, xla_options=xla_options, **kw)
-    return (lambda *x: jax.tree.map(lambda y: y * 0 + 1, fn(*x))) if xla_options else fn
+  def fake(*a, xla_options=None, **kw):
+    fn, options = real(*a, xla_options=xla_options, **kw), dict(xla_options or ())
+    if racy and "xla_gpu_deterministic_ops" not in options:
+      fn = (lambda f: lambda *x: jax.tree.map(lambda y: y + next(calls) / 64, f(*x)))(fn)
+    if drifts and "xla_gpu_enable_command_buffer" in options:  # the option changes the outputs
+      fn = (lambda f: lambda *x: jax.tree.map(lambda y: y * 0 + 1, f(*x)))(fn)
+    return fn
 
-  monkeypatch.setattr(bench, "make_fn", drifting)
+  monkeypatch.setattr(bench, "make_fn", fake)
   out = tmp_path / "rows.json"
   assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
                      "--impls", "xla", "--repeats", "1", "--warmup", "1", "--json", str(out),
-                     "--xla-option", "xla_gpu_enable_command_buffer="]) == 1
-  assert json.loads(out.read_text())[0]["xla_options_max_diff"] > 0
-  assert "--xla-option changed the results of xla at seq 128" in capsys.readouterr().err
+                     "--xla-option", "xla_gpu_enable_command_buffer="]) == int(drifts)
+  row = json.loads(out.read_text())[0]
+  assert (row["xla_options_max_diff"] > 0) == drifts
+  # the twins give the verdict wherever the timed program differs
+  assert row["xla_options_compared"] == ("deterministic twins" if racy or drifts
+                                         else "timed program")
+  assert (row.get("xla_options_timed_diff", 0) > 0) == (racy or drifts)
+  err = capsys.readouterr().err
+  assert ("--xla-option changed the results of xla at seq 128" in err) == drifts
+  assert ("(both with XLA's deterministic ops)" in err) == drifts
 
 
 def test_bench_packs_documents_into_the_moba_rows(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Training loop: bit-exact resume, SIGTERM, non-finite steps, corrupt checkpoints, attention
 switch."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -108,6 +109,36 @@ def test_nonfinite_step_leaves_state_unchanged(tmp_path, monkeypatch):
   assert int(m["finite"]) == 0 and not np.isfinite(float(m["loss"]))
   after = jax.tree.map(np.asarray, (nnx.to_pure_dict(params), nnx.to_pure_dict(opt_state)))
   jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_deterministic_steps_carry_xla_deterministic_ops_on_a_gpu(tmp_path):
+  """train.deterministic compiles the train and eval steps with XLA's deterministic ops where the
+  mesh is a GPU's (its scatter-adds use atomics), with no options elsewhere. The options reach
+  XLA: a value it refuses fails both steps' compile; on the CPU the GPU's option changes no bit."""
+  from moba_jax import data
+  assert ts.compile_options(True, "gpu") == (("xla_gpu_deterministic_ops", True),)
+  assert ts.compile_options(False, "gpu") == ts.compile_options(True, "cpu") == ()
+  cfg = tiny(tmp_path, "train.deterministic=true")
+  mesh = S.make_mesh(cfg.mesh)
+  state = ts.init_state(cfg, mesh, S.rules_from_config(cfg.mesh))
+  assert state.compile_options == ()  # the CPU's mesh
+  batch = S.global_batch(next(iter(data.train_dataset(cfg))), S.batch_sharding(mesh), 4)
+
+  def steps(options):
+    s = dataclasses.replace(state, compile_options=options,  # fresh arrays: the step donates
+                            params=jax.tree.map(jnp.copy, state.params),
+                            opt_state=jax.tree.map(jnp.copy, state.opt_state))
+    params, _, metrics = ts.make_train_step(s)(s.params, s.opt_state, batch)
+    return jax.tree.map(np.asarray, (nnx.to_pure_dict(params), metrics,
+                                     ts.make_eval_step(s)(state.params, batch)))
+
+  jax.tree.map(np.testing.assert_array_equal, steps(()), steps(ts.compile_options(True, "gpu")))
+  refused = (("xla_gpu_deterministic_ops", "BOGUS"),)
+  with pytest.raises(Exception, match="BOGUS"):
+    steps(refused)
+  s = dataclasses.replace(state, compile_options=refused)
+  with pytest.raises(Exception, match="BOGUS"):
+    ts.make_eval_step(s)(state.params, batch)
 
 
 def test_consecutive_nonfinite_steps_abort(tmp_path, monkeypatch, capfd):
