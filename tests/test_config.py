@@ -156,3 +156,26 @@ def test_saved_toml_is_readable(tmp_path):
   assert C.load_config(str(tmp_path / "c.toml")) == cfg
   C.save_config(cfg, str(tmp_path / "c.json"))
   assert json.loads((tmp_path / "c.json").read_text())["train"]["lr"] == 0.5
+
+
+def test_every_config_key_is_in_the_training_docs_table():
+  """docs/training.md's table of config sections names every field of every section (the
+  dataclasses are the oracle): a key added to config.py without its line there fails."""
+  import dataclasses
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).parents[1] / "docs" / "training.md").read_text()
+  rows = dict(re.findall(r"^\| `?(\w+|\(top\))`? \| (.*) \|$", text, re.M))
+  cfg = C.load_config(None, [])
+  sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+  sections["grid"] = C.GridConfig
+  missing = []
+  for name, value in sections.items():
+    row, fields = name, [name]
+    if dataclasses.is_dataclass(value):
+      fields = [f.name for f in dataclasses.fields(value)]
+    else:
+      row = "(top)"
+    words = set(re.findall(r"\w+", rows.get(row, "")))
+    missing += [f"{name}.{f}" for f in fields if f not in words]
+  assert not missing, f"not in docs/training.md's config table: {missing}"
