@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import math
 import os
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
       for sig, handler in saved.items():
         signal.signal(sig, handler)
+  # Registered before any command imports JAX, so it runs after their exit hooks: the last one.
+  atexit.register(_ignore_late_signals)
   code = _main(sys.argv[1:])
   _result_stands(code)
   return code
@@ -107,6 +110,15 @@ def _result_stands(code: int) -> None:
 
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, finish)
+
+
+def _ignore_late_signals() -> None:
+  """The process's last exit hook: past it the interpreter tears itself down and runs no Python
+  signal handler, so a SIGTERM or SIGINT would end it with the signal's status (143, 130) in
+  place of the command's code, turning a run that finished into a failed one for whoever waits
+  on it (the grid's pool). From here on they are ignored; the process exits in a moment."""
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, signal.SIG_IGN)
 
 
 def _stop(signum, frame):

@@ -244,6 +244,24 @@ def test_a_signal_after_the_command_returned_keeps_its_exit_code():
   assert "stopped by" not in proc.stderr and proc.stderr.startswith("moba-jax inspect: ")
 
 
+def test_a_signal_while_the_interpreter_tears_down_keeps_the_exit_code():
+  """Past the last exit hook the interpreter runs no Python signal handler; a SIGTERM landing
+  there (here during a slow __del__ of module teardown, sent by a hook that runs after cli's)
+  must not end the process with 143: a pool's worker that finished would read as failed."""
+  proc = _python("import atexit, os, signal, subprocess, sys, time",
+                 "class Slow:",
+                 "  def __del__(self):",
+                 "    time.sleep(1.5)",
+                 "slow = Slow()",
+                 "atexit.register(lambda: subprocess.Popen(",
+                 "    ['sh', '-c', f'sleep 0.5; kill -TERM {os.getpid()}']))",
+                 "from moba_jax import cli",
+                 "sys.argv = ['moba-jax', '--help']",
+                 "sys.exit(cli.main())")
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+  assert proc.stdout.startswith("usage: moba-jax")
+
+
 @pytest.mark.parametrize("argv", [
     ["report"], ["grid", "--bogus"], ["inspect", "x", "--step", "y"], ["data"], ["generate"],
     ["eval"], ["convert"], ["plan"], ["bench", "--seqs", "x"], ["bench", "--decode", "--caches", "x"],
