@@ -157,9 +157,11 @@ def params_only(run_dir: str) -> list[int]:
 def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
                    data_iter) -> tuple[int, dict, dict, dict] | None:
   """(step, params, opt_state, meta) from the newest step that restores; None if there is none.
-  Restores the data iterator in place."""
+  Restores the data iterator in place; a step that fails (a checksum, say, after its iterator
+  state was read) gives the iterator its starting position back."""
   import grain
 
+  start = data_iter.get_state()
   steps = sorted(mngr.all_steps(), reverse=True)
   _warn_partial(str(mngr.directory), steps[0] if steps else None)
   unusable = []
@@ -176,6 +178,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
         raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])}): the "
                          "files changed after they were saved")
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+      data_iter.set_state(start)
       nxt = steps[i + 1] if i + 1 < len(steps) else None
       _warn(f"checkpoint step {step} in {mngr.directory} could not be restored "
             f"({type(e).__name__}: {str(e)[:300]}); falling back to "
@@ -194,10 +197,12 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
   if not steps or jax.process_index() != 0:
     return
   directory = str(mngr.directory)
-  aside = os.path.join(os.path.dirname(directory), "checkpoints_unusable")
+  aside = os.path.join(os.path.dirname(directory), rundir.UNUSABLE)
   os.makedirs(aside, exist_ok=True)
   for step in steps:
-    dest = os.path.join(aside, f"{step}.{int(time.time())}")
+    dest, n = os.path.join(aside, f"{step}.{int(time.time())}"), 1
+    while os.path.exists(dest):  # set aside before within the same second
+      dest, n = os.path.join(aside, f"{step}.{int(time.time())}.{n}"), n + 1
     os.replace(os.path.join(directory, str(step)), dest)
     _warn(f"moved the unusable checkpoint step {step} to {dest}")
   mngr.reload()

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import importlib.resources
 import json
+import signal
 import sys
 import time
 import traceback
@@ -31,6 +32,7 @@ from moba_jax.cli import OneLineParser
 from moba_jax import report, rundir
 from moba_jax.config import (STAGES, Config, ExperimentConfig, experiment_to_dict, layer_kinds,
                              load_experiment_config)
+from moba_jax.signals import SignalFlag
 
 DEFAULT_EXPERIMENT = "layerwise_hybrid_cpu.toml"
 ALIASES = ("out_dir", "seeds", "variants", "only", "only_seeds", "stage", "init_from", "workers")
@@ -164,14 +166,14 @@ def plan(exp: ExperimentConfig) -> tuple[RunSpec | None, list[RunSpec]]:
   init_from = g.init_from
   if not init_from:
     pre_base = exp.stage_config("pretrain")
-    pre_cfg = _with(pre_base, out / "pretrain", g.pretrain_attention, {}, pre_base.train.init_from)
+    pre_cfg = _with(pre_base, out / rundir.PRETRAIN, g.pretrain_attention, {}, pre_base.train.init_from)
     pre = RunSpec("pretrain", pre_cfg)
-    init_from = str(out / "pretrain")
+    init_from = str(out / rundir.PRETRAIN)
   sft_base = exp.stage_config("sft")
   runs = []
   for v in g.variants:
     for s in g.seeds:
-      run_dir = out / "sft" / report.variant_label(v) / f"seed{s}"
+      run_dir = rundir.sft_run(out, report.variant_label(v), s)
       runs.append(RunSpec("sft", _with(sft_base, run_dir, v, seed_settings(sft_base, s),
                                        init_from), v, s))
   return pre, runs
@@ -199,7 +201,7 @@ def enable_jax_cache(exp: ExperimentConfig) -> None:
 
   if not exp.grid.jax_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
-  jax.config.update("jax_compilation_cache_dir", str(Path(exp.grid.out_dir, "jax_cache").resolve()))
+  jax.config.update("jax_compilation_cache_dir", str(Path(exp.grid.out_dir, rundir.JAX_CACHE).resolve()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -245,7 +247,7 @@ def run_one(spec: RunSpec, progress: bool) -> dict:
     summary = _train_run(spec.cfg, progress)
   except Exception as e:  # noqa: BLE001 - a failing run must not stop the grid
     if _is_main_process():
-      (spec.run_dir / "error.log").write_text(traceback.format_exc())
+      rundir.atomic_write(spec.run_dir / rundir.ERROR_LOG, traceback.format_exc())
     msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     return _record(spec, status="failed", error=msg, finished=time.time())
   status = summary.get("status", "done")
@@ -261,6 +263,7 @@ def write_manifest(exp: ExperimentConfig, source: str, main: bool | None = None)
   manifest = {"name": exp.grid.name or Path(source).stem, "experiment": source,
               "corpus_fingerprint": corpus_fingerprints(exp),
               "n_layers": sft.model.n_layers, "seq_len": sft.train.seq_len,
+              "sft_steps": sft.train.steps,
               "block_size": sft.moba.block_size, "topk": sft.moba.topk,
               "trailing_tokens": sft.eval.trailing_tokens, "config": experiment_to_dict(exp)}
   rundir.atomic_write(out / rundir.EXPERIMENT, json.dumps(manifest, indent=2) + "\n")
@@ -304,9 +307,14 @@ def _results(exp: ExperimentConfig, failed: int, stopped: bool, main: bool | Non
   code = EXIT_STOPPED if stopped else EXIT_FAILED if failed else 0
   if not (_is_main_process() if main is None else main):
     return code
-  rows = report.write_results(exp.grid.out_dir)
-  print(report.format_markdown(rows), end="")
-  print(f"results: {', '.join(str(Path(exp.grid.out_dir, f)) for f in report.RESULT_FILES)}")
+  with SignalFlag() as sig:  # a signal now waits: the table and charts are written whole
+    rows = report.write_results(exp.grid.out_dir)
+    print(report.format_markdown(rows), end="")
+    print(f"results: {', '.join(str(Path(exp.grid.out_dir, f)) for f in report.RESULT_FILES)}",
+          flush=True)
+  if sig.received:
+    print(f"[grid] received {sig.received} while writing the results; they are complete",
+          file=sys.stderr, flush=True)
   return code
 
 
@@ -325,26 +333,48 @@ def _run_pool(exp: ExperimentConfig, pre: RunSpec | None, todo: list[RunSpec],
       for spec in specs:
         _record(spec, main=True, status="skipped", error="pretraining is not done")
       return failed + len(specs), False
+    for spec in specs:  # finished before: its record says so (an older one may say failed)
+      if is_done(spec):
+        _record(spec, main=True, status="done", error=None)
     specs = [s for s in specs if not is_done(s)]
     jobs = [(s.name, grid_pool.worker_argv(experiment, overrides, s.stage, s.variant, s.seed),
              s.run_dir) for s in specs]
+    preempted = 0
 
     def done(i, code, seconds, specs=specs):
-      nonlocal failed
+      nonlocal failed, preempted
       spec = specs[i]
-      rec = report.load_run(spec.run_dir)
-      if code != 0 and rec.get("status") in ("running", "missing", "done"):
-        rec = _record(spec, main=True, status="failed", finished=time.time(),
-                      error=f"worker exited with code {code} (see {spec.run_dir}/worker.log)")
+      rec = _worker_record(spec, code)
       failed += rec["status"] == "failed"
+      preempted += rec["status"] == "preempted"
       print(f"[grid] {spec.name}: {rec['status']}"
             + (f" ({rec['error']})" if rec.get("error") else "") + f" in {seconds:.1f}s",
             flush=True)
 
     stopped = grid_pool.run_pool(jobs, exp.grid.workers, done)
-    if stopped:
+    if stopped or preempted:
       return failed, True
   return failed, False
+
+
+_SIGNAL_EXITS = {-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT}
+
+
+def _worker_record(spec: RunSpec, code: int) -> dict:
+  """A pool worker's run after the worker exited with `code`. Its summary decides where it says
+  the run finished (a signal after that, or a crash in the interpreter's exit, changes nothing);
+  else a worker ended by SIGTERM / SIGINT before it wrote its own record was preempted (a rerun
+  resumes it), and one that exited otherwise without a record failed."""
+  if is_done(spec):
+    return _record(spec, main=True, status="done", error=None, finished=time.time())
+  rec = report.load_run(spec.run_dir)
+  if code != 0 and rec.get("status") in ("running", "missing", "done"):
+    signalled = code in _SIGNAL_EXITS
+    rec = _record(spec, main=True, status="preempted" if signalled else "failed",
+                  finished=time.time(),
+                  error=f"worker {'stopped by a signal' if signalled else 'exited'} with code "
+                        f"{code} (see {spec.run_dir / rundir.WORKER_LOG})")
+  return rec
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ class MetricsLog:
     self._truncate(resume_step)
     self.file = open(self.path, "a")
     if tensorboard:
-      self.tb = _tensorboard_writer(os.path.join(run_dir, "tb"))
+      self.tb = _tensorboard_writer(os.path.join(run_dir, rundir.TB))
 
   def _truncate(self, resume_step: int) -> None:
     if not os.path.exists(self.path):

@@ -28,7 +28,7 @@ from moba_jax import report_charts as charts
 from moba_jax import rundir
 from moba_jax.rundir import atomic_write, read_json
 
-RESULT_FILES = ("results.csv", "results.md", "results.json", "loss_vs_layers.png")
+RESULT_FILES = (*rundir.RESULTS, rundir.LOSS_CHART)
 RUN_FILE = rundir.RUN_FILE
 EXPERIMENT_FILE = rundir.EXPERIMENT
 COLUMNS = ("variant", "hybrid_full_layers", "sft_loss", "sft_loss_std", "sft_loss_min",
@@ -74,13 +74,22 @@ def load_run(run_dir: Path) -> dict:
 def collect_runs(out_dir: str | os.PathLike) -> tuple[dict | None, list[dict]]:
   """(pretrain run or None, SFT runs) found under out_dir."""
   out = Path(out_dir)
-  pre = load_run(out / "pretrain") if (out / "pretrain").is_dir() else None
+  pre = load_run(out / rundir.PRETRAIN) if (out / rundir.PRETRAIN).is_dir() else None
   runs = []
-  for rec_path in sorted(out.glob(f"sft/*/*/{RUN_FILE}")):
+  for rec_path in sorted(out.glob(f"{rundir.SFT}/*/*/{RUN_FILE}")):
     rec = load_run(rec_path.parent)
     if "hybrid_full_layers" in rec:
       runs.append(rec)
   return pre, runs
+
+
+def stale(runs: list[dict], steps: int | None) -> None:
+  """Marks "incomplete" the runs done at fewer steps than the experiment now asks for (a grid
+  rerun with a longer grid.sft.train.steps resumes them): their losses are not the table's."""
+  for r in runs:
+    if steps and r["status"] == "done" and int(r.get("step") or 0) < steps:
+      r["status"] = "incomplete"
+      r["error"] = f"done at step {r.get('step')} of the {steps} the experiment asks for"
 
 
 def _stats(values: list[float]) -> dict:
@@ -277,21 +286,23 @@ def write_results(out_dir: str | os.PathLike, *, chart: bool = True) -> list[dic
   out = Path(out_dir)
   experiment = read_json(out / EXPERIMENT_FILE) or {}
   pre, runs = collect_runs(out)
+  stale(runs, experiment.get("sft_steps"))
   rows = aggregate(runs)
   prints = fingerprints(runs)
   for r in rows:
     r["corpus_fingerprint"] = ",".join(prints)
   gaps = {k: adjacent_gaps(rows, k) for k in ("sft_loss", "trailing_loss")}
-  atomic_write(out / "results.csv", format_csv(rows))
-  atomic_write(out / "results.md", _markdown_doc(rows, gaps, prints))
+  csv_file, md_file, json_file = rundir.RESULTS
+  atomic_write(out / csv_file, format_csv(rows))
+  atomic_write(out / md_file, _markdown_doc(rows, gaps, prints))
   doc = {"experiment": experiment, "aggregation": "mean and sample std (ddof=1) over seeds",
          "corpus_fingerprint": prints, "gaps": gaps, "pretrain": pre, "rows": rows,
          "runs": runs}
-  atomic_write(out / "results.json", json.dumps(_json_safe(doc), indent=2) + "\n")
+  atomic_write(out / json_file, json.dumps(_json_safe(doc), indent=2) + "\n")
   if chart:
-    plot(rows, out / "loss_vs_layers.png", experiment, prints)
+    plot(rows, out / rundir.LOSS_CHART, experiment, prints)
     if any(r.get("position_lm_loss") for r in runs):
-      charts.plot_positions(runs, out / "position_loss.png", experiment)
+      charts.plot_positions(runs, out / rundir.POSITION_CHART, experiment)
   return rows
 
 
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   labels = tuple(args.labels.split(","))
   for d in (args.out_dir, args.compare):
-    if d is not None and not Path(d, "sft").is_dir():
+    if d is not None and not Path(d, rundir.SFT).is_dir():
       print(f"moba-jax report: {d!r} holds no sft/ run directories "
             "(expected the out_dir of `moba-jax grid`)", file=sys.stderr)
       return 2
@@ -315,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   rows = write_results(args.out_dir, chart=not args.no_chart)
-  print(Path(args.out_dir, "results.md").read_text(), end="")
+  print(Path(args.out_dir, rundir.RESULTS[1]).read_text(), end="")
   if args.compare:
     other = write_results(args.compare, chart=not args.no_chart)
     charts.write_compare(args.out_dir, rows, other, labels)
-    print("\n" + Path(args.out_dir, "compare.md").read_text(), end="")
+    print("\n" + Path(args.out_dir, f"{rundir.COMPARE}.md").read_text(), end="")
   print(f"wrote {', '.join(RESULT_FILES[:3 if args.no_chart else 4])} in {args.out_dir}"
         + (" and compare.{md,json,png}" if args.compare else ""))
   return 0

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from moba_jax import rundir
 from moba_jax.rundir import atomic_write
 
 POSITION_VARIANTS = ("moba", "hybrid-5", "full")  # the curves of position_loss.png (if present)
@@ -132,8 +133,9 @@ def plot_compare(rows_a: list[dict], rows_b: list[dict], labels, path) -> None:
 
 def write_compare(out_dir, rows_a, rows_b, labels) -> dict:
   doc = compare(rows_a, rows_b, labels)
-  atomic_write(os.path.join(out_dir, "compare.md"), format_compare(doc))
-  atomic_write(os.path.join(out_dir, "compare.json"),
+  stem = os.path.join(out_dir, rundir.COMPARE)
+  atomic_write(f"{stem}.md", format_compare(doc))
+  atomic_write(f"{stem}.json",
                json.dumps(doc, indent=2, default=lambda x: None) + "\n")
-  plot_compare(rows_a, rows_b, labels, os.path.join(out_dir, "compare.png"))
+  plot_compare(rows_a, rows_b, labels, f"{stem}.png")
   return doc

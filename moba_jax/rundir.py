@@ -1,8 +1,10 @@
 """The one owner of run-directory file names and of atomic writes.
 
-A run dir (moba-jax train) holds CONFIG, METRICS, SUMMARY and CHECKPOINTS; a grid's out_dir holds
-EXPERIMENT, the stage-1 run dir PRETRAIN, SFT/<variant>/seed<S> run dirs (each with RUN_FILE) and
-the results. Every file that a reader may open while it is being written goes through atomic_write.
+A run dir (moba-jax train) holds CONFIG, METRICS, SUMMARY and CHECKPOINTS (and PROFILE, TB,
+UNUSABLE, ERROR_LOG when they happen); a grid's out_dir holds EXPERIMENT, the stage-1 run dir
+PRETRAIN, the stage-2 run dirs `sft_run(out_dir, variant label, seed)` (each with RUN_FILE), the
+results (RESULTS, LOSS_CHART, POSITION_CHART, COMPARE) and JAX_CACHE. Every file that a reader may
+open while it is being written goes through atomic_write.
 """
 
 from __future__ import annotations
@@ -21,7 +23,23 @@ RUN_FILE = "grid_run.json"  # per-run record of the grid (variant, seed, status,
 EXPERIMENT = "experiment.json"  # a grid's resolved config and chart labels
 WORKER_LOG = "worker.log"  # output of a grid worker process
 HF = "hf"  # a converted run dir's copy of the Hugging Face side files (moba-jax convert)
+PROFILE = "profile"  # jax.profiler traces (train.profile_steps)
+TB = "tb"  # TensorBoard event files (log.tensorboard)
+UNUSABLE = "checkpoints_unusable"  # checkpoint steps that did not restore, set aside
+ERROR_LOG = "error.log"  # the traceback of a grid run that raised
+PRETRAIN = "pretrain"  # a grid's stage-1 run dir
+SFT = "sft"  # a grid's stage-2 run dirs: SFT/<variant label>/seed<S>
+JAX_CACHE = "jax_cache"  # a grid's persistent compilation cache
+RESULTS = ("results.csv", "results.md", "results.json")  # a grid's table
+LOSS_CHART = "loss_vs_layers.png"
+POSITION_CHART = "position_loss.png"
+COMPARE = "compare"  # `moba-jax report --compare`: compare.{md,json,png}
 PARTIAL_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # an interrupted Orbax save in CHECKPOINTS
+
+
+def sft_run(out_dir: str | os.PathLike, label: str, seed: int) -> Path:
+  """A grid's stage-2 run dir of variant `label` (report.variant_label) and `seed`."""
+  return Path(out_dir) / SFT / label / f"seed{seed}"
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
@@ -70,13 +88,14 @@ LOCK = ".lock"  # held (flock) by the process training in the run dir
 
 
 def clear(run_dir: str | os.PathLike) -> None:
-  """Deletes what a run wrote (checkpoints, metrics, summary, profiles, TensorBoard files) so that
-  the run dir starts over (`moba-jax train --fresh`); the lock and config stay."""
+  """Deletes what a run wrote (checkpoints, those set aside, metrics, summary, profiles,
+  TensorBoard files, a grid run's error log) so that the run dir starts over (`moba-jax train
+  --fresh`); the lock, the config and a grid's record stay."""
   import shutil
 
-  for name in (CHECKPOINTS, "profile", "tb"):
+  for name in (CHECKPOINTS, UNUSABLE, PROFILE, TB):
     shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
-  for name in (METRICS, SUMMARY):
+  for name in (METRICS, SUMMARY, ERROR_LOG):
     Path(run_dir, name).unlink(missing_ok=True)
 
 

@@ -106,10 +106,19 @@ def evaluate(cfg: Config, state: ts.TrainState, eval_fn) -> dict:
 
 
 class _Window:
-  """Accumulates per-step numbers between two metrics rows."""
+  """Accumulates per-step numbers between two metrics rows. Checkpointed (`state`): a run
+  preempted between two rows writes, once resumed, the row of every step since the last one."""
 
-  def __init__(self):
-    self.losses, self.times, self.flops, self.tokens = [], [], [], 0
+  def __init__(self, state: dict | None = None):
+    state = state or {}
+    self.losses = [float("nan") if x is None else float(x) for x in state.get("losses", [])]
+    self.times = [float(x) for x in state.get("times", [])]
+    self.flops = [float(x) for x in state.get("flops", [])]
+    self.tokens = int(state.get("tokens", 0))
+
+  def state(self) -> dict:
+    return {"losses": [x if np.isfinite(x) else None for x in self.losses],
+            "times": self.times, "flops": self.flops, "tokens": self.tokens}
 
   def add(self, loss, dt, tokens, step_flops):
     self.losses.append(loss)
@@ -148,7 +157,7 @@ def set_state_attention(state, moba) -> None:
 class _Loop:
   """The training loop's mutable state (counters, handles)."""
 
-  def __init__(self, cfg: Config, state, mngr, data_iter, start: int, meta: dict):
+  def __init__(self, cfg: Config, state, mngr, data_iter, start: int, meta: dict, t0: float):
     self.cfg, self.state, self.mngr, self.it = cfg, state, mngr, data_iter
     self.step, self.start = start, start
     self.nonfinite_total = int(meta.get("nonfinite_total", 0))
@@ -156,6 +165,9 @@ class _Loop:
     self.last_finite_step = int(meta.get("last_finite_step", start))
     self.last_loss = float("nan")
     self.last_row: dict = {}
+    self.window = _Window(meta.get("metrics_window"))
+    self.wall_before = float(meta.get("wall_s", 0.0))  # earlier invocations' time
+    self.t0 = t0  # this invocation's start
     self.train_fn = ts.make_train_step(state)
     self.eval_fn = ts.make_eval_step(state)
     self.bsh = shd.batch_sharding(state.mesh, state.rules)
@@ -183,7 +195,12 @@ class _Loop:
     return {"step": self.step, "nonfinite_total": self.nonfinite_total,
             "nonfinite_consecutive": self.consecutive, "last_finite_step": self.last_finite_step,
             "train_seed": c.train.seed, "data_seed": c.data.seed,
+            "metrics_window": self.window.state(), "wall_s": self.wall_s(),
             "config": config_to_dict(c)}
+
+  def wall_s(self) -> float:
+    """Seconds of this run over every invocation so far (each from its start to its last save)."""
+    return self.wall_before + time.time() - self.t0
 
   def dispatch(self) -> tuple[dict, float]:
     """Starts the next step (asynchronously) -> (its metrics on the device, its FLOPs)."""
@@ -231,7 +248,7 @@ def _profiler(cfg: Config, step: int, tracing: bool) -> bool:
   if not tc.profile_steps:
     return False
   if step == tc.profile_start and not tracing:
-    jax.profiler.start_trace(os.path.join(cfg.run_dir, "profile"))
+    jax.profiler.start_trace(os.path.join(cfg.run_dir, rundir.PROFILE))
     return True
   if tracing and step >= tc.profile_start + tc.profile_steps:
     jax.effects_barrier()
@@ -265,7 +282,7 @@ def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool,
   metrics rows, evals and checkpoints see exactly the parameters of that step."""
   if pre.should_stop():  # a signal during start-up (compilation, restore): stop before step 1
     return pre.received or "signal"
-  window, tracing = _Window(), False
+  tracing = False
   n_dev = jax.local_device_count()
   bar = _progress(cfg, loop, end, progress)
   pending, t_last = None, time.perf_counter()
@@ -274,7 +291,7 @@ def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool,
     nonlocal t_last
     loss, tokens = loop.finish(p[0], p[2])
     now = time.perf_counter()
-    window.add(loss, now - t_last, tokens, p[1])
+    loop.window.add(loss, now - t_last, tokens, p[1])
     t_last = now
     bar.update(1)
 
@@ -292,14 +309,14 @@ def _train(cfg: Config, loop: _Loop, end: int, log, progress: bool,
         finish(pending)
         pending = None
       if s % cfg.log.every == 0 or s == end:
-        row = window.row(cfg, s, loop.peak, n_dev)
+        row = loop.window.row(cfg, s, loop.peak, n_dev)
         row["nonfinite_steps"] = loop.nonfinite_total
         if cfg.eval.every and s % cfg.eval.every == 0:
           row.update(_eval_row(evaluate(cfg, loop.state, loop.eval_fn)))
         log.write(row)
         loop.last_row = row
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        window = _Window()
+        loop.window = _Window()
       if cfg.checkpoint.every and s % cfg.checkpoint.every == 0 and s < end:
         _save(loop.mngr, s, loop.state, loop.it, loop.meta())
       if pending is None and pre.should_stop(sync=at_boundary):
@@ -466,7 +483,7 @@ def _run(cfg: Config, progress: bool, pre: Preemption) -> dict:
                       cfg.checkpoint.async_save)
   try:
     start, meta = _restore(cfg, state, mngr, data_iter)
-    loop = _Loop(cfg, state, mngr, data_iter, start, meta)
+    loop = _Loop(cfg, state, mngr, data_iter, start, meta, t0)
     end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     log = metrics_lib.MetricsLog(cfg.run_dir, start, cfg.log.tensorboard,
                                  enabled=jax.process_index() == 0)
@@ -485,20 +502,20 @@ def _run(cfg: Config, progress: bool, pre: Preemption) -> dict:
       mngr.wait_until_finished()
     finally:
       mngr.close()
-    return _finish(cfg, loop, stopped, end, t0, {"corpus_fingerprint": source.fingerprint})
+    return _finish(cfg, loop, stopped, end, {"corpus_fingerprint": source.fingerprint})
 
 
-def _finish(cfg: Config, loop: _Loop, stopped: str | None, end: int, t0: float,
+def _finish(cfg: Config, loop: _Loop, stopped: str | None, end: int,
             extra: dict) -> dict:
   if stopped:
     _log0(f"received {stopped}: finished step {loop.step}, saved a checkpoint in "
           f"{cfg.run_dir}/checkpoints; run the same command again to continue")
-    summary = _summary(cfg, loop, "preempted", time.time() - t0, extra)
+    summary = _summary(cfg, loop, "preempted", loop.wall_s(), extra)
     _write_json(os.path.join(cfg.run_dir, rundir.SUMMARY), summary)
     return summary
   result = evaluate(cfg, loop.state, loop.eval_fn) if cfg.eval.batches else {}
   status = "done" if loop.step >= cfg.train.steps else "stopped"
-  summary = _summary(cfg, loop, status, time.time() - t0, {**extra, **result})
+  summary = _summary(cfg, loop, status, loop.wall_s(), {**extra, **result})
   _write_json(os.path.join(cfg.run_dir, rundir.SUMMARY), summary)
   return summary
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from moba_jax import data, grid, report
+from moba_jax import data, grid, grid_pool, report
 from moba_jax.config import load_config, load_experiment_config
 
 TINY = """
@@ -192,6 +192,80 @@ def test_rerun_retries_failed_and_skips_done(ran_grid, tiny_toml, capsys):
   assert "| full | all |" in table and "2/2" in table
   rows = json.loads((out / "results.json").read_text())["rows"]
   assert all(r["status"] == "done" and r["n_seeds"] == 2 for r in rows)
+
+
+@pytest.fixture
+def grid_copy(ran_grid, tiny_toml, tmp_path):
+  """A copy of the ran grid (tests below change its records) -> (out, exp, sft specs by name)."""
+  import shutil
+  out = tmp_path / "grid"
+  shutil.copytree(ran_grid[0], out)
+  exp = load_experiment_config(tiny_toml, [f"grid.out_dir={out}"])
+  return out, exp, {s.name: s for s in grid.plan(exp)[1]}
+
+
+def test_a_pool_workers_exit_code_against_its_runs_own_record(grid_copy):
+  """A worker's exit code decides nothing for a run whose summary says it finished (a signal
+  after that, e.g. in the interpreter's exit); otherwise SIGTERM / SIGINT exits (143, 130, -15,
+  -2) mean preempted (a rerun resumes) and other exits failed."""
+  out, _, specs = grid_copy
+  done = specs["sft moba seed 0"]
+  for code in (143, -15, 1):
+    assert grid._worker_record(done, code)["status"] == "done"
+  assert json.loads((done.run_dir / report.RUN_FILE).read_text())["status"] == "done"
+  cut = specs["sft moba seed 1"]
+  (cut.run_dir / "summary.json").unlink()
+  for code, status in ((143, "preempted"), (-15, "preempted"), (130, "preempted"),
+                       (-2, "preempted"), (1, "failed"), (-9, "failed"), (139, "failed")):
+    grid._record(cut, main=True, status="running", error=None)
+    rec = grid._worker_record(cut, code)
+    assert rec["status"] == status and f"code {code}" in rec["error"], (code, rec)
+
+
+def test_a_pool_rerun_corrects_the_record_of_a_finished_run(grid_copy, monkeypatch):
+  """A finished run whose record says failed (an older worker's exit code) is recorded done when
+  the pool starts again; it is not run again."""
+  out, exp, specs = grid_copy
+  spec = specs["sft moba seed 0"]
+  grid._record(spec, main=True, status="failed", error="worker exited with code 143")
+  launched = []
+  monkeypatch.setattr(grid_pool, "run_pool", lambda jobs, n, done: launched.extend(jobs))
+  grid._run_pool(exp, None, [spec], ("exp.toml", []))
+  assert launched == [] and json.loads((spec.run_dir / report.RUN_FILE).read_text())[
+      "status"] == "done"
+
+
+def test_report_marks_runs_done_at_fewer_steps_than_asked_incomplete(grid_copy, ran_grid):
+  """The manifest names the SFT steps; runs done at fewer steps (the experiment asks for more
+  now, and a rerun resumes them) are not averaged into the table."""
+  out, exp, _ = grid_copy
+  manifest = json.loads((out / "experiment.json").read_text())
+  assert manifest["sft_steps"] == exp.stage_config("sft").train.steps
+  manifest["sft_steps"] = 10 ** 6
+  (out / "experiment.json").write_text(json.dumps(manifest))
+  rows = report.write_results(out, chart=False)
+  assert all(r["n_seeds"] == 0 and "incomplete" in r["status"] for r in rows)
+  assert "of the 1000000 the experiment asks for" in rows[0]["status"]
+
+
+def test_a_signal_while_the_grid_writes_its_results_waits_for_them(grid_copy, monkeypatch,
+                                                                    capsys):
+  """SIGTERM between the table and the charts: every result file is written, the exit code is
+  the grid's, and the signal is named."""
+  import os
+  import signal
+  out, exp, _ = grid_copy
+  for name in report.RESULT_FILES:
+    (out / name).unlink()
+  real = report.plot
+
+  def interrupted(*a, **kw):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **kw)
+  monkeypatch.setattr(report, "plot", interrupted)
+  assert grid._results(exp, 0, False, main=True) == 0
+  assert all((out / name).is_file() for name in report.RESULT_FILES)
+  assert "received SIGTERM while writing the results" in capsys.readouterr().err
 
 
 def test_report_rebuilds_same_rows(ran_grid, capsys):

@@ -59,6 +59,30 @@ def test_resume_reproduces_straight_run_bit_for_bit(tmp_path):
   assert sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
 
 
+def test_a_preempted_runs_metrics_rows_are_the_straight_runs(tmp_path, monkeypatch):
+  """A SIGTERM between two metrics rows (log.every=5, the signal during step 3): the losses of
+  steps 1-3 go into the checkpoint, and the resumed run's rows equal the straight run's (loss,
+  answer tokens); the summary's wall_s spans both invocations."""
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  common = ("train.steps=10", "log.every=5", "eval.batches=0", "checkpoint.every=0")
+  train.run(tiny(straight, *common), progress=False)
+  dispatch = train._Loop.dispatch
+
+  def signalled(loop):
+    if loop.step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return dispatch(loop)
+  monkeypatch.setattr(train._Loop, "dispatch", signalled)
+  first = train.run(tiny(split, *common), progress=False)
+  assert first["status"] == "preempted" and first["step"] == 3 and not losses(split)
+  monkeypatch.setattr(train._Loop, "dispatch", dispatch)
+  second = train.run(tiny(split, *common), progress=False)
+  rows = lambda d: [{k: r[k] for k in ("step", "loss", "answer_tokens")}
+                    for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+  assert rows(split) == rows(straight) and len(rows(split)) == 2
+  assert second["wall_s"] > first["wall_s"]
+
+
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   run_dir = tmp_path / "run"
   args = [sys.executable, "-m", "moba_jax.cli", "train", f"run_dir={run_dir}", *TINY,
@@ -167,6 +191,25 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   after = losses(run_dir)
   assert summary["step"] == 6 and sorted(after) == list(range(1, 7))
   assert [after[s] for s in (3, 4)] == [before[s] for s in (3, 4)]  # recomputed from step 2
+
+
+def test_a_fresh_start_after_the_only_checkpoint_fails_reads_the_data_from_the_start(tmp_path):
+  """The only checkpoint restores but fails its checksums (one byte flipped in its params): the
+  run starts over, and its data iterator too (the failed restore had moved it to that step's
+  position): the losses are those of a run that never had a checkpoint."""
+  run_dir, fresh = tmp_path / "run", tmp_path / "fresh"
+  common = ("train.steps=3", "checkpoint.every=0", "eval.batches=0")
+  train.run(tiny(run_dir, *common), progress=False)
+  blob = max((f for f in (run_dir / "checkpoints" / "3" / "params").rglob("*")
+              if f.is_file() and "METADATA" not in f.name.upper()), key=lambda f: f.stat().st_size)
+  data = bytearray(blob.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  blob.write_bytes(bytes(data))
+  (run_dir / "metrics.jsonl").unlink()
+  with pytest.warns(ckpt.CheckpointWarning, match="a fresh start"):
+    train.run(tiny(run_dir, *common), progress=False)
+  train.run(tiny(fresh, *common), progress=False)
+  assert losses(run_dir) == losses(fresh)
 
 
 def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
