@@ -19,8 +19,10 @@ each timing is the median of `--repeats` calls, each closed by block_until_ready
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moba_jax.cli import OneLineParser
+from moba_jax.cli import OneLineParser, number_arg
 from moba_jax import attention as attn
 from moba_jax import flops
 from moba_jax import moba as moba_lib
@@ -37,6 +39,7 @@ from moba_jax import rundir
 
 DEFAULT_CASES = [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3), (131072, 512, 3),
                  (131072, 2048, 3), (131072, 4096, 12)]
+DEFAULT_IMPLS = "pallas_gpu,xla,cudnn"
 FULL_IMPLS = ("cudnn", "splash", "full_xla")  # full attention (`attention.full_attention`'s names
 # but "full_xla"); the first two are the platforms' kernels the ratios and floor are taken against
 # fwd+bwd targets of issue 14 (one H200, batch 1, 16 heads, head_dim 128, bf16, each call synced).
@@ -102,37 +105,133 @@ def check_xla_options(options: dict[str, str]) -> str | None:
   return None
 
 
+def _tiles(text: str) -> str:
+  try:
+    values = [int(x) for x in text.split(",")]
+  except ValueError:
+    values = None
+  if not values or any(v < 0 for v in values):
+    raise argparse.ArgumentTypeError(f"{text!r} must be integers >= 0 separated by ','")
+  return text
+
+
+def tile_classes() -> dict:
+  """Implementation -> the BlockSizes dataclass --tiles fills, field by field."""
+  from moba_jax.kernels import moba_gpu, moba_tpu
+  return {"pallas_gpu": moba_gpu.BlockSizes, "pallas_tpu": moba_tpu.BlockSizes}
+
+
+def tiles_help() -> str:
+  fields = {impl: ", ".join(f.name for f in dataclasses.fields(cls))
+            for impl, cls in tile_classes().items()}
+  return ("the pallas_gpu or pallas_tpu rows' tiles: comma-separated integers, the first fields "
+          "of the kernel's BlockSizes in order (as moba.tiles), any number from the first up to "
+          "all of them, the rest at the class defaults (without --tiles: the kernel's own "
+          "defaults). " + "; ".join(f"{impl} ({fields[impl].count(',') + 1}): {fields[impl]}"
+                                    for impl in TILED)
+          + ". --gpu-block-sizes is the older name")
+
+
+def tiles_error(impl: str, spec: str, dtype: str) -> str | None:
+  """Why `impl`'s kernel refuses --tiles `spec` (too many, a value its BlockSizes refuses), or
+  None: the checks the kernel makes of its tiles alone, made before any row runs."""
+  try:
+    sizes = tile_options(spec).block_sizes(tile_classes()[impl], None)
+    if impl == "pallas_tpu":
+      sizes.validate(jnp.dtype(dtype))
+  except (TypeError, ValueError) as e:
+    return f"{impl}: {e}"
+  return None
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+  """The flags `bench` and `bench --decode` share, with the same types and defaults (each value
+  checked by argparse: a mistake is one line naming the flag)."""
+  p.add_argument("--heads", type=number_arg(int, 1), default=16)
+  p.add_argument("--kv-heads", type=number_arg(int, 1), default=None, help="default: --heads")
+  p.add_argument("--dim", type=number_arg(int, 1), default=128)
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+  p.add_argument("--repeats", type=number_arg(int, 1), default=20,
+                 help="timed calls per measurement (their median)")
+  p.add_argument("--warmup", type=number_arg(int, 0), default=3,
+                 help="untimed calls before them")
+  p.add_argument("--json", default=None, help="write the rows to this JSON file (its directory "
+                 "must exist or be creatable: checked before any row runs)")
+
+
+def json_destination_error(path: str) -> str | None:
+  """Why the rows could not be written to `path` when the command ends (rundir.atomic_write:
+  a file beside it, then a rename; missing directories made), or None: checked before any row
+  runs, creating nothing."""
+  if os.path.isdir(path) or not os.path.basename(path):
+    return "is a directory, not a file"
+  existing = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return f"{existing} is not a directory"
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return f"{existing} is not writable"
+  return None
+
+
+def check_common(p: argparse.ArgumentParser, args) -> None:
+  """The checks of add_common_args' flags that take more than one value: one-line errors
+  (p.error: cli.UsageError) before anything compiles."""
+  if args.kv_heads and args.heads % args.kv_heads:
+    p.error(f"--heads={args.heads} must be divisible by --kv-heads={args.kv_heads}")
+  why = None if args.json is None else json_destination_error(args.json)
+  if why:
+    p.error(f"--json {args.json!r}: {why}; it takes a file path whose directory exists or can "
+            "be created")
+
+
+def write_rows(path: str | None, rows: list[dict]) -> bool:
+  """Writes the rows to --json (atomically); a failure there (the disk filled, the directory
+  went away since the start) is one stderr line and False."""
+  if path is None:
+    return True
+  try:
+    rundir.atomic_write(path, json.dumps(rows, indent=1))
+  except OSError as e:
+    print(f"moba-jax bench: --json {path!r}: could not write the rows ({e.strerror or e}); they "
+          "are printed above", file=sys.stderr)
+    return False
+  return True
+
+
+def report_errors(rows: list[dict]) -> bool:
+  """Whether a row failed (its error recorded in it: an OOM, a kernel this platform cannot run);
+  if so, one stderr line saying how many."""
+  failed = [r for r in rows if "error" in r]
+  if failed:
+    print(f"moba-jax bench: {len(failed)} of {len(rows)} rows failed (their errors are in the "
+          "rows above)", file=sys.stderr)
+  return bool(failed)
+
+
 def parse_args(argv):
   p = OneLineParser(prog="moba-jax bench", description=__doc__.split("\n\n")[0])
   p.add_argument("--seqs", default=None, type=_seqs,
                  help="comma-separated sequence lengths (default: all)")
   p.add_argument("--configs", default=None, type=_configs,
                  help="comma-separated block:topk (default: 512:3, and 2048:3, 4096:12 at 128K)")
-  p.add_argument("--impls", default="pallas_gpu,xla,cudnn", type=_impls,
+  p.add_argument("--impls", default=None, type=_impls,
                  help="MoBA implementations and/or 'cudnn' (GPU), 'splash' (TPU), 'full_xla' "
-                      "for full attention")
+                      f"for full attention (default: {DEFAULT_IMPLS}; with --breakdown: "
+                      "pallas_gpu, the only one it takes)")
   p.add_argument("--docs", type=_positive, default=1,
                  help="documents packed in each row of the MoBA rows (lengths drawn once from "
                       "a fixed seed; 1: one document, segment_ids None); cuDNN's row stays one "
-                      "causal document, the per-pair rate of the floor")
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--heads", type=int, default=16)
-  p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-  p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-  p.add_argument("--repeats", type=int, default=20)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--pipeline", type=int, default=1,
+                      "causal document, the per-pair rate of the floor; at most the shortest "
+                      "--seqs")
+  p.add_argument("--batch", type=number_arg(int, 1), default=1)
+  add_common_args(p)
+  p.add_argument("--pipeline", type=number_arg(int, 1), default=1,
                  help="calls dispatched back to back per timed sample (1: each call synced)")
-  p.add_argument("--json", default=None, help="write the rows to this JSON file")
   p.add_argument("--no-bwd", action="store_true", help="time the forward only")
-  p.add_argument("--tiles", "--gpu-block-sizes", dest="tiles", default=None,
-                 help="the pallas_gpu or pallas_tpu rows' tiles (their BlockSizes fields in "
-                      "order, as moba.tiles; --gpu-block-sizes is the older name): pallas_gpu "
-                      "block_q,block_k,block_q_dkv,block_k_dkv,warps,stages[,dK/dV warps"
-                      "[,mosaic_block_kv[,mosaic_dq[,mosaic_dkdv[,mosaic_head_chunks]]]]]; "
-                      "pallas_tpu block_q,block_k,block_k_dkv[,block_kv_window"
-                      "[,block_kv_window_dkv]]")
+  p.add_argument("--tiles", "--gpu-block-sizes", dest="tiles", default=None, type=_tiles,
+                 help=tiles_help())
   p.add_argument("--xla-option", dest="xla_options", action="append", default=[],
                  type=_xla_option, metavar="NAME=VALUE",
                  help="an XLA compiler option of every row's jitted functions (repeatable; "
@@ -140,8 +239,43 @@ def parse_args(argv):
                       "XLA_FLAGS), e.g. xla_gpu_enable_command_buffer= (XLA's CUDA graphs off: "
                       "docs/benchmarks.md, run 36's host share)")
   p.add_argument("--breakdown", action="store_true",
-                 help="pallas_gpu only: time routing, forward and backward separately")
-  return p.parse_args(argv)
+                 help="time pallas_gpu's stages apart (routing, forward, backward; one document "
+                      "per row), compiled: needs a GPU")
+  args = p.parse_args(argv)
+  check_args(p, args)
+  return args
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+  """Every check of the flags together, before anything compiles: p.error (cli.UsageError, one
+  line naming the flag, the value and what is accepted). Sets args.impls' default."""
+  check_common(p, args)
+  if args.breakdown:
+    if args.impls not in (None, "pallas_gpu"):
+      p.error(f"--breakdown times pallas_gpu's stages only, not --impls {args.impls!r}: drop "
+              "--impls or give --impls pallas_gpu")
+    if args.docs > 1:
+      p.error(f"--breakdown times one document per row, not --docs {args.docs}: drop --docs")
+    args.impls = "pallas_gpu"
+  args.impls = args.impls or DEFAULT_IMPLS
+  impls = args.impls.split(",")
+  if any(i not in FULL_IMPLS for i in impls):  # the rows --docs packs
+    short = sorted({seq for seq, _, _ in cases(args) if seq < args.docs})
+    if short:
+      p.error(f"--docs={args.docs} must be at most the shortest sequence length (--seqs), "
+              f"{short[0]}")
+  if args.tiles:
+    tiled = [i for i in impls if i in TILED]
+    if not tiled:
+      p.error(f"--tiles {args.tiles!r} sets the tiles of the {' and '.join(TILED)} rows, and "
+              f"--impls {args.impls!r} has none")
+    for impl in tiled:
+      why = tiles_error(impl, args.tiles, args.dtype)
+      if why:
+        p.error(f"--tiles {args.tiles!r}: {why}")
+  if args.breakdown and jax.default_backend() != "gpu":
+    p.error("--breakdown times pallas_gpu's compiled kernels and needs a GPU; this process runs "
+            f"on {jax.default_backend()}")
 
 
 def cases(args):
@@ -368,7 +502,8 @@ def print_table(rows):
 
 def breakdown(args, seq, block, topk):
   """pallas_gpu stages timed apart: routing, forward with routing given, backward; one document
-  per row (segment_ids None), as the table's rows."""
+  per row (segment_ids None), as the table's rows without --docs. Compiled (not interpreted):
+  `check_args` has refused it off a GPU."""
   from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_gpu as mg
   dtype = jnp.dtype(args.dtype)
@@ -451,10 +586,15 @@ def main(argv=None) -> int:
         + "".join(f", {k}={v!r}" for k, v in args.xla_options))
   rows = []
   if args.breakdown:
-    rows = [breakdown(args, *c) for c in cases(args)]
-    if args.json:
-      rundir.atomic_write(args.json, json.dumps(rows, indent=1))
-    return 0
+    for seq, block, topk in cases(args):
+      try:
+        rows.append(breakdown(args, seq, block, topk))
+      except Exception as e:  # noqa: BLE001 - report and go on (OOM)
+        rows.append(dict(impl="pallas_gpu/breakdown", seq=seq, block=block, topk=topk,
+                         error=repr(e)))
+        print(json.dumps(rows[-1]), flush=True)
+    written = write_rows(args.json, rows)
+    return 1 if report_errors(rows) or not written else 0
   for seq, block, topk in cases(args):
     for impl in args.impls.split(","):
       if impl in FULL_IMPLS and any(r["impl"] == impl and r["seq"] == seq
@@ -472,6 +612,6 @@ def main(argv=None) -> int:
           f"{r['xla_options_max_diff']:.3g} from XLA's defaults"
           + (" (both with XLA's deterministic ops)"
              if r["xla_options_compared"] == "deterministic twins" else ""), file=sys.stderr)
-  if args.json:
-    rundir.atomic_write(args.json, json.dumps(rows, indent=1))
-  return 1 if changed else 0
+  written = write_rows(args.json, rows)
+  failed = report_errors(rows)
+  return 1 if changed or failed or not written else 0

@@ -22,9 +22,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from moba_jax.cli import OneLineParser
+from moba_jax.cli import OneLineParser, number_arg
 from moba_jax import decode
-from moba_jax.bench import int_list, time_ms
+from moba_jax.bench import (add_common_args, check_common, int_list, report_errors, time_ms,
+                             write_rows)
 
 DEFAULT_CACHES = (8192, 32768, 131072, 524288, 1048576)
 MAX_BATCH16_CACHE = 262144  # batch 16 x 512K of bf16 K/V (16 heads x 128) is 64 GiB a layer
@@ -34,32 +35,23 @@ def parse_args(argv):
   p = OneLineParser(prog="moba-jax bench --decode", description=__doc__.split("\n\n")[0])
   p.add_argument("--caches", type=int_list, default=list(DEFAULT_CACHES), help="cache lengths")
   p.add_argument("--batches", type=int_list, default=[1, 16])
-  p.add_argument("--heads", type=int, default=16)
-  p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-  p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--block", type=int, default=512)
-  p.add_argument("--topk", type=int, default=3)
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-  p.add_argument("--repeats", type=int, default=20)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the floor")
-  p.add_argument("--max-bytes", type=float, default=80e9,
+  add_common_args(p)  # --heads --kv-heads --dim --dtype --repeats --warmup --json, as bench's
+  p.add_argument("--block", type=number_arg(int, 1), default=512)
+  p.add_argument("--topk", type=number_arg(int, 1), default=3)
+  p.add_argument("--bandwidth", type=number_arg(float, 1), default=4.3e12,
+                 help="bytes/s of the floor")
+  p.add_argument("--max-bytes", type=number_arg(float, 1), default=80e9,
                  help="skip shapes whose K/V cache is larger (bytes)")
   p.add_argument("--model", action="store_true", help="also time whole-model decode steps")
   p.add_argument("--decode-impls", type=lambda x: x.split(","), default=["xla", "auto"],
                  help="MoBA decode implementations (decode.DECODE_IMPLS), comma-separated")
-  p.add_argument("--inner", type=int, default=100,
+  p.add_argument("--inner", type=number_arg(int, 1), default=100,
                  help="decode steps per device loop (the loop_ms column)")
-  p.add_argument("--json", default=None, help="write the rows here")
   args = p.parse_args(argv)
   bad = [i for i in args.decode_impls if i not in decode.DECODE_IMPLS]
   if bad:
     p.error(f"--decode-impls: {bad} not in {list(decode.DECODE_IMPLS)}")
-  for key in ("heads", "dim", "block", "topk", "repeats", "inner"):
-    if getattr(args, key) < 1:
-      p.error(f"--{key}={getattr(args, key)} must be >= 1")
-  if args.heads % (args.kv_heads or args.heads):
-    p.error(f"--heads={args.heads} must be divisible by --kv-heads={args.kv_heads}")
+  check_common(p, args)
   return args
 
 
@@ -210,11 +202,10 @@ def main(argv=None) -> int:
           print(json.dumps(r), flush=True)
         rows += new
   print_table(rows)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
-  return 0
+  written = write_rows(args.json, rows)
+  return 1 if report_errors(rows) or not written else 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":  # through the CLI: a command-line mistake is one line, not a traceback
+  from moba_jax import cli as _cli
+  sys.exit(_cli.main(["bench", "--decode", *sys.argv[1:]]))

@@ -85,6 +85,9 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} must be divisible by "
                        f"model.n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE rotates pairs of "
+                       "dimensions)")
     for key in ("dtype", "param_dtype"):
       _choice("model", key, getattr(self, key), ("float32", "bfloat16", "float16"))
     _num("model", "rope_theta", self.rope_theta, 0, lo_open=True)
@@ -187,6 +190,10 @@ class TrainConfig:
     _num("train", "b2", self.b2, 0, 1)
     _num("train", "grad_clip", self.grad_clip, 0)
     _num("train", "peak_tflops", self.peak_tflops, 0)
+    if self.profile_steps and self.profile_start > self.steps:
+      raise ValueError(f"train.profile_start={self.profile_start} must be <= train.steps="
+                       f"{self.steps} when train.profile_steps={self.profile_steps} (no step "
+                       "would be traced)")
 
   @property
   def total_schedule_steps(self) -> int:
@@ -465,11 +472,26 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 FILE_RELATIVE = (("data", "path"), ("data", "tokenizer"), ("train", "init_from"))
 
 
+class ConfigFileError(ValueError):
+  """A config file that does not parse: the message names the file; `why` is the parser's."""
+
+  def __init__(self, path: str, why: str):
+    super().__init__(f"{path}: {why}")
+    self.why = why
+
+
 def read_file(path: str) -> dict:
   """A TOML (or JSON) config file as a dict, its FILE_RELATIVE paths (and grid.init_from, and those
-  of the grid's stage tables) made absolute against the file's directory."""
+  of the grid's stage tables) made absolute against the file's directory. A file that does not
+  parse raises ConfigFileError naming it."""
+  kind = "JSON" if str(path).endswith(".json") else "TOML"
   with open(path, "rb") as f:
-    d = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
+    try:
+      d = json.load(f) if kind == "JSON" else tomllib.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError, JSONDecodeError
+      raise ConfigFileError(str(path), f"not valid {kind} ({e})") from None
+  if not isinstance(d, dict):
+    raise ConfigFileError(str(path), f"not a {kind} table of config sections")
   base = os.path.dirname(os.path.abspath(path))
   grid = d.get("grid") if isinstance(d.get("grid"), dict) else {}
   tables = [d, *(grid.get(s) for s in STAGES if isinstance(grid.get(s), dict))]

@@ -205,6 +205,8 @@ def check_keys(root, d: dict, prefix: str = "") -> None:
       raise _unknown(prefix + k, valid)
     if isinstance(v, dict):
       check_keys(root, v, prefix + k + ".")
+    elif any(key.startswith(f"{prefix}{k}.") for key in valid):
+      raise ValueError(f"{prefix}{k}={v!r} is a section: set its keys ([{prefix}{k}] KEY = ...)")
 
 
 # ----------------------------------------------------------------------------- TOML writer

@@ -166,15 +166,36 @@ class _SplitWriter:
             "sft_examples": int(sum(p >= 0 for p in self.prompts))}
 
 
+def check_out(out: str | os.PathLike, force: bool = False) -> None:
+  """CorpusError naming `out` (as given) unless a corpus directory can be written there: a new path
+  under a directory, or with `force` an existing corpus directory (one holding its manifest) or
+  empty directory. Any other directory is never replaced: --force deletes corpora only."""
+  given = os.fspath(out)
+  out = Path(out)
+  if out.exists():
+    if not out.is_dir():
+      raise CorpusError(f"{given!r} is not a directory; give a new path for the corpus directory")
+    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+      raise CorpusError(f"{given!r} is not a corpus directory (no {MANIFEST} in it) and not "
+                        "empty; --force replaces only a corpus directory: give a new path")
+    if not force:
+      raise CorpusError(f"{given!r} exists; pass --force to replace it")
+    return
+  parent = next(p for p in out.parents if p.exists())  # '.' or '/' at the latest
+  if not parent.is_dir():
+    raise CorpusError(f"{given!r}: {str(parent)!r} is not a directory")
+
+
 def write(out: str | os.PathLike, docs: Iterable[Doc], meta: dict, heldout_frac: float,
           force: bool = False) -> dict:
   """Writes a corpus directory atomically (a temporary directory renamed at the end); returns the
-  manifest. Drops exact duplicates; raises CorpusError if no document is left in a split."""
+  manifest. Drops exact duplicates; raises CorpusError if no document is left in a split, and
+  before reading any document when `out` cannot take the corpus (check_out)."""
   if not 0 < heldout_frac < 1:
     raise CorpusError(f"heldout fraction {heldout_frac!r} must be in (0, 1)")
+  given = os.fspath(out)
   out = Path(out)
-  if out.exists() and not force:
-    raise CorpusError(f"{str(out)!r} exists; pass --force to replace it")
+  check_out(given, force)
   tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
@@ -182,6 +203,7 @@ def write(out: str | os.PathLike, docs: Iterable[Doc], meta: dict, heldout_frac:
     manifest = _write_docs(tmp, docs, meta, heldout_frac)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists() and force:
+      check_out(given, force)  # still a corpus directory: nothing else is ever deleted
       shutil.rmtree(out)
     try:
       os.replace(tmp, out)
@@ -277,14 +299,17 @@ def _array_record_reader(path: Path):
   return lambda i: source[i]
 
 
-def open_dir(path: str | os.PathLike) -> Corpus:
-  """A corpus directory written by `write`."""
+def open_dir(path: str | os.PathLike, what: str | None = None) -> Corpus:
+  """A corpus directory written by `write`; `what` names the path in messages (default
+  data.path=PATH)."""
+  what = what or f"data.path={os.fspath(path)!r}"
   path = Path(path)
   mpath = path / MANIFEST
   if not mpath.is_file():
-    what = "no such directory" if not path.exists() else f"no {MANIFEST} in it"
-    raise CorpusError(f"data.path={str(path)!r}: {what} (build one with `moba-jax data code "
-                      f"OUT` or `moba-jax data jsonl IN.jsonl OUT`)")
+    why = ("no such directory" if not path.exists() else "not a directory" if not path.is_dir()
+           else f"no {MANIFEST} in it")
+    raise CorpusError(f"{what}: {why} (build one with `moba-jax data code OUT` or "
+                      "`moba-jax data jsonl IN.jsonl OUT`)")
   try:
     manifest = json.loads(mpath.read_text())
   except ValueError as e:
@@ -340,7 +365,9 @@ def default_code_corpus() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"building the code corpus of {stdlib_dir()} in {out} (once)", file=sys.stderr,
           flush=True)
-    build_code(out, force=out.exists())  # a directory without a manifest is a broken build
+    if out.exists():  # our own cache entry without a manifest: a broken build
+      shutil.rmtree(out)
+    build_code(out)
   return out
 
 

@@ -56,6 +56,9 @@ def min_example_len(dcfg) -> int:
 def check_config(cfg) -> None:
   """Cross-checks data settings against the model and sequence length (called by Config)."""
   d, seq, vocab = cfg.data, cfg.train.seq_len, cfg.model.vocab_size
+  if d.path and d.task != "corpus":
+    raise ValueError(f"data.path={d.path!r} applies to data.task='corpus', not {d.task!r} (a "
+                     "synthetic task reads no files)")
   if d.tokenizer:
     from moba_jax import tokenizer
 

@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--heldout", type=float, default=0.05,
                    help="fraction of documents held out, chosen by a hash of each name "
                         "(default 0.05)")
-    s.add_argument("--force", action="store_true", help="replace an existing corpus directory")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing corpus directory (one holding manifest.json; no "
+                        "other directory is ever replaced)")
   info = sub.add_parser("info", help="print a corpus directory's manifest")
   info.add_argument("path")
   return p
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "info":
-      print(json.dumps(corpus.open_dir(args.path).manifest, indent=2))
+      print(json.dumps(corpus.open_dir(args.path, what=repr(args.path)).manifest, indent=2))
       return 0
     if args.command == "code":
       m = corpus.build_code(args.out, args.source, tuple(args.ext or [".py"]), args.heldout,

@@ -40,6 +40,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,8 @@ WORDS = ("falcon", "harbor", "violet", "copper", "meadow", "lantern", "glacier",
          "orchid", "thunder", "marble", "willow", "saddle", "comet", "tundra", "juniper")
 RESULT = "retrieval"  # retrieval.json, retrieval.md, retrieval.png
 PROG = "moba-jax eval"
+HAYSTACKS = ("corpus (the checkpoint's held-out text), synthetic, a corpus directory (`moba-jax "
+             "data`) or a .jsonl file")
 
 
 
@@ -95,13 +98,13 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--digits", type=number_arg(int, 1), default=None,
                  help="digits of the key (default: the config's data.passkey_len)")
   p.add_argument("--haystack", default="corpus",
-                 help="corpus (default: the checkpoint's held-out text), a corpus dir or "
-                      ".jsonl file, or synthetic")
+                 help="corpus (default: the checkpoint's held-out text), synthetic, a corpus "
+                      "dir or a .jsonl file")
   p.add_argument("--mode", choices=MODES, default="forward")
   p.add_argument("--batch-size", type=number_arg(int, 1), default=16,
                  help="prompts per forward pass")
   p.add_argument("--out", default=None, help="output dir (default: RUN_DIR/eval_<task>)")
-  p.add_argument("--config", help="the config to use when none was saved with the checkpoint")
+  p.add_argument("--config", help=gen.CONFIG_HELP)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override (moba.hybrid_full_layers=all); repeatable")
   return p
@@ -199,15 +202,37 @@ def _corpus_split(path: str):
   return c.splits["heldout"], c.path
 
 
+def check_haystack(choice: str) -> None:
+  """UsageError naming --haystack unless it is one of HAYSTACKS (a path that exists as one)."""
+  from moba_jax import corpus as corpus_lib
+
+  if choice in ("corpus", "synthetic"):
+    return
+  path = Path(choice)
+  jsonl = choice.endswith(".jsonl")  # corpus.load's rule: a .jsonl path is read as a JSONL file
+  if (path.is_file() if jsonl else (path / corpus_lib.MANIFEST).is_file()):
+    return
+  if not path.exists():
+    why = "no such file or directory"
+  elif jsonl:
+    why = "a directory, not a .jsonl file"
+  elif path.is_dir():
+    why = f"not a corpus directory (no {corpus_lib.MANIFEST} in it)"
+  else:
+    why = "a file not ending in .jsonl"
+  raise UsageError(f"--haystack {choice!r}: {why}; it takes {HAYSTACKS}")
+
+
 def text_haystack(choice: str, cfg, note: Callable[[str], None]):
   """The haystack that --haystack names (see the module doc); `note` reports fallbacks."""
   if choice == "synthetic":
     return FillerHaystack()
   if choice != "corpus":
+    check_haystack(choice)
     try:
       split, where = _corpus_split(choice)
     except (ValueError, OSError) as e:
-      raise ValueError(f"--haystack {choice}: {e}") from None
+      raise ValueError(f"--haystack {choice!r}: {e}") from None
     return CorpusHaystack(split, f"held-out split of {where}")
   if cfg.data.task == "corpus" and cfg.data.path:
     try:
@@ -565,6 +590,23 @@ def plot(doc: dict) -> bytes:
   return buf.getvalue()
 
 
+def check_out_dir(path: Path, what: str) -> Path:
+  """UsageError naming `what` and `path` unless the results can be written there: an existing
+  directory, or a new path whose nearest existing parent is a writable directory. Nothing is
+  created here."""
+  if path.exists():
+    if not path.is_dir():
+      raise UsageError(f"{what} {str(path)!r} is not a directory (the results are files in it)")
+    place = path
+  else:
+    place = next(p for p in path.parents if p.exists())  # '.' or '/' at the latest
+    if not place.is_dir():
+      raise UsageError(f"{what} {str(path)!r}: {str(place)!r} is not a directory")
+  if not os.access(place, os.W_OK | os.X_OK):
+    raise UsageError(f"{what} {str(path)!r}: {str(place)!r} is not writable")
+  return path
+
+
 def write_results(out_dir: Path, doc: dict) -> str:
   """retrieval.{json,md,png} in out_dir, each atomically; returns the markdown."""
   md = format_md(doc)
@@ -585,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     depths = check_depths(args.depths)
     ckpt_dir, run_dir = insp.resolve_dirs(args.checkpoint)
+    if args.out:
+      out_dir = check_out_dir(Path(args.out), "--out")
+    else:
+      out_dir = check_out_dir((run_dir or ckpt_dir.parent) / f"eval_{args.task}",
+                              "the default --out")
     gen.latest_step(ckpt_dir)
     cfg = gen.checkpoint_config(ckpt_dir, run_dir, args.config, args.set)
     prompts = make_prompts(cfg, args, lambda msg: log(f"note: {msg}"))
@@ -598,7 +645,6 @@ def main(argv: list[str] | None = None) -> int:
   from moba_jax.config import config_to_dict
   from moba_jax.train import attention_plan
 
-  out_dir = Path(args.out) if args.out else (run_dir or ckpt_dir.parent) / f"eval_{args.task}"
   # the implementation each layer resolves to at the shapes scored here
   # (a stand-in config: attention_plan reads model, moba and these two train fields only)
   shapes = SimpleNamespace(batch_size=args.batch_size, seq_len=max(lengths))

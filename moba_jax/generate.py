@@ -2,9 +2,10 @@
 
 CHECKPOINT is a run dir (from `moba-jax train`, or one of a grid's: OUT/pretrain,
 OUT/sft/<variant>/seed<S>) or its checkpoints/ dir; the newest restorable step is used. The model's
-config is the run's saved config.toml, else the one in the step's metadata, else --config FILE (the
-experiment it was trained with); --set KEY=VALUE changes it (moba.topk=4, moba.hybrid_full_layers=2,
-model.dtype=bfloat16, ...; not the parameter shapes).
+config is --config FILE when given (used in place of any saved config: the experiment it was
+trained with), else the run's saved config.toml, else the one in the step's metadata; --set
+KEY=VALUE changes it (moba.topk=4, moba.hybrid_full_layers=2, model.dtype=bfloat16, ...; not the
+parameter shapes).
 
 Tokens are the corpus task's: byte-level (moba_jax/data.py: BOS, then each UTF-8 byte + 3), or
 those of the config's data.tokenizer or --tokenizer (a local tokenizer.json; moba_jax/tokenizer.py,
@@ -30,6 +31,8 @@ from moba_jax import rundir
 from moba_jax.cli import OneLineParser, UsageError, number_arg
 
 TEXT_VOCAB = 256 + data_lib.BYTE_OFFSET  # PAD, BOS, EOS, then the 256 bytes
+CONFIG_HELP = ("a config file used in place of the checkpoint's own (default: the run's saved "
+               "config.toml, else the step's metadata)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=number_arg(float, 0), default=0.0,
                  help="0 = greedy (default); else sample softmax(logits / T)")
   p.add_argument("--seed", type=number_arg(int, 0), default=0, help="sampling seed")
-  p.add_argument("--config", help="the config to use when none was saved with the checkpoint")
+  p.add_argument("--config", help=CONFIG_HELP)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override (moba.topk=4); repeatable")
   p.add_argument("--tokenizer", help="a tokenizer.json (or its dir) instead of data.tokenizer's")
@@ -68,8 +71,34 @@ def _saved_config_dict(ckpt_dir: Path) -> dict | None:
   return (meta or {}).get("config")
 
 
+def _load_config_file(path: str, overrides, what: str):
+  """config.load_config(path, overrides), its read and parse errors naming the file as `what`."""
+  from moba_jax import config as config_lib
+
+  try:
+    return config_lib.load_config(path, overrides)
+  except config_lib.ConfigFileError as e:
+    raise ValueError(f"{what}: {e.why}") from None
+  except OSError as e:
+    raise OSError(f"{what}: {e.strerror or e}") from None
+
+
+def load_tokenizer(flag: str | None, cfg):
+  """--tokenizer's tokenizer when given (errors name the flag), else the config's data.tokenizer."""
+  from moba_jax import tokenizer
+
+  if not flag:
+    return tokenizer.load(cfg.data.tokenizer)
+  try:
+    return tokenizer.load(flag)
+  except ValueError as e:
+    raise ValueError(f"--tokenizer {str(e).removeprefix('data.tokenizer=')}") from None
+
+
 def checkpoint_config(ckpt_dir: Path, run_dir: Path | None, config_file: str | None, overrides):
-  """The checkpoint's config with `overrides` applied, validated (ValueError naming the key)."""
+  """The checkpoint's config with `overrides` applied, validated (ValueError naming the key): the
+  file `config_file` when given (--config, in place of the saved one), else the run's config.toml,
+  else the one in the newest step's metadata."""
   from moba_jax import config as config_lib
   from moba_jax import train
 
@@ -77,10 +106,11 @@ def checkpoint_config(ckpt_dir: Path, run_dir: Path | None, config_file: str | N
   for item in overrides:
     if config_lib.parse_override(item)[0] in shape_keys:
       raise ValueError(f"--set {item}: that key fixes the shapes of the checkpoint's parameters")
-  if config_file is None and run_dir is not None and (run_dir / rundir.CONFIG).is_file():
-    config_file = str(run_dir / rundir.CONFIG)
   if config_file is not None:
-    return train.validate(config_lib.load_config(config_file, overrides))
+    return train.validate(_load_config_file(config_file, overrides, f"--config {config_file!r}"))
+  if run_dir is not None and (run_dir / rundir.CONFIG).is_file():
+    path = str(run_dir / rundir.CONFIG)
+    return train.validate(_load_config_file(path, overrides, path))
   saved = _saved_config_dict(ckpt_dir)
   if saved is None:
     raise ValueError(f"{ckpt_dir} has no saved config (no {rundir.CONFIG} beside it, none in its "
@@ -250,7 +280,6 @@ def check_text_model(cfg, tok=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   from moba_jax import inspect as insp
-  from moba_jax import tokenizer
 
   try:
     args = parser().parse_args(argv)
@@ -258,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir, run_dir = insp.resolve_dirs(args.checkpoint)
     latest_step(ckpt_dir)
     cfg = checkpoint_config(ckpt_dir, run_dir, args.config, args.set)
-    tok = tokenizer.load(args.tokenizer or cfg.data.tokenizer)
+    tok = load_tokenizer(args.tokenizer, cfg)
     check_text_model(cfg, tok)
     encoded = encode_all(prompts, cfg.train.seq_len, tok)
     from moba_jax.train import check_attention_runs_here

@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     exp, source = load_experiment(name, pos + _flag_overrides(args))
     corpus_fingerprints(exp)  # a bad data.path fails here, before any run starts
+    check_runs(exp, trains_here=not args.dry_run and (exp.grid.workers == 1 or args.worker))
     if not args.dry_run:
       rundir.make_writable_dir(exp.grid.out_dir, "grid.out_dir")
   except (ValueError, OSError) as e:
@@ -434,6 +435,23 @@ def main(argv: list[str] | None = None) -> int:
   train.maybe_initialize_distributed()  # multi-host pods / SLURM: before any device is touched
   enable_jax_cache(exp)
   return run_grid(exp, source, progress=progress, worker=args.worker)
+
+
+def check_runs(exp: ExperimentConfig, trains_here: bool) -> None:
+  """ValueError naming the stage and key where a selected run could not start, before any run
+  does: its train.init_from (a run of this model shape; the grid's own stage 1 may not exist
+  yet) and, in a process that trains (not a pool's parent, which touches no device), each
+  layer's kernel on this platform."""
+  from moba_jax import train
+
+  pre, runs = plan(exp)
+  for spec in select(exp, pre, runs):
+    try:
+      train.check_init_from(spec.cfg, must_exist=not (pre is not None and spec.stage == "sft"))
+      if trains_here:
+        train.check_attention_runs_here(spec.cfg)
+    except ValueError as e:
+      raise ValueError(f"{spec.name}: {e}") from None
 
 
 def experiment_path(name: str | None) -> str:

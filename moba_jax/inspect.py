@@ -24,9 +24,13 @@ PARAM_ROOTS = ("params", "model")  # arrays under these names count as parameter
 
 def resolve_dirs(path: str | Path) -> tuple[Path, Path | None]:
   """(checkpoints dir, run dir or None) for a run dir or a checkpoints dir."""
+  given = str(path)
   p = Path(path).resolve()
+  if not p.exists():
+    raise FileNotFoundError(f"checkpoint dir {given!r} does not exist")
   if not p.is_dir():
-    raise FileNotFoundError(f"checkpoint dir {str(p)!r} does not exist")
+    raise NotADirectoryError(f"checkpoint dir {given!r} is not a directory (give a run dir or "
+                             "its checkpoints/ dir)")
   if (p / rundir.CHECKPOINTS).is_dir():
     return p / rundir.CHECKPOINTS, p
   parent = p.parent
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     info = inspect_checkpoints(args.checkpoint_dir, args.step)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, NotADirectoryError, ValueError) as e:
     print(f"moba-jax inspect: {e}", file=sys.stderr)
     return 2
   if args.verify:

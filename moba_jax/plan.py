@@ -91,6 +91,11 @@ def _plan(name, overrides, args) -> int:
                      f"{list(exp.grid.only)}{why})")
   import jax
 
+  for spec in specs:  # every run's mistakes before the first one lowers
+    try:
+      _setup(spec.cfg, args.mesh_devices, args.platform)
+    except ValueError as e:
+      raise ValueError(f"{spec.name}: {e}") from None
   print(f"plan: {source} on {args.mesh_devices} fake {jax.default_backend()} devices, lowered "
         f"for {args.platform} (jax {jax.__version__})", flush=True)
   for i, spec in enumerate(specs, 1):
@@ -205,20 +210,30 @@ def _kernel_summary(names: list[str]) -> str:
   return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "none"
 
 
+def _setup(cfg, n_devices: int, platform: str):
+  """(mesh, rules, cfg with "auto" resolved on `platform`) of one run, checked: the batch over
+  the mesh, the config (ValueError naming the key)."""
+  import jax
+
+  from moba_jax import sharding as shd
+  from moba_jax import train
+
+  mesh = shd.make_mesh(cfg.mesh, jax.devices()[:n_devices])
+  rules = shd.rules_from_config(cfg.mesh)
+  check_batch_rules(cfg, mesh, rules)
+  return mesh, rules, train.validate(on_platform(cfg, platform))
+
+
 def plan_run(cfg, n_devices: int, platform: str = "tpu", *, compile_memory: bool = True,
              replicated_bytes: int = 2**20) -> list[str]:
   """The plan of one run config on the first n_devices devices -> printable lines."""
-  import jax
 
   from moba_jax import sharding as shd
   from moba_jax import train
   from moba_jax.kernels import _routing as rt
   from moba_jax.kernels import moba_tpu
 
-  mesh = shd.make_mesh(cfg.mesh, jax.devices()[:n_devices])
-  rules = shd.rules_from_config(cfg.mesh)
-  check_batch_rules(cfg, mesh, rules)
-  cfg = train.validate(on_platform(cfg, platform))
+  mesh, rules, cfg = _setup(cfg, n_devices, platform)
   lines = [f"mesh: {_mesh_str(mesh)}; batch {cfg.train.batch_size} x {cfg.train.seq_len}",
            f"attention: {train.attention_plan(cfg)}"]
   t0 = time.perf_counter()

@@ -388,20 +388,50 @@ def check_resumable(cfg: Config) -> None:
   ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
   if not (os.path.isfile(path) and os.path.isdir(ckdir) and os.listdir(ckdir)):
     return
-  import tomllib
-
-  try:
-    with open(path, "rb") as f:
-      saved = tomllib.load(f).get("model", {})
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} does not load ({e}); use another run_dir, or --fresh") from None
-  defaults = type(cfg.model)()
-  diff = [f"model.{k}: {saved.get(k, getattr(defaults, k))!r} there, {getattr(cfg.model, k)!r} now"
-          for k in SHAPE_KEYS if saved.get(k, getattr(defaults, k)) != getattr(cfg.model, k)]
+  diff = _shape_diff(path, cfg.model, "use another run_dir, or --fresh")
   if diff:
     raise ValueError(f"run_dir={cfg.run_dir!r} holds checkpoints of another model shape "
                      f"({'; '.join(diff)}); use a new run_dir, or pass --fresh to start this one "
                      "over (its checkpoints and metrics are deleted)")
+
+
+def _shape_diff(config_path: str, model, advice: str) -> list[str]:
+  """The parameter-shape keys (SHAPE_KEYS) where the config file's [model] differs from `model`,
+  as "model.KEY: THERE there, NOW now"."""
+  import tomllib
+
+  try:
+    with open(config_path, "rb") as f:
+      saved = tomllib.load(f).get("model", {})
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{config_path} does not load ({e}); {advice}") from None
+  defaults = type(model)()
+  return [f"model.{k}: {saved.get(k, getattr(defaults, k))!r} there, {getattr(model, k)!r} now"
+          for k in SHAPE_KEYS if saved.get(k, getattr(defaults, k)) != getattr(model, k)]
+
+
+def check_init_from(cfg: Config, *, must_exist: bool = True) -> None:
+  """ValueError naming train.init_from where it is not a directory (must_exist: a grid checks its
+  own stage 1's before that has run with False) or where the run it names saved a config of
+  another model shape: its parameters would restore at no step."""
+  path = cfg.train.init_from
+  if not path:
+    return
+  if not os.path.isdir(path):
+    if must_exist:
+      raise ValueError(f"train.init_from={path!r}: no such directory (a run dir, or its "
+                       f"{rundir.CHECKPOINTS}/ dir)")
+    return
+  run_dir = os.path.normpath(path)
+  if os.path.basename(run_dir) == rundir.CHECKPOINTS:
+    run_dir = os.path.dirname(run_dir)
+  saved = os.path.join(run_dir, rundir.CONFIG)
+  if not os.path.isfile(saved):
+    return  # a bare checkpoints dir: the restore finds out
+  diff = _shape_diff(saved, cfg.model, "give train.init_from a run of this model")
+  if diff:
+    raise ValueError(f"train.init_from={path!r} is a run of another model shape "
+                     f"({'; '.join(diff)}): give a run of this model, or this model its shape")
 
 
 def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
@@ -432,6 +462,9 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
       if fresh:
         rundir.clear(cfg.run_dir)
       check_resumable(cfg)
+      ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
+      if not (os.path.isdir(ckdir) and os.listdir(ckdir)):  # init_from starts a new run only
+        check_init_from(cfg)
       save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
       return _run(cfg, progress, pre)
 
@@ -560,6 +593,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   path = argv[0] if argv and "=" not in argv[0] else None
   overrides = argv[1:] if path else argv
   try:
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:
+      raise ValueError(f"unknown option {unknown[0]!r}; the options are --fresh and --help, the "
+                       "rest [CONFIG.toml] key=value ...")
+    if path and not os.path.isfile(path):
+      what = "a directory" if os.path.isdir(path) else "no such file"
+      raise ValueError(f"{path!r} is not a config file ({what}); the first argument may be a "
+                       "TOML or JSON file, the others look like key=value")
     cfg = validate(load_config(path, overrides))
     if path and "grid" in read_file(path):
       print(f"moba-jax train: note: {path} is an experiment; training its run config (its [grid] "

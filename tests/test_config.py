@@ -82,13 +82,35 @@ def test_experiment_errors_name_the_key(override, needle):
     ("train.batch_size=3", None),  # fine on its own
     ("moba.tiles=[128, 128, 128, 0, 256]", None),  # 0: a field's own value (a TPU window: auto)
     ("moba.tiles=[128, -1]", "moba.tiles[]=-1 must be an integer >= 0"),
+    ("model.head_dim=15", "model.head_dim=15 must be even"),
+    ("train.profile_steps=1", None),  # starts at step 3 of 60
+    ("train.profile_start=100", None),  # no profile asked for
+    (("train.profile_steps=2", "train.profile_start=61"), "train.profile_start=61 must be <= "),
+    ("data.path=/x.jsonl", "data.path='/x.jsonl' applies to data.task='corpus', not "
+                           "'kv_retrieval'"),
 ])
 def test_errors_name_the_key_and_range(override, needle):
+  overrides = [override] if isinstance(override, str) else list(override)
   if needle is None:
-    train.validate(C.load_config(None, [override]))
+    train.validate(C.load_config(None, overrides))
     return
   with pytest.raises(ValueError) as e:
-    train.validate(C.load_config(None, [override]))
+    train.validate(C.load_config(None, overrides))
+  assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("bad.toml", "[train]\nsteps = \n", "bad.toml: not valid TOML ("),
+    ("bad.toml", b"[train]\nsteps = '\xff'\n", "bad.toml: not valid TOML ("),
+    ("bad.json", "{\"train\": ", "bad.json: not valid JSON ("),
+    ("bad.json", "[1]", "bad.json: not a JSON table of config sections"),
+    ("sect.toml", "train = [1, 2]\n", "train=[1, 2] is a section"),
+])
+def test_a_config_file_that_does_not_parse_is_named(tmp_path, name, text, needle):
+  path = tmp_path / name
+  path.write_bytes(text if isinstance(text, bytes) else text.encode())
+  with pytest.raises(ValueError) as e:
+    C.load_config(str(path), ["train.batch_size=2"])
   assert needle in str(e.value)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,88 @@ def test_cli_jsonl_missing_file(tmp_path, capsys):
   assert data_cli.main(["jsonl", str(tmp_path), str(tmp_path / "out")]) == 2
   assert "is a directory" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+
+
+def _jsonl(tmp_path):
+  path = tmp_path / "docs.jsonl"
+  path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20)))
+  return path
+
+
+def test_cli_force_replaces_only_a_corpus_directory(tmp_path, capsys, monkeypatch):
+  """--force on a directory that is not a corpus: one line, exit 2, nothing read or deleted."""
+  path = _jsonl(tmp_path)
+  precious = tmp_path / "precious"
+  precious.mkdir()
+  (precious / "notes.txt").write_text("keep me\n")
+  read = []
+  monkeypatch.setattr(corpus, "_write_docs", lambda *a: read.append(a))  # nothing is built
+  for force in (["--force"], []):
+    assert data_cli.main(["jsonl", str(path), str(precious), *force]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moba-jax data: {str(precious)!r} is not a "
+                                               "corpus directory (no manifest.json"), err
+  assert not read and [p.name for p in precious.iterdir()] == ["notes.txt"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "precious"]
+  monkeypatch.undo()
+  out = tmp_path / "out"
+  assert data_cli.main(["jsonl", str(path), str(out), "--heldout", "0.3"]) == 0
+  first = corpus.open_dir(out).fingerprint
+  path.write_text(path.read_text() + json.dumps({"text": "one more"}) + "\n")
+  assert data_cli.main(["jsonl", str(path), str(out), "--heldout", "0.3", "--force"]) == 0
+  assert corpus.open_dir(out).fingerprint != first  # a corpus directory is still replaced
+  (tmp_path / "empty").mkdir()
+  assert data_cli.main(["jsonl", str(path), str(tmp_path / "empty"), "--heldout", "0.3",
+                        "--force"]) == 0
+  capsys.readouterr()
+
+
+@pytest.mark.parametrize("out, force, message", [
+    ("afile/sub", [], "'afile/sub': 'afile' is not a directory"),
+    ("afile/sub/deeper", ["--force"], "'afile/sub/deeper': 'afile' is not a directory"),
+    ("afile", ["--force"], "'afile' is not a directory"),
+    ("afile", [], "'afile' is not a directory"),
+])
+def test_cli_out_under_a_file_is_named_before_building(tmp_path, capsys, monkeypatch, out, force,
+                                                       message):
+  path = _jsonl(tmp_path)
+  (tmp_path / "afile").write_text("a file\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(corpus, "_write_docs", lambda *a: pytest.fail("built a corpus"))
+  assert data_cli.main(["jsonl", str(path), out, *force]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"moba-jax data: {message}; give a new path for the corpus directory"
+                 if out == "afile" else f"moba-jax data: {message}"], err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "docs.jsonl"]
+  assert (tmp_path / "afile").read_text() == "a file\n"
+
+
+def test_cli_info_names_the_path_as_given(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "afile").write_text("x\n")
+  for given, why in (("./nope/", "no such directory"), ("afile", "not a directory")):
+    assert data_cli.main(["info", given]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moba-jax data: {given!r}: {why} ("), err
+    assert "data.path" not in err[0]
+
+
+def test_default_code_corpus_rebuilds_its_own_broken_cache_entry(tmp_path, monkeypatch, capsys):
+  """The cache's corpus without a manifest (an old broken build) is rebuilt, not refused."""
+  std = tmp_path / "std"
+  std.mkdir()
+  names = [f"m{i:03d}.py" for i in range(60)]
+  assert any(heldout(f"stdlib/{n}", 0.05) for n in names)  # both splits have a document
+  for i, name in enumerate(names):
+    (std / name).write_text(f"X = {i}\n")
+  monkeypatch.setattr(corpus, "stdlib_dir", lambda: std)
+  monkeypatch.setenv("MOBA_JAX_CACHE", str(tmp_path / "cache"))
+  broken = tmp_path / "cache" / "corpora" / f"python{sys.version.split()[0]}-stdlib"
+  broken.mkdir(parents=True)
+  (broken / "train.array_record").write_bytes(b"half")
+  assert corpus.default_code_corpus() == broken
+  assert corpus.open_dir(broken).manifest["documents"] == 60
+  assert "building the code corpus" in capsys.readouterr().err
 
 
 def test_jsonl_split_does_not_depend_on_the_file_location(tmp_path):

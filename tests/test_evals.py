@@ -4,6 +4,7 @@ decode modes agree on a real tiny model, results are written consistently, error
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -246,6 +247,75 @@ def test_models_without_byte_level_text(run_dir, tmp_path, capsys, lines, args, 
   assert evals.main([str(run_dir), "--config", str(config), *args]) == 2
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.fixture()
+def nothing_runs(monkeypatch):
+  """Mistakes are reported before any weights are read or any prompt is scored."""
+  monkeypatch.setattr(gen, "load_model", lambda *a: pytest.fail("read the weights"))
+  monkeypatch.setattr(evals, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+
+
+def one_line(capsys) -> str:
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  return err[0]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("afile", "--out 'afile' is not a directory"),
+    ("afile/sub", "--out 'afile/sub': 'afile' is not a directory"),
+    ("afile/sub/deeper", "--out 'afile/sub/deeper': 'afile' is not a directory"),
+])
+def test_a_bad_out_is_named_before_anything_runs(run_dir, tmp_path, capsys, monkeypatch,
+                                                 nothing_runs, out, message):
+  (tmp_path / "afile").write_text("keep\n")
+  monkeypatch.chdir(tmp_path)
+  argv = [str(run_dir), "--samples", "1", "--lengths", "128", "--depths", "0.5", "--haystack",
+          "synthetic", "--out", out]
+  assert evals.main(argv) == 2
+  assert one_line(capsys).startswith(f"moba-jax eval: {message}")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+  assert (tmp_path / "afile").read_text() == "keep\n"
+
+
+def test_a_bad_default_out_is_named(run_dir, tmp_path, capsys, nothing_runs):
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  (run / "eval_passkey").write_text("a file\n")
+  assert evals.main([str(run), "--haystack", "synthetic"]) == 2
+  assert one_line(capsys) == (f"moba-jax eval: the default --out {str(run / 'eval_passkey')!r} "
+                              "is not a directory (the results are files in it)")
+
+
+@pytest.mark.parametrize("haystack, why", [
+    ("nope", "no such file or directory"),
+    ("nope.jsonl", "no such file or directory"),
+    ("adir", "not a corpus directory (no manifest.json in it)"),
+    ("afile.txt", "a file not ending in .jsonl"),
+])
+def test_a_bad_haystack_lists_the_accepted_forms(run_dir, tmp_path, capsys, monkeypatch,
+                                                 nothing_runs, haystack, why):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "adir").mkdir()
+  (tmp_path / "afile.txt").write_text("text\n")
+  assert evals.main([str(run_dir), "--haystack", haystack]) == 2
+  err = one_line(capsys)
+  assert err.startswith(f"moba-jax eval: --haystack {haystack!r}: {why}; it takes "), err
+  for form in ("corpus", "synthetic", "a corpus directory", "a .jsonl file"):
+    assert form in err
+
+
+def test_a_corrupt_saved_config_is_named(run_dir, tmp_path, capsys, nothing_runs):
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  (run / "config.toml").write_text("model vocab_size = 1\n")
+  assert evals.main([str(run), "--haystack", "synthetic"]) == 2
+  assert one_line(capsys).startswith(f"moba-jax eval: {run / 'config.toml'}: not valid TOML (")
+
+
+def test_config_help_says_it_replaces_the_saved_config():
+  assert "in place of" in evals.parser().format_help()
 
 
 def test_missing_checkpoint(tmp_path, capsys):

@@ -94,6 +94,63 @@ def test_missing_checkpoint(tmp_path, capsys):
   assert "no complete checkpoint step" in capsys.readouterr().err
 
 
+@pytest.fixture()
+def no_weights(monkeypatch):
+  """Mistakes are reported before any weights are read."""
+  monkeypatch.setattr(gen, "load_model", lambda *a: pytest.fail("read the weights"))
+
+
+def one_line(capsys) -> str:
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  return err[0]
+
+
+def test_a_bad_tokenizer_names_the_flag(run_dir, capsys, no_weights):
+  assert gen.main([str(run_dir), "--prompt", "hi", "--tokenizer", "/nonexistent"]) == 2
+  err = one_line(capsys)
+  assert err.startswith("moba-jax generate: --tokenizer '/nonexistent': no such file"), err
+  assert "data.tokenizer" not in err
+
+
+@pytest.mark.parametrize("name, data", [
+    ("config.toml", b"[model\nvocab = 1\n"),
+    ("config.toml", b"model vocab_size = 1\n"),
+    ("config.toml", b"\xff\xfe = 1\n"),
+])
+def test_a_corrupt_saved_config_is_named(run_dir, tmp_path, capsys, no_weights, name, data):
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  (run / name).write_bytes(data)
+  assert gen.main([str(run), "--prompt", "hi"]) == 2
+  err = one_line(capsys)
+  assert err.startswith(f"moba-jax generate: {run / name}: not valid TOML ("), err
+
+
+def test_config_is_used_in_place_of_the_saved_one(run_dir, tmp_path, capsys, no_weights):
+  """--config replaces the run's config.toml (the help says so); its mistakes name the flag."""
+  assert "in place of" in gen.parser().format_help()
+  config = tmp_path / "exp.toml"
+  config.write_text((run_dir / "config.toml").read_text() + "\n")
+  config.write_text(config.read_text().replace("topk = 2", "topk = 0"))
+  assert "topk = 0" in config.read_text()
+  assert gen.main([str(run_dir), "--prompt", "hi", "--config", str(config)]) == 2
+  assert "moba.topk=0" in one_line(capsys)
+  config.write_text("[model\n")
+  assert gen.main([str(run_dir), "--prompt", "hi", "--config", str(config)]) == 2
+  assert one_line(capsys).startswith(f"moba-jax generate: --config {str(config)!r}: not valid "
+                                     "TOML (")
+  assert gen.main([str(run_dir), "--prompt", "hi", "--config", str(tmp_path / "none.toml")]) == 2
+  assert one_line(capsys) == (f"moba-jax generate: --config {str(tmp_path / 'none.toml')!r}: "
+                              "No such file or directory")
+
+
+def test_a_file_as_checkpoint_is_not_a_directory(tmp_path, capsys):
+  (tmp_path / "afile").write_text("x\n")
+  assert gen.main([str(tmp_path / "afile"), "--prompt", "a"]) == 2
+  assert "is not a directory" in one_line(capsys)
+
+
 def test_printer_keeps_prompt_order():
   out = io.StringIO()
   printer = gen.Printer(2, out)

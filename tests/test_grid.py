@@ -128,6 +128,24 @@ def test_bad_grid_values_named(tiny_toml, override, needle, capsys):
   assert needle in capsys.readouterr().err
 
 
+def test_runs_that_could_not_start_are_named_before_any_runs(tiny_toml, ran_grid, tmp_path,
+                                                             capsys):
+  """Before any run: grid.init_from that is missing or a run of another model shape, and a
+  kernel this platform cannot run (the sequential grid trains here), name the stage and key."""
+  pre_run = str(ran_grid[0] / "pretrain")  # d_model 16
+  for overrides, needle in (
+      (["grid.init_from=/nonexistent"], "sft moba seed 0: train.init_from='/nonexistent': no such"),
+      ([f"grid.init_from={pre_run}", "model.d_model=32"],
+       "is a run of another model shape (model.d_model: 16 there, 32 now)"),
+      (["grid.sft.moba.implementation=pallas_gpu"],
+       "sft moba seed 0: moba.implementation='pallas_gpu'")):
+    argv = [tiny_toml, f"out_dir={tmp_path / 'g'}", *overrides, "--no-progress"]
+    assert grid.main(argv) == 2, overrides
+    err = capsys.readouterr().err
+    assert err.startswith("moba-jax grid: ") and needle in err and err.count("\n") == 1, err
+  assert not (tmp_path / "g" / "pretrain").exists()  # nothing ran
+
+
 def test_cli_flags_and_dry_run(tiny_toml, tmp_path, capsys):
   assert grid.main([tiny_toml, "--variant", "all", f"out_dir={tmp_path}", "--seed", "0",
                     "--dry-run"]) == 0  # flags and key=value overrides intermixed

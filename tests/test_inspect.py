@@ -77,6 +77,15 @@ def test_bad_step_and_dir(orbax_dir, capsys):
   assert insp.main([str(orbax_dir / "nope")]) == 2
 
 
+def test_a_file_or_missing_path_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "afile").write_text("not a checkpoint\n")
+  for given, why in (("afile", "is not a directory"), ("nope", "does not exist")):
+    assert insp.main([given]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moba-jax inspect: checkpoint dir {given!r} {why}")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   """A real (tiny) training run: checkpoints at steps 1 and 2 saved by moba_jax.train."""

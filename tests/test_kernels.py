@@ -240,6 +240,195 @@ def test_bench_arguments_are_one_line_errors(argv, match, capsys):
   assert match in err and err.startswith("moba-jax bench: ") and err.count("\n") == 1, err
 
 
+BENCH_SMALL = ["--seqs", "256", "--configs", "64:2", "--heads", "2", "--dim", "16", "--repeats",
+               "1"]
+THIRTEEN = ",".join(["64"] * 13)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--repeats", "0"], "argument --repeats: '0' must be an integer >= 1"),
+    (["--repeats", "-1"], "argument --repeats: '-1' must be an integer >= 1"),
+    (["--warmup", "-1"], "argument --warmup: '-1' must be an integer >= 0"),
+    (["--pipeline", "0"], "argument --pipeline: '0' must be an integer >= 1"),
+    (["--heads", "0"], "argument --heads: '0' must be an integer >= 1"),
+    (["--kv-heads", "0"], "argument --kv-heads: '0' must be an integer >= 1"),
+    (["--heads", "3", "--kv-heads", "2"], "--heads=3 must be divisible by --kv-heads=2"),
+    (["--dim", "-16"], "argument --dim: '-16' must be an integer >= 1"),
+    (["--batch", "0"], "argument --batch: '0' must be an integer >= 1"),
+    (["--docs", "1000"], "--docs=1000 must be at most the shortest sequence length (--seqs), 256"),
+    (["--tiles", "bad"], "argument --tiles/--gpu-block-sizes: 'bad' must be integers >= 0"),
+    (["--impls", "pallas_gpu", "--tiles", "64,,64"], "'64,,64' must be integers >= 0"),
+    (["--impls", "xla", "--tiles", "64,64"],
+     "--tiles '64,64' sets the tiles of the pallas_gpu and pallas_tpu rows, and --impls 'xla' "
+     "has none"),
+    (["--impls", "pallas_gpu", "--tiles", THIRTEEN], "gives more than moba_gpu's 12 tile fields"),
+    (["--impls", "pallas_gpu", "--tiles", "128,64,64,64,4,3,4,3"],
+     "--tiles '128,64,64,64,4,3,4,3': pallas_gpu: mosaic_block_kv=3 must be one of [0, 64, 128]"),
+    (["--impls", "pallas_tpu", "--tiles", "100"],
+     "--tiles '100': pallas_tpu: moba_tpu block_q=100"),
+    (["--json", "{tmp}/afile/rows.json"],
+     "--json '{tmp}/afile/rows.json': {tmp}/afile is not a directory"),
+    (["--json", "{tmp}/afile/sub/rows.json"], "{tmp}/afile is not a directory"),
+    (["--json", "{tmp}"], "--json '{tmp}': is a directory, not a file"),
+    (["--breakdown", "--impls", "xla"], "--breakdown times pallas_gpu's stages only, not --impls "
+     "'xla'"),
+    (["--breakdown", "--impls", "pallas_gpu,cudnn"], "not --impls 'pallas_gpu,cudnn'"),
+    (["--breakdown", "--docs", "2"], "--breakdown times one document per row, not --docs 2"),
+    (["--breakdown"], "--breakdown times pallas_gpu's compiled kernels and needs a GPU; this "
+     "process runs on cpu"),
+    (["--decode", "--bandwidth", "-1"], "argument --bandwidth: '-1' must be a finite number >= 1"),
+    (["--decode", "--bandwidth", "0"], "argument --bandwidth: '0' must be a finite number"),
+    (["--decode", "--max-bytes", "-1"], "argument --max-bytes: '-1' must be a finite number"),
+    (["--decode", "--repeats", "0"], "argument --repeats: '0' must be an integer >= 1"),
+    (["--decode", "--warmup", "-1"], "argument --warmup: '-1' must be an integer >= 0"),
+    (["--decode", "--inner", "0"], "argument --inner: '0' must be an integer >= 1"),
+    (["--decode", "--kv-heads", "0"], "argument --kv-heads: '0' must be an integer >= 1"),
+    (["--decode", "--heads", "3", "--kv-heads", "2"],
+     "--heads=3 must be divisible by --kv-heads=2"),
+    (["--decode", "--json", "{tmp}/afile/rows.json"], "{tmp}/afile is not a directory"),
+])
+def test_bench_mistakes_are_refused_before_any_row_runs(argv, match, tmp_path, capsys,
+                                                        monkeypatch):
+  """A flag's bad value, flags that do not go together, a --json path that cannot take the rows:
+  `moba-jax bench: ...` naming the flag and its value in one line, exit 2, before anything is
+  compiled or timed (here every way a row or a timing starts fails the test), in both modes."""
+  from moba_jax import bench, bench_decode, cli
+  (tmp_path / "afile").write_text("")  # a regular file where --json wants a directory
+  ran = lambda *a, **kw: pytest.fail("a row ran before the mistake was refused")
+  for module, name in ((bench, "bench_one"), (bench, "breakdown"), (bench, "make_fn"),
+                       (bench, "time_ms"), (bench_decode, "bench_attention"),
+                       (bench_decode, "bench_model"), (bench_decode, "time_ms")):
+    monkeypatch.setattr(module, name, ran)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # --breakdown's platform, anywhere
+  tmp = lambda text: text.replace("{tmp}", str(tmp_path))
+  base = [] if "--decode" in argv else BENCH_SMALL
+  assert cli.main(["bench", *base, *map(tmp, argv)]) == 2
+  out, err = capsys.readouterr()
+  assert err.startswith("moba-jax bench: ") and err.count("\n") == 1, err
+  assert tmp(match) in err, err
+  assert "device:" not in out  # refused before the run's first line
+  assert [p.name for p in tmp_path.rglob("*")] == ["afile"]  # nothing written or made
+
+
+def test_bench_tiles_help_and_checks_follow_the_block_sizes_fields(capsys):
+  """--tiles' help lists each kernel's BlockSizes fields, all of them, from the dataclasses; any
+  leading run of them is accepted (the rest at their defaults), one more is refused."""
+  import dataclasses
+  from moba_jax import bench, cli
+  from moba_jax.kernels import moba_gpu, moba_tpu
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  for impl, cls in (("pallas_gpu", moba_gpu.BlockSizes), ("pallas_tpu", moba_tpu.BlockSizes)):
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert f"{impl} ({len(names)}): {', '.join(names)}" in text
+  assert "mosaic_overlap_block" in text and "needs a GPU" in text
+  d = moba_gpu.BlockSizes()
+  values = [d.num_warps if v is None else v for v in dataclasses.astuple(d)]
+  for n in range(1, len(values) + 1):
+    tiles = ",".join(map(str, values[:n]))
+    assert bench.parse_args(["--impls", "pallas_gpu,xla", "--tiles", tiles]).tiles == tiles
+  with pytest.raises(cli.UsageError, match="more than moba_gpu's 12 tile fields"):
+    bench.parse_args(["--impls", "pallas_gpu", "--tiles", ",".join(map(str, values + [1]))])
+  tpu = moba_tpu.BlockSizes()
+  assert bench.parse_args(["--impls", "pallas_tpu", "--tiles", ",".join(
+      map(str, dataclasses.astuple(tpu)))]).impls == "pallas_tpu"
+
+
+def test_bench_exits_1_when_a_row_fails(tmp_path, capsys, monkeypatch):
+  """A row that fails at run time (an OOM, a kernel this platform cannot run) is recorded in its
+  row and the others still run; the command then exits 1 and its last stderr line says so."""
+  from moba_jax import bench
+  real = bench.bench_one
+
+  def flaky(args, impl, *case):
+    if impl == "pallas_gpu":
+      raise ValueError("Only interpret mode is supported on CPU backend.")
+    return real(args, impl, *case)
+
+  monkeypatch.setattr(bench, "bench_one", flaky)
+  out = tmp_path / "new" / "rows.json"  # a directory made at the end
+  assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
+                     "--impls", "pallas_gpu,xla", "--repeats", "1", "--warmup", "0", "--no-bwd",
+                     "--json", str(out)]) == 1
+  failed, timed = json.loads(out.read_text())
+  assert "Only interpret mode" in failed["error"] and timed["fwd_ms"] > 0
+  assert capsys.readouterr().err == ("moba-jax bench: 1 of 2 rows failed (their errors are in the "
+                                     "rows above)\n")
+
+
+def test_bench_breakdown_takes_pallas_gpu_and_records_a_failed_row(tmp_path, capsys,
+                                                                  monkeypatch):
+  """--breakdown without --impls times pallas_gpu (on a GPU: faked here); a row that fails is
+  recorded and the others run; exit 1."""
+  from moba_jax import bench
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  seen = []
+
+  def fake(args, seq, block, topk):
+    seen.append((args.impls, seq))
+    if seq == 512:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return dict(impl="pallas_gpu/breakdown", seq=seq, block=block, topk=topk)
+
+  monkeypatch.setattr(bench, "breakdown", fake)
+  out = tmp_path / "rows.json"
+  assert bench.main(["--breakdown", "--seqs", "256,512", "--configs", "64:2", "--json",
+                     str(out)]) == 1
+  assert seen == [("pallas_gpu", 256), ("pallas_gpu", 512)]
+  ok, failed = json.loads(out.read_text())
+  assert ok == dict(impl="pallas_gpu/breakdown", seq=256, block=64, topk=2)
+  assert failed["seq"] == 512 and "out of memory" in failed["error"]
+  assert capsys.readouterr().err == ("moba-jax bench: 1 of 2 rows failed (their errors are in the "
+                                     "rows above)\n")
+
+
+def test_bench_decode_writes_its_rows_atomically_and_exits_1_on_a_failed_row(tmp_path, capsys,
+                                                                              monkeypatch):
+  """bench --decode writes --json as bench does (rundir.atomic_write: its directory made, no
+  temporary file left) and, as bench, exits 1 with one stderr line when a row failed."""
+  from moba_jax import bench, bench_decode, rundir
+  writes, real_write = [], rundir.atomic_write
+  monkeypatch.setattr(rundir, "atomic_write", lambda *a: writes.append(a[0]) or real_write(*a))
+
+  def fake(args, batch, cache):
+    if cache == 512:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return [dict(kind="attention", impl="full", batch=batch, cache=cache, ms=1.0,
+                 tokens_per_s=1e3)]
+
+  monkeypatch.setattr(bench_decode, "bench_attention", fake)
+  out = tmp_path / "new" / "decode.json"
+  argv = ["--decode", "--caches", "256,512", "--batches", "1", "--json", str(out)]
+  assert bench.main(argv) == 1
+  assert writes == [str(out)] and [p.name for p in out.parent.iterdir()] == ["decode.json"]
+  ok, failed = json.loads(out.read_text())
+  assert ok["cache"] == 256 and "out of memory" in failed["error"]
+  assert capsys.readouterr().err == ("moba-jax bench: 1 of 2 rows failed (their errors are in the "
+                                     "rows above)\n")
+  monkeypatch.setattr(bench_decode, "bench_attention", lambda a, b, c: fake(a, b, 256))
+  assert bench.main(argv) == 0 and capsys.readouterr().err == ""
+
+
+def test_bench_rows_that_cannot_be_written_at_the_end_are_one_line(tmp_path, capsys,
+                                                                   monkeypatch):
+  """The --json destination was fine at the start but the write fails at the end (the disk
+  filled): one stderr line, exit 1 (the rows are on stdout already)."""
+  import errno
+  from moba_jax import bench, bench_decode, rundir
+
+  def full(path, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(rundir, "atomic_write", full)
+  monkeypatch.setattr(bench_decode, "bench_attention", lambda args, batch, cache: [dict(
+      kind="attention", impl="full", batch=batch, cache=cache, ms=1.0, tokens_per_s=1e3)])
+  out = tmp_path / "decode.json"
+  assert bench.main(["--decode", "--caches", "256", "--batches", "1", "--json", str(out)]) == 1
+  assert capsys.readouterr().err == (f"moba-jax bench: --json {str(out)!r}: could not write the "
+                                     "rows (No space left on device); they are printed above\n")
+
+
 def test_profile_counts_device_stream_kernels_once(tmp_path):
   """tools/profile_gpu.py: kernels on the GPU's "Stream" lines, per step; the derived "XLA Ops"
   line of the same device and the host's events are not counted."""

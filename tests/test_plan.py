@@ -89,6 +89,16 @@ def test_plan_on_64_fake_devices(tmp_path):
     assert name in out
 
 
+def test_every_runs_mistake_is_named_before_the_first_lowers(tmp_path):
+  """Stage 1 fits the mesh, stage 2's batch does not: the plan stops before lowering either,
+  naming the run and the key."""
+  r = run_plan(tmp_path, 32, "--no-compile", "stage=all", "grid.sft.train.batch_size=48")
+  assert r.returncode == 2 and "[1/" not in r.stdout, (r.stdout, r.stderr)
+  assert r.stderr.startswith("moba-jax plan: sft hybrid-1 seed 0: train.batch_size=48 must be "
+                             "divisible by 32"), r.stderr
+  assert r.stderr.count("\n") == 1
+
+
 def test_batch_rule_error_names_the_rule():
   """In-process on an abstract mesh (the command prints it as one line and exits 2)."""
   mesh = jax.sharding.AbstractMesh((4, 8, 1, 2), config.MESH_AXES)

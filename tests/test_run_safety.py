@@ -265,7 +265,8 @@ def test_a_signal_while_the_interpreter_tears_down_keeps_the_exit_code():
 @pytest.mark.parametrize("argv", [
     ["report"], ["grid", "--bogus"], ["inspect", "x", "--step", "y"], ["data"], ["generate"],
     ["eval"], ["convert"], ["plan"], ["bench", "--seqs", "x"], ["bench", "--decode", "--caches", "x"],
-    ["bench", "--xla-option", "gpu_enable_command_buffer"],
+    ["bench", "--xla-option", "gpu_enable_command_buffer"], ["train", "--frsh"],
+    ["train", "train.steps", "5"], ["train", "model.head_dim=15"],
 ])
 def test_every_commands_argument_mistakes_are_one_line(argv, capsys):
   """Every subcommand's parser (cli.OneLineParser): a mistake is `moba-jax CMD: message` on one

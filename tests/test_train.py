@@ -206,10 +206,29 @@ def test_a_fresh_start_after_the_only_checkpoint_fails_reads_the_data_from_the_s
   data[len(data) // 2] ^= 0xFF
   blob.write_bytes(bytes(data))
   (run_dir / "metrics.jsonl").unlink()
-  with pytest.warns(ckpt.CheckpointWarning, match="a fresh start"):
+  with pytest.warns(ckpt.CheckpointWarning) as record:
     train.run(tiny(run_dir, *common), progress=False)
+  messages = " ".join(str(w.message) for w in record)
+  assert "a fresh start" in messages and "moved the unusable checkpoint step 3" in messages
   train.run(tiny(fresh, *common), progress=False)
   assert losses(run_dir) == losses(fresh)
+
+
+def test_init_from_a_run_of_another_shape_is_named_before_anything_runs(tmp_path):
+  """train.init_from naming a run of another model shape (or nothing) is a ValueError naming the
+  differing keys before the model is built; a run dir that resumes does not read it."""
+  src = tmp_path / "src"
+  train.run(tiny(src, "train.steps=1", "eval.batches=0"), progress=False)
+  with pytest.raises(ValueError, match=r"is a run of another model shape \(model.d_model: 32 "
+                                       r"there, 48 now; model.mlp_dim: 64 there, 96 now\)"):
+    train.run(tiny(tmp_path / "a", f"train.init_from={src / 'checkpoints'}",
+                   "model.d_model=48", "model.mlp_dim=96"), progress=False)
+  with pytest.raises(ValueError, match="train.init_from='/nonexistent': no such directory"):
+    train.run(tiny(tmp_path / "b", "train.init_from=/nonexistent"), progress=False)
+  assert not (tmp_path / "a" / "checkpoints").exists()
+  # a run dir with checkpoints resumes and never reads init_from
+  train.run(tiny(src, "train.steps=2", "eval.batches=0", "train.init_from=/nonexistent"),
+            progress=False)
 
 
 def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
