@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import statistics
 import sys
 import time
@@ -159,28 +158,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                  "must exist or be creatable: checked before any row runs)")
 
 
-def json_destination_error(path: str) -> str | None:
-  """Why the rows could not be written to `path` when the command ends (rundir.atomic_write:
-  a file beside it, then a rename; missing directories made), or None: checked before any row
-  runs, creating nothing."""
-  if os.path.isdir(path) or not os.path.basename(path):
-    return "is a directory, not a file"
-  existing = os.path.dirname(os.path.abspath(path))
-  while not os.path.lexists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    return f"{existing} is not a directory"
-  if not os.access(existing, os.W_OK | os.X_OK):
-    return f"{existing} is not writable"
-  return None
-
-
 def check_common(p: argparse.ArgumentParser, args) -> None:
   """The checks of add_common_args' flags that take more than one value: one-line errors
   (p.error: cli.UsageError) before anything compiles."""
   if args.kv_heads and args.heads % args.kv_heads:
     p.error(f"--heads={args.heads} must be divisible by --kv-heads={args.kv_heads}")
-  why = None if args.json is None else json_destination_error(args.json)
+  why = None if args.json is None else rundir.why_unwritable(args.json, directory=False)
   if why:
     p.error(f"--json {args.json!r}: {why}; it takes a file path whose directory exists or can "
             "be created")

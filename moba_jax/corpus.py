@@ -32,6 +32,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from moba_jax import rundir
+
 SPLITS = ("train", "heldout")
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -181,9 +183,9 @@ def check_out(out: str | os.PathLike, force: bool = False) -> None:
     if not force:
       raise CorpusError(f"{given!r} exists; pass --force to replace it")
     return
-  parent = next(p for p in out.parents if p.exists())  # '.' or '/' at the latest
-  if not parent.is_dir():
-    raise CorpusError(f"{given!r}: {str(parent)!r} is not a directory")
+  why = rundir.why_unwritable(out, directory=True)
+  if why:
+    raise CorpusError(f"{given!r}: {why}")
 
 
 def write(out: str | os.PathLike, docs: Iterable[Doc], meta: dict, heldout_frac: float,

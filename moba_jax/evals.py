@@ -40,7 +40,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -591,19 +590,11 @@ def plot(doc: dict) -> bytes:
 
 
 def check_out_dir(path: Path, what: str) -> Path:
-  """UsageError naming `what` and `path` unless the results can be written there: an existing
-  directory, or a new path whose nearest existing parent is a writable directory. Nothing is
-  created here."""
-  if path.exists():
-    if not path.is_dir():
-      raise UsageError(f"{what} {str(path)!r} is not a directory (the results are files in it)")
-    place = path
-  else:
-    place = next(p for p in path.parents if p.exists())  # '.' or '/' at the latest
-    if not place.is_dir():
-      raise UsageError(f"{what} {str(path)!r}: {str(place)!r} is not a directory")
-  if not os.access(place, os.W_OK | os.X_OK):
-    raise UsageError(f"{what} {str(path)!r}: {str(place)!r} is not writable")
+  """UsageError naming `what` and `path` unless the results can be written there
+  (rundir.why_unwritable; nothing created)."""
+  why = rundir.why_unwritable(path, directory=True)
+  if why:
+    raise UsageError(f"{what} {str(path)!r}: {why} (the results are files in it)")
   return path
 
 

@@ -76,6 +76,27 @@ def make_writable_dir(path: str | os.PathLike, key: str) -> Path:
   return path
 
 
+def why_unwritable(path: str | os.PathLike, *, directory: bool) -> str | None:
+  """Why `path` could not take what a command will write there at its end (a directory of
+  files when `directory`, else one file written by atomic_write), or None; creates nothing, so
+  a command checks its outputs before its work. The reason names the place as given: a file
+  where a directory must be (or the reverse), a parent that is a file, no write permission."""
+  p = Path(path)
+  if p.exists():
+    if directory and not p.is_dir():
+      return f"{str(p)!r} is not a directory"
+    if not directory and p.is_dir():
+      return f"{str(p)!r} is a directory, not a file"
+    place = p if directory else p.parent
+  else:
+    place = next(q for q in p.parents if q.exists())  # '.' or '/' at the latest
+    if not place.is_dir():
+      return f"{str(place)!r} is not a directory"
+  if not os.access(place, os.W_OK | os.X_OK):
+    return f"{str(place)!r} is not writable"
+  return None
+
+
 def read_json(path: str | os.PathLike) -> dict | None:
   """The JSON object in `path`, or None if it is missing or unreadable."""
   try:

@@ -263,7 +263,7 @@ def one_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("out, message", [
-    ("afile", "--out 'afile' is not a directory"),
+    ("afile", "--out 'afile': 'afile' is not a directory"),
     ("afile/sub", "--out 'afile/sub': 'afile' is not a directory"),
     ("afile/sub/deeper", "--out 'afile/sub/deeper': 'afile' is not a directory"),
 ])
@@ -284,8 +284,9 @@ def test_a_bad_default_out_is_named(run_dir, tmp_path, capsys, nothing_runs):
   shutil.copytree(run_dir, run)
   (run / "eval_passkey").write_text("a file\n")
   assert evals.main([str(run), "--haystack", "synthetic"]) == 2
-  assert one_line(capsys) == (f"moba-jax eval: the default --out {str(run / 'eval_passkey')!r} "
-                              "is not a directory (the results are files in it)")
+  where = repr(str(run / 'eval_passkey'))
+  assert one_line(capsys) == (f"moba-jax eval: the default --out {where}: {where} is not a "
+                              "directory (the results are files in it)")
 
 
 @pytest.mark.parametrize("haystack, why", [

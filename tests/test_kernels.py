@@ -267,9 +267,9 @@ THIRTEEN = ",".join(["64"] * 13)
     (["--impls", "pallas_tpu", "--tiles", "100"],
      "--tiles '100': pallas_tpu: moba_tpu block_q=100"),
     (["--json", "{tmp}/afile/rows.json"],
-     "--json '{tmp}/afile/rows.json': {tmp}/afile is not a directory"),
-    (["--json", "{tmp}/afile/sub/rows.json"], "{tmp}/afile is not a directory"),
-    (["--json", "{tmp}"], "--json '{tmp}': is a directory, not a file"),
+     "--json '{tmp}/afile/rows.json': '{tmp}/afile' is not a directory"),
+    (["--json", "{tmp}/afile/sub/rows.json"], "'{tmp}/afile' is not a directory"),
+    (["--json", "{tmp}"], "--json '{tmp}': '{tmp}' is a directory, not a file"),
     (["--breakdown", "--impls", "xla"], "--breakdown times pallas_gpu's stages only, not --impls "
      "'xla'"),
     (["--breakdown", "--impls", "pallas_gpu,cudnn"], "not --impls 'pallas_gpu,cudnn'"),
@@ -285,7 +285,7 @@ THIRTEEN = ",".join(["64"] * 13)
     (["--decode", "--kv-heads", "0"], "argument --kv-heads: '0' must be an integer >= 1"),
     (["--decode", "--heads", "3", "--kv-heads", "2"],
      "--heads=3 must be divisible by --kv-heads=2"),
-    (["--decode", "--json", "{tmp}/afile/rows.json"], "{tmp}/afile is not a directory"),
+    (["--decode", "--json", "{tmp}/afile/rows.json"], "'{tmp}/afile' is not a directory"),
 ])
 def test_bench_mistakes_are_refused_before_any_row_runs(argv, match, tmp_path, capsys,
                                                         monkeypatch):
