@@ -312,10 +312,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-chart", action="store_true", help="skip the charts")
   parser.add_argument("--compare", metavar="OTHER_OUT_DIR",
                       help="a second grid (e.g. data.loss_on=all): writes compare.{md,json,png}")
-  parser.add_argument("--labels", default="masked,all",
-                      help="names of OUT_DIR and OTHER_OUT_DIR in the comparison")
+  parser.add_argument("--labels", default=None,
+                      help="names of OUT_DIR and OTHER_OUT_DIR in the comparison (default: "
+                           "masked,all)")
   args = parser.parse_args(argv)
-  labels = tuple(args.labels.split(","))
+  labels = tuple((args.labels or "masked,all").split(","))
   for d in (args.out_dir, args.compare):
     if d is not None and not Path(d, rundir.SFT).is_dir():
       print(f"moba-jax report: {d!r} holds no sft/ run directories "
@@ -324,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
   if len(labels) != 2:
     print(f"moba-jax report: --labels {args.labels!r} must be two names, e.g. masked,all",
           file=sys.stderr)
+    return 2
+  mistake = None
+  if args.compare is None and args.labels is not None:
+    mistake = "--labels names the two grids of --compare OTHER_OUT_DIR, which is not given"
+  elif args.compare and Path(args.compare).resolve() == Path(args.out_dir).resolve():
+    mistake = f"--compare {args.compare!r} is OUT_DIR itself: give the other grid's out_dir"
+  if mistake:
+    print(f"moba-jax report: {mistake}", file=sys.stderr)
     return 2
   rows = write_results(args.out_dir, chart=not args.no_chart)
   print(Path(args.out_dir, rundir.RESULTS[1]).read_text(), end="")

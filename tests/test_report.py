@@ -128,6 +128,17 @@ def test_compare_two_grids(grid_dir, tmp_path):
   assert report.main([str(grid_dir), "--compare", str(other), "--labels", "one"]) == 2
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--labels", "a,b"], "--labels names the two grids of --compare OTHER_OUT_DIR"),
+    (["--compare", "{grid}"], "is OUT_DIR itself"),
+])
+def test_compare_mistakes_are_one_line(grid_dir, capsys, extra, needle):
+  argv = [str(grid_dir), *(x.format(grid=grid_dir) for x in extra)]
+  assert report.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("moba-jax report: ") and needle in err and err.count("\n") == 1
+
+
 def test_nonfinite_loss_counts_as_failed(tmp_path):
   make_run(tmp_path, 1, 0, (float("nan"), 1.0))
   make_run(tmp_path, 1, 1, (1.5, 1.0))
