@@ -518,6 +518,11 @@ def _run(cfg: Config, progress: bool, pre: Preemption) -> dict:
     start, meta = _restore(cfg, state, mngr, data_iter)
     loop = _Loop(cfg, state, mngr, data_iter, start, meta, t0)
     end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+    if start < end:  # a summary left by an earlier invocation no longer says where the run is
+      summary_path = os.path.join(cfg.run_dir, rundir.SUMMARY)
+      earlier = rundir.read_json(summary_path)
+      if earlier:
+        _write_json(summary_path, {**earlier, "status": "running", "step": start})
     log = metrics_lib.MetricsLog(cfg.run_dir, start, cfg.log.tensorboard,
                                  enabled=jax.process_index() == 0)
     try:

@@ -83,6 +83,23 @@ def test_a_preempted_runs_metrics_rows_are_the_straight_runs(tmp_path, monkeypat
   assert second["wall_s"] > first["wall_s"]
 
 
+def test_a_run_that_dies_while_resuming_is_not_left_done(tmp_path, monkeypatch):
+  """A summary from an earlier invocation says "running" (its other fields kept) once a rerun
+  trains on: a crash or kill -9 then leaves no "done" or "preempted" for a run that was neither."""
+  run_dir = tmp_path / "run"
+  first = train.run(tiny(run_dir, "train.steps=2"), progress=False)
+  assert first["status"] == "done"
+
+  def crash(loop):
+    raise RuntimeError("the process dies here")
+  monkeypatch.setattr(train._Loop, "dispatch", crash)
+  with pytest.raises(RuntimeError, match="dies here"):
+    train.run(tiny(run_dir, "train.steps=4"), progress=False)
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["status"] == "running" and summary["step"] == 2
+  assert summary["eval_loss"] == first["eval_loss"]
+
+
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   run_dir = tmp_path / "run"
   args = [sys.executable, "-m", "moba_jax.cli", "train", f"run_dir={run_dir}", *TINY,
