@@ -12,6 +12,7 @@ no parameters), so an SFT stage may change moba.hybrid_full_layers.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,17 @@ from moba_jax import rundir
 
 ITEMS = ("params", "opt_state", "data", "meta")
 _TMP = rundir.PARTIAL_STEP
+
+
+class _QuietReadOnly(logging.Filter):
+  """Orbax logs "Given directory is read only" on every read-only open (inspect, generate, eval,
+  init_from): what was asked for, not news to the user."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 class CheckpointWarning(UserWarning):
@@ -54,9 +66,10 @@ def _data_handler():
 def manager(directory: str, keep: int = 3, async_save: bool = True,
             with_data: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` (created unless read_only)."""
+  # read-only: the settings Orbax would force (and warn about on every open) given as they are
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-      read_only=read_only)
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
   handlers = {"params": ocp.StandardCheckpointHandler(),
               "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   if with_data:

@@ -121,3 +121,13 @@ def test_real_checkpoint(trained_run, capsys):
   for a in as_json["arrays"]:
     assert any(l.split()[:1] == [a["path"]] and l.endswith(str(a["size"]))
                for l in text.splitlines())
+
+
+def test_a_read_only_open_logs_nothing_to_the_user(trained_run, capfd):
+  """inspect --verify of a good run: the verdict on stdout, nothing on stderr (Orbax's warnings
+  about the read-only settings asked for are not news)."""
+  run_dir, _ = trained_run
+  capfd.readouterr()
+  assert insp.main([str(run_dir), "--verify"]) == 0
+  out, err = capfd.readouterr()
+  assert "verify: ok" in out.lower() and err == "", err
