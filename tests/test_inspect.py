@@ -123,11 +123,13 @@ def test_real_checkpoint(trained_run, capsys):
                for l in text.splitlines())
 
 
-def test_a_read_only_open_logs_nothing_to_the_user(trained_run, capfd):
-  """inspect --verify of a good run: the verdict on stdout, nothing on stderr (Orbax's warnings
-  about the read-only settings asked for are not news)."""
+def test_a_read_only_open_logs_nothing_to_the_user(trained_run):
+  """`moba-jax inspect --verify` of a good run: the verdict on stdout, nothing on stderr (Orbax's
+  warnings about the read-only settings asked for are not news)."""
+  import subprocess
+  import sys
   run_dir, _ = trained_run
-  capfd.readouterr()
-  assert insp.main([str(run_dir), "--verify"]) == 0
-  out, err = capfd.readouterr()
-  assert "verify: ok" in out.lower() and err == "", err
+  proc = subprocess.run([sys.executable, "-m", "moba_jax.cli", "inspect", str(run_dir),
+                         "--verify"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "verify: ok" in proc.stdout.lower(), proc.stdout[-2000:]
+  assert proc.stderr == "", proc.stderr
