@@ -75,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+  try:
+    return _dispatch(argv)
+  except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as `cat` would
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush has nowhere to fail
+    return 128 + signal.SIGPIPE
+
+
+def _dispatch(argv: list[str]) -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(usage())
     return 0

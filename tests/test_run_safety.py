@@ -281,6 +281,17 @@ def test_every_commands_argument_mistakes_are_one_line(argv, capsys):
   assert err.startswith(f"moba-jax {argv[0]}: ") and err.count("\n") == 1, err
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+  """stdout's reader gone (`moba-jax inspect RUN --json | head -c 1`): exit 141, as a process
+  ended by SIGPIPE, and no BrokenPipeError traceback on stderr."""
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each write reaches the pipe inside the command
+  proc = subprocess.Popen([sys.executable, "-m", "moba_jax.cli", "--help"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  proc.stdout.close()  # before the command writes a byte
+  err = proc.stderr.read()
+  assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
 def test_python_dash_m_cli_prints_a_mistake_in_one_line():
   """`python -m moba_jax.cli` (tools/run_h200.sh's way in) handles a command's mistake as the
   `moba-jax` script does: the commands raise the package module's UsageError, not __main__'s."""
