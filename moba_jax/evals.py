@@ -599,12 +599,19 @@ def check_out_dir(path: Path, what: str) -> Path:
 
 
 def write_results(out_dir: Path, doc: dict) -> str:
-  """retrieval.{json,md,png} in out_dir, each atomically; returns the markdown."""
-  md = format_md(doc)
-  rundir.atomic_write(out_dir / f"{RESULT}.json", json.dumps(doc, indent=2) + "\n")
-  rundir.atomic_write(out_dir / f"{RESULT}.md", md)
-  rundir.atomic_write(out_dir / f"{RESULT}.png", plot(doc))
-  return md
+  """retrieval.{json,md,png} in out_dir, each atomically and the three together: every byte is
+  made first, then written with SIGTERM / SIGINT deferred (a signal waits for all three; landing
+  between two it would leave files of two evaluations); returns the markdown."""
+  from moba_jax.signals import SignalFlag
+
+  files = {"json": json.dumps(doc, indent=2) + "\n", "md": format_md(doc), "png": plot(doc)}
+  with SignalFlag() as sig:
+    for ext, data in files.items():
+      rundir.atomic_write(out_dir / f"{RESULT}.{ext}", data)
+  if sig.received:
+    print(f"{PROG}: received {sig.received} while writing the results; they are complete",
+          file=sys.stderr, flush=True)
+  return files["md"]
 
 
 # ----------------------------------------------------------------------------- main

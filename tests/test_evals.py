@@ -201,6 +201,31 @@ def test_eval_writes_json_md_png_that_agree(run_dir, corpus, tmp_path, capsys):
   assert not list(out.glob(".tmp-*"))
 
 
+def test_a_signal_while_the_results_are_written_waits_for_all_three(run_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+  """SIGTERM after the first of retrieval.{json,md,png} is written: the other two are written
+  too (never files of two evaluations side by side), and the signal is named."""
+  import os
+  import signal
+
+  from moba_jax import rundir
+  out = tmp_path / "out"
+  argv = [str(run_dir), "--lengths", "96", "--depths", "0.5", "--samples", "1", "--haystack",
+          "synthetic", "--out", str(out)]
+  real, calls = rundir.atomic_write, []
+
+  def interrupted(path, data):
+    calls.append(path)
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(path, data)
+  monkeypatch.setattr(rundir, "atomic_write", interrupted)
+  assert evals.main(argv) == 0
+  assert sorted(p.name for p in out.iterdir()) == ["retrieval.json", "retrieval.md",
+                                                   "retrieval.png"]
+  assert "received SIGTERM while writing the results" in capsys.readouterr().err
+
+
 def test_full_attention_of_the_same_weights_in_decode_mode_goes_to_the_run_dir(run_dir, capsys):
   argv = [str(run_dir), "--task", "needle", "--lengths", "128", "--depths", "0.25", "--samples",
           "2", "--mode", "decode", "--haystack", "synthetic", "--set",
