@@ -408,25 +408,39 @@ def hf_to_orbax(hf_dir: str, out: str, overrides=()) -> object:
 
   hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
   hf = read_hf_config(hf_dir)
-  if out.exists() and any(out.iterdir()):
-    raise ConvertError(f"OUT {str(out)!r} exists and is not empty; choose a new directory")
+  check_out(out)
   cfg = run_config(hf, out, hf_dir, overrides)
   params = load_params(Tensors(hf_dir), cfg)
-  if cfg.data.tokenizer == str(hf_dir / "tokenizer.json"):  # the run dir's own copy
+  own_tokenizer = cfg.data.tokenizer == str(hf_dir / "tokenizer.json")
+  if own_tokenizer:  # the run dir's own copy
     tokenizer = str(out / rundir.HF / "tokenizer.json")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer))
   first = jax.process_index() == 0
-  if first:
-    rundir.make_writable_dir(out / rundir.HF, "OUT")
-    for name in HF_FILES:
-      if (hf_dir / name).is_file():
-        shutil.copy2(hf_dir / name, out / rundir.HF / name)
   meta = {"step": 0, "config": config_to_dict(cfg),
           "converted_from": {"dir": str(hf_dir), "architecture": hf["architectures"][0]}}
-  ckpt.save_params(str(out), params, meta)  # every process writes its shards
-  if first:
-    save_config(cfg, str(out / rundir.CONFIG))
+  with rundir.staged_dir(out, main=first) as stage:  # OUT appears whole, or not at all
+    if first:
+      (stage / rundir.HF).mkdir()
+      for name in HF_FILES:
+        if (hf_dir / name).is_file():
+          shutil.copy2(hf_dir / name, stage / rundir.HF / name)
+    ckpt.save_params(str(stage), params, meta)  # every process writes its shards
+    if first:  # the tokenizer relative to the run dir (config files resolve it): OUT may move
+      saved = cfg if not own_tokenizer else dataclasses.replace(cfg, data=dataclasses.replace(
+          cfg.data, tokenizer=f"{rundir.HF}/tokenizer.json"))
+      save_config(saved, str(stage / rundir.CONFIG))
   return cfg
+
+
+def check_out(out: Path) -> None:
+  """ConvertError unless OUT can be written (missing, or an empty directory, in a writable
+  place): before any weight is read."""
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise ConvertError(f"OUT {str(out)!r} exists and is not an empty directory; choose a new "
+                       "directory")
+  why = rundir.why_unwritable(out, directory=True)
+  if why:
+    raise ConvertError(f"OUT {str(out)!r}: {why}")
 
 
 # ----------------------------------------------------------------------------- orbax -> hf
@@ -466,8 +480,10 @@ def export_tensors(params: dict, cfg, dtype: str) -> list[tuple[str, int, object
 
 
 def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | None = None,
-                shard_gb: float = 4.0, overrides=()) -> Path:
-  """Writes the newest step of a run dir as a Hugging Face checkpoint in OUT. -> OUT."""
+                shard_gb: float = 4.0, overrides=()) -> tuple[Path, int]:
+  """Writes the newest step that restores of a run dir as a Hugging Face checkpoint in OUT
+  (naming on stderr a newer one that did not, and MoBA layers, which transformers runs as full
+  attention). -> (OUT, the step written)."""
   import jax
 
   from moba_jax import checkpoint as ckpt
@@ -477,13 +493,12 @@ def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | 
   if jax.process_count() > 1:
     raise ConvertError("orbax-to-hf runs in one process (it gathers every array on the host)")
   ckpt_dir, run_dir = insp.resolve_dirs(ckpt_path)
-  generate.latest_step(ckpt_dir)
+  newest = generate.latest_step(ckpt_dir)
   one_device_group = ["mesh.data=1", "mesh.fsdp=-1", "mesh.context=1", "mesh.tensor=1"]
   cfg = generate.checkpoint_config(ckpt_dir, run_dir, None, [*one_device_group, *overrides])
   dtype = dtype or cfg.model.dtype
   out = Path(out).resolve()
-  if out.exists() and any(out.iterdir()):
-    raise ConvertError(f"OUT {str(out)!r} exists and is not empty; choose a new directory")
+  check_out(out)
   tdir = _template_dir(run_dir, cfg, like)
   template = read_hf_config(tdir, "--like" if like else "the template") if tdir else None
   target, shardings = abstract_params(cfg)
@@ -493,17 +508,27 @@ def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | 
   level = absl.level
   absl.setLevel(logging.ERROR)
   try:
-    _, params = ckpt.restore_params(str(ckpt_dir), target)
+    step, params = ckpt.restore_params(str(ckpt_dir), target)
   finally:
     absl.setLevel(level)
-  rundir.make_writable_dir(out, "OUT")
-  write_safetensors(out, export_tensors(params, cfg, dtype), int(shard_gb * 2 ** 30))
-  config = hf_config(cfg.model, template, dtype, cfg.train.seq_len)
-  rundir.atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
-  for name in (("generation_config.json",) + TOKENIZER_FILES) if tdir else ():
-    if (tdir / name).is_file():
-      shutil.copy2(tdir / name, out / name)
-  return out
+  if step != newest:
+    print(f"moba-jax convert: note: exporting step {step}: the newest, {newest}, did not "
+          "restore (the warnings above)", file=sys.stderr)
+  from moba_jax.config import layer_kinds
+  moba_layers = layer_kinds(cfg.model.n_layers, cfg.moba.hybrid_full_layers).count("moba")
+  if moba_layers:
+    print(f"moba-jax convert: note: {moba_layers} of {cfg.model.n_layers} layers are MoBA "
+          f"(block {cfg.moba.block_size}, top-{cfg.moba.topk}); transformers runs every layer as "
+          "full attention, so its outputs differ once a sequence has more than top-k blocks",
+          file=sys.stderr)
+  with rundir.staged_dir(out) as stage:  # OUT appears whole (weights, config, tokenizer) or not
+    write_safetensors(stage, export_tensors(params, cfg, dtype), int(shard_gb * 2 ** 30))
+    config = hf_config(cfg.model, template, dtype, cfg.train.seq_len)
+    rundir.atomic_write(stage / "config.json", json.dumps(config, indent=2) + "\n")
+    for name in (("generation_config.json",) + TOKENIZER_FILES) if tdir else ():
+      if (tdir / name).is_file():
+        shutil.copy2(tdir / name, stage / name)
+  return out, step
 
 
 # ----------------------------------------------------------------------------- command line
@@ -541,8 +566,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{m.n_heads}/{m.n_kv_heads} heads, params {m.param_dtype}; continue training with "
             f"train.init_from={args.out}")
     else:
-      out = orbax_to_hf(args.checkpoint, args.out, args.dtype, args.like, args.shard_gb, args.set)
-      print(f"moba-jax convert: wrote {out}")
+      out, step = orbax_to_hf(args.checkpoint, args.out, args.dtype, args.like, args.shard_gb,
+                              args.set)
+      print(f"moba-jax convert: wrote {out} (step {step})")
   except (ValueError, OSError) as e:  # ConvertError and UsageError included
     print(f"moba-jax convert: {e}", file=sys.stderr)
     return 2

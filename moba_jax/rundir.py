@@ -9,9 +9,11 @@ open while it is being written goes through atomic_write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -74,6 +76,30 @@ def make_writable_dir(path: str | os.PathLike, key: str) -> Path:
   except OSError as e:
     raise OSError(f"{key}={str(path)!r} cannot hold the run's files ({e.strerror or e})") from None
   return path
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, *, main: bool = True):
+  """A directory written whole or not at all: yields `.NAME.partial` beside `out` to build it in,
+  renamed to `out` when the block ends without an error (removed on one). A build a kill cut
+  short leaves only that hidden directory, which the next build removes first: `out` never holds
+  a partial build. `out` must be missing or empty. main: the process that creates, removes and
+  renames (the others of a multi-process build write into the same staging directory)."""
+  out = Path(out)
+  stage = out.parent / f".{out.name}.partial"
+  if main:
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+  try:
+    yield stage
+  except BaseException:
+    if main:
+      shutil.rmtree(stage, ignore_errors=True)
+    raise
+  if main:
+    if out.exists():
+      out.rmdir()  # empty (the caller checked): os.replace takes a missing name
+    os.replace(stage, out)
 
 
 def why_unwritable(path: str | os.PathLike, *, directory: bool) -> str | None:

@@ -221,10 +221,41 @@ def test_unsupported_configs_are_one_line_errors(converted, tmp_path, capsys, ed
   assert not (tmp_path / "out").exists()
 
 
+def test_an_interrupted_conversion_leaves_no_out_and_a_moved_run_dir_loads(converted, tmp_path,
+                                                                          monkeypatch, capsys):
+  """Both directions build OUT beside it and rename it at the end: a conversion that stops
+  half-way (here: after one of two weight files) leaves no OUT, and the next one, which removes
+  what a kill would leave, succeeds. A converted run dir names its tokenizer relative to itself:
+  moved, it loads."""
+  import shutil
+  run_dir = converted["llama"][2]
+  real = convert.write_safetensors
+
+  def cut(out, tensors, max_bytes):
+    real(out, tensors[:1], max_bytes)
+    raise OSError("the disk filled")
+  monkeypatch.setattr(convert, "write_safetensors", cut)
+  assert convert.main(["orbax-to-hf", str(run_dir), str(tmp_path / "hf")]) == 2
+  assert "the disk filled" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == []
+  monkeypatch.setattr(convert, "write_safetensors", real)
+  (tmp_path / ".hf.partial").mkdir()  # what a kill -9 leaves
+  (tmp_path / ".hf.partial" / "model.safetensors").write_text("half")
+  assert convert.main(["orbax-to-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+  assert "(step 0)" in capsys.readouterr().out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+  assert (tmp_path / "hf" / "tokenizer.json").is_file()
+  moved = tmp_path / "moved"
+  shutil.copytree(run_dir, moved)
+  assert 'tokenizer = "hf/tokenizer.json"' in (moved / "config.toml").read_text()
+  cfg = gen.checkpoint_config(moved / "checkpoints", moved, None, [])
+  assert cfg.data.tokenizer == str(moved / "hf" / "tokenizer.json")
+
+
 @pytest.mark.parametrize("args, message", [
     (["hf-to-orbax", "{tmp}/nope", "{tmp}/out"], "no such directory"),
     (["hf-to-orbax", "{llama}", "{tmp}/out", "model.d_model=32"], "model.d_model: config.json"),
-    (["hf-to-orbax", "{llama}", "{qwen2_run}"], "exists and is not empty"),
+    (["hf-to-orbax", "{llama}", "{qwen2_run}"], "exists and is not an empty directory"),
     (["orbax-to-hf", "{tmp}", "{tmp}/out"], "no complete checkpoint step"),
     (["orbax-to-hf", "{qwen2_run}", "{tmp}/out", "--like", "{tmp}/nope"],
      "--like '{tmp}/nope': no such directory"),
@@ -232,6 +263,7 @@ def test_unsupported_configs_are_one_line_errors(converted, tmp_path, capsys, ed
      "safetensors index"),
     (["hf-to-orbax", "{truncated}", "{tmp}/out"], "model.safetensors: not a readable safetensors"),
     (["sideways", "a", "b"], "invalid choice: 'sideways'"),
+    (["orbax-to-hf", "{qwen2_run}", "{tmp}/afile/sub"], "'{tmp}/afile' is not a directory"),
 ])
 def test_command_line_mistakes_are_one_line_errors(converted, tmp_path, capsys, args, message):
   import shutil
@@ -239,6 +271,7 @@ def test_command_line_mistakes_are_one_line_errors(converted, tmp_path, capsys, 
   llama = converted["llama"][1]
   names = {"tmp": tmp_path, "llama": llama, "qwen2_run": converted["qwen2"][2],
            "bad_index": tmp_path / "bad_index", "truncated": tmp_path / "truncated"}
+  (tmp_path / "afile").write_text("in the way\n")
   for name in ("bad_index", "truncated"):
     names[name].mkdir()
     shutil.copy(llama / "config.json", names[name] / "config.json")
