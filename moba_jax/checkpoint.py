@@ -40,14 +40,20 @@ class _QuietReadOnly(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
-class CheckpointWarning(UserWarning):
-  pass
+CheckpointWarning = rundir.CheckpointWarning
 
 
 def _warn(msg: str) -> None:
+  """A warning (for callers in Python: tests, notebooks) and one stderr line (the `moba-jax`
+  commands ignore the warning: cli.py)."""
   warnings.warn(msg, CheckpointWarning, stacklevel=3)
   if jax.process_index() == 0:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+  """"Type: the message's first line" (TensorStore's errors run on with a whole spec)."""
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
 def checkpoint_dir(path: str) -> str:
@@ -194,7 +200,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
       data_iter.set_state(start)
       nxt = steps[i + 1] if i + 1 < len(steps) else None
       _warn(f"checkpoint step {step} in {mngr.directory} could not be restored "
-            f"({type(e).__name__}: {str(e)[:300]}); falling back to "
+            f"({_first_line(e)}); falling back to "
             f"{'step ' + str(nxt) if nxt is not None else 'a fresh start'}")
       unusable.append(step)
       continue
@@ -221,12 +227,12 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
   mngr.reload()
 
 
-def restore_params(path: str, abstract_params) -> tuple[int, dict]:
+def restore_params(path: str, abstract_params, name: str = "train.init_from") -> tuple[int, dict]:
   """(step, params) of the newest restorable step under a run dir or checkpoints dir (params only:
   used by train.init_from). Raises FileNotFoundError if there is no checkpoint."""
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"train.init_from={path!r}: no such directory")
+    raise FileNotFoundError(f"{name}={path!r}: no such directory")
   mngr = manager(directory, with_data=False, read_only=True, async_save=False)
   steps = sorted(mngr.all_steps(), reverse=True)
   _warn_partial(directory, steps[0] if steps else None)
@@ -240,10 +246,10 @@ def restore_params(path: str, abstract_params) -> tuple[int, dict]:
       mngr.close()
       return step, out["params"]
     except Exception as e:  # noqa: BLE001
-      _warn(f"train.init_from: step {step} in {directory} could not be restored "
-            f"({type(e).__name__}: {str(e)[:300]}); trying an older step")
+      _warn(f"{name}: step {step} in {directory} could not be restored "
+            f"({_first_line(e)}); trying an older step")
   mngr.close()
-  raise FileNotFoundError(f"train.init_from={path!r}: no restorable checkpoint in {directory}")
+  raise FileNotFoundError(f"{name}={path!r}: no restorable checkpoint in {directory}")
 
 
 def abstract_like(tree: Any) -> Any:
@@ -263,7 +269,7 @@ def verify(directory: str, step: int) -> dict:
     out = mngr.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore(), **{i: ocp.args.StandardRestore() for i in items}))
   except Exception as e:  # noqa: BLE001 - unreadable is a verdict, not a crash
-    return {"ok": False, "checked": 0, "mismatched": [], "error": f"{type(e).__name__}: {e}"[:300]}
+    return {"ok": False, "checked": 0, "mismatched": [], "error": _first_line(e)}
   finally:
     mngr.close()
   sums = out["meta"].get("checksums")

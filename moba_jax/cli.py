@@ -9,6 +9,9 @@ import math
 import os
 import signal
 import sys
+import warnings
+
+from moba_jax import rundir
 
 SUBCOMMANDS = {
     "train": ("moba_jax.train", "train one run from a TOML config and key=value overrides"),
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, handler)
   # Registered before any command imports JAX, so it runs after their exit hooks: the last one.
   atexit.register(_ignore_late_signals)
+  # moba_jax.checkpoint prints each CheckpointWarning as one "WARNING: ..." line itself
+  warnings.simplefilter("ignore", rundir.CheckpointWarning)
   code = _main(sys.argv[1:])
   _result_stands(code)
   return code

@@ -508,7 +508,7 @@ def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | 
   level = absl.level
   absl.setLevel(logging.ERROR)
   try:
-    step, params = ckpt.restore_params(str(ckpt_dir), target)
+    step, params = ckpt.restore_params(str(ckpt_dir), target, name="CKPT")
   finally:
     absl.setLevel(level)
   if step != newest:

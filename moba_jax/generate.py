@@ -138,7 +138,7 @@ def load_model(ckpt_dir: Path, cfg):
   level = absl.level
   absl.setLevel(logging.ERROR)
   try:
-    step, params = ckpt.restore_params(str(ckpt_dir), target)
+    step, params = ckpt.restore_params(str(ckpt_dir), target, name="CHECKPOINT")
   except FileNotFoundError:
     raise ValueError(f"no restorable checkpoint step in {ckpt_dir}") from None
   finally:

@@ -44,6 +44,11 @@ def sft_run(out_dir: str | os.PathLike, label: str, seed: int) -> Path:
   return Path(out_dir) / SFT / label / f"seed{seed}"
 
 
+class CheckpointWarning(UserWarning):
+  """A checkpoint step that did not restore (moba_jax/checkpoint.py), here so that the command
+  line can silence its Python form without importing JAX."""
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
   """Writes via a temporary file beside `path` and os.replace: readers never see a partial file.
   The file is created as open() would create it (mode 0666 less the umask)."""

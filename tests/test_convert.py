@@ -252,6 +252,39 @@ def test_an_interrupted_conversion_leaves_no_out_and_a_moved_run_dir_loads(conve
   assert cfg.data.tokenizer == str(moved / "hf" / "tokenizer.json")
 
 
+def test_an_export_past_a_corrupt_newest_step_says_so_once(tmp_path):
+  """`moba-jax convert orbax-to-hf` of a run whose newest step fails its checksums: one WARNING
+  line naming CKPT and the step (not Python's warning as well, not train.init_from), the older
+  step exported and named, and the run's MoBA layers noted."""
+  import subprocess
+  import sys
+
+  from moba_jax import train
+  from moba_jax.config import load_config
+  run = tmp_path / "run"
+  train.run(load_config(None, [
+      f"run_dir={run}", "model.n_layers=2", "model.d_model=32", "model.mlp_dim=64",
+      "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16", "train.steps=2",
+      "train.batch_size=2", "train.seq_len=64", "moba.block_size=16", "checkpoint.every=1",
+      "checkpoint.async_save=false", "eval.batches=0", "log.progress=false"]), progress=False)
+  blob = max((f for f in (run / "checkpoints" / "2" / "params").rglob("*") if f.is_file()
+              and "METADATA" not in f.name.upper()), key=lambda f: f.stat().st_size)
+  data = bytearray(blob.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  blob.write_bytes(bytes(data))
+  proc = subprocess.run([sys.executable, "-m", "moba_jax.cli", "convert", "orbax-to-hf",
+                         str(run), str(tmp_path / "hf")], capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().endswith("(step 1)")
+  lines = proc.stderr.splitlines()
+  assert [ln for ln in lines if "could not be restored" in ln] == [
+      next(ln for ln in lines if ln.startswith("WARNING: CKPT: step 2 in "))]
+  assert "CheckpointWarning" not in proc.stderr and "init_from" not in proc.stderr
+  assert any("exporting step 1: the newest, 2, did not restore" in ln for ln in lines)
+  assert any("2 of 2 layers are MoBA" in ln for ln in lines)
+
+
 @pytest.mark.parametrize("args, message", [
     (["hf-to-orbax", "{tmp}/nope", "{tmp}/out"], "no such directory"),
     (["hf-to-orbax", "{llama}", "{tmp}/out", "model.d_model=32"], "model.d_model: config.json"),
