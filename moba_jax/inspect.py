@@ -156,9 +156,9 @@ def run_info(run_dir: Path | None) -> dict:
     info["config_toml"] = (run_dir / rundir.CONFIG).read_text()
   if (run_dir / rundir.SUMMARY).exists():
     info["summary"] = rundir.read_json(run_dir / rundir.SUMMARY)
-  metrics = run_dir / rundir.METRICS
-  if metrics.exists():
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+  if (run_dir / rundir.METRICS).exists():
+    from moba_jax.metrics import read_rows
+    records = read_rows(run_dir)
     info["metrics"] = {"records": len(records), "first": records[0] if records else None,
                        "last": records[-1] if records else None}
   return info
@@ -177,8 +177,16 @@ def inspect_checkpoints(path: str | Path, step: int | None = None) -> dict:
   elif step not in complete:
     raise ValueError(f"--step {step} is not a complete step of {str(ckpt_dir)!r}; "
                      f"available: {complete}")
-  return {"checkpoint_dir": str(ckpt_dir), "steps": steps, "step": step,
-          **step_contents(ckpt_dir / str(step)), "run": run_info(run_dir)}
+  try:
+    contents = step_contents(ckpt_dir / str(step))
+  except Exception as e:  # noqa: BLE001 - a metadata file that does not parse: name the step
+    why = (str(e).splitlines() or [""])[0][:200]
+    others = [s for s in complete if s != step]
+    raise ValueError(f"step {step} in {str(ckpt_dir)!r}: its metadata does not read "
+                     f"({type(e).__name__}: {why})"
+                     + (f"; the other complete steps: {others} (--step N)" if others else ""))
+  return {"checkpoint_dir": str(ckpt_dir), "steps": steps, "step": step, **contents,
+          "run": run_info(run_dir)}
 
 
 def _human(n: int) -> str:

@@ -31,6 +31,24 @@ def dumps(obj: dict) -> str:
   return json.dumps({k: _clean(v) for k, v in obj.items()})
 
 
+def read_rows(run_dir: str | os.PathLike) -> list[dict]:
+  """The rows of a run's metrics.jsonl ([] without one), a line that does not parse (the torn
+  last line a crash leaves) skipped."""
+  rows = []
+  try:
+    with open(os.path.join(run_dir, rundir.METRICS)) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(row, dict):
+          rows.append(row)
+  except FileNotFoundError:
+    pass
+  return rows
+
+
 class MetricsLog:
   """Appends JSON lines to <run_dir>/metrics.jsonl; mirrors scalars to TensorBoard if enabled."""
 

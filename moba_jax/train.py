@@ -339,14 +339,8 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _last_metrics_row(run_dir: str) -> dict:
-  import json
-
-  path = os.path.join(run_dir, rundir.METRICS)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    lines = [ln for ln in f if ln.strip()]
-  return json.loads(lines[-1]) if lines else {}
+  rows = metrics_lib.read_rows(run_dir)
+  return rows[-1] if rows else {}
 
 
 def _summary(cfg, loop: _Loop, status: str, wall: float, extra: dict) -> dict:

@@ -133,3 +133,23 @@ def test_a_read_only_open_logs_nothing_to_the_user(trained_run):
                          "--verify"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "verify: ok" in proc.stdout.lower(), proc.stdout[-2000:]
   assert proc.stderr == "", proc.stderr
+
+
+def test_a_torn_metrics_line_and_unreadable_step_metadata_are_named(trained_run, tmp_path,
+                                                                     capsys):
+  """A crash's torn last metrics line is skipped (the rows before it shown); a step whose
+  _METADATA does not parse is one line naming the step and the other complete steps, and the
+  older step still inspects."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[0], run)
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "lo')
+  (run / "checkpoints" / "2" / "params" / "_METADATA").write_text("garbage{")
+  assert insp.main([str(run)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "step 2 in " in err and "its metadata does not read" in err
+  assert "the other complete steps: [1] (--step N)" in err
+  assert insp.main([str(run), "--step", "1", "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["run"]["metrics"]["records"] == 2 and info["run"]["metrics"]["last"]["step"] == 2
