@@ -632,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
                               "the default --out")
     gen.latest_step(ckpt_dir)
     cfg = gen.checkpoint_config(ckpt_dir, run_dir, args.config, args.set)
+    if cfg.data.tokenizer:  # the prompts below are byte-level token ids
+      raise UsageError(f"the model reads data.tokenizer={cfg.data.tokenizer!r}'s tokens; eval's "
+                       "prompts are byte-level (models trained with data.task=corpus and no "
+                       "tokenizer, or the synthetic tasks): a tokenizer's prompts are not built "
+                       "yet")
     prompts = make_prompts(cfg, args, lambda msg: log(f"note: {msg}"))
     lengths = check_lengths(args.lengths, prompts.min_length(), cfg.train.seq_len)
     from moba_jax.train import check_attention_runs_here

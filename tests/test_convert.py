@@ -479,3 +479,12 @@ def test_load_places_each_shard_on_its_device(converted):
   assert out.returncode == 0, out.stderr[-2000:]
   wq, bk = out.stdout.splitlines()[-2:]
   assert wq == str([(32, 2, 16)] * 4) and bk == str([(1, 16)] * 4)
+
+
+def test_eval_refuses_a_model_of_a_tokenizer(converted, capsys):
+  """`moba-jax eval` builds byte-level prompts: a model that reads a tokenizer's ids (a converted
+  Llama) is refused in one line, not scored on the wrong ids."""
+  from moba_jax import evals
+  assert evals.main([str(converted["llama"][2]), "--lengths", "128", "--samples", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "reads data.tokenizer=" in err and "byte-level" in err
