@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -72,7 +73,18 @@ def _rerun_with_devices(argv: list[str], n: int) -> int:
   env = dict(os.environ, JAX_PLATFORMS="cpu", **{DEVICES_ENV: str(n)})
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  return subprocess.run([sys.executable, "-m", "moba_jax.plan", *argv], env=env).returncode
+  # through `moba-jax`'s entry point (a signal is one line there, not a traceback); a SIGTERM or
+  # SIGINT to this process goes on to the child, which this one waits for: none outlives it
+  proc = subprocess.Popen([sys.executable, "-m", "moba_jax.cli", "plan", *argv], env=env)
+  signals = (signal.SIGTERM, signal.SIGINT)
+  old = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+         for sig in signals}
+  try:
+    code = proc.wait()
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
+  return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
 
 
 def _plan(name, overrides, args) -> int:

@@ -99,6 +99,28 @@ def test_every_runs_mistake_is_named_before_the_first_lowers(tmp_path):
   assert r.stderr.count("\n") == 1
 
 
+def test_a_signal_stops_the_plan_and_its_process_with_fake_devices(tmp_path):
+  """`moba-jax plan` reruns itself with fake devices: a SIGTERM to it reaches that process, which
+  stops with one line (exit 143), and the command waits for it: no process outlives it."""
+  import os
+  import signal
+  import time
+  path = tmp_path / "tiny.toml"
+  path.write_text(TOML.format(batch=32, out=tmp_path / "grid"))
+  proc = subprocess.Popen([sys.executable, "-m", "moba_jax.cli", "plan", str(path), "stage=sft",
+                           "--mesh-devices", "64"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().startswith("plan: ")  # the child runs (its first line)
+  children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+  assert len(children) == 1
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143 and "Traceback" not in err, err
+  assert "moba-jax: stopped by SIGTERM (exit 143)" in err
+  time.sleep(0.5)
+  assert not os.path.exists(f"/proc/{children[0]}")
+
+
 def test_batch_rule_error_names_the_rule():
   """In-process on an abstract mesh (the command prints it as one line and exits 2)."""
   mesh = jax.sharding.AbstractMesh((4, 8, 1, 2), config.MESH_AXES)
