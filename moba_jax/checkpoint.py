@@ -236,18 +236,24 @@ def restore_params(path: str, abstract_params, name: str = "train.init_from") ->
   mngr = manager(directory, with_data=False, read_only=True, async_save=False)
   steps = sorted(mngr.all_steps(), reverse=True)
   _warn_partial(directory, steps[0] if steps else None)
-  for step in steps:
-    try:
-      out = mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
-      bad = mismatches(out["params"], (out["meta"].get("checksums") or {}).get("params"))
-      if bad:
-        raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])})")
-      mngr.close()
-      return step, out["params"]
-    except Exception as e:  # noqa: BLE001
-      _warn(f"{name}: step {step} in {directory} could not be restored "
-            f"({_first_line(e)}); trying an older step")
+  tried = set()
+  while steps:
+    for step in steps:
+      tried.add(step)
+      try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+        bad = mismatches(out["params"], (out["meta"].get("checksums") or {}).get("params"))
+        if bad:
+          raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])})")
+        mngr.close()
+        return step, out["params"]
+      except Exception as e:  # noqa: BLE001
+        _warn(f"{name}: step {step} in {directory} could not be restored "
+              f"({_first_line(e)}); trying an older step")
+    # a run training into the directory may have saved newer steps and deleted these meanwhile
+    mngr.reload()
+    steps = sorted(set(mngr.all_steps()) - tried, reverse=True)
   mngr.close()
   raise FileNotFoundError(f"{name}={path!r}: no restorable checkpoint in {directory}")
 

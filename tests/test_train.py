@@ -248,6 +248,44 @@ def test_init_from_a_run_of_another_shape_is_named_before_anything_runs(tmp_path
             progress=False)
 
 
+def test_init_from_reads_a_step_saved_while_the_older_ones_failed(tmp_path, monkeypatch):
+  """train.init_from of a run still training: every step listed at the start fails (a run with
+  checkpoint.keep=1 deletes them as it goes; here they fail their checksums) while a newer one
+  appears; the list is read again and the newer step restores."""
+  import shutil
+  src = tmp_path / "src"
+  train.run(tiny(src, "train.steps=2", "checkpoint.every=1", "eval.batches=0",
+                 "checkpoint.async_save=false"), progress=False)
+  ckdir = src / "checkpoints"
+  shutil.copytree(ckdir / "2", tmp_path / "good")
+  for step in ("1", "2"):
+    blob = max((f for f in (ckdir / step / "params").rglob("*") if f.is_file()
+                and "METADATA" not in f.name.upper()), key=lambda f: f.stat().st_size)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+  real = ckpt.manager
+
+  def training_meanwhile(*a, **kw):
+    mngr = real(*a, **kw)
+    reload = mngr.reload
+
+    def saved_then_reload():
+      if not (ckdir / "3").exists():
+        shutil.copytree(tmp_path / "good", ckdir / "3")
+      return reload()
+    mngr.reload = saved_then_reload
+    return mngr
+  monkeypatch.setattr(ckpt, "manager", training_meanwhile)
+  cfg = tiny(tmp_path / "x")
+  state = ts.init_state(cfg, S.make_mesh(cfg.mesh), S.rules_from_config(cfg.mesh))
+  with pytest.warns(ckpt.CheckpointWarning) as record:
+    step, _ = ckpt.restore_params(str(src), ckpt.abstract_like(nnx.to_pure_dict(state.params)))
+  assert step == 3
+  assert [str(w.message).split(" in ")[0] for w in record] == [
+      "train.init_from: step 2", "train.init_from: step 1"]
+
+
 def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
   src = tmp_path / "moba"
   train.run(tiny(src, "train.steps=4", "train.stop_after=2", "moba.hybrid_full_layers=0",
