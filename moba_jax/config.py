@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tomllib
-from typing import Annotated, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 from moba_jax import config_io
 from moba_jax.config_io import Partial, parse_override, to_toml
@@ -463,13 +463,26 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
   """Returns cfg with dotted `key=value` overrides applied (validated once, at the end)."""
   d = config_to_dict(cfg)
   for item in overrides:
-    config_io.set_dotted(Config, d, *parse_override(item))
+    config_io.set_dotted(Config, d, *_override(item))
   return config_from_dict(d)
 
 
 # Input paths that a file gives relative to itself (on the command line: to the cwd), in a run
 # config and in each grid stage table.
 FILE_RELATIVE = (("data", "path"), ("data", "tokenizer"), ("train", "init_from"))
+
+
+def _override(item: str) -> tuple[str, Any]:
+  """parse_override, with an input path (FILE_RELATIVE, in a run section or a grid stage table,
+  or grid.init_from) given relative on the command line made absolute against the cwd: saved in
+  a run's config.toml it would otherwise be read against that file's directory. URLs
+  (gs://...) stay as they are."""
+  key, value = parse_override(item)
+  file_key = tuple(key.split(".")[-2:]) in FILE_RELATIVE or key == "grid.init_from"
+  if (file_key and isinstance(value, str) and value and "://" not in value
+      and not os.path.isabs(value)):
+    value = os.path.abspath(value)
+  return key, value
 
 
 class ConfigFileError(ValueError):
@@ -510,7 +523,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
   d.pop("grid", None)
   config_io.check_keys(Config, d)
   for item in overrides:
-    key, value = parse_override(item)
+    key, value = _override(item)
     if key.split(".")[0] == "grid":
       raise ValueError(f"{key!r} configures an experiment grid (moba-jax grid), not one run")
     config_io.set_dotted(Config, d, key, value)
@@ -525,7 +538,7 @@ def load_experiment_config(path: str | None = None,
   grid = d.pop("grid", {})
   config_io.check_keys(Config, d)
   for item in overrides:
-    key, value = parse_override(item)
+    key, value = _override(item)
     if key.split(".")[0] == "grid":
       config_io.set_dotted(GridConfig, grid, key.partition(".")[2], value, prefix="grid.")
     else:

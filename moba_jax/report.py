@@ -306,6 +306,29 @@ def write_results(out_dir: str | os.PathLike, *, chart: bool = True) -> list[dic
   return rows
 
 
+def sft_loss_label(out_dir) -> str | None:
+  """"all" or "masked": the SFT loss of the grid in out_dir (its experiment.json's
+  grid.sft.data.loss_on, else data.loss_on; "auto" masks an SFT task), None without a record."""
+  config = (read_json(Path(out_dir) / EXPERIMENT_FILE) or {}).get("config")
+  if not isinstance(config, dict):
+    return None
+  stage = ((config.get("grid") or {}).get("sft") or {}).get("data") or {}
+  loss_on = stage.get("loss_on", (config.get("data") or {}).get("loss_on", "auto"))
+  return "all" if loss_on == "all" else "masked"
+
+
+def default_labels(out_dir, other) -> tuple[str, str]:
+  """The two grids' names in a comparison: their SFT losses where they differ, else their
+  directory names."""
+  if other is None:
+    return ("masked", "all")
+  losses = (sft_loss_label(out_dir), sft_loss_label(other))
+  if None not in losses and losses[0] != losses[1]:
+    return losses
+  names = (Path(out_dir).resolve().name, Path(other).resolve().name)
+  return names if names[0] != names[1] else ("first", "second")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = OneLineParser(prog="moba-jax report", description=__doc__.splitlines()[0])
   parser.add_argument("out_dir", help="the grid's out_dir (holds pretrain/ and sft/)")
@@ -313,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--compare", metavar="OTHER_OUT_DIR",
                       help="a second grid (e.g. data.loss_on=all): writes compare.{md,json,png}")
   parser.add_argument("--labels", default=None,
-                      help="names of OUT_DIR and OTHER_OUT_DIR in the comparison (default: "
-                           "masked,all)")
+                      help="names of OUT_DIR and OTHER_OUT_DIR in the comparison (default: each "
+                           "grid's SFT loss, masked or all, from its experiment.json; the "
+                           "directory names where those are the same)")
   args = parser.parse_args(argv)
-  labels = tuple((args.labels or "masked,all").split(","))
+  labels = tuple(args.labels.split(",")) if args.labels else default_labels(args.out_dir,
+                                                                           args.compare)
   for d in (args.out_dir, args.compare):
     if d is not None and not Path(d, rundir.SFT).is_dir():
       print(f"moba-jax report: {d!r} holds no sft/ run directories "

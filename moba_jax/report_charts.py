@@ -82,7 +82,9 @@ def _gap(rows: dict, key: str = "sft_loss") -> tuple[float, float]:
 def compare(rows_a: list[dict], rows_b: list[dict], labels: tuple[str, str]) -> dict:
   """The two grids side by side and the MoBA - Full gap of each (SFT and trailing loss)."""
   a, b = ({r["variant"]: r for r in rows} for rows in (rows_a, rows_b))
-  doc = {"labels": list(labels), "variants": [], "gaps": {}}
+  prints = [next((r.get("corpus_fingerprint") or "" for r in rows), "") for rows in (rows_a, rows_b)]
+  doc = {"labels": list(labels), "corpus_fingerprints": prints,
+         "comparable": prints[0] == prints[1], "variants": [], "gaps": {}}
   for v in [r["variant"] for r in rows_a if r["variant"] in b]:
     doc["variants"].append({"variant": v, **{f"{lab}_{k}": side[v][k] for lab, side in
                                               zip(labels, (a, b)) for k in
@@ -101,7 +103,10 @@ def compare(rows_a: list[dict], rows_b: list[dict], labels: tuple[str, str]) -> 
 def format_compare(doc: dict) -> str:
   la, lb = doc["labels"]
   f = lambda x: "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-  lines = [f"| variant | SFT loss ({la}) | SFT loss ({lb}) |", "|---|---|---|"]
+  lines = [] if doc.get("comparable", True) else [
+      f"**The two grids' data differ (corpus {doc['corpus_fingerprints'][0][:12] or 'none'} "
+      f"against {doc['corpus_fingerprints'][1][:12] or 'none'}): not comparable**", ""]
+  lines += [f"| variant | SFT loss ({la}) | SFT loss ({lb}) |", "|---|---|---|"]
   for v in doc["variants"]:
     lines.append(f"| {v['variant']} | {f(v[la + '_sft_loss'])} ± {f(v[la + '_sft_loss_std'])} | "
                  f"{f(v[lb + '_sft_loss'])} ± {f(v[lb + '_sft_loss_std'])} |")

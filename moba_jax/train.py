@@ -439,6 +439,9 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   step_time_s, mfu, wall_s, nonfinite_steps.
   """
   validate(cfg)
+  ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
+  if fresh or not (os.path.isdir(ckdir) and os.listdir(ckdir)):
+    check_init_from(cfg)  # it starts a new run only; checked before the run dir is made
   if jax.process_index() == 0:
     rundir.make_writable_dir(cfg.run_dir, "run_dir")
   else:
@@ -456,9 +459,6 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
       if fresh:
         rundir.clear(cfg.run_dir)
       check_resumable(cfg)
-      ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
-      if not (os.path.isdir(ckdir) and os.listdir(ckdir)):  # init_from starts a new run only
-        check_init_from(cfg)
       save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
       return _run(cfg, progress, pre)
 

@@ -1,6 +1,7 @@
 """Config system: TOML + dotted overrides, validated once, clear errors."""
 
 import json
+import os
 
 import pytest
 
@@ -129,8 +130,8 @@ def test_cross_section_checks():
     check("train.seq_len=16", "eval.trailing_tokens=8")
   with pytest.raises(ValueError, match="vocab_size=256 must be >= 259 for data.task='corpus'"):
     check("data.task=corpus", "data.path=x.jsonl")
-  assert check("data.task=corpus", "data.path=x.jsonl",
-               "model.vocab_size=259").data.path == "x.jsonl"  # read when used
+  assert check("data.task=corpus", "data.path=x.jsonl",  # read when used; the cwd's
+               "model.vocab_size=259").data.path == os.path.abspath("x.jsonl")
   with pytest.raises(ValueError, match="data.response_tokens=256 applies to data.task='corpus' "
                      "and must be < train.seq_len=256"):
     check("data.task=corpus", "model.vocab_size=259", "data.response_tokens=256")
@@ -201,3 +202,22 @@ def test_every_config_key_is_in_the_training_docs_table():
     words = set(re.findall(r"\w+", rows.get(row, "")))
     missing += [f"{name}.{f}" for f in fields if f not in words]
   assert not missing, f"not in docs/training.md's config table: {missing}"
+
+
+def test_relative_input_paths_on_the_command_line_are_the_cwds(tmp_path, monkeypatch):
+  """data.path, data.tokenizer and train.init_from typed relative are the cwd's, made absolute
+  (a run's saved config.toml reads relative paths against its own directory, where a relative
+  override would point elsewhere); a URL stays; grid stage tables and grid.init_from too."""
+  monkeypatch.chdir(tmp_path)
+  cfg = C.load_config(None, ["data.task=corpus", "data.path=corpora/long",
+                             "train.init_from=gs://bucket/llama", "run_dir=runs/a"])
+  assert cfg.data.path == str(tmp_path / "corpora" / "long")
+  assert cfg.train.init_from == "gs://bucket/llama"
+  saved = tmp_path / "runs" / "a" / "config.toml"
+  saved.parent.mkdir(parents=True)
+  C.save_config(cfg, str(saved))
+  assert C.load_config(str(saved)).data.path == cfg.data.path  # the same directory, read back
+  assert C.apply_overrides(cfg, ["data.path=other"]).data.path == str(tmp_path / "other")
+  exp = C.load_experiment_config(None, ["grid.sft.data.path=rel", "grid.init_from=runs/p"])
+  assert exp.grid.sft["data"]["path"] == str(tmp_path / "rel")
+  assert exp.grid.init_from == str(tmp_path / "runs" / "p")

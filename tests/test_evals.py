@@ -154,11 +154,13 @@ def test_forward_and_decode_modes_agree_on_a_real_model(model):
   np.testing.assert_array_equal(got["forward"].predicted[expected], greedy.predicted[expected])
   np.testing.assert_array_equal(got["decode"].predicted, greedy.predicted)  # its own tokens
   np.testing.assert_allclose(got["forward"].nll, got["decode"].nll, rtol=1e-4)
-  # Cells through evaluate() (other keys; the shapes compiled above): the same in both modes.
+  # Cells through evaluate() (other keys; the shapes compiled above): exact matches and NLL the
+  # same in both modes. Answer tokens right need not be: after its first wrong token the greedy
+  # decode goes on from its own tokens, teacher forcing from the answer's.
   cells = {name: evals.evaluate(prompts, score, [CONTEXT], DEPTHS, 3, seed=1, batch_size=12)
            for name, score in (("forward", forward), ("decode", decode))}
   for a, b in zip(cells["forward"], cells["decode"]):
-    assert a["accuracy"] == b["accuracy"] and a["token_accuracy"] == b["token_accuracy"]
+    assert a["accuracy"] == b["accuracy"]
     np.testing.assert_allclose(a["answer_nll"], b["answer_nll"], rtol=1e-4)
 
 

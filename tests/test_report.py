@@ -128,6 +128,29 @@ def test_compare_two_grids(grid_dir, tmp_path):
   assert report.main([str(grid_dir), "--compare", str(other), "--labels", "one"]) == 2
 
 
+def test_compare_labels_each_grid_by_its_own_loss_and_flags_other_data(grid_dir, tmp_path):
+  """Without --labels each grid is named by the SFT loss its experiment.json records (masked or
+  all), in either order; grids of different corpora are flagged not comparable."""
+  other = tmp_path / "other_grid"
+  for (hfl, seed), losses in LOSSES.items():
+    if losses is not None:
+      make_run(other, hfl, seed, losses)
+  (other / report.EXPERIMENT_FILE).write_text(json.dumps(
+      {"config": {"data": {"loss_on": "auto"}, "grid": {"sft": {"data": {"loss_on": "all"}}}}}))
+  (grid_dir / report.EXPERIMENT_FILE).write_text(json.dumps({"config": {"data": {}}}))
+  assert report.default_labels(grid_dir, other) == ("masked", "all")
+  assert report.default_labels(other, grid_dir) == ("all", "masked")
+  (other / report.EXPERIMENT_FILE).write_text(json.dumps({"config": {"data": {}}}))
+  assert report.default_labels(grid_dir, other) == (grid_dir.name, "other_grid")
+  for run in other.glob("sft/*/*"):
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "corpus_fingerprint": "ab" * 32}))
+  assert report.main([str(other), "--compare", str(grid_dir)]) == 0
+  doc = json.loads((other / "compare.json").read_text())
+  assert doc["comparable"] is False and doc["labels"] == ["other_grid", grid_dir.name]
+  assert "not comparable" in (other / "compare.md").read_text()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--labels", "a,b"], "--labels names the two grids of --compare OTHER_OUT_DIR"),
     (["--compare", "{grid}"], "is OUT_DIR itself"),

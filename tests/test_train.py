@@ -242,7 +242,7 @@ def test_init_from_a_run_of_another_shape_is_named_before_anything_runs(tmp_path
                    "model.d_model=48", "model.mlp_dim=96"), progress=False)
   with pytest.raises(ValueError, match="train.init_from='/nonexistent': no such directory"):
     train.run(tiny(tmp_path / "b", "train.init_from=/nonexistent"), progress=False)
-  assert not (tmp_path / "a" / "checkpoints").exists()
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
   # a run dir with checkpoints resumes and never reads init_from
   train.run(tiny(src, "train.steps=2", "eval.batches=0", "train.init_from=/nonexistent"),
             progress=False)
