@@ -524,6 +524,10 @@ def orbax_to_hf(ckpt_path: str, out: str, dtype: str | None = None, like: str | 
   with rundir.staged_dir(out) as stage:  # OUT appears whole (weights, config, tokenizer) or not
     write_safetensors(stage, export_tensors(params, cfg, dtype), int(shard_gb * 2 ** 30))
     config = hf_config(cfg.model, template, dtype, cfg.train.seq_len)
+    if template is None and not cfg.data.tokenizer:  # a native run: our own ids (data.py)
+      from moba_jax import data as data_lib
+      config.update(bos_token_id=data_lib.BOS, eos_token_id=data_lib.EOS,
+                    pad_token_id=data_lib.PAD)
     rundir.atomic_write(stage / "config.json", json.dumps(config, indent=2) + "\n")
     for name in (("generation_config.json",) + TOKENIZER_FILES) if tdir else ():
       if (tdir / name).is_file():

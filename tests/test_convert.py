@@ -168,6 +168,8 @@ def test_native_tied_model_exports_to_transformers_logits(converted, tmp_path):
   with torch.no_grad():
     expected = hf(torch.tensor(tokens)).logits.numpy()
   assert rel_err(logits(model, tokens), expected) < 1e-5
+  # our token ids (moba_jax/data.py): transformers' generate stops at our EOS
+  assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (1, 2, 0)
 
 
 def test_generate_with_the_tokenizer_matches_transformers_greedy(converted, capsys):
