@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args)
     ckpt_dir, run_dir = insp.resolve_dirs(args.checkpoint)
     latest_step(ckpt_dir)
-    cfg = checkpoint_config(ckpt_dir, run_dir, args.config, args.set)
+    overrides = list(args.set)
+    if args.tokenizer:  # checked first (errors name the flag); it replaces the config's
+      load_tokenizer(args.tokenizer, None)
+      overrides.append(f"data.tokenizer={args.tokenizer}")
+    cfg = checkpoint_config(ckpt_dir, run_dir, args.config, overrides)
     tok = load_tokenizer(args.tokenizer, cfg)
     check_text_model(cfg, tok)
     encoded = encode_all(prompts, cfg.train.seq_len, tok)

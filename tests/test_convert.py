@@ -490,3 +490,19 @@ def test_eval_refuses_a_model_of_a_tokenizer(converted, capsys):
   assert evals.main([str(converted["llama"][2]), "--lengths", "128", "--samples", "1"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "reads data.tokenizer=" in err and "byte-level" in err
+
+
+def test_generate_tokenizer_flag_stands_in_for_a_missing_saved_one(converted, tmp_path, capsys):
+  """A run whose saved data.tokenizer is gone (a moved file): `generate --tokenizer PATH` takes
+  PATH in its place and generates; without the flag, the missing file is named."""
+  import shutil
+  _, hf_dir, run_dir = converted["llama"]
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  text = (run / "config.toml").read_text().replace('tokenizer = "hf/tokenizer.json"',
+                                                    'tokenizer = "/gone/tokenizer.json"')
+  (run / "config.toml").write_text(text)
+  assert gen.main([str(run), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+  assert "/gone/tokenizer.json" in capsys.readouterr().err
+  assert gen.main([str(run), "--prompt", "hi", "--max-new-tokens", "2", "--tokenizer",
+                   str(hf_dir / "tokenizer.json")]) == 0
