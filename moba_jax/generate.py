@@ -106,18 +106,26 @@ def checkpoint_config(ckpt_dir: Path, run_dir: Path | None, config_file: str | N
   for item in overrides:
     if config_lib.parse_override(item)[0] in shape_keys:
       raise ValueError(f"--set {item}: that key fixes the shapes of the checkpoint's parameters")
-  if config_file is not None:
-    return train.validate(_load_config_file(config_file, overrides, f"--config {config_file!r}"))
-  if run_dir is not None and (run_dir / rundir.CONFIG).is_file():
-    path = str(run_dir / rundir.CONFIG)
-    return train.validate(_load_config_file(path, overrides, path))
-  saved = _saved_config_dict(ckpt_dir)
-  if saved is None:
-    raise ValueError(f"{ckpt_dir} has no saved config (no {rundir.CONFIG} beside it, none in its "
-                     "step metadata): pass --config with the experiment it was trained with")
-  saved.pop("grid", None)  # an experiment's table in older saves, not part of a run
-  cfg = config_lib.apply_overrides(config_lib.config_from_dict(saved), overrides)
-  return train.validate(cfg)
+  def load(overrides):
+    if config_file is not None:
+      return _load_config_file(config_file, overrides, f"--config {config_file!r}")
+    if run_dir is not None and (run_dir / rundir.CONFIG).is_file():
+      path = str(run_dir / rundir.CONFIG)
+      return _load_config_file(path, overrides, path)
+    saved = _saved_config_dict(ckpt_dir)
+    if saved is None:
+      raise ValueError(f"{ckpt_dir} has no saved config (no {rundir.CONFIG} beside it, none in "
+                       "its step metadata): pass --config with the experiment it was trained with")
+    saved.pop("grid", None)  # an experiment's table in older saves, not part of a run
+    return config_lib.apply_overrides(config_lib.config_from_dict(saved), overrides)
+
+  cfg = train.validate(load(overrides))
+  trained = load([]).train.seq_len
+  if cfg.train.seq_len > trained:
+    print(f"note: train.seq_len={cfg.train.seq_len} is past the {trained} positions the model "
+          "was trained on (its RoPE positions beyond them are unseen)", file=sys.stderr,
+          flush=True)
+  return cfg
 
 
 def load_model(ckpt_dir: Path, cfg):

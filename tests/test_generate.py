@@ -57,6 +57,15 @@ def test_greedy_streams_the_argmax_continuation_with_the_config_in_the_metadata(
   assert out == greedy_reference(run_dir, "def f1", 12) + "\n"
 
 
+def test_a_context_past_the_trained_one_is_noted(run_dir, capsys):
+  """--set train.seq_len past the positions the model trained on runs, with a note (the model's
+  RoPE positions beyond them are unseen); at or below them, no note."""
+  for seq, noted in ((64, True), (32, False), (16, False)):
+    gen.checkpoint_config(run_dir / "checkpoints", run_dir, None, [f"train.seq_len={seq}"])
+    err = capsys.readouterr().err
+    assert ("note: train.seq_len=64 is past the 32 positions" in err) == noted, (seq, err)
+
+
 def test_a_batch_of_prompts_prints_in_order_and_stops_at_the_context(run_dir, tmp_path, capsys):
   prompts = ["x", "def f2(x):"]
   (tmp_path / "prompts.txt").write_text(prompts[1] + "\n")  # one prompt per line
