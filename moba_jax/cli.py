@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
   atexit.register(_ignore_late_signals)
   # moba_jax.checkpoint prints each CheckpointWarning as one "WARNING: ..." line itself
   warnings.simplefilter("ignore", rundir.CheckpointWarning)
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
   code = _main(sys.argv[1:])
   _result_stands(code)
   return code
@@ -124,6 +125,17 @@ def _result_stands(code: int) -> None:
 
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, finish)
+
+
+def _quiet_closed_loop(hook):
+  """sys.unraisablehook without TensorStore's late callbacks onto Orbax's closed event loop (a
+  checkpoint read that failed: "RuntimeError: Event loop is closed", a traceback after the
+  command's own one-line verdict); every other unraisable exception goes to `hook`."""
+  def quiet(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      hook(unraisable)
+  return quiet
 
 
 def _ignore_late_signals() -> None:

@@ -292,6 +292,21 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
   assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
 
 
+def test_the_entry_point_drops_only_late_callbacks_onto_a_closed_event_loop():
+  """`moba-jax`'s unraisable hook: TensorStore's callbacks onto Orbax's closed loop after a
+  failed read are dropped (a traceback after the verdict), anything else still reported."""
+  import types
+
+  from moba_jax import cli
+  seen = []
+  hook = cli._quiet_closed_loop(seen.append)
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+  hook(closed)
+  hook(other)
+  assert seen == [other]
+
+
 def test_python_dash_m_cli_prints_a_mistake_in_one_line():
   """`python -m moba_jax.cli` (tools/run_h200.sh's way in) handles a command's mistake as the
   `moba-jax` script does: the commands raise the package module's UsageError, not __main__'s."""
