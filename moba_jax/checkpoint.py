@@ -53,7 +53,8 @@ def _warn(msg: str) -> None:
 
 def _first_line(e: BaseException) -> str:
   """"Type: the message's first line" (TensorStore's errors run on with a whole spec)."""
-  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+  line = (str(e).splitlines() or [""])[0].split(". See full TensorStore details")[0]
+  return f"{type(e).__name__}: {line[:300]}"
 
 
 def checkpoint_dir(path: str) -> str:
