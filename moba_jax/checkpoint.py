@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -183,6 +184,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
 
   start = data_iter.get_state()
   steps = sorted(mngr.all_steps(), reverse=True)
+  if steps:
+    _check_processes(str(mngr.directory), steps[0])
   _warn_partial(str(mngr.directory), steps[0] if steps else None)
   unusable = []
   for i, step in enumerate(steps):
@@ -209,6 +212,21 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
     return step, out["params"], out["opt_state"], out["meta"]
   _set_aside(mngr, unusable)
   return None
+
+
+def _check_processes(directory: str, step: int) -> None:
+  """ValueError where `step` was saved by another number of processes than this run has: its
+  data item holds one iterator state a process (process_I-of-N.json), which Grain restores
+  for N processes only; set aside as unusable, the run's progress would be lost."""
+  data = os.path.join(directory, str(step), "data")
+  names = os.listdir(data) if os.path.isdir(data) else []
+  counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", n))}
+  if counts and jax.process_count() not in counts:
+    raise ValueError(
+        f"checkpoint step {step} in {directory} was saved by {max(counts)} processes (a data "
+        f"iterator state each) and this run has {jax.process_count()}: resume it with "
+        f"{max(counts)} processes, or start a new run_dir with train.init_from={directory} "
+        "(its parameters only)")
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:

@@ -312,8 +312,12 @@ class AxisRules:
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
-      for axis in getattr(self, f.name):
+      axes = getattr(self, f.name)
+      for axis in axes:
         _choice("mesh.rules", f.name, axis, MESH_AXES)
+      if len(set(axes)) != len(axes):
+        raise ValueError(f"mesh.rules.{f.name}={list(axes)!r} names a mesh axis twice (an array "
+                         "dimension is split over each mesh axis at most once)")
 
   def as_tuples(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
@@ -337,9 +341,12 @@ class MeshConfig:
       if not (isinstance(value, int) and not isinstance(value, bool)
               and (value >= 1 or value == -1)):
         raise ValueError(f"mesh.{key}={value!r} must be an integer >= 1 or -1 (all remaining)")
-    if sum(getattr(self, k) == -1 for k in MESH_AXES) > 1:
-      raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, got "
-                       f"{[getattr(self, k) for k in MESH_AXES]}")
+    minus = [k for k in MESH_AXES if getattr(self, k) == -1]
+    if len(minus) > 1:
+      hint = (f" (mesh.data is -1 by default: with mesh.{minus[1]}=-1 set mesh.data=1)"
+              if minus[0] == "data" else "")
+      raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1 (all remaining devices), "
+                       f"got {', '.join(f'mesh.{k}=-1' for k in minus)}{hint}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,6 +81,10 @@ def _restore(cfg: Config, state: ts.TrainState, mngr, data_iter) -> tuple[int, d
     nnx.replace_by_pure_dict(state.params, params)
     nnx.replace_by_pure_dict(state.opt_state, opt_state)
     _log0(f"resumed from {mngr.directory}/{step}")
+    saved, now = meta.get("mesh_shape"), dict(state.mesh.shape)
+    if saved and saved != now:
+      _log0(f"note: step {step} was saved on mesh {saved}; it continues on {now} (the arrays "
+            "resharded: bit-equal to an uninterrupted run on one mesh only)")
     return step, meta
   if cfg.train.init_from:
     step, params = ckpt.restore_params(cfg.train.init_from, abs_p)
@@ -196,6 +200,7 @@ class _Loop:
             "nonfinite_consecutive": self.consecutive, "last_finite_step": self.last_finite_step,
             "train_seed": c.train.seed, "data_seed": c.data.seed,
             "metrics_window": self.window.state(), "wall_s": self.wall_s(),
+            "mesh_shape": dict(self.state.mesh.shape),
             "config": config_to_dict(c)}
 
   def wall_s(self) -> float:
@@ -439,6 +444,7 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   step_time_s, mfu, wall_s, nonfinite_steps.
   """
   validate(cfg)
+  _setup(cfg)  # the mesh on these devices: a mistake there touches no file of the run dir
   ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
   if fresh or not (os.path.isdir(ckdir) and os.listdir(ckdir)):
     check_init_from(cfg)  # it starts a new run only; checked before the run dir is made

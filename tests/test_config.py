@@ -84,6 +84,9 @@ def test_experiment_errors_name_the_key(override, needle):
     ("moba.tiles=[128, 128, 128, 0, 256]", None),  # 0: a field's own value (a TPU window: auto)
     ("moba.tiles=[128, -1]", "moba.tiles[]=-1 must be an integer >= 0"),
     ("model.head_dim=15", "model.head_dim=15 must be even"),
+    ("mesh.fsdp=-1", "mesh.data is -1 by default: with mesh.fsdp=-1 set mesh.data=1"),
+    ("mesh.rules.batch=[\"data\", \"data\"]", "mesh.rules.batch=['data', 'data'] names a mesh "
+                                                "axis twice"),
     ("train.profile_steps=1", None),  # starts at step 3 of 60
     ("train.profile_start=100", None),  # no profile asked for
     (("train.profile_steps=2", "train.profile_start=61"), "train.profile_start=61 must be <= "),

@@ -97,3 +97,20 @@ def test_eight_fake_devices_match_one():
   assert len(one["losses"]) == 3 and eight["summary"]["status"] == "done"
   for a, b in zip(one["losses"], eight["losses"]):
     assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_a_run_resumed_on_another_mesh_says_so(tmp_path):
+  """Stopped on fsdp=2, resumed on data=2 (2 fake devices): the arrays reshard, the run goes on,
+  and the log names both meshes (bit-equality holds on one mesh only)."""
+  run_dir = tmp_path / "run"
+  helper = [sys.executable, os.path.join(ROOT, "tests", "train_helper.py"), "2",
+            f"run_dir={run_dir}", *TINY]
+  first = subprocess.run(helper + ["mesh.data=1", "mesh.fsdp=2", "train.stop_after=1"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = subprocess.run(helper + ["mesh.data=2", "mesh.fsdp=1"], capture_output=True,
+                          text=True, timeout=240, cwd=ROOT)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert json.loads(second.stdout.strip().splitlines()[-1])["summary"]["step"] == 3
+  assert ("note: step 1 was saved on mesh {'data': 1, 'fsdp': 2, 'context': 1, 'tensor': 1}; it "
+          "continues on {'data': 2, 'fsdp': 1, 'context': 1, 'tensor': 1}") in second.stderr

@@ -286,6 +286,37 @@ def test_init_from_reads_a_step_saved_while_the_older_ones_failed(tmp_path, monk
       "train.init_from: step 2", "train.init_from: step 1"]
 
 
+def test_a_mesh_that_does_not_fit_the_devices_touches_no_file(tmp_path):
+  """mesh.fsdp=3 (no device count here is a multiple): a ValueError before the run dir's
+  config.toml is rewritten, and a new run dir is not made."""
+  run_dir = tmp_path / "run"
+  train.run(tiny(run_dir, "train.steps=1", "eval.batches=0"), progress=False)
+  before = (run_dir / "config.toml").read_text()
+  for target in (run_dir, tmp_path / "new"):
+    with pytest.raises(ValueError, match="mesh"):
+      train.run(tiny(target, "train.steps=2", "mesh.data=1", "mesh.fsdp=3"), progress=False)
+  assert (run_dir / "config.toml").read_text() == before and not (tmp_path / "new").exists()
+
+
+def test_a_step_saved_by_another_process_count_is_named_not_set_aside(tmp_path):
+  """A checkpoint whose data item was saved by 2 processes (process_I-of-2.json), resumed by 1:
+  a ValueError naming both counts and train.init_from; the step is not set aside as unusable
+  (a fresh start would lose the run)."""
+  run_dir = tmp_path / "run"
+  train.run(tiny(run_dir, "train.steps=4", "train.stop_after=2", "eval.batches=0"),
+            progress=False)
+  data = run_dir / "checkpoints" / "2" / "data"
+  state = (data / "process_0-of-1.json").read_text()
+  (data / "process_0-of-1.json").unlink()
+  for i in range(2):
+    (data / f"process_{i}-of-2.json").write_text(state)
+  with pytest.raises(ValueError, match="saved by 2 processes .* this run has 1: resume it with 2 "
+                                       "processes, or start a new run_dir with train.init_from="):
+    train.run(tiny(run_dir, "train.steps=4", "eval.batches=0"), progress=False)
+  assert (run_dir / "checkpoints" / "2").is_dir()
+  assert not (run_dir / "checkpoints_unusable").exists()
+
+
 def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
   src = tmp_path / "moba"
   train.run(tiny(src, "train.steps=4", "train.stop_after=2", "moba.hybrid_full_layers=0",
