@@ -144,8 +144,9 @@ def adjacent_gaps(rows: list[dict], key: str = "sft_loss") -> list[dict]:
   """Each variant against the next one (MoBA, hybrid-1, ..., Full), and MoBA against Full.
 
   gap = mean(a) - mean(b); spread = sqrt(std_a^2 + std_b^2), the std of the difference of one run
-  of each; `separated` when |gap| > 2 spread. paired: mean and std over the seeds both have of the
-  per-seed differences (the seeds of a grid share their training rows and held-out rows)."""
+  of each; `separated` when |gap| > 2 spread, None where a side has fewer than two seeds (its
+  std is unknown, not 0). paired: mean and std over the seeds both have of the per-seed
+  differences (the seeds of a grid share their training rows and held-out rows)."""
   pairs = list(zip(rows, rows[1:]))
   if len(rows) > 2 and rows[0]["variant"] == "moba" and rows[-1]["variant"] == "full":
     pairs.append((rows[0], rows[-1]))
@@ -155,8 +156,9 @@ def adjacent_gaps(rows: list[dict], key: str = "sft_loss") -> list[dict]:
     spread = math.sqrt(a[f"{key}_std"] ** 2 + b[f"{key}_std"] ** 2)
     sa, sb = a.get(f"{key}_per_seed", {}), b.get(f"{key}_per_seed", {})
     paired = _stats([sa[s] - sb[s] for s in sa if s in sb])
+    known = min(a.get("n_seeds", 0), b.get("n_seeds", 0)) >= 2 and math.isfinite(gap)
     out.append({"from": a["variant"], "to": b["variant"], "gap": gap, "spread": spread,
-                "separated": bool(abs(gap) > 2 * spread) if math.isfinite(gap) else False,
+                "separated": bool(abs(gap) > 2 * spread) if known else None,
                 "paired_mean": paired["mean"], "paired_std": paired["std"],
                 "paired_n": len([s for s in sa if s in sb])})
   return out
@@ -167,9 +169,11 @@ def format_gaps(gaps: list[dict], what: str = "SFT loss") -> str:
           "(per seed) |\n|---|---|---|---|---|---|---|\n")
   lines = []
   for g in gaps:
-    ratio = g["gap"] / g["spread"] if g["spread"] else math.inf
-    lines.append(f"| {g['from']} | {g['to']} | {_fmt(g['gap'])} | {_fmt(g['spread'])} | "
-                 f"{ratio:.1f} | {'yes' if g['separated'] else 'no'} | "
+    unknown = g["separated"] is None  # a side of one seed: no spread to compare with
+    ratio = "-" if unknown or not g["spread"] else f"{g['gap'] / g['spread']:.1f}"
+    verdict = "n/a (one seed)" if unknown else "yes" if g["separated"] else "no"
+    lines.append(f"| {g['from']} | {g['to']} | {_fmt(g['gap'])} | "
+                 f"{'-' if unknown else _fmt(g['spread'])} | {ratio} | {verdict} | "
                  f"{_fmt(g['paired_mean'])} ± {_fmt(g['paired_std'])} (n={g['paired_n']}) |")
   return head + "\n".join(lines) + "\n"
 

@@ -73,9 +73,12 @@ def plot_positions(runs: list[dict], path, experiment: dict | None = None,
 
 
 def _gap(rows: dict, key: str = "sft_loss") -> tuple[float, float]:
+  """MoBA - Full and its spread; nan spread where a side has fewer than two seeds (unknown)."""
   a, b = rows.get("moba"), rows.get("full")
   if a is None or b is None:
     return math.nan, math.nan
+  if min(a.get("n_seeds", 0), b.get("n_seeds", 0)) < 2:
+    return a[key] - b[key], math.nan
   return a[key] - b[key], math.sqrt(a[f"{key}_std"] ** 2 + b[f"{key}_std"] ** 2)
 
 
@@ -95,8 +98,8 @@ def compare(rows_a: list[dict], rows_b: list[dict], labels: tuple[str, str]) -> 
     doc["gaps"][key] = {f"{labels[0]}_gap": ga, f"{labels[0]}_spread": sa,
                         f"{labels[1]}_gap": gb, f"{labels[1]}_spread": sb,
                         "difference": diff, "spread": spread,
-                        "separated": bool(abs(diff) > 2 * spread) if math.isfinite(diff)
-                        else False}
+                        "separated": bool(abs(diff) > 2 * spread)
+                        if math.isfinite(diff) and math.isfinite(spread) else None}
   return doc
 
 
@@ -115,7 +118,8 @@ def format_compare(doc: dict) -> str:
   for key, g in doc["gaps"].items():
     lines.append(f"| {key} | {f(g[la + '_gap'])} ± {f(g[la + '_spread'])} | "
                  f"{f(g[lb + '_gap'])} ± {f(g[lb + '_spread'])} | {f(g['difference'])} | "
-                 f"{f(g['spread'])} | {'yes' if g['separated'] else 'no'} |")
+                 f"{f(g['spread'])} | "
+                 f"{'n/a (one seed)' if g['separated'] is None else 'yes' if g['separated'] else 'no'} |")
   return "\n".join(lines) + "\n"
 
 

@@ -96,6 +96,10 @@ def test_adjacent_gaps_with_spread_and_paired_seeds(grid_dir):
   assert last["gap"] == pytest.approx(1.0) and last["separated"]
   h3 = gaps[1]  # hybrid-3 has one finished seed: its std is 0, the paired gap has n = 1
   assert h3["paired_n"] == 1
+  # ... and no spread is known: neither gap touching it claims a separation (the table says so)
+  assert h3["separated"] is None and gaps[2]["separated"] is None
+  table = report.format_gaps(gaps)
+  assert table.count("n/a (one seed)") == 2 and "inf" not in table
 
 
 def test_fingerprint_in_every_results_file(tmp_path):
