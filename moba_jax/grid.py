@@ -166,7 +166,8 @@ def plan(exp: ExperimentConfig) -> tuple[RunSpec | None, list[RunSpec]]:
   init_from = g.init_from
   if not init_from:
     pre_base = exp.stage_config("pretrain")
-    pre_cfg = _with(pre_base, out / rundir.PRETRAIN, g.pretrain_attention, {}, pre_base.train.init_from)
+    pre_cfg = _with(pre_base, out / rundir.PRETRAIN, g.pretrain_attention, {},
+                    pre_base.train.init_from)
     pre = RunSpec("pretrain", pre_cfg)
     init_from = str(out / rundir.PRETRAIN)
   sft_base = exp.stage_config("sft")
@@ -201,7 +202,8 @@ def enable_jax_cache(exp: ExperimentConfig) -> None:
 
   if not exp.grid.jax_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
-  jax.config.update("jax_compilation_cache_dir", str(Path(exp.grid.out_dir, rundir.JAX_CACHE).resolve()))
+  cache = Path(exp.grid.out_dir, rundir.JAX_CACHE).resolve()
+  jax.config.update("jax_compilation_cache_dir", str(cache))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

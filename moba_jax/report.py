@@ -171,9 +171,9 @@ def format_gaps(gaps: list[dict], what: str = "SFT loss") -> str:
   for g in gaps:
     unknown = g["separated"] is None  # a side of one seed: no spread to compare with
     ratio = "-" if unknown or not g["spread"] else f"{g['gap'] / g['spread']:.1f}"
-    verdict = "n/a (one seed)" if unknown else "yes" if g["separated"] else "no"
-    lines.append(f"| {g['from']} | {g['to']} | {_fmt(g['gap'])} | "
-                 f"{'-' if unknown else _fmt(g['spread'])} | {ratio} | {verdict} | "
+    spread = "-" if unknown else _fmt(g["spread"])
+    lines.append(f"| {g['from']} | {g['to']} | {_fmt(g['gap'])} | {spread} | {ratio} | "
+                 f"{charts.verdict(g['separated'])} | "
                  f"{_fmt(g['paired_mean'])} ± {_fmt(g['paired_std'])} (n={g['paired_n']}) |")
   return head + "\n".join(lines) + "\n"
 

@@ -85,7 +85,7 @@ def _gap(rows: dict, key: str = "sft_loss") -> tuple[float, float]:
 def compare(rows_a: list[dict], rows_b: list[dict], labels: tuple[str, str]) -> dict:
   """The two grids side by side and the MoBA - Full gap of each (SFT and trailing loss)."""
   a, b = ({r["variant"]: r for r in rows} for rows in (rows_a, rows_b))
-  prints = [next((r.get("corpus_fingerprint") or "" for r in rows), "") for rows in (rows_a, rows_b)]
+  prints = [(rows[0].get("corpus_fingerprint") or "") if rows else "" for rows in (rows_a, rows_b)]
   doc = {"labels": list(labels), "corpus_fingerprints": prints,
          "comparable": prints[0] == prints[1], "variants": [], "gaps": {}}
   for v in [r["variant"] for r in rows_a if r["variant"] in b]:
@@ -103,6 +103,11 @@ def compare(rows_a: list[dict], rows_b: list[dict], labels: tuple[str, str]) -> 
   return doc
 
 
+def verdict(separated: bool | None) -> str:
+  """A gap's "> 2 spread" cell: None where a side has one seed (no spread known)."""
+  return "n/a (one seed)" if separated is None else "yes" if separated else "no"
+
+
 def format_compare(doc: dict) -> str:
   la, lb = doc["labels"]
   f = lambda x: "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
@@ -118,8 +123,7 @@ def format_compare(doc: dict) -> str:
   for key, g in doc["gaps"].items():
     lines.append(f"| {key} | {f(g[la + '_gap'])} ± {f(g[la + '_spread'])} | "
                  f"{f(g[lb + '_gap'])} ± {f(g[lb + '_spread'])} | {f(g['difference'])} | "
-                 f"{f(g['spread'])} | "
-                 f"{'n/a (one seed)' if g['separated'] is None else 'yes' if g['separated'] else 'no'} |")
+                 f"{f(g['spread'])} | {verdict(g['separated'])} |")
   return "\n".join(lines) + "\n"
 
 

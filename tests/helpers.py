@@ -149,3 +149,14 @@ def primitives_outside_kernels(jaxpr) -> set:
       elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
         names |= primitives_outside_kernels(x.jaxpr)
   return names
+
+
+def flip_a_params_byte(step_dir) -> None:
+  """One byte flipped mid-way through the largest array file of a checkpoint step's params: the
+  step still restores, and fails its checksums (moba_jax/checkpoint.py)."""
+  from pathlib import Path
+  blob = max((f for f in (Path(step_dir) / "params").rglob("*")
+              if f.is_file() and "METADATA" not in f.name.upper()), key=lambda f: f.stat().st_size)
+  data = bytearray(blob.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  blob.write_bytes(bytes(data))

@@ -269,11 +269,8 @@ def test_an_export_past_a_corrupt_newest_step_says_so_once(tmp_path):
       "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16", "train.steps=2",
       "train.batch_size=2", "train.seq_len=64", "moba.block_size=16", "checkpoint.every=1",
       "checkpoint.async_save=false", "eval.batches=0", "log.progress=false"]), progress=False)
-  blob = max((f for f in (run / "checkpoints" / "2" / "params").rglob("*") if f.is_file()
-              and "METADATA" not in f.name.upper()), key=lambda f: f.stat().st_size)
-  data = bytearray(blob.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  blob.write_bytes(bytes(data))
+  from tests.helpers import flip_a_params_byte
+  flip_a_params_byte(run / "checkpoints" / "2")
   proc = subprocess.run([sys.executable, "-m", "moba_jax.cli", "convert", "orbax-to-hf",
                          str(run), str(tmp_path / "hf")], capture_output=True, text=True,
                         timeout=600)

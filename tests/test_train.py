@@ -20,6 +20,7 @@ from moba_jax import config as C
 from moba_jax import sharding as S
 from moba_jax import train
 from moba_jax import train_step as ts
+from tests.helpers import flip_a_params_byte
 from tests.test_sharding import ROOT
 
 TINY = ["model.n_layers=2", "model.d_model=32", "model.mlp_dim=64", "model.n_heads=2",
@@ -217,11 +218,7 @@ def test_a_fresh_start_after_the_only_checkpoint_fails_reads_the_data_from_the_s
   run_dir, fresh = tmp_path / "run", tmp_path / "fresh"
   common = ("train.steps=3", "checkpoint.every=0", "eval.batches=0")
   train.run(tiny(run_dir, *common), progress=False)
-  blob = max((f for f in (run_dir / "checkpoints" / "3" / "params").rglob("*")
-              if f.is_file() and "METADATA" not in f.name.upper()), key=lambda f: f.stat().st_size)
-  data = bytearray(blob.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  blob.write_bytes(bytes(data))
+  flip_a_params_byte(run_dir / "checkpoints" / "3")
   (run_dir / "metrics.jsonl").unlink()
   with pytest.warns(ckpt.CheckpointWarning) as record:
     train.run(tiny(run_dir, *common), progress=False)
@@ -259,11 +256,7 @@ def test_init_from_reads_a_step_saved_while_the_older_ones_failed(tmp_path, monk
   ckdir = src / "checkpoints"
   shutil.copytree(ckdir / "2", tmp_path / "good")
   for step in ("1", "2"):
-    blob = max((f for f in (ckdir / step / "params").rglob("*") if f.is_file()
-                and "METADATA" not in f.name.upper()), key=lambda f: f.stat().st_size)
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    flip_a_params_byte(ckdir / step)
   real = ckpt.manager
 
   def training_meanwhile(*a, **kw):
