@@ -361,15 +361,18 @@ def cache_dir() -> Path:
 
 
 def default_code_corpus() -> Path:
-  """The code corpus of this interpreter's stdlib, built once into the cache directory."""
+  """The code corpus of this interpreter's stdlib, built once into the cache directory. Processes
+  starting at once (a grid's workers, two grids) build it once: the others wait on its lock."""
   out = cache_dir() / "corpora" / f"python{sys.version.split()[0]}-stdlib"
-  if not (out / MANIFEST).is_file():
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building the code corpus of {stdlib_dir()} in {out} (once)", file=sys.stderr,
-          flush=True)
-    if out.exists():  # our own cache entry without a manifest: a broken build
-      shutil.rmtree(out)
-    build_code(out)
+  if (out / MANIFEST).is_file():
+    return out
+  with rundir.waiting_lock(out.parent / f".{out.name}.lock"):
+    if not (out / MANIFEST).is_file():  # not built by a process that held the lock before us
+      print(f"building the code corpus of {stdlib_dir()} in {out} (once)", file=sys.stderr,
+            flush=True)
+      if out.exists():  # our own cache entry without a manifest: a broken build
+        shutil.rmtree(out)
+      build_code(out)
   return out
 
 

@@ -151,6 +151,22 @@ def clear(run_dir: str | os.PathLike) -> None:
     Path(run_dir, name).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike):
+  """Holds an exclusive lock (fcntl.flock) on the file `path`, waiting for another holder: for
+  a shared build that two processes may start at once (the default corpus in the cache). A
+  killed holder's lock goes with its process."""
+  import fcntl
+
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class RunDirBusy(RuntimeError):
   """Another live process holds the run dir."""
 

@@ -330,6 +330,46 @@ def test_default_code_corpus_rebuilds_its_own_broken_cache_entry(tmp_path, monke
   assert "building the code corpus" in capsys.readouterr().err
 
 
+def test_default_code_corpus_is_built_once_by_concurrent_callers(tmp_path, monkeypatch):
+  """Callers starting at once (a grid's workers) build the cache's corpus once, and none of them
+  deletes the corpus another one built (each sees it whole)."""
+  import threading
+  import time
+
+  std = tmp_path / "std"
+  std.mkdir()
+  for i in range(60):
+    (std / f"m{i:03d}.py").write_text(f"X = {i}\n")
+  monkeypatch.setattr(corpus, "stdlib_dir", lambda: std)
+  monkeypatch.setenv("MOBA_JAX_CACHE", str(tmp_path / "cache"))
+  builds, real_build = [], corpus.build_code
+
+  def slow_build(out, *a, **k):
+    builds.append(out)
+    time.sleep(0.5)  # the others arrive while this build runs
+    return real_build(out, *a, **k)
+
+  monkeypatch.setattr(corpus, "build_code", slow_build)
+  got, errors = [], []
+
+  def call():
+    try:
+      path = corpus.default_code_corpus()
+      got.append((path, corpus.open_dir(path).manifest["documents"]))
+    except Exception as e:  # noqa: BLE001 - reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=call) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  assert len(builds) == 1
+  assert len(got) == 4 and all(docs == 60 for _, docs in got)
+  assert len({p for p, _ in got}) == 1
+
+
 def test_jsonl_split_does_not_depend_on_the_file_location(tmp_path):
   lines = "".join(json.dumps({"text": f"line {i} " * 4}) + "\n" for i in range(60))
   splits, prints = [], []
