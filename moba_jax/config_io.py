@@ -41,13 +41,21 @@ def _describe(tp) -> str:
     return "a table of config keys"
   origin, args = typing.get_origin(tp), typing.get_args(tp)
   if origin is tuple:
-    return f"a list of {_describe(args[0])}"
+    return f"a list of {_plural(args[0])}"
   if origin in (Union, types.UnionType):
     return " or ".join(_describe(a) for a in args)
   if origin is Literal:
     return " or ".join(repr(a) for a in args)
   return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
       tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(tp) -> str:
+  """A list element's description: "strings", "integers", "'a' or 'b' values"."""
+  if typing.get_origin(tp) is Literal or typing.get_origin(tp) in (Union, types.UnionType):
+    return f"{_describe(tp)} values"
+  return {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(
+      tp, f"{_describe(tp)} values")
 
 
 def _coerce(tp, value, key: str, root=None):
@@ -64,7 +72,11 @@ def _coerce(tp, value, key: str, root=None):
     return _build(tp, value, key + ".", root)
   if origin is tuple:
     if not isinstance(value, (list, tuple)):
-      raise bad
+      try:  # one element given bare: show the list it would be
+        _coerce(args[0], value, key, root)
+      except ValueError:
+        raise bad from None
+      raise ValueError(f"{bad}, e.g. {key}={_toml_value([value])}")
     return tuple(_coerce(args[0], v, f"{key}[{i}]", root) for i, v in enumerate(value))
   if origin in (Union, types.UnionType):
     for arg in args:
@@ -127,6 +139,11 @@ def _unknown(key: str, valid: Sequence[str]) -> ValueError:
     close = [k for k in valid if k.rsplit(".", 1)[-1] in
              difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1)]
   hint = f"; did you mean {close[0]!r}?" if close else ""
+  section = key.rsplit(".", 1)[0] if "." in key else ""
+  keys = [k[len(section) + 1:] for k in valid if k.startswith(section + ".")
+          and "." not in k[len(section) + 1:]] if section in valid else []
+  if keys and not (close and close[0].startswith(section + ".")):
+    hint = f" ({section} has: {', '.join(keys)})"
   return ValueError(f"unknown config key {key!r}{hint}")
 
 

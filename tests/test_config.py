@@ -78,6 +78,12 @@ def test_experiment_errors_name_the_key(override, needle):
     ("moba.implementation=cudnn", "moba.implementation='cudnn' must be one of ('auto', "),
     ("data.task=nope", "data.task='nope' must be one of"),
     ("mesh.rules.batch=[\"dat\"]", "mesh.rules.batch='dat' must be one of"),
+    ("mesh.rules.embed=fsdp", "mesh.rules.embed='fsdp' must be a list of strings, e.g. "
+                              "mesh.rules.embed=[\"fsdp\"]"),
+    ("moba.tiles=x", "moba.tiles='x' must be a list of integers"),
+    ("mesh.rules.foo=[\"data\"]", "unknown config key 'mesh.rules.foo' (mesh.rules has: batch, "
+                                 "length, embed, mlp, heads, kv_heads, head_dim, vocab, norm, "
+                                 "layers)"),
     ("train=3", "train=3 is a section"),
     ("eval.trailing_tokens=9999", "eval.trailing_tokens=9999 must be <= train.seq_len=256"),
     ("train.batch_size=3", None),  # fine on its own
