@@ -3,7 +3,8 @@
 Each step directory holds four items (ocp.args.Composite):
   params     StandardSave of the model parameters (a pure dict, arrays sharded as in training)
   opt_state  StandardSave of the nnx.Optimizer state (pure dict)
-  data       Grain's iterator state (one JSON file per process), via grain.checkpoint
+  data       Grain's iterator state (one JSON file per process, all equal: a global batch
+             index), via grain.checkpoint; read directly where the process count changed
   meta       JSON: step, counters, the resolved config
 Restoring takes the newest step that restores cleanly: a corrupt or partial newer step is reported
 with a warning and skipped, never silently. Parameters restore into any attention setting (MoBA adds
@@ -184,16 +185,18 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
 
   start = data_iter.get_state()
   steps = sorted(mngr.all_steps(), reverse=True)
-  if steps:
-    _check_processes(str(mngr.directory), steps[0])
   _warn_partial(str(mngr.directory), steps[0] if steps else None)
   unusable = []
   for i, step in enumerate(steps):
+    other = _other_processes_state(str(mngr.directory), step)  # before reading any array
+    items = dict(params=ocp.args.StandardRestore(abstract_params),
+                 opt_state=ocp.args.StandardRestore(abstract_opt), meta=ocp.args.JsonRestore())
+    if other is None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
-      out = mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params),
-          opt_state=ocp.args.StandardRestore(abstract_opt),
-          data=grain.checkpoint.CheckpointRestore(data_iter), meta=ocp.args.JsonRestore()))
+      out = mngr.restore(step, args=ocp.args.Composite(**items))
+      if other is not None:
+        data_iter.set_state(other)
       sums = out["meta"].get("checksums") or {}
       bad = (mismatches(out["params"], sums.get("params"))
              + mismatches(out["opt_state"], sums.get("opt_state")))
@@ -214,19 +217,39 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
   return None
 
 
-def _check_processes(directory: str, step: int) -> None:
-  """ValueError where `step` was saved by another number of processes than this run has: its
-  data item holds one iterator state a process (process_I-of-N.json), which Grain restores
-  for N processes only; set aside as unusable, the run's progress would be lost."""
+def _other_processes_state(directory: str, step: int) -> dict | None:
+  """The data iterator state of `step` where it was saved by another number of processes than
+  this run has (process_I-of-N.json, which Grain's handler reads for N processes only), else
+  None. Rows are a function of the global batch index (moba_jax.data), so the processes of a run
+  hold one state: it carries over to any process count. Saved states that differ (another data
+  pipeline) raise ValueError naming both counts, and the step is not set aside (the run's progress
+  would be lost)."""
+  import json
+
   data = os.path.join(directory, str(step), "data")
   names = os.listdir(data) if os.path.isdir(data) else []
-  counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", n))}
-  if counts and jax.process_count() not in counts:
+  files = {n: int(m.group(1)) for n in names
+           if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", n))}
+  counts = set(files.values())
+  if not counts or jax.process_count() in counts:
+    return None
+  saved = max(counts)
+  states = []
+  for name, n in files.items():
+    if n == saved:
+      with open(os.path.join(data, name)) as f:
+        states.append(json.load(f))
+  if len(states) != saved or any(st != states[0] for st in states):
     raise ValueError(
-        f"checkpoint step {step} in {directory} was saved by {max(counts)} processes (a data "
-        f"iterator state each) and this run has {jax.process_count()}: resume it with "
-        f"{max(counts)} processes, or start a new run_dir with train.init_from={directory} "
-        "(its parameters only)")
+        f"checkpoint step {step} in {directory} was saved by {saved} processes whose data "
+        f"iterator states differ ({len(states)} files), and this run has "
+        f"{jax.process_count()}: resume it with {saved} processes, or start a new run_dir with "
+        f"train.init_from={directory} (its parameters only)")
+  if jax.process_index() == 0:
+    print(f"note: checkpoint step {step} was saved by {saved} processes and continues on "
+          f"{jax.process_count()}: their data iterator state {states[0]} carries over (each "
+          "global batch is the same for any process count)", file=sys.stderr, flush=True)
+  return states[0]
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:

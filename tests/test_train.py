@@ -291,19 +291,45 @@ def test_a_mesh_that_does_not_fit_the_devices_touches_no_file(tmp_path):
   assert (run_dir / "config.toml").read_text() == before and not (tmp_path / "new").exists()
 
 
-def test_a_step_saved_by_another_process_count_is_named_not_set_aside(tmp_path):
-  """A checkpoint whose data item was saved by 2 processes (process_I-of-2.json), resumed by 1:
-  a ValueError naming both counts and train.init_from; the step is not set aside as unusable
-  (a fresh start would lose the run)."""
+def _as_saved_by(data_dir, states):
+  """Rewrites a step's data item as if saved by len(states) processes."""
+  (data_dir / "process_0-of-1.json").unlink()
+  for i, state in enumerate(states):
+    (data_dir / f"process_{i}-of-{len(states)}.json").write_text(state)
+
+
+def test_a_step_saved_by_another_process_count_continues_with_its_batches(tmp_path, capfd):
+  """A checkpoint whose data item was saved by 2 processes (process_I-of-2.json, one global
+  batch index), resumed by 1: the run goes on with the batches an uninterrupted run reads (its
+  losses bit-equal) and says so."""
+  straight = train.run(tiny(tmp_path / "straight", "train.steps=4", "eval.batches=0"),
+                       progress=False)
+  run_dir = tmp_path / "run"
+  train.run(tiny(run_dir, "train.steps=4", "train.stop_after=2", "eval.batches=0"),
+            progress=False)
+  data = run_dir / "checkpoints" / "2" / "data"
+  _as_saved_by(data, [(data / "process_0-of-1.json").read_text()] * 2)
+  capfd.readouterr()
+  resumed = train.run(tiny(run_dir, "train.steps=4", "eval.batches=0"), progress=False)
+  assert "saved by 2 processes and continues on 1" in capfd.readouterr().err
+  assert resumed["step"] == 4 and resumed["final_train_loss"] == straight["final_train_loss"]
+  assert losses(run_dir) == losses(tmp_path / "straight")
+  assert json.loads((run_dir / "checkpoints" / "4" / "data" / "process_0-of-1.json")
+                    .read_text())["next_index"] == 4
+
+
+def test_a_step_of_differing_process_states_is_named_not_set_aside(tmp_path):
+  """Saved by 2 processes whose iterator states differ (not this pipeline's), resumed by 1: a
+  ValueError naming both counts and train.init_from; the step is not set aside as unusable (a
+  fresh start would lose the run)."""
   run_dir = tmp_path / "run"
   train.run(tiny(run_dir, "train.steps=4", "train.stop_after=2", "eval.batches=0"),
             progress=False)
   data = run_dir / "checkpoints" / "2" / "data"
   state = (data / "process_0-of-1.json").read_text()
-  (data / "process_0-of-1.json").unlink()
-  for i in range(2):
-    (data / f"process_{i}-of-2.json").write_text(state)
-  with pytest.raises(ValueError, match="saved by 2 processes .* this run has 1: resume it with 2 "
+  _as_saved_by(data, [state, state.replace("2", "3")])
+  with pytest.raises(ValueError, match="saved by 2 processes whose data iterator states differ "
+                                       r"\(2 files\), and this run has 1: resume it with 2 "
                                        "processes, or start a new run_dir with train.init_from="):
     train.run(tiny(run_dir, "train.steps=4", "eval.batches=0"), progress=False)
   assert (run_dir / "checkpoints" / "2").is_dir()
