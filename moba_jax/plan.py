@@ -269,6 +269,7 @@ def plan_run(cfg, n_devices: int, platform: str = "tpu", *, compile_memory: bool
   lines.append(f"replicated on all {n_devices} devices, > {_mib(replicated_bytes)}: "
                + (f"{len(big)} arrays" if big else "none"))
   lines += [f"  {b}" for b in big]
+  lines += [f"note: {u}" for u in shd.undivided(state.params, mesh, rules)]
   return lines
 
 

@@ -511,6 +511,8 @@ def _run(cfg: Config, progress: bool, pre: Preemption) -> dict:
   _log0(f"attention: {attention_plan(cfg)}")
   source = data_lib.RowSource(cfg, "train")  # data errors surface before the model is built
   state = ts.init_state(cfg, mesh, rules)
+  for line in shd.undivided(state.params, mesh, rules):
+    _log0(f"note: {line}")
   data_iter = iter(data_lib.train_dataset(cfg, jax.process_index(), jax.process_count(), source))
   mngr = ckpt.manager(os.path.join(cfg.run_dir, rundir.CHECKPOINTS), cfg.checkpoint.keep,
                       cfg.checkpoint.async_save)

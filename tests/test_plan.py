@@ -84,6 +84,7 @@ def test_plan_on_64_fake_devices(tmp_path):
   opt = _bytes(out, "optimizer state")  # AdamW mu and nu like the params, plus step counts
   assert 2 * params <= opt <= 2 * params + 64
   assert "replicated on all 64 devices, > 10.2 KiB: 6 arrays" in out  # params, mu, nu
+  assert "note:" not in out  # every rule's mesh axes divide their dimensions (sharding.undivided)
   for name in ("params/embed [256, 64] float32 64.0 KiB, logical axes ('vocab', 'embed')",
                "params/head [64, 256]", "opt_state/1/0/nu/embed"):
     assert name in out

@@ -42,6 +42,30 @@ def test_logical_to_spec_rules():
   assert S.logical_to_spec((None, "vocab"), rules) == P(None, "tensor")
 
 
+def test_undivided_names_each_replicated_axis_once():
+  """mesh.tensor=4 against 4 query heads (split) and 2 kv heads (not: replicated over tensor in
+  the k and v projections of both layers), vocab 256 (split); an fsdp of 3 divides no embed."""
+  from flax import nnx
+
+  from moba_jax.model import Decoder
+
+  cfg = C.load_config(None, TINY)
+  params = nnx.state(nnx.eval_shape(lambda: Decoder(cfg.model, cfg.moba, rngs=nnx.Rngs(0))),
+                     nnx.Param)
+
+  class Mesh:
+    shape = {"data": 1, "fsdp": 1, "context": 1, "tensor": 4}
+
+  rules = C.MeshConfig().rules.as_tuples()
+  assert S.undivided(params, Mesh(), rules) == [
+      "kv_heads (2) is not divisible by mesh.tensor=4: replicated over tensor in 4 parameters"]
+  Mesh.shape = {"data": 1, "fsdp": 1, "context": 1, "tensor": 2}
+  assert S.undivided(params, Mesh(), rules) == []
+  Mesh.shape = {"data": 1, "fsdp": 3, "context": 1, "tensor": 1}
+  assert [line.split(":")[0] for line in S.undivided(params, Mesh(), rules)] == [
+      "embed (64) is not divisible by mesh.fsdp=3"]
+
+
 def test_mesh_shape_checks():
   assert S.mesh_shape(C.MeshConfig(), 8) == (8, 1, 1, 1)
   assert S.mesh_shape(C.MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 1, 2)
