@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -317,6 +318,7 @@ def write_safetensors(out: Path, tensors: list[tuple[str, int, object]], max_byt
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for fname, shard in zip(names, shards):
     save_file({name: make() for name, _, make in shard}, out / fname, metadata={"format": "pt"})
+    os.chmod(out / fname, rundir.created_file_mode())  # safetensors creates 0600
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(t[1] for t in tensors)},
              "weight_map": {name: f for f, s in zip(names, shards) for name, _, _ in s}}

@@ -69,6 +69,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     raise
 
 
+def created_file_mode() -> int:
+  """The mode open() gives a new file under the process's umask (0666 less it): for files a
+  library writes with its own mode (safetensors: 0600), set afterwards."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 def make_writable_dir(path: str | os.PathLike, key: str) -> Path:
   """Creates directory `path` (and parents) and checks a file can be written in it; OSError
   naming the config key and the reason otherwise (read-only, not a directory, disk full...)."""

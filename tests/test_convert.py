@@ -5,6 +5,7 @@ tied model exports to transformers' logits, the run dir serves generate (with a 
 train.init_from, and moba.full_from_step equals stopping and continuing with full attention."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -125,6 +126,10 @@ def test_round_trip_is_bit_exact_through_shards(tmp_path, capsys):
   assert convert.main(["orbax-to-hf", str(tmp_path / "run"), str(tmp_path / "back"),
                        "--shard-gb", "0.00003"]) == 0
   assert (tmp_path / "back" / convert.INDEX).is_file()
+  mask = os.umask(0o022)
+  os.umask(mask)
+  for f in (tmp_path / "back").iterdir():  # every file readable as the umask allows (not 0600)
+    assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f.name
   before, after = safetensors_dir(tmp_path / "hf"), safetensors_dir(tmp_path / "back")
   assert sorted(before) == sorted(after)
   for name, x in before.items():
