@@ -72,8 +72,8 @@ def logical_to_spec(logical_axes, rules=None, shape=None, mesh=None) -> Partitio
 
 
 def _resolve(logical_axes, rules, shape, mesh):
-  """(PartitionSpec, [(logical name, dimension size, mesh axis)] of the mesh axes (size > 1)
-  dropped because they do not divide the dimension)."""
+  """(PartitionSpec, [(logical name, dimension size, the rule's mesh axes (size > 1), those
+  dropped because their product did not divide the dimension)] a dimension that lost some)."""
   table = {name: _as_tuple(target) for name, target in (rules or LOGICAL_AXIS_RULES)}
   sizes = dict(mesh.shape) if mesh is not None else {}
   used: set[str] = set()
@@ -81,10 +81,11 @@ def _resolve(logical_axes, rules, shape, mesh):
   for dim, name in enumerate(logical_axes):
     axes = [a for a in table.get(name, ()) if a not in used] if name else []
     if shape is not None and sizes:
+      want, lost = tuple(a for a in axes if sizes.get(a, 1) > 1), []
       while axes and shape[dim] % math.prod(sizes.get(a, 1) for a in axes):
-        axis = axes.pop()
-        if sizes.get(axis, 1) > 1:
-          dropped.append((name, shape[dim], axis))
+        lost.append(axes.pop())
+      if lost := tuple(a for a in lost if sizes.get(a, 1) > 1):
+        dropped.append((name, shape[dim], want, lost))
     axes = [a for a in axes if sizes.get(a, 1) > 1] if sizes else axes
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
@@ -92,9 +93,10 @@ def _resolve(logical_axes, rules, shape, mesh):
 
 
 def undivided(state, mesh, rules=None) -> list[str]:
-  """One line per (logical axis, size, mesh axis) where the mesh axis of the axis's rule does not
-  divide the parameters' dimension, which is then replicated over it (more memory and compute a
-  device than the mesh suggests): "kv_heads (2) over tensor=4: replicated in 4 parameters"."""
+  """One line per (logical axis, size) whose rule's mesh axes do not divide the parameters'
+  dimension, which is then replicated over the axes dropped (more memory and compute a device
+  than the mesh suggests): "kv_heads (2) is not divisible by mesh.tensor=4: replicated over
+  tensor in 4 parameters"."""
   counts: dict = {}
   for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
@@ -103,9 +105,9 @@ def undivided(state, mesh, rules=None) -> list[str]:
       for drop in _resolve(names, rules, shape, mesh)[1]:
         counts[drop] = counts.get(drop, 0) + 1
   sizes = dict(mesh.shape)
-  return [f"{name} ({size}) is not divisible by mesh.{axis}={sizes[axis]}: replicated over "
-          f"{axis} in {n} parameter{'s' * (n > 1)}"
-          for (name, size, axis), n in sorted(counts.items())]
+  return [f"{name} ({size}) is not divisible by {' x '.join(f'mesh.{a}={sizes[a]}' for a in want)}"
+          f": replicated over {', '.join(lost)} in {n} parameter{'s' * (n > 1)}"
+          for (name, size, want, lost), n in sorted(counts.items())]
 
 
 def shard(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:

@@ -64,6 +64,11 @@ def test_undivided_names_each_replicated_axis_once():
   Mesh.shape = {"data": 1, "fsdp": 3, "context": 1, "tensor": 1}
   assert [line.split(":")[0] for line in S.undivided(params, Mesh(), rules)] == [
       "embed (64) is not divisible by mesh.fsdp=3"]
+  # embed -> (fsdp, context): 2 x 3 does not divide 64, fsdp alone does: context is dropped
+  Mesh.shape = {"data": 1, "fsdp": 2, "context": 3, "tensor": 1}
+  lines = S.undivided(params, Mesh(), rules)
+  assert len(lines) == 1 and lines[0].startswith(
+      "embed (64) is not divisible by mesh.fsdp=2 x mesh.context=3: replicated over context in ")
 
 
 def test_mesh_shape_checks():
