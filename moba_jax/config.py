@@ -226,7 +226,7 @@ class DataConfig:
   response_tokens: int = 0
   loss_on: str = "auto"
   pack: bool = True  # pack variable-length examples; False = one full-length example per row
-  min_len_frac: float = 0.25  # packed examples have lengths uniform in [frac*seq_len, seq_len]
+  min_len_frac: float = 0.25  # synthetic tasks' packed examples: lengths in [frac*seq, seq]
   seed: int = 1234
   kv_pairs: int = 0
   key_len: int = 2

@@ -224,10 +224,10 @@ def _write_docs(tmp: Path, docs: Iterable[Doc], meta: dict, heldout_frac: float)
   seen, duplicates = set(), 0
   for doc in docs:
     digest = hashlib.sha256(doc.data).hexdigest()
-    if digest in seen:
+    if (doc.prompt_bytes, digest) in seen:  # the same bytes split elsewhere are another example
       duplicates += 1
       continue
-    seen.add(digest)
+    seen.add((doc.prompt_bytes, digest))
     split = "heldout" if _is_heldout(doc.name, heldout_frac) else "train"
     writers[split].add(doc)
     fingerprint.update(f"{split}\t{doc.name}\t{doc.prompt_bytes}\t{digest}\n".encode())
@@ -333,15 +333,21 @@ def open_jsonl(path: str | os.PathLike, heldout_frac: float = 0.05) -> Corpus:
   seen = set()
   for doc in jsonl_docs(path):
     digest = hashlib.sha256(doc.data).hexdigest()
-    if digest in seen:
+    if (doc.prompt_bytes, digest) in seen:
       continue
-    seen.add(digest)
+    seen.add((doc.prompt_bytes, digest))
     split = "heldout" if _is_heldout(doc.name, heldout_frac) else "train"
     docs[split].append(doc)
     fingerprint.update(f"{split}\t{doc.name}\t{doc.prompt_bytes}\t{digest}\n".encode())
   if not docs["train"] and not docs["heldout"]:
     raise CorpusError(f"data.path={str(path)!r} has no examples")
   if not docs["heldout"] or not docs["train"]:  # tiny files: score on the training lines
+    empty = "heldout" if not docs["heldout"] else "train"
+    if str(path) not in _WARNED_EMPTY:
+      _WARNED_EMPTY.add(str(path))
+      print(f"WARNING: data.path={str(path)!r}: no line of {len(seen)} falls in the {empty} split "
+            f"(held-out fraction {heldout_frac}): both splits are the same lines, so held-out "
+            "scores are of training lines", file=sys.stderr, flush=True)
     docs["heldout"] = docs["heldout"] or docs["train"]
     docs["train"] = docs["train"] or docs["heldout"]
   splits = {s: Split([len(d.data) for d in ds], [d.prompt_bytes for d in ds],
@@ -350,8 +356,11 @@ def open_jsonl(path: str | os.PathLike, heldout_frac: float = 0.05) -> Corpus:
             for s, ds in docs.items()}
   manifest = {"version": VERSION, "kind": "jsonl", "sources": [str(path)],
               "fingerprint": fingerprint.hexdigest(),
-              "documents": sum(len(d) for d in docs.values())}
+              "documents": len(seen)}
   return Corpus(str(path), manifest, splits)
+
+
+_WARNED_EMPTY: set[str] = set()  # JSONL files warned about an empty split, once a process
 
 
 def cache_dir() -> Path:

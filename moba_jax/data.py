@@ -2,7 +2,8 @@
 
 Every row is a dict of [T] arrays (T = train.seq_len):
   inputs, targets (next tokens), mask (float32 loss weight of each target: answer 1, prompt 0),
-  segment_ids (1, 2, ... per packed example; padding gets its own id), positions (restart per example).
+  segment_ids (1, 2, ... per packed example; padding gets its own id), positions (restart per example);
+  held-out rows also lm_mask (1 on every real target: not padding, not across documents).
 
 Rows are a pure function of (data.seed, split, row index), so any row can be produced in any order
 (Grain MapDataset random access), the pipeline is deterministic, and the iterator state is a single
@@ -203,8 +204,9 @@ class CorpusRows:
             last R targets are the response: the paper's "last 2K of 32K" SFT, prompt masked.
   stream    plain text, R = 0: the documents joined (BOS text EOS ...) and cut at a uniform random
             start, each piece its own segment; loss on every token (LM pretraining).
-  examples  {"prompt", "response"} lines (and {"text"} lines among them): packed examples, loss on
-            the response and its EOS (all tokens of a text line).
+  examples  {"prompt", "response"} lines (and {"text"} lines among them): whole examples packed
+            while the next fits (RowSource.pack_examples), loss on the response and its EOS (all
+            tokens of a text line).
   """
 
   def __init__(self, docs, seq: int, response_tokens: int, examples: bool, tokenizer=None):
@@ -244,14 +246,22 @@ class CorpusRows:
       raise ValueError(f"{d.locate(i)}: the response has {int(resp[i])} tokens with its EOS, "
                        f"more than fit after BOS in train.seq_len={self.seq}")
 
-  def example(self, rng, n: int):
-    """A random packed example of at most n + 1 tokens: (tokens, mask)."""
+  def example(self, rng):
+    """A random example whole: (tokens, mask); the mask is 0 on BOS and the prompt."""
     i = int(rng.integers(len(self.docs)))
     tokens = self.tokens(i)
     mask = np.ones(len(tokens), np.float32)
     if self.docs.prompt_bytes[i] >= 0:
       mask[:self.tokens.prompt_length(i)] = 0.0  # BOS and the prompt
-      return tokens[-n - 1:], mask[-n - 1:]  # keep the response: drop the prompt's start
+    return tokens, mask
+
+  def fit(self, tokens, mask, n: int):
+    """An example cut to n + 1 tokens where it is longer: a prompt/response example loses its
+    prompt's start (the response fits after BOS: _check_examples), a text line its end."""
+    if len(tokens) <= n + 1:
+      return tokens, mask
+    if mask[0] == 0.0:  # a prompt/response example
+      return tokens[-n - 1:], mask[-n - 1:]
     return tokens[:n + 1], mask[:n + 1]
 
   def window(self, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -361,14 +371,21 @@ class RowSource:
     return 2 ** 40
 
   def __getitem__(self, r: int) -> dict:
+    """Row r: FIELDS, and on held-out splits `lm_mask`, 1 on every real target (not padding,
+    not across documents): what eval's all-token losses weigh."""
     rng = np.random.default_rng([*self.row_seed, int(r)])
-    if self.rows is not None and self.rows.kind != "examples":
-      return self.window_row(rng)
-    return self.pack(rng)
+    if self.rows is None:
+      row = self.pack(rng)
+    elif self.rows.kind == "examples":
+      row = self.pack_examples(rng)
+    else:
+      row = self.window_row(rng)
+    if self.split == "train":
+      del row["lm_mask"]
+    return row
 
   def example(self, rng, n: int):
-    if self.rows is not None:
-      return self.rows.example(rng, n)
+    """A synthetic task's example of exactly n + 1 tokens: (tokens, mask)."""
     return _GENERATORS[self.d.task](rng, n, self.d, self.text)
 
   def window_row(self, rng) -> dict:
@@ -379,38 +396,69 @@ class RowSource:
     segment_ids = seg[:-1]
     starts = np.flatnonzero(np.diff(segment_ids, prepend=0))
     positions = np.arange(seq) - np.repeat(starts, np.diff(np.append(starts, seq)))
+    lm_mask = (seg[:-1] == seg[1:]).astype(np.float32)  # no target across documents
     if self.rows.kind == "stream" or self.loss_on_all:
-      mask = (seg[:-1] == seg[1:]).astype(np.float32)  # no target across documents
+      mask = lm_mask
     else:
       mask = np.zeros(seq, np.float32)
       mask[seq - self.rows.r:] = 1.0
     return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask,
-            "segment_ids": segment_ids, "positions": positions.astype(np.int32)}
+            "segment_ids": segment_ids, "positions": positions.astype(np.int32),
+            "lm_mask": lm_mask}
 
   def pack(self, rng) -> dict:
+    """A synthetic task's row: examples of lengths uniform in [min_len, seq] (packed) or one of
+    seq (unpacked), the last absorbing the tail."""
     seq, min_len = self.seq, self.min_len
-    row = {k: np.zeros(seq, np.float32 if k == "mask" else np.int32) for k in FIELDS}
-    used, seg = 0, 0
+    row, used = self._empty_row(), 0
     while seq - used >= min_len:
       n = min(int(rng.integers(min_len, seq + 1)), seq - used)
       if seq - used - n < min_len:
         n = seq - used  # the last example absorbs the tail
-      tokens, mask = self.example(rng, n)
-      m = len(tokens) - 1
-      seg += 1
-      sl = slice(used, used + m)
-      row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
-      row["mask"][sl] = 1.0 if self.loss_on_all else mask[1:]
-      row["segment_ids"][sl], row["positions"][sl] = seg, np.arange(m)
-      used += m
-    if used < seq:  # padding: its own segment, no loss
+      used = self._place(row, used, *self.example(rng, n))
+    return self._pad(row, used)
+
+  def pack_examples(self, rng) -> dict:
+    """A prompt/response corpus's row: whole examples in drawn order while the next fits (packed;
+    unpacked: one), the rest padding. An example longer than the row fills it, cut by
+    CorpusRows.fit."""
+    seq, row, used = self.seq, self._empty_row(), 0
+    while used < seq:
+      tokens, mask = self.rows.example(rng)
+      if used and len(tokens) - 1 > seq - used:
+        break  # does not fit what is left: padding
+      used = self._place(row, used, *self.rows.fit(tokens, mask, seq - used))
+      if not self.d.pack or self.split != "train":
+        break
+    return self._pad(row, used)
+
+  def _empty_row(self) -> dict:
+    row = {k: np.zeros(self.seq, np.float32 if k == "mask" else np.int32) for k in FIELDS}
+    row["lm_mask"], row["_segments"] = np.zeros(self.seq, np.float32), 0
+    return row
+
+  def _place(self, row, used: int, tokens, mask) -> int:
+    """Writes one example of len(tokens) - 1 targets at `used` as the next segment."""
+    m = len(tokens) - 1
+    row["_segments"] += 1
+    sl = slice(used, used + m)
+    row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
+    row["mask"][sl] = 1.0 if self.loss_on_all else mask[1:]
+    row["segment_ids"][sl], row["positions"][sl] = row["_segments"], np.arange(m)
+    row["lm_mask"][sl] = 1.0
+    return used + m
+
+  def _pad(self, row, used: int) -> dict:
+    """Padding after `used`: its own segment, no loss."""
+    seg = row.pop("_segments")
+    if used < self.seq:
       row["segment_ids"][used:] = seg + 1
-      row["positions"][used:] = np.arange(seq - used)
+      row["positions"][used:] = np.arange(self.seq - used)
     return row
 
 
 def _stack(rows):
-  return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def _local_rows(batch_size: int, process_index: int, process_count: int) -> int:
@@ -438,7 +486,9 @@ def train_dataset(cfg, process_index: int = 0, process_count: int = 1,
 
 
 def eval_batches(cfg, process_index: int = 0, process_count: int = 1) -> list[dict]:
-  """eval.batches held-out batches (this process's rows): full-length unpacked examples."""
+  """eval.batches held-out batches (this process's rows), unpacked: one example a row (a
+  synthetic task's full-length; a prompt/response corpus's whole, then padding), or a corpus
+  window; with `lm_mask`."""
   gb = cfg.train.batch_size
   lb = _local_rows(gb, process_index, process_count)
   source = RowSource(cfg, "eval")

@@ -207,8 +207,7 @@ def make_train_step(state: TrainState):
 def _eval_step(model_def, params, batch):
   model = nnx.merge(model_def, params)
   nll, w = _forward(model, batch)
-  real = (batch["segment_ids"] == batch["segment_ids"][:, :1]).astype(jnp.float32)
-  return nll, w, real  # eval rows are one example each: `real` excludes padding
+  return nll, w, batch["lm_mask"]  # every real target (moba_jax.data: held-out rows' lm_mask)
 
 
 def make_eval_step(state: TrainState):

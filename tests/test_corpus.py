@@ -216,6 +216,39 @@ def test_cli_jsonl_builds_text_and_sft(tmp_path, capsys):
   capsys.readouterr()
 
 
+def test_the_same_bytes_split_elsewhere_are_other_examples(tmp_path, capsys):
+  """Deduplication keys on the content and where the prompt ends: a text line and two examples
+  of the same bytes are three documents (built and read in memory alike); a repeat is dropped."""
+  lines = [{"prompt": "ab", "response": "c"}, {"prompt": "a", "response": "bc"}, {"text": "abc"},
+           {"prompt": "a", "response": "bc"}]
+  lines += [{"text": f"filler {i}"} for i in range(40)]  # both splits get a document
+  path = tmp_path / "d.jsonl"
+  path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  assert data_cli.main(["jsonl", str(path), str(tmp_path / "out"), "--heldout", "0.3"]) == 0
+  for c in (corpus.open_dir(tmp_path / "out"), corpus.open_jsonl(path, 0.3)):
+    kept = sorted((bytes(sp[i]), int(sp.prompt_bytes[i])) for sp in c.splits.values()
+                  for i in range(len(sp)) if bytes(sp[i]) == b"abc")
+    assert kept == [(b"abc", -1), (b"abc", 1), (b"abc", 2)]
+    assert c.manifest["documents"] == 43
+  capsys.readouterr()
+
+
+def test_a_jsonl_file_without_a_held_out_line_says_so_once(tmp_path, capsys):
+  """A file too small for a held-out line is scored on its training lines, with one warning
+  naming the file (not each time it is opened); its document count is its distinct lines."""
+  path = tmp_path / "small.jsonl"
+  names = [f"{path}:{i}" for i in range(1, 4)]
+  assert not any(heldout(n, 0.05) for n in names)
+  path.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3)))
+  for _ in range(2):
+    c = corpus.open_jsonl(path)
+    assert len(c.splits["train"]) == len(c.splits["heldout"]) == 3
+    assert c.manifest["documents"] == 3
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"WARNING: data.path={str(path)!r}: no line of 3 "
+                                             "falls in the heldout split"), err
+
+
 BAD_LINES = [
     (b"3", "a line must be a JSON object, got int"),
     (b'{"text": 5}', "'text' must be a non-empty string"),

@@ -42,6 +42,40 @@ def test_rows_are_deterministic_and_packed(task):
     assert np.all(a["mask"][starts] == 0)
 
 
+def test_held_out_lm_mask_weighs_every_real_target(tmp_path, monkeypatch):
+  """Held-out rows' lm_mask (eval's all-token losses) is 1 on every target inside a document and
+  0 on padding and on a target across documents: LM-stream windows of many documents, SFT
+  windows, one prompt/response example then padding, a synthetic task's full-length row.
+  Training rows carry no lm_mask."""
+  monkeypatch.chdir(tmp_path)
+  docs = [{"text": f"doc {i} " + "x" * (20 + 7 * i)} for i in range(40)]
+  with open("t.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(x) for x in docs) + "\n")
+  corpus = ["data.task=corpus", "data.path=t.jsonl", "model.vocab_size=259", "train.seq_len=256",
+            "eval.trailing_tokens=8"]
+  stream = D.RowSource(C.load_config(None, corpus), "eval")
+  multi = 0
+  for r in range(6):
+    row = stream[r]
+    seg = row["segment_ids"]
+    inside = (seg[1:] == seg[:-1]).astype(np.float32)  # (the last target's document: unseen)
+    assert np.array_equal(row["lm_mask"][:-1], inside)
+    assert np.array_equal(row["mask"], row["lm_mask"])
+    multi += int(seg.max() > 1)
+  assert multi == 6  # documents of 27-300 bytes: several a 256-token window
+  windows = D.RowSource(C.load_config(None, corpus + ["data.response_tokens=32"]), "eval")[0]
+  assert windows["lm_mask"].sum() == 256 and windows["mask"].sum() == 32
+  with open("e.jsonl", "w") as f:
+    f.write(json.dumps({"prompt": "q? ", "response": "an answer"}) + "\n")
+  example = D.RowSource(C.load_config(None, [*corpus[:1], "data.path=e.jsonl", *corpus[2:]]),
+                        "eval")[0]
+  n = len("q? an answer") + 1  # BOS q? an answer EOS: 14 tokens, 13 targets
+  assert example["lm_mask"][:n].sum() == n and example["lm_mask"][n:].sum() == 0
+  kv = D.RowSource(cfg_for("kv_retrieval"), "eval")[0]
+  assert kv["lm_mask"].sum() == 256 and 0 < kv["mask"].sum() < 64
+  assert "lm_mask" not in D.RowSource(cfg_for("kv_retrieval"))[0]
+
+
 def test_kv_answers_require_retrieval():
   cfg = cfg_for("kv_retrieval", "data.key_len=2", "data.value_len=3", "data.num_queries=2")
   row = D.RowSource(cfg, "eval")[0]  # one full-length example
@@ -113,9 +147,37 @@ def decode(tokens):
   return bytes((body - D.BYTE_OFFSET).astype(np.uint8)).decode()
 
 
+def test_jsonl_example_longer_than_a_row_keeps_its_response(tmp_path, monkeypatch):
+  """An example longer than the row fills it alone, cut at its prompt's start: the response and
+  its EOS whole, and the loss on them only; a short example after it waits for the next row."""
+  monkeypatch.chdir(tmp_path)
+  lines = [{"prompt": "p" * 200, "response": "the answer"}, {"prompt": "q? ", "response": "a"}]
+  with open("d.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+  cfg = C.load_config(None, ["data.task=corpus", "data.path=d.jsonl", "model.vocab_size=259",
+                             "train.seq_len=64", "eval.trailing_tokens=8"])
+  src, longs = D.RowSource(cfg), 0
+  for r in range(12):
+    row = src[r]
+    check_row(row, 64)
+    segs = [(t, m) for t, m in segments(row) if not np.all(t == D.PAD)]
+    if any(len(t) == 65 for t, _ in segs):
+      longs += 1
+      assert len(segs) == 1
+      tokens, mask = segs[0]
+      assert tokens[0] != D.BOS  # 65 tokens: the last 64 bytes and EOS
+      assert decode(tokens) == ("p" * 200 + "the answer")[-64:]
+      assert tokens[-1] == D.EOS and decode(tokens[1:][mask == 1]) == "the answer"
+      assert mask.sum() == len("the answer") + 1
+    else:
+      assert all(decode(t) == "q? a" for t, _ in segs)
+  assert 0 < longs < 12
+
+
 def test_jsonl_text_and_sft(tmp_path, monkeypatch):
-  """data.task=corpus over a .jsonl file: packed examples, loss on each response and its EOS (every
-  target of a text line); eval rows are one whole example each."""
+  """data.task=corpus over a .jsonl file: whole examples packed (BOS to EOS, several a row), loss
+  on each response and its EOS (every target of a text line); eval rows are one whole example
+  each."""
   monkeypatch.chdir(tmp_path)  # lines are named "d.jsonl:N" (none held out: eval uses them all)
   path = "d.jsonl"
   lines = [{"prompt": f"question {i}? ", "response": f"answer {i}"} for i in range(5)]
@@ -126,29 +188,33 @@ def test_jsonl_text_and_sft(tmp_path, monkeypatch):
                              "train.seq_len=64", "eval.trailing_tokens=8"])
   src = D.RowSource(cfg)
   assert src.rows.kind == "examples"
-  kinds = {"sft": 0, "text": 0}
+  kinds, per_row = {"sft": 0, "text": 0}, []
   for split, r in [("train", r) for r in range(30)] + [("eval", r) for r in range(4)]:
     row = (src if split == "train" else D.RowSource(cfg, "eval"))[r]
     check_row(row, 64)
+    real = 0
     for tokens, mask in segments(row):
       if np.all(tokens == D.PAD):
         assert np.all(mask == 0)  # padding
         continue
+      real += 1
       targets = tokens[1:]
+      assert tokens[0] == D.BOS and tokens[-1] == D.EOS  # whole: every example fits a row
       if mask[0] == 0:  # SFT: the prompt is masked, the response and its EOS are the loss
         answer = targets[mask == 1]
-        assert answer[-1] == D.EOS and tokens[-1] == D.EOS
         i = int(decode(answer)[len("answer "):])
         assert decode(answer) == f"answer {i}" and np.all(mask[:len(targets) - len(answer)] == 0)
-        assert (lines[i]["prompt"] + f"answer {i}").endswith(decode(tokens))
+        assert decode(tokens) == lines[i]["prompt"] + f"answer {i}"
         kinds["sft"] += 1
       else:
-        assert np.all(mask == 1) and tokens[0] == D.BOS
-        assert ("plain text " * 3).startswith(decode(tokens))
+        assert np.all(mask == 1) and decode(tokens) == "plain text " * 3
         kinds["text"] += 1
-      if split == "eval":  # unpacked: the whole example, BOS to EOS
-        assert tokens[0] == D.BOS and tokens[-1] == D.EOS
+    if split == "eval":
+      assert real == 1  # unpacked: one example
+    else:
+      per_row.append(real)
   assert kinds["sft"] > 5 and kinds["text"] > 0
+  assert np.mean(per_row) > 1.5  # packed: 19-34-token examples, up to three a 64-token row
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{"foo": 1}\n')
   with pytest.raises(ValueError, match=re.escape(f"{bad}:2: a line needs 'text' or 'prompt'")):
