@@ -2,6 +2,7 @@
 requested depth, the scorer reads the answer tokens (oracle models score 1.0 and 0.0), forward and
 decode modes agree on a real tiny model, results are written consistently, errors exit 2."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ import pytest
 from moba_jax import data as data_lib
 from moba_jax import evals
 from moba_jax import generate as gen
+from moba_jax.model import set_attention
 from tests.helpers import train_tiny_text_model
 
 CONTEXT = 128
@@ -229,6 +231,9 @@ def test_a_signal_while_the_results_are_written_waits_for_all_three(run_dir, tmp
 
 
 def test_full_attention_of_the_same_weights_in_decode_mode_goes_to_the_run_dir(run_dir, capsys):
+  """--set moba.hybrid_full_layers=all: the results (in the run dir) say full attention, and
+  their numbers are those of the checkpoint's weights with every layer switched to full
+  attention (set_attention), not those of the trained hybrid (1 MoBA + 1 full layer)."""
   argv = [str(run_dir), "--task", "needle", "--lengths", "128", "--depths", "0.25", "--samples",
           "2", "--mode", "decode", "--haystack", "synthetic", "--set",
           "moba.hybrid_full_layers=all"]
@@ -239,6 +244,23 @@ def test_full_attention_of_the_same_weights_in_decode_mode_goes_to_the_run_dir(r
       "synthetic")
   assert "layers 0-1: full" in doc["attention_plan"]
   assert capsys.readouterr().out == (run_dir / "eval_needle" / "retrieval.md").read_text()
+  # the same prompts scored directly: the hybrid as trained, then its layers all switched to full
+  ckpt_dir = run_dir / "checkpoints"
+  cfg = gen.checkpoint_config(ckpt_dir, run_dir, None, [])
+  model = gen.load_model(ckpt_dir, cfg)[0]
+  prompts = evals.Prompts("needle", evals.FillerHaystack(), digits=doc["digits"])
+  cells = lambda: evals.evaluate(prompts, evals.scorer_for(model, "decode"), [128], [0.25], 2,
+                                 seed=doc["seed"], batch_size=16)
+  hybrid = cells()
+  set_attention(model, dataclasses.replace(cfg.moba, hybrid_full_layers="all"))
+  assert model.layer_kinds == ("full", "full")
+  full = cells()
+  (got,), (want,), (other,) = doc["cells"], full, hybrid
+  np.testing.assert_allclose(got["answer_nll"], want["answer_nll"], rtol=1e-6)
+  assert got["examples"] == want["examples"] and got["correct"] == want["correct"]
+  # ... which the hybrid's differ from (greedy answers and NLL)
+  assert other["examples"] != want["examples"], (got, other)
+  assert not np.isclose(got["answer_nll"], other["answer_nll"], rtol=1e-3), (got, other)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -165,6 +165,7 @@ def test_deterministic_steps_carry_xla_deterministic_ops_on_a_gpu(tmp_path):
   state = ts.init_state(cfg, mesh, S.rules_from_config(cfg.mesh))
   assert state.compile_options == ()  # the CPU's mesh
   batch = S.global_batch(next(iter(data.train_dataset(cfg))), S.batch_sharding(mesh), 4)
+  held_out = S.global_batch(data.eval_batches(cfg)[0], S.batch_sharding(mesh), 4)
 
   def steps(options):
     s = dataclasses.replace(state, compile_options=options,  # fresh arrays: the step donates
@@ -172,7 +173,7 @@ def test_deterministic_steps_carry_xla_deterministic_ops_on_a_gpu(tmp_path):
                             opt_state=jax.tree.map(jnp.copy, state.opt_state))
     params, _, metrics = ts.make_train_step(s)(s.params, s.opt_state, batch)
     return jax.tree.map(np.asarray, (nnx.to_pure_dict(params), metrics,
-                                     ts.make_eval_step(s)(state.params, batch)))
+                                     ts.make_eval_step(s)(state.params, held_out)))
 
   jax.tree.map(np.testing.assert_array_equal, steps(()), steps(ts.compile_options(True, "gpu")))
   refused = (("xla_gpu_deterministic_ops", "BOGUS"),)
@@ -180,7 +181,7 @@ def test_deterministic_steps_carry_xla_deterministic_ops_on_a_gpu(tmp_path):
     steps(refused)
   s = dataclasses.replace(state, compile_options=refused)
   with pytest.raises(Exception, match="BOGUS"):
-    ts.make_eval_step(s)(state.params, batch)
+    ts.make_eval_step(s)(state.params, held_out)
 
 
 def test_consecutive_nonfinite_steps_abort(tmp_path, monkeypatch, capfd):
@@ -337,6 +338,9 @@ def test_a_step_of_differing_process_states_is_named_not_set_aside(tmp_path):
 
 
 def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
+  """A run resumes with every layer on full attention; train.init_from starts a hybrid run from
+  the saved params: its one step (at train.lr=1e-6) saves params within 1e-5 of the source's,
+  which are far from a fresh start's."""
   src = tmp_path / "moba"
   train.run(tiny(src, "train.steps=4", "train.stop_after=2", "moba.hybrid_full_layers=0",
                  "eval.batches=0"), progress=False)
@@ -346,7 +350,7 @@ def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
   assert summary["step"] == 4 and summary["hybrid_full_layers"] == "all"
   # init_from: params (only) into a hybrid model
   cfg = tiny(tmp_path / "sft", "moba.hybrid_full_layers=1", "train.steps=1",
-             f"train.init_from={src}", "eval.batches=0")
+             f"train.init_from={src}", "eval.batches=0", "train.lr=1e-6")
   state = ts.init_state(cfg, S.make_mesh(cfg.mesh), S.rules_from_config(cfg.mesh))
   abstract = ckpt.abstract_like(nnx.to_pure_dict(state.params))
   step, params = ckpt.restore_params(str(src), abstract)
@@ -355,10 +359,25 @@ def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
   assert out["step"] == 1 and "initialised params from" in capfd.readouterr().err
   assert not np.allclose(np.asarray(params["embed"]),
                          np.asarray(nnx.to_pure_dict(state.params)["embed"]))
+  # the run started from the source's params: one AdamW step of lr <= 1e-6 moves each by ~1e-6
+  step, trained = ckpt.restore_params(str(tmp_path / "sft"), abstract)
+  assert step == 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                                       atol=1e-5), trained, params)
 
 
 def test_lr_schedule_warmup_cosine():
+  """Every step's LR is the closed form: linear warmup from 0 to lr, then the cosine
+  end + (lr - end) * (1 + cos(pi * t)) / 2 with end = lr * min_lr_ratio and t the fraction of the
+  decay steps done (a linear decay is up to 0.09 lr away from it here); a warmup longer than the
+  schedule is capped at it."""
   tc = C.TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
   sched = ts.lr_schedule(tc)
   assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
   assert abs(float(sched(100)) - 0.1) < 1e-6 and float(sched(50)) < float(sched(20))
+  steps = np.arange(121)
+  t = np.clip((steps - 10) / 90, 0, 1)
+  expected = np.where(steps < 10, steps / 10, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t)))
+  np.testing.assert_allclose([float(sched(s)) for s in steps], expected, rtol=0, atol=1e-6)
+  capped = ts.lr_schedule(C.TrainConfig(steps=8, lr=2.0, warmup_steps=20, min_lr_ratio=0.1))
+  np.testing.assert_allclose([float(capped(s)) for s in range(8)], np.arange(8) / 4, atol=1e-6)
