@@ -239,6 +239,11 @@ class CorpusRows:
     if self.r:
       raise ValueError(f"data.response_tokens={self.r} applies to plain-text corpora; "
                        f"{d.where} holds prompt/response examples (set it to 0)")
+    short = np.flatnonzero(self.tokens.lengths < 2)
+    if len(short):  # no target: a row could never fill
+      i = int(short[0])
+      raise ValueError(f"{d.locate(i)}: encodes to {int(self.tokens.lengths[i])} token(s), "
+                       "fewer than the 2 an example needs (an input and its target)")
     resp = self.tokens.response_lengths()
     bad = np.flatnonzero(resp > self.seq - 1)
     if len(bad):

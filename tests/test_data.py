@@ -174,6 +174,25 @@ def test_jsonl_example_longer_than_a_row_keeps_its_response(tmp_path, monkeypatc
   assert 0 < longs < 12
 
 
+def test_an_example_without_a_target_is_named_up_front(tmp_path):
+  """A tokenizer with neither BOS nor EOS can encode a line to one token: no target, so a row of
+  such examples would never fill. CorpusRows names the line instead."""
+  from moba_jax import corpus
+
+  class OneTokenPerLine:  # the interface of moba_jax.tokenizer's tokenizers that DocTokens uses
+    byte_level, bos, eos = False, None, None
+
+    def encode(self, data):
+      return np.array([5] if data else [], np.int32)
+
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps({"prompt": "", "response": f"r{i}"}) + "\n"
+                          for i in range(3)))
+  docs = corpus.open_jsonl(path).splits["train"]
+  with pytest.raises(ValueError, match=r"d.jsonl:\d: encodes to 1 token\(s\), fewer than the 2 "):
+    D.CorpusRows(docs, 64, 0, True, OneTokenPerLine())
+
+
 def test_jsonl_text_and_sft(tmp_path, monkeypatch):
   """data.task=corpus over a .jsonl file: whole examples packed (BOS to EOS, several a row), loss
   on each response and its EOS (every target of a text line); eval rows are one whole example
