@@ -188,12 +188,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
   _warn_partial(str(mngr.directory), steps[0] if steps else None)
   unusable = []
   for i, step in enumerate(steps):
-    other = _other_processes_state(str(mngr.directory), step)  # before reading any array
-    items = dict(params=ocp.args.StandardRestore(abstract_params),
-                 opt_state=ocp.args.StandardRestore(abstract_opt), meta=ocp.args.JsonRestore())
-    if other is None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
+      other = _other_processes_state(str(mngr.directory), step)  # before reading any array
+      items = dict(params=ocp.args.StandardRestore(abstract_params),
+                   opt_state=ocp.args.StandardRestore(abstract_opt), meta=ocp.args.JsonRestore())
+      if other is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       out = mngr.restore(step, args=ocp.args.Composite(**items))
       if other is not None:
         data_iter.set_state(other)
@@ -203,6 +203,9 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
       if bad:
         raise ValueError(f"checksum mismatch in {len(bad)} arrays ({', '.join(bad[:3])}): the "
                          "files changed after they were saved")
+    except ProcessCountError:  # the run's progress is there, for its own process count
+      data_iter.set_state(start)
+      raise
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
       data_iter.set_state(start)
       nxt = steps[i + 1] if i + 1 < len(steps) else None
@@ -217,13 +220,17 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
   return None
 
 
+class ProcessCountError(ValueError):
+  """A step saved by another number of processes whose data states do not carry over."""
+
+
 def _other_processes_state(directory: str, step: int) -> dict | None:
   """The data iterator state of `step` where it was saved by another number of processes than
   this run has (process_I-of-N.json, which Grain's handler reads for N processes only), else
   None. Rows are a function of the global batch index (moba_jax.data), so the processes of a run
   hold one state: it carries over to any process count. Saved states that differ (another data
-  pipeline) raise ValueError naming both counts, and the step is not set aside (the run's progress
-  would be lost)."""
+  pipeline) raise ProcessCountError naming both counts, and the step is not set aside (the run's
+  progress would be lost); a missing or unreadable state file raises as any damage to a step."""
   import json
 
   data = os.path.join(directory, str(step), "data")
@@ -235,16 +242,19 @@ def _other_processes_state(directory: str, step: int) -> dict | None:
     return None
   saved = max(counts)
   states = []
-  for name, n in files.items():
-    if n == saved:
-      with open(os.path.join(data, name)) as f:
+  for i in range(saved):
+    name = os.path.join(data, f"process_{i}-of-{saved}.json")
+    try:
+      with open(name) as f:
         states.append(json.load(f))
-  if len(states) != saved or any(st != states[0] for st in states):
-    raise ValueError(
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{name}: {e}") from None  # damage: the step is unusable
+  if any(st != states[0] for st in states):
+    raise ProcessCountError(
         f"checkpoint step {step} in {directory} was saved by {saved} processes whose data "
-        f"iterator states differ ({len(states)} files), and this run has "
-        f"{jax.process_count()}: resume it with {saved} processes, or start a new run_dir with "
-        f"train.init_from={directory} (its parameters only)")
+        f"iterator states differ, and this run has {jax.process_count()}: resume it with "
+        f"{saved} processes, or start a new run_dir with train.init_from={directory} (its "
+        "parameters only)")
   if jax.process_index() == 0:
     print(f"note: checkpoint step {step} was saved by {saved} processes and continues on "
           f"{jax.process_count()}: their data iterator state {states[0]} carries over (each "

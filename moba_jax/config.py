@@ -225,7 +225,7 @@ class DataConfig:
   tokenizer: str = ""  # corpus: a Hugging Face tokenizer.json (or its dir); "" = byte-level
   response_tokens: int = 0
   loss_on: str = "auto"
-  pack: bool = True  # pack variable-length examples; False = one full-length example per row
+  pack: bool = True  # pack examples; False = one a row (full-length, or a JSONL one then padding)
   min_len_frac: float = 0.25  # synthetic tasks' packed examples: lengths in [frac*seq, seq]
   seed: int = 1234
   kv_pairs: int = 0

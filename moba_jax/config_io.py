@@ -142,7 +142,7 @@ def _unknown(key: str, valid: Sequence[str]) -> ValueError:
   section = key.rsplit(".", 1)[0] if "." in key else ""
   keys = [k[len(section) + 1:] for k in valid if k.startswith(section + ".")
           and "." not in k[len(section) + 1:]] if section in valid else []
-  if keys and not (close and close[0].startswith(section + ".")):
+  if keys and (not close or close[0] == section):  # no better guess than the section itself
     hint = f" ({section} has: {', '.join(keys)})"
   return ValueError(f"unknown config key {key!r}{hint}")
 

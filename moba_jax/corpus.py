@@ -375,6 +375,9 @@ def default_code_corpus() -> Path:
   out = cache_dir() / "corpora" / f"python{sys.version.split()[0]}-stdlib"
   if (out / MANIFEST).is_file():
     return out
+  if why := rundir.why_unwritable(out.parent, directory=True):
+    raise CorpusError(f"the default code corpus cannot be built in {out.parent}: {why}; set "
+                      "MOBA_JAX_CACHE to a writable directory, or data.path to a corpus")
   with rundir.waiting_lock(out.parent / f".{out.name}.lock"):
     if not (out / MANIFEST).is_file():  # not built by a process that held the lock before us
       print(f"building the code corpus of {stdlib_dir()} in {out} (once)", file=sys.stderr,

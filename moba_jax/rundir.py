@@ -71,9 +71,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 def created_file_mode() -> int:
   """The mode open() gives a new file under the process's umask (0666 less it): for files a
-  library writes with its own mode (safetensors: 0600), set afterwards."""
-  mask = os.umask(0o022)
-  os.umask(mask)
+  library writes with its own mode (safetensors: 0600), set afterwards. Read from /proc where
+  Linux has it (setting the umask to read it races with other threads creating files)."""
+  try:
+    with open("/proc/self/status") as f:
+      mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError, IndexError):
+    mask = os.umask(0o022)
+    os.umask(mask)
   return 0o666 & ~mask
 
 
@@ -164,15 +169,20 @@ def waiting_lock(path: str | os.PathLike):
   """Holds an exclusive lock (fcntl.flock) on the file `path`, waiting for another holder: for
   a shared build that two processes may start at once (the default corpus in the cache). A
   killed holder's lock goes with its process."""
+  import errno
   import fcntl
 
   Path(path).parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+  fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's file locks too
+  try:
     try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:  # a file system without flock (NFS mounted nolock): build unlocked
+      if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+        raise
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 class RunDirBusy(RuntimeError):

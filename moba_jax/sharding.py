@@ -102,8 +102,12 @@ def undivided(state, mesh, rules=None) -> list[str]:
     names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
     shape = getattr(v, "shape", ())
     if names and len(names) == len(shape):
-      for drop in _resolve(names, rules, shape, mesh)[1]:
-        counts[drop] = counts.get(drop, 0) + 1
+      spec, drops = _resolve(names, rules, shape, mesh)
+      used = {a for entry in spec if entry for a in _as_tuple(entry)}
+      for name, size, want, lost in drops:
+        if lost := tuple(a for a in lost if a not in used):  # not taken by a later dimension
+          key = (name, size, want, lost)
+          counts[key] = counts.get(key, 0) + 1
   sizes = dict(mesh.shape)
   return [f"{name} ({size}) is not divisible by {' x '.join(f'mesh.{a}={sizes[a]}' for a in want)}"
           f": replicated over {', '.join(lost)} in {n} parameter{'s' * (n > 1)}"

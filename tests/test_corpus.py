@@ -237,8 +237,7 @@ def test_a_jsonl_file_without_a_held_out_line_says_so_once(tmp_path, capsys):
   """A file too small for a held-out line is scored on its training lines, with one warning
   naming the file (not each time it is opened); its document count is its distinct lines."""
   path = tmp_path / "small.jsonl"
-  names = [f"{path}:{i}" for i in range(1, 4)]
-  assert not any(heldout(n, 0.05) for n in names)
+  assert not any(heldout(f"small.jsonl:{i}", 0.05) for i in range(1, 4))  # names: FILE:LINE
   path.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3)))
   for _ in range(2):
     c = corpus.open_jsonl(path)
@@ -401,6 +400,16 @@ def test_default_code_corpus_is_built_once_by_concurrent_callers(tmp_path, monke
   assert len(builds) == 1
   assert len(got) == 4 and all(docs == 60 for _, docs in got)
   assert len({p for p, _ in got}) == 1
+
+
+def test_default_code_corpus_names_a_cache_it_cannot_build_in(tmp_path, monkeypatch):
+  """A cache path under a file: a CorpusError naming the place and MOBA_JAX_CACHE, before any
+  lock file or document."""
+  (tmp_path / "afile").write_text("x")
+  monkeypatch.setenv("MOBA_JAX_CACHE", str(tmp_path / "afile" / "cache"))
+  with pytest.raises(corpus.CorpusError, match=r"cannot be built in .*afile/cache/corpora: "
+                                               r"'.*afile' is not a directory; set MOBA_JAX_CACHE"):
+    corpus.default_code_corpus()
 
 
 def test_jsonl_split_does_not_depend_on_the_file_location(tmp_path):

@@ -64,6 +64,19 @@ def test_undivided_names_each_replicated_axis_once():
   Mesh.shape = {"data": 1, "fsdp": 3, "context": 1, "tensor": 1}
   assert [line.split(":")[0] for line in S.undivided(params, Mesh(), rules)] == [
       "embed (64) is not divisible by mesh.fsdp=3"]
+  # fsdp=3 divides no embed (64), but another dimension may take the axis: with mlp -> fsdp and
+  # mlp_dim 192 the MLP's matrices are split after all
+  cfg192 = C.load_config(None, [*TINY, "model.mlp_dim=192"])
+  params192 = nnx.state(nnx.eval_shape(lambda: Decoder(cfg192.model, cfg192.moba,
+                                                       rngs=nnx.Rngs(0))), nnx.Param)
+  rules_mlp = C.load_config(None, ['mesh.rules.mlp=["fsdp"]']).mesh.rules.as_tuples()
+  counts = [int(line.rsplit(" in ", 1)[1].split()[0])
+            for line in S.undivided(params192, Mesh(), rules_mlp)]
+  full = [int(line.rsplit(" in ", 1)[1].split()[0]) for line in S.undivided(params192, Mesh(),
+                                                                             rules)]
+  # 16 = embed's table and head, and 7 matrices a layer; w_gate, w_up, w_down of both layers are
+  # split over fsdp on mlp (w_down's embed then skips fsdp as already used, not undivided)
+  assert full == [16] and counts == [10]
   # embed -> (fsdp, context): 2 x 3 does not divide 64, fsdp alone does: context is dropped
   Mesh.shape = {"data": 1, "fsdp": 2, "context": 3, "tensor": 1}
   lines = S.undivided(params, Mesh(), rules)

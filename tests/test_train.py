@@ -329,12 +329,29 @@ def test_a_step_of_differing_process_states_is_named_not_set_aside(tmp_path):
   data = run_dir / "checkpoints" / "2" / "data"
   state = (data / "process_0-of-1.json").read_text()
   _as_saved_by(data, [state, state.replace("2", "3")])
-  with pytest.raises(ValueError, match="saved by 2 processes whose data iterator states differ "
-                                       r"\(2 files\), and this run has 1: resume it with 2 "
-                                       "processes, or start a new run_dir with train.init_from="):
+  with pytest.raises(ValueError, match="saved by 2 processes whose data iterator states differ, "
+                                       "and this run has 1: resume it with 2 processes, or start "
+                                       "a new run_dir with train.init_from="):
     train.run(tiny(run_dir, "train.steps=4", "eval.batches=0"), progress=False)
   assert (run_dir / "checkpoints" / "2").is_dir()
   assert not (run_dir / "checkpoints_unusable").exists()
+
+
+def test_a_damaged_step_of_another_process_count_falls_back(tmp_path, capfd):
+  """Saved by 2 processes, one state file torn: that step is damaged like any other (a warning,
+  set aside, the run resumes from the step before), not an error that stops the run."""
+  run_dir = tmp_path / "run"
+  train.run(tiny(run_dir, "train.steps=4", "train.stop_after=2", "checkpoint.every=1",
+                 "eval.batches=0"), progress=False)
+  data = run_dir / "checkpoints" / "2" / "data"
+  state = (data / "process_0-of-1.json").read_text()
+  _as_saved_by(data, [state, state[:5]])
+  capfd.readouterr()
+  summary = train.run(tiny(run_dir, "train.steps=4", "checkpoint.every=1", "eval.batches=0"),
+                      progress=False)
+  err = capfd.readouterr().err
+  assert "step 2 in" in err and "process_1-of-2.json" in err and "falling back to step 1" in err
+  assert summary["step"] == 4 and any((run_dir / "checkpoints_unusable").iterdir())
 
 
 def test_checkpoint_restores_into_another_attention_setting(tmp_path, capfd):
