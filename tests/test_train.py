@@ -347,8 +347,10 @@ def test_a_damaged_step_of_another_process_count_falls_back(tmp_path, capfd):
   state = (data / "process_0-of-1.json").read_text()
   _as_saved_by(data, [state, state[:5]])
   capfd.readouterr()
-  summary = train.run(tiny(run_dir, "train.steps=4", "checkpoint.every=1", "eval.batches=0"),
-                      progress=False)
+  with pytest.warns(ckpt.CheckpointWarning) as record:
+    summary = train.run(tiny(run_dir, "train.steps=4", "checkpoint.every=1", "eval.batches=0"),
+                        progress=False)
+  assert "moved the unusable checkpoint step 2" in " ".join(str(w.message) for w in record)
   err = capfd.readouterr().err
   assert "step 2 in" in err and "process_1-of-2.json" in err and "falling back to step 1" in err
   assert summary["step"] == 4 and any((run_dir / "checkpoints_unusable").iterdir())
