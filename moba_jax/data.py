@@ -439,25 +439,28 @@ class RowSource:
 
   def _empty_row(self) -> dict:
     row = {k: np.zeros(self.seq, np.float32 if k == "mask" else np.int32) for k in FIELDS}
-    row["lm_mask"], row["_segments"] = np.zeros(self.seq, np.float32), 0
+    row["lm_mask"] = np.zeros(self.seq, np.float32)
     return row
+
+  @staticmethod
+  def _last_segment(row, used: int) -> int:
+    return int(row["segment_ids"][used - 1]) if used else 0
 
   def _place(self, row, used: int, tokens, mask) -> int:
     """Writes one example of len(tokens) - 1 targets at `used` as the next segment."""
     m = len(tokens) - 1
-    row["_segments"] += 1
     sl = slice(used, used + m)
     row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
     row["mask"][sl] = 1.0 if self.loss_on_all else mask[1:]
-    row["segment_ids"][sl], row["positions"][sl] = row["_segments"], np.arange(m)
+    row["segment_ids"][sl] = self._last_segment(row, used) + 1
+    row["positions"][sl] = np.arange(m)
     row["lm_mask"][sl] = 1.0
     return used + m
 
   def _pad(self, row, used: int) -> dict:
     """Padding after `used`: its own segment, no loss."""
-    seg = row.pop("_segments")
     if used < self.seq:
-      row["segment_ids"][used:] = seg + 1
+      row["segment_ids"][used:] = self._last_segment(row, used) + 1
       row["positions"][used:] = np.arange(self.seq - used)
     return row
 

@@ -99,10 +99,8 @@ def undivided(state, mesh, rules=None) -> list[str]:
   tensor in 4 parameters"."""
   counts: dict = {}
   for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
-    shape = getattr(v, "shape", ())
-    if names and len(names) == len(shape):
-      spec, drops = _resolve(names, rules, shape, mesh)
+    if names := _logical_names(v):
+      spec, drops = _resolve(names, rules, v.shape, mesh)
       used = {a for entry in spec if entry for a in _as_tuple(entry)}
       for name, size, want, lost in drops:
         if lost := tuple(a for a in lost if a not in used):  # not taken by a later dimension
@@ -157,12 +155,16 @@ def activate(mesh: jax.sharding.Mesh, rules=None):
     yield
 
 
-def _variable_spec(v, mesh, rules) -> NamedSharding:
+def _logical_names(v) -> tuple | None:
+  """A variable's logical axis names (its `out_sharding` metadata), one a dimension, or None."""
   names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
-  shape = getattr(v, "shape", ())
-  if not names or len(names) != len(shape):
+  return names if names and len(names) == len(getattr(v, "shape", ())) else None
+
+
+def _variable_spec(v, mesh, rules) -> NamedSharding:
+  if not (names := _logical_names(v)):
     return NamedSharding(mesh, PartitionSpec())
-  return NamedSharding(mesh, logical_to_spec(names, rules, shape, mesh))
+  return NamedSharding(mesh, logical_to_spec(names, rules, v.shape, mesh))
 
 
 def state_shardings(state, mesh, rules=None):
