@@ -228,7 +228,8 @@
 #   67: the compiled behavioural suite apart from test_mosaic.py (phase 48 runs that): every
 #       test file that reads `--compiled`, slow cases included (`-m ""`), as SHARDS (default 8)
 #       processes side by side at MEM (default 0.1) of the GPU each, limit TEST_S (default 480 s);
-#       each shard's last line and every failure in the log, the logs in suite_logs.tgz
+#       each shard's last line and every failure in the log, the logs in suite_logs.tgz; with
+#       SHARD_FROM/SHARD_TO only shards [from, to) of SHARDS (run 45: SHARDS=16 in two calls)
 #   68: phases 48 and 67 in one call: test_mosaic.py and the rest of the compiled suite (slow
 #       cases included), SHARDS (default 7) processes each side by side, each at MEM (default
 #       0.06: 8.4 GB of an H200's 141) of the GPU and limited to TEST_S (default 480 s; logs in
@@ -389,8 +390,9 @@ fi
 # the compiled suite in shards side by side (compilation is CPU-bound), each at MEM of the GPU and limited to TEST_S
 # (default 480 s): shards NAME N MEM PYTEST_ARGS... (logs $OUT/NAME<i>.txt, then NAME_logs.tgz;
 # each shard's last line and every failure in the log)
-shards() { local name=$1 n=$2 mem=$3; shift 3; local i
-  for ((i = 0; i < n; i++)); do
+shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=${SHARD_TO:-$2}
+  # SHARD_FROM/SHARD_TO: shards [from, to) of n only (a suite too long for one call, in two)
+  for ((i = from; i < to; i++)); do
     # SIGINT at the limit: pytest stops and prints its summary once the compile it is in returns
     # (run 42: one shard of seven did within 30 s); --failures-now keeps each failure's report
     # in the log as it happens
@@ -399,7 +401,7 @@ shards() { local name=$1 n=$2 mem=$3; shift 3; local i
       > $OUT/$name$i.txt 2>&1 &
   done
   wait
-  for ((i = 0; i < n; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
+  for ((i = from; i < to; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
   grep -h "^FAILED\|^ERROR\|^-* FAILED " $OUT/$name[0-9]*.txt | tee -a $log
   (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt && rm $name[0-9]*.txt); }
 # every test file but test_mosaic.py that reads `--compiled`
