@@ -14,15 +14,22 @@ import jax
 import jax.numpy as jnp
 
 from moba_jax.attention import moba_attention
+from moba_jax.moba import moba_xla
 
 
 def temp_bytes(impl: str, seq: int, *, heads=16, kv_heads=16, head_dim=128, block_size=512,
-               topk=3, dtype=jnp.bfloat16, backward=False) -> int:
-  """Temporary bytes XLA plans for one call (forward, or forward + backward)."""
+               topk=3, dtype=jnp.bfloat16, backward=False, chunk_budget_bytes=None) -> int:
+  """Temporary bytes XLA plans for one call (forward, or forward + backward).
+  chunk_budget_bytes: the xla path's per-chunk budget (`moba.moba_xla`; None: its default)."""
   q = jax.ShapeDtypeStruct((1, seq, heads, head_dim), dtype)
   kv = jax.ShapeDtypeStruct((1, seq, kv_heads, head_dim), dtype)
 
   def fwd(q, k, v):
+    if chunk_budget_bytes is not None:
+      if impl != "xla":
+        raise ValueError(f"chunk_budget_bytes is the xla path's, not {impl!r}'s")
+      return moba_xla(q, k, v, None, block_size=block_size, topk=topk,
+                      chunk_budget_bytes=chunk_budget_bytes)
     return moba_attention(q, k, v, block_size=block_size, topk=topk, implementation=impl)
 
   fn = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32)),

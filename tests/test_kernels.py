@@ -146,10 +146,15 @@ def test_bench_reports_an_xla_option_that_changes_the_results(tmp_path, capsys, 
                      "--xla-option", "xla_gpu_enable_command_buffer="]) == int(drifts)
   row = json.loads(out.read_text())[0]
   assert (row["xla_options_max_diff"] > 0) == drifts
+  timed_differs = row.get("xla_options_timed_diff", 0) > 0
   # the twins give the verdict wherever the timed program differs
-  assert row["xla_options_compared"] == ("deterministic twins" if racy or drifts
+  assert row["xla_options_compared"] == ("deterministic twins" if timed_differs
                                          else "timed program")
-  assert (row.get("xla_options_timed_diff", 0) > 0) == (racy or drifts)
+  # on a GPU the xla path's own program need not repeat its bits (atomic scatter-adds in its
+  # backward: with neither fake, run 45's H100 gave other bits under the option and the same
+  # with XLA's deterministic ops), so only the CPU's timed program is known to agree
+  if racy or drifts or jax.default_backend() == "cpu":
+    assert timed_differs == (racy or drifts)
   err = capsys.readouterr().err
   assert ("--xla-option changed the results of xla at seq 128" in err) == drifts
   assert ("(both with XLA's deterministic ops)" in err) == drifts

@@ -237,9 +237,9 @@
 #       finished 4 of the 7 test_mosaic.py shards and none of the rest's (about 37 of each
 #       shard's 54 tests had run); run 48 and 67 in two calls
 #   69: the pytest node ids listed in IDS (one a line; default
-#       docs/results/h100_2026-12-06_run44/not_run.txt: the 24 tests run 44's phase 67 had not
-#       reached at its 520 s limit, and its one failure, test_memory's, changed since), compiled as
-#       SHARDS (default 4) processes at MEM (default 0.2) of the GPU, limit TEST_S (default 480 s)
+#       docs/results/h100_2026-12-06_run45/rerun.txt: the 27 tests run 45's phase 67 had not
+#       reached at its limits, and its two failures, changed since), compiled as SHARDS (default
+#       8) processes at MEM (default 0.1) of the GPU, limit TEST_S (default 480 s)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -981,10 +981,10 @@ if [ "$phase" = 67 ]; then
   shards suite ${SHARDS:-8} ${MEM:-0.1} $(rest_files)
 fi
 if [ "$phase" = 69 ]; then
-  ids=${IDS:-docs/results/h100_2026-12-06_run44/not_run.txt}
+  ids=${IDS:-docs/results/h100_2026-12-06_run45/rerun.txt}
   mapfile -t named < "$ids"  # node ids hold spaces and quotes: one array element a line
   echo "tests: ${#named[@]} of $ids" | tee -a $log
-  shards named ${SHARDS:-4} ${MEM:-0.2} "${named[@]}"
+  shards named ${SHARDS:-8} ${MEM:-0.1} "${named[@]}"
 fi
 if [ "$phase" = 68 ]; then
   echo "files: tests/test_mosaic.py; $(echo $(rest_files))" | tee -a $log
