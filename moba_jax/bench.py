@@ -240,7 +240,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.docs > 1:
       p.error(f"--breakdown times one document per row, not --docs {args.docs}: drop --docs")
     args.impls = "pallas_gpu"
-  args.impls = args.impls or DEFAULT_IMPLS
+  args.impls_given, args.impls = args.impls, args.impls or DEFAULT_IMPLS
   impls = args.impls.split(",")
   if any(i not in FULL_IMPLS for i in impls):  # the rows --docs packs
     short = sorted({seq for seq, _, _ in cases(args) if seq < args.docs})
@@ -549,6 +549,31 @@ def triton_side_by_side(args, dims, sizes, scale, routed):
   return out
 
 
+def keep_runnable_impls(args) -> str | None:
+  """Why the --impls asked for cannot run on this process's platform (a kernel of another,
+  named with those that run here), or None; the default's rows of other platforms are dropped
+  with a note (pallas_gpu and cudnn on a CPU), and a CPU without --seqs is told the default
+  shapes' cost."""
+  here = jax.default_backend()
+  impls = args.impls.split(",")
+  elsewhere = {i: attn.KERNEL_PLATFORM[i] for i in impls
+               if attn.KERNEL_PLATFORM.get(i, here) != here}
+  runs_here = [i for i in impls if i not in elsewhere]
+  if elsewhere and (args.impls_given or not runs_here):
+    i, platform = next(iter(elsewhere.items()))
+    return (f"--impls {args.impls!r}: {i!r} compiles for {platform} and this process runs on "
+            f"{here}; name those that run here (e.g. xla, full_xla, reference)")
+  if elsewhere:
+    args.impls = ",".join(runs_here)
+    print(f"moba-jax bench: note: on {here} the default --impls times {args.impls} "
+          f"({', '.join(elsewhere)}: {'/'.join(sorted(set(elsewhere.values())))} only)",
+          file=sys.stderr)
+  if here == "cpu" and args.seqs is None:
+    print("moba-jax bench: note: the default shapes (8K to 128K tokens, 16 heads) take minutes "
+          "a row on a cpu; --seqs 1024 --heads 2 is a quick look", file=sys.stderr)
+  return None
+
+
 def _vjp(fn, q, k, v, cot):
   out, vjp = jax.vjp(fn, q, k, v)
   return (out, *vjp(cot))
@@ -563,6 +588,10 @@ def main(argv=None) -> int:
   refused = check_xla_options(dict(args.xla_options))
   if refused:
     print(f"moba-jax bench: --xla-option refused by XLA: {refused}", file=sys.stderr)
+    return 2
+  why = None if args.breakdown else keep_runnable_impls(args)  # --breakdown: its own check
+  if why:
+    print(f"moba-jax bench: {why}", file=sys.stderr)
     return 2
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, "
         f"heads {args.heads}/{args.kv_heads or args.heads}, head_dim {args.dim}, {args.dtype}"

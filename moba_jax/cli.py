@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import importlib
 import math
 import os
@@ -39,8 +40,9 @@ class OneLineParser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
-def number_arg(kind, lo):
-  """An argparse type: a finite int/float >= lo (argparse names the flag in its error)."""
+def number_arg(kind, lo, hi=None, why_hi=""):
+  """An argparse type: a finite int/float >= lo (and <= hi, `why_hi` saying why; argparse names
+  the flag in its error)."""
   def parse(text):
     try:
       value = kind(text)
@@ -49,6 +51,8 @@ def number_arg(kind, lo):
     if value is None or not math.isfinite(value) or value < lo:
       what = "an integer" if kind is int else "a finite number"
       raise argparse.ArgumentTypeError(f"{text!r} must be {what} >= {lo}")
+    if hi is not None and value > hi:
+      raise argparse.ArgumentTypeError(f"{text!r} must be at most {hi}{why_hi}")
     return value
   return parse
 
@@ -95,7 +99,9 @@ def _dispatch(argv: list[str]) -> int:
     return 0
   name, rest = argv[0], argv[1:]
   if name not in SUBCOMMANDS:
-    print(f"moba-jax: unknown subcommand {name!r}; expected one of {list(SUBCOMMANDS)}",
+    close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    print(f"moba-jax: unknown subcommand {name!r}; {hint}expected one of {list(SUBCOMMANDS)}",
           file=sys.stderr)
     return 2
   # Until a command installs its own handling (training checkpoints and stops), SIGTERM and

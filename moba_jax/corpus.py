@@ -232,10 +232,15 @@ def _write_docs(tmp: Path, docs: Iterable[Doc], meta: dict, heldout_frac: float)
     writers[split].add(doc)
     fingerprint.update(f"{split}\t{doc.name}\t{doc.prompt_bytes}\t{digest}\n".encode())
   splits = {s: w.close() for s, w in writers.items()}
+  total = sum(x["documents"] for x in splits.values())
   for s, info in splits.items():
     if not info["documents"]:
-      raise CorpusError(f"the {s} split is empty ({sum(x['documents'] for x in splits.values())} "
-                        f"documents in all); give more documents or change --heldout")
+      found = "no documents were found" if not total + duplicates else (
+          f"{total} distinct documents in all"
+          + (f", {duplicates} duplicates dropped" if duplicates else ""))
+      advice = ("check the input" if not total else
+                "give more documents" if total == 1 else "give more documents or change --heldout")
+      raise CorpusError(f"the {s} split is empty ({found}); {advice}")
   return {"version": VERSION, **meta, "heldout_frac": heldout_frac,
           "duplicates_dropped": duplicates, "splits": splits,
           "documents": sum(x["documents"] for x in splits.values()),

@@ -666,7 +666,13 @@ def main(argv: list[str] | None = None) -> int:
          "accuracy": sum(c["correct"] for c in cells) / total,
          "answer_nll": sum(c["answer_nll"] * c["n"] for c in cells) / total,
          "cells": cells, "config": config_to_dict(cfg)}
-  md = write_results(out_dir, doc)
+  try:
+    md = write_results(out_dir, doc)
+  except OSError as e:  # checked writable up front; a disk that fills meanwhile
+    sys.stdout.write(format_md(doc))  # the scores are not lost
+    log(f"could not write the results into {str(out_dir)!r} ({e.strerror or e}); the table "
+        "above is the evaluation")
+    return 1
   sys.stdout.write(md)
   log(f"wrote {out_dir}/{RESULT}.{{json,md,png}}")
   return 0

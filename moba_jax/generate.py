@@ -120,6 +120,15 @@ def checkpoint_config(ckpt_dir: Path, run_dir: Path | None, config_file: str | N
     return config_lib.apply_overrides(config_lib.config_from_dict(saved), overrides)
 
   cfg = train.validate(load(overrides))
+  if config_file is not None:  # its model must be the checkpoint's: else no step would restore
+    if run_dir is not None and (run_dir / rundir.CONFIG).is_file():
+      saved = config_lib.read_file(str(run_dir / rundir.CONFIG))
+    else:
+      saved = _saved_config_dict(ckpt_dir) or {}
+    diff = train.shape_diff(saved.get("model") or {}, cfg.model) if saved else []
+    if diff:
+      raise ValueError(f"--config {config_file!r} is another model shape than the checkpoint's "
+                       f"({'; '.join(diff)}): give the config it was trained with")
   trained = load([]).train.seq_len
   if cfg.train.seq_len > trained:
     print(f"note: train.seq_len={cfg.train.seq_len} is past the {trained} positions the model "

@@ -441,13 +441,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_runs(exp: ExperimentConfig, trains_here: bool) -> None:
   """ValueError naming the stage and key where a selected run could not start, before any run
-  does: its train.init_from (a run of this model shape; the grid's own stage 1 may not exist
-  yet) and, in a process that trains (not a pool's parent, which touches no device), each
-  layer's kernel on this platform."""
+  does: a run already in grid.out_dir under other settings (a finished one would be reported
+  as this config's, an unfinished one continued under two; the settings a run may change,
+  train.RESUME_FREE, aside), its train.init_from (a run of this model shape; the grid's own
+  stage 1 may not exist yet) and, in a process that trains (not a pool's parent, which touches
+  no device), each layer's kernel on this platform."""
   from moba_jax import train
 
   pre, runs = plan(exp)
   for spec in select(exp, pre, runs):
+    changes = train.config_changes(spec.cfg)
+    if changes:
+      raise ValueError(
+          f"{spec.name}: grid.out_dir={exp.grid.out_dir!r} holds this run under other settings "
+          f"({'; '.join(changes)}); the grid's runs share one config: use a new grid.out_dir, or "
+          f"delete {str(spec.run_dir)!r} to train it again")
     try:
       train.check_init_from(spec.cfg, must_exist=not (pre is not None and spec.stage == "sft"))
       if trains_here:

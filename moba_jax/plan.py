@@ -34,14 +34,16 @@ from moba_jax.cli import OneLineParser, UsageError, number_arg
 
 DEVICES_ENV = "MOBA_JAX_PLAN_DEVICES"  # set in the child that has the fake devices
 PLATFORMS = ("tpu", "cpu")  # lowering for gpu needs the GPU toolchain: not offered
+MAX_DEVICES = 16384  # 100,000 fake devices ran out of threads after 5 minutes (run 45)
 
 
 def _parser() -> argparse.ArgumentParser:
   p = OneLineParser(prog="moba-jax plan", description=__doc__.splitlines()[0])
   p.add_argument("args", nargs="*", help="[EXPERIMENT.toml or packaged name] [key=value ...] "
                  "(grid keys as for moba-jax grid: stage=pretrain, only=[1], ...)")
-  p.add_argument("--mesh-devices", type=number_arg(int, 1), required=True,
-                 help="devices of the mesh (fake)")
+  p.add_argument("--mesh-devices", required=True, help="devices of the mesh (fake)",
+                 type=number_arg(int, 1, MAX_DEVICES, " (fake CPU devices, each with its "
+                                 "threads; the largest TPU pods have under 9,000 chips)"))
   p.add_argument("--platform", choices=PLATFORMS, default="tpu", help="lower for (default tpu)")
   p.add_argument("--no-compile", action="store_true",
                  help="skip the CPU compile that measures activation memory")

@@ -348,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                            args.compare)
   for d in (args.out_dir, args.compare):
     if d is not None and not Path(d, rundir.SFT).is_dir():
-      print(f"moba-jax report: {d!r} holds no sft/ run directories "
-            "(expected the out_dir of `moba-jax grid`)", file=sys.stderr)
+      what = ("holds no sft/ run directories" if Path(d).is_dir() else
+              "is not a directory" if Path(d).exists() else "does not exist")
+      print(f"moba-jax report: {d!r} {what} (expected the out_dir of `moba-jax grid`)",
+            file=sys.stderr)
       return 2
   if len(labels) != 2:
     print(f"moba-jax report: --labels {args.labels!r} must be two names, e.g. masked,all",

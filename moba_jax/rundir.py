@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def make_writable_dir(path: str | os.PathLike, key: str) -> Path:
   """Creates directory `path` (and parents) and checks a file can be written in it; OSError
   naming the config key and the reason otherwise (read-only, not a directory, disk full...)."""
   path = Path(path)
+  why = why_unwritable(path, directory=True)  # a file in the way, /proc: named as such
+  if why:
+    raise OSError(f"{key}={str(path)!r} cannot hold the run's files: {why}")
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_probe.{uuid.uuid4().hex}"
@@ -123,8 +127,10 @@ def staged_dir(out: str | os.PathLike, *, main: bool = True):
 def why_unwritable(path: str | os.PathLike, *, directory: bool) -> str | None:
   """Why `path` could not take what a command will write there at its end (a directory of
   files when `directory`, else one file written by atomic_write), or None; creates nothing, so
-  a command checks its outputs before its work. The reason names the place as given: a file
-  where a directory must be (or the reverse), a parent that is a file, no write permission."""
+  a command checks its outputs before its work (a temporary file is made and deleted in the
+  place the outputs would go). The reason names the place as given: a file where a directory
+  must be (or the reverse), a parent that is a file, no write permission (or a filesystem that
+  takes no file, as /proc)."""
   p = Path(path)
   if p.exists():
     if directory and not p.is_dir():
@@ -138,6 +144,11 @@ def why_unwritable(path: str | os.PathLike, *, directory: bool) -> str | None:
       return f"{str(place)!r} is not a directory"
   if not os.access(place, os.W_OK | os.X_OK):
     return f"{str(place)!r} is not writable"
+  try:  # os.access grants root everything: a file made and gone at once asks the filesystem
+    with tempfile.TemporaryFile(dir=place):
+      pass
+  except OSError as e:
+    return f"{str(place)!r} is not writable ({e.strerror or e})"
   return None
 
 

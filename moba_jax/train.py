@@ -394,6 +394,65 @@ def check_resumable(cfg: Config) -> None:
                      "over (its checkpoints and metrics are deleted)")
 
 
+# Keys a run may change between its starts without changing what it trains: where and how fast
+# it runs, when it logs and saves, how long it goes on (prefixes end with a dot).
+RESUME_FREE = ("run_dir", "mesh.", "log.", "checkpoint.", "data.prefetch", "model.remat",
+               "moba.implementation", "moba.full_implementation", "moba.interpret", "moba.tiles",
+               "train.steps", "train.stop_after", "train.init_from", "train.profile_steps",
+               "train.profile_start", "train.peak_tflops", "train.max_nonfinite_steps",
+               "train.deterministic")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def config_changes(cfg: Config) -> list[str]:
+  """The settings where cfg differs from the config.toml saved in cfg.run_dir, as "KEY: THERE
+  there, NOW now", apart from RESUME_FREE's; [] where the run dir holds no checkpoint (a start
+  from scratch) or no config that loads (`check_resumable` names it where it matters)."""
+  path = os.path.join(cfg.run_dir, rundir.CONFIG)
+  ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
+  if not (os.path.isfile(path) and os.path.isdir(ckdir) and os.listdir(ckdir)):
+    return []
+  try:
+    saved = _flat(config_to_dict(load_config(path)))
+  except (OSError, ValueError):
+    return []
+  now = _flat(config_to_dict(cfg))
+  free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE)
+  return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+          if not free(k) and saved.get(k) != now.get(k)]
+
+
+def finished_step(run_dir) -> int | None:
+  """The step a run's summary says it finished at (status "done"), else None."""
+  summary = rundir.read_json(os.path.join(run_dir, rundir.SUMMARY)) or {}
+  return summary.get("step", 0) if summary.get("status") == "done" else None
+
+
+def check_same_config(cfg: Config) -> None:
+  """Before a run dir with checkpoints starts again under cfg: a finished run (nothing would
+  train) of other settings is refused, naming them: its results are not of this config. An
+  unfinished one continues under the new settings (e.g. the last steps with every layer full),
+  with a note naming them; its config.toml then holds the new ones."""
+  changes = config_changes(cfg)
+  if not changes:
+    return
+  step = finished_step(cfg.run_dir)
+  if step is not None and step >= cfg.train.steps:
+    raise ValueError(
+        f"run_dir={cfg.run_dir!r} holds a run finished at step {step} under other settings "
+        f"({'; '.join(changes)}): nothing would train and its results are not of this config; "
+        "use a new run_dir, pass --fresh to start this one over, or raise train.steps to "
+        "continue it under these settings")
+  _log0(f"note: run_dir={cfg.run_dir!r} continues under settings changed since it was saved: "
+        + "; ".join(changes))
+
+
 def _shape_diff(config_path: str, model, advice: str) -> list[str]:
   """The parameter-shape keys (SHAPE_KEYS) where the config file's [model] differs from `model`,
   as "model.KEY: THERE there, NOW now"."""
@@ -404,6 +463,12 @@ def _shape_diff(config_path: str, model, advice: str) -> list[str]:
       saved = tomllib.load(f).get("model", {})
   except (OSError, ValueError) as e:
     raise ValueError(f"{config_path} does not load ({e}); {advice}") from None
+  return shape_diff(saved, model)
+
+
+def shape_diff(saved: dict, model) -> list[str]:
+  """The SHAPE_KEYS where a saved [model] table (missing keys: defaults) differs from `model`, as
+  "model.KEY: THERE there, NOW now"."""
   defaults = type(model)()
   return [f"model.{k}: {saved.get(k, getattr(defaults, k))!r} there, {getattr(model, k)!r} now"
           for k in SHAPE_KEYS if saved.get(k, getattr(defaults, k)) != getattr(model, k)]
@@ -465,6 +530,7 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
       if fresh:
         rundir.clear(cfg.run_dir)
       check_resumable(cfg)
+      check_same_config(cfg)
       save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
       return _run(cfg, progress, pre)
 

@@ -147,10 +147,16 @@ def test_refuses_to_overwrite_and_failed_builds_leave_nothing(src, tmp_path):
   empty = tmp_path / "nothing"
   empty.mkdir()
   (empty / "e.py").write_bytes(b"\n")
-  with pytest.raises(corpus.CorpusError, match="split is empty"):
+  with pytest.raises(corpus.CorpusError, match=r"split is empty \(no documents were found\); "
+                                               "check the input"):
     corpus.build_code(out, sources=[empty], heldout_frac=FRAC, force=True)
   with pytest.raises(corpus.CorpusError, match="split is empty"):
     corpus.build_code(tmp_path / "new", sources=[empty], heldout_frac=FRAC)
+  lines = empty / "same.jsonl"  # one document 50 times: the duplicates are named
+  lines.write_text('{"text": "the same line"}\n' * 50)
+  with pytest.raises(corpus.CorpusError, match=r"split is empty \(1 distinct documents in all, "
+                                               r"49 duplicates dropped\); give more documents$"):
+    corpus.build_jsonl(lines, tmp_path / "same", heldout_frac=0.5)
   assert not (tmp_path / "new").exists()
   assert corpus.open_dir(out).fingerprint == first["fingerprint"]  # the old corpus survives
   name = sorted(kept)[0]

@@ -111,6 +111,28 @@ def test_difficulty_knobs_change_the_prompt():
   assert (few["inputs"] == D.KEY).sum() == 10
 
 
+def test_kv_pairs_hold_in_every_packed_example_or_are_refused():
+  """data.kv_pairs pairs in every example, packed ones too (they were cut to what each random
+  length held: kv_pairs=1000 at seq 64 trained as kv_pairs=0); a count no row can hold is named."""
+  source = D.RowSource(cfg_for("kv_retrieval", "data.kv_pairs=12", "data.num_queries=2"))
+  n_examples = 0
+  for r in range(8):
+    row = source[r]
+    for seg in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
+      at = row["segment_ids"] == seg
+      if row["targets"][at][-1] == D.EOS:  # whole (a row's last piece may be cut by its end)
+        n_examples += 1
+        example = row["inputs"][at]
+        assert (example == D.KEY).sum() == 12 and (example == D.QUERY).sum() == 2
+  assert n_examples >= 8
+  with pytest.raises(ValueError, match=r"train.seq_len=256 must be >= 397 .* with these "
+                                       r"kv_pairs/key_len"):
+    D.check_config(cfg_for("kv_retrieval", "data.kv_pairs=62"))  # (62 + 4) pairs of 6, and BOS
+  with pytest.raises(ValueError, match=r"data.kv_pairs=1 must be 0 \(as many as fit\) or >= "
+                                       r"data.num_queries=4"):
+    D.check_config(cfg_for("kv_retrieval", "data.kv_pairs=1"))
+
+
 def test_process_shards_make_the_same_global_batch():
   cfg = cfg_for("kv_retrieval", "train.batch_size=4")
   whole = iter(D.train_dataset(cfg, 0, 1))

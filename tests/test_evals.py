@@ -4,6 +4,7 @@ decode modes agree on a real tiny model, results are written consistently, error
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 
@@ -315,6 +316,9 @@ def one_line(capsys) -> str:
     ("afile", "--out 'afile': 'afile' is not a directory"),
     ("afile/sub", "--out 'afile/sub': 'afile' is not a directory"),
     ("afile/sub/deeper", "--out 'afile/sub/deeper': 'afile' is not a directory"),
+    # a filesystem that takes no file, though os.access grants root everything
+    pytest.param("/proc/moba_eval", "--out '/proc/moba_eval': '/proc' is not writable",
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")),
 ])
 def test_a_bad_out_is_named_before_anything_runs(run_dir, tmp_path, capsys, monkeypatch,
                                                  nothing_runs, out, message):

@@ -152,6 +152,15 @@ def test_config_is_used_in_place_of_the_saved_one(run_dir, tmp_path, capsys, no_
   assert gen.main([str(run_dir), "--prompt", "hi", "--config", str(tmp_path / "none.toml")]) == 2
   assert one_line(capsys) == (f"moba-jax generate: --config {str(tmp_path / 'none.toml')!r}: "
                               "No such file or directory")
+  # another model shape: named against the run's own config (no step would restore it)
+  import re
+  saved = (run_dir / "config.toml").read_text()
+  d_model = int(re.search(r"^d_model = (\d+)$", saved, re.M).group(1))
+  config.write_text(saved.replace(f"d_model = {d_model}", f"d_model = {2 * d_model}"))
+  assert gen.main([str(run_dir), "--prompt", "hi", "--config", str(config)]) == 2
+  assert one_line(capsys) == (f"moba-jax generate: --config {str(config)!r} is another model "
+                              f"shape than the checkpoint's (model.d_model: {d_model} there, "
+                              f"{2 * d_model} now): give the config it was trained with")
 
 
 def test_a_file_as_checkpoint_is_not_a_directory(tmp_path, capsys):

@@ -222,6 +222,29 @@ def grid_copy(ran_grid, tiny_toml, tmp_path):
   return out, exp, {s.name: s for s in grid.plan(exp)[1]}
 
 
+def test_a_rerun_under_other_settings_is_refused_before_any_run(grid_copy, tiny_toml, capsys,
+                                                                monkeypatch):
+  """Runs already in out_dir under other settings (a finished one would be reported as the new
+  config's) stop the grid before any run, naming the run and the keys; where and how a run
+  runs (train.RESUME_FREE) may change."""
+  out, _, _ = grid_copy
+  calls, results = [], (out / "results.json").read_text()
+  monkeypatch.setattr(grid, "_train_run", lambda cfg, progress: calls.append(cfg.run_dir) or {})
+  for overrides, needle in (
+      (["moba.topk=1"], "pretrain (hybrid_full_layers=0): grid.out_dir="),
+      (["grid.sft.train.lr=0.01"], "sft moba seed 0: grid.out_dir=")):
+    argv = [tiny_toml, f"out_dir={out}", *overrides, "--no-progress"]
+    assert grid.main(argv) == 2, overrides
+    err = capsys.readouterr().err
+    assert err.startswith("moba-jax grid: ") and needle in err and err.count("\n") == 1, err
+    assert ("moba.topk: 2 there, 1 now" if "moba.topk=1" in overrides
+            else "train.lr: 0.003 there, 0.01 now") in err and "use a new grid.out_dir" in err
+  assert calls == [] and (out / "results.json").read_text() == results
+  argv = [tiny_toml, f"out_dir={out}", "moba.implementation=xla", "log.every=2", "--variant", "0",
+          "--no-progress"]
+  assert grid.main(argv) == 0 and calls == []  # done runs stay done
+
+
 def test_a_pool_workers_exit_code_against_its_runs_own_record(grid_copy):
   """A worker's exit code decides nothing for a run whose summary says it finished (a signal
   after that, e.g. in the interpreter's exit); otherwise SIGTERM / SIGINT exits (143, 130, -15,

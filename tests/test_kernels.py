@@ -340,6 +340,26 @@ def test_bench_tiles_help_and_checks_follow_the_block_sizes_fields(capsys):
       map(str, dataclasses.astuple(tpu)))]).impls == "pallas_tpu"
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's choice of rows")
+def test_bench_names_an_impl_of_another_platform_and_drops_the_defaults_ones(tmp_path, capsys):
+  """On a CPU, --impls naming a GPU kernel is refused before any row (it was a row of raw
+  exception text each); the default --impls times the rows that run here, with a note."""
+  from moba_jax import bench
+  small = ["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16", "--repeats", "1",
+           "--warmup", "0", "--no-bwd"]
+  assert bench.main(small + ["--impls", "xla,cudnn"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err == ("moba-jax bench: --impls 'xla,cudnn': 'cudnn' compiles for gpu and "
+                               "this process runs on cpu; name those that run here (e.g. xla, "
+                               "full_xla, reference)\n")
+  rows = tmp_path / "rows.json"
+  assert bench.main(small + ["--json", str(rows)]) == 0
+  assert [r["impl"] for r in json.loads(rows.read_text())] == ["xla"]
+  err = capsys.readouterr().err
+  assert err == ("moba-jax bench: note: on cpu the default --impls times xla (pallas_gpu, cudnn: "
+                 "gpu only)\n")
+
+
 def test_bench_exits_1_when_a_row_fails(tmp_path, capsys, monkeypatch):
   """A row that fails at run time (an OOM, a kernel this platform cannot run) is recorded in its
   row and the others still run; the command then exits 1 and its last stderr line says so."""
@@ -352,6 +372,7 @@ def test_bench_exits_1_when_a_row_fails(tmp_path, capsys, monkeypatch):
     return real(args, impl, *case)
 
   monkeypatch.setattr(bench, "bench_one", flaky)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # where pallas_gpu's row is made
   out = tmp_path / "new" / "rows.json"  # a directory made at the end
   assert bench.main(["--seqs", "128", "--configs", "32:2", "--heads", "2", "--dim", "16",
                      "--impls", "pallas_gpu,xla", "--repeats", "1", "--warmup", "0", "--no-bwd",

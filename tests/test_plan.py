@@ -138,6 +138,8 @@ def test_batch_rule_error_names_the_rule():
     (["--mesh-devices", "x"], "argument --mesh-devices: 'x' must be an integer >= 1"),
     ([], "the following arguments are required: --mesh-devices"),
     (["--mesh-devices", "8", "--replicated-mib", "nan"], "'nan' must be a finite number >= 0"),
+    (["--mesh-devices", "100000"], "argument --mesh-devices: '100000' must be at most 16384 (fake "
+                                   "CPU devices"),
 ])
 def test_cli_mistake_is_one_line(capsys, argv, message):
   assert plan.main(argv) == 2

@@ -180,3 +180,8 @@ def test_cli(grid_dir, capsys):
   out = capsys.readouterr().out
   assert "| variant |" in out and "hybrid-3" in out
   assert report.main([str(grid_dir / "nowhere")]) == 2
+  assert capsys.readouterr().err == (f"moba-jax report: {str(grid_dir / 'nowhere')!r} does not "
+                                     "exist (expected the out_dir of `moba-jax grid`)\n")
+  assert report.main([str(grid_dir / "sft")]) == 2  # a directory, not a grid's
+  assert "'sft' holds no sft/ run directories" in capsys.readouterr().err.replace(
+      str(grid_dir) + "/", "")

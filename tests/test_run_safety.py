@@ -33,6 +33,33 @@ def test_changed_model_shape_is_an_error_and_fresh_starts_over(tmp_path, capsys)
   assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+def test_a_finished_run_under_other_settings_is_refused_and_an_unfinished_one_noted(tmp_path,
+                                                                                    capsys):
+  """A finished run started again under other settings would train nothing and report its old
+  results as the new config's: refused, naming the keys, nothing rewritten. Settings a run may
+  change (train.RESUME_FREE: kernels, logging, length) pass silently; an unfinished run continues
+  under new settings with a note, and its config.toml then holds them."""
+  run_dir = tmp_path / "run"
+  base = [f"run_dir={run_dir}", *TINY, "train.steps=2", "eval.batches=0"]
+  assert train.main(base) == 0
+  config_before = (run_dir / "config.toml").read_text()
+  summary_before = (run_dir / "summary.json").read_text()
+  capsys.readouterr()
+  assert train.main(base + ["moba.topk=2", "train.lr=0.01"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "finished at step 2 under other settings" in err, err
+  assert "moba.topk: 3 there, 2 now; train.lr: 0.003 there, 0.01 now" in err and "--fresh" in err
+  assert (run_dir / "config.toml").read_text() == config_before
+  assert (run_dir / "summary.json").read_text() == summary_before
+  assert train.main(base + ["moba.implementation=xla", "log.every=2"]) == 0
+  assert "note:" not in capsys.readouterr().err
+  assert train.main(base + ["moba.topk=2", "train.steps=3"]) == 0
+  err = capsys.readouterr().err
+  assert "continues under settings changed since it was saved: moba.topk: 3 there, 2 now" in err
+  assert sorted(losses(run_dir)) == [1, 2, 3]
+  assert "topk = 2" in (run_dir / "config.toml").read_text()
+
+
 def _start(run_dir, *extra):
   args = [sys.executable, "-m", "moba_jax.cli", "train", f"run_dir={run_dir}", *TINY,
           "train.steps=400", "eval.batches=0", *extra]
@@ -281,6 +308,17 @@ def test_every_commands_argument_mistakes_are_one_line(argv, capsys):
   assert err.startswith(f"moba-jax {argv[0]}: ") and err.count("\n") == 1, err
 
 
+def test_an_unknown_subcommand_is_one_line_with_the_closest_named(capsys):
+  from moba_jax import cli
+
+  assert cli.main(["trian"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("moba-jax: unknown subcommand 'trian'; did you mean 'train'? expected "
+                        "one of ['train', ") and err.count("\n") == 1, err
+  assert cli.main(["zzz"]) == 2
+  assert "did you mean" not in capsys.readouterr().err
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly():
   """stdout's reader gone (`moba-jax inspect RUN --json | head -c 1`): exit 141, as a process
   ended by SIGPIPE, and no BrokenPipeError traceback on stderr."""
@@ -378,7 +416,8 @@ def test_an_unwritable_run_dir_or_out_dir_is_one_line_before_any_work(tmp_path, 
   from moba_jax import grid, train
   (tmp_path / "file").write_text("")
   assert train.main([f"run_dir={tmp_path}/file/run", "train.steps=1"]) == 2
-  assert f"run_dir='{tmp_path}/file/run' cannot hold the run's files" in capsys.readouterr().err
+  assert (f"run_dir='{tmp_path}/file/run' cannot hold the run's files: '{tmp_path}/file' is not "
+          "a directory") in capsys.readouterr().err
   assert grid.main(["passkey_pilot_cpu", f"out_dir={tmp_path}/file/grid", "--no-progress"]) == 2
   err = capsys.readouterr().err
   assert f"grid.out_dir='{tmp_path}/file/grid' cannot hold the run's files" in err
