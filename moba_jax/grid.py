@@ -443,14 +443,29 @@ def check_runs(exp: ExperimentConfig, trains_here: bool) -> None:
   """ValueError naming the stage and key where a selected run could not start, before any run
   does: a run already in grid.out_dir under other settings (a finished one would be reported
   as this config's, an unfinished one continued under two; the settings a run may change,
-  train.RESUME_FREE, aside), its train.init_from (a run of this model shape; the grid's own
+  train.RESUME_FREE, aside), a stage 1 to be trained further under stage-2 runs that started
+  from it (done ones would be skipped, reported as of the longer one), its train.init_from (a run of this model shape; the grid's own
   stage 1 may not exist yet) and, in a process that trains (not a pool's parent, which touches
   no device), each layer's kernel on this platform."""
   from moba_jax import train
 
   pre, runs = plan(exp)
-  for spec in select(exp, pre, runs):
-    changes = train.config_changes(spec.cfg)
+  todo = select(exp, pre, runs)
+  if pre is not None and pre in todo and train.has_checkpoints(pre.run_dir):
+    done = train.finished_step(pre.run_dir)
+    started = [r.name for r in runs if train.has_checkpoints(r.run_dir)]
+    if started and (done is None or done < pre.cfg.train.steps):
+      raise ValueError(
+          f"{pre.name}: it would train on to train.steps={pre.cfg.train.steps}, past the stage 1 "
+          f"that the runs in grid.out_dir={exp.grid.out_dir!r} started from ({started[0]}"
+          f"{f' and {len(started) - 1} more' if len(started) > 1 else ''}); they would not be "
+          "of the new stage 1: use a new grid.out_dir (grid.init_from= the longer stage 1's run "
+          "dir skips training it again)")
+  # a grid compares train.init_from too (a stage-2 run is of the stage 1 it started from) and
+  # eval.* (a done run is skipped, not evaluated again)
+  free = tuple(k for k in train.RESUME_FREE if k != "train.init_from")
+  for spec in todo:
+    changes = train.config_changes(spec.cfg, free)
     if changes:
       raise ValueError(
           f"{spec.name}: grid.out_dir={exp.grid.out_dir!r} holds this run under other settings "

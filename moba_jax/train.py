@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sys
 import time
+import tomllib
 from typing import Sequence
 
 import jax
@@ -28,8 +29,8 @@ from moba_jax import metrics as metrics_lib
 from moba_jax import rundir
 from moba_jax import sharding as shd
 from moba_jax import train_step as ts
-from moba_jax.config import (Config, config_to_dict, layer_kinds, load_config, read_file,
-                             save_config)
+from moba_jax.config import (FILE_RELATIVE, Config, config_from_dict, config_to_dict,
+                             layer_kinds, load_config, read_file, save_config)
 from moba_jax.rundir import atomic_write
 from moba_jax.signals import SignalFlag
 
@@ -384,8 +385,7 @@ def check_resumable(cfg: Config) -> None:
   """Raises ValueError naming the differing keys if cfg.run_dir holds checkpoints of another model
   shape (restoring them would fail at every step and the run would silently start over)."""
   path = os.path.join(cfg.run_dir, rundir.CONFIG)
-  ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
-  if not (os.path.isfile(path) and os.path.isdir(ckdir) and os.listdir(ckdir)):
+  if not (os.path.isfile(path) and has_checkpoints(cfg.run_dir)):
     return
   diff = _shape_diff(path, cfg.model, "use another run_dir, or --fresh")
   if diff:
@@ -410,22 +410,64 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def config_changes(cfg: Config) -> list[str]:
-  """The settings where cfg differs from the config.toml saved in cfg.run_dir, as "KEY: THERE
-  there, NOW now", apart from RESUME_FREE's; [] where the run dir holds no checkpoint (a start
-  from scratch) or no config that loads (`check_resumable` names it where it matters)."""
-  path = os.path.join(cfg.run_dir, rundir.CONFIG)
-  ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
-  if not (os.path.isfile(path) and os.path.isdir(ckdir) and os.listdir(ckdir)):
-    return []
+def _same_place(value) -> object:
+  """An input path as one place: absolute, links resolved (a Config built in Python may hold it
+  relative to the cwd; a URL stays as it is)."""
+  if isinstance(value, str) and value and "://" not in value:
+    return os.path.realpath(value)
+  return value
+
+
+def _same_corpus(run_dir, path: str) -> bool:
+  """Whether the corpus at data.path `path` is the one the run in run_dir finished on (its
+  summary's fingerprint): a corpus moved or cached elsewhere is the same data."""
+  from moba_jax import corpus as corpus_lib
+
+  saved = (rundir.read_json(os.path.join(run_dir, rundir.SUMMARY)) or {}).get(
+      "corpus_fingerprint")
   try:
-    saved = _flat(config_to_dict(load_config(path)))
+    return saved is not None and corpus_lib.load(path).fingerprint == saved
+  except (OSError, ValueError):
+    return False
+
+
+def config_changes(cfg: Config, free: Sequence[str] = RESUME_FREE) -> list[str]:
+  """The settings where cfg differs from the config.toml saved in cfg.run_dir, as "KEY: THERE
+  there, NOW now", apart from those in `free` (keys, or prefixes ending with a dot); [] where the
+  run dir holds no checkpoint (a start from scratch) or no config that loads (`check_resumable`
+  names it where it matters). Input paths compare as places, and data.path by the corpus's
+  fingerprint where the run recorded one."""
+  path = os.path.join(cfg.run_dir, rundir.CONFIG)
+  if not (os.path.isfile(path) and has_checkpoints(cfg.run_dir)):
+    return []
+  try:  # raw: a relative path in it was the run's cwd's, as this command's (read_file would
+    with open(path, "rb") as f:  # take it against the run dir)
+      d = tomllib.load(f)
+    d.pop("grid", None)
+    saved = _flat(config_to_dict(config_from_dict(d)))
   except (OSError, ValueError):
     return []
   now = _flat(config_to_dict(cfg))
-  free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE)
-  return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-          if not free(k) and saved.get(k) != now.get(k)]
+  for sec, key in FILE_RELATIVE:
+    k = f"{sec}.{key}"
+    saved[k], now[k] = _same_place(saved.get(k)), _same_place(now.get(k))
+  is_free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)
+  keys = [k for k in sorted(set(saved) | set(now)) if not is_free(k) and saved.get(k) != now.get(k)]
+  rel = lambda d: (os.path.relpath(d["train.init_from"], _same_place(d["run_dir"]))
+                   if isinstance(d.get("train.init_from"), str) and d["train.init_from"] else None)
+  if "train.init_from" in keys and rel(saved) is not None and rel(saved) == rel(now):
+    keys.remove("train.init_from")  # a grid's out_dir moved: its runs start from its own stage 1
+  if "data.path" in keys and now.get("data.task") == "corpus" and _same_corpus(
+      cfg.run_dir, cfg.data.path):
+    keys.remove("data.path")
+  return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in keys]
+
+
+def has_checkpoints(run_dir) -> bool:
+  """Whether run_dir's checkpoints/ holds anything: a run that starts there resumes (or falls
+  back through damaged steps) rather than starting over."""
+  ckdir = os.path.join(run_dir, rundir.CHECKPOINTS)
+  return os.path.isdir(ckdir) and bool(os.listdir(ckdir))
 
 
 def finished_step(run_dir) -> int | None:
@@ -438,8 +480,9 @@ def check_same_config(cfg: Config) -> None:
   """Before a run dir with checkpoints starts again under cfg: a finished run (nothing would
   train) of other settings is refused, naming them: its results are not of this config. An
   unfinished one continues under the new settings (e.g. the last steps with every layer full),
-  with a note naming them; its config.toml then holds the new ones."""
-  changes = config_changes(cfg)
+  with a note naming them; its config.toml then holds the new ones. eval.* may change: a run
+  evaluates again when it starts finished."""
+  changes = config_changes(cfg, RESUME_FREE + ("eval.",))
   if not changes:
     return
   step = finished_step(cfg.run_dir)
@@ -456,8 +499,6 @@ def check_same_config(cfg: Config) -> None:
 def _shape_diff(config_path: str, model, advice: str) -> list[str]:
   """The parameter-shape keys (SHAPE_KEYS) where the config file's [model] differs from `model`,
   as "model.KEY: THERE there, NOW now"."""
-  import tomllib
-
   try:
     with open(config_path, "rb") as f:
       saved = tomllib.load(f).get("model", {})
@@ -510,29 +551,37 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   """
   validate(cfg)
   _setup(cfg)  # the mesh on these devices: a mistake there touches no file of the run dir
-  ckdir = os.path.join(cfg.run_dir, rundir.CHECKPOINTS)
-  if fresh or not (os.path.isdir(ckdir) and os.listdir(ckdir)):
+  if fresh or not has_checkpoints(cfg.run_dir):
     check_init_from(cfg)  # it starts a new run only; checked before the run dir is made
   if jax.process_index() == 0:
     rundir.make_writable_dir(cfg.run_dir, "run_dir")
   else:
     os.makedirs(cfg.run_dir, exist_ok=True)
   with Preemption() as pre:  # from here on SIGTERM / SIGINT stop the run cleanly
-    if jax.process_index() != 0:
+    if jax.process_index() != 0:  # the checks process 0 makes (read-only): all stop together
+      _check_run_dir(cfg, fresh)
       return _run(cfg, progress, pre)
     with rundir.Lock(cfg.run_dir):
-      converted = ckpt.params_only(cfg.run_dir)
-      if converted:  # never cleared or set aside: it is a model to start from, not a run
-        raise ValueError(
-            f"run_dir={cfg.run_dir!r} holds parameters only (step {converted[-1]}, e.g. a "
-            "`moba-jax convert` output), not a run to resume: train into a new run_dir with "
-            f"train.init_from={cfg.run_dir}")
+      _check_run_dir(cfg, fresh)
       if fresh:
         rundir.clear(cfg.run_dir)
-      check_resumable(cfg)
-      check_same_config(cfg)
       save_config(cfg, os.path.join(cfg.run_dir, rundir.CONFIG))
       return _run(cfg, progress, pre)
+
+
+def _check_run_dir(cfg: Config, fresh: bool) -> None:
+  """ValueError where the run dir cannot take this run: parameters only (never cleared or set
+  aside: a model to start from, not a run), or, unless --fresh clears it, checkpoints of another
+  model shape or a finished run of other settings (`check_same_config`)."""
+  converted = ckpt.params_only(cfg.run_dir)
+  if converted:
+    raise ValueError(
+        f"run_dir={cfg.run_dir!r} holds parameters only (step {converted[-1]}, e.g. a "
+        "`moba-jax convert` output), not a run to resume: train into a new run_dir with "
+        f"train.init_from={cfg.run_dir}")
+  if not fresh:
+    check_resumable(cfg)
+    check_same_config(cfg)
 
 
 def layer_implementations(cfg: Config) -> tuple[tuple[str, ...], list[str]]:

@@ -291,10 +291,13 @@ def test_errors_are_one_line_and_exit_2(run_dir, capsys, args, message):
      "--task needle needs byte-level text"),
 ])
 def test_models_without_byte_level_text(run_dir, tmp_path, capsys, lines, args, message):
-  """The config (as --config gives it) is checked before any weights are read."""
-  config = tmp_path / "config.toml"
+  """The config (as --config gives it) is checked before any weights are read. --config must
+  be of the checkpoint's model shape: the run's saved config says the same here."""
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  config = run / "config.toml"
   config.write_text("\n".join(lines) + "\n")
-  assert evals.main([str(run_dir), "--config", str(config), *args]) == 2
+  assert evals.main([str(run), "--config", str(config), *args]) == 2
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1, err
 

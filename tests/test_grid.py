@@ -1,6 +1,7 @@
 """`moba-jax grid`: plan and selection, a tiny end-to-end grid, failures, idempotent reruns."""
 
 import json
+import shutil
 import math
 import os
 
@@ -240,6 +241,27 @@ def test_a_rerun_under_other_settings_is_refused_before_any_run(grid_copy, tiny_
     assert ("moba.topk: 2 there, 1 now" if "moba.topk=1" in overrides
             else "train.lr: 0.003 there, 0.01 now") in err and "use a new grid.out_dir" in err
   assert calls == [] and (out / "results.json").read_text() == results
+  # stage 1 longer (a key runs may change): the stage-2 runs started from the shorter one
+  started = sum(any((d / "checkpoints").glob("*")) for d in (out / "sft").glob("*/seed*"))
+  assert started >= 3  # the failed run has none, unless a test before this one retried it
+  assert grid.main([tiny_toml, f"out_dir={out}", "grid.pretrain.train.steps=4",
+                    "--no-progress"]) == 2
+  assert capsys.readouterr().err == (
+      f"moba-jax grid: pretrain (hybrid_full_layers=0): it would train on to train.steps=4, past "
+      f"the stage 1 that the runs in grid.out_dir={str(out)!r} started from (sft moba seed 0 and "
+      f"{started - 1} more); they would not be of the new stage 1: use a new grid.out_dir "
+      "(grid.init_from= the longer stage 1's run dir skips training it again)\n")
+  assert grid.main([tiny_toml, f"out_dir={out}", "grid.pretrain.train.steps=4", "--stage",
+                    "pretrain", "--no-progress"]) == 2  # stage 1 alone: the same
+  assert "it would train on to train.steps=4" in capsys.readouterr().err
+  # another stage 1 (grid.init_from): the stage-2 runs started from this one
+  other = out.parent / "other_stage1"
+  shutil.copytree(out / "pretrain", other)
+  assert grid.main([tiny_toml, f"out_dir={out}", f"grid.init_from={other}", "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert (f"sft moba seed 0: grid.out_dir={str(out)!r} holds this run under other settings "
+          "(train.init_from: ") in err and f"/pretrain' there, {str(other)!r} now)" in err, err
+  assert calls == []
   argv = [tiny_toml, f"out_dir={out}", "moba.implementation=xla", "log.every=2", "--variant", "0",
           "--no-progress"]
   assert grid.main(argv) == 0 and calls == []  # done runs stay done

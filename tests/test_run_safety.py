@@ -53,11 +53,33 @@ def test_a_finished_run_under_other_settings_is_refused_and_an_unfinished_one_no
   assert (run_dir / "summary.json").read_text() == summary_before
   assert train.main(base + ["moba.implementation=xla", "log.every=2"]) == 0
   assert "note:" not in capsys.readouterr().err
+  # eval.* too: a finished run evaluates again when it starts (here on more batches)
+  assert train.main(base + ["eval.batches=1"]) == 0
+  assert "note:" not in capsys.readouterr().err
+  assert json.loads((run_dir / "summary.json").read_text())["eval_loss"] is not None
   assert train.main(base + ["moba.topk=2", "train.steps=3"]) == 0
-  err = capsys.readouterr().err
-  assert "continues under settings changed since it was saved: moba.topk: 3 there, 2 now" in err
+  notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: run_dir")]
+  assert notes == [f"note: run_dir={str(run_dir)!r} continues under settings changed since it "
+                   "was saved: moba.topk: 3 there, 2 now"]
   assert sorted(losses(run_dir)) == [1, 2, 3]
   assert "topk = 2" in (run_dir / "config.toml").read_text()
+
+
+def test_an_identical_rerun_with_relative_paths_is_the_same_config(tmp_path, monkeypatch):
+  """Input paths compare as places: a Config built in Python with data.path relative to the
+  cwd is the same run when it starts again (config.toml is compared as written, its relative
+  paths against the cwd, not against its directory as a config file's are read)."""
+  import dataclasses
+
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "t.jsonl").write_text("".join(
+      json.dumps({"text": f"def f(x):\n  return x + {i}\n" * 5}) + "\n" for i in range(60)))
+  cfg = tiny("run", "train.steps=2", "data.task=corpus", "model.vocab_size=259",
+             "eval.batches=0")
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="t.jsonl"))
+  assert train.run(cfg, progress=False)["status"] == "done"
+  assert train.config_changes(cfg) == []
+  assert train.run(cfg, progress=False)["status"] == "done"
 
 
 def _start(run_dir, *extra):
