@@ -77,9 +77,13 @@ def _positive(text: str) -> int:
 
 def _impls(text: str) -> str:
   valid = set(attn.implementations("moba")) - {"auto"} | set(FULL_IMPLS)
-  bad = [x for x in text.split(",") if x not in valid]
+  names = text.split(",")
+  bad = [x for x in names if x not in valid]
   if bad:
     raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {sorted(valid)}")
+  twice = sorted({x for x in names if names.count(x) > 1})
+  if twice:
+    raise argparse.ArgumentTypeError(f"{text!r} names {twice[0]!r} twice")
   return text
 
 

@@ -43,6 +43,12 @@ def _describe(tp) -> str:
   if origin is tuple:
     return f"a list of {_plural(args[0])}"
   if origin in (Union, types.UnionType):
+    arms = lambda t: typing.get_args(t) if typing.get_origin(t) in (Union, types.UnionType) \
+        else (t,)
+    lists = [a for a in args if typing.get_origin(a) is tuple
+             and set(arms(typing.get_args(a)[0])) <= set(args)]
+    if lists:  # X or a list of X (a Union flattens X's own arms into it)
+      return f"{_describe(typing.get_args(lists[0])[0])}, or a list of them"
     return " or ".join(_describe(a) for a in args)
   if origin is Literal:
     return " or ".join(repr(a) for a in args)
@@ -52,8 +58,10 @@ def _describe(tp) -> str:
 
 def _plural(tp) -> str:
   """A list element's description: "strings", "integers", "'a' or 'b' values"."""
-  if typing.get_origin(tp) is Literal or typing.get_origin(tp) in (Union, types.UnionType):
-    return f"{_describe(tp)} values"
+  if typing.get_origin(tp) in (Union, types.UnionType):  # "integers or 'all'"
+    return " or ".join(_plural(a) for a in typing.get_args(tp))
+  if typing.get_origin(tp) is Literal:
+    return " or ".join(repr(a) for a in typing.get_args(tp))
   return {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(
       tp, f"{_describe(tp)} values")
 

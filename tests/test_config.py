@@ -81,6 +81,7 @@ def test_experiment_errors_name_the_key(override, needle):
     ("mesh.rules.embed=fsdp", "mesh.rules.embed='fsdp' must be a list of strings, e.g. "
                               "mesh.rules.embed=[\"fsdp\"]"),
     ("moba.tiles=x", "moba.tiles='x' must be a list of integers"),
+    ("moba.hybrid_full_layers=x", "moba.hybrid_full_layers='x' must be an integer or 'all'"),
     ("train.response_tokens=5", "'train.response_tokens'; did you mean 'data.response_tokens'?"),
     ("mesh.rules.foo=[\"data\"]", "unknown config key 'mesh.rules.foo' (mesh.rules has: batch, "
                                  "length, embed, mlp, heads, kv_heads, head_dim, vocab, norm, "

@@ -119,6 +119,8 @@ def test_select_only_seed_stage_and_init_from(tiny_toml):
 @pytest.mark.parametrize("override, needle", [
     ("grid.variants=[0, 3]", "hybrid_full_layers=3 must be in [0, model.n_layers=2]"),
     ("grid.only=1", "grid.only=1 must be one of (0, 'all')"),
+    ("grid.only=[1", "grid.only='[1' must be an integer or 'all', or a list of them"),
+    ("grid.variants=[x]", "grid.variants='[x]' must be a list of integers or 'all'"),
     ("grid.seeds=[0, 0]", "grid.seeds=[0, 0] must be a non-empty list"),
     ("grid.stage=sometimes", "grid.stage='sometimes' must be one of"),
     ("grid.sft.data.response_tokens=8", "grid.sft: data.response_tokens=8 applies to data.task="),

@@ -235,6 +235,7 @@ def test_bench_tiles_reach_the_tpu_kernel():
     (["--seqs", "0"], "every value must be >= 1"),
     (["--configs", "512"], "'512' must look like BLOCK:TOPK"),
     (["--impls", "flash"], "'flash' is not one of"),
+    (["--impls", "xla,full_xla,xla"], "argument --impls: 'xla,full_xla,xla' names 'xla' twice"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--docs", "0"], "every value must be >= 1"),
 ])
