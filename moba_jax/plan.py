@@ -59,15 +59,31 @@ def main(argv: list[str] | None = None) -> int:
   except UsageError as e:
     print(f"moba-jax plan: {e}", file=sys.stderr)
     return 2
-  if os.environ.get(DEVICES_ENV) != str(args.mesh_devices):
-    return _rerun_with_devices(argv, args.mesh_devices)
   pos = list(args.args)
   name = pos.pop(0) if pos and "=" not in pos[0] else None
   try:
+    if os.environ.get(DEVICES_ENV) != str(args.mesh_devices):
+      _check_meshes(name, pos, args.mesh_devices)  # before thousands of fake devices start
+      return _rerun_with_devices(argv, args.mesh_devices)
     return _plan(name, pos, args)
   except (ValueError, OSError) as e:
     print(f"moba-jax plan: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
+
+
+def _check_meshes(name, overrides, n_devices: int) -> None:
+  """ValueError naming the stage and the mesh keys where a planned stage's mesh cannot take
+  n_devices (the experiment's own mistakes too): the child's first checks, without its devices."""
+  from moba_jax import grid
+  from moba_jax.sharding import mesh_shape
+
+  exp, _ = grid.load_experiment(name, overrides)
+  pre, runs = grid.plan(exp)
+  for spec in grid.select(exp, pre, runs):
+    try:
+      mesh_shape(spec.cfg.mesh, n_devices)
+    except ValueError as e:
+      raise ValueError(f"{spec.stage}: {e}") from None
 
 
 def _rerun_with_devices(argv: list[str], n: int) -> int:

@@ -147,6 +147,20 @@ def test_cli_mistake_is_one_line(capsys, argv, message):
   assert err.count("\n") == 1 and message in err, err
 
 
+def test_a_mesh_that_cannot_take_the_devices_is_named_before_they_start(tmp_path, capsys,
+                                                                        monkeypatch):
+  """The planned stages' meshes are checked before the command reruns itself with N fake
+  devices (8,192 of them took 12.6 s to start before saying so)."""
+  monkeypatch.setattr(plan, "_rerun_with_devices", lambda *a: pytest.fail("devices started"))
+  path = tmp_path / "tiny.toml"
+  path.write_text(TOML.format(batch=48, out=tmp_path / "grid"))
+  assert plan.main([str(path), "stage=sft", "mesh.data=3", "--mesh-devices", "8192"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("moba-jax plan: sft: mesh.data * mesh.fsdp * mesh.context * mesh.tensor "
+                        "= 48 ({'data': 3, ") and err.endswith(
+                            "must equal the device count 8192\n") and err.count("\n") == 1, err
+
+
 @pytest.mark.slow
 def test_plan_compiled_memory(tmp_path):
   r = run_plan(tmp_path, 32)
