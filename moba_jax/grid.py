@@ -79,6 +79,12 @@ def experiment_file(name: str | None) -> Iterator[str]:
     yield str(path)
 
 
+def is_packaged(name: str) -> bool:
+  """Whether `name` (.toml optional) is one of the packaged moba_jax.experiments."""
+  name = name if name.endswith(".toml") else name + ".toml"
+  return "/" not in name and (importlib.resources.files("moba_jax.experiments") / name).is_file()
+
+
 def normalize_overrides(overrides: list[str]) -> list[str]:
   """Friendly grid keys: `out_dir=D` means `grid.out_dir=D` (likewise the other ALIASES)."""
   out = []

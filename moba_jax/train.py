@@ -720,9 +720,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError(f"unknown option {unknown[0]!r}; the options are --fresh and --help, the "
                        "rest [CONFIG.toml] key=value ...")
     if path and not os.path.isfile(path):
+      from moba_jax import grid
       what = "a directory" if os.path.isdir(path) else "no such file"
+      hint = (f"; {path!r} names a packaged experiment, which `moba-jax grid {path}` runs"
+              if not os.path.exists(path) and grid.is_packaged(path) else "")
       raise ValueError(f"{path!r} is not a config file ({what}); the first argument may be a "
-                       "TOML or JSON file, the others look like key=value")
+                       f"TOML or JSON file, the others look like key=value{hint}")
     cfg = validate(load_config(path, overrides))
     if path and "grid" in read_file(path):
       print(f"moba-jax train: note: {path} is an experiment; training its run config (its [grid] "

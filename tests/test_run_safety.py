@@ -341,6 +341,18 @@ def test_an_unknown_subcommand_is_one_line_with_the_closest_named(capsys):
   assert "did you mean" not in capsys.readouterr().err
 
 
+def test_train_given_a_packaged_experiments_name_points_to_grid(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert train.main(["layerwise_hybrid_cpu"]) == 2
+  assert capsys.readouterr().err == (
+      "moba-jax train: 'layerwise_hybrid_cpu' is not a config file (no such file); the first "
+      "argument may be a TOML or JSON file, the others look like key=value; "
+      "'layerwise_hybrid_cpu' names a packaged experiment, which `moba-jax grid "
+      "layerwise_hybrid_cpu` runs\n")
+  assert train.main(["nothere.toml"]) == 2
+  assert "packaged" not in capsys.readouterr().err
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly():
   """stdout's reader gone (`moba-jax inspect RUN --json | head -c 1`): exit 141, as a process
   ended by SIGPIPE, and no BrokenPipeError traceback on stderr."""
