@@ -69,8 +69,7 @@ def experiment_file(name: str | None) -> Iterator[str]:
     yield name
     return
   name = name or DEFAULT_EXPERIMENT
-  name = name if name.endswith(".toml") else name + ".toml"
-  res = importlib.resources.files("moba_jax.experiments") / name
+  res = _packaged(name)
   if not res.is_file():
     known = sorted(p.name for p in importlib.resources.files("moba_jax.experiments").iterdir()
                    if p.name.endswith(".toml"))
@@ -79,10 +78,15 @@ def experiment_file(name: str | None) -> Iterator[str]:
     yield str(path)
 
 
+def _packaged(name: str):
+  """The packaged moba_jax.experiments resource of `name` (.toml optional; it may not exist)."""
+  return importlib.resources.files("moba_jax.experiments") / (
+      name if name.endswith(".toml") else name + ".toml")
+
+
 def is_packaged(name: str) -> bool:
-  """Whether `name` (.toml optional) is one of the packaged moba_jax.experiments."""
-  name = name if name.endswith(".toml") else name + ".toml"
-  return "/" not in name and (importlib.resources.files("moba_jax.experiments") / name).is_file()
+  """Whether `name` is one of the packaged moba_jax.experiments."""
+  return "/" not in name and _packaged(name).is_file()
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -229,8 +233,8 @@ def _train_run(cfg: Config, progress: bool) -> dict:
 
 def is_done(spec: RunSpec) -> bool:
   """Finished at the configured number of steps (a longer config makes it resume)."""
-  summary = rundir.read_json(spec.run_dir / rundir.SUMMARY) or {}
-  return summary.get("status") == "done" and summary.get("step", 0) >= spec.cfg.train.steps
+  step = rundir.finished_step(spec.run_dir)
+  return step is not None and step >= spec.cfg.train.steps
 
 
 def _record(spec: RunSpec, main: bool | None = None, **fields) -> dict:
@@ -450,16 +454,16 @@ def check_runs(exp: ExperimentConfig, trains_here: bool) -> None:
   does: a run already in grid.out_dir under other settings (a finished one would be reported
   as this config's, an unfinished one continued under two; the settings a run may change,
   train.RESUME_FREE, aside), a stage 1 to be trained further under stage-2 runs that started
-  from it (done ones would be skipped, reported as of the longer one), its train.init_from (a run of this model shape; the grid's own
-  stage 1 may not exist yet) and, in a process that trains (not a pool's parent, which touches
-  no device), each layer's kernel on this platform."""
+  from it (done ones would be skipped, reported as of the longer one), its train.init_from (a
+  run of this model shape; the grid's own stage 1 may not exist yet) and, in a process that
+  trains (not a pool's parent, which touches no device), each layer's kernel on this platform."""
   from moba_jax import train
 
   pre, runs = plan(exp)
   todo = select(exp, pre, runs)
-  if pre is not None and pre in todo and train.has_checkpoints(pre.run_dir):
-    done = train.finished_step(pre.run_dir)
-    started = [r.name for r in runs if train.has_checkpoints(r.run_dir)]
+  if pre is not None and pre in todo and rundir.has_checkpoints(pre.run_dir):
+    done = rundir.finished_step(pre.run_dir)
+    started = [r.name for r in runs if rundir.has_checkpoints(r.run_dir)]
     if started and (done is None or done < pre.cfg.train.steps):
       raise ValueError(
           f"{pre.name}: it would train on to train.steps={pre.cfg.train.steps}, past the stage 1 "

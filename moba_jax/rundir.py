@@ -152,6 +152,19 @@ def why_unwritable(path: str | os.PathLike, *, directory: bool) -> str | None:
   return None
 
 
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+  """Whether run_dir's checkpoints/ holds anything: a run that starts there resumes (or falls
+  back through damaged steps) rather than starting over."""
+  ckdir = Path(run_dir, CHECKPOINTS)
+  return ckdir.is_dir() and any(ckdir.iterdir())
+
+
+def finished_step(run_dir: str | os.PathLike) -> int | None:
+  """The step a run's summary says it finished at (status "done"), else None."""
+  summary = read_json(Path(run_dir, SUMMARY)) or {}
+  return summary.get("step", 0) if summary.get("status") == "done" else None
+
+
 def read_json(path: str | os.PathLike) -> dict | None:
   """The JSON object in `path`, or None if it is missing or unreadable."""
   try:

@@ -385,7 +385,7 @@ def check_resumable(cfg: Config) -> None:
   """Raises ValueError naming the differing keys if cfg.run_dir holds checkpoints of another model
   shape (restoring them would fail at every step and the run would silently start over)."""
   path = os.path.join(cfg.run_dir, rundir.CONFIG)
-  if not (os.path.isfile(path) and has_checkpoints(cfg.run_dir)):
+  if not (os.path.isfile(path) and rundir.has_checkpoints(cfg.run_dir)):
     return
   diff = _shape_diff(path, cfg.model, "use another run_dir, or --fresh")
   if diff:
@@ -438,7 +438,7 @@ def config_changes(cfg: Config, free: Sequence[str] = RESUME_FREE) -> list[str]:
   names it where it matters). Input paths compare as places, and data.path by the corpus's
   fingerprint where the run recorded one."""
   path = os.path.join(cfg.run_dir, rundir.CONFIG)
-  if not (os.path.isfile(path) and has_checkpoints(cfg.run_dir)):
+  if not (os.path.isfile(path) and rundir.has_checkpoints(cfg.run_dir)):
     return []
   try:  # raw: a relative path in it was the run's cwd's, as this command's (read_file would
     with open(path, "rb") as f:  # take it against the run dir)
@@ -463,19 +463,6 @@ def config_changes(cfg: Config, free: Sequence[str] = RESUME_FREE) -> list[str]:
   return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in keys]
 
 
-def has_checkpoints(run_dir) -> bool:
-  """Whether run_dir's checkpoints/ holds anything: a run that starts there resumes (or falls
-  back through damaged steps) rather than starting over."""
-  ckdir = os.path.join(run_dir, rundir.CHECKPOINTS)
-  return os.path.isdir(ckdir) and bool(os.listdir(ckdir))
-
-
-def finished_step(run_dir) -> int | None:
-  """The step a run's summary says it finished at (status "done"), else None."""
-  summary = rundir.read_json(os.path.join(run_dir, rundir.SUMMARY)) or {}
-  return summary.get("step", 0) if summary.get("status") == "done" else None
-
-
 def check_same_config(cfg: Config) -> None:
   """Before a run dir with checkpoints starts again under cfg: a finished run (nothing would
   train) of other settings is refused, naming them: its results are not of this config. An
@@ -485,7 +472,7 @@ def check_same_config(cfg: Config) -> None:
   changes = config_changes(cfg, RESUME_FREE + ("eval.",))
   if not changes:
     return
-  step = finished_step(cfg.run_dir)
+  step = rundir.finished_step(cfg.run_dir)
   if step is not None and step >= cfg.train.steps:
     raise ValueError(
         f"run_dir={cfg.run_dir!r} holds a run finished at step {step} under other settings "
@@ -551,7 +538,7 @@ def run(cfg: Config, *, progress: bool = True, fresh: bool = False) -> dict:
   """
   validate(cfg)
   _setup(cfg)  # the mesh on these devices: a mistake there touches no file of the run dir
-  if fresh or not has_checkpoints(cfg.run_dir):
+  if fresh or not rundir.has_checkpoints(cfg.run_dir):
     check_init_from(cfg)  # it starts a new run only; checked before the run dir is made
   if jax.process_index() == 0:
     rundir.make_writable_dir(cfg.run_dir, "run_dir")
