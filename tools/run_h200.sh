@@ -390,20 +390,24 @@ fi
 # the compiled suite in shards side by side (compilation is CPU-bound), each at MEM of the GPU and limited to TEST_S
 # (default 480 s): shards NAME N MEM PYTEST_ARGS... (logs $OUT/NAME<i>.txt, then NAME_logs.tgz;
 # each shard's last line and every failure in the log)
-shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=${SHARD_TO:-$2}
+shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=${SHARD_TO:-$n} pids=()
   # SHARD_FROM/SHARD_TO: shards [from, to) of n only (a suite too long for one call, in two)
+  # the machine's load every 20 s beside the shards (is compilation CPU-bound at this width?)
+  (while sleep 20; do echo "$(date +%T) $(cut -d' ' -f1-3 /proc/loadavg) $(nvidia-smi \
+    --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"; done) \
+    > $OUT/${name}load.txt 2>&1 & local sampler=$!
   for ((i = from; i < to; i++)); do
     # SIGINT at the limit: pytest stops and prints its summary once the compile it is in returns
     # (run 42: one shard of seven did within 30 s); --failures-now keeps each failure's report
     # in the log as it happens
     XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout -s INT -k 30 "${TEST_S:-480}" python3 -m pytest -q -rfEs \
-      --failures-now -W ignore --compiled -m "" -p no:cacheprovider --shard $i/$n "$@" \
-      > $OUT/$name$i.txt 2>&1 &
+      --failures-now -W ignore --durations=0 --durations-min=5 --compiled -m "" \
+      -p no:cacheprovider --shard $i/$n "$@" > $OUT/$name$i.txt 2>&1 & pids+=($!)
   done
-  wait
+  [ ${#pids[@]} = 0 ] || wait "${pids[@]}"; kill $sampler 2>/dev/null
   for ((i = from; i < to; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
   grep -h "^FAILED\|^ERROR\|^-* FAILED " $OUT/$name[0-9]*.txt | tee -a $log
-  (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt && rm $name[0-9]*.txt); }
+  (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt ${name}load.txt && rm $name[0-9]*.txt ${name}load.txt); }
 # every test file but test_mosaic.py that reads `--compiled`
 rest_files() { grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py"; }
 if [ "$phase" = 8 ]; then
