@@ -102,12 +102,18 @@ class BlockSizes:
     Mosaic GPU kernels (128-row tiles, 128-key forward chunks; docs/benchmarks.md run 16). Else,
     and interpreted (CI's jax cannot interpret them), the Triton kernels (head_dim 128 in 16
     bits: 3 stages, the run-2 sweep's best; the Triton dK/dV keeps them for groups off the
-    128-key grid)."""
+    128-key grid). Compiled with float32 inputs, 32-wide tiles: the IEEE float32 products run
+    on the FMA units, where 64-wide tiles cost about ten times the time and five times the
+    compile (run 46, one H100, fwd+bwd at 4K block 256 top-3, 8/2 heads, head_dim 128: 87.4 ->
+    8.7 ms, compile 37.5 -> 7.8 s; docs/kernel_notes.md). Interpreted they stay 64 (fewer grid
+    steps: the CPU suite's time)."""
     stages = 3 if head_dim >= 128 and jnp.dtype(dtype).itemsize == 2 else 2
     if (not interpret and moba_mgpu.is_default_here()
         and moba_mgpu.refusal(dtype, head_dim, moba_mgpu.ROWS) is None):
       return cls(block_q=moba_mgpu.ROWS, num_stages=stages, mosaic_block_kv=128, mosaic_dq=1,
                  mosaic_dkdv=1)
+    if not interpret and jnp.dtype(dtype).itemsize == 4:
+      return cls(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, num_stages=stages)
     return cls(num_stages=stages)
 
 

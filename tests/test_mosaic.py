@@ -617,7 +617,8 @@ def test_mosaic_kernels_lower_under_remat_and_scan():
 @pytest.mark.parametrize("hopper", [False, True])
 def test_the_default_is_mosaic_on_hopper_in_16_bits_else_triton(hopper, monkeypatch):
   """Compiled on a Hopper GPU, 16-bit inputs with head_dim 64 or 128 take all three Mosaic kernels;
-  float32, other head_dims, other GPUs and every interpreted run take the Triton kernels."""
+  float32, other head_dims, other GPUs and every interpreted run take the Triton kernels, compiled
+  float32 with 32-wide tiles (run 46: 64-wide ones ran ten times slower), else 64-wide."""
   monkeypatch.setattr(mm, "on_hopper", lambda: hopper)
   monkeypatch.setattr(mm, "CHECKED_JAX", (0, 0))  # this JAX counts as checked
   mosaic = lambda sizes: (sizes.block_q, sizes.mosaic_block_kv, sizes.mosaic_dq, sizes.mosaic_dkdv)
@@ -625,8 +626,12 @@ def test_the_default_is_mosaic_on_hopper_in_16_bits_else_triton(hopper, monkeypa
     assert mosaic(mg.BlockSizes.get_default(dim, dtype)) == ((128, 128, 1, 1) if hopper
                                                               else (64, 0, 0, 0))
     assert mosaic(mg.BlockSizes.get_default(dim, dtype, interpret=True)) == (64, 0, 0, 0)
-  for dim, dtype in ((128, jnp.float32), (96, jnp.bfloat16), (32, jnp.float16)):
+  for dim, dtype in ((96, jnp.bfloat16), (32, jnp.float16)):
     assert mosaic(mg.BlockSizes.get_default(dim, dtype)) == (64, 0, 0, 0)
+  tiles = lambda s: (s.block_q, s.block_k, s.block_q_dkv, s.block_k_dkv, s.mosaic_block_kv)
+  for dim in (64, 80, 128):
+    assert tiles(mg.BlockSizes.get_default(dim, jnp.float32)) == (32, 32, 32, 32, 0)
+    assert tiles(mg.BlockSizes.get_default(dim, jnp.float32, interpret=True)) == (64, 64, 64, 64, 0)
 
 
 def test_on_hopper_is_false_off_a_gpu():
