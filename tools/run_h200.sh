@@ -226,10 +226,12 @@
 #       left, both trees' epilogue regions at 16K b128 k8 (tools/mgpu_trace.py; trace_<tree>.txt).
 #       Run 41: the forward and dQ storing their rows from registers (direct_store.patch)
 #   67: the compiled behavioural suite apart from test_mosaic.py (phase 48 runs that): every
-#       test file that reads `--compiled`, slow cases included (`-m ""`), as SHARDS (default 8)
-#       processes side by side at MEM (default 0.1) of the GPU each, limit TEST_S (default 480 s);
-#       each shard's last line and every failure in the log, the logs in suite_logs.tgz; with
-#       SHARD_FROM/SHARD_TO only shards [from, to) of SHARDS (run 45: SHARDS=16 in two calls)
+#       test file that reads `--compiled`, slow cases included (`-m ""`), as SHARDS (default 10)
+#       processes side by side at MEM (default 0.09) of the GPU each, limit TEST_S (default 480
+#       s); each shard's last line and every failure in the log, the logs (and the host's load)
+#       in suite_logs.tgz; with SHARD_FROM/SHARD_TO only shards [from, to) of SHARDS (run 45:
+#       SHARDS=16 in two calls; run 46, an H100, after the float32 tiles: 10 shards reached 419
+#       of 443 tests in 450 s, the host compile-bound)
 #   68: phases 48 and 67 in one call: test_mosaic.py and the rest of the compiled suite (slow
 #       cases included), SHARDS (default 7) processes each side by side, each at MEM (default
 #       0.06: 8.4 GB of an H200's 141) of the GPU and limited to TEST_S (default 480 s; logs in
@@ -237,9 +239,9 @@
 #       finished 4 of the 7 test_mosaic.py shards and none of the rest's (about 37 of each
 #       shard's 54 tests had run); run 48 and 67 in two calls
 #   69: the pytest node ids listed in IDS (one a line; default
-#       docs/results/h100_2026-12-06_run45/rerun.txt: the 27 tests run 45's phase 67 had not
-#       reached at its limits, and its two failures, changed since), compiled as SHARDS (default
-#       8) processes at MEM (default 0.1) of the GPU, limit TEST_S (default 480 s)
+#       docs/results/h100_2026-12-06_run46/not_run.txt: the 24 tests run 46's phase 67 had not
+#       reached at its limit), compiled as SHARDS (default 8) processes at MEM (default 0.1) of
+#       the GPU, limit TEST_S (default 480 s)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -982,10 +984,10 @@ if [ "$phase" = 66 ]; then
 fi
 if [ "$phase" = 67 ]; then
   echo "files: $(echo $(rest_files))" | tee -a $log
-  shards suite ${SHARDS:-8} ${MEM:-0.1} $(rest_files)
+  shards suite ${SHARDS:-10} ${MEM:-0.09} $(rest_files)
 fi
 if [ "$phase" = 69 ]; then
-  ids=${IDS:-docs/results/h100_2026-12-06_run45/rerun.txt}
+  ids=${IDS:-docs/results/h100_2026-12-06_run46/not_run.txt}
   mapfile -t named < "$ids"  # node ids hold spaces and quotes: one array element a line
   echo "tests: ${#named[@]} of $ids" | tee -a $log
   shards named ${SHARDS:-8} ${MEM:-0.1} "${named[@]}"
