@@ -1,9 +1,13 @@
 """pytest options of the suite: `--compiled` runs the Pallas kernels compiled (tests/helpers.py);
 `--shard I/N` runs every N-th test from the I-th (0-based), so N processes can share one machine
-(compiling kernels is CPU-bound: tools/run_h200.sh runs the compiled suite as 6 shards);
+(compiling kernels is CPU-bound: tools/run_h200.sh runs the compiled suite as 10 shards); with
+`--shard-times FILE` (tests' measured seconds, tools/test_times.py) the shards are balanced by
+those times instead (run 46: round robin left five of ten shards 40% longer than the others);
 `--failures-now` prints each failure's report when it happens, not only in the final summary,
 which a run stopped at a time limit never reaches (run 42: nine failures of the compiled suite on
 an H100 left only their F's)."""
+
+import json
 
 import jax
 import pytest
@@ -16,6 +20,9 @@ def pytest_addoption(parser):
                    help="run the Pallas kernels compiled on this machine's GPU/TPU instead of in "
                         "interpret mode (skips the other platform's kernel)")
   parser.addoption("--shard", default=None, help="I/N: run only tests I, I+N, I+2N, ...")
+  parser.addoption("--shard-times", default=None,
+                   help="with --shard: a JSON file of measured seconds per test id "
+                        "(tools/test_times.py); the shards are then balanced by those times")
   parser.addoption("--failures-now", action="store_true",
                    help="print each failure's report as it happens (also in the summary)")
 
@@ -50,9 +57,33 @@ def pytest_collection_modifyitems(config, items):
     assert 0 <= index < count
   except (ValueError, AssertionError):
     raise pytest.UsageError(f"--shard={spec!r} must be I/N with 0 <= I < N") from None
-  keep = [item for i, item in enumerate(items) if i % count == index]
-  config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+  path = config.getoption("--shard-times")
+  if path:
+    try:
+      with open(path) as f:
+        table = json.load(f)
+      times, default = dict(table["times"]), float(table["default_s"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise pytest.UsageError(f"--shard-times={path!r}: {e} (expected a JSON object with "
+                              "'times' {test id: seconds} and 'default_s')") from None
+    shard = balanced_shards([item.nodeid for item in items], times, default, count)
+  else:
+    shard = [i % count for i in range(len(items))]
+  keep = [item for item, s in zip(items, shard) if s == index]
+  config.hook.pytest_deselected(items=[item for item, s in zip(items, shard) if s != index])
   items[:] = keep
+
+
+def balanced_shards(ids: list[str], times: dict, default: float, count: int) -> list[int]:
+  """Each test's shard (0 <= shard < count): longest first onto the least-loaded shard (ties: the
+  earlier test, the lower shard), a test missing from `times` at `default` seconds. Every process
+  of a sharded run computes the same assignment from the same collection."""
+  cost = [float(times.get(i, default)) for i in ids]
+  load, shard = [0.0] * count, [0] * len(ids)
+  for i in sorted(range(len(ids)), key=lambda i: (-cost[i], i)):
+    s = min(range(count), key=lambda s: (load[s], s))
+    shard[i], load[s] = s, load[s] + cost[i]
+  return shard
 
 
 @pytest.fixture

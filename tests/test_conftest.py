@@ -46,3 +46,36 @@ def test_shard_runs_every_nth_test(tmp_path):
   assert "2 passed, 2 deselected" in out.stdout
   bad = _pytest(tmp_path, "--shard", "2/2")
   assert bad.returncode == 4 and "--shard='2/2' must be I/N with 0 <= I < N" in bad.stderr
+
+
+def test_shard_times_balance_the_shards_by_measured_seconds(tmp_path):
+  """With --shard-times the longest test gets a shard to itself where it outweighs the rest
+  (round robin would have put test_2 beside test_0)."""
+  times = tmp_path / "times.json"
+  times.write_text('{"default_s": 1, "times": {"test_cases.py::test_2": 10}}')
+  out = _pytest(tmp_path, "--shard", "1/2", "--shard-times", str(times), "-vv")
+  assert out.returncode == 1, out.stdout  # test_0 fails by design; test_2 (the kill) not run
+  assert "test_1 PASSED" in out.stdout and "test_3 PASSED" in out.stdout
+  assert "test_0 FAILED" in out.stdout and "test_2" not in out.stdout
+  assert "1 failed, 2 passed, 1 deselected" in out.stdout
+  times.write_text('{"times": {}}')
+  bad = _pytest(tmp_path, "--shard", "0/2", "--shard-times", str(times))
+  assert bad.returncode == 4 and "--shard-times=" in bad.stderr and "'default_s'" in bad.stderr
+
+
+def test_balanced_shards_partition_the_tests_within_one_test_of_the_mean():
+  """Every test in exactly one shard; no shard above the mean load by more than the longest test
+  (the greedy bound), on random times; the same call gives the same shards."""
+  import random
+
+  from tests.conftest import balanced_shards
+  rng = random.Random(0)
+  for count in (1, 3, 10):
+    ids = [f"t{i}" for i in range(rng.randrange(1, 60))]
+    times = {i: rng.choice([0.5, 2, 30, 140]) for i in ids if rng.random() < 0.7}
+    shard = balanced_shards(ids, times, 1.7, count)
+    assert shard == balanced_shards(ids, times, 1.7, count)
+    assert len(shard) == len(ids) and all(0 <= s < count for s in shard)
+    cost = [times.get(i, 1.7) for i in ids]
+    loads = [sum(c for c, s in zip(cost, shard) if s == k) for k in range(count)]
+    assert max(loads) <= sum(cost) / count + max(cost) + 1e-9

@@ -393,7 +393,10 @@ fi
 # (default 480 s): shards NAME N MEM PYTEST_ARGS... (logs $OUT/NAME<i>.txt, then NAME_logs.tgz;
 # each shard's last line and every failure in the log)
 shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=${SHARD_TO:-$n} pids=()
-  # SHARD_FROM/SHARD_TO: shards [from, to) of n only (a suite too long for one call, in two)
+  # SHARD_FROM/SHARD_TO: shards [from, to) of n only (a suite too long for one call, in two);
+  # the shards balanced by SHARD_TIMES (default tools/compiled_test_times.json: run 46's H100
+  # durations, tools/test_times.py; a test it lacks counts its default_s)
+  local times=${SHARD_TIMES:-tools/compiled_test_times.json}
   # the machine's load every 20 s beside the shards (is compilation CPU-bound at this width?)
   (while sleep 20; do echo "$(date +%T) $(cut -d' ' -f1-3 /proc/loadavg) $(nvidia-smi \
     --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"; done) \
@@ -404,7 +407,8 @@ shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=
     # in the log as it happens
     XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout -s INT -k 30 "${TEST_S:-480}" python3 -m pytest -q -rfEs \
       --failures-now -W ignore --durations=0 --durations-min=5 --compiled -m "" \
-      -p no:cacheprovider --shard $i/$n "$@" > $OUT/$name$i.txt 2>&1 & pids+=($!)
+      -p no:cacheprovider --shard $i/$n --shard-times "$times" "$@" > $OUT/$name$i.txt 2>&1 &
+    pids+=($!)
   done
   [ ${#pids[@]} = 0 ] || wait "${pids[@]}"; kill $sampler 2>/dev/null
   for ((i = from; i < to; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
