@@ -1,6 +1,7 @@
 """The suite's own options (tests/conftest.py), as the compiled runs on a GPU use them
 (tools/run_h200.sh: shards side by side under a time limit)."""
 
+import json
 import subprocess
 import sys
 
@@ -79,3 +80,26 @@ def test_balanced_shards_partition_the_tests_within_one_test_of_the_mean():
     cost = [times.get(i, 1.7) for i in ids]
     loads = [sum(c for c, s in zip(cost, shard) if s == k) for k in range(count)]
     assert max(loads) <= sum(cost) / count + max(cost) + 1e-9
+
+
+def test_test_times_reads_each_phase_and_prices_the_unlisted(tmp_path):
+  """tools/test_times.py: setup, call and teardown summed per id (ids with spaces kept whole), a
+  later log's time kept, and the unlisted tests priced from a finished log's summary (a log cut
+  off at its limit gives no estimate)."""
+  from tools import test_times
+  log = ("..s.\n== slowest durations ==\n"
+         "30.00s call     tests/a.py::test_x[argv1-bad value: 'x' must be >= 1]\n"
+         "5.50s setup    tests/a.py::test_y\n10.00s call     tests/a.py::test_y\n\n"
+         "(9 durations < 5s hidden.)\n==== 3 passed, 1 skipped in 55.50s ====\n")
+  times, unlisted = test_times.read_log(log)
+  assert times == {"tests/a.py::test_x[argv1-bad value: 'x' must be >= 1]": 30.0,
+                   "tests/a.py::test_y": 15.5}
+  assert unlisted == 5.0  # (55.5 - 45.5) s over the 2 tests not listed
+  cut = log.replace("==== 3 passed", "KeyboardInterrupt\n==== 3 passed")
+  assert test_times.read_log(cut)[1] is None
+  (tmp_path / "a.txt").write_text(log)
+  (tmp_path / "b.txt").write_text("== slowest durations ==\n7.00s call     tests/a.py::test_y\n")
+  out = tmp_path / "t.json"
+  assert test_times.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out", str(out)]) == 0
+  table = json.loads(out.read_text())
+  assert table["default_s"] == 5.0 and table["times"]["tests/a.py::test_y"] == 7.0
