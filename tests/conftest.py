@@ -5,9 +5,12 @@
 those times instead (run 46: round robin left five of ten shards 40% longer than the others);
 `--failures-now` prints each failure's report when it happens, not only in the final summary,
 which a run stopped at a time limit never reaches (run 42: nine failures of the compiled suite on
-an H100 left only their F's)."""
+an H100 left only their F's); `--not-run-file PATH` keeps PATH listing the selected tests that
+have not finished, one id a line, rewritten after each test (what a run stopped at its limit did
+not reach: tools/run_h200.sh phase 69 reruns such a list; run 46 mapped them by hand)."""
 
 import json
+import os
 
 import jax
 import pytest
@@ -25,6 +28,9 @@ def pytest_addoption(parser):
                         "(tools/test_times.py); the shards are then balanced by those times")
   parser.addoption("--failures-now", action="store_true",
                    help="print each failure's report as it happens (also in the summary)")
+  parser.addoption("--not-run-file", default=None,
+                   help="keep this file listing the selected tests not yet finished (one id a "
+                        "line; without -n)")
 
 
 _CONFIG = []  # the session's config, for the report hook
@@ -35,9 +41,30 @@ def pytest_configure(config):
   _CONFIG[:] = [config]
 
 
+_NOT_RUN: dict[str, None] = {}  # --not-run-file: the selected tests not finished, in order
+
+
+def _write_not_run(config):
+  path = config.getoption("--not-run-file")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(f"{nodeid}\n" for nodeid in _NOT_RUN)
+  os.replace(path + ".tmp", path)  # a run killed mid-write leaves the last whole list
+
+
+def pytest_collection_finish(session):
+  if session.config.getoption("--not-run-file"):
+    _NOT_RUN.clear()
+    _NOT_RUN.update(dict.fromkeys(item.nodeid for item in session.items))
+    _write_not_run(session.config)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_logreport(report):
   config = _CONFIG[0] if _CONFIG else None
+  if (report.when == "teardown" and config and config.getoption("--not-run-file")
+      and report.nodeid in _NOT_RUN):
+    del _NOT_RUN[report.nodeid]
+    _write_not_run(config)
   if not (report.failed and config and config.getoption("--failures-now")):
     return
   terminal = config.pluginmanager.get_plugin("terminalreporter")

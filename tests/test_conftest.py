@@ -103,3 +103,14 @@ def test_test_times_reads_each_phase_and_prices_the_unlisted(tmp_path):
   assert test_times.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out", str(out)]) == 0
   table = json.loads(out.read_text())
   assert table["default_s"] == 5.0 and table["times"]["tests/a.py::test_y"] == 7.0
+
+
+def test_not_run_file_lists_what_a_killed_run_did_not_finish(tmp_path):
+  """test_2 kills its process (a shard stopped at its limit): test_0 (failed) and test_1 finished
+  and left the list; test_2, in progress, and test_3, never started, are still on it."""
+  path = tmp_path / "not_run.txt"
+  killed = _pytest(tmp_path, "--not-run-file", str(path))
+  assert killed.returncode == -9
+  assert path.read_text() == "test_cases.py::test_2\ntest_cases.py::test_3\n"
+  out = _pytest(tmp_path, "--shard", "1/2", "--not-run-file", str(path))
+  assert out.returncode == 0 and path.read_text() == ""  # a finished shard leaves it empty

@@ -229,7 +229,7 @@
 #       test file that reads `--compiled`, slow cases included (`-m ""`), as SHARDS (default 10)
 #       processes side by side at MEM (default 0.09) of the GPU each, limit TEST_S (default 480
 #       s); each shard's last line and every failure in the log, the logs (and the host's load)
-#       in suite_logs.tgz; with SHARD_FROM/SHARD_TO only shards [from, to) of SHARDS (run 45:
+#       in suite_logs.tgz, the tests no shard finished in suite_not_run.txt (IDS for phase 69); with SHARD_FROM/SHARD_TO only shards [from, to) of SHARDS (run 45:
 #       SHARDS=16 in two calls; run 46, an H100, after the float32 tiles: 10 shards reached 419
 #       of 443 tests in 450 s, the host compile-bound)
 #   68: phases 48 and 67 in one call: test_mosaic.py and the rest of the compiled suite (slow
@@ -407,12 +407,16 @@ shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=
     # in the log as it happens
     XLA_PYTHON_CLIENT_MEM_FRACTION=$mem timeout -s INT -k 30 "${TEST_S:-480}" python3 -m pytest -q -rfEs \
       --failures-now -W ignore --durations=0 --durations-min=5 --compiled -m "" \
-      -p no:cacheprovider --shard $i/$n --shard-times "$times" "$@" > $OUT/$name$i.txt 2>&1 &
+      -p no:cacheprovider --shard $i/$n --shard-times "$times" \
+      --not-run-file $OUT/$name$i.notrun "$@" > $OUT/$name$i.txt 2>&1 &
     pids+=($!)
   done
   [ ${#pids[@]} = 0 ] || wait "${pids[@]}"; kill $sampler 2>/dev/null
   for ((i = from; i < to; i++)); do echo "$name $i: $(tail -n 1 $OUT/$name$i.txt)"; done | tee -a $log
   grep -h "^FAILED\|^ERROR\|^-* FAILED " $OUT/$name[0-9]*.txt | tee -a $log
+  # the tests no shard finished (one id a line: IDS for phase 69 in the next call)
+  cat $OUT/$name[0-9]*.notrun > $OUT/${name}_not_run.txt 2>/dev/null; rm -f $OUT/$name[0-9]*.notrun
+  echo "$name: $(wc -l < $OUT/${name}_not_run.txt) tests not finished (${name}_not_run.txt)" | tee -a $log
   (cd $OUT && tar czf ${name}_logs.tgz $name[0-9]*.txt ${name}load.txt && rm $name[0-9]*.txt ${name}load.txt); }
 # every test file but test_mosaic.py that reads `--compiled`
 rest_files() { grep -l "COMPILED\|compiled" tests/test_*.py | grep -v "tests/test_mosaic.py"; }
