@@ -2,7 +2,7 @@
 `--shard I/N` runs every N-th test from the I-th (0-based), so N processes can share one machine
 (compiling kernels is CPU-bound: tools/run_h200.sh runs the compiled suite as 10 shards); with
 `--shard-times FILE` (tests' measured seconds, tools/test_times.py) the shards are balanced by
-those times instead (run 46: round robin left five of ten shards 40% longer than the others);
+those times instead (run 46: round robin left five of ten shards unfinished at 450 s, the others done in 265-331);
 `--failures-now` prints each failure's report when it happens, not only in the final summary,
 which a run stopped at a time limit never reaches (run 42: nine failures of the compiled suite on
 an H100 left only their F's); `--not-run-file PATH` keeps PATH listing the selected tests that
@@ -37,6 +37,7 @@ _CONFIG = []  # the session's config, for the report hook
 
 
 def pytest_configure(config):
+  _check_options(config)
   helpers.COMPILED = config.getoption("--compiled")
   _CONFIG[:] = [config]
 
@@ -75,6 +76,31 @@ def pytest_runtest_logreport(report):
   terminal.write_line(report.longreprtext)
 
 
+def _check_options(config):
+  """One-line UsageErrors for option combinations that would mislead (before collection)."""
+  if config.getoption("--shard-times") and not config.getoption("--shard"):
+    raise pytest.UsageError("--shard-times balances --shard I/N's shards; give --shard too")
+  if config.getoption("--not-run-file") and getattr(config.option, "numprocesses", None):
+    raise pytest.UsageError("--not-run-file records one process's tests; run it without -n")
+
+
+def _read_times(path: str) -> tuple[dict[str, float], float]:
+  """(seconds per test id, seconds of a test not listed) from a --shard-times file."""
+  try:
+    with open(path) as f:
+      table = json.load(f)
+    times = {str(k): float(v) for k, v in dict(table["times"]).items()}
+    default = float(table["default_s"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise pytest.UsageError(f"--shard-times={path!r}: {e} (expected a JSON object with "
+                            "'times' {test id: seconds} and 'default_s')") from None
+  bad = [(k, v) for k, v in [*times.items(), ("default_s", default)] if not v >= 0]
+  if bad:
+    raise pytest.UsageError(f"--shard-times={path!r}: {bad[0][0]!r} is {bad[0][1]}; every time "
+                            "must be a number of seconds >= 0")
+  return times, default
+
+
 def pytest_collection_modifyitems(config, items):
   spec = config.getoption("--shard")
   if not spec:
@@ -86,13 +112,7 @@ def pytest_collection_modifyitems(config, items):
     raise pytest.UsageError(f"--shard={spec!r} must be I/N with 0 <= I < N") from None
   path = config.getoption("--shard-times")
   if path:
-    try:
-      with open(path) as f:
-        table = json.load(f)
-      times, default = dict(table["times"]), float(table["default_s"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise pytest.UsageError(f"--shard-times={path!r}: {e} (expected a JSON object with "
-                              "'times' {test id: seconds} and 'default_s')") from None
+    times, default = _read_times(path)
     shard = balanced_shards([item.nodeid for item in items], times, default, count)
   else:
     shard = [i % count for i in range(len(items))]
@@ -105,7 +125,7 @@ def balanced_shards(ids: list[str], times: dict, default: float, count: int) -> 
   """Each test's shard (0 <= shard < count): longest first onto the least-loaded shard (ties: the
   earlier test, the lower shard), a test missing from `times` at `default` seconds. Every process
   of a sharded run computes the same assignment from the same collection."""
-  cost = [float(times.get(i, default)) for i in ids]
+  cost = [times.get(i, default) for i in ids]
   load, shard = [0.0] * count, [0] * len(ids)
   for i in sorted(range(len(ids)), key=lambda i: (-cost[i], i)):
     s = min(range(count), key=lambda s: (load[s], s))

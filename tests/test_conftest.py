@@ -59,9 +59,15 @@ def test_shard_times_balance_the_shards_by_measured_seconds(tmp_path):
   assert "test_1 PASSED" in out.stdout and "test_3 PASSED" in out.stdout
   assert "test_0 FAILED" in out.stdout and "test_2" not in out.stdout
   assert "1 failed, 2 passed, 1 deselected" in out.stdout
-  times.write_text('{"times": {}}')
-  bad = _pytest(tmp_path, "--shard", "0/2", "--shard-times", str(times))
-  assert bad.returncode == 4 and "--shard-times=" in bad.stderr and "'default_s'" in bad.stderr
+  for text, says in (('{"times": {}}', "'default_s'"), ('{"default_s": 1, "times": {"x": "abc"}}',
+                     "could not convert"), ('{"default_s": 1, "times": {"x": -3}}', "'x' is -3.0"),
+                     ('{"default_s": NaN, "times": {}}', "'default_s' is nan")):
+    times.write_text(text)
+    bad = _pytest(tmp_path, "--shard", "0/2", "--shard-times", str(times))
+    assert bad.returncode == 4 and "--shard-times=" in bad.stderr and says in bad.stderr, text
+    assert "Traceback" not in bad.stderr + bad.stdout
+  alone = _pytest(tmp_path, "--shard-times", str(times))
+  assert alone.returncode == 4 and "give --shard too" in alone.stderr
 
 
 def test_balanced_shards_partition_the_tests_within_one_test_of_the_mean():
@@ -84,25 +90,26 @@ def test_balanced_shards_partition_the_tests_within_one_test_of_the_mean():
 
 def test_test_times_reads_each_phase_and_prices_the_unlisted(tmp_path):
   """tools/test_times.py: setup, call and teardown summed per id (ids with spaces kept whole), a
-  later log's time kept, and the unlisted tests priced from a finished log's summary (a log cut
-  off at its limit gives no estimate)."""
+  later log's time kept, and the unlisted tests priced from the finished logs' summaries pooled
+  (a log cut off at its limit gives no estimate, one with few unlisted tests is left out)."""
   from tools import test_times
   log = ("..s.\n== slowest durations ==\n"
          "30.00s call     tests/a.py::test_x[argv1-bad value: 'x' must be >= 1]\n"
          "5.50s setup    tests/a.py::test_y\n10.00s call     tests/a.py::test_y\n\n"
-         "(9 durations < 5s hidden.)\n==== 3 passed, 1 skipped in 55.50s ====\n")
+         "(9 durations < 5s hidden.)\n==== 6 passed, 1 skipped in 55.50s ====\n")
   times, unlisted = test_times.read_log(log)
   assert times == {"tests/a.py::test_x[argv1-bad value: 'x' must be >= 1]": 30.0,
                    "tests/a.py::test_y": 15.5}
-  assert unlisted == 5.0  # (55.5 - 45.5) s over the 2 tests not listed
-  cut = log.replace("==== 3 passed", "KeyboardInterrupt\n==== 3 passed")
+  assert unlisted == (10.0, 5)  # 55.5 - 45.5 s over the 5 tests not listed
+  cut = log.replace("==== 6 passed", "KeyboardInterrupt\n==== 6 passed")
   assert test_times.read_log(cut)[1] is None
   (tmp_path / "a.txt").write_text(log)
-  (tmp_path / "b.txt").write_text("== slowest durations ==\n7.00s call     tests/a.py::test_y\n")
+  (tmp_path / "b.txt").write_text("== slowest durations ==\n7.00s call     tests/a.py::test_y\n"
+                                   "== 2 passed in 9.00s ==\n")  # one unlisted test: start-up
   out = tmp_path / "t.json"
   assert test_times.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out", str(out)]) == 0
   table = json.loads(out.read_text())
-  assert table["default_s"] == 5.0 and table["times"]["tests/a.py::test_y"] == 7.0
+  assert table["default_s"] == 2.0 and table["times"]["tests/a.py::test_y"] == 7.0
 
 
 def test_not_run_file_lists_what_a_killed_run_did_not_finish(tmp_path):

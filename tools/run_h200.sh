@@ -397,6 +397,7 @@ shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=
   # the shards balanced by SHARD_TIMES (default tools/compiled_test_times.json: run 46's H100
   # durations, tools/test_times.py; a test it lacks counts its default_s)
   local times=${SHARD_TIMES:-tools/compiled_test_times.json}
+  ((to > n)) && to=$n  # e.g. phase 48's one kernels shard beside SHARD_TO=7
   # the machine's load every 20 s beside the shards (is compilation CPU-bound at this width?)
   (while sleep 20; do echo "$(date +%T) $(cut -d' ' -f1-3 /proc/loadavg) $(nvidia-smi \
     --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"; done) \
@@ -998,7 +999,8 @@ if [ "$phase" = 69 ]; then
   ids=${IDS:-docs/results/h100_2026-12-06_run46/not_run.txt}
   mapfile -t named < "$ids"  # node ids hold spaces and quotes: one array element a line
   echo "tests: ${#named[@]} of $ids" | tee -a $log
-  shards named ${SHARDS:-8} ${MEM:-0.1} "${named[@]}"
+  # no ids (a phase 67 that finished): nothing to run, not pytest's whole default collection
+  [ ${#named[@]} = 0 ] || shards named ${SHARDS:-8} ${MEM:-0.1} "${named[@]}"
 fi
 if [ "$phase" = 68 ]; then
   echo "files: tests/test_mosaic.py; $(echo $(rest_files))" | tee -a $log

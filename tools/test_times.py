@@ -5,8 +5,9 @@ usage: python tools/test_times.py LOG_OR_TGZ ... [--out tools/compiled_test_time
 Reads each log's `--durations` section (tools/run_h200.sh's shards print every phase of at least
 5 s) and sums setup, call and teardown per test id; a .tgz holds shard logs (each member read).
 A test in several logs keeps its time from the last one given. The tests the durations hide
-(under 5 s) get `default_s`: per finished log, the seconds its summary line counts that its
-listed durations do not, over the tests it ran that are not listed; the median over the logs.
+(under 5 s) get `default_s`: over the finished logs with at least MIN_UNLISTED such tests, the
+seconds their summary lines count that their listed durations do not, over those tests (a log
+of one or two short tests would price the process's start-up as a test's time).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import tarfile
 
@@ -22,8 +22,12 @@ _LINE = re.compile(r"^([\d.]+)s (setup|call|teardown)\s+(\S.*?)\s*$")
 _SUMMARY = re.compile(r"^=*\s*(.*?) in ([\d.]+)s\b")
 
 
-def read_log(text: str) -> tuple[dict[str, float], float | None]:
-  """(seconds per listed test, seconds per unlisted test or None): one pytest log's durations."""
+MIN_UNLISTED = 5
+
+
+def read_log(text: str) -> tuple[dict[str, float], tuple[float, int] | None]:
+  """(seconds per listed test, (seconds, count) of the unlisted tests or None): one pytest log's
+  durations; None for a log cut off at its limit or without a summary."""
   times: dict[str, float] = {}
   in_durations, summary = False, None
   for line in text.splitlines():
@@ -40,7 +44,7 @@ def read_log(text: str) -> tuple[dict[str, float], float | None]:
   if summary and "KeyboardInterrupt" not in text:  # a shard cut off at its limit: no estimate
     ran = sum(int(n) for n, what in re.findall(r"(\d+) (passed|failed|skipped|error)", summary[0]))
     if ran > len(times):
-      unlisted = max(summary[1] - sum(times.values()), 0.0) / (ran - len(times))
+      unlisted = (max(summary[1] - sum(times.values()), 0.0), ran - len(times))
   return times, unlisted
 
 
@@ -66,9 +70,10 @@ def main(argv=None) -> int:
     for text in texts(path):
       got, rest = read_log(text)
       times.update(got)
-      if rest is not None:
+      if rest is not None and rest[1] >= MIN_UNLISTED:
         unlisted.append(rest)
-  table = {"default_s": round(statistics.median(unlisted), 2) if unlisted else 2.0,
+  seconds, count = sum(s for s, _ in unlisted), sum(n for _, n in unlisted)
+  table = {"default_s": round(seconds / count, 2) if count else 2.0,
            "sources": args.logs, "times": {k: round(v, 2) for k, v in sorted(times.items())}}
   text = json.dumps(table, indent=1) + "\n"
   if args.out:
