@@ -431,21 +431,29 @@ def _same_corpus(run_dir, path: str) -> bool:
     return False
 
 
+def _saved_settings(cfg: Config) -> dict | None:
+  """The flat settings of the config.toml in cfg.run_dir, or None where the run dir holds no
+  checkpoint (a start from scratch) or no config that loads."""
+  path = os.path.join(cfg.run_dir, rundir.CONFIG)
+  if not (os.path.isfile(path) and rundir.has_checkpoints(cfg.run_dir)):
+    return None
+  try:  # raw: a relative path in it was the run's cwd's, as this command's (read_file would
+    with open(path, "rb") as f:  # take it against the run dir)
+      d = tomllib.load(f)
+    d.pop("grid", None)
+    return _flat(config_to_dict(config_from_dict(d)))
+  except (OSError, ValueError):
+    return None
+
+
 def config_changes(cfg: Config, free: Sequence[str] = RESUME_FREE) -> list[str]:
   """The settings where cfg differs from the config.toml saved in cfg.run_dir, as "KEY: THERE
   there, NOW now", apart from those in `free` (keys, or prefixes ending with a dot); [] where the
   run dir holds no checkpoint (a start from scratch) or no config that loads (`check_resumable`
   names it where it matters). Input paths compare as places, and data.path by the corpus's
   fingerprint where the run recorded one."""
-  path = os.path.join(cfg.run_dir, rundir.CONFIG)
-  if not (os.path.isfile(path) and rundir.has_checkpoints(cfg.run_dir)):
-    return []
-  try:  # raw: a relative path in it was the run's cwd's, as this command's (read_file would
-    with open(path, "rb") as f:  # take it against the run dir)
-      d = tomllib.load(f)
-    d.pop("grid", None)
-    saved = _flat(config_to_dict(config_from_dict(d)))
-  except (OSError, ValueError):
+  saved = _saved_settings(cfg)
+  if saved is None:
     return []
   now = _flat(config_to_dict(cfg))
   for sec, key in FILE_RELATIVE:
@@ -468,7 +476,17 @@ def check_same_config(cfg: Config) -> None:
   train) of other settings is refused, naming them: its results are not of this config. An
   unfinished one continues under the new settings (e.g. the last steps with every layer full),
   with a note naming them; its config.toml then holds the new ones. eval.* may change: a run
-  evaluates again when it starts finished."""
+  evaluates again when it starts finished. train.steps is free, but where the learning-rate
+  schedule's length follows it (train.schedule_steps 0 then and now) a change is noted: the
+  steps still to run follow a schedule of the new length."""
+  saved = _saved_settings(cfg) or {}
+  before, tc = saved.get("train.steps"), cfg.train
+  if (before not in (None, tc.steps) and saved.get("train.schedule_steps") == 0
+      and tc.schedule_steps == 0):
+    _log0(f"note: train.steps={tc.steps} (the run was saved with {before}) also sets the "
+          f"learning-rate schedule's length here (train.schedule_steps=0): the steps from here "
+          f"on follow a schedule of {tc.steps} steps, not {before}; pass "
+          f"train.schedule_steps={before} to keep the run's schedule")
   changes = config_changes(cfg, RESUME_FREE + ("eval.",))
   if not changes:
     return

@@ -58,9 +58,14 @@ def test_a_finished_run_under_other_settings_is_refused_and_an_unfinished_one_no
   assert "note:" not in capsys.readouterr().err
   assert json.loads((run_dir / "summary.json").read_text())["eval_loss"] is not None
   assert train.main(base + ["moba.topk=2", "train.steps=3"]) == 0
-  notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: run_dir")]
+  err = capsys.readouterr().err
+  notes = [x for x in err.splitlines() if x.startswith("note: run_dir")]
   assert notes == [f"note: run_dir={str(run_dir)!r} continues under settings changed since it "
                    "was saved: moba.topk: 3 there, 2 now"]
+  # train.steps is free, but it also sets the schedule's length here (schedule_steps 0): said
+  assert ("note: train.steps=3 (the run was saved with 2) also sets the learning-rate schedule's "
+          "length here (train.schedule_steps=0)") in err, err
+  assert "pass train.schedule_steps=2 to keep the run's schedule" in err
   assert sorted(losses(run_dir)) == [1, 2, 3]
   assert "topk = 2" in (run_dir / "config.toml").read_text()
 
