@@ -481,8 +481,9 @@ def check_same_config(cfg: Config) -> None:
   steps still to run follow a schedule of the new length."""
   saved = _saved_settings(cfg) or {}
   before, tc = saved.get("train.steps"), cfg.train
+  done = rundir.finished_step(cfg.run_dir)
   if (before not in (None, tc.steps) and saved.get("train.schedule_steps") == 0
-      and tc.schedule_steps == 0):
+      and tc.schedule_steps == 0 and (done is None or done < tc.steps)):  # steps will run
     _log0(f"note: train.steps={tc.steps} (the run was saved with {before}) also sets the "
           f"learning-rate schedule's length here (train.schedule_steps=0): the steps from here "
           f"on follow a schedule of {tc.steps} steps, not {before}; pass "

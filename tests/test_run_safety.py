@@ -66,6 +66,8 @@ def test_a_finished_run_under_other_settings_is_refused_and_an_unfinished_one_no
   assert ("note: train.steps=3 (the run was saved with 2) also sets the learning-rate schedule's "
           "length here (train.schedule_steps=0)") in err, err
   assert "pass train.schedule_steps=2 to keep the run's schedule" in err
+  assert train.main(base + ["moba.topk=2"]) == 0  # finished at 3 >= 2: nothing runs, no note
+  assert "note:" not in capsys.readouterr().err
   assert sorted(losses(run_dir)) == [1, 2, 3]
   assert "topk = 2" in (run_dir / "config.toml").read_text()
 
