@@ -456,6 +456,27 @@ def test_bench_rows_that_cannot_be_written_at_the_end_are_one_line(tmp_path, cap
                                      "rows (No space left on device); they are printed above\n")
 
 
+
+def test_compile_time_tool_reports_each_spec_in_its_own_process(capsys):
+  """tools/compile_time_gpu.py: one row per --tiles spec, each from its own process; a spec whose
+  step cannot compile here (pallas_gpu compiled on a CPU) is a one-line error in its row, not a
+  crash of the table."""
+  import json
+
+  from tools import compile_time_gpu
+  assert compile_time_gpu.main(["--seq", "64", "--block", "16", "--topk", "2", "--heads", "2",
+                                "--kv-heads", "1", "--dim", "16", "--repeats", "1",
+                                "--parallel", "2", "-", "32,32,32,32,4,2"]) == 0
+  out = capsys.readouterr().out
+  rows = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+  assert sorted(r["spec"] for r in rows) == ["-", "32,32,32,32,4,2"]
+  for r in rows:
+    if jax.default_backend() == "gpu":
+      assert r["compile_s"] > 0 and r["run_ms"] > 0 and len(r["grad_norms"]) == 3, r
+    else:
+      assert r["error"].startswith("ValueError") and "interpret" in r["error"], r
+  assert "float32 seq 64 block 16 top-2 heads 2/1 head_dim 16, fwd+bwd step" in out
+
 def test_profile_counts_device_stream_kernels_once(tmp_path):
   """tools/profile_gpu.py: kernels on the GPU's "Stream" lines, per step; the derived "XLA Ops"
   line of the same device and the host's events are not counted."""
