@@ -456,7 +456,6 @@ def test_bench_rows_that_cannot_be_written_at_the_end_are_one_line(tmp_path, cap
                                      "rows (No space left on device); they are printed above\n")
 
 
-
 def test_compile_time_tool_reports_each_spec_in_its_own_process(capsys):
   """tools/compile_time_gpu.py: one row per --tiles spec, each from its own process; a spec whose
   step cannot compile here (pallas_gpu compiled on a CPU) is a one-line error in its row, not a
@@ -476,6 +475,7 @@ def test_compile_time_tool_reports_each_spec_in_its_own_process(capsys):
     else:
       assert r["error"].startswith("ValueError") and "interpret" in r["error"], r
   assert "float32 seq 64 block 16 top-2 heads 2/1 head_dim 16, fwd+bwd step" in out
+
 
 def test_profile_counts_device_stream_kernels_once(tmp_path):
   """tools/profile_gpu.py: kernels on the GPU's "Stream" lines, per step; the derived "XLA Ops"
