@@ -34,6 +34,7 @@ def pytest_addoption(parser):
 
 
 _CONFIG = []  # the session's config, for the report hook
+_TIMES = []  # --shard-times's (times, default_s), read when the options are checked
 
 
 def pytest_configure(config):
@@ -76,10 +77,27 @@ def pytest_runtest_logreport(report):
   terminal.write_line(report.longreprtext)
 
 
+def _shard(config) -> tuple[int, int] | None:
+  """--shard's (I, N), or None without it; a UsageError naming a bad value."""
+  spec = config.getoption("--shard")
+  if not spec:
+    return None
+  try:
+    index, count = (int(x) for x in spec.split("/"))
+    assert 0 <= index < count
+  except (ValueError, AssertionError):
+    raise pytest.UsageError(f"--shard={spec!r} must be I/N with 0 <= I < N") from None
+  return index, count
+
+
 def _check_options(config):
-  """One-line UsageErrors for option combinations that would mislead (before collection)."""
+  """One-line UsageErrors for bad values and option combinations that would mislead, made in
+  pytest_configure: before collection, and under -n before the workers start."""
+  _shard(config)
   if config.getoption("--shard-times") and not config.getoption("--shard"):
     raise pytest.UsageError("--shard-times balances --shard I/N's shards; give --shard too")
+  if config.getoption("--shard-times"):
+    _TIMES[:] = [_read_times(config.getoption("--shard-times"))]
   if config.getoption("--not-run-file") and getattr(config.option, "numprocesses", None):
     raise pytest.UsageError("--not-run-file records one process's tests; run it without -n")
 
@@ -102,17 +120,12 @@ def _read_times(path: str) -> tuple[dict[str, float], float]:
 
 
 def pytest_collection_modifyitems(config, items):
-  spec = config.getoption("--shard")
-  if not spec:
+  shard_spec = _shard(config)
+  if shard_spec is None:
     return
-  try:
-    index, count = (int(x) for x in spec.split("/"))
-    assert 0 <= index < count
-  except (ValueError, AssertionError):
-    raise pytest.UsageError(f"--shard={spec!r} must be I/N with 0 <= I < N") from None
-  path = config.getoption("--shard-times")
-  if path:
-    times, default = _read_times(path)
+  index, count = shard_spec
+  if _TIMES:
+    times, default = _TIMES[0]
     shard = balanced_shards([item.nodeid for item in items], times, default, count)
   else:
     shard = [i % count for i in range(len(items))]

@@ -47,6 +47,9 @@ def test_shard_runs_every_nth_test(tmp_path):
   assert "2 passed, 2 deselected" in out.stdout
   bad = _pytest(tmp_path, "--shard", "2/2")
   assert bad.returncode == 4 and "--shard='2/2' must be I/N with 0 <= I < N" in bad.stderr
+  workers = _pytest(tmp_path, "-n", "2", "--shard", "2/2")  # checked before xdist's workers start
+  assert workers.returncode == 4 and "--shard='2/2' must be I/N" in workers.stderr
+  assert "INTERNALERROR" not in workers.stdout + workers.stderr
 
 
 def test_shard_times_balance_the_shards_by_measured_seconds(tmp_path):
