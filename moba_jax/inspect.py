@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,11 @@ def run_info(run_dir: Path | None) -> dict:
   if (run_dir / "config.json").exists():
     info["config"] = rundir.read_json(run_dir / "config.json")
   elif (run_dir / rundir.CONFIG).exists():
-    info["config_toml"] = (run_dir / rundir.CONFIG).read_text()
+    info["config_toml"] = (run_dir / rundir.CONFIG).read_text(errors="replace")
+    try:  # shown as written either way; a file that does not parse is said to be one
+      tomllib.loads(info["config_toml"])
+    except tomllib.TOMLDecodeError as e:
+      info["config_error"] = f"{rundir.CONFIG} does not parse: {e}"
   if (run_dir / rundir.SUMMARY).exists():
     info["summary"] = rundir.read_json(run_dir / rundir.SUMMARY)
   if (run_dir / rundir.METRICS).exists():
@@ -251,7 +256,8 @@ def _format_run(run: dict) -> list[str]:
   if "config" in run:
     lines.append("config:\n" + json.dumps(run["config"], indent=2))
   elif "config_toml" in run:
-    lines.append("config:\n" + run["config_toml"].rstrip())
+    head = f"config ({run['config_error']}; as written)" if "config_error" in run else "config"
+    lines.append(f"{head}:\n" + run["config_toml"].rstrip())
   return lines
 
 

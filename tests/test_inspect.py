@@ -153,3 +153,16 @@ def test_a_torn_metrics_line_and_unreadable_step_metadata_are_named(trained_run,
   assert insp.main([str(run), "--step", "1", "--json"]) == 0
   info = json.loads(capsys.readouterr().out)
   assert info["run"]["metrics"]["records"] == 2 and info["run"]["metrics"]["last"]["step"] == 2
+
+
+def test_a_config_that_does_not_parse_is_said_to_be_one(tmp_path, capsys):
+  """A run dir's config.toml that is not TOML (hand-edited, cut short) is named as such, with the
+  parser's line and column, and still shown as written; a good one is shown without the note."""
+  (tmp_path / "config.toml").write_text("[train]\nsteps = = 3\n")
+  info = insp.run_info(tmp_path)
+  assert info["config_error"].startswith("config.toml does not parse: ") and "line 2" in (
+      info["config_error"])
+  assert insp._format_run(info)[1:] == [f"config ({info['config_error']}; as written):\n"
+                                        "[train]\nsteps = = 3"]
+  (tmp_path / "config.toml").write_text("[train]\nsteps = 3\n")
+  assert insp._format_run(insp.run_info(tmp_path))[1:] == ["config:\n[train]\nsteps = 3"]
