@@ -2,7 +2,8 @@
 `--shard I/N` runs every N-th test from the I-th (0-based), so N processes can share one machine
 (compiling kernels is CPU-bound: tools/run_h200.sh runs the compiled suite as 10 shards); with
 `--shard-times FILE` (tests' measured seconds, tools/test_times.py) the shards are balanced by
-those times instead (run 46: round robin left five of ten shards unfinished at 450 s, the others done in 265-331);
+those times instead (run 46: round robin left five of ten shards unfinished at 450 s, the
+others done in 265-331 s);
 `--failures-now` prints each failure's report when it happens, not only in the final summary,
 which a run stopped at a time limit never reaches (run 42: nine failures of the compiled suite on
 an H100 left only their F's); `--not-run-file PATH` keeps PATH listing the selected tests that

@@ -229,9 +229,10 @@
 #       test file that reads `--compiled`, slow cases included (`-m ""`), as SHARDS (default 10)
 #       processes side by side at MEM (default 0.09) of the GPU each, limit TEST_S (default 480
 #       s); each shard's last line and every failure in the log, the logs (and the host's load)
-#       in suite_logs.tgz, the tests no shard finished in suite_not_run.txt (IDS for phase 69); with SHARD_FROM/SHARD_TO only shards [from, to) of SHARDS (run 45:
-#       SHARDS=16 in two calls; run 46, an H100, after the float32 tiles: 10 shards reached 419
-#       of 443 tests in 450 s, the host compile-bound)
+#       in suite_logs.tgz, the tests no shard finished in suite_not_run.txt (IDS for phase 69);
+#       with SHARD_FROM/SHARD_TO only shards [from, to) of SHARDS (run 45: SHARDS=16 in two
+#       calls; run 46, an H100, after the float32 tiles: 10 shards reached 419 of 443 tests in
+#       450 s, the host compile-bound)
 #   68: phases 48 and 67 in one call: test_mosaic.py and the rest of the compiled suite (slow
 #       cases included), SHARDS (default 7) processes each side by side, each at MEM (default
 #       0.06: 8.4 GB of an H200's 141) of the GPU and limited to TEST_S (default 480 s; logs in
