@@ -447,36 +447,6 @@ def _pair_order(key, seq):
   return (_flat_order if flat else _row_order)(key, seq)
 
 
-# On a GPU, the most compares (`_places_by_count`: pairs * (max_groups + COUNT_CHUNK), all rows)
-# that the pairs' places take by counting instead of by CUB's sort.
-COUNT_MAX_WORK = 1 << 32
-
-
-def _counts_places(n_pairs, dims: Dims) -> bool:
-  """Whether `_pair_places` counts (a GPU, at most `COUNT_MAX_WORK` compares) or sorts. Chosen
-  when tracing, as `_pair_order` is."""
-  return platform() == "gpu" and n_pairs * (dims.max_groups + COUNT_CHUNK) <= COUNT_MAX_WORK
-
-
-def _pair_places(key, layout, dims: Dims, rep):
-  """The sparse pairs' places, (rank [BK, N], counts [BK, seq]) of keys [BK, N] (`_pair_keys`):
-  each pair's rank among its key's pairs in pair order, and the pairs of each key position.
-  A stable sort's (`_pair_order`, `_places_from_order`) or a counting sort's (`_places_by_count`,
-  where `_counts_places`): the same integers. layout: the keys' [B, T]; rep: [B, T] -> [BK, T]."""
-  seq = dims.seq
-  if not _counts_places(key.size, dims):
-    order = _pair_order(key, seq)
-    return jax.vmap(lambda k, o: _places_from_order(k, o, seq))(key, order)
-  t = jnp.arange(seq, dtype=jnp.int32)
-  is_full = (t == layout.block_start) & (layout.block_end - t == dims.block_size)  # [B, T]
-  index = rep(jnp.cumsum(is_full, axis=1, dtype=jnp.int32) - 1)  # full blocks' index in the row
-  group = jnp.where(key < seq, jnp.take_along_axis(index, jnp.minimum(key, seq - 1), axis=1),
-                    dims.max_groups)
-  group_at = jnp.where(rep(is_full), index, -1)
-  count = functools.partial(_places_by_count, n_groups=dims.max_groups)
-  return jax.vmap(count)(key, group, group_at)
-
-
 def keys_below(skey, seq, search=None):
   """below[p] = #(skey < p) for p in [0, seq], int32 [seq + 1], of sorted keys skey [N] in
   [0, seq]. search (None: off the CPU): a binary search per position, unrolled (no while loop),
@@ -493,62 +463,31 @@ def keys_below(skey, seq, search=None):
   return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
 
 
-def _places_from_order(key, order, seq):
-  """Each pair's rank among the pairs of its key (in pair order) and the pairs per key position
-  [seq], of one row's keys [N] and their stable argsort `order`."""
-  n_pairs = key.shape[0]
-  skey = key[order]
-  below = keys_below(skey, seq)  # [seq + 1]: the pairs before each key position
-  srank = jnp.arange(n_pairs, dtype=jnp.int32) - below[jnp.minimum(skey, seq - 1)]
-  rank = jnp.zeros((n_pairs,), jnp.int32).at[order].set(srank)
-  return rank, below[1:] - below[:seq]
-
-
-COUNT_CHUNK = 128  # pairs a chunk of `_places_by_count`
-
-
-def _places_by_count(key, group, group_at, n_groups):
-  """`_places_from_order` without a sort: a counting sort's places. group [N]: each pair's full
-  block's index in its row (n_groups: no block, key seq); group_at [seq]: the index of the full
-  block starting at each position, -1 elsewhere. Pairs in chunks of `COUNT_CHUNK`: a pair's rank
-  is the pairs of its block in the chunks before (an exclusive sum over chunks of each chunk's
-  counts) plus those before it in its chunk; compares, about N * (n_groups + COUNT_CHUNK), all of
-  them XLA fusions (on a GPU inside its command buffer, where CUB's sort is a thunk of its own)."""
-  n_pairs, chunk = key.shape[0], COUNT_CHUNK
-  n_chunks = -(-n_pairs // chunk)
-  g = jnp.pad(group, (0, n_chunks * chunk - n_pairs), constant_values=n_groups)
-  g = g.reshape(n_chunks, chunk)
-  ids = jnp.arange(n_groups, dtype=jnp.int32)
-  hist = jnp.sum(g[:, :, None] == ids, axis=1, dtype=jnp.int32)  # [n_chunks, n_groups]
-  before = jnp.cumsum(hist, axis=0, dtype=jnp.int32) - hist
-  i = jnp.arange(chunk, dtype=jnp.int32)
-  earlier = jnp.sum((g[:, None, :] == g[:, :, None]) & (i < i[:, None]), axis=-1,
-                    dtype=jnp.int32)  # [n_chunks, chunk]
-  rank = jnp.take_along_axis(before, jnp.minimum(g, n_groups - 1), axis=1) + earlier
-  total = jnp.sum(hist, axis=0, dtype=jnp.int32)
-  counts = jnp.where(group_at >= 0, total[jnp.maximum(group_at, 0)], 0)
-  return rank.reshape(-1)[:n_pairs], counts
-
-
-def _sparse_section(starts, valid, rank, counts, dims: Dims) -> SparseSection:
-  """Sparse rows of one kv head. starts/valid [Tq, G, S-1] (absolute key positions); rank, counts:
-  the pairs' places (`_places_from_order` or `_places_by_count`) of their `_pair_keys`."""
+def _sparse_section(starts, valid, order, dims: Dims) -> SparseSection:
+  """Sparse rows of one kv head. starts/valid [Tq, G, S-1] (absolute key positions); order: the
+  stable argsort of their `_pair_keys`."""
   seq, g, mq, blk = dims.seq, dims.groups, dims.block_q, dims.block_size
   n_q = dims.queries
   n_pairs = n_q * g * (dims.n_sel - 1)
   qrow = jnp.broadcast_to(jnp.arange(n_q * g, dtype=jnp.int32).reshape(n_q, g, 1), starts.shape)
   key = _pair_keys(starts, valid, seq)
+  skey, sq = key[order], qrow.reshape(n_pairs)[order]
+  below = keys_below(skey, seq)  # [seq + 1]: the pairs before each key position
+  ustart = below[:seq]
+  counts = below[1:] - ustart
   pcounts = _round_up(counts, mq)
   pstart = jnp.cumsum(pcounts) - pcounts
-  kc = jnp.minimum(key, seq - 1)
-  ok = key < seq
-  dest = jnp.where(ok, pstart[kc] + rank, dims.sparse_rows)
+  kc = jnp.minimum(skey, seq - 1)
+  ok = skey < seq
+  dest = jnp.where(ok, pstart[kc] + jnp.arange(n_pairs, dtype=jnp.int32) - ustart[kc],
+                   dims.sparse_rows)
   put = lambda fill, x: jnp.full((dims.sparse_rows,), fill, jnp.int32).at[dest].set(x, mode="drop")
-  rq, lo, hi = put(-1, qrow.reshape(n_pairs)), put(0, key), put(0, key + blk)
+  rq, lo, hi = put(-1, sq), put(0, skey), put(0, skey + blk)
   n_tiles = dims.sparse_rows // mq
   tput = lambda fill, x: jnp.full((n_tiles,), fill, jnp.int32).at[dest // mq].set(x, mode="drop")
-  tile_ks, tile_ke = tput(0, key), tput(0, key + blk)
-  pos = jnp.where(ok, dest + dims.dense_rows, -1).reshape(n_q * g, dims.n_sel - 1)
+  tile_ks, tile_ke = tput(0, skey), tput(0, skey + blk)
+  pos = jnp.zeros((n_pairs,), jnp.int32).at[order].set(
+      jnp.where(ok, dest + dims.dense_rows, -1)).reshape(n_q * g, dims.n_sel - 1)
   nonempty = counts > 0
   rank = jnp.cumsum(nonempty) - 1
   # the nonempty groups' block starts in order (`jnp.nonzero`'s result, whose bincount is a
@@ -582,10 +521,10 @@ def _dense_section(block_start, dims: Dims, q_start=None):
   return rq, lo, hi, tile_ks, tile_ke
 
 
-def _route_one(starts, valid, places, block_start, block_end, dims: Dims, q_start=None):
-  """Routing of one (batch, kv head). starts/valid [Tq, G, S]; places: (rank, counts) of this
-  (batch, kv head)'s pairs (`_pair_places`; None where S = 1); block_start [Tq] (the queries');
-  block_end [T] (the keys')."""
+def _route_one(starts, valid, order, block_start, block_end, dims: Dims, q_start=None):
+  """Routing of one (batch, kv head). starts/valid [Tq, G, S]; order: `_pair_order`'s row of
+  this (batch, kv head) (None where S = 1); block_start [Tq] (the queries'); block_end [T] (the
+  keys')."""
   d_rq, d_lo, d_hi, d_ks, d_ke = _dense_section(block_start, dims, q_start)
   dense_pos = jnp.arange(dims.queries * dims.groups, dtype=jnp.int32)[:, None]
   n_dense_tiles = dims.dense_rows // dims.block_q
@@ -593,7 +532,7 @@ def _route_one(starts, valid, places, block_start, block_end, dims: Dims, q_star
     gm = jnp.zeros((0,), jnp.int32)
     return Routing(d_rq, d_lo, d_hi, d_ks, d_ke, dense_pos, gm, gm, gm,
                    jnp.zeros((n_dense_tiles,), jnp.int32), block_end)
-  s = _sparse_section(starts[:, :, 1:], valid[:, :, 1:], *places, dims)
+  s = _sparse_section(starts[:, :, 1:], valid[:, :, 1:], order, dims)
   cat = jnp.concatenate
   tile_group = cat([jnp.full((n_dense_tiles,), dims.max_groups, jnp.int32), s.tile_group])
   return Routing(cat([d_rq, s.rq]), cat([d_lo, s.lo]), cat([d_hi, s.hi]),
@@ -631,9 +570,9 @@ def route(q, k, segment_ids, *, block_size, topk, block_q, q_start=None) -> tupl
   fn = lambda s, v, o, bs, be: _route_one(s, v, o, bs, be, dims, q_start)
   block_start_q = (layout if layout_q is None else layout_q).block_start
   starts, valid = per_bk(starts), per_bk(valid)
-  places = None if dims.n_sel == 1 else _pair_places(
-      _pair_keys(starts[..., 1:], valid[..., 1:], seq), layout, dims, rep)
-  routing = jax.vmap(fn)(starts, valid, places, rep(block_start_q), rep(layout.block_end))
+  order = None if dims.n_sel == 1 else _pair_order(
+      _pair_keys(starts[..., 1:], valid[..., 1:], seq), seq)
+  routing = jax.vmap(fn)(starts, valid, order, rep(block_start_q), rep(layout.block_end))
   if q_start is not None:
     routing = routing._replace(block_start=rep(layout.block_start), q_start=q_start)
   return jax.tree.map(jax.lax.stop_gradient, routing), dims

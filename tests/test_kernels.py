@@ -702,79 +702,20 @@ def test_routing_groups_are_the_sparse_rows_blocks_in_order(docs):
 
 def test_routing_at_scale_equals_the_routing_of_per_row_sorts(monkeypatch):
   """114688 sparse pairs (4K tokens, GQA 4/2, block 128 top-8): the flat sort is past CUB's
-  threshold on a GPU (a batch of 1 above 22000 keys; the small cases elsewhere stay under it),
-  and the counting sort's chunks are many (`_places_by_count`, a GPU's default here). Every
-  routing array of either equals the one built from each row's own stable argsort (the batched
+  threshold on a GPU (a batch of 1 above 22000 keys; the small cases elsewhere stay under it).
+  Every routing array equals the one built from each row's own stable argsort (the batched
   sort, which is the CPU's and TPU's)."""
   from moba_jax.kernels import _routing as rt
   q, k, _ = random_qkv(4, 1, 4096, 4, 2, 64, jnp.bfloat16)
 
-  def routing(order, count=False):
+  def routing(order):
     monkeypatch.setattr(rt, "_pair_order", order)
-    monkeypatch.setattr(rt, "_counts_places", lambda n, dims: count)
     return jax.jit(lambda q, k: rt.route(q, k, None, block_size=128, topk=8, block_q=128)[0])(
         q, k)
-  want = routing(rt._row_order)
-  for got in (routing(rt._flat_order), routing(rt._row_order, count=True)):
-    for name, a, b in zip(want._fields, got, want):
-      if a is not None:
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
-
-
-@pytest.mark.parametrize("docs, q_start, groups", [
-    (None, None, 1), ([70, 3, 60, 59], None, 2), ([100, 1, 91], 40, 2), (None, 64, 4)])
-def test_routing_by_counting_equals_the_routing_by_sorting(monkeypatch, docs, q_start, groups):
-  """`_routing._pair_places` two ways: a counting sort's places (`_places_by_count`: chunk
-  counts and in-chunk ranks of each pair's full-block index) and the stable sort's give equal
-  routing arrays, with packed documents (a one-token one, blocks not on the block grid),
-  GQA, a query offset (queries [q_start, q_start + 96) of 192 keys, traced) and pairs in
-  several chunks with a ragged last one; the counting places alone also at random keys with
-  ties and empty slots, against numpy's stable argsort."""
-  from moba_jax.kernels import _routing as rt
-  monkeypatch.setattr(rt, "COUNT_CHUNK", 16)  # several chunks at this size
-  q, k, _ = random_qkv(11, 2, 192, 2 * groups, 2, 16, jnp.bfloat16)
-  seg = None if docs is None else packed_segments(2, docs)
-  if q_start is not None:
-    q = q[:, q_start:q_start + 96]
-
-  def routing(count):
-    monkeypatch.setattr(rt, "_counts_places", lambda n, dims: count)
-    fn = lambda q, k, s: rt.route(q, k, seg, block_size=16, topk=4, block_q=16, q_start=s)[0]
-    return jax.jit(fn)(q, k, q_start)
-  got, want = routing(True), routing(False)
+  got, want = routing(rt._flat_order), routing(rt._row_order)
   for name, a, b in zip(want._fields, got, want):
     if a is not None:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
-  # the places alone: keys at 0, 16, ..., 80 (groups 0-5) and seq (an empty slot), many ties
-  seq, n_groups = 96, 6
-  key = jax.random.randint(jax.random.key(7), (3, 203), 0, n_groups + 1) * 16
-  group = jnp.minimum(key // 16, n_groups)
-  group_at = jnp.where(jnp.arange(seq) % 16 == 0, jnp.arange(seq) // 16, -1)
-  rank, counts = jax.vmap(lambda k, g: rt._places_by_count(k, g, group_at, n_groups))(key, group)
-  for r, c, kr in zip(np.asarray(rank), np.asarray(counts), np.asarray(key)):
-    order = np.argsort(kr, kind="stable")
-    want_rank = np.empty_like(order)
-    want_rank[order] = np.arange(len(kr)) - np.searchsorted(kr[order], kr[order], side="left")
-    ok = kr < seq
-    np.testing.assert_array_equal(r[ok], want_rank[ok])
-    np.testing.assert_array_equal(c, np.bincount(kr[ok], minlength=seq))
-
-
-def test_routing_counts_on_a_gpu_below_its_work_bound(monkeypatch):
-  """`_routing._counts_places`: traced for a GPU, the pairs' places are counted (no sort in the
-  step's routing) while pairs * (full blocks + chunk) <= `COUNT_MAX_WORK`, sorted above it;
-  traced for the CPU (or a TPU), always sorted."""
-  from moba_jax.kernels import _routing as rt
-  q, k, _ = random_qkv(2, 1, 512, 2, 2, 16, jnp.bfloat16)
-  route = lambda q, k: rt.route(q, k, None, block_size=32, topk=3, block_q=16)[0]
-  pairs = 2 * 512 * 2  # kv heads * queries * past slots
-  sorts = lambda: re.search(r"\bsort\[", str(jax.make_jaxpr(route)(q, k))) is not None
-  for platform, work, sorted_ in (("gpu", pairs * (16 + rt.COUNT_CHUNK), False),
-                                  ("gpu", pairs * (16 + rt.COUNT_CHUNK) - 1, True),
-                                  ("cpu", 1 << 40, True), ("tpu", 1 << 40, True)):
-    monkeypatch.setattr(rt, "COUNT_MAX_WORK", work)
-    with rt.tracing_for(platform):
-      assert sorts() == sorted_, (platform, work)
 
 
 @helpers.runs_here("pallas_gpu")

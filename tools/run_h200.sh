@@ -239,18 +239,13 @@
 #       mosaic_logs.tgz and suite_logs.tgz). Too much for one call: run 42 (an H100, TEST_S=480)
 #       finished 4 of the 7 test_mosaic.py shards and none of the rest's (about 37 of each
 #       shard's 54 tests had run); run 48 and 67 in two calls
-#   69: the pytest node ids listed in IDS (one a line; default
-#       docs/results/h100_2026-12-06_run46/not_run.txt: the 24 tests run 46's phase 67 had not
-#       reached at its limit), compiled as SHARDS (default 8) processes at MEM (default 0.1) of
-#       the GPU, limit TEST_S (default 480 s)
-#   70: A/B of the sparse pairs' places by counting (run 47, `_routing._places_by_count`: no CUB
-#       sort in the step) against the stable sort (`COUNT_MAX_WORK = 0` in _sortplaces, a copy of
-#       this tree): test_kernels.py's routing tests compiled first (count against sort on this
-#       GPU, limit FIRST_S, default 150 s), then the synced rows of _sortplaces and this tree
-#       (REPEATS, default 20; 128K b512 k3 10, 128K b4096 k12 5) at 8K and 32K b512 k3, 16K
-#       b128 k8 and the two 128K shapes, with 8K back to back; a second pass at 8K b512 k3 and
-#       16K b128 k8 (A B A B), then each tree's 16K b128 k8 and 32K b512 k3 profiles with the
-#       host's share (prof_<tree>.txt) while the call is under LIMIT_S (default 520 s)
+#   69: the pytest node ids listed in IDS (one a line, required: e.g. the suite_not_run.txt
+#       phase 67 writes; run 47 passed docs/results/h100_2026-12-06_run47/ids.txt, run 46's 24
+#       unreached tests and 24 more), compiled as SHARDS (default 8) processes at MEM (default
+#       0.1) of the GPU, limit TEST_S (default 480 s)
+#   70: (run 47: the sparse pairs' places by a counting sort instead of CUB's, measured on an
+#       H100 and not landed; the phase is in docs/results/h100_2026-12-06_run47/count_places.patch
+#       with the code it ran)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -1005,40 +1000,11 @@ if [ "$phase" = 67 ]; then
   shards suite ${SHARDS:-10} ${MEM:-0.09} $(rest_files)
 fi
 if [ "$phase" = 69 ]; then
-  ids=${IDS:-docs/results/h100_2026-12-06_run46/not_run.txt}
+  ids=${IDS:?phase 69 needs IDS, a file of pytest node ids, e.g. the suite_not_run.txt of phase 67}
   mapfile -t named < "$ids"  # node ids hold spaces and quotes: one array element a line
   echo "tests: ${#named[@]} of $ids" | tee -a $log
   # no ids (a phase 67 that finished): nothing to run, not pytest's whole default collection
   [ ${#named[@]} = 0 ] || shards named ${SHARDS:-8} ${MEM:-0.1} "${named[@]}"
-fi
-if [ "$phase" = 70 ]; then
-  first routing ${FIRST_S:-150} 0.5 "routing" tests/test_kernels.py
-  first_report routing
-  rm -rf _sortplaces && mkdir _sortplaces && tar -c --exclude=./.whl --exclude="./_*" \
-    --exclude=./.git . | tar -x -C _sortplaces && sed -i "s/^COUNT_MAX_WORK = .*/COUNT_MAX_WORK = 0/" \
-    _sortplaces/kernels/_routing.py && grep "^COUNT_MAX_WORK" _sortplaces/kernels/_routing.py \
-    kernels/_routing.py | tee -a $log
-  rows() { local name=$1 spec; shift; install $name
-    for spec in "$@"; do IFS=: read seqs blk k reps pipe <<< "$spec"
-      (cd $name && STEP_S=${BENCH_S:-150} bench --impls pallas_gpu --seqs $seqs --configs $blk:$k \
-        --repeats $reps --pipeline ${pipe:-1} 2>&1 | grep "^pallas_gpu" \
-        | sed "s|^|$name pipeline ${pipe:-1}: |" | tee -a $OUT/table.txt)
-    done; }
-  r=${REPEATS:-20}
-  for tree in _sortplaces .; do
-    rows $tree 8192,32768:512:3:$r 16384:128:8:$r 131072:512:3:10 131072:4096:12:5 8192:512:3:$r:8
-  done
-  for tree in _sortplaces .; do rows $tree 8192:512:3:$r 16384:128:8:$r; done
-  for tree in _sortplaces .; do [ $SECONDS -lt ${LIMIT_S:-520} ] || break; install $tree
-    name=$(basename $(cd $tree && pwd))
-    for spec in 16384:128:8 32768:512:3; do IFS=: read s b t <<< "$spec"
-      echo "== $name seq $s block $b topk $t" >> $OUT/prof_$name.txt
-      (cd $tree && timeout 80 python3 tools/profile_gpu.py --seq $s --block $b --topk $t --steps 5 \
-        --top 30 --host 12 2>&1 | grep -v "WARNING\|device lines" >> $OUT/prof_$name.txt)
-    done
-    grep "device kernels\|^per step\|^host, per" $OUT/prof_$name.txt | sed "s|^|$name |" | tee -a $log
-  done
-  install .
 fi
 if [ "$phase" = 68 ]; then
   echo "files: tests/test_mosaic.py; $(echo $(rest_files))" | tee -a $log
