@@ -213,6 +213,9 @@ def write(out: str | os.PathLike, docs: Iterable[Doc], meta: dict, heldout_frac:
       if force or not (out / MANIFEST).is_file():
         raise
       return json.loads((out / MANIFEST).read_text())  # a concurrent build finished first
+  except OSError as e:
+    rundir.name_target_in_error(e, tmp, given)  # the corpus asked for, not the temporary one
+    raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return manifest

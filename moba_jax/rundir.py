@@ -64,10 +64,29 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    name_target_in_error(e, tmp, path)
     raise
+
+
+def name_target_in_error(e: BaseException, tmp: str | os.PathLike, target: str | os.PathLike):
+  """An OSError that names `tmp` (a temporary file or staging directory, gone once the error is
+  handled) or a file inside it names the same file under `target` instead, the name the user
+  gave; one that names no file (a write's ENOSPC) names `target`. Not a system error (no
+  errno: a message of this package's own) is left as it is."""
+  if not isinstance(e, OSError) or e.errno is None:
+    return
+  if e.filename is None:
+    e.filename = str(target)
+    return
+  for attr in ("filename", "filename2"):
+    name = getattr(e, attr)
+    if isinstance(name, (str, os.PathLike)):
+      rel = os.path.relpath(os.path.abspath(name), os.path.abspath(tmp))
+      if rel == "." or not rel.startswith(".."):
+        setattr(e, attr, str(target) if rel == "." else os.path.join(str(target), rel))
 
 
 def created_file_mode() -> int:
@@ -114,9 +133,10 @@ def staged_dir(out: str | os.PathLike, *, main: bool = True):
     stage.mkdir(parents=True)
   try:
     yield stage
-  except BaseException:
+  except BaseException as e:
     if main:
       shutil.rmtree(stage, ignore_errors=True)
+    name_target_in_error(e, stage, out)
     raise
   if main:
     if out.exists():

@@ -180,6 +180,53 @@ def test_files_keep_the_umask(tmp_path):
   assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_failed_write_names_the_file_asked_for_not_the_temporary_one(tmp_path, monkeypatch):
+  """atomic_write, staged_dir and a corpus build write under temporary names that are gone once
+  the error is handled: the error names the path the user gave (a file inside a staging
+  directory under the output directory), a write's error without a file (a full disk) names the
+  output, and an OSError of the package's own message is left alone; nothing temporary stays."""
+  import errno
+
+  from moba_jax import corpus
+
+  def full(*_):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  with monkeypatch.context() as m:
+    m.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as err:
+      rundir.atomic_write(tmp_path / "f.json", "{}")
+  assert str(err.value) == f"[Errno 28] No space left on device: '{tmp_path / 'f.json'}'"
+  with monkeypatch.context() as m:  # os.replace names the temporary file and the target
+    m.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(
+        OSError(errno.EXDEV, os.strerror(errno.EXDEV), a, None, b)))
+    with pytest.raises(OSError) as err:
+      rundir.atomic_write(tmp_path / "g.json", "{}")
+  assert (err.value.filename, str(err.value.filename2)) == (str(tmp_path / "g.json"),) * 2
+  out = tmp_path / "out"
+  with pytest.raises(FileNotFoundError) as err:
+    with rundir.staged_dir(out) as stage:
+      open(stage / "sub" / "w.bin", "wb")  # a missing subdirectory: open names the file
+  assert err.value.filename == str(out / "sub" / "w.bin")
+  with pytest.raises(OSError) as err:
+    with rundir.staged_dir(out):
+      full()
+  assert err.value.filename == str(out)
+  with pytest.raises(OSError, match="^the package's own message$"):
+    with rundir.staged_dir(out):
+      raise OSError("the package's own message")
+  (tmp_path / "src").mkdir()
+  for i in range(20):  # both splits get documents
+    (tmp_path / "src" / f"m{i}.py").write_text(f"x = {i}\n" * 50)
+  with monkeypatch.context() as m:  # the manifest, the last file a corpus build writes
+    real = corpus.Path.write_text
+    m.setattr(corpus.Path, "write_text", lambda p, *a, **k: full() if p.name == corpus.MANIFEST
+              else real(p, *a, **k))
+    with pytest.raises(OSError) as err:
+      corpus.build_code(tmp_path / "corpus", sources=[tmp_path / "src"], heldout_frac=0.5)
+  assert err.value.filename == str(tmp_path / "corpus")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temporary file or directory
+
+
 def test_metrics_file_reopened_when_deleted(tmp_path, capsys):
   log = metrics.MetricsLog(str(tmp_path), 0, tensorboard=False)
   log.write({"step": 1, "loss": 1.0})
