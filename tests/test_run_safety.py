@@ -420,17 +420,23 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
 
 def test_the_entry_point_drops_only_late_callbacks_onto_a_closed_event_loop():
   """`moba-jax`'s unraisable hook: TensorStore's callbacks onto Orbax's closed loop after a
-  failed read are dropped (a traceback after the verdict), anything else still reported."""
+  failed read and the exceptions of Orbax's read coroutines finalized unawaited are dropped (a
+  traceback after the verdict), anything else still reported: another coroutine's too."""
   import types
 
   from moba_jax import cli
   seen = []
   hook = cli._quiet_closed_loop(seen.append)
-  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  coroutine = lambda path: types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename=path))
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None)
+  read = types.SimpleNamespace(exc_value=Exception("Encountered error while reading array"),
+                               object=coroutine(os.path.join(
+                                   "site-packages", "orbax", "checkpoint", "serialization.py")))
+  mine = types.SimpleNamespace(exc_value=Exception("a read"), object=coroutine("my/reader.py"))
   other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
-  hook(closed)
-  hook(other)
-  assert seen == [other]
+  for unraisable in (closed, read, mine, other):
+    hook(unraisable)
+  assert seen == [mine, other]
 
 
 def test_python_dash_m_cli_prints_a_mistake_in_one_line():
