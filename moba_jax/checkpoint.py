@@ -14,8 +14,8 @@ no parameters), so an SFT stage may change moba.hybrid_full_layers.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
+import math
 import os
 import re
 import sys
@@ -213,7 +213,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_params, abstract_opt,
       data_iter.set_state(start)
       nxt = steps[i + 1] if i + 1 < len(steps) else None
       _warn(f"checkpoint step {step} in {mngr.directory} could not be restored "
-            f"({_first_line(e)}); falling back to "
+            f"({_read_failure(e, mngr, step)}); falling back to "
             f"{'step ' + str(nxt) if nxt is not None else 'a fresh start'}")
       unusable.append(step)
       continue
@@ -320,33 +320,93 @@ def abstract_like(tree: Any) -> Any:
       tree)
 
 
+def _read_failure(e: BaseException, mngr, step: int) -> str:
+  """Why `step` did not restore: the error's first line, after the arrays that do not read
+  when the error is a read's (a whole restore's names an index range, not the array; other
+  failures, a checksum mismatch or another model's shapes, name their own) and the process is
+  alone (`unreadable_arrays`)."""
+  chain, x = [], e
+  while x is not None and len(chain) < 8:
+    chain.append(str(x).lower())
+    x = x.__cause__ or x.__context__
+  read = any("while reading" in t or "error reading" in t for t in chain)
+  bad = unreadable_arrays(mngr, step) if read and jax.process_count() == 1 else None
+  if not bad:
+    return _first_line(e)
+  more = ", ..." if len(bad) > 3 else ""
+  return f"{len(bad)} arrays do not read: {', '.join(bad[:3])}{more}; {_first_line(e)}"
+
+
+SCAN_BYTES = 256 << 20  # the most bytes of arrays `unreadable_arrays` reads at once
+
+
 def unreadable_arrays(mngr, step: int) -> list[str] | None:
-  """The arrays of `step`'s params and opt_state that do not read, each restored alone (a whole
-  item's restore fails naming only an index range); "item/path" each, in the metadata's order.
-  None where that cannot be told: the metadata does not read, or this Orbax restores no subtree
-  (`partial_restore`, Orbax 0.11.x lacks it)."""
-  if "partial_restore" not in inspect.signature(ocp.args.PyTreeRestore).parameters:
+  """The arrays of `step`'s params and opt_state that do not read ("item/path" each, in the
+  metadata's order): a whole item's restore fails naming only an index range. Arrays are
+  restored in groups of at most `SCAN_BYTES` (one array alone where it is larger), a group that
+  fails in halves down to its single arrays: a few bad arrays cost a few restores more than the
+  groups. Reads this process's files only (no barrier with processes that did not fail).
+  None where that cannot be told: the metadata does not read, this Orbax has no placeholders
+  for the arrays left out, or the scan itself failed."""
+  if not hasattr(ocp, "PLACEHOLDER"):
     return None
-  with _quiet_failed_reads():
-    try:
+  local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=local)
+  bad = []
+  try:
+    with _quiet_failed_reads():
       meta = mngr.item_metadata(step)
-      trees = {i: meta[i] for i in ("params", "opt_state") if meta.get(i) is not None}
-    except Exception:  # noqa: BLE001 - no metadata: no names
-      return None
-    reader, bad = ocp.PyTreeCheckpointer(), []
-    for item, tree in trees.items():
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        one = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-        for key in reversed(keys):
-          one = {key: one}
-        args = ocp.args.PyTreeRestore(item=one, partial_restore=True, restore_args=jax.tree.map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), one))
-        try:
-          reader.restore(os.path.join(str(mngr.directory), str(step), item), args=args)
-        except Exception:  # noqa: BLE001 - this array does not read
-          bad.append(f"{item}/{'/'.join(keys)}")
-    return bad
+      for item in ("params", "opt_state"):
+        if meta.get(item) is None:
+          continue
+        tree = getattr(meta[item], "tree", meta[item])
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        where = os.path.join(str(mngr.directory), str(step), item)
+
+        def reads(chosen, leaves=leaves, treedef=treedef, where=where):
+          pick = lambda f: treedef.unflatten([f(leaf) if i in chosen else ocp.PLACEHOLDER
+                                              for i, (_, leaf) in enumerate(leaves)])
+          args = ocp.args.PyTreeRestore(
+              item=pick(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)),
+              restore_args=pick(lambda _: ocp.RestoreArgs(restore_type=np.ndarray)))
+          try:
+            reader.restore(where, args=args)
+            return True
+          except Exception:  # noqa: BLE001 - some array of `chosen` does not read
+            return False
+
+        def failing(idx):
+          if reads(set(idx)):
+            return []
+          if len(idx) == 1:
+            return idx
+          return failing(idx[:len(idx) // 2]) + failing(idx[len(idx) // 2:])
+        for group in _byte_groups([leaf for _, leaf in leaves]):
+          bad += [f"{item}/{_path_name(leaves[i][0])}" for i in failing(group)]
+  except Exception:  # noqa: BLE001 - a diagnosis on an error path: no names, not a new error
+    return None
+  finally:
+    reader.close()
+  return bad
+
+
+def _byte_groups(leaves) -> list[list[int]]:
+  """Indices of consecutive leaves (array metadata) in groups of at most `SCAN_BYTES`."""
+  groups, size = [], SCAN_BYTES
+  for i, leaf in enumerate(leaves):
+    n = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    if not groups or size + n > SCAN_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append(i)
+    size += n
+  return groups
+
+
+def _path_name(path) -> str:
+  """'a/0/b' of a key path (dict keys, sequence indices)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 @contextlib.contextmanager

@@ -136,15 +136,17 @@ def _result_stands(code: int) -> None:
 def _quiet_closed_loop(hook):
   """sys.unraisablehook without the late echoes of a checkpoint read that failed, tracebacks
   after the command's own one-line verdict: TensorStore's callbacks onto Orbax's closed event
-  loop ("RuntimeError: Event loop is closed") and the exceptions of Orbax's read coroutines
-  finalized unawaited (each failure again, with TensorStore's whole spec: `inspect --verify`
-  reads every array alone to name those that do not read). Every other unraisable exception
-  goes to `hook`."""
+  loop ("RuntimeError: Event loop is closed") and the exceptions an Orbax read coroutine raises
+  from the GeneratorExit of its closing (each failure again, with TensorStore's whole spec:
+  `inspect --verify` reads the arrays in groups to name those that do not read). Every other
+  unraisable exception goes to `hook`."""
   def quiet(unraisable):
     exc = unraisable.exc_value
     code = getattr(getattr(unraisable, "object", None), "cr_code", None)  # a coroutine's
     closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-    if not (closed or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)):
+    echo = (code is not None and isinstance(getattr(exc, "__cause__", None), GeneratorExit)
+            and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename)
+    if not (closed or echo):
       hook(unraisable)
   return quiet
 

@@ -67,26 +67,34 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
   except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
-    name_target_in_error(e, tmp, path)
+    name_target_in_error(e, tmp, path, unnamed=True)
     raise
 
 
-def name_target_in_error(e: BaseException, tmp: str | os.PathLike, target: str | os.PathLike):
+def name_target_in_error(e: BaseException, tmp: str | os.PathLike,
+                         target: str | os.PathLike, *, unnamed: bool = False):
   """An OSError that names `tmp` (a temporary file or staging directory, gone once the error is
   handled) or a file inside it names the same file under `target` instead, the name the user
-  gave; one that names no file (a write's ENOSPC) names `target`. Not a system error (no
+  gave (an error of two names, a failed rename, is left as it is). unnamed: one that
+  names no file is the write's (a full disk) and names `target`; only where the failed block
+  did nothing but write it (atomic_write), not where it also read inputs. Not a system error (no
   errno: a message of this package's own) is left as it is."""
   if not isinstance(e, OSError) or e.errno is None:
     return
   if e.filename is None:
-    e.filename = str(target)
+    if unnamed:
+      e.filename = os.fspath(target)
     return
-  for attr in ("filename", "filename2"):
-    name = getattr(e, attr)
-    if isinstance(name, (str, os.PathLike)):
-      rel = os.path.relpath(os.path.abspath(name), os.path.abspath(tmp))
-      if rel == "." or not rel.startswith(".."):
-        setattr(e, attr, str(target) if rel == "." else os.path.join(str(target), rel))
+  if e.filename2 is not None:  # a rename's or a link's: 'tmp' -> 'target' is what happened
+    return
+  if not isinstance(e.filename, (str, bytes, os.PathLike)):
+    return  # a file descriptor
+  try:
+    rel = os.path.relpath(os.path.abspath(os.fsdecode(e.filename)), os.path.abspath(tmp))
+  except (TypeError, ValueError):
+    return
+  if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+    e.filename = os.fspath(target) if rel == os.curdir else os.path.join(os.fspath(target), rel)
 
 
 def created_file_mode() -> int:

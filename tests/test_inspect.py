@@ -154,7 +154,7 @@ def test_verify_names_the_arrays_that_do_not_read(trained_run, tmp_path):
   mngr = lambda: ckpt.manager(str(run_dir / "checkpoints"), with_data=False, read_only=True,
                               async_save=False)
   m = mngr()
-  assert ckpt.unreadable_arrays(m, 2) == []  # params and opt_state (lists of dicts) read alone
+  assert ckpt.unreadable_arrays(m, 2) == []  # params and opt_state read
   reader = ocp.PyTreeCheckpointer()
 
   def alone(name):  # "item/a/b": that array restored by itself, numpy
@@ -194,6 +194,48 @@ def test_verify_names_the_arrays_that_do_not_read(trained_run, tmp_path):
         alone(name)
     else:
       np.testing.assert_array_equal(alone(name), intact[name], err_msg=name)
+  m.close()
+
+
+def test_unreadable_arrays_of_lists_and_tuples_alone_or_in_halves(tmp_path, monkeypatch):
+  """`checkpoint.unreadable_arrays` on trees with list and tuple nodes (saved by the run's own
+  manager): none named while intact; with a data file cut short, the same arrays named whether
+  each array is read alone (`SCAN_BYTES` 1) or each item in one group split in halves, and in
+  fewer restores than arrays where few are bad."""
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  from moba_jax import checkpoint as ckpt
+  rng = np.random.default_rng(0)  # incompressible values: the data files are the arrays' bytes
+  x = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  params = {"layers": [{"w": x(64, 64)} for _ in range(4)], "t": (x(300), x(7))}
+  opt_state = {"mu": [x(128), x(32, 32)]}
+  m = ckpt.manager(str(tmp_path / "checkpoints"), async_save=False, with_data=False)
+  m.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                    opt_state=ocp.args.StandardSave(opt_state),
+                                    meta=ocp.args.JsonSave({})))
+  m.wait_until_finished()
+  assert ckpt.unreadable_arrays(m, 1) == []
+  data = max((p for p in (tmp_path / "checkpoints" / "1" / "params").rglob("*") if p.is_file()
+              and "ocdbt.process_0" in p.parts and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  restores = []
+  real = ocp.Checkpointer.restore
+  monkeypatch.setattr(ocp.Checkpointer, "restore",
+                      lambda self, *a, **k: restores.append(1) or real(self, *a, **k))
+  names = {}
+  for scan in (1, 1 << 40):
+    monkeypatch.setattr(ckpt, "SCAN_BYTES", scan)
+    restores.clear()
+    names[scan] = ckpt.unreadable_arrays(m, 1), len(restores)
+  (alone, n_alone), (halves, n_halves) = names[1], names[1 << 40]
+  every = ["params/layers/0/w", "params/layers/1/w", "params/layers/2/w", "params/layers/3/w",
+           "params/t/0", "params/t/1", "opt_state/mu/0", "opt_state/mu/1"]
+  assert n_alone == len(every) and alone == halves and alone, (alone, halves)
+  assert all(a.startswith("params/") for a in alone) and set(alone) < set(every)
+  if len(alone) == 1:
+    assert n_halves < n_alone
   m.close()
 
 

@@ -129,15 +129,18 @@ def test_signals_on_a_checkpoint_step_and_during_the_final_save(tmp_path):
 def test_unusable_final_checkpoint_is_set_aside_and_the_run_finishes(tmp_path):
   run_dir = tmp_path / "run"
   train.run(tiny(run_dir, "train.steps=3", "checkpoint.every=0", "eval.batches=0"), progress=False)
-  for f in (run_dir / "checkpoints" / "3" / "params").rglob("*"):
-    if f.is_file() and "METADATA" not in f.name:
-      f.write_bytes(b"garbage")
+  for f in (run_dir / "checkpoints" / "3" / "params" / "ocdbt.process_0" / "d").iterdir():
+    f.write_bytes(b"garbage")  # every data file; the metadata reads
   with pytest.warns(ckpt.CheckpointWarning) as caught:
     summary = train.run(tiny(run_dir, "train.steps=3", "checkpoint.every=0", "eval.batches=0"),
                         progress=False)
   said = " | ".join(str(w.message) for w in caught)
   assert "moved the unusable checkpoint step 3" in said, said
   assert "could not be restored" in said and "falling back to a fresh start" in said, said
+  # every params array of the 2-layer model (3 + 2 x 9) but its five norm scales: 128 bytes
+  # each, kept inline in OCDBT's index (values up to 1024 bytes), which still reads
+  assert "could not be restored (16 arrays do not read: params/embed, params/head, " \
+         "params/layers/0/attn/wk, ...; " in said, said
   assert summary["status"] == "done" and summary["step"] == 3
   assert (run_dir / "checkpoints" / "3").is_dir()  # saved again
   (aside,) = (run_dir / "checkpoints_unusable").iterdir()  # the bad one kept, not deleted
@@ -183,47 +186,57 @@ def test_files_keep_the_umask(tmp_path):
 def test_a_failed_write_names_the_file_asked_for_not_the_temporary_one(tmp_path, monkeypatch):
   """atomic_write, staged_dir and a corpus build write under temporary names that are gone once
   the error is handled: the error names the path the user gave (a file inside a staging
-  directory under the output directory), a write's error without a file (a full disk) names the
-  output, and an OSError of the package's own message is left alone; nothing temporary stays."""
+  directory under the output directory; a failed rename's two names left as they are);
+  atomic_write's error without
+  a file (a full disk while it writes) names its file, but a build's does not name its output
+  (the build also reads its inputs: a read's error is not the output's); an OSError of the
+  package's own message is left alone; nothing temporary stays."""
   import errno
 
   from moba_jax import corpus
 
-  def full(*_):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  def fail(code=errno.ENOSPC, *names):
+    raise OSError(code, os.strerror(code), *names)
   with monkeypatch.context() as m:
-    m.setattr(os, "fsync", full)
+    m.setattr(os, "fsync", lambda fd: fail())
     with pytest.raises(OSError) as err:
       rundir.atomic_write(tmp_path / "f.json", "{}")
   assert str(err.value) == f"[Errno 28] No space left on device: '{tmp_path / 'f.json'}'"
   with monkeypatch.context() as m:  # os.replace names the temporary file and the target
-    m.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(
-        OSError(errno.EXDEV, os.strerror(errno.EXDEV), a, None, b)))
+    m.setattr(os, "replace", lambda a, b: fail(errno.EXDEV, a, None, b))
     with pytest.raises(OSError) as err:
       rundir.atomic_write(tmp_path / "g.json", "{}")
-  assert (err.value.filename, str(err.value.filename2)) == (str(tmp_path / "g.json"),) * 2
+  assert err.value.filename2 == tmp_path / "g.json"  # a failed rename says what it renamed
+  assert os.path.basename(err.value.filename).startswith(".tmp-")
   out = tmp_path / "out"
   with pytest.raises(FileNotFoundError) as err:
     with rundir.staged_dir(out) as stage:
       open(stage / "sub" / "w.bin", "wb")  # a missing subdirectory: open names the file
   assert err.value.filename == str(out / "sub" / "w.bin")
   with pytest.raises(OSError) as err:
+    with rundir.staged_dir(out) as stage:
+      fail(errno.EIO, str(stage / "..hidden" / "x"))  # a name starting with '..' inside it
+  assert err.value.filename == str(out / "..hidden" / "x")
+  with pytest.raises(OSError) as err:
     with rundir.staged_dir(out):
-      full()
-  assert err.value.filename == str(out)
+      fail(errno.EIO)  # no file named: not said to be the output's
+  assert err.value.filename is None
   with pytest.raises(OSError, match="^the package's own message$"):
     with rundir.staged_dir(out):
       raise OSError("the package's own message")
   (tmp_path / "src").mkdir()
   for i in range(20):  # both splits get documents
     (tmp_path / "src" / f"m{i}.py").write_text(f"x = {i}\n" * 50)
-  with monkeypatch.context() as m:  # the manifest, the last file a corpus build writes
-    real = corpus.Path.write_text
-    m.setattr(corpus.Path, "write_text", lambda p, *a, **k: full() if p.name == corpus.MANIFEST
-              else real(p, *a, **k))
-    with pytest.raises(OSError) as err:
-      corpus.build_code(tmp_path / "corpus", sources=[tmp_path / "src"], heldout_frac=0.5)
-  assert err.value.filename == str(tmp_path / "corpus")
+  real_write, real_read = corpus.Path.write_text, corpus.Path.read_bytes
+  for what, patch, want in (
+      ("write_text", lambda p, *a, **k: fail(errno.ENOSPC, str(p)) if p.name == corpus.MANIFEST
+       else real_write(p, *a, **k), str(tmp_path / "corpus" / corpus.MANIFEST)),
+      ("read_bytes", lambda p: fail(errno.EIO) if p.name == "m3.py" else real_read(p), None)):
+    with monkeypatch.context() as m:  # the manifest (the last file a build writes); an input
+      m.setattr(corpus.Path, what, patch)
+      with pytest.raises(OSError) as err:
+        corpus.build_code(tmp_path / "corpus", sources=[tmp_path / "src"], heldout_frac=0.5)
+    assert err.value.filename == want, what
   assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temporary file or directory
 
 
@@ -428,15 +441,21 @@ def test_the_entry_point_drops_only_late_callbacks_onto_a_closed_event_loop():
   seen = []
   hook = cli._quiet_closed_loop(seen.append)
   coroutine = lambda path: types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename=path))
+  orbax = os.path.join("site-packages", "orbax", "checkpoint", "serialization.py")
+
+  def raised(cause):  # as Orbax's read coroutine raises when it is closed: from the cause
+    try:
+      raise Exception("Encountered error while reading array index") from cause
+    except Exception as e:  # noqa: BLE001
+      return e
   closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None)
-  read = types.SimpleNamespace(exc_value=Exception("Encountered error while reading array"),
-                               object=coroutine(os.path.join(
-                                   "site-packages", "orbax", "checkpoint", "serialization.py")))
-  mine = types.SimpleNamespace(exc_value=Exception("a read"), object=coroutine("my/reader.py"))
+  echo = types.SimpleNamespace(exc_value=raised(GeneratorExit()), object=coroutine(orbax))
+  failed = types.SimpleNamespace(exc_value=raised(ValueError("x")), object=coroutine(orbax))
+  mine = types.SimpleNamespace(exc_value=raised(GeneratorExit()), object=coroutine("my/r.py"))
   other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
-  for unraisable in (closed, read, mine, other):
+  for unraisable in (closed, echo, failed, mine, other):
     hook(unraisable)
-  assert seen == [mine, other]
+  assert seen == [failed, mine, other]
 
 
 def test_python_dash_m_cli_prints_a_mistake_in_one_line():

@@ -250,6 +250,9 @@
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
 phase=${1:-1}; shift
+# a phase that is not here (a removed one, a typo) is said at once, not a silent empty call
+[[ $phase =~ ^[0-9]+$ ]] && grep -q "\"\$phase\" = $phase \]" "$0" \
+  || { echo "run_h200.sh: no phase $phase here (the header lists them)" >&2; exit 2; }
 bench() { timeout "${STEP_S:-150}" python3 -m moba_jax.cli bench "$@"; }
 # correctness on this GPU: the behavioural suite with the kernels compiled, slow cases included
 check() { timeout "${STEP_S:-150}" python3 -m pytest -q --compiled -m "" -p no:cacheprovider \
@@ -1001,6 +1004,7 @@ if [ "$phase" = 67 ]; then
 fi
 if [ "$phase" = 69 ]; then
   ids=${IDS:?phase 69 needs IDS, a file of pytest node ids, e.g. the suite_not_run.txt of phase 67}
+  [ -r "$ids" ] || { echo "phase 69: IDS=$ids is not a readable file" | tee -a $log; exit 2; }
   mapfile -t named < "$ids"  # node ids hold spaces and quotes: one array element a line
   echo "tests: ${#named[@]} of $ids" | tee -a $log
   # no ids (a phase 67 that finished): nothing to run, not pytest's whole default collection
