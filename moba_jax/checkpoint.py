@@ -425,7 +425,8 @@ def _quiet_failed_reads():
 
 def verify(directory: str, step: int) -> dict:
   """Reads every array of `step` and compares it with the checksums saved with it (moba-jax
-  inspect --verify). -> {"ok", "checked" (arrays), "mismatched" (paths), "error"}."""
+  inspect --verify). -> {"ok", "checked" (arrays), "mismatched" (paths), "error"}, and where the
+  step does not read "unreadable" (`unreadable_arrays`: paths, or None where not told)."""
   mngr = manager(checkpoint_dir(directory), with_data=False, read_only=True, async_save=False)
   try:
     items = [i for i in ("params", "opt_state") if os.path.isdir(os.path.join(

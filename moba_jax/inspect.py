@@ -208,7 +208,7 @@ def _format_verify(v: dict) -> str:
   if v["ok"] is None:
     return f"verify: not checked ({v['error']})"
   what = v["error"] or f"{len(v['mismatched'])} arrays differ: {', '.join(v['mismatched'][:5])}"
-  if v.get("unreadable"):  # each array read alone: the ones that do not read
+  if v.get("unreadable"):  # the arrays that do not read (checkpoint.unreadable_arrays)
     bad = v["unreadable"]
     what = (f"{len(bad)} arrays do not read: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}"
             f"; the first error: {what}")
