@@ -45,6 +45,35 @@ class _QuietReadOnly(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
+class _QuietUnretrievedReads(logging.Filter):
+  """asyncio logs "Task exception was never retrieved" for each read of a failed restore after
+  the first (Orbax gathers them and raises the first), each with TensorStore's whole spec: the
+  restore's own error has said it (`unreadable_arrays` restores groups with several bad arrays)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or "exception was never retrieved" not in str(record.msg):
+      return True
+    return not _is_read_error(exc)
+
+
+logging.getLogger("asyncio").addFilter(_QuietUnretrievedReads())
+
+
+def _is_read_error(e: BaseException) -> bool:
+  """An Orbax or TensorStore read's error, in e or its causes: Orbax's "error while reading",
+  TensorStore's "Error reading" or its status codes ("DATA_LOSS: ...", "OUT_OF_RANGE: ...")."""
+  for _ in range(8):
+    if e is None:
+      return False
+    text = str(e)
+    if ("while reading" in text or "Error reading" in text
+        or re.match(r"^[A-Z][A-Z_]+: ", text)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 CheckpointWarning = rundir.CheckpointWarning
 
 
@@ -325,11 +354,7 @@ def _read_failure(e: BaseException, mngr, step: int) -> str:
   when the error is a read's (a whole restore's names an index range, not the array; other
   failures, a checksum mismatch or another model's shapes, name their own) and the process is
   alone (`unreadable_arrays`)."""
-  chain, x = [], e
-  while x is not None and len(chain) < 8:
-    chain.append(str(x).lower())
-    x = x.__cause__ or x.__context__
-  read = any("while reading" in t or "error reading" in t for t in chain)
+  read = _is_read_error(e)
   bad = unreadable_arrays(mngr, step) if read and jax.process_count() == 1 else None
   if not bad:
     return _first_line(e)
@@ -343,19 +368,22 @@ SCAN_BYTES = 256 << 20  # the most bytes of arrays `unreadable_arrays` reads at 
 def unreadable_arrays(mngr, step: int) -> list[str] | None:
   """The arrays of `step`'s params and opt_state that do not read ("item/path" each, in the
   metadata's order): a whole item's restore fails naming only an index range. Arrays are
-  restored in groups of at most `SCAN_BYTES` (one array alone where it is larger), a group that
-  fails in halves down to its single arrays: a few bad arrays cost a few restores more than the
-  groups. Reads this process's files only (no barrier with processes that did not fail).
-  None where that cannot be told: the metadata does not read, this Orbax has no placeholders
-  for the arrays left out, or the scan itself failed."""
+  restored in groups of at most `SCAN_BYTES` (an array alone where it is larger); a group that
+  fails is halved: a half that reads clears itself and blames the other (not read again), and
+  where both halves fail (many bad arrays: a damaged file takes every array stored after the
+  damage) its arrays are read one by one. So one bad array in a group of n costs about
+  2 log2(n) restores, all bad n + 3. No barrier with other processes (a process-local
+  checkpointer: a restore that failed on some processes only). None where that cannot be told:
+  the metadata does not read, this Orbax has no placeholders for the arrays left out, or the
+  scan itself failed."""
   if not hasattr(ocp, "PLACEHOLDER"):
     return None
-  local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                             active_processes={jax.process_index()})
-  reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=local)
-  bad = []
+  reader, bad = None, []
   try:
     with _quiet_failed_reads():
+      local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
+      reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=local)
       meta = mngr.item_metadata(step)
       for item in ("params", "opt_state"):
         if meta.get(item) is None:
@@ -365,6 +393,7 @@ def unreadable_arrays(mngr, step: int) -> list[str] | None:
         where = os.path.join(str(mngr.directory), str(step), item)
 
         def reads(chosen, leaves=leaves, treedef=treedef, where=where):
+          chosen = set(chosen)
           pick = lambda f: treedef.unflatten([f(leaf) if i in chosen else ocp.PLACEHOLDER
                                               for i, (_, leaf) in enumerate(leaves)])
           args = ocp.args.PyTreeRestore(
@@ -376,18 +405,25 @@ def unreadable_arrays(mngr, step: int) -> list[str] | None:
           except Exception:  # noqa: BLE001 - some array of `chosen` does not read
             return False
 
-        def failing(idx):
-          if reads(set(idx)):
-            return []
+        def failing(idx, known=False):  # known: idx holds an array that does not read
           if len(idx) == 1:
-            return idx
-          return failing(idx[:len(idx) // 2]) + failing(idx[len(idx) // 2:])
+            return idx if known or not reads(idx) else []
+          if not known and reads(idx):
+            return []
+          left, right = idx[:len(idx) // 2], idx[len(idx) // 2:]
+          if reads(left):
+            return failing(right, known=True)
+          if reads(right):
+            return failing(left, known=True)
+          return [i for i in idx if not reads([i])]
         for group in _byte_groups([leaf for _, leaf in leaves]):
           bad += [f"{item}/{_path_name(leaves[i][0])}" for i in failing(group)]
   except Exception:  # noqa: BLE001 - a diagnosis on an error path: no names, not a new error
     return None
   finally:
-    reader.close()
+    if reader is not None:
+      with contextlib.suppress(Exception):
+        reader.close()
   return bad
 
 

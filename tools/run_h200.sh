@@ -1004,7 +1004,8 @@ if [ "$phase" = 67 ]; then
 fi
 if [ "$phase" = 69 ]; then
   ids=${IDS:?phase 69 needs IDS, a file of pytest node ids, e.g. the suite_not_run.txt of phase 67}
-  [ -r "$ids" ] || { echo "phase 69: IDS=$ids is not a readable file" | tee -a $log; exit 2; }
+  [ -f "$ids" ] && [ -r "$ids" ] \
+    || { echo "phase 69: IDS=$ids is not a readable file" | tee -a $log; exit 2; }
   mapfile -t named < "$ids"  # node ids hold spaces and quotes: one array element a line
   echo "tests: ${#named[@]} of $ids" | tee -a $log
   # no ids (a phase 67 that finished): nothing to run, not pytest's whole default collection
