@@ -405,19 +405,8 @@ def unreadable_arrays(mngr, step: int) -> list[str] | None:
           except Exception:  # noqa: BLE001 - some array of `chosen` does not read
             return False
 
-        def failing(idx, known=False):  # known: idx holds an array that does not read
-          if len(idx) == 1:
-            return idx if known or not reads(idx) else []
-          if not known and reads(idx):
-            return []
-          left, right = idx[:len(idx) // 2], idx[len(idx) // 2:]
-          if reads(left):
-            return failing(right, known=True)
-          if reads(right):
-            return failing(left, known=True)
-          return [i for i in idx if not reads([i])]
         for group in _byte_groups([leaf for _, leaf in leaves]):
-          bad += [f"{item}/{_path_name(leaves[i][0])}" for i in failing(group)]
+          bad += [f"{item}/{_path_name(leaves[i][0])}" for i in _failing(group, reads)]
   except Exception:  # noqa: BLE001 - a diagnosis on an error path: no names, not a new error
     return None
   finally:
@@ -425,6 +414,23 @@ def unreadable_arrays(mngr, step: int) -> list[str] | None:
       with contextlib.suppress(Exception):
         reader.close()
   return bad
+
+
+def _failing(idx: list[int], reads, known: bool = False) -> list[int]:
+  """The indices of idx whose arrays do not read, by restores of subsets (reads(subset) -> bool):
+  a subset that reads is clear; a failing one is halved, a half that reads clearing itself and
+  blaming the other (known: idx holds a bad one, not restored whole again); where both halves
+  fail, one restore an index."""
+  if len(idx) == 1:
+    return idx if known or not reads(idx) else []
+  if not known and reads(idx):
+    return []
+  left, right = idx[:len(idx) // 2], idx[len(idx) // 2:]
+  if reads(left):
+    return _failing(right, reads, known=True)
+  if reads(right):
+    return _failing(left, reads, known=True)
+  return [i for i in idx if not reads([i])]
 
 
 def _byte_groups(leaves) -> list[list[int]]:
