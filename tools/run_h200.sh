@@ -246,6 +246,11 @@
 #   70: (run 47: the sparse pairs' places by a counting sort instead of CUB's, measured on an
 #       H100 and not landed; the phase is in docs/results/h100_2026-12-06_run47/count_places.patch
 #       with the code it ran)
+#   71: the settings issue 14 says it will measure beyond its targets (GQA groups 1-8, head_dim
+#       64 and 128, packed documents, batch rows, other blocks and lengths): pallas_gpu beside
+#       cuDNN, synced fwd+bwd (REPEATS, default 10), one bench call per spec of OTHER_SPECS
+#       (seq:block:topk:heads:kv_heads:head_dim:docs:batch; default the twelve below) in
+#       other.txt, each call limited to BENCH_S (default 120 s)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -1001,6 +1006,18 @@ fi
 if [ "$phase" = 67 ]; then
   echo "files: $(echo $(rest_files))" | tee -a $log
   shards suite ${SHARDS:-10} ${MEM:-0.09} $(rest_files)
+fi
+if [ "$phase" = 71 ]; then
+  specs=${OTHER_SPECS:-"32768:512:3:16:16:128:1:1 32768:512:3:16:8:128:1:1 32768:512:3:16:4:128:1:1
+    32768:512:3:16:2:128:1:1 32768:512:3:16:16:64:1:1 32768:512:3:16:2:64:1:1
+    16384:128:8:16:2:128:1:1 16384:128:8:16:16:64:1:1 32768:512:3:16:16:128:16:1
+    8192:512:3:16:16:128:1:4 65536:512:3:16:16:128:1:1 32768:1024:4:16:16:128:1:1"}
+  for spec in $specs; do IFS=: read s b t h kv d docs batch <<< "$spec"
+    echo "== $spec" | tee -a $OUT/other.txt
+    STEP_S=${BENCH_S:-120} bench --impls pallas_gpu,cudnn --seqs $s --configs $b:$t --heads $h \
+      --kv-heads $kv --dim $d --docs $docs --batch $batch --repeats ${REPEATS:-10} 2>&1 \
+      | grep -v "^WARNING" | tee -a $OUT/other.txt
+  done
 fi
 if [ "$phase" = 69 ]; then
   ids=${IDS:?phase 69 needs IDS, a file of pytest node ids, e.g. the suite_not_run.txt of phase 67}
