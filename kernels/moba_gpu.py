@@ -65,6 +65,13 @@ class BlockSizes:
   # 1024, +3% at 512; the dQ (run 30): -1.4% at 4096, -0.3% at 2048, -1.4% at 1024, +1.5% at
   # 512 (docs/kernel_notes.md).
   mosaic_overlap_block: int = 1024
+  # 1: the Mosaic dK/dV splits its longest key tiles into pieces of consecutive row chunks, each
+  # adding its dK, dV in float32 to a slot of its own (`moba_mgpu.dkdv_pieces`), where a tile has
+  # more chunks than half a CTA's mean work: with GQA the items are G times fewer and longer,
+  # too few to balance (16K block 128 top-8, 16/2 heads: the busiest CTA 2.18x the mean work ->
+  # 1.08x, by tools/dkdv_balance.py; the H100's step 4.40 ms there against 3.83 with 16/16
+  # heads, run 48). 0 (the default until a GPU measures it): whole tiles.
+  mosaic_dkdv_split: int = 0
 
   def __post_init__(self):
     for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", "num_stages",
@@ -81,6 +88,11 @@ class BlockSizes:
       if value and self.block_q != moba_mgpu.ROWS:
         raise ValueError(f"{name}={value} needs block_q={moba_mgpu.ROWS} (two warpgroups of 64 "
                          f"rows), got block_q={self.block_q}")
+    if self.mosaic_dkdv_split not in (0, 1):
+      raise ValueError(f"mosaic_dkdv_split={self.mosaic_dkdv_split} must be 0 (whole key tiles) "
+                       "or 1 (the longest split into pieces)")
+    if self.mosaic_dkdv_split and not self.mosaic_dkdv:
+      raise ValueError("mosaic_dkdv_split=1 needs the Mosaic dK/dV (mosaic_dkdv=1)")
     if self.mosaic_overlap_block < 0:
       raise ValueError(f"mosaic_overlap_block={self.mosaic_overlap_block} must be at least 0 (0: "
                        "the forward and dQ overlap at every block size)")
@@ -473,33 +485,36 @@ def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, overlap,
 
 
 def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
-                                    interpret, chunks, overlap):
-  """(dq, dk, dv) of the Mosaic backward over `chunks` chunks of kv heads, one after another
-  (optimization barriers order them, so that one chunk's dQ rows are live at a time): each chunk
-  runs the dK/dV and the dQ on its heads of q, dO, k and v (`kv_head0`). The dK/dV kernel
-  writes its heads' tiles into the whole dk and dv (the first chunk's outputs, whole, then Refs
-  of them, aliased in and out: no copy; run 37's profile at 16K block 128 top-8 had 0.12 ms a
-  step of pads and updates assembling them), the dq sum its heads into the whole dq (an update
-  in place; a concatenation would hold every chunk's pieces and the whole gradients at once)."""
+                                    interpret, chunks, overlap, split):
+  """(dq, dk, dv) of the Mosaic backward with the dQ over `chunks` chunks of kv heads: the dK/dV
+  kernel once over every head (it gathers its own rows and holds no partial rows: nothing of it
+  grows with the chunk), then the dQ chunk by chunk, one after another (optimization barriers
+  order them, so that one chunk's dQ rows are live at a time), each chunk's sum written into the
+  whole dq (an update in place; a concatenation would hold every chunk's pieces and the whole
+  gradient at once).
+
+  Until run 48 the dK/dV ran per chunk too, writing its heads into the whole gradients: a chunk's
+  kernel had a chunk's items only, and with GQA few and long ones (16K block 128 top-8, 16/2
+  heads: 128 items a call on 132 CTAs, the longest 3.6x a CTA's mean work), where one call over
+  both chunks deals 256 (2.2x; MHA 16/16: 1.12 -> 1.05; tools/dkdv_balance.py)."""
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
+  rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
+  dk, dv = moba_mgpu.dkdv_tiles(items, rows.lse2, rows.delta, routing.lo, routing.hi, rows.q,
+                                rows.do, k, v, scale=scale, interpret=interpret, split=split)
+  dk, dv = dk[:, :seq], dv[:, :seq]
+  # the dQ chunks after the dK/dV: its row vectors of every head are gone before a chunk's rows
+  q, do, dk, dv = jax.lax.optimization_barrier((q, do, dk, dv))
   dq_all = jnp.zeros(q.shape, q.dtype)
-  into = None  # (dk, dv) Refs [B, T rounded up to the key tiles, K, D] after the first chunk
   for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
     r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv
     hq = heads.stop - heads.start
     rows = _mosaic_rows(q, do, r, lse, delta, per, dims.groups, kvs.start)
-    whole = moba_mgpu.dkdv_tiles(tuple(chunk.part(x) for x in items), rows.lse2, rows.delta,
-                                 r.lo, r.hi, rows.q, rows.do, k, v, scale=scale,
-                                 interpret=interpret, kv_head0=kvs.start, heads=kv_heads,
-                                 into=into)
-    into = into or tuple(jax.new_ref(x) for x in whole)
     dq_rows = _mosaic_dq_rows(rows, k, v, r, scale, interpret, overlap, kvs.start)
     dq = rt.gather_rows_sum(*_query_major(dq_rows, r.pos, batch, dims))  # [B, T * hq, D]
     dq_all = dq_all.at[:, :, heads].set(dq.reshape(batch, -1, hq, dim).astype(q.dtype))
-    # the next chunk's kernels after this chunk's sums: its rows replace these
+    # the next chunk's kernel after this chunk's sum: its rows replace these
     q, do, dq_all = jax.lax.optimization_barrier((q, do, dq_all))
-  dk, dv = (jax.freeze(x)[:, :seq] for x in into)
   return dq_all, dk, dv
 
 
@@ -621,7 +636,8 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   if sizes.mosaic_head_chunks > 1 and mosaic_dkdv and sizes.mosaic_dq:
     return _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta,
                                            mosaic_dkdv_items(routing, dims, seq), dims, scale,
-                                           interpret, sizes.mosaic_head_chunks, overlap)
+                                           interpret, sizes.mosaic_head_chunks, overlap,
+                                           bool(sizes.mosaic_dkdv_split))
   if sizes.mosaic_dq or mosaic_dkdv:
     m_rows = _mosaic_rows(q, do, routing, lse, delta, kv_heads, dims.groups)
   bkd = sizes.block_k_dkv
@@ -661,7 +677,8 @@ def backward(q, k, v, routing, o, lse, do, dims, sizes, scale, interpret):
   if mosaic_dkdv:  # any layout: one owner per key, no scatter, no branch
     dk, dv = moba_mgpu.dkdv_tiles(mosaic_dkdv_items(routing, dims, seq), m_rows.lse2,
                                   m_rows.delta, routing.lo, routing.hi, m_rows.q, m_rows.do, k, v,
-                                  scale=scale, interpret=interpret)
+                                  scale=scale, interpret=interpret,
+                                  split=bool(sizes.mosaic_dkdv_split))
     dk, dv = dk[:, :seq], dv[:, :seq]
   else:
     dk, dv = triton_dkdv()

@@ -298,7 +298,7 @@ def snake_count(cta, n_ctas: int, items: int):
   return jnp.int32(full) + there.astype(jnp.int32)
 
 
-def balanced_order(work, n_ctas: int):
+def balanced_order(work, n_ctas: int, n_real=None):
   """The order the persistent CTAs take their items in: CTA c's i-th item is order[c + i n_ctas].
 
   work [N] (an item's row chunks, + 1 for its fixed cost): items sorted by work, largest first
@@ -308,16 +308,24 @@ def balanced_order(work, n_ctas: int):
   for the dK/dV at 8K, block 512 gave the busiest CTA 1.68x the mean work (sorted snake: 1.04;
   measured 0.511 -> 0.352 ms on the H200, docs/kernel_notes.md). The row tiles of the forward
   and dQ keep the index order, in snake rounds (`_row_tiles`): this order measured 2-10% slower
-  there."""
+  there.
+  n_real (an int32 scalar, may be traced): only the first n_real items by work are dealt (the
+  rest, of work 0, are padding the kernel never takes: `dkdv_pieces`); the rounds are those of
+  the n_real items, which then take the first n_real places."""
   n = work.shape[0]
   order = jnp.argsort(-work, stable=True).astype(jnp.int32)
-  full = n // n_ctas * n_ctas
-  if full == 0:
-    return order
-  rounds = order[:full].reshape(-1, n_ctas)
-  odd = (jnp.arange(rounds.shape[0]) % 2 == 1)[:, None]
-  rounds = jnp.where(odd, rounds[:, ::-1], rounds)
-  return jnp.concatenate([rounds.reshape(-1), order[full:]])
+  if n_real is None:
+    full = n // n_ctas * n_ctas
+    if full == 0:
+      return order
+    rounds = order[:full].reshape(-1, n_ctas)
+    odd = (jnp.arange(rounds.shape[0]) % 2 == 1)[:, None]
+    rounds = jnp.where(odd, rounds[:, ::-1], rounds)
+    return jnp.concatenate([rounds.reshape(-1), order[full:]])
+  place = jnp.arange(n, dtype=jnp.int32)
+  rnd, col = place // n_ctas, place % n_ctas
+  back = (rnd < n_real // n_ctas) & (rnd % 2 == 1)  # a full round of real items, run backward
+  return order[jnp.where(back, rnd * n_ctas + n_ctas - 1 - col, place)]
 
 
 class _Slot:
@@ -958,10 +966,84 @@ def dq_rows(ks, ke, nfree, lo, hi, lse2, delta, q_rows, do_rows, k, v, *, scale,
 KEYS = 128  # dK/dV: keys per work item, 64 per compute warpgroup
 
 
+# A split dK/dV tile (`dkdv_pieces`) has at most this many pieces; the float32 partial tiles of
+# all split tiles take at most SPLIT_SLOTS_PER_CTA a CTA (264 on an H100 or H200: 17 MB for dK and
+# as much for dV at head_dim 128).
+MAX_PIECES = 8
+SPLIT_SLOTS_PER_CTA = 2
+
+
+class DkdvPieces(NamedTuple):
+  """The dK/dV's work split where its key tiles are too uneven for its CTAs (`dkdv_pieces`):
+  NP = T + S pieces (T = BK * NK tiles, S slots), of which the first n_real in `order` are real."""
+  tile: jax.Array  # [NP] int32 bk * NK + j: the key tile of each piece (padding: 0)
+  c0: jax.Array  # [NP] int32: the piece's 64-row chunks of its tile are [c0, c1)
+  c1: jax.Array  # [NP]
+  slot: jax.Array  # [NP] int32: -1, the whole tile, stored as dK, dV; else its float32 slot
+  order: jax.Array  # [NP] int32 `balanced_order` of the real pieces, the padding after them
+  n_real: jax.Array  # [1] int32
+  base: jax.Array  # [S // 2] int32 first slot of each split tile (by rank; -1: none)
+  count: jax.Array  # [S // 2] int32 its pieces (0: none)
+  split_tile: jax.Array  # [S // 2] int32 its tile (T: none)
+
+
+def dkdv_pieces(chunks, n_ctas: int, slots: int) -> DkdvPieces:
+  """Pieces of the dK/dV's key tiles: a tile with more 64-row chunks than a piece's cap, cap =
+  the chunks a CTA would do at half its mean work (at least ceil(max / MAX_PIECES)), is split into
+  ceil(chunks / cap) pieces of consecutive chunks, most chunks first while the split tiles' pieces
+  fit `slots`; each piece of a split tile adds its dK, dV in float32 to a slot of its own and
+  the tile is their sum, rounded once (`dkdv_tiles`). chunks [BK, NK] int32.
+
+  Why: the items are one per (batch, kv head, 128-key tile), and with GQA a kv head's tiles carry
+  every query head of its group: G times fewer and longer items, as few as the CTAs at 16K block
+  128 top-8 with 16/2 heads (256 items on 132 CTAs, the busiest CTA 2.2x the mean work in
+  `balanced_order`; tools/dkdv_balance.py), where no order can even them. Split: 1.08x (16/4:
+  1.41 -> 1.04; 32K block 512 top-3, 16/2: 1.45 -> 1.05). Where no tile is that long (every
+  shape with as many kv heads as query heads measured here) nothing is split."""
+  n = chunks.reshape(-1).astype(jnp.int32)
+  n_tiles = n.shape[0]
+  n_split = slots // 2  # a split tile has 2 pieces or more
+  total = jnp.sum(n + 1)
+  cap = jnp.maximum(jnp.maximum((total + 2 * n_ctas - 1) // (2 * n_ctas),
+                                (jnp.max(n) + MAX_PIECES - 1) // MAX_PIECES), 1)
+  pieces = jnp.maximum((n + cap - 1) // cap, 1)
+  rank = jnp.argsort(-n, stable=True).astype(jnp.int32)  # tiles by chunks, most first
+  p_rank = pieces[rank]
+  ends = jnp.cumsum(jnp.where(p_rank > 1, p_rank, 0))
+  split_rank = (p_rank > 1) & (ends <= slots)  # a prefix of the ranks
+  split_rank = split_rank & (jnp.arange(n_tiles) < n_split)
+  take = lambda x, fill: jnp.where(split_rank, x, fill)[:n_split]
+  if n_tiles < n_split:
+    take = lambda x, fill: jnp.pad(jnp.where(split_rank, x, fill), (0, n_split - n_tiles),
+                                   constant_values=fill)
+  base, count = take(ends - p_rank, -1), take(p_rank, 0)
+  split_tile = take(rank, n_tiles)
+  is_split = jnp.zeros(n_tiles, bool).at[rank].set(split_rank)
+  tile_base = jnp.zeros(n_tiles, jnp.int32).at[rank].set(ends - p_rank)
+  # tile t's own item is its piece 0; slot s holds piece s - base of the split tile owning it
+  first_c1 = jnp.where(is_split, jnp.minimum(cap, n), n)
+  first_slot = jnp.where(is_split, tile_base, -1)
+  s = jnp.arange(slots, dtype=jnp.int32)
+  owner = jnp.sum(jnp.where(count > 0, base + count, slots + 1)[None, :] <= s[:, None], axis=1)
+  owner = jnp.minimum(owner, n_split - 1)
+  piece = s - base[owner]
+  extra = (count[owner] > 0) & (piece >= 1) & (piece < count[owner])
+  t_s = jnp.where(extra, split_tile[owner], 0)
+  c0_s = jnp.where(extra, piece * cap, 0)
+  c1_s = jnp.where(extra, jnp.minimum(c0_s + cap, n[t_s]), 0)
+  tile = jnp.concatenate([jnp.arange(n_tiles, dtype=jnp.int32), t_s])
+  c0 = jnp.concatenate([jnp.zeros(n_tiles, jnp.int32), c0_s])
+  c1 = jnp.concatenate([first_c1, c1_s])
+  slot = jnp.concatenate([first_slot, jnp.where(extra, s, -1)])
+  real = jnp.concatenate([jnp.ones(n_tiles, bool), extra])
+  n_real = jnp.sum(real).astype(jnp.int32)
+  order = balanced_order(jnp.where(real, c1 - c0 + 1, 0), n_ctas, n_real)
+  return DkdvPieces(tile, c0, c1, slot, order, n_real.reshape(1), base, count, split_tile)
+
+
 def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, interpret=False,
-               ctas=None, stages=None, kv_head0=0, heads=None, into=None):
-  """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop); with
-  `heads` [B, NK * 128, heads, D]; with `into`, written there and nothing returned.
+               ctas=None, stages=None, split=False):
+  """dK and dV [B, NK * 128, K, D] in k's dtype (keys past T are the caller's to drop).
 
   items: (ks, r0, ru, r1, g0, g1, gmask), each [BK, NK] int32: key tile j of (batch, kv head)
   bk starts at ks = 128 j (the kernel computes it: ks is not read) and is seen by dense rows
@@ -983,19 +1065,16 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   chunks that reach into [r0, ru) or past r1 are masked by each row's [lo, hi) (rows past r1
   belong to later blocks, which start after these keys), and the groups' chunks where gmask is 1;
   the rest are not. One rounding of dK * scale and dV to k's dtype, staged in the keys' own SMEM
-  and stored by TMA.
-  kv_head0: the items are those of kv heads [kv_head0, kv_head0 + BK / B) of k and v (a chunk of
-  the heads), whose dK and dV are the outputs' BK / B heads. The chunks of a step's heads can
-  write their parts where they belong, with no copy into the whole: `heads` (all of k's) makes
-  the outputs whole gradients of which this call writes heads kv_head0 + h (the others left
-  undefined, for the later chunks), and `into` (two Refs of such arrays, the first chunk's
-  outputs, aliased in and out) has this call write its heads there in place. (Not a first call
-  into fresh Refs: on the H200 a first call into `jax.new_ref` of zeros lost its writes, run
-  32, and two empty Refs of one shape are two identical buffer allocations XLA may merge.)"""
+  and stored by TMA. Every kv head of k in one call: the kernel holds no partial rows, so the
+  kv-head chunks of `moba_gpu` split only the forward and the dQ (run 48: per chunk, a call had
+  too few items to balance under GQA).
+  split: the CTAs take `dkdv_pieces` of the tiles instead of whole tiles (a piece: a run of a
+  tile's chunks); the pieces of a split tile store dK * scale and dV in float32 from registers,
+  each to a slot of its own, and their sums, rounded once, replace the tile's outputs."""
   bk_n, n_kt = items[0].shape
   dim = q_rows.shape[-1]
   batch, seq = k.shape[:2]
-  kv_heads = bk_n // batch  # of this call (a chunk of k's heads from kv_head0)
+  kv_heads = bk_n // batch
   n_items = bk_n * n_kt
   n_ctas = min(n_items, ctas or num_ctas(interpret))
   dtype = q_rows.dtype
@@ -1010,31 +1089,52 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   kp, vp = _pad_keys(k, pad_seq), _pad_keys(v, pad_seq)
   r0, _, r1, g0, g1, _ = items[1:]
   chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
-  order = balanced_order((chunks + 1).reshape(-1), n_ctas)
-  heads = heads or kv_heads  # of the outputs
-  assert kv_head0 + kv_heads <= heads or heads == kv_heads, (kv_head0, kv_heads, heads)
-  shape = jax.ShapeDtypeStruct((batch, pad_seq, heads, dim), k.dtype)
-  assert not into or all(r.shape == shape.shape and r.dtype == k.dtype for r in into), into
-  out_head0 = 0 if heads == kv_heads else kv_head0  # this call's first head in the outputs
+  assert kv_heads == k.shape[2], (bk_n, k.shape)
+  shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
+  if split:
+    n_slots = SPLIT_SLOTS_PER_CTA * n_ctas
+    pieces = dkdv_pieces(chunks, n_ctas, n_slots)
+    order = pieces.order
+    piece_args = (pieces.tile, pieces.c0, pieces.c1, pieces.slot, pieces.n_real)
+    part = jax.ShapeDtypeStruct((n_slots, KEYS, dim), jnp.float32)
+    out_type = (shape, shape, part, part)
+  else:
+    order = balanced_order((chunks + 1).reshape(-1), n_ctas)
+    piece_args, out_type = (), (shape, shape)
+  n_pa = len(piece_args)
 
   mat_args = _mat_operands((q_rows, do_rows), interpret)
   n_mat = len(mat_args)
 
   def kernel(*refs):
     order_ref, r0_ref, ru_ref, r1_ref, g0_ref, g1_ref, gm_ref = refs[:7]
-    mat_refs = refs[7:7 + n_mat]
-    lse_ref, dl_ref, lo_ref, hi_ref, k_ref, v_ref, dk_ref, dv_ref, scoped = refs[7 + n_mat:]
+    piece_refs = refs[7:7 + n_pa]
+    mat_refs = refs[7 + n_pa:7 + n_pa + n_mat]
+    lse_ref, dl_ref, lo_ref, hi_ref, k_ref, v_ref, dk_ref, dv_ref, *part_refs, scoped = \
+        refs[7 + n_pa + n_mat:]
     (k_smem, v_smem, mat_smem, vec_smem, *idx_smem), (kv_bars, mat_bars, vec_bars, *idx_bars), \
         frees = scoped
     idx_smem, idx_bars = (None, None) if interpret else (idx_smem[0], idx_bars[0])
     lse_smem, dl_smem, lo_smem, hi_smem = vec_smem
     kv_free, row_free = frees
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
-    my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
+    if split:  # the real pieces are the first n_real places (n_real >= the tiles >= n_ctas)
+      n_real = piece_refs[4][0]
+      my_items = lax.div(n_real - 1 - cta, jnp.int32(n_ctas)) + 1
+    else:
+      my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
 
     def item(i):
+      """The i-th item of this CTA: (bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree) of
+      its tile, then its chunks [c0, c1) and its slot (unsplit: None, the tile's chunks, None)."""
       w = order_ref[cta + i * n_ctas]
-      bk, j = lax.div(w, jnp.int32(n_kt)), lax.rem(w, jnp.int32(n_kt))
+      if split:
+        tile_ref, c0_ref, c1_ref, slot_ref, _ = piece_refs
+        t = tile_ref[w]
+        c0, c1, slot = c0_ref[w], c1_ref[w], slot_ref[w]
+      else:
+        t = w
+      bk, j = lax.div(t, jnp.int32(n_kt)), lax.rem(t, jnp.int32(n_kt))
       a, u, e = r0_ref[bk, j], ru_ref[bk, j], r1_ref[bk, j]
       n_dense = lax.div(jnp.maximum(e - a, 0) + (WG_ROWS - 1), jnp.int32(WG_ROWS))
       n_mask = jnp.minimum(lax.div(jnp.maximum(u - a, 0) + (WG_ROWS - 1), jnp.int32(WG_ROWS)),
@@ -1043,7 +1143,9 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
       ga, gb = g0_ref[bk, j], g1_ref[bk, j]
       n_group = lax.div(jnp.maximum(gb - ga, 0), jnp.int32(WG_ROWS))
       n_gfree = jnp.where(gm_ref[bk, j] > 0, 0, n_group)  # the group chunks seen unmasked
-      return bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree
+      if not split:
+        c0, c1, slot = None, n_dense + n_group, None
+      return bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree, c0, c1, slot
 
     def chunk_row(c, a, ga, n_dense):  # first row of chunk c: dense chunks, then the group's
       row = jnp.where(c < n_dense, a + c * WG_ROWS, ga + (c - n_dense) * WG_ROWS)
@@ -1057,15 +1159,17 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
 
       def tile_keys(i, g):
-        bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree = item(i)
+        bk, j, a, ga, n_dense, n_mask, n_full, n_group, n_gfree, c0, c1, slot_i = item(i)
         k0 = j * KEYS + wg * WG_ROWS  # = ks[bk, j] + 64 wg
         with region("keys"):
           plgpu.barrier_wait(kv_bars[0].at[wg])
           plgpu.barrier_wait(kv_bars[1].at[wg])
 
-        def chunk(c, carry, masked):
+        g0 = g if c0 is None else g - c0  # chunk c's ring place is g0 + c
+
+        def chunk(c, carry, masked):  # chunk c of the tile
           dk, dv = carry
-          slot = lax.rem(g + c, jnp.int32(stages))
+          slot = lax.rem(g0 + c, jnp.int32(stages))
           for bars in mat_bars + vec_bars:
             plgpu.barrier_wait(bars.at[slot])
           q_s, do_s = mat_smem[0].at[slot], mat_smem[1].at[slot]
@@ -1103,23 +1207,38 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         acc = (_zeros_rows(dim), _zeros_rows(dim))
         masked = functools.partial(chunk, masked=True)
         free = functools.partial(chunk, masked=False)
+        clip = (lambda x: x) if c0 is None else (lambda x: jnp.minimum(jnp.maximum(x, c0), c1))
         for lo_c, hi_c, fn in ((0, n_mask, masked), (n_mask, n_full, free),
                                (n_full, n_dense, masked), (n_dense, n_dense + n_gfree, free),
                                (n_dense + n_gfree, n_dense + n_group, masked)):
           with region("masked" if fn is masked else "unmasked"):
-            acc = lax.fori_loop(lo_c, hi_c, fn, acc)
+            acc = lax.fori_loop(clip(lo_c), clip(hi_c), fn, acc)
         dk, dv = acc
-        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads)) + out_head0
-        with region("finish"):
-          k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in SMEM
-          v_w[...] = dv.astype(v_w.dtype)
-          plgpu.commit_smem()
-          at = (b, pl.ds(k0, WG_ROWS), kvh)
-          plgpu.copy_smem_to_gmem(k_w, dk_ref.at[at])
-          plgpu.copy_smem_to_gmem(v_w, dv_ref.at[at])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        b, kvh = lax.div(bk, jnp.int32(kv_heads)), lax.rem(bk, jnp.int32(kv_heads))
+
+        def store_tile():
+          with region("finish"):
+            k_w[...] = (dk * scale).astype(k_w.dtype)  # the keys are read: stage dK, dV in SMEM
+            v_w[...] = dv.astype(v_w.dtype)
+            plgpu.commit_smem()
+            at = (b, pl.ds(k0, WG_ROWS), kvh)
+            plgpu.copy_smem_to_gmem(k_w, dk_ref.at[at])
+            plgpu.copy_smem_to_gmem(v_w, dv_ref.at[at])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        if split:
+          pl.when(slot_i < 0)(store_tile)
+
+          @pl.when(slot_i >= 0)
+          def _():  # a piece: its float32 sums straight from registers to its slot
+            dkp_ref, dvp_ref = part_refs
+            rows = pl.ds(wg * WG_ROWS, WG_ROWS)
+            dkp_ref[slot_i, rows] = dk * scale
+            dvp_ref[slot_i, rows] = dv
+        else:
+          store_tile()
         plgpu.barrier_arrive(kv_free)  # the producer may load the next keys here
-        return g + n_dense + n_group
+        return g + (c1 if c0 is None else c1 - c0)
 
       lax.fori_loop(0, my_items, tile_keys, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
@@ -1136,14 +1255,15 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
                                 idx_bars.at[at])
 
       def tile_loads(i, g):
-        bk, j, a, ga, n_dense, n_mask, n_full, n_group, _ = item(i)
+        bk, j, a, ga, n_dense, n_mask, n_full, n_group, _, c0, c1, _ = item(i)
         b = lax.div(bk, jnp.int32(kv_heads))
-        kvh = lax.rem(bk, jnp.int32(kv_heads)) + kv_head0  # of k and v
-        n = n_dense + n_group
+        kvh = lax.rem(bk, jnp.int32(kv_heads))
+        # this item's chunks: the tile's [c0, c1), in ring places g, g + 1, ...
+        n, first = (c1, 0) if c0 is None else (c1 - c0, c0)
         if not interpret:
           @pl.when(n >= 1)
           def _():  # lands while the last item's end is awaited
-            fetch_index(bk, chunk_row(0, a, ga, n_dense), g)
+            fetch_index(bk, chunk_row(first, a, ga, n_dense), g)
 
         @pl.when(i >= 1)
         def _():
@@ -1161,7 +1281,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
           def _():
             plgpu.barrier_wait(row_free.at[slot])
 
-          rows_c = pl.ds(chunk_row(c, a, ga, n_dense), WG_ROWS)
+          rows_c = pl.ds(chunk_row(first + c, a, ga, n_dense), WG_ROWS)
           for src, dst, bars in zip(vsrcs, vec_smem, vec_bars):
             plgpu.copy_gmem_to_smem(src.at[bk, rows_c], dst.at[slot], bars.at[slot])
           dsts, bars = [m.at[slot] for m in mat_smem], [x.at[slot] for x in mat_bars]
@@ -1171,7 +1291,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
           @pl.when(c + 1 < n)
           def _():  # the next chunk's indices, one chunk ahead
-            fetch_index(bk, chunk_row(c + 1, a, ga, n_dense), g + c + 1)
+            fetch_index(bk, chunk_row(first + c + 1, a, ga, n_dense), g + c + 1)
 
           at = lax.rem(g + c, 2)
           plgpu.barrier_wait(idx_bars.at[at])
@@ -1223,7 +1343,27 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     frees = (plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
     pl.run_scoped(lambda *sc: kernel(*refs, sc), scratch, bars, frees, collective_axes="wg")
 
-  outs = () if into else (shape, shape)  # Ref operands are aliased in and out (`pl.kernel`)
-  result = _kernel(body, "moba_mgpu_dkdv", outs, n_ctas, interpret)(
-      order, *items[1:], *mat_args, lse2, delta, lo, hi, kp, vp, *(into or ()))
-  return None if into else result
+  outs = _kernel(body, "moba_mgpu_dkdv", out_type, n_ctas, interpret)(
+      order, *items[1:], *piece_args, *mat_args, lse2, delta, lo, hi, kp, vp)
+  if not split:
+    return outs
+  return tuple(_add_pieces(x, part, pieces, kv_heads) for x, part in zip(outs[:2], outs[2:]))
+
+
+def _add_pieces(out, part, pieces: DkdvPieces, kv_heads):
+  """out [B, NK * 128, K, D] with each split tile replaced by the sum of its pieces' float32
+  slots part [S, 128, D], in slot order (deterministic: no scatter-add), rounded once."""
+  batch, pad_seq, _, dim = out.shape
+  n_kt = pad_seq // KEYS
+  slots = part.shape[0]
+  total = jnp.zeros((pieces.base.shape[0], KEYS, dim), jnp.float32)
+  for p in range(MAX_PIECES):
+    at = pieces.base + p
+    here = (p < pieces.count)[:, None, None]
+    total = total + jnp.where(here, part[jnp.clip(at, 0, slots - 1)], 0.0)
+  tile = pieces.split_tile  # T (past every tile): no split tile in this place
+  bk, j = tile // n_kt, tile % n_kt
+  b = jnp.where(pieces.count > 0, bk // kv_heads, batch)  # batch: dropped
+  tiles = out.reshape(batch, n_kt, KEYS, kv_heads, dim)
+  tiles = tiles.at[b, j, :, bk % kv_heads, :].set(total.astype(out.dtype), mode="drop")
+  return tiles.reshape(out.shape)

@@ -248,7 +248,7 @@ def test_bench_arguments_are_one_line_errors(argv, match, capsys):
 
 BENCH_SMALL = ["--seqs", "256", "--configs", "64:2", "--heads", "2", "--dim", "16", "--repeats",
                "1"]
-THIRTEEN = ",".join(["64"] * 13)
+FOURTEEN = ",".join(["64"] * 14)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -267,7 +267,7 @@ THIRTEEN = ",".join(["64"] * 13)
     (["--impls", "xla", "--tiles", "64,64"],
      "--tiles '64,64' sets the tiles of the pallas_gpu and pallas_tpu rows, and --impls 'xla' "
      "has none"),
-    (["--impls", "pallas_gpu", "--tiles", THIRTEEN], "gives more than moba_gpu's 12 tile fields"),
+    (["--impls", "pallas_gpu", "--tiles", FOURTEEN], "gives more than moba_gpu's 13 tile fields"),
     (["--impls", "pallas_gpu", "--tiles", "128,64,64,64,4,3,4,3"],
      "--tiles '128,64,64,64,4,3,4,3': pallas_gpu: mosaic_block_kv=3 must be one of [0, 64, 128]"),
     (["--impls", "pallas_tpu", "--tiles", "100"],
@@ -334,7 +334,7 @@ def test_bench_tiles_help_and_checks_follow_the_block_sizes_fields(capsys):
   for n in range(1, len(values) + 1):
     tiles = ",".join(map(str, values[:n]))
     assert bench.parse_args(["--impls", "pallas_gpu,xla", "--tiles", tiles]).tiles == tiles
-  with pytest.raises(cli.UsageError, match="more than moba_gpu's 12 tile fields"):
+  with pytest.raises(cli.UsageError, match=f"more than moba_gpu's {len(values)} tile fields"):
     bench.parse_args(["--impls", "pallas_gpu", "--tiles", ",".join(map(str, values + [1]))])
   tpu = moba_tpu.BlockSizes()
   assert bench.parse_args(["--impls", "pallas_tpu", "--tiles", ",".join(

@@ -28,11 +28,12 @@ needs_runner = pytest.mark.skipif(
     "and barriers (jax >= 0.11 can); compiled runs need a Hopper GPU")
 
 
-def tiles(block_kv, dq=1, dkdv=0, head_chunks=1, *, overlap_block=1024):
+def tiles(block_kv, dq=1, dkdv=0, head_chunks=1, *, overlap_block=1024, split=0):
   """pallas_gpu's BlockSizes fields in order: the Mosaic forward with key chunks of block_kv (0:
   the Triton forward), the Mosaic dQ when dq, the Mosaic dK/dV when dkdv, head_chunks (1: the
-  kernels' choice), the forward's and dQ's overlap from overlap_block keys a block (0: always)."""
-  return (128, 64, 64, 64, 4, 2, 4, block_kv, dq, dkdv, head_chunks, overlap_block)
+  kernels' choice), the forward's and dQ's overlap from overlap_block keys a block (0: always),
+  the dK/dV's longest key tiles split into pieces when split."""
+  return (128, 64, 64, 64, 4, 2, 4, block_kv, dq, dkdv, head_chunks, overlap_block, split)
 
 
 # name: (lengths (of one batch row, or a tuple per row), heads, kv_heads, dim, block, topk,
@@ -327,20 +328,24 @@ def triton_calls_but_the_gate(text):
           if "xla.gpu.triton" in line and "moba_gate" not in line]
 
 
-@pytest.mark.parametrize("dim", [64, 128])
-def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim):
+@pytest.mark.parametrize("dim, split", [(64, False), (128, False), (64, True), (128, True)])
+def test_mosaic_dkdv_lowers_for_cuda_without_a_gpu(dim, split):
   """The dK/dV kernel's lowering (its keys, their SMEM staging of dK/dV, and the row ring fit the
-  shared memory) on a CPU-only machine."""
+  shared memory) on a CPU-only machine; split, with its pieces' float32 stores from registers
+  (two more results)."""
   bk, rows, seq = 2, 512, 200
   i32 = lambda *s: jnp.zeros(s, jnp.int32)
   f32 = lambda *s: jnp.zeros(s, jnp.float32)
   mat = mm.Rows(jnp.zeros((seq * 4, dim), jnp.bfloat16), i32(bk, rows))  # gathered in the kernel
   kv = jnp.zeros((1, seq, 2, dim), jnp.bfloat16)
   items = tuple(i32(bk, 2) for _ in range(7))
-  fn = lambda *a: mm.dkdv_tiles(a[:7], *a[7:12], a[11], *a[12:], scale=0.1)
+  fn = lambda *a: mm.dkdv_tiles(a[:7], *a[7:12], a[11], *a[12:], scale=0.1, split=split)
   args = items + (f32(bk, rows), f32(bk, rows), i32(bk, rows), i32(bk, rows), mat, kv, kv)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "custom_call @mosaic_gpu" in text
+  call = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+  assert len(call) == 1
+  parts = f"tensor<{mm.SPLIT_SLOTS_PER_CTA * 4}x128x{dim}xf32>"  # 4 items: 4 CTAs, 2 slots each
+  assert call[0].rsplit(") -> ", 1)[1].count(parts) == (2 if split else 0)
 
 
 @pytest.mark.parametrize("dim, block_kv, overlap", [(128, 64, False), (128, 128, False),
@@ -434,10 +439,8 @@ def test_mosaic_by_kv_head_chunks_equals_one_pass(seg, seq):
   rows merged as [2, ...] and as [1, ...] differ in the last bit of 134 of 2400 lse values),
   so there a few elements differ (an o one bf16 rounding apart changes its row's delta, and a
   dQ sum of bf16 parts amplifies that relatively), by less than one rounding at the scale of
-  each output. The dK/dV kernels write the chunks' heads into the whole gradients: at T = 512
-  (the key tiles' length) those are the step's dk and dv themselves, at 600 a slice of them
-  (run 32's version, whose first chunk wrote into an aliased array of zeros, failed compiled at
-  T = 512)."""
+  each output. The dK/dV runs once over both kv heads either way (since run 48); T = 512 (the
+  key tiles' length) and 600 (a slice of its outputs) both."""
   q, k, v = random_qkv(5, 1, seq, 4, 2, 64, jnp.bfloat16)
   ct = jax.random.normal(jax.random.key(6), q.shape, jnp.bfloat16)
   fn = lambda n: lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(128, 1, 1, n),
@@ -451,13 +454,12 @@ def test_mosaic_by_kv_head_chunks_equals_one_pass(seg, seq):
 
 
 def test_mosaic_by_kv_head_chunks_lowers_in_order():
-  """Two chunks of kv heads: a forward kernel per chunk, then a dK/dV and a dQ kernel per chunk on
-  the CUDA lowering, each chunk after the one before (the partial rows of one chunk at a time);
-  each chunk's dK/dV writes into the whole dK and dV (its results are both kv heads': the
-  first chunk's unaliased, the second's aliased to operands that are the first's results, so no
-  pad or update assembles them); a chunk count that does not divide the kv heads is refused
-  before tracing the kernels; packed documents (groups off the 128-key grid, which the Mosaic
-  dK/dV masks) run by chunks the same way."""
+  """Two chunks of kv heads: a forward kernel per chunk, then one dK/dV kernel over both kv heads
+  (its results are the whole dK and dV, nothing aliased: no pad or update assembles them), then
+  a dQ kernel per chunk on the CUDA lowering, each chunk after the one before (the partial rows
+  of one chunk at a time); a chunk count that does not divide the kv heads is refused before
+  tracing the kernels; packed documents (groups off the 128-key grid, which the Mosaic dK/dV
+  masks) run by chunks the same way."""
   from moba_jax.attention import KernelOptions
   q = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)
   k = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
@@ -476,12 +478,8 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
   for seg in (None, packed_segments(1, [200, 7, 305])):
     text = lowered(2, seg)
     calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
-    assert [kind(c) for c in calls] == ["fwd", "fwd", "dkdv", "dq", "dkdv", "dq"]
-    dkdv = [c for c in calls if kind(c) == "dkdv"]
-    assert "output_operand_alias" not in dkdv[0]
-    assert dkdv[1].count("stablehlo.output_operand_alias<") == 2
-    first = dkdv[0].split(":", 1)[0].strip()  # %N of "%N:2 = ...": the first chunk's (dK, dV)
-    assert f"{first}#0, {first}#1)" in dkdv[1]  # the second chunk's last operands
+    assert [kind(c) for c in calls] == ["fwd", "fwd", "dkdv", "dq", "dq"]
+    assert not any("output_operand_alias" in c for c in calls)
     # every kernel reads q (and dO) whole, [B * T * H, D], its rows chosen by index
     assert all("tensor<2048x64xbf16>" in c.rsplit(" : (", 1)[1] for c in calls)
     assert not triton_calls_but_the_gate(text)
@@ -522,9 +520,10 @@ def test_mosaic_head_chunks_must_divide_each_devices_kv_heads():
 
 def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(retraced):
   """Rows over `_routing.PARTIAL_BYTES`: with the Mosaic kernels the split into kv-head chunks is
-  the kernels' own (mosaic_head_chunks, one call: each kernel once per chunk), for one document
-  per row and packed documents alike; with a Triton kernel in the step (here its dK/dV, which
-  does not split) it is `lax.map`'s (each kernel once, in the loop's body)."""
+  the kernels' own (mosaic_head_chunks, one call: the forward and the dQ once per chunk, the
+  dK/dV once), for one document per row and packed documents alike; with a Triton kernel in the
+  step (here its dK/dV, which does not split) it is `lax.map`'s (each kernel once, in the loop's
+  body)."""
   from moba_jax.attention import KernelOptions
   from moba_jax.kernels import _routing as rt
   retraced.setattr(rt, "PARTIAL_BYTES", 1)  # one kv head per chunk: 2 chunks
@@ -538,8 +537,8 @@ def test_mosaic_kernels_split_heads_themselves_where_rows_exceed_the_budget(retr
     text = step.trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
     return sum("custom_call @mosaic_gpu" in line for line in text.splitlines())
 
-  assert calls(None, bwd=True) == 6  # fwd, fwd, (dK/dV, dQ) per chunk
-  assert calls(packed_segments(1, [200, 7, 305]), bwd=True) == 6
+  assert calls(None, bwd=True) == 5  # fwd, fwd, dK/dV, dQ, dQ
+  assert calls(packed_segments(1, [200, 7, 305]), bwd=True) == 5
   # the Triton dK/dV: the forward alone (the Triton kernel lowers for a GPU it finds, jax 0.11)
   triton_dkdv = KernelOptions(tiles=tiles(128, 1, 0))
   assert calls(None, bwd=False, o=triton_dkdv) == 1  # in the loop's body
@@ -551,7 +550,8 @@ def test_mosaic_kernels_split_heads_past_four_selected_blocks_a_query(topk, kv_h
   """Far under `PARTIAL_BYTES`, more than `MOSAIC_SELECTED_PER_CHUNK` (4) selected blocks a query
   (block 128 top-8: partial rows about 8x q's size, 1.67x cuDNN's memory plan at 16K on the
   H200) split the kv heads into the fewest chunks (dividing them) with at most 4 a query each:
-  a forward, then a dK/dV and a dQ, per chunk on the CUDA lowering. One kv head cannot split."""
+  a forward and a dQ per chunk on the CUDA lowering, one dK/dV over every head. One kv head
+  cannot split."""
   from moba_jax.attention import KernelOptions
   assert mg.MOSAIC_SELECTED_PER_CHUNK == 4
   seq = 2048  # 16 blocks: every topk here is reachable
@@ -563,7 +563,7 @@ def test_mosaic_kernels_split_heads_past_four_selected_blocks_a_query(topk, kv_h
   f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, None, block_size=128, topk=topk, options=opts)
   step = jax.jit(lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct))
   text = step.trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
-  assert sum("custom_call @mosaic_gpu" in line for line in text.splitlines()) == 3 * chunks
+  assert sum("custom_call @mosaic_gpu" in line for line in text.splitlines()) == 2 * chunks + 1
 
 
 @pytest.mark.parametrize("seq, block, topk", [(8192, 512, 3), (16384, 128, 8), (32768, 512, 3)])
@@ -721,6 +721,143 @@ def test_balanced_order_is_a_permutation_that_evens_the_ctas_work(n, ctas):
     assert load(order).max() <= 1.1 * load(order).mean()
     assert load(order).max() <= load(np.arange(n)).max()
   assert list(work[order[:min(n, ctas)]]) == sorted(work, reverse=True)[:min(n, ctas)]
+
+
+@pytest.mark.parametrize("n, ctas", [(1000, 132), (264, 132), (7, 3)])
+def test_balanced_order_of_n_real_items_puts_them_first(n, ctas):
+  """With n_real (a traced count): the items of work > 0 (the real ones) take the first n_real
+  places, dealt as `balanced_order` deals n_real items alone; the padding after them."""
+  rng = np.random.default_rng(n)
+  work = rng.integers(1, 50, size=n)
+  real = n - n // 3
+  work[real:] = 0
+  order = np.asarray(jax.jit(lambda w, r: mm.balanced_order(w, ctas, r))(jnp.asarray(work), real))
+  assert sorted(order.tolist()) == list(range(n))
+  alone = np.asarray(mm.balanced_order(jnp.asarray(work[:real]), ctas))
+  np.testing.assert_array_equal(order[:real], alone)
+  assert (work[order[real:]] == 0).all()
+
+
+def _pieces_check(n, ctas, slots):
+  """dkdv_pieces(n) against its promises; returns each CTA's work and the split tiles' count."""
+  p = {f: np.asarray(x) for f, x in zip(mm.DkdvPieces._fields,
+                                         mm.dkdv_pieces(jnp.asarray(n), ctas, slots))}
+  flat, n_real = n.reshape(-1), int(p["n_real"][0])
+  real = p["order"][:n_real]
+  assert sorted(p["order"].tolist()) == list(range(p["tile"].size))
+  assert (p["c1"][p["order"][n_real:]] == p["c0"][p["order"][n_real:]]).all()  # padding: empty
+  runs = {}
+  for i in real:
+    runs.setdefault(int(p["tile"][i]), []).append((p["c0"][i], p["c1"][i], p["slot"][i]))
+  assert sorted(runs) == list(range(flat.size))  # every tile has a piece
+  for t, pieces in runs.items():  # its chunks covered once, in runs of consecutive chunks
+    pieces.sort()
+    assert pieces[0][0] == 0 and pieces[-1][1] == flat[t]
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    if len(pieces) == 1:
+      assert pieces[0][2] == -1  # a whole tile, stored as dK, dV
+    else:
+      assert len(pieces) <= mm.MAX_PIECES
+      r = np.flatnonzero(p["split_tile"] == t)
+      assert r.size == 1 and p["count"][r[0]] == len(pieces)
+      assert sorted(x[2] for x in pieces) == list(range(p["base"][r[0]],
+                                                          p["base"][r[0]] + len(pieces)))
+  assert p["count"].sum() <= slots
+  work = (p["c1"] - p["c0"] + 1)[real]
+  load = np.bincount(np.arange(n_real) % ctas, weights=work, minlength=ctas)
+  return load, int((p["count"] > 0).sum())
+
+
+def test_dkdv_pieces_cover_every_tile_once_and_even_the_ctas():
+  """`dkdv_pieces`: every tile's chunks once, in pieces of consecutive chunks (a split tile's in
+  consecutive float32 slots, at most MAX_PIECES, all of them within the slots), the real pieces
+  first in the order. With GQA's few long tiles (2 kv heads, 128 tiles, work falling with the
+  key block as at 16K block 128 top-8 16/2) the busiest CTA goes from about twice the mean work
+  to within 15% of it; with many short tiles (16 kv heads) nothing is split and the deal is
+  `balanced_order`'s; with few CTAs and slots, zero-chunk tiles and one very long tile, the
+  promises hold."""
+  ctas, slots = 132, 2 * 132
+  rng = np.random.default_rng(0)
+  heavy = (450 * (1 - np.arange(128) / 128) ** 2 + rng.integers(0, 30, size=(2, 128)))
+  heavy = heavy.astype(np.int32)
+  whole = np.bincount(np.arange(256) % ctas, minlength=ctas,
+                      weights=(heavy.reshape(-1) + 1)[np.asarray(mm.balanced_order(
+                          jnp.asarray(heavy.reshape(-1) + 1), ctas))])
+  load, n_split = _pieces_check(heavy, ctas, slots)
+  mean = (heavy + 1).sum() / ctas
+  assert whole.max() > 1.8 * mean and load.max() < 1.15 * mean and n_split > 0
+  light = rng.integers(0, 60, size=(16, 128)).astype(np.int32)
+  load, n_split = _pieces_check(light, ctas, slots)
+  assert n_split == 0
+  for n in (np.array([[0, 0, 500]], np.int32), np.array([[3, 0, 90, 2, 1]], np.int32),
+            rng.integers(0, 9, size=(1, 2)).astype(np.int32), np.zeros((2, 3), np.int32)):
+    _pieces_check(n, 3, 6)
+
+
+@needs_runner
+@pytest.mark.parametrize("lengths, heads, kv_heads, dim, chunks, ctas",
+                         [((1024,), 4, 1, 64, 1, 3), ((300, 1, 419, 304), 8, 2, 128, 2, 8)],
+                         ids=["gqa4_one_doc", "gqa4_docs_head_chunks_8_ctas"])
+def test_split_dkdv_equals_whole_tiles(lengths, heads, kv_heads, dim, chunks, ctas, retraced):
+  """mosaic_dkdv_split=1 against whole tiles (and the float32 oracle): the same outputs and dQ
+  to the bit (the forward and dQ do not change), dK and dV within one bf16 rounding (a split
+  tile's float32 sum adds its pieces in another order), where tiles were split (checked: GQA
+  4:1, block 128 top-3; 8 CTAs for the 16 tiles of the second case, as many tiles a CTA as a
+  GPU's at GQA 8); by kv-head chunks too (the dK/dV runs once over every head)."""
+  if not helpers.COMPILED:
+    retraced.setattr(mm, "num_ctas", lambda interpret: ctas)
+  q, k, v = random_qkv(11, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  seg = packed_segments(1, lengths) if len(lengths) > 1 else None
+  ct = jax.random.normal(jax.random.key(4), q.shape, jnp.bfloat16)
+  kw = dict(block_size=128, topk=3)
+  routing, dims = rt.route(q, k, seg, block_q=mm.ROWS, **kw)
+  _, r0, _, r1, g0, g1, _ = mg.mosaic_dkdv_items(routing, dims, q.shape[1])
+  chunk_n = (jnp.maximum(r1 - r0, 0) + 63) // 64 + jnp.maximum(g1 - g0, 0) // 64
+  n_ctas = mm.num_ctas(not helpers.COMPILED)
+  split = mm.dkdv_pieces(chunk_n, min(chunk_n.size, n_ctas), 2 * min(chunk_n.size, n_ctas))
+  assert int((split.count > 0).sum()) >= 1  # the case splits tiles
+
+  def grads(s):
+    f = lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(128, 1, 1, chunks, split=s),
+                            **kw)
+    return [np.asarray(x, np.float32) for x in helpers.vjp_all(f, q, k, v, ct)]
+
+  got, want = grads(1), grads(0)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  for a, b in zip(got[2:], want[2:]):
+    assert rel_err(a, b) < 2.0 ** -8
+  up = lambda x: x.astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    oracle = helpers.vjp_all(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
+                             up(q), up(k), up(v), up(ct))
+  for a, b in zip(got, oracle):
+    assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.skipif(not (helpers.COMPILED and mm.on_hopper()),
+                    reason="compiled on a Hopper GPU only (interpreted, one case takes hours)")
+@pytest.mark.parametrize("name", ["16k_b128_k8_gqa8", "32k_gqa8_d64_docs"])
+def test_split_dkdv_at_benchmark_scale_equals_whole_tiles(name):
+  """The split dK/dV (mosaic_dkdv_split=1) at GQA's benchmark shapes, where its pieces are
+  many (16K block 128 top-8 with 16/2 heads: about 100 split tiles of 256): outputs and dQ to the
+  bit, dK and dV within one bf16 rounding of the whole tiles'."""
+  lengths, heads, kv_heads, dim, block, topk = {
+      "16k_b128_k8_gqa8": ((16384,), 16, 2, 128, 128, 8), **SCALE}[name]
+  q, k, v = random_qkv(1, 1, sum(lengths), heads, kv_heads, dim, jnp.bfloat16)
+  seg = packed_segments(1, lengths) if len(lengths) > 1 else None
+  ct = jax.random.normal(jax.random.key(2), q.shape, jnp.bfloat16)
+
+  def outputs(s):
+    f = lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(128, 1, 1, split=s),
+                            block_size=block, topk=topk)
+    return [np.asarray(x, np.float32) for x in helpers.vjp_all(f, q, k, v, ct)]
+
+  got, want = outputs(1), outputs(0)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  for a, b in zip(got[2:], want[2:]):
+    assert rel_err(a, b) < 2.0 ** -8
 
 
 @pytest.mark.parametrize("items, ctas", [(3136, 132), (3036, 132), (1000, 132), (100, 132),

@@ -1,10 +1,10 @@
 """Per-kernel time of one `pallas_gpu` fwd+bwd step on a GPU, from a JAX profiler trace.
 
-usage: python tools/profile_gpu.py --seq 32768 [--block 512 --topk 3]
+usage: python tools/profile_gpu.py --seq 32768 [--block 512 --topk 3] [--kv-heads 2 --dim 64]
          [--gpu-block-sizes 64,64,64,64,4,3[,1]] [--impl cudnn] [--host 30] [--sources] [--out DIR]
 
-Runs the jitted step of `moba-jax bench` (batch 1, 16 heads, head_dim 128, bf16), traces a few
-steps with `jax.profiler.trace(create_perfetto_trace=True)` and prints the device kernels grouped
+Runs the jitted step of `moba-jax bench` (batch 1, 16 query heads, --kv-heads of them, default
+16; head_dim 128 or --dim; bf16), traces a few steps with `jax.profiler.trace(create_perfetto_trace=True)` and prints the device kernels grouped
 by name, in ms per step, largest first: where the fwd+bwd time goes (routing ops, the Pallas
 kernels, the XLA glue). `--host N` adds where a synced call's wall time goes on the host: per
 call, the wall time, the host time before the first kernel, the kernels' span and the wait after
@@ -245,6 +245,9 @@ def main(argv=None):
   p.add_argument("--top", type=int, default=40)
   p.add_argument("--docs", type=int, default=1,
                  help="documents packed in the row (bench.doc_lengths; 1: segment_ids None)")
+  p.add_argument("--kv-heads", type=int, default=None,
+                 help="kv heads of the 16 query heads (GQA; default 16)")
+  p.add_argument("--dim", type=int, default=128, help="head_dim")
   p.add_argument("--impl", default="pallas_gpu", choices=("pallas_gpu", "cudnn", "full_xla"))
   p.add_argument("--host", type=int, default=0, metavar="N",
                  help="also the N host events with the most time per synced call")
@@ -253,7 +256,8 @@ def main(argv=None):
   p.add_argument("--hlo", default=None, metavar="PATH",
                  help="also write the step's optimized HLO (the compiled module's text) to PATH")
   a = p.parse_args(argv)
-  args = bench.parse_args(["--seqs", str(a.seq)])
+  args = bench.parse_args(["--seqs", str(a.seq), "--dim", str(a.dim)]
+                         + (["--kv-heads", str(a.kv_heads)] if a.kv_heads else []))
   fn = bench.make_fn(a.impl, a.block, a.topk, True, a.gpu_block_sizes)
   lengths = bench.doc_lengths(a.seq, a.docs)
   sets = [bench.inputs(s, args, a.seq, jnp.bfloat16, lengths) for s in range(1, a.steps + 3)]
@@ -270,6 +274,7 @@ def main(argv=None):
   times = kernel_times(max(traces, key=os.path.getmtime), a.steps)
   total = sum(t for t, _, _ in times.values())
   print(f"{a.impl} seq {a.seq} block {a.block} topk {a.topk} docs {a.docs} "
+        f"heads 16/{args.kv_heads or 16} head_dim {a.dim} "
         f"sizes {a.gpu_block_sizes}: "
         f"device kernels {total:.3f} ms per step")
   hlo = fn.lower(*sets[0]).compile().as_text() if a.sources or a.hlo else ""

@@ -251,6 +251,18 @@
 #       cuDNN, synced fwd+bwd (REPEATS, default 10), one bench call per spec of OTHER_SPECS
 #       (seq:block:topk:heads:kv_heads:head_dim:docs:batch; default the twelve below) in
 #       other.txt, each call limited to BENCH_S (default 120 s)
+#   72: A/B of run 48's two dK/dV changes at GQA shapes: the dK/dV over every kv head in one call
+#       (the kv-head chunks split only the forward and the dQ) and the longest key tiles split into
+#       pieces (`mosaic_dkdv_split=1`, the tiles' 13th field, SPLIT_TILES). tools/dkdv_balance.py
+#       predicts the dK/dV's busiest CTA at 16K b128 k8: one call -6.5% (16/16 heads), -39%
+#       (16/2), -37% (16/4); split, of what is left, -50% (16/2), -27% (16/4), 32K b512 k3 16/2
+#       -28%. A compiled check first (test_mosaic.py's head-chunk, split and 16K benchmark-scale
+#       cases; limit FIRST_S, default 240 s), then synced rows with XLA's memory plan (REPEATS,
+#       default 20; table.txt) in turn while the call is younger than 540 s: BASE (the tree
+#       before both), this tree, this tree split, at 16K b128 k8 with 2 and 16 kv heads; 16K 4 kv
+#       heads and 32K b512 k3 2 kv heads, this tree and split; cuDNN beside the first of each
+#       shape; then per-kernel profiles at 16K b128 k8 with 2 kv heads of this tree whole and
+#       split (prof16k_gqa8_<whole|split>.txt)
 #   11: the Mosaic GPU forward (tests/test_mosaic.py compiled), then pallas_gpu at SEQS x CONFIGS
 #       with the default tiles and each of TILES (kernel_notes.md: "The Mosaic GPU forward")
 set -o pipefail
@@ -1017,6 +1029,32 @@ if [ "$phase" = 71 ]; then
     STEP_S=${BENCH_S:-120} bench --impls pallas_gpu,cudnn --seqs $s --configs $b:$t --heads $h \
       --kv-heads $kv --dim $d --docs $docs --batch $batch --repeats ${REPEATS:-10} 2>&1 \
       | grep -v "^WARNING" | tee -a $OUT/other.txt
+  done
+fi
+if [ "$phase" = 72 ]; then
+  [ -d "${BASE:-}" ] || { echo "phase 72 needs BASE=<the tree before run 48's dK/dV>"; exit 2; }
+  split=${SPLIT_TILES:-128,64,64,64,4,3,4,128,1,1,1,1024,1}
+  first chunks 240 0.4 "head_chunks or split_heads or split_dkdv or (benchmark_scale and 16k)" \
+    tests/test_mosaic.py &
+  first_report chunks
+  row() { local name=$1 spec=$2 kv=$3 impls=$4; shift 4; IFS=: read s b t <<< "$spec"
+    [ $SECONDS -lt 540 ] || return 0
+    STEP_S=100 bench --impls $impls --seqs $s --configs $b:$t --kv-heads $kv \
+      --repeats ${REPEATS:-20} "$@" 2>&1 | grep "^pallas_gpu\|^cudnn" \
+      | sed "s/^/$name kv $kv: /" | tee -a $OUT/table.txt; }
+  install $BASE
+  row base 16384:128:8 2 pallas_gpu,cudnn
+  row base 16384:128:8 16 pallas_gpu,cudnn
+  install .
+  for kv in 2 16; do row one_call 16384:128:8 $kv pallas_gpu; row split 16384:128:8 $kv \
+    pallas_gpu --tiles $split; done
+  row one_call 16384:128:8 4 pallas_gpu,cudnn; row split 16384:128:8 4 pallas_gpu --tiles $split
+  row one_call 32768:512:3 2 pallas_gpu,cudnn; row split 32768:512:3 2 pallas_gpu --tiles $split
+  for v in whole split; do [ $SECONDS -lt 540 ] || break
+    extra=""; [ $v = split ] && extra="--gpu-block-sizes $split"
+    timeout 60 python3 tools/profile_gpu.py --seq 16384 --block 128 --topk 8 --kv-heads 2 \
+      --steps 5 --top 12 $extra 2>&1 | grep -v "WARNING\|device lines" > $OUT/prof16k_gqa8_$v.txt
+    grep -v "^  gap" $OUT/prof16k_gqa8_$v.txt | head -n 6 | tee -a $log
   done
 fi
 if [ "$phase" = 69 ]; then

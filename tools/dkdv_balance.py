@@ -1,0 +1,76 @@
+"""How evenly the Mosaic dK/dV's work items fall on the persistent CTAs, from the CPU routing.
+
+The dK/dV kernel (kernels/moba_mgpu.py `dkdv_tiles`) takes one item per (batch, kv head, 128-key
+tile) and deals the items to its CTAs in `balanced_order` (largest first, snake rounds). Its span
+is the busiest CTA's work; an item's work is counted as the kernel's loop counts it: its 64-row
+chunks (dense rows, then the past-block group's) plus one for its fixed cost. With GQA a kv
+head's items carry every query head of its group, so there are G times fewer and longer items;
+where they are about as many as the CTAs, no order balances them.
+
+  python tools/dkdv_balance.py 16384:128:8:16:2 32768:512:3:16:16 [--calls 1,2] [--ctas 132]
+
+Each spec is seq:block:topk:heads:kv_heads (head_dim 128, bf16, random normal q and k as `moba-jax
+bench` draws them, one document). --calls: the number of calls the kv heads are split over (1:
+one call over every head, the kernel's way since run 48; 2: run 47's two kv-head chunks at 16K
+block 128 top-8). Prints per row: items per call, the longest item, the busiest and the mean CTA
+work per call (summed over the calls), and their ratio: the span's excess over a perfect deal.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moba_jax.kernels import _routing as rt
+from moba_jax.kernels import moba_gpu as mg
+from moba_jax.kernels import moba_mgpu as mm
+
+
+def item_work(seq, block, topk, heads, kv_heads, dim=128):
+  """[kv_heads * batch, tiles] work of each dK/dV item (chunks + 1) at this shape."""
+  q = jax.random.normal(jax.random.key(0), (1, seq, heads, dim), jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(1), (1, seq, kv_heads, dim), jnp.bfloat16)
+  route = jax.jit(lambda q, k: rt.route(q, k, None, block_size=block, topk=topk,
+                                        block_q=mm.ROWS))
+  routing, dims = route(q, k)
+  _, r0, _, r1, g0, g1, _ = (np.asarray(x) for x in mg.mosaic_dkdv_items(routing, dims, seq))
+  rows = mm.WG_ROWS
+  return (np.maximum(r1 - r0, 0) + rows - 1) // rows + np.maximum(g1 - g0, 0) // rows + 1
+
+
+def deal(work, ctas):
+  """Each CTA's summed work under `balanced_order`."""
+  order = np.asarray(mm.balanced_order(jnp.asarray(work), ctas))
+  load = np.zeros(ctas)
+  np.add.at(load, np.arange(order.size) % ctas, work[order])
+  return load
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("specs", nargs="+", help="seq:block:topk:heads:kv_heads")
+  p.add_argument("--calls", default="1", help="comma-separated call counts to compare")
+  p.add_argument("--ctas", type=int, default=132, help="persistent CTAs (an H100's or H200's SMs)")
+  args = p.parse_args(argv)
+  print("spec                    calls  items/call  longest  busiest  mean   busiest/mean")
+  for spec in args.specs:
+    seq, block, topk, heads, kv_heads = map(int, spec.split(":"))
+    work = item_work(seq, block, topk, heads, kv_heads)
+    for calls in map(int, args.calls.split(",")):
+      if kv_heads % calls:
+        print(f"{spec:23s} {calls:5d}  (does not divide {kv_heads} kv heads)")
+        continue
+      parts = np.split(work, calls, axis=0)  # kv heads in order: the chunks' rows
+      busiest = mean = 0.0
+      for part in parts:
+        load = deal(part.reshape(-1), args.ctas)
+        busiest, mean = busiest + load.max(), mean + part.sum() / args.ctas
+      print(f"{spec:23s} {calls:5d}  {parts[0].size:10d}  {work.max():7d}  {busiest:7.0f}  "
+            f"{mean:5.0f}  {busiest / mean:12.3f}")
+
+
+if __name__ == "__main__":
+  main()
