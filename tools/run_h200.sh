@@ -418,8 +418,8 @@ fi
 # each shard's last line and every failure in the log)
 shards() { local name=$1 n=$2 mem=$3; shift 3; local i from=${SHARD_FROM:-0} to=${SHARD_TO:-$n} pids=()
   # SHARD_FROM/SHARD_TO: shards [from, to) of n only (a suite too long for one call, in two);
-  # the shards balanced by SHARD_TIMES (default tools/compiled_test_times.json: run 46's H100
-  # durations, tools/test_times.py; a test it lacks counts its default_s)
+  # the shards balanced by SHARD_TIMES (default tools/compiled_test_times.json: runs 46-47's H100
+  # and run 48's H200 durations, tools/test_times.py; a test it lacks counts its default_s)
   local times=${SHARD_TIMES:-tools/compiled_test_times.json}
   ((to > n)) && to=$n  # e.g. phase 48's one kernels shard beside SHARD_TO=7
   # the machine's load every 20 s beside the shards (is compilation CPU-bound at this width?)
