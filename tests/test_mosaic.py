@@ -794,6 +794,23 @@ def test_dkdv_pieces_cover_every_tile_once_and_even_the_ctas():
     _pieces_check(n, 3, 6)
 
 
+def _split_equals_whole(q, k, v, seg, ct, chunks, **kw):
+  """(out, dq, dk, dv) with mosaic_dkdv_split=1, checked against whole tiles: the output and dQ
+  to the bit (the forward and dQ do not change), dK and dV within one bf16 rounding (a split
+  tile's float32 sum adds its pieces in another order)."""
+  def grads(split):
+    f = lambda q, k, v: run("pallas_gpu", q, k, v, seg,
+                            tiles=tiles(128, 1, 1, chunks, split=split), **kw)
+    return [np.asarray(x, np.float32) for x in helpers.vjp_all(f, q, k, v, ct)]
+
+  got, want = grads(1), grads(0)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  for a, b in zip(got[2:], want[2:]):
+    assert rel_err(a, b) < 2.0 ** -8
+  return got
+
+
 @needs_runner
 @pytest.mark.parametrize("lengths, heads, kv_heads, dim, chunks, ctas",
                          [((1024,), 4, 1, 64, 1, 3), ((300, 1, 419, 304), 8, 2, 128, 2, 8)],
@@ -817,16 +834,7 @@ def test_split_dkdv_equals_whole_tiles(lengths, heads, kv_heads, dim, chunks, ct
   split = mm.dkdv_pieces(chunk_n, min(chunk_n.size, n_ctas), 2 * min(chunk_n.size, n_ctas))
   assert int((split.count > 0).sum()) >= 1  # the case splits tiles
 
-  def grads(s):
-    f = lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(128, 1, 1, chunks, split=s),
-                            **kw)
-    return [np.asarray(x, np.float32) for x in helpers.vjp_all(f, q, k, v, ct)]
-
-  got, want = grads(1), grads(0)
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[1], want[1])
-  for a, b in zip(got[2:], want[2:]):
-    assert rel_err(a, b) < 2.0 ** -8
+  got = _split_equals_whole(q, k, v, seg, ct, chunks, **kw)
   up = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
     oracle = helpers.vjp_all(lambda q, k, v: moba_lib.moba_reference(q, k, v, seg, **kw),
@@ -848,16 +856,7 @@ def test_split_dkdv_at_benchmark_scale_equals_whole_tiles(name):
   seg = packed_segments(1, lengths) if len(lengths) > 1 else None
   ct = jax.random.normal(jax.random.key(2), q.shape, jnp.bfloat16)
 
-  def outputs(s):
-    f = lambda q, k, v: run("pallas_gpu", q, k, v, seg, tiles=tiles(128, 1, 1, split=s),
-                            block_size=block, topk=topk)
-    return [np.asarray(x, np.float32) for x in helpers.vjp_all(f, q, k, v, ct)]
-
-  got, want = outputs(1), outputs(0)
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[1], want[1])
-  for a, b in zip(got[2:], want[2:]):
-    assert rel_err(a, b) < 2.0 ** -8
+  _split_equals_whole(q, k, v, seg, ct, 1, block_size=block, topk=topk)
 
 
 @pytest.mark.parametrize("items, ctas", [(3136, 132), (3036, 132), (1000, 132), (100, 132),
