@@ -69,8 +69,8 @@ class BlockSizes:
   # adding its dK, dV in float32 to a slot of its own (`moba_mgpu.dkdv_pieces`), where a tile has
   # more chunks than half a CTA's mean work: with GQA the items are G times fewer and longer,
   # too few to balance (16K block 128 top-8, 16/2 heads: the busiest CTA 2.18x the mean work ->
-  # 1.08x, by tools/dkdv_balance.py; the H100's step 4.40 ms there against 3.83 with 16/16
-  # heads, run 48). 0 (the default until a GPU measures it): whole tiles.
+  # 1.08x, by tools/dkdv_balance.py; an H100's step 4.40 ms there in run 48, against 3.71-3.83
+  # with 16/16 heads in run 47). 0 (the default until a GPU measures it): whole tiles.
   mosaic_dkdv_split: int = 0
 
   def __post_init__(self):
@@ -487,15 +487,16 @@ def _mosaic_dq_rows(rows: _MosaicRows, k, v, routing, scale, interpret, overlap,
 def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dims, scale,
                                     interpret, chunks, overlap, split):
   """(dq, dk, dv) of the Mosaic backward with the dQ over `chunks` chunks of kv heads: the dK/dV
-  kernel once over every head (it gathers its own rows and holds no partial rows: nothing of it
-  grows with the chunk), then the dQ chunk by chunk, one after another (optimization barriers
-  order them, so that one chunk's dQ rows are live at a time), each chunk's sum written into the
-  whole dq (an update in place; a concatenation would hold every chunk's pieces and the whole
-  gradient at once).
+  kernel once over every head (it gathers its own rows and holds no partial rows: besides its
+  outputs, only the row vectors of every head, [BK, R] each, and with split its float32 slots,
+  all dead before the first dQ chunk's rows), then the dQ chunk by chunk, one after another
+  (optimization barriers order them, so that one chunk's dQ rows are live at a time), each
+  chunk's sum written into the whole dq (an update in place; a concatenation would hold every
+  chunk's pieces and the whole gradient at once).
 
   Until run 48 the dK/dV ran per chunk too, writing its heads into the whole gradients: a chunk's
   kernel had a chunk's items only, and with GQA few and long ones (16K block 128 top-8, 16/2
-  heads: 128 items a call on 132 CTAs, the longest 3.6x a CTA's mean work), where one call over
+  heads: 128 items a call on 132 CTAs, the busiest CTA 3.6x the mean work), where one call over
   both chunks deals 256 (2.2x; MHA 16/16: 1.12 -> 1.05; tools/dkdv_balance.py)."""
   batch, seq, kv_heads, dim = k.shape
   per = kv_heads // chunks
@@ -503,8 +504,9 @@ def _mosaic_backward_by_head_chunks(q, do, k, v, routing, lse, delta, items, dim
   dk, dv = moba_mgpu.dkdv_tiles(items, rows.lse2, rows.delta, routing.lo, routing.hi, rows.q,
                                 rows.do, k, v, scale=scale, interpret=interpret, split=split)
   dk, dv = dk[:, :seq], dv[:, :seq]
-  # the dQ chunks after the dK/dV: its row vectors of every head are gone before a chunk's rows
-  q, do, dk, dv = jax.lax.optimization_barrier((q, do, dk, dv))
+  # the dQ chunks after the dK/dV (their row vectors too): its vectors of every head are gone
+  # before a chunk's rows exist
+  q, do, lse, delta, dk, dv = jax.lax.optimization_barrier((q, do, lse, delta, dk, dv))
   dq_all = jnp.zeros(q.shape, q.dtype)
   for chunk in _head_chunks(batch, kv_heads, dims.groups, chunks):
     r, heads, kvs = chunk.routing(routing), chunk.heads, chunk.kv

@@ -1003,6 +1003,9 @@ def dkdv_pieces(chunks, n_ctas: int, slots: int) -> DkdvPieces:
   n = chunks.reshape(-1).astype(jnp.int32)
   n_tiles = n.shape[0]
   n_split = slots // 2  # a split tile has 2 pieces or more
+  # every CTA takes a real piece (the kernel's item count per CTA assumes it), and one split
+  # tile's two slots fit
+  assert n_ctas <= n_tiles and slots >= 2, (n_ctas, n_tiles, slots)
   total = jnp.sum(n + 1)
   cap = jnp.maximum(jnp.maximum((total + 2 * n_ctas - 1) // (2 * n_ctas),
                                 (jnp.max(n) + MAX_PIECES - 1) // MAX_PIECES), 1)
@@ -1120,7 +1123,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
     cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
     if split:  # the real pieces are the first n_real places (n_real >= the tiles >= n_ctas)
       n_real = piece_refs[4][0]
-      my_items = lax.div(n_real - 1 - cta, jnp.int32(n_ctas)) + 1
+      my_items = lax.div(jnp.maximum(n_real - 1 - cta, 0), jnp.int32(n_ctas)) + 1
     else:
       my_items = lax.div(jnp.int32(n_items - 1) - cta, jnp.int32(n_ctas)) + 1
 

@@ -487,6 +487,30 @@ def test_mosaic_by_kv_head_chunks_lowers_in_order():
     lowered(3)
 
 
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_split_dkdv_lowers_in_the_step(chunks):
+  """mosaic_dkdv_split=1 reaches the dK/dV kernel from the fwd+bwd step, with and without kv-head
+  chunks (its call has the two float32 slot results: 8 key tiles, so 8 CTAs and 16 slots);
+  without it the call has none."""
+  from moba_jax.attention import KernelOptions
+  q = jnp.zeros((1, 512, 4, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)
+
+  def dkdv_results(split):
+    opts = KernelOptions(tiles=tiles(128, 1, 1, chunks, split=split))
+    f = lambda q, k, v: mg.moba_attention_gpu(q, k, v, None, block_size=128, topk=3,
+                                              options=opts)
+    step = jax.jit(lambda q, k, v, ct: jax.vjp(f, q, k, v)[1](ct))
+    text = step.trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    dkdv = [c for c in calls if "1x512x2x64xbf16" in c.rsplit(") -> ", 1)[1]]
+    assert len(dkdv) == 1 and len(calls) == 2 * chunks + 1
+    return dkdv[0].rsplit(") -> ", 1)[1].count("tensor<16x128x64xf32>")
+
+  assert dkdv_results(1) == 2
+  assert dkdv_results(0) == 0
+
+
 _SHARDED_CHUNKS = """
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -791,13 +815,17 @@ def test_dkdv_pieces_cover_every_tile_once_and_even_the_ctas():
   assert n_split == 0
   for n in (np.array([[0, 0, 500]], np.int32), np.array([[3, 0, 90, 2, 1]], np.int32),
             rng.integers(0, 9, size=(1, 2)).astype(np.int32), np.zeros((2, 3), np.int32)):
-    _pieces_check(n, 3, 6)
+    _pieces_check(n, min(3, n.size), 2 * min(3, n.size))
+  with pytest.raises(AssertionError):  # a CTA without a real piece: `dkdv_tiles` never asks
+    mm.dkdv_pieces(jnp.ones((1, 2), jnp.int32), 3, 6)
 
 
 def _split_equals_whole(q, k, v, seg, ct, chunks, **kw):
   """(out, dq, dk, dv) with mosaic_dkdv_split=1, checked against whole tiles: the output and dQ
   to the bit (the forward and dQ do not change), dK and dV within one bf16 rounding (a split
-  tile's float32 sum adds its pieces in another order)."""
+  tile's float32 sum adds its pieces in another order, which can move an element's rounding by
+  one bf16 step: up to 2^-7 of the largest element where the element lies within a factor 2 of
+  it, the bound of `rel_err`'s max-normalized difference)."""
   def grads(split):
     f = lambda q, k, v: run("pallas_gpu", q, k, v, seg,
                             tiles=tiles(128, 1, 1, chunks, split=split), **kw)
@@ -807,7 +835,7 @@ def _split_equals_whole(q, k, v, seg, ct, chunks, **kw):
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
   for a, b in zip(got[2:], want[2:]):
-    assert rel_err(a, b) < 2.0 ** -8
+    assert rel_err(a, b) <= 2.0 ** -7
   return got
 
 
