@@ -973,6 +973,13 @@ MAX_PIECES = 8
 SPLIT_SLOTS_PER_CTA = 2
 
 
+def dkdv_chunks(items):
+  """[BK, NK] int32: each dK/dV item's 64-row chunks as the kernel loops over them (its dense
+  rows' chunks, the last one partial, then its groups' whole chunks); `dkdv_tiles`' items."""
+  _, r0, _, r1, g0, g1, _ = items
+  return (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
+
+
 class DkdvPieces(NamedTuple):
   """The dK/dV's work split where its key tiles are too uneven for its CTAs (`dkdv_pieces`):
   NP = T + S pieces (T = BK * NK tiles, S slots), of which the first n_real in `order` are real."""
@@ -1090,8 +1097,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   pad_seq = n_kt * KEYS
   kp, vp = _pad_keys(k, pad_seq), _pad_keys(v, pad_seq)
-  r0, _, r1, g0, g1, _ = items[1:]
-  chunks = (jnp.maximum(r1 - r0, 0) + WG_ROWS - 1) // WG_ROWS + jnp.maximum(g1 - g0, 0) // WG_ROWS
+  chunks = dkdv_chunks(items)
   assert kv_heads == k.shape[2], (bk_n, k.shape)
   shape = jax.ShapeDtypeStruct((batch, pad_seq, kv_heads, dim), k.dtype)
   if split:

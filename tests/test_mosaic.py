@@ -839,6 +839,20 @@ def _split_equals_whole(q, k, v, seg, ct, chunks, **kw):
   return got
 
 
+def test_dkdv_balance_tool_deals_the_kernels_items(capsys):
+  """tools/dkdv_balance.py: a call's items are the kernel's (kv heads x 128-key tiles over the
+  calls), each CTA's work is its places' in `balanced_order`, the busiest CTA at least the
+  mean."""
+  from tools import dkdv_balance
+  dkdv_balance.main(["1024:128:3:4:2", "--calls", "1,2", "--ctas", "3"])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+  assert [(r[1], r[2]) for r in rows] == [("1", "16"), ("2", "8")]
+  assert all(float(r[-1]) >= 1.0 for r in rows)
+  work = np.array([5, 1, 9, 3, 7])
+  order = np.asarray(mm.balanced_order(jnp.asarray(work), 2))
+  assert dkdv_balance.deal(work, 2).tolist() == [work[order[0::2]].sum(), work[order[1::2]].sum()]
+
+
 @needs_runner
 @pytest.mark.parametrize("lengths, heads, kv_heads, dim, chunks, ctas",
                          [((1024,), 4, 1, 64, 1, 3), ((300, 1, 419, 304), 8, 2, 128, 2, 8)],
@@ -856,8 +870,7 @@ def test_split_dkdv_equals_whole_tiles(lengths, heads, kv_heads, dim, chunks, ct
   ct = jax.random.normal(jax.random.key(4), q.shape, jnp.bfloat16)
   kw = dict(block_size=128, topk=3)
   routing, dims = rt.route(q, k, seg, block_q=mm.ROWS, **kw)
-  _, r0, _, r1, g0, g1, _ = mg.mosaic_dkdv_items(routing, dims, q.shape[1])
-  chunk_n = (jnp.maximum(r1 - r0, 0) + 63) // 64 + jnp.maximum(g1 - g0, 0) // 64
+  chunk_n = mm.dkdv_chunks(mg.mosaic_dkdv_items(routing, dims, q.shape[1]))
   n_ctas = mm.num_ctas(not helpers.COMPILED)
   split = mm.dkdv_pieces(chunk_n, min(chunk_n.size, n_ctas), 2 * min(chunk_n.size, n_ctas))
   assert int((split.count > 0).sum()) >= 1  # the case splits tiles

@@ -9,8 +9,8 @@ where they are about as many as the CTAs, no order balances them.
 
   python tools/dkdv_balance.py 16384:128:8:16:2 32768:512:3:16:16 [--calls 1,2] [--ctas 132]
 
-Each spec is seq:block:topk:heads:kv_heads (head_dim 128, bf16, random normal q and k as `moba-jax
-bench` draws them, one document). --calls: the number of calls the kv heads are split over (1:
+Each spec is seq:block:topk:heads:kv_heads[:docs] (head_dim 128, bf16, random normal q and k as
+`moba-jax bench` draws them; docs packed documents of `bench.doc_lengths`, default one). --calls: the number of calls the kv heads are split over (1:
 one call over every head, the kernel's way since run 48; 2: run 47's two kv-head chunks at 16K
 block 128 top-8). Prints per row: items per call, the longest item, the busiest and the mean CTA
 work per call (summed over the calls), and their ratio: the span's excess over a perfect deal.
@@ -24,21 +24,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moba_jax import bench
 from moba_jax.kernels import _routing as rt
 from moba_jax.kernels import moba_gpu as mg
 from moba_jax.kernels import moba_mgpu as mm
 
 
-def item_work(seq, block, topk, heads, kv_heads, dim=128):
+def item_work(seq, block, topk, heads, kv_heads, docs=1, dim=128):
   """[kv_heads * batch, tiles] work of each dK/dV item (chunks + 1) at this shape."""
   q = jax.random.normal(jax.random.key(0), (1, seq, heads, dim), jnp.bfloat16)
   k = jax.random.normal(jax.random.key(1), (1, seq, kv_heads, dim), jnp.bfloat16)
-  route = jax.jit(lambda q, k: rt.route(q, k, None, block_size=block, topk=topk,
-                                        block_q=mm.ROWS))
-  routing, dims = route(q, k)
-  _, r0, _, r1, g0, g1, _ = (np.asarray(x) for x in mg.mosaic_dkdv_items(routing, dims, seq))
-  rows = mm.WG_ROWS
-  return (np.maximum(r1 - r0, 0) + rows - 1) // rows + np.maximum(g1 - g0, 0) // rows + 1
+  seg = None
+  if docs > 1:
+    lengths = bench.doc_lengths(seq, docs)
+    seg = jnp.asarray(np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)[None])
+  route = jax.jit(lambda q, k, seg: rt.route(q, k, seg, block_size=block, topk=topk,
+                                             block_q=mm.ROWS))
+  routing, dims = route(q, k, seg)
+  return np.asarray(mm.dkdv_chunks(mg.mosaic_dkdv_items(routing, dims, seq))) + 1
 
 
 def deal(work, ctas):
@@ -51,14 +54,14 @@ def deal(work, ctas):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("specs", nargs="+", help="seq:block:topk:heads:kv_heads")
+  p.add_argument("specs", nargs="+", help="seq:block:topk:heads:kv_heads[:docs]")
   p.add_argument("--calls", default="1", help="comma-separated call counts to compare")
   p.add_argument("--ctas", type=int, default=132, help="persistent CTAs (an H100's or H200's SMs)")
   args = p.parse_args(argv)
   print("spec                    calls  items/call  longest  busiest  mean   busiest/mean")
   for spec in args.specs:
-    seq, block, topk, heads, kv_heads = map(int, spec.split(":"))
-    work = item_work(seq, block, topk, heads, kv_heads)
+    seq, block, topk, heads, kv_heads, *docs = map(int, spec.split(":"))
+    work = item_work(seq, block, topk, heads, kv_heads, *docs)
     for calls in map(int, args.calls.split(",")):
       if kv_heads % calls:
         print(f"{spec:23s} {calls:5d}  (does not divide {kv_heads} kv heads)")
