@@ -844,10 +844,11 @@ def test_dkdv_balance_tool_deals_the_kernels_items(capsys):
   calls), each CTA's work is its places' in `balanced_order`, the busiest CTA at least the
   mean."""
   from tools import dkdv_balance
-  dkdv_balance.main(["1024:128:3:4:2", "--calls", "1,2", "--ctas", "3"])
+  dkdv_balance.main(["1024:128:3:4:2", "--calls", "1,2", "--ctas", "3", "--row-tiles"])
   rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-  assert [(r[1], r[2]) for r in rows] == [("1", "16"), ("2", "8")]
-  assert all(float(r[-1]) >= 1.0 for r in rows)
+  assert [(r[1], r[2]) for r in rows[:2]] == [("1", "16"), ("2", "8")]
+  assert rows[2][-3:] == ["(forward", "row", "tiles)"] and len(rows) == 3
+  assert all(float(r[6]) >= 1.0 for r in rows)  # busiest/mean
   work = np.array([5, 1, 9, 3, 7])
   order = np.asarray(mm.balanced_order(jnp.asarray(work), 2))
   assert dkdv_balance.deal(work, 2).tolist() == [work[order[0::2]].sum(), work[order[1::2]].sum()]
