@@ -1020,12 +1020,11 @@ def dkdv_pieces(chunks, n_ctas: int, slots: int) -> DkdvPieces:
   rank = jnp.argsort(-n, stable=True).astype(jnp.int32)  # tiles by chunks, most first
   p_rank = pieces[rank]
   ends = jnp.cumsum(jnp.where(p_rank > 1, p_rank, 0))
-  split_rank = (p_rank > 1) & (ends <= slots)  # a prefix of the ranks
-  split_rank = split_rank & (jnp.arange(n_tiles) < n_split)
-  take = lambda x, fill: jnp.where(split_rank, x, fill)[:n_split]
-  if n_tiles < n_split:
-    take = lambda x, fill: jnp.pad(jnp.where(split_rank, x, fill), (0, n_split - n_tiles),
-                                   constant_values=fill)
+  # a prefix of the ranks, at most n_split long (each split tile takes two slots or more)
+  split_rank = (p_rank > 1) & (ends <= slots)
+  pad = max(0, n_split - n_tiles)  # the split tiles' arrays: n_split places, the rest `fill`
+  take = lambda x, fill: jnp.pad(jnp.where(split_rank, x, fill), (0, pad),
+                                 constant_values=fill)[:n_split]
   base, count = take(ends - p_rank, -1), take(p_rank, 0)
   split_tile = take(rank, n_tiles)
   is_split = jnp.zeros(n_tiles, bool).at[rank].set(split_rank)
@@ -1267,12 +1266,13 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
         bk, j, a, ga, n_dense, n_mask, n_full, n_group, _, c0, c1, _ = item(i)
         b = lax.div(bk, jnp.int32(kv_heads))
         kvh = lax.rem(bk, jnp.int32(kv_heads))
-        # this item's chunks: the tile's [c0, c1), in ring places g, g + 1, ...
-        n, first = (c1, 0) if c0 is None else (c1 - c0, c0)
+        # this item's chunks: the tile's [c0, c1) (unsplit: all n), in ring places g, g + 1, ...
+        n = c1 if c0 is None else c1 - c0
+        tile_chunk = (lambda c: c) if c0 is None else (lambda c: c0 + c)  # its c-th chunk's
         if not interpret:
           @pl.when(n >= 1)
           def _():  # lands while the last item's end is awaited
-            fetch_index(bk, chunk_row(first, a, ga, n_dense), g)
+            fetch_index(bk, chunk_row(tile_chunk(0), a, ga, n_dense), g)
 
         @pl.when(i >= 1)
         def _():
@@ -1290,7 +1290,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
           def _():
             plgpu.barrier_wait(row_free.at[slot])
 
-          rows_c = pl.ds(chunk_row(first + c, a, ga, n_dense), WG_ROWS)
+          rows_c = pl.ds(chunk_row(tile_chunk(c), a, ga, n_dense), WG_ROWS)
           for src, dst, bars in zip(vsrcs, vec_smem, vec_bars):
             plgpu.copy_gmem_to_smem(src.at[bk, rows_c], dst.at[slot], bars.at[slot])
           dsts, bars = [m.at[slot] for m in mat_smem], [x.at[slot] for x in mat_bars]
@@ -1300,7 +1300,7 @@ def dkdv_tiles(items, lse2, delta, lo, hi, q_rows, do_rows, k, v, *, scale, inte
 
           @pl.when(c + 1 < n)
           def _():  # the next chunk's indices, one chunk ahead
-            fetch_index(bk, chunk_row(first + c + 1, a, ga, n_dense), g + c + 1)
+            fetch_index(bk, chunk_row(tile_chunk(c + 1), a, ga, n_dense), g + c + 1)
 
           at = lax.rem(g + c, 2)
           plgpu.barrier_wait(idx_bars.at[at])
